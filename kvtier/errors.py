@@ -1,0 +1,66 @@
+"""Typed errors raised by kvtier.
+
+Every error kvtier raises on purpose derives from :class:`KVTierError`, so an
+engine can catch the whole family in one place. Errors caused by bad input also
+derive from :class:`ValueError`, so code written against vLLM (which raises
+``ValueError``) keeps working. An operation that raises one of these errors has
+changed no state.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "InvalidRequestError",
+    "KVTierError",
+    "NoFreeBlocksError",
+    "UnknownNameError",
+]
+
+
+class KVTierError(Exception):
+    """Base class of every error kvtier raises on purpose."""
+
+
+class ConfigError(KVTierError, ValueError):
+    """A configuration value is out of range or of the wrong kind.
+
+    Raised, for example, for a pool of fewer than two blocks or a block size
+    that is not positive. The message names the parameter and the bad value.
+    """
+
+
+class UnknownNameError(ConfigError, KeyError):
+    """A pluggable component was asked for by a name that is not registered.
+
+    Attributes:
+        kind: What was being looked up (for example ``"hash algorithm"``).
+        name: The name that was asked for.
+        valid: The registered names, sorted.
+    """
+
+    def __init__(self, kind: str, name: object, valid: list[str]) -> None:
+        self.kind = kind
+        self.name = name
+        self.valid = sorted(valid)
+        super().__init__(f"unknown {kind} {name!r}; valid names are: {', '.join(self.valid)}")
+
+    def __str__(self) -> str:
+        # KeyError's __str__ would repr() the message; keep it readable.
+        return str(self.args[0])
+
+
+class InvalidRequestError(KVTierError, ValueError):
+    """A request or a per-step argument is malformed.
+
+    Raised for negative token counts, token ids that do not fit in 64 bits,
+    multimodal features that lie outside the prompt, and similar bad input.
+    """
+
+
+class NoFreeBlocksError(KVTierError):
+    """More blocks were asked of the pool than it has free.
+
+    ``KVCacheManager.allocate_slots`` never raises this: it checks first and
+    returns ``None``. Only direct callers of ``BlockPool.get_new_blocks`` see it.
+    """

@@ -1,0 +1,312 @@
+"""KVCacheManager: the device prefix cache as an engine's scheduler calls it.
+
+Names and semantics follow vLLM v1's ``KVCacheManager``. Per request and step:
+
+1. :meth:`KVCacheManager.get_computed_blocks` finds the longest cached prefix
+   (never the whole prompt: at least one token is left to compute);
+2. :meth:`KVCacheManager.allocate_slots` takes references on those blocks and
+   allocates blocks for the new tokens, or returns ``None`` and changes
+   nothing when free blocks are short; blocks that became full are cached;
+3. :meth:`KVCacheManager.free` releases the request's blocks when it finishes
+   or is preempted (idempotent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+
+from kvtier.block import KVCacheBlock
+from kvtier.errors import ConfigError, InvalidRequestError
+from kvtier.events import KVCacheEvent
+from kvtier.groups import GroupManager, make_group_manager
+from kvtier.pool import BlockPool
+from kvtier.request import KVCacheRequest
+from kvtier.spec import KVCacheConfig
+from kvtier.stats import PrefixCacheStats
+
+__all__ = ["KVCacheBlocks", "KVCacheManager"]
+
+
+@attrs.frozen
+class KVCacheBlocks:
+    """Blocks of one request, one sequence per KV cache group.
+
+    Attributes:
+        blocks: ``blocks[group_id]`` is the group's block list.
+    """
+
+    blocks: tuple[Sequence[KVCacheBlock], ...]
+
+    def __add__(self, other: KVCacheBlocks) -> KVCacheBlocks:
+        """Concatenate group by group."""
+        return KVCacheBlocks(
+            tuple([*a, *b] for a, b in zip(self.blocks, other.blocks, strict=True))
+        )
+
+    def get_block_ids(self) -> tuple[list[int], ...]:
+        """Block ids, one list per group."""
+        return tuple([block.block_id for block in group] for group in self.blocks)
+
+    def get_unhashed_block_ids(self) -> list[int]:
+        """Ids of the blocks (single group) that carry no hash yet.
+
+        Raises:
+            InvalidRequestError: There is more than one group.
+        """
+        if len(self.blocks) != 1:
+            raise InvalidRequestError("get_unhashed_block_ids needs exactly one KV cache group")
+        return [block.block_id for block in self.blocks[0] if block.block_hash is None]
+
+    def new_empty(self) -> KVCacheBlocks:
+        """Blocks with the same number of groups, all empty."""
+        return KVCacheBlocks(tuple([] for _ in self.blocks))
+
+
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequestError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+class KVCacheManager:
+    """The device prefix cache: block allocation, hits, caching and events.
+
+    Args:
+        kv_cache_config: Pool size and KV cache groups.
+        max_model_len: Longest sequence; allocation never reaches past it.
+        enable_caching: Cache and reuse full blocks. When off,
+            :meth:`get_computed_blocks` always misses.
+        log_stats: Keep :class:`~kvtier.stats.PrefixCacheStats`; when off,
+            :attr:`prefix_cache_stats` is ``None``.
+        enable_kv_cache_events: Record events for :meth:`take_events`.
+
+    Raises:
+        ConfigError: ``max_model_len`` is not positive.
+    """
+
+    def __init__(
+        self,
+        kv_cache_config: KVCacheConfig,
+        max_model_len: int,
+        *,
+        enable_caching: bool = True,
+        log_stats: bool = False,
+        enable_kv_cache_events: bool = False,
+    ) -> None:
+        if (
+            isinstance(max_model_len, bool)
+            or not isinstance(max_model_len, int)
+            or max_model_len <= 0
+        ):
+            raise ConfigError(f"max_model_len must be a positive integer, got {max_model_len!r}")
+        self.kv_cache_config = kv_cache_config
+        self.max_model_len = max_model_len
+        self.enable_caching = enable_caching
+        self.block_size = kv_cache_config.block_size
+        self.block_pool = BlockPool(
+            kv_cache_config.num_blocks,
+            enable_caching,
+            enable_kv_cache_events=enable_kv_cache_events,
+        )
+        self.group_managers: tuple[GroupManager, ...] = tuple(
+            make_group_manager(group.kv_cache_spec, self.block_pool, group_id)
+            for group_id, group in enumerate(kv_cache_config.kv_cache_groups)
+        )
+        self.num_groups = len(self.group_managers)
+        self._prefix_cache_stats = PrefixCacheStats() if log_stats else None
+
+    # -- properties ------------------------------------------------------------
+
+    @property
+    def usage(self) -> float:
+        """Fraction of usable blocks held by requests."""
+        return self.block_pool.get_usage()
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """The live statistics, or ``None`` when ``log_stats`` is off."""
+        return self._prefix_cache_stats
+
+    def make_prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """Return the statistics gathered so far and start new ones.
+
+        Returns:
+            The statistics, or ``None`` when ``log_stats`` is off.
+        """
+        stats = self._prefix_cache_stats
+        if stats is None:
+            return None
+        self._prefix_cache_stats = PrefixCacheStats()
+        return stats
+
+    def empty_blocks(self) -> KVCacheBlocks:
+        """A :class:`KVCacheBlocks` with an empty list per group."""
+        return KVCacheBlocks(tuple([] for _ in range(self.num_groups)))
+
+    # -- the scheduler's calls ---------------------------------------------------
+
+    def get_computed_blocks(self, request: KVCacheRequest) -> tuple[KVCacheBlocks, int]:
+        """Find the request's longest cached prefix.
+
+        At most ``request.num_tokens - 1`` tokens hit, so when the whole prompt
+        is cached its last block is recomputed (the model needs at least one
+        token to produce logits from).
+
+        Args:
+            request: The request, with its block hashes.
+
+        Returns:
+            The hit blocks (not yet referenced: pass them to
+            :meth:`allocate_slots`) and the number of hit tokens.
+        """
+        if not self.enable_caching or request.skip_reading_prefix_cache:
+            return self.empty_blocks(), 0
+        max_num_blocks = (request.num_tokens - 1) // self.block_size
+        hashes = request.block_hashes
+        managers = self.group_managers
+        if len(managers) == 1:
+            hit = managers[0].find_longest_cache_hit(hashes, max_num_blocks)
+            blocks: tuple[list[KVCacheBlock], ...] = (hit,)
+            num_hit_blocks = len(hit)
+        else:
+            hits = [manager.find_longest_cache_hit(hashes, max_num_blocks) for manager in managers]
+            num_hit_blocks = min(len(hit) for hit in hits)
+            blocks = tuple(hit[:num_hit_blocks] for hit in hits)
+        num_hit_tokens = num_hit_blocks * self.block_size
+        if self._prefix_cache_stats is not None:
+            self._prefix_cache_stats.record(
+                request.num_tokens, num_hit_tokens, request.num_preemptions > 0
+            )
+        return KVCacheBlocks(blocks), num_hit_tokens
+
+    def allocate_slots(
+        self,
+        request: KVCacheRequest,
+        num_new_tokens: int,
+        num_new_computed_tokens: int = 0,
+        new_computed_blocks: KVCacheBlocks | None = None,
+        num_lookahead_tokens: int = 0,
+        *,
+        delay_cache_blocks: bool = False,
+    ) -> KVCacheBlocks | None:
+        """Reference the hit blocks and allocate blocks for new tokens.
+
+        The request's blocks are laid out ``| computed | new computed | new |``:
+        ``request.num_computed_tokens`` tokens already held, then
+        ``num_new_computed_tokens`` prefix-hit tokens in ``new_computed_blocks``,
+        then ``num_new_tokens`` (+ ``num_lookahead_tokens`` speculative) tokens
+        to compute, capped at ``max_model_len``.
+
+        Args:
+            request: The request.
+            num_new_tokens: Tokens to compute this step.
+            num_new_computed_tokens: Prefix-hit tokens (from
+                :meth:`get_computed_blocks`), 0 for a running request.
+            new_computed_blocks: The prefix-hit blocks, ``None`` for none.
+            num_lookahead_tokens: Speculative tokens to reserve slots for
+                (never cached).
+            delay_cache_blocks: Do not cache the newly full blocks now (the
+                engine calls :meth:`cache_blocks` once their KV is present).
+
+        Returns:
+            The newly allocated blocks, or ``None`` when there are not enough
+            free blocks, in which case nothing changed (hit blocks keep their
+            ref counts).
+
+        Raises:
+            InvalidRequestError: A negative count, blocks for the wrong number
+                of groups, or hit blocks for a request already running or
+                with caching off. Nothing is changed.
+        """
+        _check_count("num_new_tokens", num_new_tokens)
+        _check_count("num_new_computed_tokens", num_new_computed_tokens)
+        _check_count("num_lookahead_tokens", num_lookahead_tokens)
+        managers = self.group_managers
+        request_id = request.request_id
+        if new_computed_blocks is None:
+            computed: tuple[Sequence[KVCacheBlock], ...] = ((),) * self.num_groups
+            has_computed = False
+        else:
+            computed = new_computed_blocks.blocks
+            if len(computed) != self.num_groups:
+                raise InvalidRequestError(
+                    f"new_computed_blocks has {len(computed)} groups, "
+                    f"the cache has {self.num_groups}"
+                )
+            has_computed = any(computed)
+        if has_computed:
+            if not self.enable_caching:
+                raise InvalidRequestError("new_computed_blocks given while prefix caching is off")
+            if request_id in managers[0].num_cached_block:
+                raise InvalidRequestError(
+                    f"request {request_id!r} already holds blocks; prefix hits are only "
+                    "taken when a request is first scheduled"
+                )
+        num_computed_tokens = request.num_computed_tokens + num_new_computed_tokens
+        num_tokens_need_slot = min(
+            num_computed_tokens + num_new_tokens + num_lookahead_tokens, self.max_model_len
+        )
+        needed = 0
+        for manager, blocks in zip(managers, computed, strict=False):
+            needed += manager.get_num_blocks_to_allocate(request_id, num_tokens_need_slot, blocks)
+        if needed > self.block_pool.free_block_queue.num_free_blocks:
+            return None
+        new_blocks = []
+        for manager, blocks in zip(managers, computed, strict=False):
+            if blocks:
+                self.block_pool.touch(blocks)
+                manager.save_new_computed_blocks(request_id, blocks)
+            new_blocks.append(manager.allocate_new_blocks(request_id, num_tokens_need_slot))
+        if self.enable_caching and not delay_cache_blocks:
+            num_tokens_to_cache = min(num_computed_tokens + num_new_tokens, request.num_tokens)
+            for manager in managers:
+                manager.cache_blocks(request, num_tokens_to_cache)
+        return KVCacheBlocks(tuple(new_blocks))
+
+    def cache_blocks(self, request: KVCacheRequest, num_computed_tokens: int) -> None:
+        """Cache the request's blocks that are full within ``num_computed_tokens``.
+
+        For engines that allocate with ``delay_cache_blocks=True``.
+        """
+        _check_count("num_computed_tokens", num_computed_tokens)
+        if self.enable_caching:
+            for manager in self.group_managers:
+                manager.cache_blocks(request, num_computed_tokens)
+
+    def free(self, request: KVCacheRequest) -> None:
+        """Release the request's blocks, tail first, so chain tails are evicted first.
+
+        Freeing an unknown or already freed request does nothing.
+        """
+        request_id = request.request_id
+        for manager in self.group_managers:
+            manager.free(request_id)
+
+    def get_blocks(self, request_id: str) -> KVCacheBlocks:
+        """The blocks a request holds, per group (empty for unknown ids)."""
+        return KVCacheBlocks(
+            tuple(
+                list(manager.req_to_blocks.get(request_id, ())) for manager in self.group_managers
+            )
+        )
+
+    def get_block_ids(self, request_id: str) -> tuple[list[int], ...]:
+        """The ids of the blocks a request holds, per group."""
+        return self.get_blocks(request_id).get_block_ids()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block, if no request holds blocks.
+
+        Returns:
+            True on success, False (nothing changed) while blocks are in use.
+        """
+        if not self.block_pool.reset_prefix_cache():
+            return False
+        if self._prefix_cache_stats is not None:
+            self._prefix_cache_stats.reset = True
+        return True
+
+    def take_events(self) -> list[KVCacheEvent]:
+        """Events since the last call (empty unless events are enabled)."""
+        return self.block_pool.take_events()

@@ -1,0 +1,1 @@
+"""Eviction, admission and prefetch policies, registered by name."""

@@ -1,0 +1,171 @@
+"""The view of a request that kvtier needs.
+
+Engines either use :class:`Request` directly or keep their own request type and
+satisfy :class:`KVCacheRequest` (a structural protocol: no inheritance needed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+import attrs
+
+from kvtier.errors import InvalidRequestError
+from kvtier.extra_keys import MultiModalFeature
+from kvtier.hashing import BlockHash, BlockHasher
+
+__all__ = ["KVCacheRequest", "Request"]
+
+
+class KVCacheRequest(Protocol):
+    """What :class:`~kvtier.manager.KVCacheManager` reads from a request."""
+
+    @property
+    def request_id(self) -> str:
+        """Unique among live requests."""
+        ...
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus output tokens so far."""
+        ...
+
+    @property
+    def all_token_ids(self) -> Sequence[int]:
+        """Prompt plus output token ids so far."""
+        ...
+
+    @property
+    def block_hashes(self) -> Sequence[BlockHash]:
+        """Hashes of the request's full blocks, in order."""
+        ...
+
+    @property
+    def num_computed_tokens(self) -> int:
+        """Tokens whose KV is already in the request's blocks."""
+        ...
+
+    @property
+    def lora_name(self) -> str | None:
+        """The LoRA adapter, if any (reported in events)."""
+        ...
+
+    @property
+    def skip_reading_prefix_cache(self) -> bool:
+        """True when the request must not take prefix-cache hits."""
+        ...
+
+    @property
+    def num_preemptions(self) -> int:
+        """How often the request was preempted (for statistics)."""
+        ...
+
+
+def _check_features(
+    instance: Request,
+    _: attrs.Attribute[tuple[MultiModalFeature, ...]],
+    value: tuple[MultiModalFeature, ...],
+) -> None:
+    last = -1
+    for feature in value:
+        if feature.offset < last:
+            raise InvalidRequestError(
+                f"request {instance.request_id!r}: mm_features must be sorted by offset, "
+                f"got offset {feature.offset} after {last}"
+            )
+        if feature.end > len(instance.prompt_token_ids):
+            raise InvalidRequestError(
+                f"request {instance.request_id!r}: multimodal feature {feature.identifier!r} "
+                f"ends at token {feature.end}, past the prompt's {len(instance.prompt_token_ids)}"
+            )
+        last = feature.offset
+
+
+def _check_non_negative(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if value < 0:
+        raise InvalidRequestError(f"{attribute.name} must be >= 0, got {value!r}")
+
+
+@attrs.define(eq=False)
+class Request:
+    """A request as the prefix cache sees it: tokens, block hashes, extra keys.
+
+    Creating it hashes the prompt's full blocks (when a ``block_hasher`` is
+    given); :meth:`append_output_token_ids` extends the hashes as decode tokens
+    fill blocks.
+
+    Attributes:
+        request_id: Unique among live requests.
+        prompt_token_ids: The prompt.
+        block_hasher: Computes block hashes; ``None`` leaves them empty (no
+            prefix caching for this request).
+        cache_salt: Separates tenants: requests with different salts never
+            share cached blocks.
+        lora_name: The LoRA adapter, if any; part of every block's hash.
+        mm_features: Multimodal features, sorted by offset.
+        skip_reading_prefix_cache: Never take prefix-cache hits (for example
+            when prompt logprobs are wanted). Blocks are still cached.
+        num_computed_tokens: Maintained by the engine.
+        num_preemptions: Maintained by the engine.
+        output_token_ids: Generated tokens so far.
+        all_token_ids: Prompt then output tokens.
+        block_hashes: Hashes of the full blocks.
+
+    Raises:
+        InvalidRequestError: Features unsorted or past the prompt.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int] = attrs.field(converter=list)
+    block_hasher: BlockHasher | None = None
+    cache_salt: str | None = None
+    lora_name: str | None = None
+    mm_features: tuple[MultiModalFeature, ...] = attrs.field(
+        default=(), converter=tuple, validator=_check_features
+    )
+    skip_reading_prefix_cache: bool = False
+    num_computed_tokens: int = attrs.field(default=0, validator=_check_non_negative)
+    num_preemptions: int = 0
+    output_token_ids: list[int] = attrs.field(init=False, factory=list)
+    all_token_ids: list[int] = attrs.field(init=False)
+    block_hashes: list[BlockHash] = attrs.field(init=False, factory=list)
+
+    @all_token_ids.default
+    def _all_token_ids(self) -> list[int]:
+        return list(self.prompt_token_ids)
+
+    def __attrs_post_init__(self) -> None:
+        if self.block_hasher is not None:
+            self.block_hashes.extend(self.block_hasher(self))
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus output tokens so far."""
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Tokens in the prompt."""
+        return len(self.prompt_token_ids)
+
+    def append_output_token_ids(self, token_ids: int | Iterable[int]) -> None:
+        """Append generated tokens and hash the blocks they fill.
+
+        Args:
+            token_ids: One token id or several.
+
+        Raises:
+            InvalidRequestError: A token id is not a 64-bit integer; the
+                request is left as it was.
+        """
+        new = [token_ids] if isinstance(token_ids, int) else list(token_ids)
+        self.all_token_ids.extend(new)
+        if self.block_hasher is not None:
+            try:
+                hashes = self.block_hasher(self)
+            except InvalidRequestError:
+                del self.all_token_ids[len(self.all_token_ids) - len(new) :]
+                raise
+            self.block_hashes.extend(hashes)
+        self.output_token_ids.extend(new)

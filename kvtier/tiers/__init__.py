@@ -1,0 +1,1 @@
+"""Storage tiers behind the ``BlockStore`` protocol: device, pinned CPU, disk, remote."""

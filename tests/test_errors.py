@@ -1,0 +1,129 @@
+"""Bad input raises a typed KVTierError naming the value, and changes no state."""
+
+from __future__ import annotations
+
+import pytest
+
+import kvtier
+from kvtier import (
+    ConfigError,
+    FullAttentionSpec,
+    InvalidRequestError,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    KVCacheManager,
+    KVTierError,
+)
+from tests.factories import free_ids, make_manager, make_request, schedule
+
+
+def snapshot(manager: KVCacheManager) -> tuple[object, ...]:
+    pool = manager.block_pool
+    return (
+        [b.ref_cnt for b in pool.blocks],
+        [b.block_hash for b in pool.blocks],
+        free_ids(manager),
+        {k: dict(v) for k, v in ((m.group_id, m.req_to_blocks) for m in manager.group_managers)},
+    )
+
+
+@pytest.mark.parametrize("num_blocks", [1, 0, -5])
+def test_too_few_blocks(num_blocks: int) -> None:
+    with pytest.raises(ConfigError, match=rf"num_blocks must be >= 2.*{num_blocks}"):
+        KVCacheConfig.full_attention(num_blocks, 16)
+
+
+@pytest.mark.parametrize("block_size", [0, -16])
+def test_bad_block_size(block_size: int) -> None:
+    with pytest.raises(ConfigError, match=f"block_size.*{block_size}"):
+        KVCacheConfig.full_attention(10, block_size)
+
+
+def test_bad_dtype_and_groups() -> None:
+    with pytest.raises(ConfigError, match=r"'float64'.*known"):
+        FullAttentionSpec(16, dtype="float64")
+    assert FullAttentionSpec(16, dtype="torch.bfloat16").dtype == "bfloat16"
+    assert (
+        FullAttentionSpec(16, num_kv_heads=8, head_size=128).page_size_bytes == 2 * 16 * 8 * 128 * 2
+    )
+    with pytest.raises(ConfigError, match="at least one group"):
+        KVCacheConfig(10, ())
+    with pytest.raises(ConfigError, match="different block sizes"):
+        KVCacheConfig(
+            10,
+            (
+                KVCacheGroupSpec("a", FullAttentionSpec(16)),
+                KVCacheGroupSpec("b", FullAttentionSpec(32)),
+            ),
+        )
+    with pytest.raises(ConfigError, match="not supported"):
+        KVCacheConfig(10, (KVCacheGroupSpec("a", "sliding"),))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("max_model_len", [0, -1])
+def test_bad_max_model_len(max_model_len: int) -> None:
+    with pytest.raises(ConfigError, match="max_model_len"):
+        KVCacheManager(KVCacheConfig.full_attention(10, 16), max_model_len)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"num_new_tokens": -1}, "num_new_tokens"),
+        ({"num_new_tokens": 4, "num_new_computed_tokens": -16}, "num_new_computed_tokens"),
+        ({"num_new_tokens": 4, "num_lookahead_tokens": -2}, "num_lookahead_tokens"),
+    ],
+)
+def test_negative_token_counts_change_nothing(kwargs: dict[str, int], name: str) -> None:
+    manager = make_manager(11)
+    schedule(manager, make_request("other", list(range(40))))
+    req = make_request("0", list(range(40)))
+    before = snapshot(manager)
+    with pytest.raises(InvalidRequestError, match=f"{name}.*-"):
+        manager.allocate_slots(req, **kwargs)
+    assert snapshot(manager) == before
+
+
+def test_computed_blocks_with_caching_off_or_for_a_running_request() -> None:
+    manager = make_manager(11)
+    req0 = make_request("0", list(range(40)))
+    schedule(manager, req0)
+    req1 = make_request("1", list(range(40)))
+    computed, num_computed = manager.get_computed_blocks(req1)
+    schedule(manager, req1, 40)
+    before = snapshot(manager)
+    with pytest.raises(InvalidRequestError, match="already holds blocks"):
+        manager.allocate_slots(req1, 1, num_computed, computed)
+    with pytest.raises(InvalidRequestError, match="groups"):
+        manager.allocate_slots(req1, 1, 0, kvtier.KVCacheBlocks(((), ())))
+    assert snapshot(manager) == before
+
+    off = make_manager(11, enable_caching=False)
+    with pytest.raises(InvalidRequestError, match="prefix caching is off"):
+        off.allocate_slots(make_request("2", list(range(40))), 8, 32, computed)
+    assert off.block_pool.get_num_free_blocks() == 10
+
+
+def test_free_is_idempotent() -> None:
+    manager = make_manager(11)
+    req = make_request("0", list(range(40)))
+    schedule(manager, req)
+    manager.free(req)
+    after_first = snapshot(manager)
+    manager.free(req)
+    manager.free(make_request("never-seen", [1, 2, 3]))
+    assert snapshot(manager) == after_first
+    assert manager.block_pool.get_num_free_blocks() == 10
+
+
+def test_every_error_is_a_kvtier_error() -> None:
+    for name in ("ConfigError", "InvalidRequestError", "NoFreeBlocksError", "UnknownNameError"):
+        assert issubclass(getattr(kvtier, name), KVTierError)
+    assert issubclass(ConfigError, ValueError)
+    assert issubclass(InvalidRequestError, ValueError)
+
+
+def test_public_api_is_sorted_and_complete() -> None:
+    assert kvtier.__all__ == sorted(kvtier.__all__)
+    for name in kvtier.__all__:
+        assert hasattr(kvtier, name), name

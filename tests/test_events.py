@@ -1,0 +1,101 @@
+"""KV cache events from the device prefix cache (seed 001's event scenarios)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvtier import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    KVCacheManager,
+)
+from tests.factories import make_manager, make_request, schedule
+
+
+@pytest.mark.parametrize("blocks_to_cache", [2, 3, 10])
+@pytest.mark.parametrize("lora_name", [None, "adapter"])
+def test_stored_removed_and_cleared(blocks_to_cache: int, lora_name: str | None) -> None:
+    manager = make_manager(blocks_to_cache + 1, events=True)
+    num_tokens = 16 * blocks_to_cache
+    req0 = make_request("0", list(range(num_tokens)), lora_name=lora_name)
+    manager.allocate_slots(req0, num_tokens)
+    events = manager.take_events()
+    assert len(events) == 1
+    stored = events[0]
+    assert isinstance(stored, BlockStored)
+    assert list(stored.block_hashes) == req0.block_hashes
+    assert len(stored.block_hashes) == len(manager.block_pool.cached_block_hash_to_block)
+    assert stored.parent_block_hash is None
+    assert list(stored.token_ids) == req0.all_token_ids
+    assert (stored.block_size, stored.lora_name, stored.medium, stored.group_idx) == (
+        16,
+        lora_name,
+        "gpu",
+        0,
+    )
+    assert manager.take_events() == []
+
+    # Same tokens without looking up hits: every cached block is evicted (tail
+    # first, as they were freed) and the new copies are stored.
+    manager.free(req0)
+    req1 = make_request("1", list(range(num_tokens)), lora_name=lora_name)
+    manager.allocate_slots(req1, num_tokens)
+    events = manager.take_events()
+    assert len(events) == blocks_to_cache + 1
+    removed = events[:-1]
+    assert all(isinstance(e, BlockRemoved) and e.medium == "gpu" for e in removed)
+    assert [e.block_hashes[0] for e in removed] == req0.block_hashes[::-1]  # type: ignore[union-attr]
+    assert isinstance(events[-1], BlockStored)
+    assert len(events[-1].block_hashes) == blocks_to_cache
+
+    manager.free(req1)
+    assert manager.reset_prefix_cache()
+    assert manager.take_events() == [AllBlocksCleared(medium="gpu")]
+    assert len(manager.block_pool.cached_block_hash_to_block) == 0
+
+
+def test_stored_event_parent_is_the_previous_block() -> None:
+    manager = make_manager(11, events=True)
+    req = make_request("0", list(range(20)))
+    schedule(manager, req)
+    manager.take_events()
+    req.num_computed_tokens = 20
+    req.append_output_token_ids(list(range(12)))
+    manager.allocate_slots(req, 12)
+    (event,) = manager.take_events()
+    assert isinstance(event, BlockStored)
+    assert event.parent_block_hash == req.block_hashes[0]
+    assert list(event.block_hashes) == [req.block_hashes[1]]
+    assert list(event.token_ids) == req.all_token_ids[16:32]
+
+
+def test_no_events_unless_enabled() -> None:
+    manager = make_manager(11)
+    req = make_request("0", list(range(40)))
+    schedule(manager, req)
+    manager.free(req)
+    manager.reset_prefix_cache()
+    assert manager.take_events() == []
+
+
+@pytest.mark.parametrize("group_id", [0, 1, 2])
+def test_events_name_their_group(group_id: int) -> None:
+    spec = FullAttentionSpec(16)
+    config = KVCacheConfig(40, tuple(KVCacheGroupSpec(f"layer{i}", spec) for i in range(3)))
+    manager = KVCacheManager(config, 8192, enable_kv_cache_events=True)
+    req = make_request("0", list(range(32)))
+    blocks = manager.allocate_slots(req, 32)
+    assert blocks is not None
+    assert [len(group) for group in blocks.blocks] == [2, 2, 2]
+    stored = [e for e in manager.take_events() if isinstance(e, BlockStored)]
+    assert [e.group_idx for e in stored] == [0, 1, 2]
+    assert list(stored[group_id].block_hashes) == req.block_hashes
+    manager.free(req)
+    manager.allocate_slots(make_request("1", [5] * 16 * 13), 16 * 13)  # all 39 blocks
+    removed = [e for e in manager.take_events() if isinstance(e, BlockRemoved)]
+    assert {e.group_idx for e in removed} == {0, 1, 2}
+    assert sum(e.group_idx == group_id for e in removed) == 2

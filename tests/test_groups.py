@@ -1,0 +1,41 @@
+"""Several full-attention KV cache groups sharing one pool."""
+
+from __future__ import annotations
+
+from kvtier import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, KVCacheManager
+from tests.factories import make_request
+
+
+def two_group_manager(num_blocks: int) -> KVCacheManager:
+    spec = FullAttentionSpec(16)
+    config = KVCacheConfig(num_blocks, (KVCacheGroupSpec("a", spec), KVCacheGroupSpec("b", spec)))
+    return KVCacheManager(config, 8192)
+
+
+def test_each_group_gets_blocks_and_a_hit_needs_every_group() -> None:
+    manager = two_group_manager(20)
+    req0 = make_request("0", list(range(50)))
+    blocks = manager.allocate_slots(req0, 50)
+    assert blocks is not None
+    assert blocks.get_block_ids() == ([1, 2, 3, 4], [5, 6, 7, 8])
+    # The same hash is cached once per group, under different keys.
+    assert len(manager.block_pool.cached_block_hash_to_block) == 6
+
+    req1 = make_request("1", list(range(40)))
+    computed, num_computed = manager.get_computed_blocks(req1)
+    assert computed.get_block_ids() == ([1, 2], [5, 6])
+    assert num_computed == 32
+
+    # Evict group b's copy of block 2 only: the hit shrinks to one block.
+    manager.block_pool.maybe_evict_cached_block(manager.block_pool.blocks[6])
+    computed, num_computed = manager.get_computed_blocks(req1)
+    assert computed.get_block_ids() == ([1], [5])
+    assert num_computed == 16
+    blocks = manager.allocate_slots(req1, 40 - 16, 16, computed)
+    assert blocks is not None
+    assert blocks.get_block_ids() == ([9, 10], [11, 12])
+    assert manager.block_pool.blocks[1].ref_cnt == 2
+
+    manager.free(req0)
+    manager.free(req1)
+    assert manager.block_pool.get_num_free_blocks() == 19

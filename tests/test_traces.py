@@ -1,0 +1,67 @@
+"""Mooncake trace reading and token expansion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvtier import BlockHasher, Request
+from kvtier.traces import TraceFormatError, TraceRequest, expand_prompt, read_mooncake_trace
+
+SAMPLE = Path(__file__).parent / "data" / "mooncake_sample.jsonl"
+ROW = '{"timestamp": 0, "input_length": 1, "output_length": 0, "hash_ids": [1]}'
+
+
+def test_sample_reads() -> None:
+    trace = read_mooncake_trace(SAMPLE)
+    assert len(trace) == 200
+    assert trace[0].input_length == 40160
+    assert len(trace[0].hash_ids) == 79
+    assert read_mooncake_trace(SAMPLE, limit=3) == trace[:3]
+
+
+def test_expansion_preserves_prefix_sharing() -> None:
+    a = TraceRequest(0, 1024 + 100, 1, (7, 8, 9))
+    b = TraceRequest(0, 1024 + 50, 1, (7, 8, 10))
+    c = TraceRequest(0, 600, 1, (11, 8))
+    ta, tb, tc = expand_prompt(a), expand_prompt(b), expand_prompt(c)
+    assert (len(ta), len(tb), len(tc)) == (1124, 1074, 600)
+    assert ta[:1024] == tb[:1024]
+    assert ta[1024:1074] != tb[1024:1074]
+    assert tc[512:] == ta[512:600]  # same id, same tokens, wherever it appears
+    assert ta[:512] != tc[:512]
+    assert all(0 <= t < 65536 for t in ta)
+    cache: dict[int, object] = {}
+    assert expand_prompt(a, cache=cache) == ta  # type: ignore[arg-type]
+    assert set(cache) == {7, 8, 9}
+    # At 16-token blocks, shared trace blocks give shared kvtier hashes.
+    hasher = BlockHasher(16)
+    ha, hb = Request("a", ta, hasher).block_hashes, Request("b", tb, hasher).block_hashes
+    assert ha[:64] == hb[:64]
+    assert ha[64] != hb[64]
+
+
+def test_small_trace_block_size() -> None:
+    row = TraceRequest(0, 5, 0, (1, 2))
+    assert len(expand_prompt(row, trace_block_size=4)) == 5
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("not json", "not JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"timestamp": 0, "input_length": 3}', "missing field"),
+        (ROW.replace('"input_length": 1', '"input_length": -1'), "input_length"),
+        (ROW.replace('"timestamp": 0', '"timestamp": "x"'), "timestamp"),
+        (ROW.replace("[1]", '["a"]'), "hash_ids"),
+        (ROW.replace('"input_length": 1', '"input_length": 600'), "cover 512"),
+    ],
+)
+def test_bad_lines_name_the_line(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text(f"{ROW}\n\n{line}\n")
+    with pytest.raises(TraceFormatError, match=message) as info:
+        read_mooncake_trace(path)
+    assert ":3:" in str(info.value)

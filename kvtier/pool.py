@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-import structlog
-
 from kvtier.block import BlockId, KVCacheBlock
 from kvtier.block_map import BlockHashToBlockMap
 from kvtier.errors import ConfigError, KVTierError
@@ -29,6 +27,7 @@ from kvtier.hashing import (
     get_group_id,
     make_block_hash_with_group_id,
 )
+from kvtier.log import get_logger
 from kvtier.request import KVCacheRequest
 
 __all__ = ["MEDIUM_GPU", "BlockPool"]
@@ -36,7 +35,7 @@ __all__ = ["MEDIUM_GPU", "BlockPool"]
 MEDIUM_GPU = "gpu"
 """The ``medium`` of events from the device prefix cache."""
 
-_log = structlog.get_logger("kvtier.pool")
+_log = get_logger("kvtier.pool")
 
 
 class BlockPool:

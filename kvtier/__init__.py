@@ -1,6 +1,7 @@
 """kvtier: keep KV-cache blocks across memory tiers for LLM inference engines."""
 
 from kvtier.block import KVCacheBlock
+from kvtier.block_hasher import BlockHasher
 from kvtier.block_map import BlockHashToBlockMap
 from kvtier.errors import (
     ConfigError,
@@ -15,7 +16,6 @@ from kvtier.free_queue import FreeKVCacheBlockQueue
 from kvtier.hashing import (
     HASH_ALGORITHMS,
     BlockHash,
-    BlockHasher,
     BlockHashWithGroupId,
     RandomRootHashWarning,
     hash_block_tokens,

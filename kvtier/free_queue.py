@@ -28,16 +28,12 @@ class FreeKVCacheBlockQueue:
     __slots__ = ("fake_free_list_head", "fake_free_list_tail", "num_free_blocks")
 
     def __init__(self, blocks: Sequence[KVCacheBlock]) -> None:
-        self.num_free_blocks = len(blocks)
+        self.num_free_blocks = 0
         head = self.fake_free_list_head = KVCacheBlock(-1)
         tail = self.fake_free_list_tail = KVCacheBlock(-1)
-        prev = head
-        for block in blocks:
-            prev.next_free_block = block
-            block.prev_free_block = prev
-            prev = block
-        prev.next_free_block = tail
-        tail.prev_free_block = prev
+        head.next_free_block = tail
+        tail.prev_free_block = head
+        self.append_n(blocks)
 
     def __len__(self) -> int:
         return self.num_free_blocks

@@ -11,9 +11,10 @@ from typing import Protocol
 
 import attrs
 
+from kvtier.block_hasher import BlockHasher
 from kvtier.errors import InvalidRequestError
 from kvtier.extra_keys import MultiModalFeature
-from kvtier.hashing import BlockHash, BlockHasher
+from kvtier.hashing import BlockHash
 
 __all__ = ["KVCacheRequest", "Request"]
 

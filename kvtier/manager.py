@@ -162,7 +162,7 @@ class KVCacheManager:
         """
         if not self.enable_caching or request.skip_reading_prefix_cache:
             return self.empty_blocks(), 0
-        max_num_blocks = (request.num_tokens - 1) // self.block_size
+        max_num_blocks = max(request.num_tokens - 1, 0) // self.block_size
         hashes = request.block_hashes
         managers = self.group_managers
         if len(managers) == 1:
@@ -215,14 +215,57 @@ class KVCacheManager:
             ref counts).
 
         Raises:
-            InvalidRequestError: A negative count, blocks for the wrong number
-                of groups, or hit blocks for a request already running or
-                with caching off. Nothing is changed.
+            InvalidRequestError: A negative count, no tokens at all, blocks for
+                the wrong number of groups, hit blocks that disagree with
+                ``num_new_computed_tokens``, or hit blocks for a request
+                already running or with caching off. Nothing is changed.
         """
+        computed = self._check_allocation(
+            request,
+            num_new_tokens,
+            num_new_computed_tokens,
+            new_computed_blocks,
+            num_lookahead_tokens,
+        )
+        managers = self.group_managers
+        request_id = request.request_id
+        num_computed_tokens = request.num_computed_tokens + num_new_computed_tokens
+        num_tokens_need_slot = min(
+            num_computed_tokens + num_new_tokens + num_lookahead_tokens, self.max_model_len
+        )
+        needed = 0
+        for manager, blocks in zip(managers, computed, strict=True):
+            needed += manager.get_num_blocks_to_allocate(request_id, num_tokens_need_slot, blocks)
+        if needed > self.block_pool.free_block_queue.num_free_blocks:
+            return None
+        # Reference every group's hit blocks before any group allocates: a hit
+        # block that is still free must leave the free queue before another
+        # group's allocation could take it from there.
+        for manager, blocks in zip(managers, computed, strict=True):
+            if blocks:
+                self.block_pool.touch(blocks)
+                manager.save_new_computed_blocks(request_id, blocks)
+        new_blocks = [
+            manager.allocate_new_blocks(request_id, num_tokens_need_slot) for manager in managers
+        ]
+        if self.enable_caching and not delay_cache_blocks:
+            num_tokens_to_cache = min(num_computed_tokens + num_new_tokens, request.num_tokens)
+            for manager in managers:
+                manager.cache_blocks(request, num_tokens_to_cache)
+        return KVCacheBlocks(tuple(new_blocks))
+
+    def _check_allocation(
+        self,
+        request: KVCacheRequest,
+        num_new_tokens: int,
+        num_new_computed_tokens: int,
+        new_computed_blocks: KVCacheBlocks | None,
+        num_lookahead_tokens: int,
+    ) -> tuple[Sequence[KVCacheBlock], ...]:
+        """Validate ``allocate_slots``' arguments; return the hit blocks per group."""
         _check_count("num_new_tokens", num_new_tokens)
         _check_count("num_new_computed_tokens", num_new_computed_tokens)
         _check_count("num_lookahead_tokens", num_lookahead_tokens)
-        managers = self.group_managers
         request_id = request.request_id
         if new_computed_blocks is None:
             computed: tuple[Sequence[KVCacheBlock], ...] = ((),) * self.num_groups
@@ -235,44 +278,53 @@ class KVCacheManager:
                     f"the cache has {self.num_groups}"
                 )
             has_computed = any(computed)
+        if num_new_tokens == 0 and num_new_computed_tokens == 0:
+            raise InvalidRequestError(
+                f"request {request_id!r}: allocate_slots needs new tokens or new computed "
+                "tokens, got neither"
+            )
         if has_computed:
+            num_hit_tokens = len(computed[0]) * self.block_size
+            if num_new_computed_tokens != num_hit_tokens or any(
+                len(blocks) != len(computed[0]) for blocks in computed
+            ):
+                raise InvalidRequestError(
+                    f"num_new_computed_tokens={num_new_computed_tokens} does not match the "
+                    f"{len(computed[0])} hit blocks ({num_hit_tokens} tokens) in every group"
+                )
             if not self.enable_caching:
                 raise InvalidRequestError("new_computed_blocks given while prefix caching is off")
-            if request_id in managers[0].num_cached_block:
+            if request_id in self.group_managers[0].num_cached_block:
                 raise InvalidRequestError(
                     f"request {request_id!r} already holds blocks; prefix hits are only "
                     "taken when a request is first scheduled"
                 )
-        num_computed_tokens = request.num_computed_tokens + num_new_computed_tokens
-        num_tokens_need_slot = min(
-            num_computed_tokens + num_new_tokens + num_lookahead_tokens, self.max_model_len
-        )
-        needed = 0
-        for manager, blocks in zip(managers, computed, strict=False):
-            needed += manager.get_num_blocks_to_allocate(request_id, num_tokens_need_slot, blocks)
-        if needed > self.block_pool.free_block_queue.num_free_blocks:
-            return None
-        new_blocks = []
-        for manager, blocks in zip(managers, computed, strict=False):
-            if blocks:
-                self.block_pool.touch(blocks)
-                manager.save_new_computed_blocks(request_id, blocks)
-            new_blocks.append(manager.allocate_new_blocks(request_id, num_tokens_need_slot))
-        if self.enable_caching and not delay_cache_blocks:
-            num_tokens_to_cache = min(num_computed_tokens + num_new_tokens, request.num_tokens)
-            for manager in managers:
-                manager.cache_blocks(request, num_tokens_to_cache)
-        return KVCacheBlocks(tuple(new_blocks))
+        return computed
 
     def cache_blocks(self, request: KVCacheRequest, num_computed_tokens: int) -> None:
         """Cache the request's blocks that are full within ``num_computed_tokens``.
 
         For engines that allocate with ``delay_cache_blocks=True``.
+
+        Raises:
+            InvalidRequestError: The request holds no blocks, or fewer than
+                ``num_computed_tokens`` needs. Nothing is changed.
         """
         _check_count("num_computed_tokens", num_computed_tokens)
-        if self.enable_caching:
-            for manager in self.group_managers:
-                manager.cache_blocks(request, num_computed_tokens)
+        if not self.enable_caching:
+            return
+        num_full = num_computed_tokens // self.block_size
+        for manager in self.group_managers:
+            held = manager.req_to_blocks.get(request.request_id)
+            if held is None:
+                raise InvalidRequestError(f"request {request.request_id!r} holds no blocks")
+            if num_full > len(held):
+                raise InvalidRequestError(
+                    f"request {request.request_id!r}: num_computed_tokens={num_computed_tokens} "
+                    f"needs {num_full} full blocks, it holds {len(held)}"
+                )
+        for manager in self.group_managers:
+            manager.cache_blocks(request, num_computed_tokens)
 
     def free(self, request: KVCacheRequest) -> None:
         """Release the request's blocks, tail first, so chain tails are evicted first.

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 
 from kvtier.block import BlockId, KVCacheBlock
 from kvtier.block_map import BlockHashToBlockMap
-from kvtier.errors import ConfigError, KVTierError
+from kvtier.errors import ConfigError, InvalidRequestError, KVTierError
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
 from kvtier.free_queue import FreeKVCacheBlockQueue
 from kvtier.hashing import (
@@ -267,8 +267,17 @@ class BlockPool:
 
         Returns:
             How many of them were cached.
+
+        Raises:
+            InvalidRequestError: An id is out of range; nothing is evicted.
         """
-        return sum(self.maybe_evict_cached_block(self.blocks[i]) for i in block_ids)
+        ids = list(block_ids)
+        for block_id in ids:
+            if isinstance(block_id, bool) or not 0 <= block_id < self.num_gpu_blocks:
+                raise InvalidRequestError(
+                    f"block id {block_id!r} is out of range [0, {self.num_gpu_blocks})"
+                )
+        return sum(self.maybe_evict_cached_block(self.blocks[i]) for i in ids)
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block, if no block is in use.

@@ -127,3 +127,49 @@ def test_public_api_is_sorted_and_complete() -> None:
     assert kvtier.__all__ == sorted(kvtier.__all__)
     for name in kvtier.__all__:
         assert hasattr(kvtier, name), name
+
+
+def test_cache_blocks_rejects_unknown_requests_and_overreach() -> None:
+    manager = make_manager(11, block_size=4)
+    req = make_request("0", list(range(12)), 4)
+    manager.allocate_slots(req, 4, delay_cache_blocks=True)
+    before = snapshot(manager)
+    with pytest.raises(InvalidRequestError, match="holds 1"):
+        manager.cache_blocks(req, 12)
+    with pytest.raises(InvalidRequestError, match="holds no blocks"):
+        manager.cache_blocks(make_request("x", [1, 2, 3, 4], 4), 4)
+    assert snapshot(manager) == before
+    manager.cache_blocks(req, 4)
+    assert len(manager.block_pool.cached_block_hash_to_block) == 1
+
+
+def test_empty_prompt_misses_and_zero_token_allocation_is_rejected() -> None:
+    manager = make_manager(11)
+    empty = make_request("e", [])
+    assert manager.get_computed_blocks(empty)[1] == 0
+    before = snapshot(manager)
+    with pytest.raises(InvalidRequestError, match="neither"):
+        manager.allocate_slots(empty, 0)
+    assert snapshot(manager) == before
+    assert "e" not in manager.group_managers[0].req_to_blocks
+
+
+def test_hit_blocks_must_match_the_hit_token_count() -> None:
+    manager = make_manager(11)
+    schedule(manager, make_request("0", list(range(40))))
+    req = make_request("1", list(range(40)))
+    computed, num_computed = manager.get_computed_blocks(req)
+    assert num_computed == 32
+    before = snapshot(manager)
+    with pytest.raises(InvalidRequestError, match="does not match"):
+        manager.allocate_slots(req, 40, 0, computed)
+    assert snapshot(manager) == before
+
+
+def test_evict_blocks_rejects_out_of_range_ids() -> None:
+    manager = make_manager(5)
+    schedule(manager, make_request("0", list(range(40))))
+    for bad in (-1, 5):
+        with pytest.raises(InvalidRequestError, match="out of range"):
+            manager.block_pool.evict_blocks([1, bad])
+    assert len(manager.block_pool.cached_block_hash_to_block) == 2

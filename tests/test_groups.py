@@ -39,3 +39,24 @@ def test_each_group_gets_blocks_and_a_hit_needs_every_group() -> None:
     manager.free(req0)
     manager.free(req1)
     assert manager.block_pool.get_num_free_blocks() == 19
+
+
+def test_one_groups_allocation_never_takes_another_groups_free_hit_blocks() -> None:
+    """Regression: hits of every group are referenced before any group allocates."""
+    spec = FullAttentionSpec(4)
+    config = KVCacheConfig(7, (KVCacheGroupSpec("a", spec), KVCacheGroupSpec("b", spec)))
+    manager = KVCacheManager(config, 8192)
+    req_a = make_request("A", list(range(8)), 4)
+    assert manager.allocate_slots(req_a, 8).get_block_ids() == ([1, 2], [3, 4])  # type: ignore[union-attr]
+    req_c = make_request("C", [99] * 4, 4)
+    assert manager.allocate_slots(req_c, 4).get_block_ids() == ([5], [6])  # type: ignore[union-attr]
+    manager.free(req_a)
+    manager.free(req_c)
+    req_b = make_request("B", [*range(8), 7], 4)
+    computed, num_computed = manager.get_computed_blocks(req_b)
+    assert computed.get_block_ids() == ([1, 2], [3, 4])
+    new = manager.allocate_slots(req_b, 1, num_computed, computed)
+    assert new is not None
+    assert new.get_block_ids() == ([5], [6])
+    assert manager.get_block_ids("B") == ([1, 2, 5], [3, 4, 6])
+    assert all(b.ref_cnt <= 1 for b in manager.block_pool.blocks)

@@ -10,10 +10,16 @@ changed no state.
 from __future__ import annotations
 
 __all__ = [
+    "BlockMissingError",
+    "ClosedError",
     "ConfigError",
     "InvalidRequestError",
     "KVTierError",
     "NoFreeBlocksError",
+    "TierError",
+    "TierFullError",
+    "TierIOError",
+    "TransferCancelledError",
     "UnknownNameError",
 ]
 
@@ -64,3 +70,51 @@ class NoFreeBlocksError(KVTierError):
     ``KVCacheManager.allocate_slots`` never raises this: it checks first and
     returns ``None``. Only direct callers of ``BlockPool.get_new_blocks`` see it.
     """
+
+
+class ClosedError(KVTierError, RuntimeError):
+    """A tier, pipeline or manager was used after ``aclose()``."""
+
+
+class TierError(KVTierError):
+    """A storage tier could not do what was asked.
+
+    Attributes:
+        tier: The tier's name (its ``medium``), when known.
+    """
+
+    def __init__(self, message: str, *, tier: str | None = None) -> None:
+        super().__init__(message)
+        self.tier = tier
+
+
+class TierIOError(TierError):
+    """The tier's backend failed (a disk error, a lost connection…).
+
+    The backend's own exception is the ``__cause__``.
+    """
+
+
+class BlockMissingError(TierError):
+    """A slot's bytes are absent or failed verification.
+
+    Verification covers the checksum, the layout fingerprint and the key.
+    kvtier treats this as a miss, never as data.
+
+    Attributes:
+        slots: The slots that could not be read.
+    """
+
+    def __init__(
+        self, message: str, *, tier: str | None = None, slots: tuple[int, ...] = ()
+    ) -> None:
+        super().__init__(message, tier=tier)
+        self.slots = slots
+
+
+class TierFullError(TierError):
+    """A tier has no free (unpinned) slot for a write."""
+
+
+class TransferCancelledError(KVTierError):
+    """The transfer behind a completion was cancelled before it finished."""

@@ -1,0 +1,438 @@
+"""The transfer pipeline: moves blocks between tiers and resolves completions.
+
+Callers post :class:`StoreTask` (down the stack: device → CPU → disk…) and
+:class:`LoadTask` (back up) and get a :class:`~kvtier.completion.Completion`
+each. Each direction has a bounded queue (an anyio memory-object stream) and a
+worker task in a task group the pipeline owns, so loads never wait behind
+stores. A full queue pushes back: :meth:`TransferPipeline.submit` waits,
+:meth:`TransferPipeline.submit_nowait` raises :class:`anyio.WouldBlock`.
+
+A worker takes a task plus whatever else is queued for the same pair of tiers
+(up to ``max_batch_blocks``) and moves them with one read and one write. When
+the destination can expose its slots as one tensor view (a CPU tier, for an
+ascending run of slots), the source gathers straight into it; otherwise bytes
+pass through a staging buffer of at most ``staging_bytes``, allocated once.
+
+Slot bookkeeping stays with the caller, who reserves destination slots and
+pins source slots before posting; the pipeline settles them when the task
+ends, through the task's ledgers (:class:`~kvtier.tiers.index.TierIndex`):
+success commits the destination and unpins the source; failure or
+cancellation aborts the destination and unpins the source; source blocks that
+fail verification are removed from the source's index (a miss from then on).
+A batch that fails is retried task by task, so one bad task does not fail its
+neighbours.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Literal, Protocol, Self
+
+import anyio
+import attrs
+import torch
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from kvtier.completion import Completion
+from kvtier.errors import BlockMissingError, ClosedError, ConfigError, InvalidRequestError
+from kvtier.log import get_logger
+from kvtier.tiers.base import BlockKey, BlockStore
+
+__all__ = [
+    "LoadTask",
+    "SlotLedger",
+    "StoreTask",
+    "TransferPipeline",
+    "TransferResult",
+    "TransferTask",
+]
+
+_log = get_logger("kvtier.transfer")
+_MiB = 1 << 20
+Direction = Literal["store", "load"]
+
+
+class SlotLedger(Protocol):
+    """The slot bookkeeping a task settles when it ends (a ``TierIndex``)."""
+
+    def commit(self, keys: Sequence[BlockKey]) -> object:
+        """Make the written blocks visible."""
+        ...
+
+    def abort(self, keys: Sequence[BlockKey]) -> object:
+        """Release reservations of blocks that were not written."""
+        ...
+
+    def unpin(self, keys: Sequence[BlockKey]) -> object:
+        """Release read pins."""
+        ...
+
+    def remove(self, keys: Sequence[BlockKey]) -> object:
+        """Drop blocks whose bytes proved missing or corrupt."""
+        ...
+
+
+def _tuple_of_ints(value: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(v) for v in value)
+
+
+def _tuple_of_keys(value: Sequence[BlockKey]) -> tuple[BlockKey, ...]:
+    return tuple(value)
+
+
+@attrs.frozen(eq=False)
+class TransferTask:
+    """Move ``keys`` from ``src_slots`` of ``src`` to ``dst_slots`` of ``dst``.
+
+    Attributes:
+        src: The tier read from.
+        src_slots: Its slots, one per key.
+        dst: The tier written to.
+        dst_slots: Its slots, one per key (reserved by the caller).
+        keys: The blocks' keys.
+        src_ledger: Unpinned when the task ends (``None``: nothing to settle).
+        dst_ledger: Committed on success, aborted otherwise.
+
+    Raises:
+        InvalidRequestError: Lengths differ, no blocks, or the tiers' layouts
+            differ.
+    """
+
+    direction: Direction = attrs.field(init=False, default="store")
+    src: BlockStore
+    src_slots: tuple[int, ...] = attrs.field(converter=_tuple_of_ints)
+    dst: BlockStore
+    dst_slots: tuple[int, ...] = attrs.field(converter=_tuple_of_ints)
+    keys: tuple[BlockKey, ...] = attrs.field(converter=_tuple_of_keys)
+    src_ledger: SlotLedger | None = None
+    dst_ledger: SlotLedger | None = None
+
+    def __attrs_post_init__(self) -> None:
+        n = len(self.keys)
+        if n == 0:
+            raise InvalidRequestError("a transfer task needs at least one block")
+        if len(self.src_slots) != n or len(self.dst_slots) != n:
+            raise InvalidRequestError(
+                f"{len(self.src_slots)} source slots, {len(self.dst_slots)} destination "
+                f"slots and {n} keys: they must be equal"
+            )
+        if self.src.layout != self.dst.layout:
+            raise InvalidRequestError(
+                f"tier {self.src.name!r} and tier {self.dst.name!r} have different block layouts"
+            )
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks moved."""
+        return len(self.keys)
+
+
+@attrs.frozen(eq=False)
+class StoreTask(TransferTask):
+    """Copy blocks down the stack (device → CPU → disk…)."""
+
+    direction: Direction = attrs.field(init=False, default="store")
+
+
+@attrs.frozen(eq=False)
+class LoadTask(TransferTask):
+    """Copy blocks back up the stack (toward the device)."""
+
+    direction: Direction = attrs.field(init=False, default="load")
+
+
+@attrs.frozen
+class TransferResult:
+    """What a finished task moved.
+
+    Attributes:
+        task: The task's name.
+        direction: ``"store"`` or ``"load"``.
+        n_blocks: Blocks moved.
+        bytes: Bytes moved.
+        seconds: Wall time of the copy (shared by tasks batched together).
+    """
+
+    task: str
+    direction: Direction
+    n_blocks: int
+    bytes: int
+    seconds: float
+
+
+_Item = tuple[TransferTask, Completion[TransferResult]]
+
+
+def _ascending_run(slots: Sequence[int]) -> bool:
+    return all(b == a + 1 for a, b in itertools.pairwise(slots))
+
+
+class TransferPipeline:
+    """Moves blocks between tiers in the background; an async context manager.
+
+    Args:
+        queue_size: Tasks each direction's queue holds before pushing back.
+        max_batch_blocks: Most blocks moved by one read/write pair.
+        staging_bytes: Most bytes of staging memory per direction (at least
+            one block is always allowed).
+
+    Raises:
+        ConfigError: A size is not positive.
+    """
+
+    def __init__(
+        self,
+        *,
+        queue_size: int = 256,
+        max_batch_blocks: int = 512,
+        staging_bytes: int = 256 * _MiB,
+    ) -> None:
+        for name, value in (
+            ("queue_size", queue_size),
+            ("max_batch_blocks", max_batch_blocks),
+            ("staging_bytes", staging_bytes),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        self.queue_size = queue_size
+        self.max_batch_blocks = max_batch_blocks
+        self.staging_bytes = staging_bytes
+        self._ids = itertools.count(1)
+        self._send: dict[Direction, MemoryObjectSendStream[_Item]] = {}
+        self._staging: dict[Direction, torch.Tensor] = {}
+        self._task_group: TaskGroup | None = None
+        self._closed = False
+        self._started = False
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._closed or self._started:
+            raise ClosedError("a TransferPipeline can be entered once")
+        self._started = True
+        group = anyio.create_task_group()
+        await group.__aenter__()
+        self._task_group = group
+        for direction in ("store", "load"):
+            send, receive = anyio.create_memory_object_stream[_Item](self.queue_size)
+            self._send[direction] = send
+            group.start_soon(self._worker, direction, receive, name=f"kvtier-{direction}")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._shutdown(exc_type, exc, tb)
+
+    async def aclose(self) -> None:
+        """Finish queued tasks, stop the workers. Idempotent."""
+        await self._shutdown(None, None, None)
+
+    async def _shutdown(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for send in self._send.values():
+            send.close()  # workers drain what is queued, then stop
+        group, self._task_group = self._task_group, None
+        self._staging.clear()
+        if group is not None:
+            await group.__aexit__(exc_type, exc, tb)
+
+    @property
+    def closed(self) -> bool:
+        """True once closing has begun."""
+        return self._closed
+
+    # -- submission ----------------------------------------------------------------
+
+    def _prepare(self, task: TransferTask) -> tuple[MemoryObjectSendStream[_Item], _Item]:
+        if self._closed or not self._started:
+            raise ClosedError("the transfer pipeline is not running")
+        name = f"{task.direction}-{next(self._ids)}"
+        return self._send[task.direction], (task, Completion[TransferResult](name))
+
+    async def submit(self, task: TransferTask) -> Completion[TransferResult]:
+        """Queue ``task``, waiting while its direction's queue is full.
+
+        Raises:
+            ClosedError: The pipeline is not running.
+        """
+        send, item = self._prepare(task)
+        try:
+            await send.send(item)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError) as exc:
+            raise ClosedError("the transfer pipeline is closed") from exc
+        return item[1]
+
+    def submit_nowait(self, task: TransferTask) -> Completion[TransferResult]:
+        """Queue ``task`` or fail at once.
+
+        Raises:
+            anyio.WouldBlock: The direction's queue is full (nothing queued).
+            ClosedError: The pipeline is not running.
+        """
+        send, item = self._prepare(task)
+        try:
+            send.send_nowait(item)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError) as exc:
+            raise ClosedError("the transfer pipeline is closed") from exc
+        return item[1]
+
+    # -- the workers -----------------------------------------------------------------
+
+    async def _worker(
+        self, direction: Direction, receive: MemoryObjectReceiveStream[_Item]
+    ) -> None:
+        pending: list[_Item] = []
+        try:
+            async for first in receive:
+                pending = [first]
+                self._take_more(first[0], receive, pending)
+                await self._run_batch(direction, pending)
+                pending = []
+        finally:
+            # Cancelled: settle what is in hand and what is still queued.
+            leftovers = list(pending)
+            while True:
+                try:
+                    leftovers.append(receive.receive_nowait())
+                except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                    break
+            receive.close()
+            for task, completion in leftovers:
+                if not completion.done():
+                    _settle(task, ok=False)
+                    completion.set_cancelled()
+
+    def _take_more(
+        self, first: TransferTask, receive: MemoryObjectReceiveStream[_Item], batch: list[_Item]
+    ) -> None:
+        blocks = first.num_blocks
+        while blocks < self.max_batch_blocks:
+            try:
+                item = receive.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream):
+                return
+            batch.append(item)
+            blocks += item[0].num_blocks
+            if item[0].src is not first.src or item[0].dst is not first.dst:
+                return  # another pair of tiers: it runs as its own batch below
+
+    async def _run_batch(self, direction: Direction, batch: list[_Item]) -> None:
+        groups: list[list[_Item]] = []
+        for item in batch:
+            if (
+                groups
+                and groups[-1][0][0].src is item[0].src
+                and groups[-1][0][0].dst is item[0].dst
+            ):
+                groups[-1].append(item)
+            else:
+                groups.append([item])
+        for group in groups:
+            if len(group) == 1:
+                await self._run_one(direction, *group[0])
+                continue
+            try:
+                seconds = await self._move(direction, [task for task, _ in group])
+            except Exception:
+                for task, completion in group:  # isolate the failing task
+                    await self._run_one(direction, task, completion)
+                continue
+            for task, completion in group:
+                self._finish(task, completion, seconds)
+
+    async def _run_one(
+        self, direction: Direction, task: TransferTask, completion: Completion[TransferResult]
+    ) -> None:
+        try:
+            seconds = await self._move(direction, [task])
+        except Exception as exc:
+            if isinstance(exc, BlockMissingError) and task.src_ledger is not None:
+                missing = set(exc.slots) or set(task.src_slots)
+                task.src_ledger.remove(
+                    [k for k, s in zip(task.keys, task.src_slots, strict=True) if s in missing]
+                )
+            _settle(task, ok=False)
+            completion.set_error(exc)
+            _log.warning(
+                "transfer_failed",
+                task=completion.name,
+                tier=f"{task.src.name}->{task.dst.name}",
+                n_blocks=task.num_blocks,
+                error=repr(exc),
+            )
+            return
+        self._finish(task, completion, seconds)
+
+    def _finish(
+        self, task: TransferTask, completion: Completion[TransferResult], seconds: float
+    ) -> None:
+        _settle(task, ok=True)
+        size = task.num_blocks * task.src.layout.block_bytes
+        completion.set_result(
+            TransferResult(completion.name, task.direction, task.num_blocks, size, seconds)
+        )
+        _log.debug(
+            "transfer_done",
+            task=completion.name,
+            tier=f"{task.src.name}->{task.dst.name}",
+            n_blocks=task.num_blocks,
+            bytes=size,
+            seconds=seconds,
+        )
+
+    async def _move(self, direction: Direction, tasks: list[TransferTask]) -> float:
+        """Copy the tasks' blocks (same source and destination tiers)."""
+        src, dst = tasks[0].src, tasks[0].dst
+        src_slots = [s for t in tasks for s in t.src_slots]
+        dst_slots = [s for t in tasks for s in t.dst_slots]
+        keys = [k for t in tasks for k in t.keys]
+        start = time.perf_counter()
+        slot_view = getattr(dst, "slot_view", None)
+        view = slot_view(dst_slots) if slot_view is not None and _ascending_run(dst_slots) else None
+        if isinstance(view, torch.Tensor):
+            await src.read_into(src_slots, keys, view)
+            return time.perf_counter() - start
+        block_bytes = src.layout.block_bytes
+        chunk = max(1, min(len(keys), self.staging_bytes // block_bytes))
+        staging = self._staging_buffer(direction, chunk, block_bytes)
+        for begin in range(0, len(keys), chunk):
+            end = min(begin + chunk, len(keys))
+            buffer = staging[: end - begin]
+            await src.read_into(src_slots[begin:end], keys[begin:end], buffer)
+            await dst.write_from(dst_slots[begin:end], keys[begin:end], buffer)
+        return time.perf_counter() - start
+
+    def _staging_buffer(self, direction: Direction, rows: int, block_bytes: int) -> torch.Tensor:
+        buffer = self._staging.get(direction)
+        if buffer is None or buffer.shape[0] < rows or buffer.shape[1] != block_bytes:
+            buffer = torch.empty(
+                (rows, block_bytes), dtype=torch.uint8, pin_memory=torch.cuda.is_available()
+            )
+            self._staging[direction] = buffer
+        return buffer
+
+
+def _settle(task: TransferTask, *, ok: bool) -> None:
+    """Release the task's pins and reservations."""
+    if task.dst_ledger is not None:
+        if ok:
+            task.dst_ledger.commit(task.keys)
+        else:
+            task.dst_ledger.abort(task.keys)
+    if task.src_ledger is not None:
+        task.src_ledger.unpin(task.keys)

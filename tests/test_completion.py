@@ -1,0 +1,74 @@
+"""Completion: resolves once, awaits, runs callbacks."""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import pytest
+import structlog
+
+from kvtier.completion import Completion, CompletionState
+from kvtier.errors import KVTierError, TierIOError, TransferCancelledError
+
+
+@pytest.mark.asyncio
+async def test_result_resolves_once_and_wakes_waiters() -> None:
+    completion: Completion[int] = Completion("c")
+    seen: list[int] = []
+
+    async def waiter() -> None:
+        seen.append(await completion)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(waiter)
+        group.start_soon(waiter)
+        await anyio.wait_all_tasks_blocked()
+        assert not completion.done()
+        with pytest.raises(KVTierError, match="not resolved"):
+            completion.result()
+        assert completion.set_result(7)
+        assert not completion.set_result(8)
+        assert not completion.set_error(RuntimeError())
+        assert not completion.set_cancelled()
+    assert seen == [7, 7]
+    assert completion.state is CompletionState.DONE
+    assert completion.exception() is None
+    assert "done" in repr(completion)
+
+
+@pytest.mark.asyncio
+async def test_failure_and_cancellation() -> None:
+    failed: Completion[int] = Completion("f")
+    failed.set_error(TierIOError("disk gone", tier="disk"))
+    with pytest.raises(TierIOError, match="disk gone"):
+        await failed
+    assert isinstance(failed.exception(), TierIOError)
+
+    cancelled: Completion[int] = Completion("x")
+    cancelled.set_cancelled()
+    assert cancelled.cancelled()
+    with pytest.raises(TransferCancelledError, match="x was cancelled"):
+        await cancelled.wait()
+
+
+@pytest.mark.asyncio
+async def test_callbacks_run_once_in_order_even_when_one_raises(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    structlog.reset_defaults()
+    completion: Completion[str] = Completion("cb")
+    calls: list[str] = []
+
+    def broken(_: Completion[str]) -> None:
+        raise ValueError("bug in a callback")
+
+    completion.add_done_callback(lambda c: calls.append(f"first:{c.result()}"))
+    completion.add_done_callback(broken)
+    completion.add_done_callback(lambda c: calls.append("second"))
+    with caplog.at_level(logging.ERROR, logger="kvtier"):
+        completion.set_result("ok")
+    completion.add_done_callback(lambda c: calls.append("late"))  # already done: runs now
+    assert calls == ["first:ok", "second", "late"]
+    assert any("completion_callback_failed" in r.getMessage() for r in caplog.records)
+    structlog.reset_defaults()

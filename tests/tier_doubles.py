@@ -1,0 +1,160 @@
+"""Test doubles for tiers: an in-memory store and a fault-injecting wrapper."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Self
+
+import anyio
+import torch
+
+from kvtier.errors import BlockMissingError, ClosedError
+from kvtier.tiers.base import BlockKey, BlockLayout, BlockStore
+
+SMALL = BlockLayout(num_layers=2, block_size=4, num_kv_heads=2, head_size=8, dtype="float16")
+
+
+class MemoryStore:
+    """A minimal key-verifying tier in host memory."""
+
+    verify_keys = True
+
+    def __init__(self, num_slots: int, layout: BlockLayout = SMALL, name: str = "mem") -> None:
+        self.name = name
+        self.layout = layout
+        self.num_slots = num_slots
+        self.closed = False
+        self.data = torch.zeros((num_slots, layout.block_bytes), dtype=torch.uint8)
+        self.keys: list[BlockKey | None] = [None] * num_slots
+
+    def _check(self) -> None:
+        if self.closed:
+            raise ClosedError(f"tier {self.name} is closed")
+
+    async def read_into(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], out: torch.Tensor
+    ) -> None:
+        self._check()
+        bad = tuple(
+            s for s, k in zip(slots, keys, strict=True) if self.verify_keys and self.keys[s] != k
+        )
+        if bad:
+            raise BlockMissingError("key mismatch", tier=self.name, slots=bad)
+        out.copy_(self.data[list(slots)])
+
+    async def write_from(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], data: torch.Tensor
+    ) -> None:
+        self._check()
+        self.data[list(slots)] = data.to("cpu")
+        for slot, key in zip(slots, keys, strict=True):
+            self.keys[slot] = key
+
+    async def discard(self, slots: Sequence[int]) -> None:
+        self._check()
+        for slot in slots:
+            self.keys[slot] = None
+
+    async def recover(self) -> Sequence[tuple[int, BlockKey]]:
+        return []
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class ViewStore(MemoryStore):
+    """A MemoryStore that exposes ascending slot runs as a tensor view (like a
+    CPU tier, it does not verify keys)."""
+
+    verify_keys = False
+    views = 0
+
+    def slot_view(self, slots: Sequence[int]) -> torch.Tensor | None:
+        self._check()
+        self.views += 1
+        return self.data[slots[0] : slots[-1] + 1]
+
+
+class FaultInjectingStore:
+    """Wraps a tier; fails or stalls chosen calls. Counts calls.
+
+    Attributes:
+        read_error / write_error: Raised (once) by the next read / write.
+        read_gate: When set, reads wait for this event first.
+    """
+
+    def __init__(self, inner: BlockStore) -> None:
+        self.inner = inner
+        self.read_error: BaseException | None = None
+        self.write_error: BaseException | None = None
+        self.read_gate: anyio.Event | None = None
+        self.reads = 0
+        self.writes = 0
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def layout(self) -> BlockLayout:
+        return self.inner.layout
+
+    @property
+    def num_slots(self) -> int:
+        return self.inner.num_slots
+
+    @property
+    def closed(self) -> bool:
+        return self.inner.closed
+
+    async def read_into(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], out: torch.Tensor
+    ) -> None:
+        self.reads += 1
+        if self.read_gate is not None:
+            await self.read_gate.wait()
+        if self.read_error is not None:
+            error, self.read_error = self.read_error, None
+            raise error
+        await self.inner.read_into(slots, keys, out)
+
+    async def write_from(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], data: torch.Tensor
+    ) -> None:
+        self.writes += 1
+        if self.write_error is not None:
+            error, self.write_error = self.write_error, None
+            raise error
+        await self.inner.write_from(slots, keys, data)
+
+    async def discard(self, slots: Sequence[int]) -> None:
+        await self.inner.discard(slots)
+
+    async def recover(self) -> Sequence[tuple[int, BlockKey]]:
+        return await self.inner.recover()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

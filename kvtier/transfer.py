@@ -171,6 +171,15 @@ def _ascending_run(slots: Sequence[int]) -> bool:
     return all(b == a + 1 for a, b in itertools.pairwise(slots))
 
 
+def _slot_view(store: BlockStore, slots: Sequence[int]) -> torch.Tensor | None:
+    """The tier's rows for an ascending run of slots, if it can expose them."""
+    slot_view = getattr(store, "slot_view", None)
+    if slot_view is None or not _ascending_run(slots):
+        return None
+    view = slot_view(slots)
+    return view if isinstance(view, torch.Tensor) else None
+
+
 class TransferPipeline:
     """Moves blocks between tiers in the background; an async context manager.
 
@@ -402,10 +411,13 @@ class TransferPipeline:
         dst_slots = [s for t in tasks for s in t.dst_slots]
         keys = [k for t in tasks for k in t.keys]
         start = time.perf_counter()
-        slot_view = getattr(dst, "slot_view", None)
-        view = slot_view(dst_slots) if slot_view is not None and _ascending_run(dst_slots) else None
-        if isinstance(view, torch.Tensor):
+        view = _slot_view(dst, dst_slots)
+        if view is not None:  # gather straight into the destination's slots
             await src.read_into(src_slots, keys, view)
+            return time.perf_counter() - start
+        view = _slot_view(src, src_slots)
+        if view is not None:  # scatter straight from the source's slots
+            await dst.write_from(dst_slots, keys, view)
             return time.perf_counter() - start
         block_bytes = src.layout.block_bytes
         chunk = max(1, min(len(keys), self.staging_bytes // block_bytes))

@@ -118,6 +118,12 @@ async def test_slot_view_fast_path_gathers_straight_into_the_destination() -> No
         # Not an ascending run: through the staging buffer.
         await (await pipeline.submit(StoreTask(device, [3, 1], cpu, [2, 0], keys[:2])))
         assert torch.equal(cpu.data[[2, 0]], data[:2])
+        assert cpu.views == 1
+        # A load from an ascending run scatters straight from the source's rows.
+        device.data.zero_()
+        await (await pipeline.submit(LoadTask(cpu, [6, 7, 8, 9], device, [9, 2, 5, 11], keys)))
+        assert cpu.views == 2
+        assert torch.equal(device.data[[9, 2, 5, 11]], data)
 
 
 @pytest.mark.asyncio

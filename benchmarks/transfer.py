@@ -1,0 +1,258 @@
+"""Block transfer throughput: DeviceTier <-> CpuTier beside a raw copy of the same bytes.
+
+Blocks of an 8B-class model (32 layers, 8 KV heads, head size 128, 16 tokens,
+fp16: 64 KiB per layer-block, 2 MiB per block). For each device layout
+(per-layer: 64 tensors [K0, V0, …]; cross-layer: one tensor) and batch size,
+device slots are a random sample of the pool (engine blocks are scattered) and:
+
+* ``store`` moves device -> CPU tier, ``load`` CPU tier -> device;
+* ``direct``: the CPU slots are one ascending run, so the device tier gathers
+  into (or scatters from) ``CpuTier.slot_view`` in one pass (the pipeline's
+  fast path);
+* ``staged``: the CPU slots are scattered too, so bytes pass through a staging
+  buffer (pinned on CUDA) with one call on each tier, as the pipeline does.
+
+``raw`` is one contiguous ``copy_`` of the same number of bytes between a
+device-side and a host-side tensor (pinned host on CUDA), measured in the same
+run. On a machine without CUDA the "device" tensors are CPU tensors. Each
+number is the median of ``--repeats`` timed runs (more for small batches, until
+``--min-blocks`` blocks moved) after warm-up runs; tier and raw runs alternate.
+
+    python benchmarks/transfer.py                 # table
+    python benchmarks/transfer.py --json          # machine-readable
+    python benchmarks/transfer.py --threads 1 --batches 1,16,128,512
+
+Sections: ``run_device_cpu(args)`` is this benchmark; another section (e.g.
+pipeline overhead) can be added as its own ``run_…(args)`` and listed in
+``SECTIONS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import torch
+
+from kvtier.tiers._copy import OFFLOAD_MIN_BYTES
+from kvtier.tiers.base import BlockLayout
+from kvtier.tiers.cpu import CpuTier
+from kvtier.tiers.gpu import DeviceTier
+
+LAYOUT = BlockLayout(num_layers=32, block_size=16, num_kv_heads=8, head_size=128, dtype="float16")
+GB = 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+async def _timed_pair(
+    fn: Callable[[], Awaitable[None]],
+    raw: Callable[[], Awaitable[None]],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+) -> tuple[float, float]:
+    """Median seconds of ``fn`` and of ``raw``, timed alternately so drift hits both."""
+    for _ in range(warmup):
+        await fn()
+        await raw()
+    _sync(device)
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for f, bucket in ((fn, times[0]), (raw, times[1])):
+            start = time.perf_counter()
+            await f()
+            _sync(device)
+            bucket.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def _make_cache(kind: str, pool: int, device: torch.device) -> torch.Tensor | list[torch.Tensor]:
+    if kind == "cross-layer":
+        shape = (pool, LAYOUT.num_layers, 2, *LAYOUT.page_shape)
+        return torch.ones(shape, dtype=LAYOUT.torch_dtype, device=device)
+    return [
+        torch.ones((pool, *LAYOUT.page_shape), dtype=LAYOUT.torch_dtype, device=device)
+        for _ in range(2 * LAYOUT.num_layers)
+    ]
+
+
+async def _device_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
+    device = torch.device(args.device)
+    pin = device.type == "cuda"
+    batches = [int(b) for b in args.batches.split(",")]
+    largest = max(batches)
+    pool = max(args.pool_blocks, largest)
+    block = LAYOUT.block_bytes
+    rng = random.Random(0)
+    rows: list[dict[str, Any]] = []
+
+    host = torch.ones((largest, block), dtype=torch.uint8, pin_memory=pin)
+    dev_raw = torch.ones((largest, block), dtype=torch.uint8, device=device)
+
+    def raw_copy(dst: torch.Tensor, src: torch.Tensor) -> Callable[[], Awaitable[None]]:
+        async def copy() -> None:
+            dst.copy_(src, non_blocking=pin)
+
+        return copy
+
+    cpu = CpuTier(
+        LAYOUT, pool, pin_memory=pin, device=device, offload_min_bytes=args.offload_min_bytes
+    )
+    async with cpu:
+        for kind in ("per-layer", "cross-layer"):
+            cache = _make_cache(kind, pool, device)
+            tier = DeviceTier(cache, LAYOUT, offload_min_bytes=args.offload_min_bytes)
+            for n in batches:
+                dev_slots = rng.sample(range(pool), n)
+                cpu_slots = rng.sample(range(pool), n)
+                keys = [b""] * n
+                view = cpu.slot_view(range(n))
+                if view is None:
+                    raise RuntimeError("slot_view of a run returned None")
+                staging = host[:n]
+
+                async def store_direct(
+                    t: DeviceTier = tier, s: list[int] = dev_slots, v: torch.Tensor = view
+                ) -> None:
+                    await t.read_into(s, [b""] * len(s), v)
+
+                async def load_direct(
+                    t: DeviceTier = tier, s: list[int] = dev_slots, v: torch.Tensor = view
+                ) -> None:
+                    await t.write_from(s, [b""] * len(s), v)
+
+                async def store_staged(
+                    t: DeviceTier = tier,
+                    s: list[int] = dev_slots,
+                    c: list[int] = cpu_slots,
+                    b: torch.Tensor = staging,
+                    k: list[bytes] = keys,
+                ) -> None:
+                    await t.read_into(s, k, b)
+                    await cpu.write_from(c, k, b)
+
+                async def load_staged(
+                    t: DeviceTier = tier,
+                    s: list[int] = dev_slots,
+                    c: list[int] = cpu_slots,
+                    b: torch.Tensor = staging,
+                    k: list[bytes] = keys,
+                ) -> None:
+                    await cpu.read_into(c, k, b)
+                    await t.write_from(s, k, b)
+
+                raws = {
+                    "store": raw_copy(host[:n], dev_raw[:n]),
+                    "load": raw_copy(dev_raw[:n], host[:n]),
+                }
+                cases = (
+                    ("store", "direct", store_direct),
+                    ("load", "direct", load_direct),
+                    ("store", "staged", store_staged),
+                    ("load", "staged", load_staged),
+                )
+                repeats = max(args.repeats, args.min_blocks // n)
+                warmup = max(args.warmup, repeats // 8)
+                for direction, path, fn in cases:
+                    seconds, raw_seconds = await _timed_pair(
+                        fn, raws[direction], device, warmup, repeats
+                    )
+                    tier_gbs = n * block / seconds / GB
+                    raw_gbs = n * block / raw_seconds / GB
+                    rows.append(
+                        {
+                            "layout": kind,
+                            "direction": direction,
+                            "path": path,
+                            "blocks": n,
+                            "mib": n * block / (1 << 20),
+                            "tier_gbs": tier_gbs,
+                            "raw_gbs": raw_gbs,
+                            "ratio": tier_gbs / raw_gbs,
+                        }
+                    )
+            await tier.aclose()
+            del tier, cache
+            gc.collect()
+    return rows
+
+
+def run_device_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Device <-> CPU tier throughput vs a raw copy; one dict per measured case."""
+    torch.manual_seed(0)
+    result: list[dict[str, Any]] = anyio.run(_device_cpu, args)
+    return result
+
+
+def _print_device_cpu(rows: list[dict[str, Any]]) -> None:
+    header = f"{'layout':<12} {'dir':<6} {'path':<7} {'blocks':>6} {'MiB':>7}"
+    print(f"{header} {'tier GB/s':>10} {'raw GB/s':>9} {'ratio':>6}")
+    for r in rows:
+        print(
+            f"{r['layout']:<12} {r['direction']:<6} {r['path']:<7} {r['blocks']:>6} "
+            f"{r['mib']:>7.0f} {r['tier_gbs']:>10.2f} {r['raw_gbs']:>9.2f} {r['ratio']:>6.2f}"
+        )
+
+
+SECTIONS: dict[str, tuple[Callable[[argparse.Namespace], list[dict[str, Any]]], Any]] = {
+    "device-cpu": (run_device_cpu, _print_device_cpu),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", default=default_device, help="device of the KV cache")
+    parser.add_argument("--batches", default="1,16,128,512", help="blocks per transfer")
+    parser.add_argument("--pool-blocks", type=int, default=640, help="device and CPU pool size")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--min-blocks",
+        type=int,
+        default=512,
+        help="small batches repeat until they moved this many blocks",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument(
+        "--offload-min-bytes",
+        type=int,
+        default=OFFLOAD_MIN_BYTES,
+        help="CPU copies this large run in a worker thread",
+    )
+    parser.add_argument("--section", choices=sorted(SECTIONS), action="append")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    meta = {
+        "device": args.device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "block_bytes": LAYOUT.block_bytes,
+        "offload_min_bytes": args.offload_min_bytes,
+    }
+    results: dict[str, Any] = {"meta": meta}
+    for name in args.section or list(SECTIONS):
+        run, show = SECTIONS[name]
+        results[name] = run(args)
+        if not args.json:
+            print(f"== {name}: {json.dumps(meta)}")
+            show(results[name])
+    if args.json:
+        print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

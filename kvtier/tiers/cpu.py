@@ -1,0 +1,325 @@
+"""The CPU tier: blocks in host memory, pinned when CUDA is there.
+
+Storage is one ``uint8 [num_slots, block_bytes]`` tensor allocated, zeroed (so
+every page is resident) and, when pinning, page-locked on ``__aenter__`` in a
+worker thread; ``aclose()`` releases it. Pinning registers the tensor's own
+pages with ``cudaHostRegister`` instead of allocating through torch's caching
+host allocator, which rounds every pinned allocation up to a power of two (a
+40 GiB tier would lock 64 GiB).
+
+:meth:`CpuTier.slot_view` exposes an ascending run of slots as a view of the
+storage, so a pipeline can have the device gather straight into place (or
+scatter straight from it) without a staging copy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import anyio.to_thread
+import torch
+
+from kvtier.errors import ClosedError, ConfigError, TierIOError
+from kvtier.log import get_logger
+from kvtier.tiers._copy import (
+    OFFLOAD_MIN_BYTES,
+    STAGING_BYTES,
+    BlockMover,
+    ascending_run,
+    check_buffer,
+    check_slots,
+)
+from kvtier.tiers.base import BlockKey, BlockLayout
+
+__all__ = ["CpuTier"]
+
+_log = get_logger("kvtier.tiers.cpu")
+_HOST_REGISTER_PORTABLE = 1
+_cudart: Callable[[], Any] = torch.cuda.cudart
+
+
+def _register(tensor: torch.Tensor) -> None:
+    """Page-lock ``tensor``'s memory (exactly its bytes) for every CUDA context."""
+    nbytes = tensor.numel() * tensor.element_size()
+    error = _cudart().cudaHostRegister(tensor.data_ptr(), nbytes, _HOST_REGISTER_PORTABLE)
+    if int(error) != 0:
+        raise TierIOError(f"cudaHostRegister of {nbytes} bytes failed with CUDA error {int(error)}")
+
+
+def _unregister(tensor: torch.Tensor) -> None:
+    for device in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(device)
+    error = _cudart().cudaHostUnregister(tensor.data_ptr())
+    if int(error) != 0:
+        raise TierIOError(f"cudaHostUnregister failed with CUDA error {int(error)}")
+
+
+class CpuTier:
+    """Host memory tier: ``num_slots`` blocks in one (optionally pinned) tensor.
+
+    Storage is allocated when the tier is entered (``async with tier``); any
+    call before that or after ``aclose()`` raises
+    :class:`~kvtier.errors.ClosedError`. Keys are not stored or verified (the
+    tier index owns them).
+
+    Args:
+        layout: The block layout.
+        num_slots: Capacity in blocks.
+        name: The tier's name (``medium`` in events).
+        pin_memory: Page-lock the storage for fast, asynchronous device copies.
+            ``None`` pins when CUDA is available and ``device`` is a CUDA device
+            (or not given), and falls back to pageable memory (with a warning
+            log) if pinning fails; ``True`` requires CUDA and pinning.
+        device: The accelerator the tier exchanges blocks with; only decides
+            automatic pinning (pinned memory serves every CUDA device).
+        offload_min_bytes: Copies of at least this many bytes run in a worker
+            thread instead of on the event loop.
+        staging_bytes: Most bytes of staging memory a copy to or from another
+            device uses at once.
+
+    Raises:
+        ConfigError: An argument is out of range, or pinning was asked for
+            without CUDA.
+    """
+
+    def __init__(
+        self,
+        layout: BlockLayout,
+        num_slots: int,
+        *,
+        name: str = "cpu",
+        pin_memory: bool | None = None,
+        device: torch.device | str | None = None,
+        offload_min_bytes: int = OFFLOAD_MIN_BYTES,
+        staging_bytes: int = STAGING_BYTES,
+    ) -> None:
+        if not isinstance(layout, BlockLayout):
+            raise ConfigError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+        if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots <= 0:
+            raise ConfigError(f"num_slots must be a positive integer, got {num_slots!r}")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"name must be a non-empty string, got {name!r}")
+        limits = (("offload_min_bytes", offload_min_bytes), ("staging_bytes", staging_bytes))
+        for label, value in limits:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{label} must be a non-negative integer, got {value!r}")
+        try:
+            target = torch.device(device) if device is not None else None
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(f"device {device!r} is not a torch device") from exc
+        cuda = torch.cuda.is_available()
+        self._pin_required = pin_memory is True
+        if pin_memory is None:
+            pin_memory = cuda and (target is None or target.type == "cuda")
+        elif pin_memory and not cuda:
+            raise ConfigError("pin_memory=True needs CUDA, which is not available")
+        self._name = name
+        self._layout = layout
+        self._block_bytes = layout.block_bytes
+        self._num_slots = num_slots
+        self._pin = bool(pin_memory)
+        self._offload_min_bytes = offload_min_bytes
+        self._staging_bytes = staging_bytes
+        self._storage: torch.Tensor | None = None
+        self._mover: BlockMover | None = None
+        self._pinned = False
+        self._closed = False
+
+    @property
+    def name(self) -> str:
+        """The tier's name, reported as ``medium`` in events."""
+        return self._name
+
+    @property
+    def layout(self) -> BlockLayout:
+        """The block layout."""
+        return self._layout
+
+    @property
+    def num_slots(self) -> int:
+        """Capacity in blocks."""
+        return self._num_slots
+
+    @property
+    def closed(self) -> bool:
+        """True after ``aclose()``."""
+        return self._closed
+
+    @property
+    def pinned(self) -> bool:
+        """True while the storage is page-locked (only after opening)."""
+        return self._pinned
+
+    def _open(self) -> tuple[torch.Tensor, BlockMover]:
+        if self._closed:
+            raise ClosedError(f"tier {self._name} is closed")
+        if self._storage is None or self._mover is None:
+            raise ClosedError(f"tier {self._name} is not open: enter it with `async with` first")
+        return self._storage, self._mover
+
+    def _allocate(self) -> torch.Tensor:
+        """Zeroed storage, page-locked when pinning (blocking)."""
+        nbytes = self._num_slots * self._block_bytes
+        # Its own allocation, registered from its first byte: ``is_pinned()`` checks
+        # the storage's base pointer, so views of it report pinned too.
+        storage = torch.zeros((self._num_slots, self._block_bytes), dtype=torch.uint8)
+        if self._pin:
+            try:
+                _register(storage)
+            except TierIOError as exc:
+                if self._pin_required:
+                    raise
+                _log.warning("tier_pin_failed", tier=self._name, bytes=nbytes, error=str(exc))
+            else:
+                self._pinned = True
+        return storage
+
+    async def __aenter__(self) -> Self:
+        """Allocate (and pin) the storage in a worker thread.
+
+        Raises:
+            ClosedError: The tier was closed.
+            TierIOError: Host memory could not be allocated or pinned.
+        """
+        if self._closed:
+            raise ClosedError(f"tier {self._name} is closed")
+        if self._storage is not None:
+            return self
+        start = time.perf_counter()
+        try:
+            storage = await anyio.to_thread.run_sync(self._allocate)
+        except TierIOError as exc:
+            raise TierIOError(f"tier {self._name}: {exc}", tier=self._name) from exc
+        except RuntimeError as exc:
+            raise TierIOError(
+                f"tier {self._name}: cannot allocate host memory", tier=self._name
+            ) from exc
+        self._storage = storage
+        self._mover = BlockMover(
+            [storage],
+            tier=self._name,
+            offload_min_bytes=self._offload_min_bytes,
+            staging_bytes=self._staging_bytes,
+        )
+        _log.info(
+            "tier_open",
+            tier=self._name,
+            n_blocks=self._num_slots,
+            bytes=storage.numel(),
+            pinned=self._pinned,
+            seconds=time.perf_counter() - start,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close the tier."""
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Release the storage (unpinning it after device copies finish); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        storage, mover = self._storage, self._mover
+        self._storage = self._mover = None
+        if storage is None or mover is None:
+            return
+        await mover.sync_streams()
+        if self._pinned:
+            self._pinned = False
+            await anyio.to_thread.run_sync(_unregister, storage)
+        _log.info("tier_close", tier=self._name, n_blocks=self._num_slots, bytes=storage.numel())
+
+    def slot_view(self, slots: Sequence[int]) -> torch.Tensor | None:
+        """A view of the storage rows of ``slots`` when they are one ascending run.
+
+        Args:
+            slots: Slots, e.g. ``[7, 8, 9]``.
+
+        Returns:
+            ``uint8 [len(slots), block_bytes]`` sharing the tier's memory (pinned
+            when the tier is), or None when ``slots`` is empty or not
+            ``first, first + 1, …``. Writing into the view stores blocks.
+
+        Raises:
+            ClosedError: The tier is not open.
+            InvalidRequestError: A slot is out of range.
+        """
+        storage, _ = self._open()
+        first = ascending_run(check_slots(slots, self._num_slots, tier=self._name))
+        if first is None:
+            return None
+        return storage[first : first + len(slots)]
+
+    async def read_into(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], out: torch.Tensor
+    ) -> None:
+        """Copy the blocks in ``slots`` into ``out``.
+
+        Args:
+            slots: Slots to read (any order; repeats allowed).
+            keys: One key per slot; not verified by this tier.
+            out: ``uint8 [len(slots), block_bytes]``; may be a strided view and
+                may live on another device.
+
+        Raises:
+            ClosedError: The tier is not open.
+            InvalidRequestError: Bad slot, buffer shape/dtype, or key count.
+            TierIOError: The copy failed.
+        """
+        _, mover = self._open()
+        out = check_buffer(out, slots, keys, self._block_bytes, tier=self._name)
+        await mover.read(check_slots(slots, self._num_slots, tier=self._name), out)
+
+    async def write_from(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], data: torch.Tensor
+    ) -> None:
+        """Store ``data`` into ``slots``.
+
+        Args:
+            slots: Slots to write (any order, each at most once).
+            keys: One key per slot; not stored by this tier.
+            data: ``uint8 [len(slots), block_bytes]``; may be a strided view and
+                may live on another device.
+
+        Raises:
+            ClosedError: The tier is not open.
+            InvalidRequestError: Bad or repeated slot, buffer shape/dtype, or
+                key count.
+            TierIOError: The copy failed.
+        """
+        _, mover = self._open()
+        data = check_buffer(data, slots, keys, self._block_bytes, tier=self._name)
+        await mover.write(check_slots(slots, self._num_slots, tier=self._name), data)
+
+    async def discard(self, slots: Sequence[int]) -> None:
+        """Do nothing: slots are reused by overwriting (checks the tier is open).
+
+        Raises:
+            ClosedError: The tier is not open.
+        """
+        self._open()
+
+    async def recover(self) -> Sequence[tuple[int, BlockKey]]:
+        """Host memory does not survive a restart: always ``[]``.
+
+        Raises:
+            ClosedError: The tier is not open.
+        """
+        self._open()
+        return []
+
+    def __repr__(self) -> str:
+        state = "open" if self._storage is not None else "not open"
+        state = "closed" if self._closed else state
+        pinned = ", pinned" if self._pinned else ""
+        return f"CpuTier({self._name!r}, {self._num_slots} slots{pinned}, {state})"

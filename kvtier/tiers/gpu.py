@@ -1,0 +1,307 @@
+"""The device tier: an engine's KV cache tensors seen as a :class:`BlockStore`.
+
+Two layouts of the engine's cache are understood:
+
+* **per-layer**: a sequence of ``2 * num_layers`` tensors ordered ``[K0, V0, K1,
+  V1, …]``, each ``[num_blocks, block_size, num_kv_heads, head_size]`` of the
+  layout's dtype (vLLM's ``kv_cache[0]`` / ``kv_cache[1]`` per layer);
+* **cross-layer**: one tensor whose first dimension is ``num_blocks`` and whose
+  per-block bytes are already in kvtier's canonical order (layer-major, K then
+  V, then the page), e.g. ``[num_blocks, num_layers, 2, block_size, heads,
+  head_size]``.
+
+Each block's bytes (each page, per layer) must be contiguous; the stride
+between blocks may be anything. Slot ``i`` is the engine's block ``i``; keys
+are ignored here (the device prefix cache tracks them). On CUDA, copies run on
+streams the tier owns (one per direction), ordered after the calling thread's
+current stream; the event loop awaits a CUDA event from a worker thread (see
+:mod:`kvtier.tiers._copy`). The engine must not touch the blocks of a transfer
+until it completes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Self
+
+import torch
+
+from kvtier.errors import ClosedError, ConfigError
+from kvtier.log import get_logger
+from kvtier.tiers._copy import (
+    OFFLOAD_MIN_BYTES,
+    STAGING_BYTES,
+    BlockMover,
+    byte_rows,
+    check_buffer,
+    check_slots,
+)
+from kvtier.tiers.base import BlockKey, BlockLayout
+
+__all__ = ["DeviceTier"]
+
+_log = get_logger("kvtier.tiers.gpu")
+
+
+def _is_flattening(shape: Sequence[int], dims: Sequence[int]) -> bool:
+    """Whether ``shape`` merges consecutive ``dims`` (in order) and nothing else."""
+    i = 0
+    for size in shape:
+        product = 1
+        while product < size and i < len(dims):
+            product *= dims[i]
+            i += 1
+        if product != size:
+            return False
+    return all(d == 1 for d in dims[i:])
+
+
+def _per_layer_sources(tensors: Sequence[object], layout: BlockLayout) -> list[torch.Tensor]:
+    expected = 2 * layout.num_layers
+    if len(tensors) != expected:
+        raise ConfigError(
+            f"per-layer kv_caches need 2 * num_layers = {expected} tensors "
+            f"[K0, V0, K1, V1, …], got {len(tensors)}"
+        )
+    sources: list[torch.Tensor] = []
+    first: torch.Tensor | None = None
+    for i, tensor in enumerate(tensors):
+        what = f"kv_caches[{i}] ({'KV'[i % 2]}{i // 2})"
+        if not isinstance(tensor, torch.Tensor):
+            raise ConfigError(f"{what} must be a torch.Tensor, got {type(tensor).__name__}")
+        if first is None:
+            first = tensor
+        num_blocks = first.shape[0] if first.dim() == 4 else 0
+        shape = (num_blocks, *layout.page_shape)
+        if num_blocks == 0 or tuple(tensor.shape) != shape:
+            raise ConfigError(
+                f"{what} has shape {list(tensor.shape)}, expected "
+                f"[num_blocks > 0, {', '.join(map(str, layout.page_shape))}] like kv_caches[0]"
+            )
+        if tensor.dtype != layout.torch_dtype:
+            raise ConfigError(f"{what} has dtype {tensor.dtype}, layout says {layout.torch_dtype}")
+        if tensor.device != first.device:
+            raise ConfigError(f"{what} is on {tensor.device}, kv_caches[0] on {first.device}")
+        sources.append(byte_rows(tensor, num_blocks, layout.page_bytes, what=what))
+    return sources
+
+
+def _cross_layer_source(tensor: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    what = "cross-layer kv_caches"
+    if tensor.dtype not in (layout.torch_dtype, torch.uint8):
+        raise ConfigError(f"{what} has dtype {tensor.dtype}, layout says {layout.torch_dtype}")
+    if tensor.dim() < 2 or tensor.shape[0] == 0:
+        raise ConfigError(f"{what} must be [num_blocks, …] with num_blocks > 0")
+    num_blocks = tensor.shape[0]
+    block_bytes = math.prod(tensor.shape[1:]) * tensor.element_size()
+    if block_bytes != layout.block_bytes:
+        raise ConfigError(
+            f"{what} has {block_bytes} bytes per block, layout says {layout.block_bytes}"
+        )
+    ratio = layout.itemsize // tensor.element_size()  # 1, or the itemsize for uint8
+    canonical = (layout.num_layers, 2, *layout.page_shape[:2], layout.head_size * ratio)
+    if not _is_flattening(tensor.shape[1:], canonical):
+        raise ConfigError(
+            f"{what} has shape {list(tensor.shape)}: its per-block dimensions are not "
+            f"the canonical [num_layers, 2, block_size, num_kv_heads, head_size] "
+            f"= {list(canonical)} (or a flattening of it)"
+        )
+    return byte_rows(tensor, num_blocks, layout.block_bytes, what=what)
+
+
+class DeviceTier:
+    """An engine's KV cache tensors as a tier (slot ``i`` = engine block ``i``).
+
+    The tier is open from construction (it wraps memory the engine owns);
+    ``async with`` is accepted and closes it on exit. Closing releases the
+    tier's references to the cache, never the cache itself.
+
+    Args:
+        kv_caches: One cross-layer tensor, or ``2 * num_layers`` per-layer
+            tensors ``[K0, V0, K1, V1, …]`` (see the module docstring).
+        layout: The block layout; shapes and dtypes are checked against it.
+        name: The tier's name (``medium`` in events).
+        offload_min_bytes: On CPU, copies of at least this many bytes run in a
+            worker thread instead of on the event loop.
+        staging_bytes: Most bytes of device staging memory a copy to or from
+            host memory uses at once (larger batches go in chunks).
+
+    Raises:
+        ConfigError: A tensor has the wrong shape, dtype, device or memory
+            layout, or an argument is out of range.
+    """
+
+    def __init__(
+        self,
+        kv_caches: torch.Tensor | Sequence[torch.Tensor],
+        layout: BlockLayout,
+        *,
+        name: str = "gpu",
+        offload_min_bytes: int = OFFLOAD_MIN_BYTES,
+        staging_bytes: int = STAGING_BYTES,
+    ) -> None:
+        if not isinstance(layout, BlockLayout):
+            raise ConfigError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"name must be a non-empty string, got {name!r}")
+        for label, value in (
+            ("offload_min_bytes", offload_min_bytes),
+            ("staging_bytes", staging_bytes),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{label} must be a non-negative integer, got {value!r}")
+        caches: object = kv_caches
+        if isinstance(caches, torch.Tensor):
+            sources = [_cross_layer_source(caches, layout)]
+            self._cross_layer = True
+        elif isinstance(caches, Sequence):
+            sources = _per_layer_sources(list(caches), layout)
+            self._cross_layer = False
+        else:
+            raise ConfigError(
+                "kv_caches must be a tensor (cross-layer) or a sequence of tensors (per-layer), "
+                f"got {type(kv_caches).__name__}"
+            )
+        self._name = name
+        self._layout = layout
+        self._block_bytes = layout.block_bytes
+        self._num_slots = sources[0].shape[0]
+        self._mover: BlockMover | None = BlockMover(
+            sources, tier=name, offload_min_bytes=offload_min_bytes, staging_bytes=staging_bytes
+        )
+        self._device = sources[0].device
+        _log.info(
+            "tier_open",
+            tier=name,
+            n_blocks=self._num_slots,
+            bytes=self._num_slots * layout.block_bytes,
+            device=str(self._device),
+            cross_layer=self._cross_layer,
+        )
+
+    @property
+    def name(self) -> str:
+        """The tier's name, reported as ``medium`` in events."""
+        return self._name
+
+    @property
+    def layout(self) -> BlockLayout:
+        """The block layout."""
+        return self._layout
+
+    @property
+    def num_slots(self) -> int:
+        """Capacity in blocks: the engine's ``num_blocks``."""
+        return self._num_slots
+
+    @property
+    def closed(self) -> bool:
+        """True after ``aclose()``."""
+        return self._mover is None
+
+    @property
+    def device(self) -> torch.device:
+        """The device the KV cache lives on."""
+        return self._device
+
+    @property
+    def cross_layer(self) -> bool:
+        """True for one cross-layer tensor, False for per-layer tensors."""
+        return self._cross_layer
+
+    def _open(self) -> BlockMover:
+        if self._mover is None:
+            raise ClosedError(f"tier {self._name} is closed")
+        return self._mover
+
+    async def read_into(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], out: torch.Tensor
+    ) -> None:
+        """Copy the blocks in ``slots`` into ``out`` in canonical byte order.
+
+        Args:
+            slots: Engine block ids (any order; repeats allowed).
+            keys: One key per slot; ignored by this tier.
+            out: ``uint8 [len(slots), block_bytes]``; may be a strided view and
+                may live on another device (pinned, contiguous host memory is
+                the fast path from CUDA).
+
+        Raises:
+            ClosedError: The tier is closed.
+            InvalidRequestError: Bad slot, buffer shape/dtype, or key count.
+            TierIOError: The copy failed on the device.
+        """
+        mover = self._open()
+        out = check_buffer(out, slots, keys, self._block_bytes, tier=self._name)
+        await mover.read(check_slots(slots, self._num_slots, tier=self._name), out)
+
+    async def write_from(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], data: torch.Tensor
+    ) -> None:
+        """Store ``data`` (canonical byte order) into the engine blocks ``slots``.
+
+        Args:
+            slots: Engine block ids (any order, each at most once).
+            keys: One key per slot; ignored by this tier.
+            data: ``uint8 [len(slots), block_bytes]``; may be a strided view and
+                may live on another device.
+
+        Raises:
+            ClosedError: The tier is closed.
+            InvalidRequestError: Bad or repeated slot, buffer shape/dtype, or
+                key count.
+            TierIOError: The copy failed on the device.
+        """
+        mover = self._open()
+        data = check_buffer(data, slots, keys, self._block_bytes, tier=self._name)
+        await mover.write(check_slots(slots, self._num_slots, tier=self._name), data)
+
+    async def discard(self, slots: Sequence[int]) -> None:
+        """Do nothing: the engine owns its blocks (checks the tier is open).
+
+        Raises:
+            ClosedError: The tier is closed.
+        """
+        self._open()
+
+    async def recover(self) -> Sequence[tuple[int, BlockKey]]:
+        """Nothing survives a restart in device memory: always ``[]``.
+
+        Raises:
+            ClosedError: The tier is closed.
+        """
+        self._open()
+        return []
+
+    async def aclose(self) -> None:
+        """Wait for queued copies, then drop the references to the cache; idempotent."""
+        mover, self._mover = self._mover, None
+        if mover is not None:
+            await mover.sync_streams()
+            _log.info("tier_close", tier=self._name, n_blocks=self._num_slots)
+
+    async def __aenter__(self) -> Self:
+        """Return the tier (already open).
+
+        Raises:
+            ClosedError: The tier is closed.
+        """
+        self._open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close the tier."""
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        kind = "cross-layer" if self._cross_layer else "per-layer"
+        state = "closed" if self.closed else "open"
+        where = f"{self._num_slots} blocks on {self._device}"
+        return f"DeviceTier({self._name!r}, {kind}, {where}, {state})"

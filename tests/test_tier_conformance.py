@@ -1,0 +1,139 @@
+"""One conformance suite for every tier: what the BlockStore protocol promises.
+
+Every tier kvtier ships is listed in ``TIERS``; a new tier joins the list and
+must pass the same tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import pytest_asyncio
+import torch
+
+from kvtier.errors import ClosedError, InvalidRequestError
+from kvtier.tiers.base import BlockLayout, BlockStore
+from kvtier.tiers.cpu import CpuTier
+from kvtier.tiers.gpu import DeviceTier
+
+LAYOUT = BlockLayout(num_layers=2, block_size=4, num_kv_heads=2, head_size=8, dtype="float16")
+SLOTS = 512
+
+
+def _per_layer() -> BlockStore:
+    shape = (SLOTS, *LAYOUT.page_shape)
+    tensors = [torch.zeros(shape, dtype=torch.float16) for _ in range(2 * LAYOUT.num_layers)]
+    return DeviceTier(tensors, LAYOUT)
+
+
+def _cross_layer() -> BlockStore:
+    return DeviceTier(torch.zeros((SLOTS, LAYOUT.block_bytes), dtype=torch.uint8), LAYOUT)
+
+
+def _cpu() -> BlockStore:
+    return CpuTier(LAYOUT, SLOTS)
+
+
+TIERS: dict[str, Callable[[], BlockStore]] = {
+    "device-per-layer": _per_layer,
+    "device-cross-layer": _cross_layer,
+    "cpu": _cpu,
+}
+
+
+@pytest_asyncio.fixture(params=sorted(TIERS))
+async def tier(request: pytest.FixtureRequest) -> AsyncIterator[BlockStore]:
+    store = TIERS[request.param]()
+    async with store:
+        yield store
+
+
+def random_blocks(n: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, LAYOUT.block_bytes), dtype=torch.uint8, generator=generator)
+
+
+def keys(slots: list[int], tag: int = 0) -> list[bytes]:
+    return [b"%d-%d" % (tag, slot) for slot in slots]
+
+
+@pytest.mark.asyncio
+async def test_is_a_block_store(tier: BlockStore) -> None:
+    assert isinstance(tier, BlockStore)
+    assert tier.layout == LAYOUT
+    assert tier.num_slots == SLOTS
+    assert not tier.closed
+    assert isinstance(tier.name, str)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("batch", [1, 2, 7, 64, 512])
+async def test_round_trip_in_batches(tier: BlockStore, batch: int) -> None:
+    generator = torch.Generator().manual_seed(batch)
+    slots = torch.randperm(SLOTS, generator=generator)[:batch].tolist()
+    data = random_blocks(batch, batch)
+    await tier.write_from(slots, keys(slots), data)
+    out = torch.empty_like(data)
+    await tier.read_into(slots, keys(slots), out)
+    assert torch.equal(out, data)
+
+
+@pytest.mark.asyncio
+async def test_partial_batches_and_slot_reuse(tier: BlockStore) -> None:
+    first = random_blocks(8, 1)
+    await tier.write_from(list(range(8)), keys(list(range(8))), first)
+    second = random_blocks(3, 2)
+    await tier.write_from([2, 5, 6], keys([2, 5, 6], tag=1), second)  # overwrite three slots
+    out = torch.empty((8, LAYOUT.block_bytes), dtype=torch.uint8)
+    await tier.read_into([0, 1, 3, 4, 7], keys([0, 1, 3, 4, 7]), out[:5])
+    assert torch.equal(out[:5], first[[0, 1, 3, 4, 7]])
+    await tier.read_into([2, 5, 6], keys([2, 5, 6], tag=1), out[:3])
+    assert torch.equal(out[:3], second)
+
+
+@pytest.mark.asyncio
+async def test_reads_into_strided_views(tier: BlockStore) -> None:
+    data = random_blocks(4, 3)
+    await tier.write_from([10, 11, 12, 13], keys([10, 11, 12, 13]), data)
+    wide = torch.zeros((4, 2, LAYOUT.block_bytes), dtype=torch.uint8)
+    await tier.read_into([10, 11, 12, 13], keys([10, 11, 12, 13]), wide[:, 1])
+    assert torch.equal(wide[:, 1], data)
+    assert not wide[:, 0].any()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("bad", [[-1], [SLOTS], [0, SLOTS + 5]])
+async def test_bad_slots_are_rejected(tier: BlockStore, bad: list[int]) -> None:
+    data = random_blocks(len(bad), 4)
+    with pytest.raises(InvalidRequestError):
+        await tier.write_from(bad, keys(bad), data)
+    with pytest.raises(InvalidRequestError):
+        await tier.read_into(bad, keys(bad), torch.empty_like(data))
+
+
+@pytest.mark.asyncio
+async def test_mismatched_lengths_are_rejected(tier: BlockStore) -> None:
+    with pytest.raises(InvalidRequestError):
+        await tier.write_from([0, 1], keys([0]), random_blocks(2, 5))
+    with pytest.raises(InvalidRequestError):
+        await tier.read_into(
+            [0, 1], keys([0, 1]), torch.empty((3, LAYOUT.block_bytes), dtype=torch.uint8)
+        )
+
+
+@pytest.mark.asyncio
+async def test_closed_tier_refuses_everything_and_close_is_idempotent() -> None:
+    for make in TIERS.values():
+        store = make()
+        async with store:
+            assert list(await store.recover()) == []  # volatile tiers recover nothing
+        assert store.closed
+        await store.aclose()
+        data = random_blocks(1, 6)
+        with pytest.raises(ClosedError):
+            await store.write_from([0], keys([0]), data)
+        with pytest.raises(ClosedError):
+            await store.read_into([0], keys([0]), data)
+        with pytest.raises(ClosedError):
+            await store.discard([0])

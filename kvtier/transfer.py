@@ -29,18 +29,25 @@ import itertools
 import time
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Literal, Protocol, Self
+from typing import Self
 
 import anyio
-import attrs
 import torch
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from kvtier.completion import Completion
-from kvtier.errors import BlockMissingError, ClosedError, ConfigError, InvalidRequestError
+from kvtier.errors import BlockMissingError, ClosedError, ConfigError
 from kvtier.log import get_logger
-from kvtier.tiers.base import BlockKey, BlockStore
+from kvtier.tasks import (
+    Direction,
+    LoadTask,
+    SlotLedger,
+    StoreTask,
+    TransferResult,
+    TransferTask,
+)
+from kvtier.tiers.base import BlockStore
 
 __all__ = [
     "LoadTask",
@@ -50,118 +57,11 @@ __all__ = [
     "TransferResult",
     "TransferTask",
 ]
+# The task value classes live in kvtier.tasks; they are re-exported here
+# because callers build them next to the pipeline.
 
 _log = get_logger("kvtier.transfer")
 _MiB = 1 << 20
-Direction = Literal["store", "load"]
-
-
-class SlotLedger(Protocol):
-    """The slot bookkeeping a task settles when it ends (a ``TierIndex``)."""
-
-    def commit(self, keys: Sequence[BlockKey]) -> object:
-        """Make the written blocks visible."""
-        ...
-
-    def abort(self, keys: Sequence[BlockKey]) -> object:
-        """Release reservations of blocks that were not written."""
-        ...
-
-    def unpin(self, keys: Sequence[BlockKey]) -> object:
-        """Release read pins."""
-        ...
-
-    def remove(self, keys: Sequence[BlockKey]) -> object:
-        """Drop blocks whose bytes proved missing or corrupt."""
-        ...
-
-
-def _tuple_of_ints(value: Sequence[int]) -> tuple[int, ...]:
-    return tuple(int(v) for v in value)
-
-
-def _tuple_of_keys(value: Sequence[BlockKey]) -> tuple[BlockKey, ...]:
-    return tuple(value)
-
-
-@attrs.frozen(eq=False)
-class TransferTask:
-    """Move ``keys`` from ``src_slots`` of ``src`` to ``dst_slots`` of ``dst``.
-
-    Attributes:
-        src: The tier read from.
-        src_slots: Its slots, one per key.
-        dst: The tier written to.
-        dst_slots: Its slots, one per key (reserved by the caller).
-        keys: The blocks' keys.
-        src_ledger: Unpinned when the task ends (``None``: nothing to settle).
-        dst_ledger: Committed on success, aborted otherwise.
-
-    Raises:
-        InvalidRequestError: Lengths differ, no blocks, or the tiers' layouts
-            differ.
-    """
-
-    direction: Direction = attrs.field(init=False, default="store")
-    src: BlockStore
-    src_slots: tuple[int, ...] = attrs.field(converter=_tuple_of_ints)
-    dst: BlockStore
-    dst_slots: tuple[int, ...] = attrs.field(converter=_tuple_of_ints)
-    keys: tuple[BlockKey, ...] = attrs.field(converter=_tuple_of_keys)
-    src_ledger: SlotLedger | None = None
-    dst_ledger: SlotLedger | None = None
-
-    def __attrs_post_init__(self) -> None:
-        n = len(self.keys)
-        if n == 0:
-            raise InvalidRequestError("a transfer task needs at least one block")
-        if len(self.src_slots) != n or len(self.dst_slots) != n:
-            raise InvalidRequestError(
-                f"{len(self.src_slots)} source slots, {len(self.dst_slots)} destination "
-                f"slots and {n} keys: they must be equal"
-            )
-        if self.src.layout != self.dst.layout:
-            raise InvalidRequestError(
-                f"tier {self.src.name!r} and tier {self.dst.name!r} have different block layouts"
-            )
-
-    @property
-    def num_blocks(self) -> int:
-        """Blocks moved."""
-        return len(self.keys)
-
-
-@attrs.frozen(eq=False)
-class StoreTask(TransferTask):
-    """Copy blocks down the stack (device → CPU → disk…)."""
-
-    direction: Direction = attrs.field(init=False, default="store")
-
-
-@attrs.frozen(eq=False)
-class LoadTask(TransferTask):
-    """Copy blocks back up the stack (toward the device)."""
-
-    direction: Direction = attrs.field(init=False, default="load")
-
-
-@attrs.frozen
-class TransferResult:
-    """What a finished task moved.
-
-    Attributes:
-        task: The task's name.
-        direction: ``"store"`` or ``"load"``.
-        n_blocks: Blocks moved.
-        bytes: Bytes moved.
-        seconds: Wall time of the copy (shared by tasks batched together).
-    """
-
-    task: str
-    direction: Direction
-    n_blocks: int
-    bytes: int
-    seconds: float
 
 
 _Item = tuple[TransferTask, Completion[TransferResult]]

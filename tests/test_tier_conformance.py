@@ -7,6 +7,7 @@ must pass the same tests.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -15,36 +16,45 @@ import torch
 from kvtier.errors import ClosedError, InvalidRequestError
 from kvtier.tiers.base import BlockLayout, BlockStore
 from kvtier.tiers.cpu import CpuTier
+from kvtier.tiers.disk import DiskTier
+from kvtier.tiers.disk_format import HEADER, MAX_KEY_BYTES
 from kvtier.tiers.gpu import DeviceTier
 
 LAYOUT = BlockLayout(num_layers=2, block_size=4, num_kv_heads=2, head_size=8, dtype="float16")
 SLOTS = 512
 
 
-def _per_layer() -> BlockStore:
+def _per_layer(_: Path) -> BlockStore:
     shape = (SLOTS, *LAYOUT.page_shape)
     tensors = [torch.zeros(shape, dtype=torch.float16) for _ in range(2 * LAYOUT.num_layers)]
     return DeviceTier(tensors, LAYOUT)
 
 
-def _cross_layer() -> BlockStore:
+def _cross_layer(_: Path) -> BlockStore:
     return DeviceTier(torch.zeros((SLOTS, LAYOUT.block_bytes), dtype=torch.uint8), LAYOUT)
 
 
-def _cpu() -> BlockStore:
+def _cpu(_: Path) -> BlockStore:
     return CpuTier(LAYOUT, SLOTS)
 
 
-TIERS: dict[str, Callable[[], BlockStore]] = {
+def _disk(path: Path) -> BlockStore:
+    return DiskTier(
+        path / "blocks", LAYOUT, SLOTS * (LAYOUT.block_bytes + HEADER.size + MAX_KEY_BYTES)
+    )
+
+
+TIERS: dict[str, Callable[[Path], BlockStore]] = {
     "device-per-layer": _per_layer,
     "device-cross-layer": _cross_layer,
     "cpu": _cpu,
+    "disk": _disk,
 }
 
 
 @pytest_asyncio.fixture(params=sorted(TIERS))
-async def tier(request: pytest.FixtureRequest) -> AsyncIterator[BlockStore]:
-    store = TIERS[request.param]()
+async def tier(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlockStore]:
+    store = TIERS[request.param](tmp_path)
     async with store:
         yield store
 
@@ -123,11 +133,11 @@ async def test_mismatched_lengths_are_rejected(tier: BlockStore) -> None:
 
 
 @pytest.mark.asyncio
-async def test_closed_tier_refuses_everything_and_close_is_idempotent() -> None:
+async def test_closed_tier_refuses_everything_and_close_is_idempotent(tmp_path: Path) -> None:
     for make in TIERS.values():
-        store = make()
+        store = make(tmp_path)
         async with store:
-            assert list(await store.recover()) == []  # volatile tiers recover nothing
+            assert list(await store.recover()) == []  # nothing stored yet
         assert store.closed
         await store.aclose()
         data = random_blocks(1, 6)

@@ -26,6 +26,7 @@ and stray temp files are deleted.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import stat
@@ -236,7 +237,8 @@ class DiskTier:
         return error
 
     async def _write_one(self, slot: int, key: BlockKey, row: torch.Tensor) -> None:
-        payload = _tensor_bytes(row)
+        contiguous = row.contiguous()  # kept alive across the write below
+        payload = _tensor_view(contiguous)
         run = anyio.to_thread.run_sync
         await run(self._write_file, slot, key, payload, limiter=self._limiter)
         old = self._slot_keys.get(slot)
@@ -244,7 +246,7 @@ class DiskTier:
         if old is not None and old != key:
             await run(self._unlink, old, limiter=self._limiter)
 
-    def _write_file(self, slot: int, key: BlockKey, payload: bytes | bytearray) -> None:
+    def _write_file(self, slot: int, key: BlockKey, payload: memoryview) -> None:
         header = encode_header(slot, key, self._fingerprint, payload)
         tmp = self._path / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -253,7 +255,7 @@ class DiskTier:
                 total = len(header) + len(payload)
                 written = os.writev(fd, [header, payload])
                 if written < total:  # short write: finish it
-                    rest = memoryview(header + payload)[written:]
+                    rest = memoryview(header + bytes(payload))[written:]
                     while rest:
                         rest = rest[os.write(fd, rest) :]
                 if self._fsync:
@@ -355,9 +357,12 @@ class DiskTier:
                     ) from exc
 
 
-def _tensor_bytes(row: torch.Tensor) -> bytearray:
-    """A uint8 CPU tensor's bytes, copied once, without NumPy."""
-    flat = row.contiguous().view(torch.uint8).reshape(-1)
-    buffer = bytearray(flat.numel())
-    torch.frombuffer(buffer, dtype=torch.uint8).copy_(flat)
-    return buffer
+def _tensor_view(row: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous uint8 CPU tensor, without copying or NumPy.
+
+    The view aliases the tensor's memory: the caller keeps the tensor alive
+    (and unchanged) while the view is in use.
+    """
+    size = row.numel() * row.element_size()
+    buffer = (ctypes.c_ubyte * size).from_address(row.data_ptr())
+    return memoryview(buffer).cast("B")

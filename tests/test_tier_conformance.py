@@ -17,7 +17,6 @@ from kvtier.errors import ClosedError, InvalidRequestError
 from kvtier.tiers.base import BlockLayout, BlockStore
 from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.disk import DiskTier
-from kvtier.tiers.disk_format import HEADER, MAX_KEY_BYTES
 from kvtier.tiers.gpu import DeviceTier
 
 LAYOUT = BlockLayout(num_layers=2, block_size=4, num_kv_heads=2, head_size=8, dtype="float16")
@@ -39,9 +38,7 @@ def _cpu(_: Path) -> BlockStore:
 
 
 def _disk(path: Path) -> BlockStore:
-    return DiskTier(
-        path / "blocks", LAYOUT, SLOTS * (LAYOUT.block_bytes + HEADER.size + MAX_KEY_BYTES)
-    )
+    return DiskTier(path / "blocks", LAYOUT, SLOTS * DiskTier.bytes_per_block(LAYOUT))
 
 
 TIERS: dict[str, Callable[[Path], BlockStore]] = {

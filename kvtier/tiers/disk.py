@@ -1,9 +1,10 @@
 """DiskTier: blocks in files under a directory, verified on every read.
 
 One file per block, named ``<key hex>.kvb`` (names come only from the key's
-hex digest), holding a header (:mod:`kvtier.tiers.disk_format`) and the
-payload. A write goes to a ``.tmp-*`` file created ``0600`` in the same
-directory, then ``os.replace`` moves it over the final name, so a crash leaves
+hex digest), holding the payload and a verified trailer
+(:mod:`kvtier.tiers.disk_format`). A write goes to a ``.tmp-*`` file created
+``0600`` in the same directory (or recycled from the block the slot held
+before), then ``os.replace`` moves it over the final name, so a crash leaves
 either the old block, the new one, or a stray temp file (deleted on the next
 open), never a half block under a block's name; the checksum catches torn or
 corrupted payloads anyway. The directory is created ``0700`` (an existing one
@@ -12,12 +13,15 @@ is tightened to ``0700``).
 One file per block rather than slab files: a block is 64 KiB to several MiB,
 large enough that per-file costs are small next to the copy; replacement is
 atomic per block with no free-space map to keep crash-consistent; and warm
-restart is a directory scan. I/O runs in worker threads behind a
-``CapacityLimiter`` (``max_workers``), a batch's blocks in parallel.
+restart is a directory scan. A batch is split into at most ``max_workers``
+runs of blocks, each run one worker-thread call behind a ``CapacityLimiter``
+(a thread hop per block would cost as much as copying a 64 KiB block).
 
 Every read checks magic, version, layout fingerprint, key, slot, length and
 checksum: any mismatch, a missing or short file raises ``BlockMissingError``
 (a miss, never wrong bytes). Other ``OSError`` become ``TierIOError``.
+``direct_io=True`` opens files with ``O_DIRECT`` through page-aligned buffers
+(checked when the tier opens: a file system without it is a ``ConfigError``).
 
 **Warm restart**: opening scans the directory, verifies every block file and
 offers the valid ones through :meth:`DiskTier.recover`; torn, corrupt, foreign
@@ -26,12 +30,10 @@ and stray temp files are deleted.
 
 from __future__ import annotations
 
-import ctypes
+import errno
 import os
-import secrets
 import stat
-from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -39,16 +41,21 @@ from typing import Self
 import anyio
 import torch
 
-from kvtier.errors import BlockMissingError, ClosedError, ConfigError, TierIOError
+from kvtier.errors import (
+    BlockMissingError,
+    ClosedError,
+    ConfigError,
+    InvalidRequestError,
+    TierIOError,
+)
 from kvtier.log import get_logger
 from kvtier.tiers._copy import check_buffer, check_slots
+from kvtier.tiers._disk_io import SUFFIX, TMP_PREFIX, BlockFiles, tensor_bytes
 from kvtier.tiers.base import BlockKey, BlockLayout
-from kvtier.tiers.disk_format import HEADER, MAX_KEY_BYTES, checksum, decode_header, encode_header
+from kvtier.tiers.disk_format import MAX_KEY_BYTES, file_bytes
 
 __all__ = ["DiskTier"]
 
-_SUFFIX = ".kvb"
-_TMP_PREFIX = ".tmp-"
 _log = get_logger("kvtier.tiers.disk")
 
 
@@ -58,11 +65,12 @@ class DiskTier:
     Args:
         path: The directory (created 0700 if missing).
         layout: The block layout.
-        capacity_bytes: Disk budget; ``num_slots`` is how many blocks (header
-            included) fit in it.
+        capacity_bytes: Disk budget; ``num_slots`` is how many block files
+            (:meth:`bytes_per_block` each) fit in it.
         name: The tier's name (``medium`` of its events).
-        max_workers: Blocks read or written at once (worker threads).
+        max_workers: Worker threads doing one batch's I/O at once.
         fsync: ``fsync`` each block before it replaces the old one.
+        direct_io: Open block files with ``O_DIRECT`` (bypassing the page cache).
 
     Raises:
         ConfigError: The budget holds no block, or ``max_workers`` < 1.
@@ -77,8 +85,9 @@ class DiskTier:
         name: str = "disk",
         max_workers: int = 4,
         fsync: bool = False,
+        direct_io: bool = False,
     ) -> None:
-        per_block = layout.block_bytes + HEADER.size + MAX_KEY_BYTES
+        per_block = self.bytes_per_block(layout)
         if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int):
             raise ConfigError(f"capacity_bytes must be an integer, got {capacity_bytes!r}")
         if capacity_bytes < per_block:
@@ -87,19 +96,24 @@ class DiskTier:
             )
         if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
             raise ConfigError(f"max_workers must be an integer >= 1, got {max_workers!r}")
-        self._path = Path(path)
         self._layout = layout
         self._name = name
         self._num_slots = capacity_bytes // per_block
-        self._fingerprint = layout.fingerprint()
-        self._fsync = fsync
+        self._workers = max_workers
         self._limiter = anyio.CapacityLimiter(max_workers)
-        self._file_bytes = per_block  # the largest block file (longest key)
-        self._buffers: deque[bytearray] = deque()  # pooled read buffers
+        self._files = BlockFiles(
+            Path(path), layout.block_bytes, layout.fingerprint(), direct=direct_io, fsync=fsync
+        )
         self._slot_keys: dict[int, BlockKey] = {}
+        self._key_slots: dict[BlockKey, int] = {}
         self._recovered: list[tuple[int, BlockKey]] = []
         self._opened = False
         self._closed = False
+
+    @staticmethod
+    def bytes_per_block(layout: BlockLayout) -> int:
+        """Disk bytes one block of ``layout`` takes (payload, trailer, padding)."""
+        return file_bytes(layout.block_bytes, MAX_KEY_BYTES)
 
     @property
     def name(self) -> str:
@@ -124,7 +138,7 @@ class DiskTier:
     @property
     def path(self) -> Path:
         """The directory."""
-        return self._path
+        return self._files.path
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -135,8 +149,11 @@ class DiskTier:
             try:
                 self._recovered = await anyio.to_thread.run_sync(self._open)
             except OSError as exc:
-                raise TierIOError(f"tier {self._name}: cannot open {self._path}: {exc}") from exc
+                raise TierIOError(
+                    f"tier {self._name}: cannot open {self.path}: {exc}", tier=self._name
+                ) from exc
             self._slot_keys = dict(self._recovered)
+            self._key_slots = {key: slot for slot, key in self._recovered}
             self._opened = True
             _log.info("tier_open", tier=self._name, n_blocks=len(self._recovered))
         return self
@@ -160,41 +177,33 @@ class DiskTier:
             raise ClosedError(f"tier {self._name} is not open: use 'async with'")
 
     def _open(self) -> list[tuple[int, BlockKey]]:
-        self._path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if stat.S_IMODE(self._path.stat().st_mode) != 0o700:
-            self._path.chmod(0o700)
+        path = self.path
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if stat.S_IMODE(path.stat().st_mode) != 0o700:
+            path.chmod(0o700)
+        if self._files.direct:
+            try:
+                self._files.probe_direct()
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, None):
+                    raise
+                raise ConfigError(
+                    f"tier {self._name}: direct_io is not supported under {path}: {exc}"
+                ) from exc
         found: dict[int, BlockKey] = {}
-        for entry in sorted(self._path.iterdir()):
-            if entry.name.startswith(_TMP_PREFIX):
+        for entry in sorted(path.iterdir()):
+            if entry.name.startswith(TMP_PREFIX):
                 entry.unlink(missing_ok=True)
                 continue
-            if entry.suffix != _SUFFIX:
+            if entry.suffix != SUFFIX:
                 continue
-            valid = self._verify_file(entry)
-            if valid is None or valid[0] in found:
+            valid = self._files.verify(entry)
+            if valid is None or valid[0] in found or valid[0] >= self._num_slots:
                 _log.warning("tier_block_dropped", tier=self._name, file=entry.name)
                 entry.unlink(missing_ok=True)
                 continue
             found[valid[0]] = valid[1]
         return sorted(found.items())
-
-    def _verify_file(self, path: Path) -> tuple[int, BlockKey] | None:
-        try:
-            data = path.read_bytes()
-        except OSError:
-            return None
-        header = decode_header(data)
-        if (
-            header is None
-            or header.fingerprint != self._fingerprint
-            or header.payload_length != self._layout.block_bytes
-            or header.slot >= self._num_slots
-            or path.name != header.key.hex() + _SUFFIX
-            or len(data) != header.size + header.payload_length
-            or checksum(memoryview(data)[header.size :]) != header.digest
-        ):
-            return None
-        return header.slot, header.key
 
     async def recover(self) -> Sequence[tuple[int, BlockKey]]:
         """``(slot, key)`` of every valid block found when the tier was opened."""
@@ -203,99 +212,133 @@ class DiskTier:
 
     # -- I/O -------------------------------------------------------------------------
 
-    def _file(self, key: BlockKey) -> Path:
-        return self._path / (key.hex() + _SUFFIX)
+    def _check_batch(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], buffer: torch.Tensor
+    ) -> tuple[list[int], torch.Tensor]:
+        slot_list = check_slots(slots, self._num_slots, tier=self._name)
+        rows = check_buffer(buffer, slot_list, keys, self._layout.block_bytes, tier=self._name)
+        for key in keys:
+            if not isinstance(key, bytes) or not 0 < len(key) <= MAX_KEY_BYTES:
+                raise InvalidRequestError(
+                    f"tier {self._name}: keys must be 1..{MAX_KEY_BYTES} bytes"
+                )
+        if len(set(slot_list)) != len(slot_list) or len(set(keys)) != len(keys):
+            raise InvalidRequestError(f"tier {self._name}: a batch repeats a slot or a key")
+        return slot_list, rows
+
+    async def _in_workers(self, work: Callable[[range], None], n: int) -> None:
+        """Run ``work`` over ``range(n)`` split into at most ``max_workers`` threads."""
+        step = -(-n // self._workers)
+        if step >= n:  # one thread call: no task group to pay for
+            await anyio.to_thread.run_sync(work, range(n), limiter=self._limiter)
+            return
+
+        async def run(part: range) -> None:
+            await anyio.to_thread.run_sync(work, part, limiter=self._limiter)
+
+        async with anyio.create_task_group() as group:
+            for begin in range(0, n, step):
+                group.start_soon(run, range(begin, min(n, begin + step)))
 
     async def write_from(
         self, slots: Sequence[int], keys: Sequence[BlockKey], data: torch.Tensor
     ) -> None:
-        """Write ``data`` rows as the blocks ``keys`` into ``slots``, atomically per block."""
+        """Write ``data`` rows as the blocks ``keys`` into ``slots``, atomically per block.
+
+        Raises:
+            InvalidRequestError: Bad slots, keys or buffer, or a repeated slot or key.
+            TierIOError: A block could not be written (the others were).
+        """
         self._check_open()
-        slot_list = check_slots(slots, self._num_slots, tier=self._name)
-        rows = check_buffer(data, slot_list, keys, self._layout.block_bytes, tier=self._name)
-        for key in keys:
-            if not isinstance(key, bytes) or not 0 < len(key) <= MAX_KEY_BYTES:
-                raise ConfigError(f"tier {self._name}: keys must be 1..{MAX_KEY_BYTES} bytes")
+        slot_list, rows = self._check_batch(slots, keys, data)
         host = rows.to("cpu") if rows.device.type != "cpu" else rows
+        batch_keys = set(keys)
+        recycle: list[BlockKey | None] = []  # a file to reuse for each block
+        for slot, key in zip(slot_list, keys, strict=True):
+            old = self._slot_keys.pop(slot, None)  # overwritten: gone whatever happens
+            if old is not None:
+                del self._key_slots[old]
+            moved = self._key_slots.pop(key, None)  # the same key in another slot
+            if moved is not None:
+                del self._slot_keys[moved]
+            if old is not None and (old == key or old not in batch_keys):
+                recycle.append(old)
+            else:  # (an old key written again in this batch is that write's file)
+                recycle.append(key if moved is not None else None)
+        done: list[int] = []
         errors: list[TierIOError] = []
 
-        async def write(index: int, slot: int, key: BlockKey) -> None:
-            try:
-                await self._write_one(slot, key, host[index])
-            except OSError as exc:
-                errors.append(self._io_error(f"writing slot {slot}", exc))
+        def work(part: range) -> None:
+            for index in part:
+                slot = slot_list[index]
+                row = host[index].contiguous()
+                try:
+                    self._files.write(slot, keys[index], tensor_bytes(row), recycle[index])
+                except OSError as exc:
+                    errors.append(self._io_error(f"writing slot {slot}", exc))
+                else:
+                    done.append(index)
 
-        async with anyio.create_task_group() as group:
-            for index, (slot, key) in enumerate(zip(slot_list, keys, strict=True)):
-                group.start_soon(write, index, slot, key)
+        try:
+            await self._in_workers(work, len(slot_list))
+        finally:
+            await self._settle_writes(slot_list, keys, recycle, done)
         if errors:
             raise errors[0]
 
-    def _io_error(self, what: str, exc: OSError) -> TierIOError:
-        error = TierIOError(f"tier {self._name}: {what} failed: {exc}", tier=self._name)
-        error.__cause__ = exc
-        return error
+    async def _settle_writes(
+        self,
+        slots: list[int],
+        keys: Sequence[BlockKey],
+        recycle: list[BlockKey | None],
+        done: list[int],
+    ) -> None:
+        """Map the written blocks; delete what failed writes were to replace.
 
-    async def _write_one(self, slot: int, key: BlockKey, row: torch.Tensor) -> None:
-        contiguous = row.contiguous()  # kept alive across the write below
-        payload = _tensor_view(contiguous)
-        run = anyio.to_thread.run_sync
-        await run(self._write_file, slot, key, payload, limiter=self._limiter)
-        old = self._slot_keys.get(slot)
-        self._slot_keys[slot] = key
-        if old is not None and old != key:
-            await run(self._unlink, old, limiter=self._limiter)
-
-    def _write_file(self, slot: int, key: BlockKey, payload: memoryview) -> None:
-        header = encode_header(slot, key, self._fingerprint, payload)
-        tmp = self._path / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
+        Runs even when the write was cancelled, so the files on disk stay
+        exactly the blocks the tier maps.
+        """
+        for index in done:
+            self._slot_keys[slots[index]] = keys[index]
+            self._key_slots[keys[index]] = slots[index]
+        finished = set(done)
+        stale = [
+            old for index, old in enumerate(recycle) if index not in finished and old is not None
+        ]
+        if not stale:
+            return
+        with anyio.CancelScope(shield=True):
             try:
-                total = len(header) + len(payload)
-                written = os.writev(fd, [header, payload])
-                if written < total:  # short write: finish it
-                    rest = memoryview(header + bytes(payload))[written:]
-                    while rest:
-                        rest = rest[os.write(fd, rest) :]
-                if self._fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self._file(key))
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
-    def _unlink(self, key: BlockKey) -> None:
-        self._file(key).unlink(missing_ok=True)
+                await anyio.to_thread.run_sync(self._unlink_all, stale, limiter=self._limiter)
+            except OSError as exc:
+                _log.warning("tier_unlink_failed", tier=self._name, error=repr(exc))
 
     async def read_into(
         self, slots: Sequence[int], keys: Sequence[BlockKey], out: torch.Tensor
     ) -> None:
-        """Read and verify the blocks; any doubt raises ``BlockMissingError``."""
+        """Read and verify the blocks into ``out``'s rows.
+
+        On any error ``out``'s rows hold undefined bytes.
+
+        Raises:
+            BlockMissingError: Blocks absent or failing verification (``slots``).
+            TierIOError: An I/O error other than a missing file.
+        """
         self._check_open()
-        slot_list = check_slots(slots, self._num_slots, tier=self._name)
-        rows = check_buffer(out, slot_list, keys, self._layout.block_bytes, tier=self._name)
+        slot_list, rows = self._check_batch(slots, keys, out)
         missing: list[int] = []
         errors: list[TierIOError] = []
 
-        async def read(index: int, slot: int, key: BlockKey) -> None:
-            try:
-                ok = await anyio.to_thread.run_sync(
-                    self._read_file, slot, key, rows[index], limiter=self._limiter
-                )
-            except FileNotFoundError:
-                ok = False
-            except OSError as exc:
-                errors.append(self._io_error(f"reading slot {slot}", exc))
-                return
-            if not ok:
-                missing.append(slot)
+        def work(part: range) -> None:
+            for index in part:
+                slot = slot_list[index]
+                try:
+                    if not self._files.read(slot, keys[index], rows[index]):
+                        missing.append(slot)
+                except OSError as exc:
+                    errors.append(self._io_error(f"reading slot {slot}", exc))
 
-        async with anyio.create_task_group() as group:
-            for index, (slot, key) in enumerate(zip(slot_list, keys, strict=True)):
-                group.start_soon(read, index, slot, key)
+        await self._in_workers(work, len(slot_list))
         if errors:
             raise errors[0]
         if missing:
@@ -305,64 +348,31 @@ class DiskTier:
                 slots=tuple(sorted(missing)),
             )
 
-    def _read_file(self, slot: int, key: BlockKey, row: torch.Tensor) -> bool:
-        """Read, verify, and only then copy the block's payload into ``row``.
-
-        Read buffers are pooled (at most ``max_workers`` exist at once):
-        a fresh 2 MiB buffer per block costs more in page faults than the read.
-        """
-        try:
-            data = self._buffers.pop()
-        except IndexError:
-            data = bytearray(self._file_bytes)
-        try:
-            with self._file(key).open("rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                if size != self._file_bytes - MAX_KEY_BYTES + len(key):
-                    return False
-                view = memoryview(data)[:size]
-                if handle.readinto(view) != size:
-                    return False
-            header = decode_header(view)
-            if (
-                header is None
-                or header.key != key
-                or header.slot != slot
-                or header.fingerprint != self._fingerprint
-                or header.payload_length != self._layout.block_bytes
-                or size != header.size + header.payload_length
-                or checksum(view[header.size :]) != header.digest
-            ):
-                return False
-            row.copy_(
-                torch.frombuffer(
-                    data, dtype=torch.uint8, offset=header.size, count=header.payload_length
-                )
-            )
-            return True
-        finally:
-            self._buffers.append(data)
-
     async def discard(self, slots: Sequence[int]) -> None:
-        """Delete the blocks in ``slots``."""
+        """Delete the blocks in ``slots``.
+
+        Raises:
+            TierIOError: A file could not be deleted (it is forgotten all the same).
+        """
         self._check_open()
+        doomed: list[BlockKey] = []
         for slot in check_slots(slots, self._num_slots, tier=self._name):
             key = self._slot_keys.pop(slot, None)
             if key is not None:
-                try:
-                    await anyio.to_thread.run_sync(self._unlink, key, limiter=self._limiter)
-                except OSError as exc:
-                    raise TierIOError(
-                        f"tier {self._name}: discard failed: {exc}", tier=self._name
-                    ) from exc
+                del self._key_slots[key]
+                doomed.append(key)
+        if not doomed:
+            return
+        try:
+            await anyio.to_thread.run_sync(self._unlink_all, doomed, limiter=self._limiter)
+        except OSError as exc:
+            raise self._io_error("discard", exc) from exc
 
+    def _unlink_all(self, keys: list[BlockKey]) -> None:
+        for key in keys:
+            self._files.unlink(key)
 
-def _tensor_view(row: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous uint8 CPU tensor, without copying or NumPy.
-
-    The view aliases the tensor's memory: the caller keeps the tensor alive
-    (and unchanged) while the view is in use.
-    """
-    size = row.numel() * row.element_size()
-    buffer = (ctypes.c_ubyte * size).from_address(row.data_ptr())
-    return memoryview(buffer).cast("B")
+    def _io_error(self, what: str, exc: OSError) -> TierIOError:
+        error = TierIOError(f"tier {self._name}: {what} failed: {exc}", tier=self._name)
+        error.__cause__ = exc
+        return error

@@ -12,9 +12,16 @@ device slots are a random sample of the pool (engine blocks are scattered) and:
 * ``staged``: the CPU slots are scattered too, so bytes pass through a staging
   buffer (pinned on CUDA) with one call on each tier, as the pipeline does.
 
-``raw`` is one contiguous ``copy_`` of the same number of bytes between a
-device-side and a host-side tensor (pinned host on CUDA), measured in the same
-run. On a machine without CUDA the "device" tensors are CPU tensors. Each
+Two baselines, measured in the same run:
+
+* ``raw``: one contiguous ``copy_`` of the same number of bytes between a
+  device-side and a host-side tensor (pinned host on CUDA): the bound no
+  gather of scattered blocks reaches;
+* ``gather``: plain torch moving the same bytes from and to the same places,
+  one ``index_select`` / indexed assignment per cache tensor (64 per-layer
+  tensors, or one cross-layer tensor): what a hand-written offloader does.
+
+On a machine without CUDA the "device" tensors are CPU tensors. Each
 number is the median of ``--repeats`` timed runs (more for small batches, until
 ``--min-blocks`` blocks moved) after warm-up runs; tier and raw runs alternate.
 
@@ -55,26 +62,57 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-async def _timed_pair(
-    fn: Callable[[], Awaitable[None]],
-    raw: Callable[[], Awaitable[None]],
-    device: torch.device,
-    warmup: int,
-    repeats: int,
-) -> tuple[float, float]:
-    """Median seconds of ``fn`` and of ``raw``, timed alternately so drift hits both."""
+async def _timed_alternately(
+    fns: list[Callable[[], Awaitable[None]]], device: torch.device, warmup: int, repeats: int
+) -> list[float]:
+    """Median seconds of each of ``fns``, timed in turn so drift hits them all."""
     for _ in range(warmup):
-        await fn()
-        await raw()
+        for fn in fns:
+            await fn()
     _sync(device)
-    times: tuple[list[float], list[float]] = ([], [])
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for f, bucket in ((fn, times[0]), (raw, times[1])):
+        for fn, bucket in zip(fns, times, strict=True):
             start = time.perf_counter()
-            await f()
+            await fn()
             _sync(device)
             bucket.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return [statistics.median(bucket) for bucket in times]
+
+
+def _segments(cache: torch.Tensor | list[torch.Tensor], pool: int) -> list[torch.Tensor]:
+    """The cache as byte tensors ``[pool, segment bytes]``: 64 per-layer ones, or one."""
+    tensors = cache if isinstance(cache, list) else [cache]
+    return [t.view(torch.uint8).view(pool, -1) for t in tensors]
+
+
+def _gather_raw(
+    segments: list[torch.Tensor], slots: list[int], host: torch.Tensor, pin: bool
+) -> tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]:
+    """Plain torch store and load of the same bytes from the same places.
+
+    One ``index_select`` (store) or ``cache[index] = part`` (load) per segment tensor
+    between the cache and a host tensor ``[segments, n, segment bytes]``: what
+    a hand-written offloader does, with no kvtier code in the way.
+    """
+    index = torch.tensor(slots, device=segments[0].device)
+    width = segments[0].shape[1]
+    parts = host.view(-1)[: len(segments) * len(slots) * width].view(len(segments), len(slots), -1)
+    staged = [torch.empty_like(parts[0], device=segments[0].device) for _ in segments[:1]]
+
+    async def store() -> None:
+        for segment, part in zip(segments, parts, strict=True):
+            if segment.device.type == "cpu":
+                torch.index_select(segment, 0, index, out=part)
+            else:
+                torch.index_select(segment, 0, index, out=staged[0])
+                part.copy_(staged[0], non_blocking=pin)
+
+    async def load() -> None:
+        for segment, part in zip(segments, parts, strict=True):
+            segment[index] = part.to(segment.device, non_blocking=pin)
+
+    return store, load
 
 
 def _make_cache(kind: str, pool: int, device: torch.device) -> torch.Tensor | list[torch.Tensor]:
@@ -156,6 +194,13 @@ async def _device_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "store": raw_copy(host[:n], dev_raw[:n]),
                     "load": raw_copy(dev_raw[:n], host[:n]),
                 }
+                gathers = dict(
+                    zip(
+                        ("store", "load"),
+                        _gather_raw(_segments(cache, pool), dev_slots, host, pin),
+                        strict=True,
+                    )
+                )
                 cases = (
                     ("store", "direct", store_direct),
                     ("load", "direct", load_direct),
@@ -165,11 +210,12 @@ async def _device_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
                 repeats = max(args.repeats, args.min_blocks // n)
                 warmup = max(args.warmup, repeats // 8)
                 for direction, path, fn in cases:
-                    seconds, raw_seconds = await _timed_pair(
-                        fn, raws[direction], device, warmup, repeats
+                    seconds, raw_seconds, gather_seconds = await _timed_alternately(
+                        [fn, raws[direction], gathers[direction]], device, warmup, repeats
                     )
                     tier_gbs = n * block / seconds / GB
                     raw_gbs = n * block / raw_seconds / GB
+                    gather_gbs = n * block / gather_seconds / GB
                     rows.append(
                         {
                             "layout": kind,
@@ -180,6 +226,8 @@ async def _device_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
                             "tier_gbs": tier_gbs,
                             "raw_gbs": raw_gbs,
                             "ratio": tier_gbs / raw_gbs,
+                            "gather_gbs": gather_gbs,
+                            "gather_ratio": tier_gbs / gather_gbs,
                         }
                     )
             await tier.aclose()
@@ -197,11 +245,14 @@ def run_device_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def _print_device_cpu(rows: list[dict[str, Any]]) -> None:
     header = f"{'layout':<12} {'dir':<6} {'path':<7} {'blocks':>6} {'MiB':>7}"
-    print(f"{header} {'tier GB/s':>10} {'raw GB/s':>9} {'ratio':>6}")
+    print(
+        f"{header} {'tier GB/s':>10} {'raw GB/s':>9} {'ratio':>6} {'gather GB/s':>11} {'ratio':>6}"
+    )
     for r in rows:
         print(
             f"{r['layout']:<12} {r['direction']:<6} {r['path']:<7} {r['blocks']:>6} "
             f"{r['mib']:>7.0f} {r['tier_gbs']:>10.2f} {r['raw_gbs']:>9.2f} {r['ratio']:>6.2f}"
+            f" {r['gather_gbs']:>11.2f} {r['gather_ratio']:>6.2f}"
         )
 
 

@@ -403,7 +403,7 @@ async def test_direct_io_refused_by_the_file_system_is_a_config_error(
     with pytest.raises(ConfigError, match="direct_io is not supported"):
         async with DiskTier(tmp_path / "d", LAYOUT, 4 * PER_BLOCK, direct_io=True):
             pass
-    assert not [p for p in (tmp_path / "d").iterdir()]  # the probe left nothing
+    assert not list((tmp_path / "d").iterdir())  # the probe left nothing
 
 
 @pytest.mark.asyncio

@@ -169,6 +169,10 @@ class TierIndex:
         """Whether ``key`` is resident and visible (committed, not removed)."""
         return key in self._slot_of and key not in self._reserved and key not in self._doomed
 
+    def holds(self, key: BlockKey) -> bool:
+        """Whether ``key`` holds a slot: resident, reserved or awaiting removal."""
+        return key in self._slot_of
+
     def slot_of(self, key: BlockKey) -> int | None:
         """The slot of a visible block, else ``None``."""
         return self._slot_of[key] if self.contains(key) else None

@@ -1,0 +1,113 @@
+"""The offload manager's bookkeeping records (internal).
+
+Only the engine's thread mutates these: transfer jobs report outcomes
+(:class:`StoreOutcome`, :class:`LoadOutcome`) into a queue, and the manager
+applies them at the start of its next call.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from kvtier.block import KVCacheBlock
+from kvtier.tiers.base import BlockKey
+from kvtier.tiers.index import TierIndex
+
+__all__ = [
+    "Demotion",
+    "LoadEvent",
+    "LoadOutcome",
+    "RequestState",
+    "Stage",
+    "StoreEvent",
+    "StoreOutcome",
+]
+
+
+@attrs.define(eq=False)
+class Demotion:
+    """Blocks evicted from tier ``level`` copied to ``level + 1`` before their slots are reused."""
+
+    level: int
+    src_slots: list[int]
+    dst_slots: list[int]
+    keys: list[BlockKey]
+
+
+@attrs.define(eq=False)
+class StoreEvent:
+    """Device blocks being copied into the first lower tier."""
+
+    event_id: int
+    step_id: int
+    blocks: list[KVCacheBlock]  # touched: released when the event ends
+    keys: list[BlockKey]
+    slots: list[int]
+    demotions: list[Demotion]
+    request_ids: set[str]
+    reports: int = 0
+    dispatched: bool = False
+    local_done: bool = False
+    error: BaseException | None = None
+
+
+@attrs.define(eq=False)
+class Stage:
+    """Blocks held only by tier ``level`` (> 0), staged into the first tier."""
+
+    level: int
+    src_slots: list[int]
+    keys: list[BlockKey]
+    dst_slots: list[int] = attrs.field(factory=list)
+
+
+@attrs.define(eq=False)
+class LoadEvent:
+    """A request's blocks being loaded into the device."""
+
+    event_id: int
+    request_id: str
+    targets: list[KVCacheBlock]  # touched: released when the event ends
+    keys: list[BlockKey]
+    pins: list[tuple[TierIndex, BlockKey]]  # source pins, released when the event ends
+    first_slots: list[int] = attrs.field(factory=list)  # slot in the first tier per key
+    stages: list[Stage] = attrs.field(factory=list)
+    demotions: list[Demotion] = attrs.field(factory=list)
+    first_block: int = 0
+    dispatched: bool = False
+
+
+@attrs.define(eq=False)
+class RequestState:
+    """What the manager tracks for one request."""
+
+    request_id: str
+    block_ids: list[list[int]]  # live ids per group (eager stores read these)
+    stored_upto: int = 0  # eager: positions before this were considered
+    load: LoadEvent | None = None
+    store_events: set[int] = attrs.field(factory=set)
+    finished: bool = False
+
+    @property
+    def busy(self) -> bool:
+        """A load or a store of the request is still in flight."""
+        return self.load is not None or bool(self.store_events)
+
+
+@attrs.frozen
+class StoreOutcome:
+    """A store job ended (``error`` None: every block written)."""
+
+    event_id: int
+    error: BaseException | None
+    demotions_ok: tuple[bool, ...]
+
+
+@attrs.frozen
+class LoadOutcome:
+    """A load job ended; ``missing`` are keys whose bytes proved absent or corrupt."""
+
+    event_id: int
+    request_id: str
+    error: BaseException | None
+    missing: tuple[tuple[int, BlockKey], ...] = ()

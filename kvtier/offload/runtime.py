@@ -1,0 +1,124 @@
+"""Where the offload manager's transfer jobs run, and how their outcomes come back.
+
+Two modes, one mechanism:
+
+* **async engines** enter the manager with ``async with``: jobs run in a task
+  group on the engine's own event loop;
+* **synchronous engines** enter it with ``with``: the manager starts an event
+  loop in a background thread (an anyio blocking portal) that it owns and
+  closes, and jobs run there.
+
+Either way a job's outcome is appended to a queue (thread-safe) and waiters
+are woken; the manager applies outcomes on the engine's thread at the start of
+its next call, so its bookkeeping is never touched by two threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Coroutine
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from typing import Any
+
+import anyio
+import anyio.from_thread
+from anyio.abc import TaskGroup
+
+from kvtier.errors import ClosedError
+from kvtier.offload._state import LoadOutcome, StoreOutcome
+
+__all__ = ["Runtime"]
+
+Outcome = StoreOutcome | LoadOutcome
+
+
+class Runtime:
+    """Runs jobs and collects their outcomes."""
+
+    def __init__(self) -> None:
+        self.outcomes: deque[Outcome] = deque()
+        self._cond = threading.Condition()
+        self._event: anyio.Event | None = None
+        self._group: TaskGroup | None = None
+        self._portal: anyio.from_thread.BlockingPortal | None = None
+        self._portal_cm: AbstractContextManager[anyio.from_thread.BlockingPortal] | None = None
+        self._session_cm: AbstractContextManager[Any] | None = None
+        self.thread_mode = False
+
+    @property
+    def running(self) -> bool:
+        """Jobs can be started."""
+        return self._group is not None
+
+    def bind(self, group: TaskGroup | None) -> None:
+        """Start jobs in ``group`` (``None``: stop accepting jobs)."""
+        self._group = group
+
+    # -- thread mode -------------------------------------------------------------------
+
+    def start_thread(self, session: Callable[[], AbstractAsyncContextManager[Any]]) -> None:
+        """Run ``session()`` in a new background event loop until :meth:`stop_thread`."""
+        self._portal_cm = anyio.from_thread.start_blocking_portal()
+        self._portal = self._portal_cm.__enter__()
+        self.thread_mode = True
+        try:
+            self._session_cm = self._portal.wrap_async_context_manager(session())
+            self._session_cm.__enter__()
+        except BaseException:
+            self._portal_cm.__exit__(None, None, None)
+            self._portal = self._portal_cm = self._session_cm = None
+            raise
+
+    def stop_thread(self) -> None:
+        """Close the session (its jobs finish first) and the background loop."""
+        session, portal = self._session_cm, self._portal_cm
+        self._session_cm = self._portal_cm = self._portal = None
+        try:
+            if session is not None:
+                session.__exit__(None, None, None)
+        finally:
+            if portal is not None:
+                portal.__exit__(None, None, None)
+
+    # -- jobs --------------------------------------------------------------------------
+
+    def spawn(self, job: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Start ``job`` (from the engine's thread).
+
+        Raises:
+            ClosedError: The manager is not entered.
+        """
+        group = self._group
+        if group is None:
+            raise ClosedError("the offload manager is not running: enter it first")
+        if self._portal is None:
+            group.start_soon(job)
+            return
+
+        def start() -> None:  # runs on the background loop's thread
+            group.start_soon(job)
+
+        self._portal.call(start)
+
+    def push(self, outcome: Outcome) -> None:
+        """Report a job's outcome (from the job's event loop)."""
+        self.outcomes.append(outcome)
+        event, self._event = self._event, None
+        if event is not None:
+            event.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    async def wait_async(self) -> None:
+        """Wait until an outcome is queued (async mode, engine's loop)."""
+        if self.outcomes:
+            return
+        if self._event is None:
+            self._event = anyio.Event()
+        await self._event.wait()
+
+    def wait_blocking(self, timeout: float | None) -> bool:
+        """Wait until an outcome is queued; False after ``timeout`` seconds."""
+        with self._cond:
+            return self._cond.wait_for(lambda: bool(self.outcomes), timeout)

@@ -1,0 +1,59 @@
+"""Cumulative per-tier counters of the offload manager."""
+
+from __future__ import annotations
+
+import attrs
+
+__all__ = ["OffloadStats", "TierStats"]
+
+
+@attrs.define
+class TierStats:
+    """Counters of one lower tier, in blocks, since the manager started.
+
+    Attributes:
+        queries: Blocks looked up in this tier (those the tiers above missed).
+        hits: Of those, blocks this tier held.
+        stores: Blocks written to this tier (completed).
+        loads: Blocks read from this tier toward the device (completed).
+        evictions: Blocks evicted from this tier to make room.
+        demotions: Evicted blocks copied to the next tier down instead of dropped.
+        failed_transfers: Blocks of transfers to or from this tier that failed.
+        dropped_stores: Blocks not stored because the tier was full of pinned
+            or reserved blocks.
+    """
+
+    queries: int = 0
+    hits: int = 0
+    stores: int = 0
+    loads: int = 0
+    evictions: int = 0
+    demotions: int = 0
+    failed_transfers: int = 0
+    dropped_stores: int = 0
+
+    @property
+    def hit_ratio(self) -> float:
+        """``hits / queries`` (0.0 before any query)."""
+        return self.hits / self.queries if self.queries else 0.0
+
+
+@attrs.define
+class OffloadStats:
+    """A snapshot of the manager's counters.
+
+    Attributes:
+        tiers: One :class:`TierStats` per lower tier, in stack order.
+        lookups: Requests looked up.
+        device_hit_blocks: Blocks the device prefix cache held at lookup.
+        tokens_to_compute: Prompt tokens the lookups left to compute.
+        loads_finished: Request loads reported to the engine.
+        loads_failed: Of those, loads that failed (in whole or in part).
+    """
+
+    tiers: dict[str, TierStats] = attrs.field(factory=dict)
+    lookups: int = 0
+    device_hit_blocks: int = 0
+    tokens_to_compute: int = 0
+    loads_finished: int = 0
+    loads_failed: int = 0

@@ -1,0 +1,125 @@
+"""A small real stack for offload tests: a device pool, a device tier, CPU and disk tiers.
+
+Device blocks are "computed" by writing bytes derived from their block hash
+into the KV cache tensor, so every load can be checked byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from kvtier import BlockHasher, BlockPool, KVCacheBlocks, Request
+from kvtier.block import KVCacheBlock
+from kvtier.offload import OffloadManager, SchedulerOutput, WriteMode
+from kvtier.tiers.base import BlockLayout, BlockStore
+from kvtier.tiers.cpu import CpuTier
+from kvtier.tiers.disk import DiskTier
+from kvtier.tiers.gpu import DeviceTier
+
+BS = 16
+LAYOUT = BlockLayout(num_layers=2, block_size=BS, num_kv_heads=1, head_size=8, dtype="float16")
+_HASHER = BlockHasher(BS, "sha256", seed="offload-tests")
+
+
+def pattern(key: bytes) -> torch.Tensor:
+    """The bytes a device block holding ``key`` contains."""
+    seed = hashlib.sha256(key).digest()
+    repeats = -(-LAYOUT.block_bytes // len(seed))
+    return torch.frombuffer(bytearray(seed * repeats), dtype=torch.uint8)[: LAYOUT.block_bytes]
+
+
+class Env:
+    """A device pool of ``gpu_blocks`` (block 0 is the null block) over real tiers."""
+
+    def __init__(
+        self,
+        *,
+        gpu_blocks: int = 16,
+        cpu_blocks: int = 8,
+        mode: WriteMode = "eager",
+        disk: Path | None = None,
+        disk_blocks: int = 16,
+        tiers: list[BlockStore] | None = None,
+        **options: object,
+    ) -> None:
+        self.pool = BlockPool(gpu_blocks)
+        self.cache = torch.zeros((gpu_blocks, LAYOUT.block_bytes), dtype=torch.uint8)
+        self.device = DeviceTier(self.cache, LAYOUT)
+        if tiers is None:
+            tiers = [CpuTier(LAYOUT, cpu_blocks)]
+            if disk is not None:
+                tiers.append(DiskTier(disk, LAYOUT, disk_blocks * DiskTier.bytes_per_block(LAYOUT)))
+        self.tiers = tiers
+        self.manager = OffloadManager(
+            self.pool,
+            self.device,
+            tiers,
+            block_size=BS,
+            mode=mode,
+            **options,  # type: ignore[arg-type]
+        )
+        self._count = 0
+
+    def request(self, num_blocks: int, *, extra: int = 3, like: Request | None = None) -> Request:
+        """A request of ``num_blocks`` full blocks plus ``extra`` tokens (a fresh prompt,
+        or ``like``'s)."""
+        self._count += 1
+        if like is not None:
+            tokens = list(like.all_token_ids)
+        else:
+            start = self._count * 100_000
+            tokens = list(range(start, start + num_blocks * BS + extra))
+        return Request(f"req-{self._count}", tokens, _HASHER)
+
+    def compute(self, request: Request, blocks: list[KVCacheBlock], first: int = 0) -> None:
+        """Hash ``blocks`` (positions ``first``…) into the prefix cache and write their bytes."""
+        full = min(first + len(blocks), len(request.block_hashes))
+        padded = [self.pool.null_block] * first + list(blocks)
+        self.pool.cache_full_blocks(request, padded, first, full, BS, 0)
+        for block in blocks:
+            if block.block_hash is not None:
+                self.cache[block.block_id] = pattern(block.block_hash)
+
+    def alloc(self, request: Request, num_blocks: int) -> KVCacheBlocks:
+        """New device blocks for the request's first ``num_blocks`` positions, computed."""
+        blocks = self.pool.get_new_blocks(num_blocks)
+        self.compute(request, blocks)
+        return KVCacheBlocks((blocks,))
+
+    def fresh(self, num_blocks: int) -> list[KVCacheBlock]:
+        """New device blocks holding garbage (load targets)."""
+        blocks = self.pool.get_new_blocks(num_blocks)
+        for block in blocks:
+            self.cache[block.block_id] = 0xEE
+        return blocks
+
+    def holds(self, block: KVCacheBlock, request: Request, position: int) -> bool:
+        """The device block holds the bytes of the request's block ``position``."""
+        from kvtier.hashing import make_block_hash_with_group_id
+
+        key = make_block_hash_with_group_id(request.block_hashes[position], 0)
+        return torch.equal(self.cache[block.block_id], pattern(key))
+
+    def cpu_keys(self) -> set[bytes]:
+        return {key for _, key in self.manager.indexes[0].blocks()}
+
+
+def scheduled(
+    new: dict[str, KVCacheBlocks] | None = None,
+    cached: dict[str, list[int]] | None = None,
+    tokens: dict[str, int] | None = None,
+) -> SchedulerOutput:
+    """A scheduler output: ``new`` requests with their blocks, ``cached`` with added ids."""
+    new = new or {}
+    cached = cached or {}
+    counts = dict(tokens or {})
+    for rid in [*new, *cached]:
+        counts.setdefault(rid, BS)
+    return SchedulerOutput(
+        num_scheduled_tokens=counts,
+        new_requests={rid: tuple(blocks.get_block_ids()) for rid, blocks in new.items()},
+        cached_requests={rid: (ids,) for rid, ids in cached.items()},
+    )

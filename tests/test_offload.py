@@ -1,0 +1,449 @@
+"""OffloadManager scenarios (seeds 000 and 003) on real pools, tiers and pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvtier import KVCacheBlocks
+from kvtier.errors import ConfigError, InvalidRequestError
+from kvtier.hashing import make_block_hash_with_group_id
+from kvtier.offload import FinishedLoad, SchedulerOutput
+from kvtier.tiers.cpu import CpuTier
+from tests.offload_env import BS, LAYOUT, Env, scheduled
+
+
+def key(request, position: int) -> bytes:  # type: ignore[no-untyped-def]
+    return make_block_hash_with_group_id(request.block_hashes[position], 0)
+
+
+async def store(env: Env, request, blocks: KVCacheBlocks) -> None:  # type: ignore[no-untyped-def]
+    """Schedule ``request`` with its computed ``blocks`` and let the eager store land."""
+    env.manager.update_state_after_alloc(request, blocks, 0)
+    plan = env.manager.build_step(scheduled(new={request.request_id: blocks}))
+    env.manager.step_computed(plan.step_id)
+    await env.manager.wait_idle()
+
+
+@pytest.mark.asyncio
+async def test_eager_store_then_load_round_trip_with_verified_bytes() -> None:
+    env = Env()
+    async with env.manager as manager:
+        req = env.request(2)
+        blocks = env.alloc(req, 2)
+        manager.update_state_after_alloc(req, blocks, 0)
+        plan = manager.build_step(scheduled(new={req.request_id: blocks}))
+        assert plan.num_store_blocks == 2
+        assert len(plan.stores[0].slots) == 2
+        assert manager.stats().tiers["cpu"].stores == 0  # not before the step is computed
+        manager.step_computed(plan.step_id)
+        await manager.wait_idle()
+        assert manager.stats().tiers["cpu"].stores == 2
+
+        again = env.request(2, like=req)
+        assert manager.get_num_new_matched_tokens(again, 0) == (2 * BS, True)
+        targets = env.fresh(2)
+        manager.update_state_after_alloc(again, KVCacheBlocks((targets,)), 2 * BS)
+        plan = manager.build_step(scheduled(new={again.request_id: KVCacheBlocks((targets,))}))
+        assert [spec.device_block_ids for spec in plan.loads] == [
+            tuple(b.block_id for b in targets)
+        ]
+        await manager.wait_for_loads([again.request_id])
+        assert manager.take_finished() == [FinishedLoad(again.request_id, True)]
+        assert manager.take_finished() == []  # reported once
+        assert env.holds(targets[0], again, 0)
+        assert env.holds(targets[1], again, 1)
+        assert manager.indexes[0].num_pinned == 0
+
+
+@pytest.mark.asyncio
+async def test_the_last_full_block_is_not_a_hit_when_the_whole_prompt_hits() -> None:
+    env = Env()
+    async with env.manager as manager:
+        req = env.request(3, extra=0)  # exactly three full blocks
+        await store(env, req, env.alloc(req, 3))
+        again = env.request(3, like=req)
+        assert manager.get_num_new_matched_tokens(again, 0) == (2 * BS, True)
+        assert manager.get_num_new_matched_tokens(again, 2 * BS) == (0, False)
+        longer = env.request(3, extra=1)  # a token past the last block: all three hit
+        await store(env, longer, env.alloc(longer, 3))
+        assert manager.get_num_new_matched_tokens(env.request(3, like=longer), 0) == (3 * BS, True)
+
+
+@pytest.mark.asyncio
+async def test_lazy_mode_stores_blocks_near_the_eviction_end_and_they_load_back() -> None:
+    env = Env(gpu_blocks=8, mode="lazy", lazy_free_target=4)
+    async with env.manager as manager:
+        old = env.request(2)
+        blocks = env.alloc(old, 2).blocks[0]
+        env.pool.free_blocks(reversed(blocks))
+        fillers = env.pool.get_new_blocks(5)  # the unhashed blocks go first
+        plan = manager.build_step(SchedulerOutput())
+        assert sorted(plan.stores[0].device_block_ids) == sorted(b.block_id for b in blocks)
+        assert all(b.ref_cnt == 1 for b in blocks)  # touched while copied
+        await manager.wait_idle()
+        assert all(b.ref_cnt == 0 for b in blocks)
+        env.pool.free_blocks(fillers)
+
+        again = env.request(2, like=old)
+        assert manager.get_num_new_matched_tokens(again, 0) == (2 * BS, True)
+        targets = env.fresh(2)  # reuses the old blocks: their bytes are overwritten
+        for target in targets:
+            env.cache[target.block_id] = 0
+        manager.update_state_after_alloc(again, KVCacheBlocks((targets,)), 2 * BS)
+        plan = manager.build_step(SchedulerOutput())
+        assert plan.num_load_blocks == 2
+        await manager.wait_for_loads([again.request_id])
+        assert env.holds(targets[0], again, 0)
+        assert env.holds(targets[1], again, 1)
+
+
+@pytest.mark.asyncio
+async def test_duplicate_stores_are_skipped_eager_and_lazy() -> None:
+    env = Env()
+    async with env.manager as manager:
+        req = env.request(2)
+        await store(env, req, env.alloc(req, 2))
+        free = manager.indexes[0].num_free
+        twin = env.request(2, like=req)
+        blocks = env.alloc(twin, 2)  # other device blocks, same hashes
+        manager.update_state_after_alloc(twin, blocks, 0)
+        plan = manager.build_step(scheduled(new={twin.request_id: blocks}))
+        assert plan.stores == ()
+        assert manager.indexes[0].num_free == free
+
+    env = Env(gpu_blocks=8, mode="lazy", lazy_free_target=4)
+    async with env.manager as manager:
+        for _ in range(2):
+            req = env.request(2, like=req if _ else None)
+            blocks = env.alloc(req, 2).blocks[0]
+            env.pool.free_blocks(reversed(blocks))
+            fillers = env.pool.get_new_blocks(5)
+            plan = manager.build_step(SchedulerOutput())
+            await manager.wait_idle()
+            env.pool.free_blocks(fillers)
+            assert plan.num_store_blocks == (2 if _ == 0 else 0)
+        assert manager.indexes[0].num_free == 6
+
+
+@pytest.mark.asyncio
+async def test_lower_tier_evicts_least_recently_used_and_loads_refresh_blocks() -> None:
+    env = Env(cpu_blocks=4)
+    async with env.manager as manager:
+        a, b = env.request(2), env.request(2)
+        blocks_a, blocks_b = env.alloc(a, 2), env.alloc(b, 2)
+        for req, blocks in ((a, blocks_a), (b, blocks_b)):
+            manager.update_state_after_alloc(req, blocks, 0)
+        plan = manager.build_step(scheduled(new={a.request_id: blocks_a, b.request_id: blocks_b}))
+        manager.step_computed(plan.step_id)
+        await manager.wait_idle()
+        assert env.cpu_keys() == {key(a, 0), key(a, 1), key(b, 0), key(b, 1)}
+
+        # Loading a's blocks makes them most recently used (vLLM's touch).
+        reader = env.request(2, like=a)
+        manager.get_num_new_matched_tokens(reader, 0)
+        targets = KVCacheBlocks((env.fresh(2),))
+        manager.update_state_after_alloc(reader, targets, 2 * BS)
+        manager.build_step(SchedulerOutput())
+        await manager.wait_for_loads([reader.request_id])
+
+        c = env.request(2)
+        await store(env, c, env.alloc(c, 2))
+        assert env.cpu_keys() == {key(a, 0), key(a, 1), key(c, 0), key(c, 1)}  # b was LRU
+        assert manager.stats().tiers["cpu"].evictions == 2
+
+
+@pytest.mark.asyncio
+async def test_finishing_during_a_load_defers_cleanup_and_leaks_nothing() -> None:
+    env = Env()
+    async with env.manager as manager:
+        req = env.request(2)
+        await store(env, req, env.alloc(req, 2))
+        again = env.request(2, like=req)
+        manager.get_num_new_matched_tokens(again, 0)
+        targets = env.fresh(2)
+        manager.update_state_after_alloc(again, KVCacheBlocks((targets,)), 2 * BS)
+        plan = manager.build_step(SchedulerOutput())
+        assert plan.loads
+        assert manager.indexes[0].num_pinned == 2
+        assert manager.request_finished(again) is True  # deferred
+        env.pool.free_blocks(targets)  # the engine frees; the manager still holds them
+        assert all(t.ref_cnt == 1 for t in targets)
+        assert manager.has_request(again.request_id)
+        await manager.wait_idle()
+        assert [f.request_id for f in manager.take_finished()] == [again.request_id]
+        assert not manager.has_request(again.request_id)
+        assert manager.indexes[0].num_pinned == 0
+        assert all(t.ref_cnt == 0 for t in targets)
+
+
+@pytest.mark.asyncio
+async def test_finishing_during_a_store_defers_cleanup() -> None:
+    env = Env()
+    async with env.manager as manager:
+        req = env.request(2)
+        blocks = env.alloc(req, 2)
+        manager.update_state_after_alloc(req, blocks, 0)
+        plan = manager.build_step(scheduled(new={req.request_id: blocks}))
+        assert manager.request_finished(req) is True
+        env.pool.free_blocks(reversed(blocks.blocks[0]))
+        assert all(b.ref_cnt == 1 for b in blocks.blocks[0])  # pinned for the copy
+        manager.step_computed(plan.step_id)
+        await manager.wait_idle()
+        assert not manager.has_request(req.request_id)
+        assert all(b.ref_cnt == 0 for b in blocks.blocks[0])
+        assert manager.indexes[0].num_reserved == 0
+        assert len(env.cpu_keys()) == 2
+
+
+@pytest.mark.asyncio
+async def test_a_request_finished_before_its_load_starts_releases_the_pins() -> None:
+    env = Env()
+    async with env.manager as manager:
+        req = env.request(2)
+        await store(env, req, env.alloc(req, 2))
+        again = env.request(2, like=req)
+        manager.get_num_new_matched_tokens(again, 0)
+        targets = env.fresh(2)
+        manager.update_state_after_alloc(again, KVCacheBlocks((targets,)), 2 * BS)
+        assert manager.request_finished(again) is False
+        assert manager.indexes[0].num_pinned == 0
+        assert manager.build_step(SchedulerOutput()).loads == ()
+
+
+@pytest.mark.asyncio
+async def test_null_blocks_are_never_stored_or_loaded() -> None:
+    env = Env()
+    async with env.manager as manager:
+        req = env.request(2)
+        real = env.alloc(req, 1).blocks[0][0]
+        mixed = KVCacheBlocks(([real, env.pool.null_block],))
+        manager.update_state_after_alloc(req, mixed, 0)
+        plan = manager.build_step(scheduled(new={req.request_id: mixed}))
+        assert plan.stores[0].device_block_ids == (real.block_id,)
+        manager.step_computed(plan.step_id)
+        await manager.wait_idle()
+
+        again = env.request(2, like=req)
+        assert manager.get_num_new_matched_tokens(again, 0) == (BS, True)
+        target = env.fresh(1)[0]
+        manager.update_state_after_alloc(again, KVCacheBlocks(([target, env.pool.null_block],)), BS)
+        plan = manager.build_step(SchedulerOutput())
+        assert plan.loads[0].device_block_ids == (target.block_id,)
+        await manager.wait_for_loads([again.request_id])
+        assert env.holds(target, again, 0)
+
+
+@pytest.mark.asyncio
+async def test_chunked_prefill_stores_only_the_new_blocks_each_step() -> None:
+    env = Env()
+    async with env.manager as manager:
+        req = env.request(4)
+        first = env.alloc(req, 2)
+        manager.update_state_after_alloc(req, first, 0)
+        plan = manager.build_step(
+            scheduled(new={req.request_id: first}, tokens={req.request_id: 2 * BS})
+        )
+        assert plan.num_store_blocks == 2
+        manager.step_computed(plan.step_id)
+        more = env.pool.get_new_blocks(2)
+        env.compute(req, more, first=2)
+        manager.update_state_after_alloc(req, KVCacheBlocks(([*first.blocks[0], *more],)), 0)
+        plan = manager.build_step(scheduled(cached={req.request_id: [b.block_id for b in more]}))
+        assert plan.stores[0].device_block_ids == tuple(b.block_id for b in more)
+        manager.step_computed(plan.step_id)
+        await manager.wait_idle()
+        assert env.cpu_keys() == {key(req, i) for i in range(4)}
+
+
+@pytest.mark.asyncio
+async def test_partial_device_hit_loads_the_middle_positions() -> None:
+    env = Env()
+    async with env.manager as manager:
+        req = env.request(6)
+        await store(env, req, env.alloc(req, 6))
+        again = env.request(6, like=req)
+        assert manager.get_num_new_matched_tokens(again, 2 * BS) == (4 * BS, True)
+        info = manager.hit_info(again.request_id)
+        assert info is not None
+        assert info.device_blocks == 2
+        assert info.tier_blocks == {"cpu": 4}
+        device_hit = env.alloc(again, 2).blocks[0]  # | device hit (2) | external (2) | new (2) |
+        external, new = env.fresh(2), env.fresh(2)
+        blocks = KVCacheBlocks(([*device_hit, *external, *new],))
+        manager.update_state_after_alloc(again, blocks, 2 * BS)
+        plan = manager.build_step(scheduled(new={again.request_id: blocks}))
+        assert plan.loads[0].device_block_ids == tuple(b.block_id for b in external)
+        assert plan.loads[0].first_block == 2
+        await manager.wait_for_loads([again.request_id])
+        assert env.holds(external[0], again, 2)
+        assert env.holds(external[1], again, 3)
+        assert all(not env.holds(b, again, i + 4) for i, b in enumerate(new))
+
+
+@pytest.mark.asyncio
+async def test_in_flight_stores_are_not_stored_again_by_a_later_step() -> None:
+    env = Env()
+    async with env.manager as manager:
+        req = env.request(2)
+        blocks = env.alloc(req, 2)
+        manager.update_state_after_alloc(req, blocks, 0)
+        first = manager.build_step(scheduled(new={req.request_id: blocks}))
+        assert first.num_store_blocks == 2
+        assert manager.in_flight_store_blocks == {b.block_id for b in blocks.blocks[0]}
+        # Step 2: another request hits the same device blocks before the store lands.
+        hit = env.request(2, like=req)
+        env.pool.touch(blocks.blocks[0])
+        manager.update_state_after_alloc(hit, blocks, 0)
+        second = manager.build_step(scheduled(new={hit.request_id: blocks}))
+        assert second.stores == ()
+        manager.step_computed(second.step_id)
+        await manager.wait_idle()
+        assert manager.in_flight_store_blocks == frozenset()
+        assert manager.stats().tiers["cpu"].stores == 2
+
+
+@pytest.mark.asyncio
+async def test_disk_hits_are_staged_through_cpu_and_cpu_evictions_demote_to_disk(
+    tmp_path: Path,
+) -> None:
+    env = Env(gpu_blocks=32, cpu_blocks=2, disk=tmp_path / "disk")
+    async with env.manager as manager:
+        a, b = env.request(2), env.request(2)
+        await store(env, a, env.alloc(a, 2))
+        await store(env, b, env.alloc(b, 2))  # evicts a's blocks from CPU to disk
+        assert env.cpu_keys() == {key(b, 0), key(b, 1)}
+        stats = manager.stats()
+        assert stats.tiers["cpu"].evictions == 2
+        assert stats.tiers["disk"].demotions == 2
+        assert {k for _, k in manager.indexes[1].blocks()} == {key(a, 0), key(a, 1)}
+
+        again = env.request(2, like=a)
+        assert manager.get_num_new_matched_tokens(again, 0) == (2 * BS, True)
+        assert manager.hit_info(again.request_id).tier_blocks == {"cpu": 0, "disk": 2}  # type: ignore[union-attr]
+        targets = env.fresh(2)
+        manager.update_state_after_alloc(again, KVCacheBlocks((targets,)), 2 * BS)
+        plan = manager.build_step(SchedulerOutput())
+        assert [name for name, _ in plan.loads[0].sources] == ["disk", "disk"]
+        await manager.wait_for_loads([again.request_id])
+        assert manager.take_finished() == [FinishedLoad(again.request_id, True)]
+        assert env.holds(targets[0], again, 0)
+        assert env.holds(targets[1], again, 1)
+        assert key(a, 0) in env.cpu_keys()  # promoted on the way up
+        assert manager.indexes[1].num_pinned == 0
+        assert manager.indexes[0].num_reserved == 0
+
+
+@pytest.mark.asyncio
+async def test_a_corrupt_block_fails_the_load_and_is_forgotten(tmp_path: Path) -> None:
+    env = Env(gpu_blocks=32, cpu_blocks=2, disk=tmp_path / "disk")
+    async with env.manager as manager:
+        a, b = env.request(2), env.request(2)
+        await store(env, a, env.alloc(a, 2))
+        await store(env, b, env.alloc(b, 2))
+        victim = tmp_path / "disk" / (key(a, 1).hex() + ".kvb")
+        data = bytearray(victim.read_bytes())
+        data[5] ^= 0xFF
+        victim.write_bytes(bytes(data))
+        again = env.request(2, like=a)
+        manager.get_num_new_matched_tokens(again, 0)
+        targets = env.fresh(2)
+        manager.update_state_after_alloc(again, KVCacheBlocks((targets,)), 2 * BS)
+        manager.build_step(SchedulerOutput())
+        await manager.wait_for_loads([again.request_id])
+        [finished] = manager.take_finished()
+        assert not finished.ok
+        assert set(finished.failed_block_ids) == {t.block_id for t in targets}
+        assert key(a, 1) not in manager.indexes[1]  # doubt became a miss
+        assert manager.get_num_new_matched_tokens(env.request(2, like=a), 0) == (BS, True)
+        assert manager.stats().loads_failed == 1
+
+
+@pytest.mark.asyncio
+async def test_stores_wait_for_every_tensor_parallel_worker() -> None:
+    env = Env(world_size=2)
+    async with env.manager as manager:
+        req = env.request(2)
+        blocks = env.alloc(req, 2)
+        manager.update_state_after_alloc(req, blocks, 0)
+        plan = manager.build_step(scheduled(new={req.request_id: blocks}))
+        manager.step_computed(plan.step_id)
+        await manager.wait_idle()
+        assert manager.indexes[0].num_reserved == 2  # one worker of two reported
+        manager.report_store_done(plan.stores[0].event_id)
+        assert manager.indexes[0].num_reserved == 0
+        assert len(env.cpu_keys()) == 2
+
+
+@pytest.mark.asyncio
+async def test_selective_mode_stores_blocks_after_enough_hits() -> None:
+    env = Env(mode="selective", selective_min_hits=2)
+    async with env.manager as manager:
+        req = env.request(2)
+        env.alloc(req, 2)
+        for round_ in range(2):
+            reader = env.request(2, like=req)
+            manager.get_num_new_matched_tokens(reader, 2 * BS)  # a device hit of 2 blocks
+            plan = manager.build_step(SchedulerOutput())
+            assert plan.num_store_blocks == (0 if round_ == 0 else 2)
+        await manager.wait_idle()
+        assert env.cpu_keys() == {key(req, 0), key(req, 1)}
+
+
+def test_synchronous_engines_run_the_pipeline_on_a_background_thread() -> None:
+    env = Env()
+    with env.manager as manager:
+        req = env.request(2)
+        blocks = env.alloc(req, 2)
+        manager.update_state_after_alloc(req, blocks, 0)
+        plan = manager.build_step(scheduled(new={req.request_id: blocks}))
+        manager.step_computed(plan.step_id)
+        assert manager.wait_idle_blocking(timeout=30)
+        again = env.request(2, like=req)
+        manager.get_num_new_matched_tokens(again, 0)
+        targets = env.fresh(2)
+        manager.update_state_after_alloc(again, KVCacheBlocks((targets,)), 2 * BS)
+        manager.build_step(SchedulerOutput())
+        assert manager.wait_for_loads_blocking([again.request_id], timeout=30)
+        assert manager.take_finished() == [FinishedLoad(again.request_id, True)]
+        assert env.holds(targets[1], again, 1)
+
+
+@pytest.mark.asyncio
+async def test_closing_with_work_pending_releases_everything() -> None:
+    env = Env()
+    async with env.manager as manager:
+        req = env.request(2)
+        blocks = env.alloc(req, 2)
+        manager.update_state_after_alloc(req, blocks, 0)
+        manager.build_step(scheduled(new={req.request_id: blocks}))  # never step_computed
+        other = env.request(1)
+        await store(env, other, env.alloc(other, 1))
+        again = env.request(1, like=other)
+        manager.get_num_new_matched_tokens(again, 0)
+        manager.update_state_after_alloc(again, KVCacheBlocks((env.fresh(1),)), BS)
+    index = manager.indexes[0]
+    assert index.num_reserved == 0
+    assert index.num_pinned == 0
+    assert all(b.ref_cnt == 1 for b in blocks.blocks[0])  # the engine's own reference
+    assert manager.in_flight_store_blocks == frozenset()
+    index.check_invariants()
+
+
+@pytest.mark.asyncio
+async def test_bad_arguments_are_typed_errors() -> None:
+    env = Env()
+    with pytest.raises(ConfigError, match="at least one lower tier"):
+        Env(tiers=[])
+    with pytest.raises(ConfigError, match="mode"):
+        Env(mode="sometimes")  # type: ignore[arg-type]
+    other = CpuTier(LAYOUT.__class__(1, BS, 1, 8, "float16"), 4)
+    with pytest.raises(ConfigError, match="layout"):
+        Env(tiers=[other])
+    async with env.manager as manager:
+        req = env.request(2)
+        with pytest.raises(InvalidRequestError, match="multiple of 16"):
+            manager.get_num_new_matched_tokens(req, 5)
+        with pytest.raises(InvalidRequestError, match="multiple of 16"):
+            manager.update_state_after_alloc(req, env.alloc(req, 2), 7)

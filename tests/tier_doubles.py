@@ -9,7 +9,7 @@ from typing import Self
 import anyio
 import torch
 
-from kvtier.errors import BlockMissingError, ClosedError
+from kvtier.errors import BlockMissingError, ClosedError, TierIOError
 from kvtier.tiers.base import BlockKey, BlockLayout, BlockStore
 
 SMALL = BlockLayout(num_layers=2, block_size=4, num_kv_heads=2, head_size=8, dtype="float16")
@@ -149,6 +149,73 @@ class FaultInjectingStore:
         await self.inner.aclose()
 
     async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class GatedStore:
+    """Wraps a tier for tests driven from another thread than the tier's loop.
+
+    While ``open`` is False, reads and writes wait; ``fail`` makes that many
+    next reads or writes raise ``TierIOError``. Both are plain attributes the
+    test thread sets.
+    """
+
+    def __init__(self, inner: BlockStore) -> None:
+        self.inner = inner
+        self.open = True
+        self.fail = 0
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def layout(self) -> BlockLayout:
+        return self.inner.layout
+
+    @property
+    def num_slots(self) -> int:
+        return self.inner.num_slots
+
+    @property
+    def closed(self) -> bool:
+        return self.inner.closed
+
+    async def _gate(self) -> None:
+        while not self.open:
+            await anyio.sleep(0.0005)
+        if self.fail > 0:
+            self.fail -= 1
+            raise TierIOError(f"tier {self.name}: injected failure", tier=self.name)
+
+    async def read_into(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], out: torch.Tensor
+    ) -> None:
+        await self._gate()
+        await self.inner.read_into(slots, keys, out)
+
+    async def write_from(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], data: torch.Tensor
+    ) -> None:
+        await self._gate()
+        await self.inner.write_from(slots, keys, data)
+
+    async def discard(self, slots: Sequence[int]) -> None:
+        await self.inner.discard(slots)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def __aenter__(self) -> Self:
+        await self.inner.__aenter__()  # type: ignore[attr-defined]
         return self
 
     async def __aexit__(

@@ -74,6 +74,7 @@ class LoadEvent:
     stages: list[Stage] = attrs.field(factory=list)
     demotions: list[Demotion] = attrs.field(factory=list)
     first_block: int = 0
+    failed: list[int] = attrs.field(factory=list)  # device blocks whose source was gone
     dispatched: bool = False
 
 

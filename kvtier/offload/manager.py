@@ -360,10 +360,11 @@ class OffloadManager:
                 event.first_slots.append(slot if level == 0 else -1)
                 if level:
                     self._stage(event, level, slot, key)
-        if failed:
-            self._finished.append(FinishedLoad(request.request_id, False, tuple(failed)))
+        event.failed = failed
         if not event.targets:
             self._unpin(event)
+            if failed:  # nothing left to load: report the failure now
+                self._finished.append(FinishedLoad(request.request_id, False, tuple(failed)))
             return None
         self.block_pool.touch(event.targets)
         self._loads[event.event_id] = event
@@ -701,10 +702,11 @@ class OffloadManager:
             else:
                 stats.loads += n
         self.block_pool.free_blocks(event.targets)
-        ids = tuple(block.block_id for block in event.targets) if error else ()
-        self._finished.append(FinishedLoad(event.request_id, not error, ids))
+        ids = [block.block_id for block in event.targets] if error else []
+        ids.extend(event.failed)  # positions already gone when the load was planned
+        self._finished.append(FinishedLoad(event.request_id, not ids, tuple(ids)))
         self._stats.loads_finished += 1
-        self._stats.loads_failed += int(error)
+        self._stats.loads_failed += int(bool(ids))
         state = self._requests.get(event.request_id)
         if state is not None and state.load is event:
             state.load = None

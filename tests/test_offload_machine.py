@@ -1,0 +1,226 @@
+"""A hypothesis state machine over an engine driving the OffloadManager.
+
+Random steps: new requests (sharing prefixes, so lower tiers hit), a step
+(compute, plan, store), finishing or preempting requests, transfers held back
+and released late, and injected transfer failures. Real KVCacheManager, real
+tiers and pipeline (synchronous mode: a background event loop). Checked after
+every step: no lower-tier slot both free and pinned, no device block stored
+twice while in flight, loads only into blocks without a computed hash, every
+loaded block's bytes are the bytes its hash was computed with, the engine is
+told about each load at most once (exactly once for the requests it keeps);
+at the end, nothing leaks in any tier or in the device pool.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from kvtier import KVCacheConfig, KVCacheManager, Request
+from kvtier.hashing import make_block_hash_with_group_id
+from kvtier.offload import OffloadManager, SchedulerOutput
+from kvtier.tiers.cpu import CpuTier
+from kvtier.tiers.gpu import DeviceTier
+from tests.offload_env import _HASHER, BS, LAYOUT, pattern
+from tests.tier_doubles import GatedStore
+
+GPU_BLOCKS = 10
+CPU_SLOTS = 8
+PREFIXES = [list(range(p * 10_000, p * 10_000 + 6 * BS)) for p in range(2)]
+TIMEOUT = 30.0
+
+
+class OffloadMachine(RuleBasedStateMachine):
+    mode = "eager"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kvm = KVCacheManager(KVCacheConfig.full_attention(GPU_BLOCKS, BS), 4096)
+        self.cache = torch.zeros((GPU_BLOCKS, LAYOUT.block_bytes), dtype=torch.uint8)
+        self.cpu = GatedStore(CpuTier(LAYOUT, CPU_SLOTS))
+        self.om = OffloadManager(
+            self.kvm.block_pool,
+            DeviceTier(self.cache, LAYOUT),
+            [self.cpu],
+            block_size=BS,
+            mode=self.mode,  # type: ignore[arg-type]
+            lazy_free_target=8,
+        )
+        self.om.__enter__()
+        self.count = 0
+        self.requests: dict[str, Request] = {}
+        self.phase: dict[str, str] = {}  # loading / ready / computed
+        self.load_specs: dict[str, tuple[tuple[int, ...], int]] = {}
+        self.expect_report: set[str] = set()
+        self.reports: Counter[str] = Counter()
+
+    # -- helpers -------------------------------------------------------------------
+
+    def key(self, request: Request, position: int) -> bytes:
+        return make_block_hash_with_group_id(request.block_hashes[position], 0)
+
+    def collect(self) -> None:
+        for finished in self.om.take_finished():
+            rid = finished.request_id
+            self.reports[rid] += 1
+            assert self.reports[rid] == 1, f"load of {rid} reported twice"
+            if rid not in self.requests:
+                continue
+            request = self.requests[rid]
+            ids, first = self.load_specs.get(rid, ((), 0))
+            failed = set(finished.failed_block_ids)
+            for offset, block_id in enumerate(ids):
+                if block_id not in failed:  # a verified load: the bytes must be exact
+                    expected = pattern(self.key(request, first + offset))
+                    assert torch.equal(self.cache[block_id], expected), "wrong bytes loaded"
+            self.phase[rid] = "ready"
+
+    # -- rules ---------------------------------------------------------------------
+
+    def _end(self, rid: str) -> None:
+        request = self.requests.pop(rid)
+        self.phase.pop(rid)
+        self.expect_report.discard(rid)
+        self.om.request_finished(request)
+        self.kvm.free(request)
+
+    @rule(
+        prefix=st.integers(0, 1),
+        shared=st.integers(1, 6),
+        tail=st.integers(0, 2),
+        run=st.booleans(),
+    )
+    def new_request(self, prefix: int, shared: int, tail: int, run: bool) -> None:
+        self.count += 1
+        rid = f"r{self.count}"
+        tokens = PREFIXES[prefix][: shared * BS] + list(
+            range(10**6 + self.count * 1000, 10**6 + self.count * 1000 + tail * BS + 5)
+        )
+        request = Request(rid, tokens, _HASHER)
+        computed, num_computed = self.kvm.get_computed_blocks(request)
+        external, _ = self.om.get_num_new_matched_tokens(request, num_computed)
+        new = request.num_tokens - num_computed
+        blocks = self.kvm.allocate_slots(
+            request, new, num_computed, computed, delay_cache_blocks=True
+        )
+        if blocks is None:  # the pool is full: requests that computed end, as in an engine
+            for done in [rid for rid, phase in self.phase.items() if phase == "computed"]:
+                self._end(done)
+            blocks = self.kvm.allocate_slots(
+                request, new, num_computed, computed, delay_cache_blocks=True
+            )
+        if blocks is None:
+            self.om.request_finished(request)
+            return
+        held = self.kvm.get_blocks(rid)
+        if external:
+            first = num_computed // BS
+            for block in held.blocks[0][first : first + external // BS]:
+                assert block.block_hash is None, "a load would overwrite a computed block"
+        self.om.update_state_after_alloc(request, held, external)
+        self.requests[rid] = request
+        self.phase[rid] = "loading" if external else "ready"
+        if external:
+            self.expect_report.add(rid)
+        if run:  # scheduled and computed in the same step, as most requests are
+            self.step()
+
+    @rule()
+    def step(self) -> None:
+        self.collect()
+        ready = [rid for rid, phase in self.phase.items() if phase == "ready"]
+        for rid in ready:  # caching at schedule time, as vLLM does
+            self.kvm.cache_blocks(self.requests[rid], self.requests[rid].num_tokens)
+        out = SchedulerOutput(
+            num_scheduled_tokens=dict.fromkeys(ready, BS),
+            new_requests={rid: self.kvm.get_block_ids(rid) for rid in ready},
+        )
+        before = self.om.in_flight_store_blocks
+        plan = self.om.build_step(out)
+        for spec in plan.stores:
+            ids = spec.device_block_ids
+            assert len(set(ids)) == len(ids)
+            assert not set(ids) & before, "a device block stored twice while in flight"
+        for spec in plan.loads:
+            self.load_specs[spec.request_id] = (spec.device_block_ids, spec.first_block)
+        for rid in ready:  # the forward pass writes every full block's bytes
+            request = self.requests[rid]
+            for position, block in enumerate(self.kvm.get_blocks(rid).blocks[0]):
+                if position < len(request.block_hashes):
+                    self.cache[block.block_id] = pattern(self.key(request, position))
+            self.phase[rid] = "computed"
+        self.om.step_computed(plan.step_id)
+
+    @rule(pick=st.integers(0, 63))
+    def finish(self, pick: int) -> None:
+        # Drawn independently of the state: transfers end on another thread,
+        # so which requests exist may differ when hypothesis replays a run.
+        if self.requests:
+            ids = sorted(self.requests)
+            self._end(ids[pick % len(ids)])
+
+    @rule()
+    def hold_transfers(self) -> None:
+        self.cpu.open = False
+
+    @rule()
+    def release_transfers(self) -> None:
+        self.cpu.open = True
+
+    @rule()
+    def fail_next_transfer(self) -> None:
+        self.cpu.fail += 1
+
+    @rule()
+    def settle(self) -> None:
+        self.cpu.open = True
+        assert self.om.wait_idle_blocking(TIMEOUT), "transfers did not end"
+        self.collect()
+
+    # -- invariants ----------------------------------------------------------------
+
+    @invariant()
+    def indexes_are_consistent(self) -> None:
+        for index in self.om.indexes:
+            index.check_invariants()
+
+    @invariant()
+    def in_flight_blocks_are_referenced(self) -> None:
+        blocks = self.kvm.block_pool.blocks
+        assert all(blocks[i].ref_cnt > 0 for i in self.om.in_flight_store_blocks)
+
+    def teardown(self) -> None:
+        try:
+            self.cpu.open = True
+            self.cpu.fail = 0
+            self.step()  # planned loads start at a step
+            assert self.om.wait_idle_blocking(TIMEOUT)
+            self.collect()
+            for rid in self.expect_report:  # requests the engine kept
+                assert self.reports[rid] == 1, f"load of {rid} never reported"
+            for rid in list(self.requests):
+                self._end(rid)
+            assert self.om.wait_idle_blocking(TIMEOUT)
+            self.om.take_finished()
+            cpu = self.om.indexes[0]
+            assert cpu.num_pinned == 0
+            assert cpu.num_reserved == 0
+            assert not any(self.om.has_request(rid) for rid in self.phase)
+            pool = self.kvm.block_pool
+            assert pool.get_num_free_blocks() == GPU_BLOCKS - 1, "a device block leaked"
+        finally:
+            self.om.__exit__(None, None, None)
+
+
+class LazyOffloadMachine(OffloadMachine):
+    mode = "lazy"
+
+
+TestOffloadMachine = OffloadMachine.TestCase
+TestOffloadMachine.settings = settings(deadline=None)
+TestLazyOffloadMachine = LazyOffloadMachine.TestCase
+TestLazyOffloadMachine.settings = settings(deadline=None)

@@ -331,6 +331,8 @@ async def test_disk_hits_are_staged_through_cpu_and_cpu_evictions_demote_to_disk
         assert env.holds(targets[0], again, 0)
         assert env.holds(targets[1], again, 1)
         assert key(a, 0) in env.cpu_keys()  # promoted on the way up
+        disk_keys = {k for _, k in manager.indexes[1].blocks()}
+        assert {key(b, 0), key(b, 1)} <= disk_keys  # and b, evicted for it, demoted
         assert manager.indexes[1].num_pinned == 0
         assert manager.indexes[0].num_reserved == 0
 

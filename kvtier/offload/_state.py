@@ -112,3 +112,4 @@ class LoadOutcome:
     request_id: str
     error: BaseException | None
     missing: tuple[tuple[int, BlockKey], ...] = ()
+    demotions_ok: tuple[bool, ...] = ()

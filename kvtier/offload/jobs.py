@@ -71,9 +71,10 @@ async def run_load(
     error: BaseException | None = TransferCancelledError(f"load event {event.event_id} cancelled")
     missing: tuple[tuple[int, BlockKey], ...] = ()
     level, by_slot = 0, dict(zip(event.first_slots, event.keys, strict=True))
+    demoted: list[bool] = []
     try:
         for demotion in event.demotions:
-            await _demote(pipeline, tiers, demotion)
+            demoted.append(await _demote(pipeline, tiers, demotion))
         for stage in event.stages:
             level, by_slot = stage.level, dict(zip(stage.src_slots, stage.keys, strict=True))
             task = LoadTask(tiers[level], stage.src_slots, tiers[0], stage.dst_slots, stage.keys)
@@ -91,4 +92,5 @@ async def run_load(
     except Exception as exc:
         error = exc
     finally:
-        push(LoadOutcome(event.event_id, event.request_id, error, missing))
+        unrun = [False] * (len(event.demotions) - len(demoted))
+        push(LoadOutcome(event.event_id, event.request_id, error, missing, (*demoted, *unrun)))

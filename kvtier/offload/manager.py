@@ -26,9 +26,7 @@ calls have the same names and meaning):
 
 from __future__ import annotations
 
-import functools
 import itertools
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
@@ -38,36 +36,32 @@ import anyio
 import attrs
 
 from kvtier.block import KVCacheBlock
-from kvtier.errors import ConfigError, InvalidRequestError, TierFullError
+from kvtier.errors import ConfigError, InvalidRequestError
 from kvtier.events import KVCacheEvent
 from kvtier.hashing import BlockHash, make_block_hash_with_group_id
 from kvtier.log import get_logger
 from kvtier.manager import KVCacheBlocks
-from kvtier.offload import jobs
+from kvtier.offload import candidates, placement
 from kvtier.offload._state import (
-    Demotion,
     LoadEvent,
-    LoadOutcome,
     RequestState,
     Stage,
     StoreEvent,
-    StoreOutcome,
 )
 from kvtier.offload.plan import (
     FinishedLoad,
     HitInfo,
-    LoadSpec,
     SchedulerOutput,
     StepPlan,
     StoreSpec,
     WriteMode,
 )
-from kvtier.offload.runtime import Runtime
 from kvtier.offload.stats import OffloadStats, TierStats
+from kvtier.offload.transfers import Transfers
 from kvtier.pool import BlockPool
 from kvtier.request import KVCacheRequest
 from kvtier.tiers.base import BlockKey, BlockStore
-from kvtier.tiers.index import Reservation, TierIndex
+from kvtier.tiers.index import TierIndex
 from kvtier.transfer import TransferPipeline
 
 __all__ = ["OffloadManager"]
@@ -149,15 +143,23 @@ class OffloadManager:
         self._tier_stats = [TierStats() for _ in tiers]
         self._stats = OffloadStats(tiers=dict(zip(names, self._tier_stats, strict=True)))
         self._pipeline = pipeline or TransferPipeline()
-        self._runtime = Runtime()
         self._requests: dict[str, RequestState] = {}
         self._hits: dict[str, HitInfo] = {}
-        self._stores: dict[int, StoreEvent] = {}
-        self._loads: dict[int, LoadEvent] = {}
-        self._in_flight: set[int] = set()  # device block ids being stored (seed 003)
-        self._finished: list[FinishedLoad] = []
-        self._hit_counts: OrderedDict[BlockHash, int] = OrderedDict()
-        self._selective: list[BlockHash] = []
+        self._hit_counter = candidates.HitCounter(
+            self.selective_min_hits, 4 * block_pool.num_gpu_blocks
+        )
+        self._transfers = Transfers(
+            block_pool,
+            device,
+            self.tiers,
+            self.indexes,
+            self._stats,
+            self._tier_stats,
+            self._pipeline,
+            self.world_size,
+            self._requests,
+            self._maybe_forget,
+        )
         self._event_ids = itertools.count(1)
         self._step_ids = itertools.count(1)
         self._entered = False
@@ -175,11 +177,11 @@ class OffloadManager:
                     index.restore(await recover())
             await stack.enter_async_context(self._pipeline)
             group = await stack.enter_async_context(anyio.create_task_group())
-            self._runtime.bind(group)
+            self._transfers.runtime.bind(group)
             try:
                 yield self
             finally:
-                self._runtime.bind(None)
+                self._transfers.runtime.bind(None)
 
     def _enter(self) -> None:
         if self._entered:
@@ -205,7 +207,7 @@ class OffloadManager:
 
     def __enter__(self) -> Self:
         self._enter()
-        self._runtime.start_thread(self._serve)
+        self._transfers.runtime.start_thread(self._serve)
         return self
 
     def __exit__(
@@ -215,17 +217,17 @@ class OffloadManager:
         tb: TracebackType | None,
     ) -> None:
         try:
-            self._runtime.stop_thread()
+            self._transfers.runtime.stop_thread()
         finally:
             self._release_all()
 
     def _release_all(self) -> None:
         """After the jobs ended: apply their outcomes, drop what never ran."""
-        self._drain()
-        for store in list(self._stores.values()):
-            self._end_store(store, ok=False)
-        for load in list(self._loads.values()):
-            self._end_load(load, error=True, missing=())
+        self._transfers.drain()
+        for store in list(self._transfers.stores.values()):
+            self._transfers.end_store(store, ok=False)
+        for load in list(self._transfers.loads.values()):
+            self._transfers.end_load(load, error=True, missing=())
 
     # -- lookups -----------------------------------------------------------------------
 
@@ -255,7 +257,7 @@ class OffloadManager:
             ``(num_tokens, is_async)``: ``is_async`` is True when blocks must
             be loaded (the request waits for :meth:`take_finished`).
         """
-        self._drain()
+        self._transfers.drain()
         if num_computed_tokens < 0 or num_computed_tokens % self.block_size:
             raise InvalidRequestError(
                 f"num_computed_tokens must be a multiple of {self.block_size} >= 0, "
@@ -273,7 +275,7 @@ class OffloadManager:
             found[self.tiers[level].name] += 1
             hit += 1
         if self.mode == "selective":
-            self._count_device_hits(hashes[:start])
+            self._hit_counter.record(hashes[:start])
         tokens = hit * self.block_size
         info = HitInfo(start, found, max(0, request.num_tokens - num_computed_tokens - tokens))
         self._hits[request.request_id] = info
@@ -285,16 +287,6 @@ class OffloadManager:
     def hit_info(self, request_id: str) -> HitInfo | None:
         """Where the request's blocks were found at its last lookup."""
         return self._hits.get(request_id)
-
-    def _count_device_hits(self, hashes: Sequence[BlockHash]) -> None:
-        counts = self._hit_counts
-        for block_hash in hashes:
-            count = counts.pop(block_hash, 0) + 1
-            counts[block_hash] = count
-            if count == self.selective_min_hits:
-                self._selective.append(block_hash)
-        while len(counts) > 4 * self.block_pool.num_gpu_blocks:
-            counts.popitem(last=False)
 
     # -- after allocation --------------------------------------------------------------
 
@@ -312,7 +304,7 @@ class OffloadManager:
             InvalidRequestError: ``num_external_tokens`` is not a multiple of
                 the block size, or the groups do not match.
         """
-        self._drain()
+        self._transfers.drain()
         if len(blocks.blocks) != self.num_groups:
             raise InvalidRequestError(
                 f"expected {self.num_groups} KV cache group(s), got {len(blocks.blocks)}"
@@ -362,12 +354,14 @@ class OffloadManager:
                     self._stage(event, level, slot, key)
         event.failed = failed
         if not event.targets:
-            self._unpin(event)
+            self._transfers.unpin(event)
             if failed:  # nothing left to load: report the failure now
-                self._finished.append(FinishedLoad(request.request_id, False, tuple(failed)))
+                self._transfers.finished.append(
+                    FinishedLoad(request.request_id, False, tuple(failed))
+                )
             return None
         self.block_pool.touch(event.targets)
-        self._loads[event.event_id] = event
+        self._transfers.loads[event.event_id] = event
         return event
 
     @staticmethod
@@ -387,17 +381,23 @@ class OffloadManager:
         Raises:
             ClosedError: The manager is not entered.
         """
-        self._drain()
+        self._transfers.drain()
         step_id = next(self._step_ids)
-        loads = [self._dispatch_load(state) for state in self._requests.values() if state.load]
-        self._track_blocks(scheduler_output)
+        loads = [
+            self._transfers.dispatch_load(state) for state in self._requests.values() if state.load
+        ]
+        candidates.track_blocks(self._requests, scheduler_output, self.num_groups)
         if self.mode == "eager":
-            candidates = self._eager_candidates(scheduler_output)
+            columns = candidates.eager(self.block_pool, self._requests, scheduler_output)
         elif self.mode == "lazy":
-            candidates = self._lazy_candidates()
+            first = self.indexes[0]
+            columns = candidates.lazy(
+                self.block_pool, first, self._transfers.in_flight, self.lazy_free_target
+            )
         else:
-            candidates = self._selective_candidates()
-        stores = self._plan_stores(step_id, candidates)
+            due = self._hit_counter.take_due()
+            columns = candidates.selective(self.block_pool, due, self.num_groups)
+        stores = self._plan_stores(step_id, columns)
         return StepPlan(
             step_id,
             tuple(spec for spec in loads if spec is not None),
@@ -409,85 +409,23 @@ class OffloadManager:
 
         Starts the stores of blocks those steps computed.
         """
-        self._drain()
-        for event in list(self._stores.values()):
+        self._transfers.drain()
+        for event in list(self._transfers.stores.values()):
             if not event.dispatched and event.step_id <= step_id:
-                self._dispatch_store(event)
+                self._transfers.dispatch_store(event)
 
-    def _track_blocks(self, out: SchedulerOutput) -> None:
-        for rid in out.preempted:
-            state = self._requests.get(rid)
-            if state is not None:
-                state.block_ids = [[] for _ in range(self.num_groups)]
-                state.stored_upto = 0
-        for rid, ids in out.new_requests.items():
-            state = self._requests.get(rid)
-            fresh = [list(group) for group in ids]
-            if state is None:
-                self._requests[rid] = RequestState(rid, fresh)
-            else:
-                state.block_ids, state.stored_upto = fresh, 0
-        for rid, added in out.cached_requests.items():
-            state = self._requests.get(rid)
-            if state is not None and added is not None:
-                for group, more in zip(state.block_ids, added, strict=True):
-                    group.extend(more)
-
-    def _eager_candidates(self, out: SchedulerOutput) -> list[tuple[list[KVCacheBlock], str]]:
-        blocks = self.block_pool.blocks
-        found: list[tuple[list[KVCacheBlock], str]] = []
-        for rid in out.num_scheduled_tokens:
-            state = self._requests.get(rid)
-            if state is None or not state.block_ids:
-                continue
-            group0 = state.block_ids[0]
-            position = state.stored_upto
-            while position < len(group0):
-                column = [blocks[ids[position]] for ids in state.block_ids]
-                if any(b.block_hash is None and not b.is_null for b in column):
-                    break  # not full, or not computed yet
-                found.append((column, rid))
-                position += 1
-            state.stored_upto = position
-        return found
-
-    def _lazy_candidates(self) -> list[tuple[list[KVCacheBlock], str]]:
-        first = self.indexes[0]
-        safe = 0
-        found: list[tuple[list[KVCacheBlock], str]] = []
-        for block in self.block_pool.free_block_queue:
-            if safe >= self.lazy_free_target:
-                break
-            safe += 1
-            key = block.block_hash
-            if key is None or block.block_id in self._in_flight or key in first:
-                continue
-            found.append(([block], ""))
-        return found
-
-    def _selective_candidates(self) -> list[tuple[list[KVCacheBlock], str]]:
-        found: list[tuple[list[KVCacheBlock], str]] = []
-        for block_hash in self._selective:
-            column = self.block_pool.get_cached_block(block_hash, range(self.num_groups))
-            if column is not None:
-                found.append((column, ""))
-        self._selective.clear()
-        return found
-
-    def _plan_stores(
-        self, step_id: int, candidates: list[tuple[list[KVCacheBlock], str]]
-    ) -> StoreSpec | None:
+    def _plan_stores(self, step_id: int, columns: list[candidates.Column]) -> StoreSpec | None:
         first = self.indexes[0]
         blocks: list[KVCacheBlock] = []
         keys: list[BlockKey] = []
         owners: set[str] = set()
         seen: set[BlockKey] = set()
-        for column, rid in candidates:
+        for column, rid in columns:
             for block in column:
                 key = block.block_hash
-                if block.is_null or key is None or block.block_id in self._in_flight:
+                if block.is_null or key is None or block.block_id in self._transfers.in_flight:
                     continue
-                if key in seen or first.slot_of(key) is not None or _reserved(first, key):
+                if key in seen or first.slot_of(key) is not None or placement.reserved(first, key):
                     continue  # held below, or stored by an earlier step's event
                 seen.add(key)
                 blocks.append(block)
@@ -507,131 +445,20 @@ class OffloadManager:
             blocks,
             list(reservation.keys),
             list(reservation.slots),
-            self._demotions(0, reservation),
+            placement.demotions(self.indexes, self._tier_stats, 0, reservation),
             owners,
         )
         self.block_pool.touch(blocks)
-        self._in_flight.update(block.block_id for block in blocks)
-        self._stores[event.event_id] = event
+        self._transfers.in_flight.update(block.block_id for block in blocks)
+        self._transfers.stores[event.event_id] = event
         for rid in owners:
             self._requests[rid].store_events.add(event.event_id)
         if self.mode != "eager":  # blocks computed in earlier steps: their bytes exist
-            self._dispatch_store(event)
+            self._transfers.dispatch_store(event)
         ids = tuple(block.block_id for block in blocks)
         return StoreSpec(event.event_id, self.tiers[0].name, ids, tuple(event.slots))
 
-    def _demotions(self, level: int, reservation: Reservation) -> list[Demotion]:
-        """Copy blocks evicted from ``level`` to the next tier down (if any)."""
-        self._tier_stats[level].evictions += len(reservation.evicted)
-        if level + 1 >= len(self.indexes) or not reservation.evicted:
-            return []
-        below = self.indexes[level + 1]
-        wanted = [(slot, key) for slot, key in reservation.evicted if key not in below]
-        room = below.num_free + below.num_evictable
-        wanted = wanted[:room]
-        if not wanted:
-            return []
-        lower = below.reserve(key for _, key in wanted)
-        by_key = dict(zip(lower.keys, lower.slots, strict=True))
-        moved = [(slot, key) for slot, key in wanted if key in by_key]
-        demotion = Demotion(
-            level, [s for s, _ in moved], [by_key[k] for _, k in moved], [k for _, k in moved]
-        )
-        # A chain of demotions (disk evicting to a third tier) is not followed:
-        # blocks evicted from the level below are dropped.
-        self._tier_stats[level + 1].evictions += len(lower.evicted)
-        return [demotion]
-
-    # -- dispatch ----------------------------------------------------------------------
-
-    def _dispatch_store(self, event: StoreEvent) -> None:
-        event.dispatched = True
-        push = self._runtime.push
-        job = functools.partial(
-            jobs.run_store, self._pipeline, self.device, self.tiers, event, push
-        )
-        self._runtime.spawn(job)
-
-    def _dispatch_load(self, state: RequestState) -> LoadSpec | None:
-        event = state.load
-        if event is None or event.dispatched:
-            return None
-        if event.stages and not self._reserve_stages(event):
-            state.load = None
-            self._end_load(event, error=True, missing=())
-            return None
-        event.dispatched = True
-        push = self._runtime.push
-        self._runtime.spawn(
-            functools.partial(jobs.run_load, self._pipeline, self.device, self.tiers, event, push)
-        )
-        sources = []
-        first_name = self.tiers[0].name
-        staged = {
-            key: (self.tiers[stage.level].name, slot)
-            for stage in event.stages
-            for slot, key in zip(stage.src_slots, stage.keys, strict=True)
-        }
-        for key, slot in zip(event.keys, event.first_slots, strict=True):
-            sources.append(staged.get(key, (first_name, slot)))
-        return LoadSpec(
-            event.event_id,
-            event.request_id,
-            tuple(block.block_id for block in event.targets),
-            tuple(sources),
-            event.first_block,
-        )
-
-    def _reserve_stages(self, event: LoadEvent) -> bool:
-        """Reserve first-tier slots for blocks staged from slower tiers."""
-        first = self.indexes[0]
-        keys = [key for stage in event.stages for key in stage.keys]
-        if any(key in first or _reserved(first, key) for key in keys):
-            return False
-        try:
-            reservation = first.reserve(keys)
-        except TierFullError:
-            return False
-        by_key = dict(zip(reservation.keys, reservation.slots, strict=True))
-        for stage in event.stages:
-            stage.dst_slots = [by_key[key] for key in stage.keys]
-        event.first_slots = [
-            by_key.get(key, slot) for key, slot in zip(event.keys, event.first_slots, strict=True)
-        ]
-        event.demotions = self._demotions(0, reservation)
-        return True
-
-    # -- completions -------------------------------------------------------------------
-
-    def _drain(self) -> None:
-        outcomes = self._runtime.outcomes
-        while outcomes:
-            outcome = outcomes.popleft()
-            if isinstance(outcome, StoreOutcome):
-                self._on_store(outcome)
-            else:
-                self._on_load(outcome)
-
-    def _on_store(self, outcome: StoreOutcome) -> None:
-        event = self._stores.get(outcome.event_id)
-        if event is None:
-            return
-        for demotion, ok in zip(event.demotions, outcome.demotions_ok, strict=True):
-            below = self.indexes[demotion.level + 1]
-            if ok:
-                below.commit(demotion.keys)
-                self._tier_stats[demotion.level + 1].demotions += len(demotion.keys)
-            else:
-                below.abort(demotion.keys)
-        event.demotions = []
-        event.local_done = True
-        if outcome.error is not None:
-            event.error = outcome.error
-            self._end_store(event, ok=False)
-            return
-        event.reports += 1
-        if event.reports >= self.world_size:
-            self._end_store(event, ok=True)
+    # -- engine-facing results -----------------------------------------------------------
 
     def report_store_done(self, event_id: int, workers: int = 1) -> None:
         """Count store completions reported by other tensor-parallel workers.
@@ -639,97 +466,12 @@ class OffloadManager:
         An event ends when ``world_size`` workers (the local pipeline
         included) reported it. Unknown or ended events are ignored.
         """
-        self._drain()
-        event = self._stores.get(event_id)
-        if event is None:
-            return
-        event.reports += workers
-        if event.reports >= self.world_size and event.local_done:
-            self._end_store(event, ok=True)
-
-    def _end_store(self, event: StoreEvent, *, ok: bool) -> None:
-        del self._stores[event.event_id]
-        first = self.indexes[0]
-        stats = self._tier_stats[0]
-        for demotion in event.demotions:  # never ran
-            self.indexes[demotion.level + 1].abort(demotion.keys)
-        if ok:
-            first.commit(event.keys)
-            stats.stores += len(event.keys)
-        else:
-            first.abort(event.keys)
-            stats.failed_transfers += len(event.keys)
-            if event.error is not None:
-                _log.warning("store_failed", task=event.event_id, error=repr(event.error))
-        self._in_flight.difference_update(block.block_id for block in event.blocks)
-        self.block_pool.free_blocks(event.blocks)
-        for rid in event.request_ids:
-            state = self._requests.get(rid)
-            if state is not None:
-                state.store_events.discard(event.event_id)
-                self._maybe_forget(state)
-
-    def _on_load(self, outcome: LoadOutcome) -> None:
-        event = self._loads.get(outcome.event_id)
-        if event is None:
-            return
-        self._end_load(event, error=outcome.error is not None, missing=outcome.missing)
-        if outcome.error is not None:
-            _log.warning("load_failed", task=event.event_id, error=repr(outcome.error))
-
-    def _end_load(
-        self, event: LoadEvent, *, error: bool, missing: tuple[tuple[int, BlockKey], ...]
-    ) -> None:
-        self._loads.pop(event.event_id, None)
-        first = self.indexes[0]
-        staged = [key for stage in event.stages for key in stage.keys if stage.dst_slots]
-        if staged:
-            if error:
-                first.abort(staged)
-            else:
-                first.commit(staged)
-        for demotion in event.demotions:
-            self.indexes[demotion.level + 1].abort(demotion.keys)
-        self._unpin(event)
-        for level, key in missing:
-            self.indexes[level].remove([key])
-        count = len(event.keys)
-        for level in {0, *(stage.level for stage in event.stages)}:
-            stats = self._tier_stats[level]
-            n = count if level == 0 else sum(len(s.keys) for s in event.stages if s.level == level)
-            if error:
-                stats.failed_transfers += n
-            else:
-                stats.loads += n
-        self.block_pool.free_blocks(event.targets)
-        ids = [block.block_id for block in event.targets] if error else []
-        ids.extend(event.failed)  # positions already gone when the load was planned
-        self._finished.append(FinishedLoad(event.request_id, not ids, tuple(ids)))
-        self._stats.loads_finished += 1
-        self._stats.loads_failed += int(bool(ids))
-        state = self._requests.get(event.request_id)
-        if state is not None and state.load is event:
-            state.load = None
-            self._maybe_forget(state)
-
-    def _drop_load(self, event: LoadEvent) -> None:
-        """Forget a load that was planned and never started."""
-        self._loads.pop(event.event_id, None)
-        self._unpin(event)
-        self.block_pool.free_blocks(event.targets)
-
-    @staticmethod
-    def _unpin(event: LoadEvent) -> None:
-        for index, key in event.pins:
-            index.unpin([key])
-        event.pins = []
-
-    # -- engine-facing results -----------------------------------------------------------
+        self._transfers.report(event_id, workers)
 
     def take_finished(self) -> list[FinishedLoad]:
         """Loads that ended since the last call (each reported exactly once)."""
-        self._drain()
-        finished, self._finished = self._finished, []
+        self._transfers.drain()
+        finished, self._transfers.finished = self._transfers.finished, []
         return finished
 
     def load_in_flight(self, request_id: str) -> bool:
@@ -740,10 +482,10 @@ class OffloadManager:
     async def wait_for_loads(self, request_ids: Iterable[str]) -> None:
         """Wait (async engines) until none of the requests has a load in flight."""
         wanted = list(request_ids)
-        self._drain()
+        self._transfers.drain()
         while any(self.load_in_flight(rid) for rid in wanted):
-            await self._runtime.wait_async()
-            self._drain()
+            await self._transfers.runtime.wait_async()
+            self._transfers.drain()
 
     def wait_for_loads_blocking(
         self, request_ids: Iterable[str], timeout: float | None = None
@@ -754,23 +496,19 @@ class OffloadManager:
             False when ``timeout`` seconds passed first.
         """
         wanted = list(request_ids)
-        self._drain()
+        self._transfers.drain()
         while any(self.load_in_flight(rid) for rid in wanted):
-            if not self._runtime.wait_blocking(timeout):
+            if not self._transfers.runtime.wait_blocking(timeout):
                 return False
-            self._drain()
+            self._transfers.drain()
         return True
-
-    def _busy(self) -> bool:
-        stores = any(e.dispatched and not e.local_done for e in self._stores.values())
-        return stores or any(e.dispatched for e in self._loads.values())
 
     async def wait_idle(self) -> None:
         """Wait (async engines) until every started store and load ended locally."""
-        self._drain()
-        while self._busy():
-            await self._runtime.wait_async()
-            self._drain()
+        self._transfers.drain()
+        while self._transfers.busy():
+            await self._transfers.runtime.wait_async()
+            self._transfers.drain()
 
     def wait_idle_blocking(self, timeout: float | None = None) -> bool:
         """Block (synchronous engines) until every started transfer ended locally.
@@ -778,11 +516,11 @@ class OffloadManager:
         Returns:
             False when ``timeout`` seconds passed first.
         """
-        self._drain()
-        while self._busy():
-            if not self._runtime.wait_blocking(timeout):
+        self._transfers.drain()
+        while self._transfers.busy():
+            if not self._transfers.runtime.wait_blocking(timeout):
                 return False
-            self._drain()
+            self._transfers.drain()
         return True
 
     def request_finished(self, request: KVCacheRequest) -> bool:
@@ -793,13 +531,13 @@ class OffloadManager:
             kept until they end (the device blocks involved stay referenced
             by the manager meanwhile, so the engine may free them now).
         """
-        self._drain()
+        self._transfers.drain()
         state = self._requests.get(request.request_id)
         self._hits.pop(request.request_id, None)
         if state is None:
             return False
         if state.load is not None and not state.load.dispatched:
-            self._drop_load(state.load)
+            self._transfers.drop_load(state.load)
             state.load = None
         state.finished = True
         if state.busy:
@@ -819,21 +557,16 @@ class OffloadManager:
 
     def stats(self) -> OffloadStats:
         """A snapshot of the cumulative counters."""
-        self._drain()
+        self._transfers.drain()
         tiers = {name: attrs.evolve(stats) for name, stats in self._stats.tiers.items()}
         return attrs.evolve(self._stats, tiers=tiers)
 
     def take_events(self) -> list[KVCacheEvent]:
         """Lower tiers' ``BlockStored`` / ``BlockRemoved`` events since the last call."""
-        self._drain()
+        self._transfers.drain()
         return [event for index in self.indexes for event in index.take_events()]
 
     @property
     def in_flight_store_blocks(self) -> frozenset[int]:
         """Device block ids whose store has not ended."""
-        return frozenset(self._in_flight)
-
-
-def _reserved(index: TierIndex, key: BlockKey) -> bool:
-    """``key`` holds a slot in ``index`` without being visible (being written)."""
-    return index.holds(key) and not index.contains(key)
+        return frozenset(self._transfers.in_flight)

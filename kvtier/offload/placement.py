@@ -1,0 +1,73 @@
+"""Slot reservations across the tier stack: demotions and staging (no I/O)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kvtier.errors import TierFullError
+from kvtier.offload._state import Demotion, LoadEvent
+from kvtier.offload.stats import TierStats
+from kvtier.tiers.base import BlockKey
+from kvtier.tiers.index import Reservation, TierIndex
+
+__all__ = ["demotions", "reserve_stages", "reserved"]
+
+
+def reserved(index: TierIndex, key: BlockKey) -> bool:
+    """``key`` holds a slot in ``index`` without being visible (being written)."""
+    return index.holds(key) and not index.contains(key)
+
+
+def demotions(
+    indexes: Sequence[TierIndex], stats: Sequence[TierStats], level: int, reservation: Reservation
+) -> list[Demotion]:
+    """Reserve room one tier down for the blocks ``reservation`` evicted from ``level``.
+
+    Blocks the next tier already holds, or that do not fit, are dropped. A
+    chain of demotions is not followed: what the next tier evicts to make
+    room is dropped.
+    """
+    stats[level].evictions += len(reservation.evicted)
+    if level + 1 >= len(indexes) or not reservation.evicted:
+        return []
+    below = indexes[level + 1]
+    wanted = [(slot, key) for slot, key in reservation.evicted if key not in below]
+    wanted = wanted[: below.num_free + below.num_evictable]
+    if not wanted:
+        return []
+    lower = below.reserve(key for _, key in wanted)
+    stats[level + 1].evictions += len(lower.evicted)
+    by_key = dict(zip(lower.keys, lower.slots, strict=True))
+    moved = [(slot, key) for slot, key in wanted if key in by_key]
+    if not moved:
+        return []
+    return [
+        Demotion(level, [s for s, _ in moved], [by_key[k] for _, k in moved], [k for _, k in moved])
+    ]
+
+
+def reserve_stages(
+    indexes: Sequence[TierIndex], stats: Sequence[TierStats], event: LoadEvent
+) -> bool:
+    """Reserve first-tier slots for the event's blocks held only by slower tiers.
+
+    Returns:
+        False (nothing reserved) when a staged block is already in the first
+        tier or being written there, or the first tier has no room.
+    """
+    first = indexes[0]
+    keys = [key for stage in event.stages for key in stage.keys]
+    if any(first.holds(key) for key in keys):
+        return False
+    try:
+        reservation = first.reserve(keys)
+    except TierFullError:
+        return False
+    by_key = dict(zip(reservation.keys, reservation.slots, strict=True))
+    for stage in event.stages:
+        stage.dst_slots = [by_key[key] for key in stage.keys]
+    event.first_slots = [
+        by_key.get(key, slot) for key, slot in zip(event.keys, event.first_slots, strict=True)
+    ]
+    event.demotions = demotions(indexes, stats, 0, reservation)
+    return True

@@ -1,0 +1,240 @@
+"""Store and load events in flight: dispatch, completion and release.
+
+:class:`Transfers` owns the events the manager planned, starts their jobs on
+the runtime, and applies the jobs' outcomes: commits or aborts the tiers'
+reservations, releases pins and the device blocks it referenced, counts, and
+records finished loads for the engine.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+from kvtier.log import get_logger
+from kvtier.offload import jobs, placement
+from kvtier.offload._state import (
+    Demotion,
+    LoadEvent,
+    LoadOutcome,
+    RequestState,
+    StoreEvent,
+    StoreOutcome,
+)
+from kvtier.offload.plan import FinishedLoad, LoadSpec
+from kvtier.offload.runtime import Runtime
+from kvtier.offload.stats import OffloadStats, TierStats
+from kvtier.pool import BlockPool
+from kvtier.tiers.base import BlockKey, BlockStore
+from kvtier.tiers.index import TierIndex
+from kvtier.transfer import TransferPipeline
+
+__all__ = ["Transfers"]
+
+_log = get_logger("kvtier.offload")
+
+
+class Transfers:
+    """The manager's events in flight (internal to :mod:`kvtier.offload`)."""
+
+    def __init__(
+        self,
+        pool: BlockPool,
+        device: BlockStore,
+        tiers: Sequence[BlockStore],
+        indexes: Sequence[TierIndex],
+        stats: OffloadStats,
+        tier_stats: Sequence[TierStats],
+        pipeline: TransferPipeline,
+        world_size: int,
+        requests: dict[str, RequestState],
+        forget_if_idle: Callable[[RequestState], None],
+    ) -> None:
+        self.block_pool = pool
+        self.device = device
+        self.tiers = list(tiers)
+        self.indexes = list(indexes)
+        self.stats = stats
+        self.tier_stats = list(tier_stats)
+        self.pipeline = pipeline
+        self.world_size = world_size
+        self.requests = requests
+        self.forget_if_idle = forget_if_idle
+        self.runtime = Runtime()
+        self.stores: dict[int, StoreEvent] = {}
+        self.loads: dict[int, LoadEvent] = {}
+        self.in_flight: set[int] = set()  # device block ids being stored (seed 003)
+        self.finished: list[FinishedLoad] = []
+
+    def busy(self) -> bool:
+        """A started store or load has not ended locally."""
+        stores = any(e.dispatched and not e.local_done for e in self.stores.values())
+        return stores or any(e.dispatched for e in self.loads.values())
+
+    # -- dispatch ----------------------------------------------------------------------
+
+    def dispatch_store(self, event: StoreEvent) -> None:
+        """Start the event's job (its blocks' bytes must exist by now)."""
+        event.dispatched = True
+        push = self.runtime.push
+        job = functools.partial(jobs.run_store, self.pipeline, self.device, self.tiers, event, push)
+        self.runtime.spawn(job)
+
+    def dispatch_load(self, state: RequestState) -> LoadSpec | None:
+        """Start the request's planned load; its spec, or None."""
+        event = state.load
+        if event is None or event.dispatched:
+            return None
+        if event.stages and not placement.reserve_stages(self.indexes, self.tier_stats, event):
+            state.load = None
+            self.end_load(event, error=True, missing=())
+            return None
+        event.dispatched = True
+        push = self.runtime.push
+        self.runtime.spawn(
+            functools.partial(jobs.run_load, self.pipeline, self.device, self.tiers, event, push)
+        )
+        sources = []
+        first_name = self.tiers[0].name
+        staged = {
+            key: (self.tiers[stage.level].name, slot)
+            for stage in event.stages
+            for slot, key in zip(stage.src_slots, stage.keys, strict=True)
+        }
+        for key, slot in zip(event.keys, event.first_slots, strict=True):
+            sources.append(staged.get(key, (first_name, slot)))
+        return LoadSpec(
+            event.event_id,
+            event.request_id,
+            tuple(block.block_id for block in event.targets),
+            tuple(sources),
+            event.first_block,
+        )
+
+    # -- completions -------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Apply the outcomes the jobs reported since the last call."""
+        outcomes = self.runtime.outcomes
+        while outcomes:
+            outcome = outcomes.popleft()
+            if isinstance(outcome, StoreOutcome):
+                self._on_store(outcome)
+            else:
+                self._on_load(outcome)
+
+    def _on_store(self, outcome: StoreOutcome) -> None:
+        event = self.stores.get(outcome.event_id)
+        if event is None:
+            return
+        self._settle_demotions(event.demotions, outcome.demotions_ok)
+        event.demotions = []
+        event.local_done = True
+        if outcome.error is not None:
+            event.error = outcome.error
+            self.end_store(event, ok=False)
+            return
+        event.reports += 1
+        if event.reports >= self.world_size:
+            self.end_store(event, ok=True)
+
+    def _settle_demotions(self, demotions: list[Demotion], ok: Sequence[bool]) -> None:
+        for demotion, done in zip(demotions, ok, strict=True):
+            below = self.indexes[demotion.level + 1]
+            if done:
+                below.commit(demotion.keys)
+                self.tier_stats[demotion.level + 1].demotions += len(demotion.keys)
+            else:
+                below.abort(demotion.keys)
+
+    def report(self, event_id: int, workers: int) -> None:
+        """Count store completions reported by other workers."""
+        self.drain()
+        event = self.stores.get(event_id)
+        if event is None:
+            return
+        event.reports += workers
+        if event.reports >= self.world_size and event.local_done:
+            self.end_store(event, ok=True)
+
+    def end_store(self, event: StoreEvent, *, ok: bool) -> None:
+        """Settle a store: commit or abort its slots, release its device blocks."""
+        del self.stores[event.event_id]
+        first = self.indexes[0]
+        stats = self.tier_stats[0]
+        for demotion in event.demotions:  # never ran
+            self.indexes[demotion.level + 1].abort(demotion.keys)
+        if ok:
+            first.commit(event.keys)
+            stats.stores += len(event.keys)
+        else:
+            first.abort(event.keys)
+            stats.failed_transfers += len(event.keys)
+            if event.error is not None:
+                _log.warning("store_failed", task=event.event_id, error=repr(event.error))
+        self.in_flight.difference_update(block.block_id for block in event.blocks)
+        self.block_pool.free_blocks(event.blocks)
+        for rid in event.request_ids:
+            state = self.requests.get(rid)
+            if state is not None:
+                state.store_events.discard(event.event_id)
+                self.forget_if_idle(state)
+
+    def _on_load(self, outcome: LoadOutcome) -> None:
+        event = self.loads.get(outcome.event_id)
+        if event is None:
+            return
+        self._settle_demotions(event.demotions, outcome.demotions_ok)
+        event.demotions = []
+        self.end_load(event, error=outcome.error is not None, missing=outcome.missing)
+        if outcome.error is not None:
+            _log.warning("load_failed", task=event.event_id, error=repr(outcome.error))
+
+    def end_load(
+        self, event: LoadEvent, *, error: bool, missing: tuple[tuple[int, BlockKey], ...]
+    ) -> None:
+        """Settle a load: release pins and targets, forget missing blocks, report it."""
+        self.loads.pop(event.event_id, None)
+        first = self.indexes[0]
+        staged = [key for stage in event.stages for key in stage.keys if stage.dst_slots]
+        if staged:
+            if error:
+                first.abort(staged)
+            else:
+                first.commit(staged)
+        for demotion in event.demotions:
+            self.indexes[demotion.level + 1].abort(demotion.keys)
+        self.unpin(event)
+        for level, key in missing:
+            self.indexes[level].remove([key])
+        count = len(event.keys)
+        for level in {0, *(stage.level for stage in event.stages)}:
+            stats = self.tier_stats[level]
+            n = count if level == 0 else sum(len(s.keys) for s in event.stages if s.level == level)
+            if error:
+                stats.failed_transfers += n
+            else:
+                stats.loads += n
+        self.block_pool.free_blocks(event.targets)
+        ids = [block.block_id for block in event.targets] if error else []
+        ids.extend(event.failed)  # positions already gone when the load was planned
+        self.finished.append(FinishedLoad(event.request_id, not ids, tuple(ids)))
+        self.stats.loads_finished += 1
+        self.stats.loads_failed += int(bool(ids))
+        state = self.requests.get(event.request_id)
+        if state is not None and state.load is event:
+            state.load = None
+            self.forget_if_idle(state)
+
+    def drop_load(self, event: LoadEvent) -> None:
+        """Forget a load that was planned and never started."""
+        self.loads.pop(event.event_id, None)
+        self.unpin(event)
+        self.block_pool.free_blocks(event.targets)
+
+    @staticmethod
+    def unpin(event: LoadEvent) -> None:
+        """Release the event's source pins (once)."""
+        for index, key in event.pins:
+            index.unpin([key])
+        event.pins = []

@@ -449,3 +449,29 @@ async def test_bad_arguments_are_typed_errors() -> None:
             manager.get_num_new_matched_tokens(req, 5)
         with pytest.raises(InvalidRequestError, match="multiple of 16"):
             manager.update_state_after_alloc(req, env.alloc(req, 2), 7)
+
+
+@pytest.mark.asyncio
+async def test_a_preempted_request_resumes_with_new_blocks_and_stores_only_what_is_missing() -> (
+    None
+):
+    env = Env()
+    async with env.manager as manager:
+        req = env.request(4)
+        first = env.alloc(req, 2)
+        manager.update_state_after_alloc(req, first, 0)
+        plan = manager.build_step(scheduled(new={req.request_id: first}))
+        manager.step_computed(plan.step_id)
+        await manager.wait_idle()
+        # Preempted: its blocks are freed; it comes back as a new request.
+        env.pool.free_blocks(reversed(first.blocks[0]))
+        manager.build_step(SchedulerOutput(preempted=frozenset({req.request_id})))
+        resumed = KVCacheBlocks((env.pool.get_new_blocks(4),))
+        env.compute(req, list(resumed.blocks[0]))
+        manager.update_state_after_alloc(req, resumed, 0)
+        plan = manager.build_step(scheduled(new={req.request_id: resumed}))
+        stored = plan.stores[0].device_block_ids
+        assert stored == tuple(b.block_id for b in resumed.blocks[0][2:])  # 0 and 1 are held
+        manager.step_computed(plan.step_id)
+        await manager.wait_idle()
+        assert env.cpu_keys() == {key(req, i) for i in range(4)}

@@ -71,7 +71,7 @@ from vllm.v1.simple_kv_offload.manager import SimpleCPUOffloadScheduler
 from vllm.v1.simple_kv_offload.metadata import SimpleCPUOffloadWorkerMetadata
 
 # The OPT config.json that ``setup-vllm-peer`` writes next to the venv.
-DEFAULT_MODEL_DIR = Path(sys.executable).resolve().parent.parent / "tinyopt"
+DEFAULT_MODEL_DIR = Path(sys.prefix) / "tinyopt"
 TINY_OPT_CONFIG = {
     "architectures": ["OPTForCausalLM"],
     "model_type": "opt",
@@ -209,10 +209,8 @@ def replay(
             need = cdiv(computed + count, block_size) - len(held)
             fresh = pool.get_new_blocks(need) if need > 0 else []
             held.extend(fresh)
-            pool.cache_full_blocks(
-                request, held, computed // block_size, (computed + count) // block_size,
-                block_size, 0,
-            )  # fmt: skip
+            full = (computed + count) // block_size
+            pool.cache_full_blocks(request, held, computed // block_size, full, block_size, 0)
             num_scheduled[rid] = count
             if first:
                 scheduler.update_state_after_alloc(request, KVCacheBlocks((held,)), 0)
@@ -300,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     init_none_hash(sha256)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir: Path = args.model_dir or DEFAULT_MODEL_DIR
-        if not (model_dir / "config.json").is_file():
+        if not (model_dir / "config.json").is_file():  # write one like setup-vllm-peer's
             model_dir = Path(tmp)
             (model_dir / "config.json").write_text(json.dumps(TINY_OPT_CONFIG))
         config = make_vllm_config(

@@ -25,10 +25,20 @@ class FreeKVCacheBlockQueue:
         blocks: The initial free blocks, head first.
     """
 
-    __slots__ = ("fake_free_list_head", "fake_free_list_tail", "num_free_blocks")
+    __slots__ = (
+        "fake_free_list_head",
+        "fake_free_list_tail",
+        "num_free_blocks",
+        "popped",
+        "prepended",
+        "removed",
+    )
 
     def __init__(self, blocks: Sequence[KVCacheBlock]) -> None:
         self.num_free_blocks = 0
+        # Cumulative counts of blocks taken from the head, put at the head and
+        # taken from anywhere: they let a scanner tell what changed ahead of it.
+        self.popped = self.prepended = self.removed = 0
         head = self.fake_free_list_head = KVCacheBlock(-1)
         tail = self.fake_free_list_tail = KVCacheBlock(-1)
         head.next_free_block = tail
@@ -67,6 +77,7 @@ class FreeKVCacheBlockQueue:
         self.fake_free_list_head.next_free_block = block
         block.prev_free_block = self.fake_free_list_head  # type: ignore[union-attr]
         self.num_free_blocks -= n
+        self.popped += n
         return out
 
     def remove(self, block: KVCacheBlock) -> None:
@@ -82,6 +93,7 @@ class FreeKVCacheBlockQueue:
         nxt.prev_free_block = prev
         block.prev_free_block = block.next_free_block = None
         self.num_free_blocks -= 1
+        self.removed += 1
 
     def append(self, block: KVCacheBlock) -> None:
         """Put ``block`` at the tail (evicted last)."""
@@ -115,6 +127,15 @@ class FreeKVCacheBlockQueue:
         prev.next_free_block = nxt
         nxt.prev_free_block = prev  # type: ignore[union-attr]
         self.num_free_blocks += len(blocks)
+        self.prepended += len(blocks)
+
+    def iter_after(self, block: KVCacheBlock) -> Iterator[KVCacheBlock]:
+        """The free blocks after ``block`` (which must be in the queue), toward the tail."""
+        tail = self.fake_free_list_tail
+        current = block.next_free_block
+        while current is not tail and current is not None:
+            yield current
+            current = current.next_free_block
 
     def __iter__(self) -> Iterator[KVCacheBlock]:
         block = self.fake_free_list_head.next_free_block

@@ -475,3 +475,22 @@ async def test_a_preempted_request_resumes_with_new_blocks_and_stores_only_what_
         manager.step_computed(plan.step_id)
         await manager.wait_idle()
         assert env.cpu_keys() == {key(req, i) for i in range(4)}
+
+
+@pytest.mark.asyncio
+async def test_lazy_mode_keeps_the_eviction_end_safe_step_after_step() -> None:
+    """No allocation of up to ``lazy_free_target`` blocks ever takes an unwritten block."""
+    env = Env(gpu_blocks=64, cpu_blocks=512, mode="lazy", lazy_free_target=8)
+    async with env.manager as manager:
+        first = manager.indexes[0]
+        for step in range(40):
+            manager.build_step(SchedulerOutput())
+            await manager.wait_idle()
+            head = list(env.pool.free_block_queue)[:8]
+            unsafe = [b for b in head if b.block_hash is not None and b.block_hash not in first]
+            assert not unsafe, f"step {step}: unwritten blocks at the eviction end"
+            # A request computes some blocks and ends: they are freed, hashed, at the tail.
+            req = env.request(1 + step % 5)
+            blocks = env.alloc(req, 1 + step % 5).blocks[0]
+            env.pool.free_blocks(reversed(blocks))
+        assert manager.stats().tiers["cpu"].stores > 0

@@ -18,7 +18,7 @@ from kvtier.offload.plan import SchedulerOutput
 from kvtier.pool import BlockPool
 from kvtier.tiers.index import TierIndex
 
-__all__ = ["Column", "HitCounter", "eager", "lazy", "selective", "track_blocks"]
+__all__ = ["Column", "HitCounter", "LazyScanner", "eager", "selective", "track_blocks"]
 
 Column = tuple[list[KVCacheBlock], str]
 
@@ -70,21 +70,78 @@ def eager(
     return found
 
 
-def lazy(pool: BlockPool, first: TierIndex, in_flight: set[int], target: int) -> list[Column]:
-    """Write-back: hashed blocks among the ``target`` next to be evicted that are not held below.
+class LazyScanner:
+    """Write-back: keeps the ``target`` blocks next to be evicted safe to evict.
 
-    Scans the free queue from its eviction end: at most ``target`` blocks per
-    step, whatever the pool's size.
+    Walks the device free queue from its eviction end. A block is *safe* when
+    it has no hash or the first lower tier holds its key; a hashed block that
+    is neither safe nor being written already becomes a candidate. Candidates
+    leave the free queue while they are copied, so they do not count: the
+    walk goes on until ``target`` safe blocks lie ahead of everything unsafe
+    (or the queue ends), so the next ``target`` allocations never take an
+    unwritten block; its cost is the safe blocks it adds plus the candidates.
+
+    The walk resumes where the last one stopped. Blocks ahead of that point
+    were all safe, candidates or being written; since then the queue can only
+    have lost blocks from its head (allocations) or gained unhashed ones there
+    (both known from the queue's counters). When a block was taken from
+    anywhere else (a prefix hit), or the point itself left the queue, the walk
+    starts over from the head.
+
+    Args:
+        target: Safe blocks to keep at the eviction end.
     """
-    found: list[Column] = []
-    for seen, block in enumerate(pool.free_block_queue):
-        if seen >= target:
-            break
-        key = block.block_hash
-        if key is None or block.block_id in in_flight or key in first:
-            continue
-        found.append(([block], ""))
-    return found
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.verified: dict[int, bytes] = {}  # block id -> key found held below
+        self._cursor: KVCacheBlock | None = None
+        self._safe = 0
+        self._marks = (0, 0, 0)
+
+    def scan(self, pool: BlockPool, first: TierIndex, in_flight: set[int]) -> list[Column]:
+        """This step's candidates; call :meth:`settle` once they are referenced."""
+        queue = pool.free_block_queue
+        popped = queue.popped - self._marks[0]
+        prepended = queue.prepended - self._marks[1]
+        removed = queue.removed - self._marks[2]
+        cursor = self._cursor
+        blocks: Iterable[KVCacheBlock]
+        if (
+            cursor is not None
+            and removed == 0
+            and popped < self._safe
+            and cursor.ref_cnt == 0
+            and cursor.prev_free_block is not None
+        ):
+            safe = self._safe - popped + prepended
+            blocks = queue.iter_after(cursor)
+        else:
+            safe, cursor, blocks = 0, None, queue
+        found: list[Column] = []
+        verified = self.verified
+        for block in blocks:
+            if safe >= self.target:
+                break
+            key = block.block_hash
+            if key is None or verified.get(block.block_id) == key:
+                safe += 1
+                cursor = block
+            elif first.contains(key):
+                verified[block.block_id] = key
+                safe += 1
+                cursor = block
+            elif block.block_id in in_flight or first.holds(key):
+                cursor = block  # being written: safe soon
+            else:
+                found.append(([block], ""))
+        self._cursor, self._safe = cursor, safe
+        return found
+
+    def settle(self, pool: BlockPool) -> None:
+        """Note the queue's counters after the candidates left it."""
+        queue = pool.free_block_queue
+        self._marks = (queue.popped, queue.prepended, queue.removed)
 
 
 def selective(pool: BlockPool, hashes: Iterable[BlockHash], num_groups: int) -> list[Column]:

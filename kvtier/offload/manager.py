@@ -145,6 +145,7 @@ class OffloadManager:
         self._pipeline = pipeline or TransferPipeline()
         self._requests: dict[str, RequestState] = {}
         self._hits: dict[str, HitInfo] = {}
+        self._lazy = candidates.LazyScanner(self.lazy_free_target)
         self._hit_counter = candidates.HitCounter(
             self.selective_min_hits, 4 * block_pool.num_gpu_blocks
         )
@@ -391,13 +392,13 @@ class OffloadManager:
             columns = candidates.eager(self.block_pool, self._requests, scheduler_output)
         elif self.mode == "lazy":
             first = self.indexes[0]
-            columns = candidates.lazy(
-                self.block_pool, first, self._transfers.in_flight, self.lazy_free_target
-            )
+            columns = self._lazy.scan(self.block_pool, first, self._transfers.in_flight)
         else:
             due = self._hit_counter.take_due()
             columns = candidates.selective(self.block_pool, due, self.num_groups)
         stores = self._plan_stores(step_id, columns)
+        if self.mode == "lazy":
+            self._lazy.settle(self.block_pool)
         return StepPlan(
             step_id,
             tuple(spec for spec in loads if spec is not None),
@@ -425,8 +426,8 @@ class OffloadManager:
                 key = block.block_hash
                 if block.is_null or key is None or block.block_id in self._transfers.in_flight:
                     continue
-                if key in seen or first.slot_of(key) is not None or placement.reserved(first, key):
-                    continue  # held below, or stored by an earlier step's event
+                if key in seen or first.holds(key):
+                    continue  # held below, or being stored by an earlier step's event
                 seen.add(key)
                 blocks.append(block)
                 keys.append(key)

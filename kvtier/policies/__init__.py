@@ -1,5 +1,6 @@
 """Eviction, admission and prefetch policies, registered by name."""
 
+from kvtier.policies.arc import ARCPolicy
 from kvtier.policies.base import (
     EVICTION_POLICIES,
     EvictionPolicy,
@@ -7,10 +8,15 @@ from kvtier.policies.base import (
     make_eviction_policy,
     register_eviction_policy,
 )
+from kvtier.policies.lfu import LFUPolicy
 from kvtier.policies.lru import LRUPolicy
+from kvtier.policies.s3fifo import S3FIFOPolicy
 
 __all__ = [
     "EVICTION_POLICIES",
+    "ARCPolicy",
+    "LFUPolicy",
+    "S3FIFOPolicy",
     "EvictionPolicy",
     "EvictionPolicyFactory",
     "LRUPolicy",

@@ -16,7 +16,10 @@ from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from kvtier.errors import ConfigError, UnknownNameError
+from kvtier.policies.arc import ARCPolicy
+from kvtier.policies.lfu import LFUPolicy
 from kvtier.policies.lru import LRUPolicy
+from kvtier.policies.s3fifo import S3FIFOPolicy
 from kvtier.tiers.base import BlockKey
 
 __all__ = [
@@ -85,7 +88,12 @@ class EvictionPolicyFactory(Protocol):
         ...
 
 
-EVICTION_POLICIES: dict[str, EvictionPolicyFactory] = {"lru": LRUPolicy}
+EVICTION_POLICIES: dict[str, EvictionPolicyFactory] = {
+    "lru": LRUPolicy,
+    "arc": ARCPolicy,
+    "s3fifo": S3FIFOPolicy,
+    "lfu": LFUPolicy,
+}
 """Registered eviction policies: name → factory."""
 
 

@@ -57,6 +57,17 @@ class ARCPolicy:
             self.t2[key] = None
         else:
             self.t1[key] = None
+        self._trim()
+
+    def _trim(self) -> None:
+        """Bound the ghost lists: ``|T1| + |B1| <= c`` and all four ``<= 2c``."""
+        c = self.capacity
+        while self.b1 and len(self.t1) + len(self.b1) > c:
+            self.b1.popitem(last=False)
+        while (self.b1 or self.b2) and (
+            len(self.t1) + len(self.t2) + len(self.b1) + len(self.b2) > 2 * c
+        ):
+            (self.b2 or self.b1).popitem(last=False)
 
     def access(self, key: BlockKey) -> None:
         """``key`` was read: to T2's most recent end (an unknown key is ignored)."""
@@ -76,11 +87,7 @@ class ARCPolicy:
             self.b2[key] = None
         else:
             return
-        c = self.capacity
-        while self.b1 and len(self.t1) + len(self.b1) > c:
-            self.b1.popitem(last=False)
-        while len(self.t1) + len(self.t2) + len(self.b1) + len(self.b2) > 2 * c:
-            (self.b2 or self.b1).popitem(last=False)
+        self._trim()
 
     def victims(self, count: int, evictable: Callable[[BlockKey], bool]) -> list[BlockKey]:
         """Up to ``count`` evictable keys in ARC's replacement order (lazily: O(count + pinned))."""

@@ -91,8 +91,7 @@ class S3FIFOPolicy:
             use_small = self.small and (len(self.small) >= self.small_target or not self.main)
             queue = self.small if use_small else self.main
             key, _ = queue.popitem(last=False)
-            if self.freq[key] > 0 and use_small:
-                self.freq[key] = 0
+            if self.freq[key] > 0 and use_small:  # read while on probation: promoted
                 self.main[key] = None
             elif self.freq[key] > 0:
                 self.freq[key] -= 1

@@ -1,0 +1,77 @@
+"""Eviction policies' hit ratios against LRU and Belady's bound, on a Mooncake trace.
+
+Each request's chain of hash ids (at the trace's own 512-token granularity) is
+replayed through every registered eviction policy with
+:func:`kvtier.policies.simulation.simulate` (prefix hits, chains touched tail
+first, the cache shrunk back to capacity), and through
+:func:`~kvtier.policies.simulation.belady`, the offline optimum, at capacities
+given as fractions of the trace's distinct blocks. For each policy it prints
+the hit ratio, the gain over LRU and the share of the LRU-to-Belady gap it
+closes, and their averages over the capacities.
+
+    python benchmarks/policies.py                       # the full synthetic trace
+    python benchmarks/policies.py --trace tests/data/mooncake_sample.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from kvtier.policies import EVICTION_POLICIES, make_eviction_policy
+from kvtier.policies.simulation import belady, chain_keys, simulate
+from kvtier.traces import read_mooncake_trace
+
+DEFAULT_TRACE = (
+    Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake_synthetic.jsonl"
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
+    parser.add_argument("--capacities", default="0.01,0.05,0.10,0.25,0.50")
+    parser.add_argument("--policies", default=",".join(EVICTION_POLICIES))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    trace = read_mooncake_trace(args.trace)
+    chains = [chain_keys(row.hash_ids) for row in trace]
+    distinct = len({key for chain in chains for key in chain})
+    names = args.policies.split(",")
+    rows = []
+    start = time.perf_counter()
+    for fraction in (float(f) for f in args.capacities.split(",")):
+        capacity = max(1, int(distinct * fraction))
+        bound = belady(chains, capacity).hit_ratio
+        ratios = {
+            name: simulate(chains, capacity, make_eviction_policy(name, capacity)).hit_ratio
+            for name in names
+        }
+        rows.append({"fraction": fraction, "capacity": capacity, "belady": bound, **ratios})
+    seconds = time.perf_counter() - start
+    if args.json:
+        print(json.dumps({"trace": str(args.trace), "distinct_blocks": distinct, "rows": rows}))
+        return
+    print(
+        f"{args.trace.name}: {len(chains)} requests, {distinct} distinct blocks; "
+        f"hit ratio (blocks), gain over LRU, share of the LRU-Belady gap closed; {seconds:.1f} s"
+    )
+    print(f"{'capacity':>14} {'belady':>8} " + " ".join(f"{n:>24}" for n in names))
+    gaps: dict[str, list[float]] = {name: [] for name in names}
+    for row in rows:
+        lru, bound = row["lru"], row["belady"]
+        cells = []
+        for name in names:
+            share = (row[name] - lru) / (bound - lru) if bound > lru else 0.0
+            gaps[name].append(share)
+            cells.append(f"{row[name]:7.2%} {row[name] - lru:+6.2%} {share:+6.0%}")
+        label = f"{row['fraction']:.0%} ({row['capacity']})"
+        print(f"{label:>14} {bound:8.2%} " + " ".join(f"{c:>24}" for c in cells))
+    averages = " ".join(f"{sum(v) / len(v):>+24.1%}" for v in gaps.values())
+    print(f"{'mean gap closed':>23} " + averages)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""TOML configuration: the tier stack, its policies and the block layout.
+
+A file looks like ``examples/configs/device-cpu-disk.toml``::
+
+    [layout]
+    num_layers = 32
+    block_size = 16
+    num_kv_heads = 8
+    head_size = 128
+    dtype = "float16"
+
+    [offload]
+    write_mode = "eager"          # eager | lazy | selective
+    hash = "sha256"               # sha256 | sha256_cbor | xxhash
+    prefetch = "timeout"          # best_effort | wait_complete | timeout
+    prefetch_timeout = "50ms"     # timeout: base budget ...
+    prefetch_timeout_per_1k_tokens = "5ms"   # ... plus this per 1,000 tokens
+
+    [[tiers]]
+    kind = "device"
+    capacity = "2GiB"
+
+    [[tiers]]
+    kind = "cpu"
+    capacity = "8GiB"
+    eviction = "lru"
+
+    [[tiers]]
+    kind = "disk"
+    capacity = "100GiB"
+    path = "/var/cache/kvtier"
+    eviction = "arc"
+    direct_io = false
+
+Sizes take binary (``KiB``, ``MiB``, ``GiB``, ``TiB``) or decimal (``KB``,
+``MB``, ``GB``, ``TB``) units, or plain bytes; durations ``us``, ``ms``, ``s``.
+Every error is a :class:`~kvtier.errors.ConfigError` naming the key, the value
+and what was expected; unknown keys are errors too (a typo never silently
+falls back to a default).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import attrs
+
+from kvtier.errors import ConfigError
+from kvtier.hashing import HASH_ALGORITHMS
+from kvtier.policies.base import EVICTION_POLICIES
+from kvtier.tiers.base import BlockLayout
+
+__all__ = [
+    "KvtierConfig",
+    "OffloadConfig",
+    "TierConfig",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+    "parse_size",
+]
+
+TierKind = Literal["device", "cpu", "disk"]
+TIER_KINDS: Final = ("device", "cpu", "disk")
+WRITE_MODES: Final = ("eager", "lazy", "selective")
+PREFETCH_POLICIES: Final = ("best_effort", "wait_complete", "timeout")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS: Final = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s)\s*$")
+_DURATION_UNITS: Final = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def parse_size(value: object, *, key: str = "size") -> int:
+    """Bytes from ``"8GiB"``, ``"512 MB"``, ``"4096"`` or an integer.
+
+    Raises:
+        ConfigError: Not a size (the message names ``key``).
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ConfigError(
+            f"{key}: {value!r} is not a size; expected bytes or a number with a unit, "
+            'like "8GiB", "512MiB" or "100GB"'
+        )
+    number, unit = match.groups()
+    return int(float(number) * _SIZE_UNITS[(unit or "B").lower()])
+
+
+def parse_duration(value: object, *, key: str = "duration") -> float:
+    """Seconds from ``"50ms"``, ``"2s"``, ``"500us"`` or a number of seconds.
+
+    Raises:
+        ConfigError: Not a duration (the message names ``key``).
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ConfigError(
+            f"{key}: {value!r} is not a duration; expected seconds or a number with a "
+            'unit, like "50ms", "2s" or "500us"'
+        )
+    number, unit = match.groups()
+    return float(number) * _DURATION_UNITS[unit]
+
+
+@attrs.frozen
+class TierConfig:
+    """One tier of the stack.
+
+    Attributes:
+        kind: ``"device"``, ``"cpu"`` or ``"disk"``.
+        capacity_bytes: The tier's budget.
+        eviction: Eviction policy name (lower tiers).
+        path: Directory of a disk tier.
+        direct_io: Disk tier: ``O_DIRECT``.
+        pin_memory: CPU tier: pinned host memory (``None``: when CUDA is present).
+        max_workers: Disk tier: worker threads.
+    """
+
+    kind: TierKind
+    capacity_bytes: int
+    eviction: str = "lru"
+    path: Path | None = None
+    direct_io: bool = False
+    pin_memory: bool | None = None
+    max_workers: int = 4
+
+
+@attrs.frozen
+class OffloadConfig:
+    """How blocks move between tiers.
+
+    Attributes:
+        write_mode: ``"eager"``, ``"lazy"`` or ``"selective"``.
+        hash: Block hash algorithm.
+        prefetch: ``"best_effort"``, ``"wait_complete"`` or ``"timeout"``.
+        prefetch_timeout: Timeout policy: base budget in seconds.
+        prefetch_timeout_per_1k_tokens: Timeout policy: seconds added per
+            1,000 prompt tokens.
+        lazy_free_target: Lazy mode: device blocks kept safe to evict.
+        selective_min_hits: Selective mode: hits before a block is stored.
+    """
+
+    write_mode: str = "eager"
+    hash: str = "sha256"
+    prefetch: str = "best_effort"
+    prefetch_timeout: float = 0.05
+    prefetch_timeout_per_1k_tokens: float = 0.005
+    lazy_free_target: int = 32
+    selective_min_hits: int = 2
+
+
+@attrs.frozen
+class KvtierConfig:
+    """A whole configuration.
+
+    Attributes:
+        layout: The KV block layout.
+        tiers: The stack, fastest first (the device first when present).
+        offload: Movement settings.
+    """
+
+    layout: BlockLayout
+    tiers: tuple[TierConfig, ...]
+    offload: OffloadConfig = OffloadConfig()
+
+    def blocks_of(self, tier: TierConfig) -> int:
+        """How many blocks of this layout fit in ``tier``'s capacity."""
+        return tier.capacity_bytes // self.layout.block_bytes
+
+
+def _table(value: object, key: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: expected a table, got {value!r}")
+    return value
+
+
+def _check_keys(table: Mapping[str, Any], allowed: tuple[str, ...], key: str) -> None:
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"{key}: unknown key(s) {', '.join(unknown)}; valid keys are: {', '.join(allowed)}"
+        )
+
+
+def _choice(
+    table: Mapping[str, Any], name: str, valid: tuple[str, ...], default: str, key: str
+) -> str:
+    value = table.get(name, default)
+    if value not in valid:
+        raise ConfigError(f"{key}.{name}: {value!r} is not one of: {', '.join(valid)}")
+    return str(value)
+
+
+def _integer(table: Mapping[str, Any], name: str, default: int, key: str, minimum: int = 1) -> int:
+    value = table.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}.{name}: {value!r} is not an integer >= {minimum}")
+    return value
+
+
+def _boolean(table: Mapping[str, Any], name: str, default: bool | None, key: str) -> bool | None:
+    value = table.get(name, default)
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(f"{key}.{name}: {value!r} is not true or false")
+    return value
+
+
+def _layout(table: Mapping[str, Any]) -> BlockLayout:
+    fields = ("num_layers", "block_size", "num_kv_heads", "head_size", "dtype")
+    _check_keys(table, fields, "layout")
+    missing = [name for name in fields[:4] if name not in table]
+    if missing:
+        raise ConfigError(f"layout: missing key(s) {', '.join(missing)}")
+    layers, block_size, heads, head_size = (_integer(table, n, 0, "layout") for n in fields[:4])
+    try:
+        return BlockLayout(layers, block_size, heads, head_size, table.get("dtype", "float16"))
+    except (ValueError, TypeError, ConfigError) as exc:
+        raise ConfigError(f"layout.dtype: {table.get('dtype')!r}: {exc}") from exc
+
+
+def _tier(table: Mapping[str, Any], index: int) -> TierConfig:
+    key = f"tiers[{index}]"
+    allowed = ("kind", "capacity", "eviction", "path", "direct_io", "pin_memory", "max_workers")
+    _check_keys(table, allowed, key)
+    if "kind" not in table or "capacity" not in table:
+        raise ConfigError(f"{key}: needs 'kind' and 'capacity'")
+    kind = _choice(table, "kind", TIER_KINDS, "", key)
+    eviction = _choice(table, "eviction", tuple(sorted(EVICTION_POLICIES)), "lru", key)
+    path = table.get("path")
+    if kind == "disk" and not isinstance(path, str):
+        raise ConfigError(f"{key}.path: a disk tier needs a directory path, got {path!r}")
+    if kind != "disk" and path is not None:
+        raise ConfigError(f"{key}.path: only a disk tier has a path")
+    return TierConfig(
+        kind,  # type: ignore[arg-type]
+        parse_size(table["capacity"], key=f"{key}.capacity"),
+        eviction,
+        Path(path) if isinstance(path, str) else None,
+        bool(_boolean(table, "direct_io", False, key)),
+        _boolean(table, "pin_memory", None, key),
+        _integer(table, "max_workers", 4, key),
+    )
+
+
+def _offload(table: Mapping[str, Any]) -> OffloadConfig:
+    allowed = (
+        "write_mode",
+        "hash",
+        "prefetch",
+        "prefetch_timeout",
+        "prefetch_timeout_per_1k_tokens",
+        "lazy_free_target",
+        "selective_min_hits",
+    )
+    _check_keys(table, allowed, "offload")
+    return OffloadConfig(
+        _choice(table, "write_mode", WRITE_MODES, "eager", "offload"),
+        _choice(table, "hash", tuple(sorted(HASH_ALGORITHMS)), "sha256", "offload"),
+        _choice(table, "prefetch", PREFETCH_POLICIES, "best_effort", "offload"),
+        parse_duration(table.get("prefetch_timeout", 0.05), key="offload.prefetch_timeout"),
+        parse_duration(
+            table.get("prefetch_timeout_per_1k_tokens", 0.005),
+            key="offload.prefetch_timeout_per_1k_tokens",
+        ),
+        _integer(table, "lazy_free_target", 32, "offload"),
+        _integer(table, "selective_min_hits", 2, "offload"),
+    )
+
+
+def parse_config(data: Mapping[str, Any]) -> KvtierConfig:
+    """Validate a parsed TOML document into a :class:`KvtierConfig`.
+
+    Raises:
+        ConfigError: A missing, unknown or bad key (the message names it).
+    """
+    _check_keys(data, ("layout", "offload", "tiers"), "config")
+    if "layout" not in data:
+        raise ConfigError("config: missing the [layout] table")
+    layout = _layout(_table(data["layout"], "layout"))
+    tiers_value = data.get("tiers")
+    if not isinstance(tiers_value, list) or not tiers_value:
+        raise ConfigError("config: needs at least one [[tiers]] entry")
+    tiers = tuple(_tier(_table(t, f"tiers[{i}]"), i) for i, t in enumerate(tiers_value))
+    kinds = [tier.kind for tier in tiers]
+    if "device" in kinds[1:]:
+        raise ConfigError("tiers: the device tier, when given, must be the first")
+    lower = [tier for tier in tiers if tier.kind != "device"]
+    if not lower:
+        raise ConfigError("tiers: needs at least one lower tier (cpu or disk)")
+    for index, tier in enumerate(tiers):
+        if tier.capacity_bytes < layout.block_bytes:
+            raise ConfigError(
+                f"tiers[{index}].capacity: {tier.capacity_bytes} bytes hold no block of "
+                f"{layout.block_bytes} bytes"
+            )
+    offload = _offload(_table(data.get("offload", {}), "offload"))
+    return KvtierConfig(layout, tiers, offload)
+
+
+def load_config(path: str | Path) -> KvtierConfig:
+    """Read and validate a TOML file.
+
+    Raises:
+        ConfigError: The file is not valid TOML or not a valid configuration.
+        OSError: The file cannot be read.
+    """
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_config(data)

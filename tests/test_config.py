@@ -1,0 +1,131 @@
+"""TOML configuration: the bundled examples load; every bad key or value is named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvtier.config import load_config, parse_config, parse_duration, parse_size
+from kvtier.errors import ConfigError
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples" / "configs").glob("*.toml"))
+
+
+def base(**overrides: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "layout": {"num_layers": 2, "block_size": 16, "num_kv_heads": 1, "head_size": 8},
+        "tiers": [{"kind": "cpu", "capacity": "1MiB"}],
+    }
+    data.update(overrides)
+    return data
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_bundled_examples_load(path: Path) -> None:
+    config = load_config(path)
+    assert config.tiers
+    assert all(config.blocks_of(tier) > 0 for tier in config.tiers)
+
+
+def test_examples_exist() -> None:
+    assert {p.name for p in EXAMPLES} >= {
+        "cpu-only.toml",
+        "device-cpu.toml",
+        "device-cpu-disk.toml",
+    }
+
+
+def test_a_full_stack_is_parsed() -> None:
+    config = parse_config(
+        base(
+            offload={"write_mode": "lazy", "prefetch": "timeout", "prefetch_timeout": "20ms"},
+            tiers=[
+                {"kind": "device", "capacity": "2MiB"},
+                {"kind": "cpu", "capacity": "4MiB", "eviction": "arc", "pin_memory": False},
+                {"kind": "disk", "capacity": "1GB", "path": "/tmp/x", "direct_io": True},
+            ],
+        )
+    )
+    assert [t.kind for t in config.tiers] == ["device", "cpu", "disk"]
+    assert config.tiers[1].eviction == "arc"
+    assert config.tiers[1].pin_memory is False
+    assert config.tiers[2].capacity_bytes == 10**9
+    assert config.tiers[2].path == Path("/tmp/x")
+    assert config.offload.prefetch_timeout == pytest.approx(0.02)
+    assert config.blocks_of(config.tiers[0]) == (2 << 20) // config.layout.block_bytes
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("8GiB", 8 << 30), ("512 MiB", 512 << 20), ("100GB", 10**11), ("4096", 4096), (7, 7)],
+)
+def test_sizes(text: object, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [("50ms", 0.05), ("2s", 2.0), ("500us", 5e-4)])
+def test_durations(text: str, expected: float) -> None:
+    assert parse_duration(text) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (base(tiers=[{"kind": "cpu", "capacity": "8 gigs"}]), r"tiers\[0\]\.capacity: '8 gigs'"),
+        (base(tiers=[{"kind": "tape", "capacity": "1GiB"}]), r"tiers\[0\]\.kind: 'tape'.*cpu"),
+        (
+            base(tiers=[{"kind": "cpu", "capacity": "1GiB", "eviction": "mru"}]),
+            r"eviction: 'mru' is not one of: arc, lfu, lru, s3fifo",
+        ),
+        (
+            base(tiers=[{"kind": "cpu", "capacity": "1GiB", "colour": 1}]),
+            r"unknown key\(s\) colour",
+        ),
+        (base(tiers=[{"kind": "disk", "capacity": "1GiB"}]), r"path: a disk tier needs"),
+        (base(tiers=[{"kind": "cpu", "capacity": "1GiB", "path": "/x"}]), r"only a disk tier"),
+        (base(tiers=[{"kind": "cpu", "capacity": "10B"}]), r"hold no block"),
+        (base(tiers=[{"kind": "device", "capacity": "1GiB"}]), r"at least one lower tier"),
+        (
+            base(
+                tiers=[{"kind": "cpu", "capacity": "1GiB"}, {"kind": "device", "capacity": "1GiB"}]
+            ),
+            r"must be the first",
+        ),
+        (base(tiers=[]), r"at least one \[\[tiers\]\]"),
+        (base(offload={"write_mode": "sometimes"}), r"offload\.write_mode: 'sometimes'"),
+        (base(offload={"prefetch_timeout": "soon"}), r"offload\.prefetch_timeout: 'soon'"),
+        (base(offload={"hash": "md5"}), r"offload\.hash: 'md5'"),
+        (base(offload={"lazy_free_target": 0}), r"lazy_free_target: 0 is not an integer >= 1"),
+        (base(layout={"num_layers": 2}), r"layout: missing key\(s\) block_size"),
+        (
+            base(
+                layout={
+                    "num_layers": 2,
+                    "block_size": 16,
+                    "num_kv_heads": 1,
+                    "head_size": 8,
+                    "dtype": "int3",
+                }
+            ),
+            r"layout\.dtype: 'int3'",
+        ),
+        ({"tiers": []}, r"missing the \[layout\] table"),
+        (base(extra=1), r"config: unknown key\(s\) extra"),
+        (
+            base(tiers=[{"kind": "cpu", "capacity": "1GiB", "direct_io": "yes"}]),
+            r"not true or false",
+        ),
+    ],
+)
+def test_bad_configs_name_the_key_and_the_value(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data)
+
+
+def test_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[layout\nnum_layers = 2\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)

@@ -55,6 +55,12 @@ async def test_eager_store_then_load_round_trip_with_verified_bytes() -> None:
         assert env.holds(targets[0], again, 0)
         assert env.holds(targets[1], again, 1)
         assert manager.indexes[0].num_pinned == 0
+        cpu = manager.stats().tiers["cpu"]
+        assert cpu.bytes_stored == cpu.bytes_loaded == 2 * LAYOUT.block_bytes
+        assert cpu.store_seconds > 0
+        assert cpu.load_seconds > 0
+        assert cpu.store_gbps > 0
+        assert cpu.load_gbps > 0
 
 
 @pytest.mark.asyncio

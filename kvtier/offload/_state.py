@@ -48,6 +48,7 @@ class StoreEvent:
     reports: int = 0
     dispatched: bool = False
     local_done: bool = False
+    seconds: float = 0.0
     error: BaseException | None = None
 
 
@@ -102,6 +103,7 @@ class StoreOutcome:
     event_id: int
     error: BaseException | None
     demotions_ok: tuple[bool, ...]
+    seconds: float = 0.0
 
 
 @attrs.frozen
@@ -113,3 +115,4 @@ class LoadOutcome:
     error: BaseException | None
     missing: tuple[tuple[int, BlockKey], ...] = ()
     demotions_ok: tuple[bool, ...] = ()
+    seconds: float = 0.0

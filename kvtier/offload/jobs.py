@@ -47,17 +47,19 @@ async def run_store(
     """Demote what the event's slots held, then copy its device blocks down."""
     demoted: list[bool] = []
     error: BaseException | None = TransferCancelledError(f"store event {event.event_id} cancelled")
+    seconds = 0.0
     try:
         for demotion in event.demotions:
             demoted.append(await _demote(pipeline, tiers, demotion))
         ids = [block.block_id for block in event.blocks]
-        await (await pipeline.submit(StoreTask(device, ids, tiers[0], event.slots, event.keys)))
+        task = StoreTask(device, ids, tiers[0], event.slots, event.keys)
+        seconds = (await (await pipeline.submit(task))).seconds
         error = None
     except Exception as exc:
         error = exc
     finally:
         missing = len(event.demotions) - len(demoted)
-        push(StoreOutcome(event.event_id, error, (*demoted, *([False] * missing))))
+        push(StoreOutcome(event.event_id, error, (*demoted, *([False] * missing)), seconds))
 
 
 async def run_load(
@@ -72,18 +74,18 @@ async def run_load(
     missing: tuple[tuple[int, BlockKey], ...] = ()
     level, by_slot = 0, dict(zip(event.first_slots, event.keys, strict=True))
     demoted: list[bool] = []
+    seconds = 0.0
     try:
         for demotion in event.demotions:
             demoted.append(await _demote(pipeline, tiers, demotion))
         for stage in event.stages:
             level, by_slot = stage.level, dict(zip(stage.src_slots, stage.keys, strict=True))
             task = LoadTask(tiers[level], stage.src_slots, tiers[0], stage.dst_slots, stage.keys)
-            await (await pipeline.submit(task))
+            seconds += (await (await pipeline.submit(task))).seconds
         level, by_slot = 0, dict(zip(event.first_slots, event.keys, strict=True))
         ids = [block.block_id for block in event.targets]
-        await (
-            await pipeline.submit(LoadTask(tiers[0], event.first_slots, device, ids, event.keys))
-        )
+        task = LoadTask(tiers[0], event.first_slots, device, ids, event.keys)
+        seconds += (await (await pipeline.submit(task))).seconds
         error = None
     except BlockMissingError as exc:
         error = exc
@@ -93,4 +95,7 @@ async def run_load(
         error = exc
     finally:
         unrun = [False] * (len(event.demotions) - len(demoted))
-        push(LoadOutcome(event.event_id, event.request_id, error, missing, (*demoted, *unrun)))
+        outcome = LoadOutcome(
+            event.event_id, event.request_id, error, missing, (*demoted, *unrun), seconds
+        )
+        push(outcome)

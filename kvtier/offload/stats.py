@@ -21,6 +21,10 @@ class TierStats:
         failed_transfers: Blocks of transfers to or from this tier that failed.
         dropped_stores: Blocks not stored because the tier was full of pinned
             or reserved blocks.
+        bytes_stored: Bytes written to this tier by completed stores.
+        bytes_loaded: Bytes loaded toward the device from this tier.
+        store_seconds: Time the pipeline spent on those stores.
+        load_seconds: Time the pipeline spent on those loads (staging included).
     """
 
     queries: int = 0
@@ -31,11 +35,25 @@ class TierStats:
     demotions: int = 0
     failed_transfers: int = 0
     dropped_stores: int = 0
+    bytes_stored: int = 0
+    bytes_loaded: int = 0
+    store_seconds: float = 0.0
+    load_seconds: float = 0.0
 
     @property
     def hit_ratio(self) -> float:
         """``hits / queries`` (0.0 before any query)."""
         return self.hits / self.queries if self.queries else 0.0
+
+    @property
+    def store_gbps(self) -> float:
+        """Stored bytes over store time, in GB/s (0.0 before any store)."""
+        return self.bytes_stored / self.store_seconds / 1e9 if self.store_seconds else 0.0
+
+    @property
+    def load_gbps(self) -> float:
+        """Loaded bytes over load time, in GB/s (0.0 before any load)."""
+        return self.bytes_loaded / self.load_seconds / 1e9 if self.load_seconds else 0.0
 
 
 @attrs.define

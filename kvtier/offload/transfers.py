@@ -130,6 +130,7 @@ class Transfers:
         self._settle_demotions(event.demotions, outcome.demotions_ok)
         event.demotions = []
         event.local_done = True
+        event.seconds = outcome.seconds
         if outcome.error is not None:
             event.error = outcome.error
             self.end_store(event, ok=False)
@@ -167,6 +168,8 @@ class Transfers:
         if ok:
             first.commit(event.keys)
             stats.stores += len(event.keys)
+            stats.bytes_stored += len(event.keys) * self.device.layout.block_bytes
+            stats.store_seconds += event.seconds
         else:
             first.abort(event.keys)
             stats.failed_transfers += len(event.keys)
@@ -186,12 +189,19 @@ class Transfers:
             return
         self._settle_demotions(event.demotions, outcome.demotions_ok)
         event.demotions = []
-        self.end_load(event, error=outcome.error is not None, missing=outcome.missing)
+        self.end_load(
+            event, error=outcome.error is not None, missing=outcome.missing, seconds=outcome.seconds
+        )
         if outcome.error is not None:
             _log.warning("load_failed", task=event.event_id, error=repr(outcome.error))
 
     def end_load(
-        self, event: LoadEvent, *, error: bool, missing: tuple[tuple[int, BlockKey], ...]
+        self,
+        event: LoadEvent,
+        *,
+        error: bool,
+        missing: tuple[tuple[int, BlockKey], ...],
+        seconds: float = 0.0,
     ) -> None:
         """Settle a load: release pins and targets, forget missing blocks, report it."""
         self.loads.pop(event.event_id, None)
@@ -215,6 +225,9 @@ class Transfers:
                 stats.failed_transfers += n
             else:
                 stats.loads += n
+                stats.bytes_loaded += n * self.device.layout.block_bytes
+                if level == 0:
+                    stats.load_seconds += seconds
         self.block_pool.free_blocks(event.targets)
         ids = [block.block_id for block in event.targets] if error else []
         ids.extend(event.failed)  # positions already gone when the load was planned

@@ -10,7 +10,7 @@ the hit ratio, the gain over LRU and the share of the LRU-to-Belady gap it
 closes, and their averages over the capacities.
 
     python benchmarks/policies.py                       # the full synthetic trace
-    python benchmarks/policies.py --trace tests/data/mooncake_sample.jsonl
+    python benchmarks/policies.py --trace kvtier/data/mooncake_sample.jsonl
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from kvtier import BlockHasher, BlockPool, KVCacheConfig, KVCacheManager, Reques
 from kvtier.traces import expand_prompt, read_mooncake_trace
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TRACE = ROOT / "tests" / "data" / "mooncake_sample.jsonl"
+DEFAULT_TRACE = ROOT / "kvtier" / "data" / "mooncake_sample.jsonl"
 WORKER = Path(__file__).resolve().parent / "vllm_peer_worker.py"
 
 

@@ -1,6 +1,6 @@
 """A toy async engine loop (no model) that awaits kvtier over a real trace.
 
-The bundled Mooncake sample (``tests/data/mooncake_sample.jsonl``) is replayed
+The bundled Mooncake sample (``kvtier/data/mooncake_sample.jsonl``) is replayed
 in arrival order through a device prefix cache (:class:`kvtier.KVCacheManager`)
 backed by a CPU tier and a disk tier in a temporary directory, with the
 :class:`kvtier.offload.OffloadManager` in eager mode. Each step the engine:
@@ -33,9 +33,9 @@ from kvtier.tiers.base import BlockLayout
 from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.gpu import DeviceTier
-from kvtier.traces import expand_prompt, read_mooncake_trace
+from kvtier.traces import bundled_trace_path, expand_prompt, read_mooncake_trace
 
-TRACE = Path(__file__).resolve().parent.parent / "tests" / "data" / "mooncake_sample.jsonl"
+TRACE = bundled_trace_path()
 BLOCK_SIZE = 256
 LAYOUT = BlockLayout(
     num_layers=2, block_size=BLOCK_SIZE, num_kv_heads=1, head_size=8, dtype="float16"

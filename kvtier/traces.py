@@ -25,7 +25,13 @@ import attrs
 
 from kvtier.errors import KVTierError
 
-__all__ = ["TraceFormatError", "TraceRequest", "expand_prompt", "read_mooncake_trace"]
+__all__ = [
+    "bundled_trace_path",
+    "TraceFormatError",
+    "TraceRequest",
+    "expand_prompt",
+    "read_mooncake_trace",
+]
 
 MOONCAKE_BLOCK_SIZE = 512
 """Tokens per hash id in the published Mooncake traces."""
@@ -80,6 +86,15 @@ def _parse(line: str, where: str, trace_block_size: int) -> TraceRequest:
             f"tokens, input_length is {input_length}"
         )
     return TraceRequest(timestamp, input_length, output_length, tuple(hash_ids))
+
+
+def bundled_trace_path() -> Path:
+    """The trace sample shipped with kvtier.
+
+    The first 200 requests of the Mooncake paper's synthetic trace
+    (Apache-2.0; see ``kvtier/data/README.md``).
+    """
+    return Path(__file__).resolve().parent / "data" / "mooncake_sample.jsonl"
 
 
 def read_mooncake_trace(

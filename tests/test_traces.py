@@ -7,9 +7,15 @@ from pathlib import Path
 import pytest
 
 from kvtier import BlockHasher, Request
-from kvtier.traces import TraceFormatError, TraceRequest, expand_prompt, read_mooncake_trace
+from kvtier.traces import (
+    TraceFormatError,
+    TraceRequest,
+    bundled_trace_path,
+    expand_prompt,
+    read_mooncake_trace,
+)
 
-SAMPLE = Path(__file__).parent / "data" / "mooncake_sample.jsonl"
+SAMPLE = bundled_trace_path()
 ROW = '{"timestamp": 0, "input_length": 1, "output_length": 0, "hash_ids": [1]}'
 
 

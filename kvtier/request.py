@@ -88,6 +88,10 @@ def _check_non_negative(_: object, attribute: attrs.Attribute[int], value: int) 
         raise InvalidRequestError(f"{attribute.name} must be >= 0, got {value!r}")
 
 
+def _int_list(tokens: Iterable[int]) -> list[int]:
+    return list(tokens)
+
+
 @attrs.define(eq=False)
 class Request:
     """A request as the prefix cache sees it: tokens, block hashes, extra keys.
@@ -118,7 +122,7 @@ class Request:
     """
 
     request_id: str
-    prompt_token_ids: list[int] = attrs.field(converter=list)
+    prompt_token_ids: list[int] = attrs.field(converter=_int_list)
     block_hasher: BlockHasher | None = None
     cache_salt: str | None = None
     lora_name: str | None = None

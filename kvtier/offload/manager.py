@@ -87,7 +87,8 @@ class OffloadManager:
         block_size: Tokens per block.
         mode: ``"eager"``, ``"lazy"`` or ``"selective"`` (see
             :data:`~kvtier.offload.plan.WriteMode`).
-        eviction_policy: Eviction policy name of every lower tier's index.
+        eviction_policy: Eviction policy name of every lower tier's index, or
+            one name per tier.
         lazy_free_target: Lazy mode: free device blocks, from the eviction
             end of the free queue, kept safe to evict (unhashed or already
             stored below).
@@ -111,7 +112,7 @@ class OffloadManager:
         *,
         block_size: int,
         mode: WriteMode = "eager",
-        eviction_policy: str = "lru",
+        eviction_policy: str | Sequence[str] = "lru",
         lazy_free_target: int = 32,
         selective_min_hits: int = 2,
         num_groups: int = 1,
@@ -137,8 +138,16 @@ class OffloadManager:
         self.selective_min_hits = _positive("selective_min_hits", selective_min_hits)
         self.num_groups = _positive("num_groups", num_groups)
         self.world_size = _positive("world_size", world_size)
+        policies = (
+            [eviction_policy] * len(tiers)
+            if isinstance(eviction_policy, str)
+            else list(eviction_policy)
+        )
+        if len(policies) != len(tiers):
+            raise ConfigError(f"{len(policies)} eviction policies for {len(tiers)} tiers")
         self.indexes = [
-            TierIndex(t.name, t.num_slots, eviction_policy, block_size=block_size) for t in tiers
+            TierIndex(t.name, t.num_slots, policy, block_size=block_size)
+            for t, policy in zip(tiers, policies, strict=True)
         ]
         self._tier_stats = [TierStats() for _ in tiers]
         self._stats = OffloadStats(tiers=dict(zip(names, self._tier_stats, strict=True)))

@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import sys
 from array import array
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import attrs
 
 from kvtier.errors import KVTierError
 
 __all__ = [
+    "bundled_full_trace_path",
     "bundled_trace_path",
     "TraceFormatError",
     "TraceRequest",
@@ -97,13 +100,22 @@ def bundled_trace_path() -> Path:
     return Path(__file__).resolve().parent / "data" / "mooncake_sample.jsonl"
 
 
+def bundled_full_trace_path() -> Path:
+    """The whole Mooncake synthetic trace shipped with kvtier, xz-compressed.
+
+    All 3,993 requests of the Mooncake paper's synthetic trace (Apache-2.0;
+    see ``kvtier/data/README.md``); :func:`read_mooncake_trace` reads it as is.
+    """
+    return Path(__file__).resolve().parent / "data" / "mooncake_synthetic.jsonl.xz"
+
+
 def read_mooncake_trace(
     path: str | Path, *, limit: int | None = None, trace_block_size: int = MOONCAKE_BLOCK_SIZE
 ) -> list[TraceRequest]:
     """Read a Mooncake-format trace.
 
     Args:
-        path: The JSON-lines file.
+        path: The JSON-lines file; a name ending in ``.xz`` is decompressed.
         limit: Read at most this many requests.
         trace_block_size: Tokens per hash id.
 
@@ -111,22 +123,33 @@ def read_mooncake_trace(
         The requests, in file order. Blank lines are skipped.
 
     Raises:
-        TraceFormatError: A line is malformed (the message gives its number).
+        TraceFormatError: A line is malformed or the file is not valid xz
+            (the message gives the line's number).
         OSError: The file cannot be read.
     """
     return list(_iter_trace(Path(path), limit, trace_block_size))
 
 
+def _open_text(path: Path) -> IO[str]:
+    if path.suffix == ".xz":
+        return lzma.open(path, "rt", encoding="utf-8")
+    return path.open(encoding="utf-8")
+
+
 def _iter_trace(path: Path, limit: int | None, trace_block_size: int) -> Iterator[TraceRequest]:
     count = 0
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if limit is not None and count >= limit:
-                return
-            if not line.strip():
-                continue
-            yield _parse(line, f"{path}:{number}", trace_block_size)
-            count += 1
+    number = 0
+    try:
+        with _open_text(path) as lines:
+            for number, line in enumerate(lines, 1):
+                if limit is not None and count >= limit:
+                    return
+                if not line.strip():
+                    continue
+                yield _parse(line, f"{path}:{number}", trace_block_size)
+                count += 1
+    except (lzma.LZMAError, EOFError) as exc:  # EOFError: a truncated stream
+        raise TraceFormatError(f"{path}:{number + 1}: not valid xz data: {exc}") from exc
 
 
 def _block_tokens(hash_id: int, trace_block_size: int) -> array[int]:

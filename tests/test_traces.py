@@ -10,6 +10,7 @@ from kvtier import BlockHasher, Request
 from kvtier.traces import (
     TraceFormatError,
     TraceRequest,
+    bundled_full_trace_path,
     bundled_trace_path,
     expand_prompt,
     read_mooncake_trace,
@@ -71,3 +72,24 @@ def test_bad_lines_name_the_line(tmp_path: Path, line: str, message: str) -> Non
     with pytest.raises(TraceFormatError, match=message) as info:
         read_mooncake_trace(path)
     assert ":3:" in str(info.value)
+
+
+def test_full_trace_is_bundled_compressed_and_starts_with_the_sample() -> None:
+    full = read_mooncake_trace(bundled_full_trace_path())
+    assert len(full) == 3993
+    assert sum(len(row.hash_ids) for row in full) == 121_877
+    assert len({i for row in full for i in row.hash_ids}) == 43_924
+    assert full[:200] == read_mooncake_trace(SAMPLE)
+    assert read_mooncake_trace(bundled_full_trace_path(), limit=5) == full[:5]
+
+
+def test_xz_trace_round_trip_and_corrupt_xz(tmp_path: Path) -> None:
+    import lzma
+
+    good = tmp_path / "t.jsonl.xz"
+    good.write_bytes(lzma.compress((ROW + "\n").encode()))
+    assert read_mooncake_trace(good) == [TraceRequest(0, 1, 0, (1,))]
+    bad = tmp_path / "bad.jsonl.xz"
+    bad.write_bytes(lzma.compress((ROW + "\n" + ROW + "\n").encode())[:-20])
+    with pytest.raises(TraceFormatError, match="not valid xz"):
+        read_mooncake_trace(bad)

@@ -129,7 +129,8 @@ class TierConfig:
         kind: ``"device"``, ``"cpu"`` or ``"disk"``.
         capacity_bytes: The tier's budget.
         eviction: Eviction policy name (lower tiers).
-        path: Directory of a disk tier.
+        path: Directory of a disk tier (``None``: ``kvtier replay`` uses a
+            temporary directory).
         direct_io: Disk tier: ``O_DIRECT``.
         pin_memory: CPU tier: pinned host memory (``None``: when CUDA is present).
         max_workers: Disk tier: worker threads.
@@ -246,8 +247,8 @@ def _tier(table: Mapping[str, Any], index: int) -> TierConfig:
     kind = _choice(table, "kind", TIER_KINDS, "", key)
     eviction = _choice(table, "eviction", tuple(sorted(EVICTION_POLICIES)), "lru", key)
     path = table.get("path")
-    if kind == "disk" and not isinstance(path, str):
-        raise ConfigError(f"{key}.path: a disk tier needs a directory path, got {path!r}")
+    if kind == "disk" and path is not None and not isinstance(path, str):
+        raise ConfigError(f"{key}.path: a disk tier's path is a directory name, got {path!r}")
     if kind != "disk" and path is not None:
         raise ConfigError(f"{key}.path: only a disk tier has a path")
     return TierConfig(

@@ -83,7 +83,7 @@ def test_durations(text: str, expected: float) -> None:
             base(tiers=[{"kind": "cpu", "capacity": "1GiB", "colour": 1}]),
             r"unknown key\(s\) colour",
         ),
-        (base(tiers=[{"kind": "disk", "capacity": "1GiB"}]), r"path: a disk tier needs"),
+        (base(tiers=[{"kind": "disk", "capacity": "1GiB", "path": 3}]), r"path: a disk tier"),
         (base(tiers=[{"kind": "cpu", "capacity": "1GiB", "path": "/x"}]), r"only a disk tier"),
         (base(tiers=[{"kind": "cpu", "capacity": "10B"}]), r"hold no block"),
         (base(tiers=[{"kind": "device", "capacity": "1GiB"}]), r"at least one lower tier"),

@@ -1,0 +1,164 @@
+"""What a replay measured, as an attrs value, a dict for ``--json`` and a rich table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from rich.table import Table
+
+from kvtier.offload.stats import TierStats
+
+__all__ = ["ReplayReport", "TierReport", "render", "tier_report"]
+
+
+@attrs.frozen
+class TierReport:
+    """One lower tier's share of a replay.
+
+    Attributes:
+        name: The tier.
+        hits: Blocks found there by lookups / blocks looked up there.
+        queries: Blocks looked up there.
+        stored_blocks: Blocks written to it.
+        loaded_blocks: Blocks loaded from it toward the device.
+        evictions: Blocks evicted from it.
+        demotions: Blocks demoted into it from the tier above.
+        store_gbps: Store throughput of the pipeline into it.
+        load_gbps: Load throughput of the pipeline out of it.
+        failed_transfers: Blocks of failed transfers.
+        bytes_stored: Bytes written to it.
+        bytes_loaded: Bytes loaded from it toward the device.
+    """
+
+    name: str
+    hits: int
+    queries: int
+    stored_blocks: int
+    loaded_blocks: int
+    evictions: int
+    demotions: int
+    store_gbps: float
+    load_gbps: float
+    failed_transfers: int
+    bytes_stored: int = 0
+    bytes_loaded: int = 0
+
+
+def tier_report(name: str, stats: TierStats) -> TierReport:
+    """A :class:`TierReport` from the offload manager's counters."""
+    return TierReport(
+        name,
+        stats.hits,
+        stats.queries,
+        stats.stores,
+        stats.loads,
+        stats.evictions,
+        stats.demotions,
+        stats.store_gbps,
+        stats.load_gbps,
+        stats.failed_transfers,
+        stats.bytes_stored,
+        stats.bytes_loaded,
+    )
+
+
+@attrs.frozen
+class ReplayReport:
+    """A replay's results.
+
+    Attributes:
+        workload: The workload's name.
+        requests: Requests replayed.
+        prompt_tokens: Prompt tokens over all requests.
+        device_hit_tokens: Tokens the device prefix cache held.
+        loaded_tokens: Tokens loaded from lower tiers (every block verified).
+        verified_blocks: Blocks reused (device hits and loaded blocks), each
+            compared byte for byte with the bytes it was computed with.
+        failed_loads: Loads that came back (partly) failed and were recomputed.
+        seconds: Wall time of the replay.
+        device: Where the device tier lived (``cpu`` or ``cuda``).
+        tiers: One report per lower tier, fastest first.
+    """
+
+    workload: str
+    requests: int
+    prompt_tokens: int
+    device_hit_tokens: int
+    loaded_tokens: int
+    verified_blocks: int
+    failed_loads: int
+    seconds: float
+    device: str
+    tiers: tuple[TierReport, ...]
+
+    @property
+    def saved_tokens(self) -> int:
+        """Prefill tokens not computed: device hits plus lower-tier loads."""
+        return self.device_hit_tokens + self.loaded_tokens
+
+    @property
+    def saved_ratio(self) -> float:
+        """``saved_tokens / prompt_tokens``."""
+        return self.saved_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for ``--json`` (derived ratios included)."""
+        data = attrs.asdict(self)
+        data["saved_tokens"] = self.saved_tokens
+        data["saved_ratio"] = self.saved_ratio
+        return data
+
+
+def render(report: ReplayReport) -> list[Table]:
+    """The report as rich tables: a summary and one row per tier."""
+    summary = Table(title=f"kvtier replay: {report.workload}", show_header=False)
+    summary.add_column("what")
+    summary.add_column("value", justify="right")
+    rows = [
+        ("requests", f"{report.requests:,}"),
+        ("prompt tokens", f"{report.prompt_tokens:,}"),
+        ("device prefix-cache hits", f"{report.device_hit_tokens:,} tokens"),
+        ("loaded from lower tiers", f"{report.loaded_tokens:,} tokens"),
+        ("prefill saved", f"{report.saved_tokens:,} tokens ({report.saved_ratio:.1%})"),
+        ("reused blocks verified byte for byte", f"{report.verified_blocks:,}"),
+        ("failed loads (recomputed)", f"{report.failed_loads:,}"),
+        ("device tier", report.device),
+        ("wall time", f"{report.seconds:.1f} s"),
+    ]
+    for row in rows:
+        summary.add_row(*row)
+    tiers = Table(title="lower tiers (blocks)")
+    for column in ("tier", "hits", "stored", "loaded", "evicted", "demoted in", "failed"):
+        tiers.add_column(column, justify="right")
+    traffic = Table(title="traffic (pipeline time per direction)")
+    for column in ("tier", "stored", "store GB/s", "loaded", "load GB/s"):
+        traffic.add_column(column, justify="right")
+    for tier in report.tiers:
+        ratio = tier.hits / tier.queries if tier.queries else 0.0
+        tiers.add_row(
+            tier.name,
+            f"{ratio:.1%} of {tier.queries:,}",
+            f"{tier.stored_blocks:,}",
+            f"{tier.loaded_blocks:,}",
+            f"{tier.evictions:,}",
+            f"{tier.demotions:,}",
+            f"{tier.failed_transfers:,}",
+        )
+        traffic.add_row(
+            tier.name,
+            _mib(tier.bytes_stored),
+            _gbps(tier.store_gbps),
+            _mib(tier.bytes_loaded),
+            _gbps(tier.load_gbps),
+        )
+    return [summary, tiers, traffic]
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):,.1f} MiB" if nbytes else "-"
+
+
+def _gbps(gbps: float) -> str:
+    """GB/s, or ``-`` where no time was attributed (a staged hop is timed as one load)."""
+    return f"{gbps:.2f}" if gbps else "-"

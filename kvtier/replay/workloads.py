@@ -1,0 +1,114 @@
+"""Workloads for ``kvtier replay``: prompts as token ids, in arrival order.
+
+* :func:`trace_workload`: a Mooncake-format trace (the bundled whole Mooncake
+  synthetic trace by default), each request's hash ids expanded into token ids
+  (:func:`kvtier.traces.expand_prompt`), so requests sharing ids share prefixes;
+* :func:`chat_workload`: multi-round chat, like LMCache's multi-round QA
+  benchmark: users share a system prompt, each round a user's prompt is the
+  conversation so far (system prompt, every earlier question and answer) plus
+  a new question; users take turns.
+"""
+
+from __future__ import annotations
+
+import random
+from array import array
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import attrs
+
+from kvtier.errors import ConfigError
+from kvtier.traces import (
+    bundled_full_trace_path,
+    bundled_trace_path,
+    expand_prompt,
+    read_mooncake_trace,
+)
+
+__all__ = ["WORKLOADS", "Workload", "chat_workload", "sample_workload", "trace_workload"]
+
+
+@attrs.frozen
+class Workload:
+    """Prompts to replay, in arrival order.
+
+    Attributes:
+        name: A short name for reports.
+        prompts: One list of token ids per request.
+    """
+
+    name: str
+    prompts: Sequence[list[int]]
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt tokens over all requests."""
+        return sum(len(prompt) for prompt in self.prompts)
+
+
+def trace_workload(path: str | Path | None = None, *, limit: int | None = None) -> Workload:
+    """A Mooncake-format trace (``.jsonl`` or ``.jsonl.xz``).
+
+    Args:
+        path: The trace; the whole bundled Mooncake synthetic trace (3,993
+            requests) when None.
+        limit: Replay only the first ``limit`` requests.
+
+    Raises:
+        TraceFormatError: A malformed line.
+        OSError: The file cannot be read.
+    """
+    source = Path(path) if path is not None else bundled_full_trace_path()
+    rows = read_mooncake_trace(source, limit=limit)
+    cache: dict[int, array[int]] = {}
+    name = source.name.removesuffix(".xz").removesuffix(".jsonl")
+    return Workload(name, [expand_prompt(row, cache=cache) for row in rows])
+
+
+def sample_workload(*, limit: int | None = None) -> Workload:
+    """The bundled 200-request sample of the Mooncake trace (little reuse: 6 %)."""
+    return trace_workload(bundled_trace_path(), limit=limit)
+
+
+def chat_workload(
+    *,
+    users: int = 16,
+    rounds: int = 6,
+    system_prompt: int = 2048,
+    question: int = 128,
+    answer: int = 256,
+    seed: int = 0,
+) -> Workload:
+    """Multi-round chat: ``users`` conversations of ``rounds`` turns, turns interleaved.
+
+    Raises:
+        ConfigError: A count is not positive.
+    """
+    for name, value in (
+        ("users", users),
+        ("rounds", rounds),
+        ("system_prompt", system_prompt),
+        ("question", question),
+        ("answer", answer),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"chat workload: {name} must be an integer >= 1, got {value!r}")
+    rng = random.Random(seed)
+    shared = [rng.randrange(32_000) for _ in range(system_prompt)]
+    history = [list(shared) for _ in range(users)]
+    prompts: list[list[int]] = []
+    for _ in range(rounds):
+        for user in range(users):
+            history[user].extend(rng.randrange(32_000) for _ in range(question))
+            prompts.append(list(history[user]))
+            history[user].extend(rng.randrange(32_000) for _ in range(answer))
+    return Workload(f"chat-{users}x{rounds}", prompts)
+
+
+WORKLOADS: dict[str, Callable[[], Workload]] = {
+    "mooncake": trace_workload,
+    "sample": sample_workload,
+    "chat": chat_workload,
+}
+"""Built-in workloads by name (``--workload``), each with its default parameters."""

@@ -1,0 +1,129 @@
+"""The ``kvtier`` command, run in-process through ``kvtier.cli.main``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvtier.cli import main
+
+SMALL_TOML = """
+[layout]
+num_layers = 1
+block_size = 16
+num_kv_heads = 1
+head_size = 8
+
+[[tiers]]
+kind = "device"
+capacity = "32KiB"
+
+[[tiers]]
+kind = "cpu"
+capacity = "24KiB"
+
+[[tiers]]
+kind = "disk"
+capacity = "1MiB"
+"""
+CHAT = ["--workload", "chat", "--users", "6", "--rounds", "4", "--system-prompt", "256"]
+CHAT += ["--question", "32", "--answer", "64"]
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> Path:
+    path = tmp_path / "small.toml"
+    path.write_text(SMALL_TOML)
+    return path
+
+
+def test_replay_json(small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["replay", str(small), *CHAT, "--json", "--workdir", str(tmp_path / "w")])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["workload"] == "chat-6x4"
+    assert data["requests"] == 24
+    assert data["loaded_tokens"] > 0
+    assert data["verified_blocks"] == (data["device_hit_tokens"] + data["loaded_tokens"]) // 16
+    assert data["saved_tokens"] == data["device_hit_tokens"] + data["loaded_tokens"]
+    assert [tier["name"] for tier in data["tiers"]] == ["cpu", "disk"]
+    assert any((tmp_path / "w").iterdir())
+
+
+def test_replay_tables(small: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["replay", str(small), *CHAT, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "prefill saved" in out
+    assert "reused blocks verified byte for byte" in out
+    assert "lower tiers" in out
+    assert "traffic" in out
+
+
+def test_replay_trace_with_limit(small: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = Path(__file__).resolve().parents[1] / "kvtier" / "data" / "mooncake_sample.jsonl"
+    big_device = small.read_text().replace('"32KiB"', '"2MiB"')
+    small.write_text(big_device)
+    assert main(["replay", str(small), "--trace", str(trace), "--limit", "3", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["requests"] == 3
+    assert data["workload"] == "mooncake_sample"
+
+
+def test_sweep_json_reports_belady_beside_each_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["replay", "--workload", "sample", "--sweep", "--json"]
+    assert main([*args, "--policies", "lru,arc", "--capacities", "5,50"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["block_size"] == 512
+    assert [row["fraction"] for row in data["rows"]] == [0.05, 0.5]
+    for row in data["rows"]:
+        assert set(row["policies"]) == {"lru", "arc"}
+        for ratio in row["policies"].values():
+            assert 0.0 <= ratio <= row["belady"] + 1e-12  # nothing beats the offline optimum
+    assert data["rows"][0]["capacity"] < data["rows"][1]["capacity"]
+
+
+def test_sweep_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "sweep.png"
+    args = ["replay", "--workload", "sample", "--plot", str(plot), "--policies", "lru"]
+    assert main([*args, "--capacities", "10,50"]) == 0
+    out = capsys.readouterr().out
+    assert "Belady" in out
+    assert "plot written" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--policies", "mru", "--sweep"], "eviction policy"),
+        (["--limit", "0"], "--limit"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["replay", "--workload", "sample", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(SMALL_TOML.replace('kind = "cpu"', 'kind = "cpu"\neviction = "mru"'))
+    assert main(["replay", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "tiers[1].eviction" in err
+    assert "mru" in err
+    assert main(["replay", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["replay", "--capacities", "0,200"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["replay", "--trace", "x", "--workload", "chat"])
+    assert exit_info.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err

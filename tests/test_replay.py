@@ -1,0 +1,200 @@
+"""The replay engine: real tiers, real pipeline, every reused byte checked."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Self
+
+import pytest
+import torch
+
+from kvtier.config import KvtierConfig, parse_config
+from kvtier.errors import ConfigError
+from kvtier.replay import (
+    ReplayIntegrityError,
+    Workload,
+    block_bytes,
+    chat_workload,
+    default_config,
+    replay,
+    sample_workload,
+    trace_workload,
+)
+from kvtier.tiers.base import BlockKey, BlockStore
+from tests.tier_doubles import FaultInjectingStore
+
+BLOCK_BYTES = 2 * 16 * 1 * 8 * 2  # one layer, K and V, 16 tokens, one head of 8, fp16
+
+
+def small_config(
+    *,
+    device_blocks: int = 64,
+    cpu_blocks: int = 96,
+    disk_blocks: int | None = 1024,
+    mode: str = "eager",
+    disk_path: Path | None = None,
+) -> KvtierConfig:
+    tiers: list[dict[str, object]] = [
+        {"kind": "device", "capacity": device_blocks * BLOCK_BYTES},
+        {"kind": "cpu", "capacity": cpu_blocks * BLOCK_BYTES},
+    ]
+    if disk_blocks is not None:
+        disk: dict[str, object] = {"kind": "disk", "capacity": disk_blocks * BLOCK_BYTES}
+        if disk_path is not None:
+            disk["path"] = str(disk_path)
+        tiers.append(disk)
+    return parse_config(
+        {
+            "layout": {"num_layers": 1, "block_size": 16, "num_kv_heads": 1, "head_size": 8},
+            "offload": {"write_mode": mode},
+            "tiers": tiers,
+        }
+    )
+
+
+def small_chat() -> Workload:
+    return chat_workload(users=6, rounds=4, system_prompt=256, question=32, answer=64)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", ["eager", "lazy", "selective"])
+async def test_chat_replay_loads_from_lower_tiers_and_verifies_every_block(
+    mode: str, tmp_path: Path
+) -> None:
+    workload = small_chat()
+    report = await replay(small_config(mode=mode), workload, workdir=tmp_path)
+    assert report.requests == 24
+    assert report.prompt_tokens == workload.num_tokens
+    assert report.device_hit_tokens > 0
+    if mode == "selective":  # histories are hit once each on the device: none is stored
+        assert report.verified_blocks == report.device_hit_tokens // 16
+        return
+    assert report.loaded_tokens > 0, "the device is too small to hold every history"
+    reused_blocks = (report.device_hit_tokens + report.loaded_tokens) // 16
+    assert report.verified_blocks == reused_blocks
+    assert report.saved_tokens == report.device_hit_tokens + report.loaded_tokens
+    assert 0 < report.saved_ratio < 1
+    names = [tier.name for tier in report.tiers]
+    assert names == ["cpu", "disk"]
+    cpu = report.tiers[0]
+    if mode == "eager":
+        assert cpu.stored_blocks > 0
+        assert cpu.bytes_stored == cpu.stored_blocks * BLOCK_BYTES
+    assert cpu.loaded_blocks > 0
+    assert cpu.bytes_loaded == cpu.loaded_blocks * BLOCK_BYTES
+    assert report.tiers[0].hits <= report.tiers[0].queries
+
+
+@pytest.mark.asyncio
+async def test_hits_spill_to_disk_when_cpu_is_small(tmp_path: Path) -> None:
+    report = await replay(small_config(cpu_blocks=48), small_chat(), workdir=tmp_path)
+    disk = report.tiers[1]
+    assert disk.demotions > 0  # CPU evictions are demoted, not dropped
+    assert disk.hits > 0
+    assert disk.loaded_blocks > 0
+    assert report.verified_blocks == (report.device_hit_tokens + report.loaded_tokens) // 16
+
+
+@pytest.mark.asyncio
+async def test_bigger_lower_tiers_save_at_least_as_much(tmp_path: Path) -> None:
+    workload = small_chat()
+    none_below = await replay(small_config(cpu_blocks=1, disk_blocks=None), workload)
+    with_disk = await replay(small_config(), workload, workdir=tmp_path)
+    assert with_disk.saved_tokens > none_below.saved_tokens
+
+
+@pytest.mark.asyncio
+async def test_disk_tier_path_from_the_config_is_used(tmp_path: Path) -> None:
+    where = tmp_path / "cache"
+    await replay(small_config(cpu_blocks=48, disk_path=where), small_chat())
+    assert where.is_dir()
+    assert (where.stat().st_mode & 0o777) == 0o700
+    assert any(where.rglob("*"))
+
+
+class Wrapper(FaultInjectingStore):
+    """A wrapper that opens and closes the tier it wraps."""
+
+    async def __aenter__(self) -> Self:
+        await self.inner.__aenter__()  # type: ignore[attr-defined]
+        return self
+
+
+class CorruptingStore(Wrapper):
+    """Flips one byte of every block it reads: what a buggy tier would hand back."""
+
+    async def read_into(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], out: torch.Tensor
+    ) -> None:
+        await super().read_into(slots, keys, out)
+        out[:, 0] ^= 0xFF
+
+
+@pytest.mark.asyncio
+async def test_wrong_bytes_from_a_tier_fail_the_replay(tmp_path: Path) -> None:
+    def corrupt(tier: BlockStore) -> BlockStore:
+        return CorruptingStore(tier)
+
+    with pytest.raises(ReplayIntegrityError, match="loaded block"):
+        await replay(small_config(), small_chat(), workdir=tmp_path, wrap_tier=corrupt)
+
+
+@pytest.mark.asyncio
+async def test_a_failing_tier_turns_loads_into_recomputes(tmp_path: Path) -> None:
+    from kvtier.errors import TierIOError
+
+    wrapped: list[Wrapper] = []
+
+    class AlwaysFailingReads(Wrapper):
+        async def read_into(
+            self, slots: Sequence[int], keys: Sequence[BlockKey], out: torch.Tensor
+        ) -> None:
+            self.reads += 1
+            raise TierIOError("EIO", tier=self.name)
+
+    def failing(tier: BlockStore) -> BlockStore:
+        store = AlwaysFailingReads(tier)
+        wrapped.append(store)
+        return store
+
+    report = await replay(small_config(), small_chat(), workdir=tmp_path, wrap_tier=failing)
+    assert sum(store.reads for store in wrapped) > 0
+    assert report.loaded_tokens == 0
+    assert report.failed_loads > 0
+    assert report.verified_blocks == report.device_hit_tokens // 16
+
+
+@pytest.mark.asyncio
+async def test_device_too_small_for_the_largest_prompt_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="largest prompt"):
+        await replay(small_config(device_blocks=8), small_chat())
+
+
+def test_block_bytes_depend_on_the_key_only() -> None:
+    layout = small_config().layout
+    a, b = block_bytes(layout, b"a" * 32), block_bytes(layout, b"b" * 32)
+    assert a.shape == (layout.block_bytes,)
+    assert a.dtype == torch.uint8
+    assert torch.equal(a, block_bytes(layout, b"a" * 32))
+    assert not torch.equal(a, b)
+
+
+def test_default_config_is_device_cpu_disk_without_a_path() -> None:
+    config = default_config()
+    assert [t.kind for t in config.tiers] == ["device", "cpu", "disk"]
+    assert config.tiers[2].path is None
+    assert config.layout.block_size == 512
+
+
+def test_workloads() -> None:
+    chat = chat_workload(users=2, rounds=3, system_prompt=10, question=2, answer=3)
+    assert len(chat.prompts) == 6
+    first, second_round = chat.prompts[0], chat.prompts[2]
+    assert second_round[: len(first)] == first  # a user's history is the next prompt's prefix
+    assert chat.prompts[0][:10] == chat.prompts[1][:10]  # the shared system prompt
+    assert len(sample_workload().prompts) == 200
+    assert trace_workload(limit=3).name == "mooncake_synthetic"
+    assert trace_workload(limit=3).prompts == sample_workload(limit=3).prompts
+    with pytest.raises(ConfigError, match="users"):
+        chat_workload(users=0)

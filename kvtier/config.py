@@ -52,6 +52,7 @@ import attrs
 from kvtier.errors import ConfigError
 from kvtier.hashing import HASH_ALGORITHMS
 from kvtier.policies.base import EVICTION_POLICIES
+from kvtier.policies.prefetch import PREFETCH_POLICIES
 from kvtier.tiers.base import BlockLayout
 
 __all__ = [
@@ -67,7 +68,6 @@ __all__ = [
 TierKind = Literal["device", "cpu", "disk"]
 TIER_KINDS: Final = ("device", "cpu", "disk")
 WRITE_MODES: Final = ("eager", "lazy", "selective")
-PREFETCH_POLICIES: Final = ("best_effort", "wait_complete", "timeout")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS: Final = {
@@ -276,7 +276,7 @@ def _offload(table: Mapping[str, Any]) -> OffloadConfig:
     return OffloadConfig(
         _choice(table, "write_mode", WRITE_MODES, "eager", "offload"),
         _choice(table, "hash", tuple(sorted(HASH_ALGORITHMS)), "sha256", "offload"),
-        _choice(table, "prefetch", PREFETCH_POLICIES, "best_effort", "offload"),
+        _choice(table, "prefetch", tuple(PREFETCH_POLICIES), "best_effort", "offload"),
         parse_duration(table.get("prefetch_timeout", 0.05), key="offload.prefetch_timeout"),
         parse_duration(
             table.get("prefetch_timeout_per_1k_tokens", 0.005),

@@ -34,6 +34,7 @@ def small_config(
     disk_blocks: int | None = 1024,
     mode: str = "eager",
     disk_path: Path | None = None,
+    prefetch: dict[str, object] | None = None,
 ) -> KvtierConfig:
     tiers: list[dict[str, object]] = [
         {"kind": "device", "capacity": device_blocks * BLOCK_BYTES},
@@ -47,7 +48,7 @@ def small_config(
     return parse_config(
         {
             "layout": {"num_layers": 1, "block_size": 16, "num_kv_heads": 1, "head_size": 8},
-            "offload": {"write_mode": mode},
+            "offload": {"write_mode": mode, **(prefetch or {"prefetch": "wait_complete"})},
             "tiers": tiers,
         }
     )
@@ -198,3 +199,35 @@ def test_workloads() -> None:
     assert trace_workload(limit=3).prompts == sample_workload(limit=3).prompts
     with pytest.raises(ConfigError, match="users"):
         chat_workload(users=0)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("prefetch", "disk_loads"),
+    [
+        ({"prefetch": "wait_complete"}, True),
+        ({"prefetch": "best_effort"}, False),
+        ({"prefetch": "timeout", "prefetch_timeout": "1000s"}, True),
+        (
+            {"prefetch": "timeout", "prefetch_timeout": 0, "prefetch_timeout_per_1k_tokens": 0},
+            "first",  # the first staged load is free (no measurement yet), then none fit
+        ),
+    ],
+)
+async def test_prefetch_policy_decides_what_is_staged_from_disk(
+    prefetch: dict[str, object], disk_loads: bool | str, tmp_path: Path
+) -> None:
+    config = small_config(cpu_blocks=48, prefetch=prefetch)
+    report = await replay(config, small_chat(), workdir=tmp_path)
+    disk = report.tiers[1]
+    assert disk.hits > 0  # the disk held blocks the lookups found
+    assert report.prefetch == prefetch["prefetch"]
+    assert report.verified_blocks == (report.device_hit_tokens + report.loaded_tokens) // 16
+    if disk_loads is True:
+        assert disk.loaded_blocks > 0
+        assert report.declined_tokens == 0
+    elif disk_loads is False:
+        assert disk.loaded_blocks == 0
+        assert report.declined_tokens > 0
+    else:
+        assert report.declined_tokens > 0

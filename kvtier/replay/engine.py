@@ -28,6 +28,7 @@ from kvtier.errors import ConfigError, KVTierError
 from kvtier.hashing import make_block_hash_with_group_id
 from kvtier.manager import KVCacheManager
 from kvtier.offload import OffloadManager, SchedulerOutput
+from kvtier.policies.prefetch import StagingCostModel, make_prefetch_policy
 from kvtier.replay.report import ReplayReport, tier_report
 from kvtier.replay.workloads import Workload
 from kvtier.request import Request
@@ -119,11 +120,28 @@ class _Engine:
         self.device_hit_tokens = 0
         self.loaded_tokens = 0
         self.failed_loads = 0
+        self.declined_tokens = 0
+        self.prefetch = make_prefetch_policy(
+            config.offload.prefetch,
+            timeout=config.offload.prefetch_timeout,
+            timeout_per_1k_tokens=config.offload.prefetch_timeout_per_1k_tokens,
+        )
+        self.costs = StagingCostModel()
+        self.staging: dict[str, tuple[float, list[int]]] = {}
         self.finished = 0
 
     def _bytes(self, request: Request, position: int) -> torch.Tensor:
         key = make_block_hash_with_group_id(request.block_hashes[position], 0)
         return block_bytes(self.config.layout, key).to(self.cache.device)
+
+    def _levels(self, request: Request, first: int, count: int) -> list[int]:
+        """The lower tier holding each of the ``count`` hit blocks from ``first``."""
+        levels = []
+        for position in range(first, first + count):
+            key = make_block_hash_with_group_id(request.block_hashes[position], 0)
+            level = next((i for i, idx in enumerate(self.offload.indexes) if idx.contains(key)), 0)
+            levels.append(level)
+        return levels
 
     def _verify(self, request: Request, position: int, block_id: int, what: str) -> None:
         if not torch.equal(self.cache[block_id], self._bytes(request, position)):
@@ -137,7 +155,11 @@ class _Engine:
         while self.waiting and len(self.loading) + len(self.ready) < MAX_RUNNING:
             request = self.waiting[0]
             computed, num_computed = self.kvm.get_computed_blocks(request)
-            external, _ = self.offload.get_num_new_matched_tokens(request, num_computed)
+            found, _ = self.offload.get_num_new_matched_tokens(request, num_computed)
+            first = num_computed // self.block_size
+            levels = self._levels(request, first, found // self.block_size)
+            accepted = self.prefetch.loadable(levels, request.num_tokens, self.costs)
+            external = accepted * self.block_size
             blocks = self.kvm.allocate_slots(
                 request,
                 request.num_tokens - num_computed,
@@ -149,13 +171,15 @@ class _Engine:
                 return
             self.waiting.pop(0)
             self.device_hit_tokens += num_computed
+            self.declined_tokens += found - external
             held = self.kvm.get_blocks(request.request_id)
             for position in range(num_computed // self.block_size):
                 self._verify(request, position, held.blocks[0][position].block_id, "device hit")
             self.offload.update_state_after_alloc(request, held, external)
             if external:
-                first = num_computed // self.block_size
-                self.loading[request.request_id] = (request, first, external // self.block_size)
+                self.loading[request.request_id] = (request, first, accepted)
+                staged = [level for level in levels[:accepted] if level]
+                self.staging[request.request_id] = (time.perf_counter(), staged)
             else:
                 self.ready.append(request)
 
@@ -183,6 +207,9 @@ class _Engine:
     def collect(self) -> None:
         for finished in self.offload.take_finished():
             request, first, count = self.loading.pop(finished.request_id)
+            started, staged = self.staging.pop(finished.request_id)
+            if staged and finished.ok:
+                self.costs.observe(max(staged), len(staged), time.perf_counter() - started)
             ids = self.kvm.get_block_ids(request.request_id)[0]
             failed = set(finished.failed_block_ids)
             self.failed_loads += int(bool(failed))
@@ -295,6 +322,8 @@ async def replay(
         prompt_tokens=workload.num_tokens,
         device_hit_tokens=engine.device_hit_tokens,
         loaded_tokens=engine.loaded_tokens,
+        declined_tokens=engine.declined_tokens,
+        prefetch=config.offload.prefetch,
         verified_blocks=engine.verified,
         failed_loads=engine.failed_loads,
         seconds=seconds,

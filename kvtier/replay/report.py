@@ -73,6 +73,9 @@ class ReplayReport:
         prompt_tokens: Prompt tokens over all requests.
         device_hit_tokens: Tokens the device prefix cache held.
         loaded_tokens: Tokens loaded from lower tiers (every block verified).
+        declined_tokens: Lower-tier hits the prefetch policy left to compute
+            (too slow to stage within its budget).
+        prefetch: The prefetch policy's name.
         verified_blocks: Blocks reused (device hits and loaded blocks), each
             compared byte for byte with the bytes it was computed with.
         failed_loads: Loads that came back (partly) failed and were recomputed.
@@ -86,6 +89,8 @@ class ReplayReport:
     prompt_tokens: int
     device_hit_tokens: int
     loaded_tokens: int
+    declined_tokens: int
+    prefetch: str
     verified_blocks: int
     failed_loads: int
     seconds: float
@@ -121,6 +126,7 @@ def render(report: ReplayReport) -> list[Table]:
         ("device prefix-cache hits", f"{report.device_hit_tokens:,} tokens"),
         ("loaded from lower tiers", f"{report.loaded_tokens:,} tokens"),
         ("prefill saved", f"{report.saved_tokens:,} tokens ({report.saved_ratio:.1%})"),
+        (f"hits declined by prefetch={report.prefetch}", f"{report.declined_tokens:,} tokens"),
         ("reused blocks verified byte for byte", f"{report.verified_blocks:,}"),
         ("failed loads (recomputed)", f"{report.failed_loads:,}"),
         ("device tier", report.device),

@@ -1,0 +1,183 @@
+"""Prefetch policies: how long a request may wait for blocks held by slow tiers.
+
+A lower-tier hit in the first lower tier (pinned host memory) is always
+loaded: a host-to-device copy is fast and overlaps compute. A hit further
+down (disk, a remote store) must be staged through the first lower tier
+first, and that can take longer than recomputing. SGLang HiCache's three
+names decide how much of it to wait for:
+
+* ``best_effort``: load only the prefix already in the first lower tier; the
+  rest of the hit is recomputed, so no request ever waits for storage;
+* ``wait_complete``: load the whole hit, however long staging takes;
+* ``timeout``: stage blocks while their estimated staging time fits a budget
+  of ``timeout + timeout_per_1k_tokens * prompt_tokens / 1000``.
+
+Unlike HiCache, which cuts a prefetch off when the deadline passes, kvtier
+decides *before* the load starts, from :class:`StagingCostModel`'s measured
+seconds per block: a load into device blocks cannot be abandoned halfway
+without waiting for its copies anyway, and deciding up front never leaves a
+request holding half-written blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+import attrs
+
+from kvtier.errors import ConfigError, UnknownNameError
+
+__all__ = [
+    "PREFETCH_POLICIES",
+    "BestEffort",
+    "PrefetchPolicy",
+    "StagingCostModel",
+    "Timeout",
+    "WaitComplete",
+    "make_prefetch_policy",
+]
+
+
+@runtime_checkable
+class PrefetchPolicy(Protocol):
+    """Chooses how many leading lower-tier hit blocks a request loads."""
+
+    def loadable(self, levels: Sequence[int], num_tokens: int, costs: StagingCostModel) -> int:
+        """How many of the hit blocks to load, from the first.
+
+        Args:
+            levels: The lower tier holding each hit block, in prefix order
+                (0: the first lower tier; higher: slower tiers, staged).
+            num_tokens: The request's prompt tokens.
+            costs: Measured staging seconds per block of each tier.
+
+        Returns:
+            A count in ``[0, len(levels)]``; the rest of the hit is recomputed.
+        """
+        ...
+
+
+class StagingCostModel:
+    """Seconds per block to stage from each slow tier, learned from finished loads.
+
+    An exponentially weighted mean per tier level; a level not measured yet
+    costs ``prior`` seconds per block (0: optimistic, so the first loads
+    happen and get measured).
+
+    Args:
+        weight: The weight of each new observation, in (0, 1].
+        prior: Seconds per block before any observation.
+
+    Raises:
+        ConfigError: ``weight`` outside (0, 1] or a negative ``prior``.
+    """
+
+    def __init__(self, *, weight: float = 0.2, prior: float = 0.0) -> None:
+        if not 0.0 < weight <= 1.0:
+            raise ConfigError(f"staging cost weight must be in (0, 1], got {weight!r}")
+        if prior < 0.0:
+            raise ConfigError(f"staging cost prior must be >= 0, got {prior!r}")
+        self.weight = weight
+        self.prior = prior
+        self._per_block: dict[int, float] = {}
+
+    def observe(self, level: int, blocks: int, seconds: float) -> None:
+        """A load staged ``blocks`` blocks from ``level`` and took ``seconds``."""
+        if blocks <= 0 or seconds < 0.0:
+            return
+        sample = seconds / blocks
+        old = self._per_block.get(level)
+        self._per_block[level] = sample if old is None else old + self.weight * (sample - old)
+
+    def seconds_per_block(self, level: int) -> float:
+        """The estimate for ``level`` (the first lower tier, level 0, costs nothing)."""
+        if level <= 0:
+            return 0.0
+        return self._per_block.get(level, self.prior)
+
+
+def _first_lower_prefix(levels: Sequence[int]) -> int:
+    count = 0
+    for level in levels:
+        if level != 0:
+            break
+        count += 1
+    return count
+
+
+@attrs.frozen
+class BestEffort:
+    """Load the prefix held by the first lower tier; never wait for storage."""
+
+    def loadable(self, levels: Sequence[int], num_tokens: int, costs: StagingCostModel) -> int:
+        """The leading blocks held by the first lower tier."""
+        return _first_lower_prefix(levels)
+
+
+@attrs.frozen
+class WaitComplete:
+    """Load every hit block, however slow the tier that holds it."""
+
+    def loadable(self, levels: Sequence[int], num_tokens: int, costs: StagingCostModel) -> int:
+        """All of them."""
+        return len(levels)
+
+
+def _non_negative(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"prefetch {attribute.name} must be seconds >= 0, got {value!r}")
+
+
+@attrs.frozen
+class Timeout:
+    """Stage blocks while their estimated time fits ``timeout + per-1k-token budget``.
+
+    Attributes:
+        timeout: The base budget in seconds.
+        timeout_per_1k_tokens: Seconds added per 1,000 prompt tokens (longer
+            prompts save more by loading, so they may wait longer).
+    """
+
+    timeout: float = attrs.field(default=0.05, validator=_non_negative)
+    timeout_per_1k_tokens: float = attrs.field(default=0.005, validator=_non_negative)
+
+    def budget(self, num_tokens: int) -> float:
+        """Seconds of staging a request of ``num_tokens`` prompt tokens may wait."""
+        return self.timeout + self.timeout_per_1k_tokens * num_tokens / 1000
+
+    def loadable(self, levels: Sequence[int], num_tokens: int, costs: StagingCostModel) -> int:
+        """The longest prefix whose staging time fits the budget."""
+        left = self.budget(num_tokens)
+        for count, level in enumerate(levels):
+            left -= costs.seconds_per_block(level)
+            if left < 0:
+                return count
+        return len(levels)
+
+
+PrefetchFactory = Callable[[float, float], PrefetchPolicy]
+"""Builds a policy from ``(timeout, timeout_per_1k_tokens)`` (the config's keys)."""
+
+PREFETCH_POLICIES: dict[str, PrefetchFactory] = {
+    "best_effort": lambda _timeout, _per_1k: BestEffort(),
+    "wait_complete": lambda _timeout, _per_1k: WaitComplete(),
+    "timeout": Timeout,
+}
+"""Prefetch policies by name (SGLang HiCache's names)."""
+
+
+def make_prefetch_policy(
+    name: str, *, timeout: float = 0.05, timeout_per_1k_tokens: float = 0.005
+) -> PrefetchPolicy:
+    """Build the prefetch policy registered as ``name``.
+
+    Raises:
+        UnknownNameError: No policy has that name; the message lists the valid ones.
+        ConfigError: A negative budget.
+    """
+    try:
+        factory = PREFETCH_POLICIES[name]
+    except (KeyError, TypeError):
+        raise UnknownNameError("prefetch policy", name, list(PREFETCH_POLICIES)) from None
+    return factory(timeout, timeout_per_1k_tokens)

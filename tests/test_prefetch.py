@@ -1,0 +1,103 @@
+"""Prefetch policies: which leading lower-tier hits a request loads."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvtier.errors import ConfigError, UnknownNameError
+from kvtier.policies.prefetch import (
+    PREFETCH_POLICIES,
+    BestEffort,
+    PrefetchPolicy,
+    StagingCostModel,
+    Timeout,
+    WaitComplete,
+    make_prefetch_policy,
+)
+
+
+def costs(**per_level: float) -> StagingCostModel:
+    model = StagingCostModel(weight=1.0)
+    for name, seconds in per_level.items():
+        model.observe(int(name.removeprefix("l")), 1, seconds)
+    return model
+
+
+def test_best_effort_loads_the_first_lower_tier_prefix_only() -> None:
+    policy = BestEffort()
+    assert policy.loadable([0, 0, 1, 0], 1000, costs()) == 2
+    assert policy.loadable([1, 0], 1000, costs()) == 0
+    assert policy.loadable([], 1000, costs()) == 0
+    assert policy.loadable([0, 0], 1000, costs()) == 2
+
+
+def test_wait_complete_loads_everything() -> None:
+    assert WaitComplete().loadable([0, 2, 1, 2], 10, costs(l1=9.0, l2=9.0)) == 4
+
+
+def test_timeout_stages_while_the_budget_lasts() -> None:
+    policy = Timeout(timeout=0.010, timeout_per_1k_tokens=0.002)
+    assert policy.budget(5000) == pytest.approx(0.020)
+    model = costs(l1=0.004, l2=0.015)
+    # first-tier blocks are free; each disk (l1) block costs 4 ms of the 20 ms budget
+    assert policy.loadable([0, 0, 1, 1, 1, 1, 1, 1], 5000, model) == 7
+    assert policy.loadable([1, 2, 1], 5000, model) == 2  # 4 + 15 ms fit, 4 more do not
+    assert policy.loadable([2, 2], 1000, model) == 0  # 15 ms > 12 ms
+    assert policy.loadable([0, 0, 0], 0, costs(l1=1.0)) == 3
+
+
+def test_unmeasured_tiers_cost_the_prior() -> None:
+    assert Timeout(0.0, 0.0).loadable([1, 1], 0, StagingCostModel()) == 2  # optimistic
+    assert Timeout(0.0, 0.0).loadable([1, 1], 0, StagingCostModel(prior=1.0)) == 0
+
+
+def test_cost_model_is_an_exponentially_weighted_mean_per_level() -> None:
+    model = StagingCostModel(weight=0.5)
+    model.observe(1, 10, 1.0)  # 0.1 s per block
+    assert model.seconds_per_block(1) == pytest.approx(0.1)
+    model.observe(1, 10, 3.0)  # 0.3 s per block
+    assert model.seconds_per_block(1) == pytest.approx(0.2)
+    model.observe(1, 0, 5.0)  # nothing staged: ignored
+    model.observe(1, 3, -1.0)  # a clock going back: ignored
+    assert model.seconds_per_block(1) == pytest.approx(0.2)
+    assert model.seconds_per_block(0) == 0.0
+    assert model.seconds_per_block(2) == 0.0
+
+
+@pytest.mark.parametrize("kwargs", [{"weight": 0.0}, {"weight": 1.5}, {"prior": -1.0}])
+def test_cost_model_rejects_bad_parameters(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ConfigError):
+        StagingCostModel(**kwargs)
+
+
+def test_registry_builds_by_name_and_lists_names_on_error() -> None:
+    assert set(PREFETCH_POLICIES) == {"best_effort", "wait_complete", "timeout"}
+    timeout = make_prefetch_policy("timeout", timeout=0.5, timeout_per_1k_tokens=0.1)
+    assert timeout == Timeout(0.5, 0.1)
+    for name in PREFETCH_POLICIES:
+        assert isinstance(make_prefetch_policy(name), PrefetchPolicy)
+    with pytest.raises(UnknownNameError, match="best_effort"):
+        make_prefetch_policy("eventually")
+    with pytest.raises(ConfigError, match="timeout"):
+        make_prefetch_policy("timeout", timeout=-1.0)
+
+
+@given(
+    levels=st.lists(st.integers(0, 3), max_size=40),
+    tokens=st.integers(0, 100_000),
+    seconds=st.lists(st.floats(0, 1), min_size=3, max_size=3),
+    budget=st.floats(0, 2),
+)
+def test_every_policy_returns_a_prefix_length_and_they_are_ordered(
+    levels: list[int], tokens: int, seconds: list[float], budget: float
+) -> None:
+    model = StagingCostModel(weight=1.0)
+    for level, value in enumerate(seconds, 1):
+        model.observe(level, 1, value)
+    best = BestEffort().loadable(levels, tokens, model)
+    timed = Timeout(budget, 0.0).loadable(levels, tokens, model)
+    full = WaitComplete().loadable(levels, tokens, model)
+    assert 0 <= best <= timed <= full == len(levels)
+    assert all(level == 0 for level in levels[:best])

@@ -83,7 +83,9 @@ class S3FIFOPolicy:
         """
         out: list[BlockKey] = []
         chosen: set[BlockKey] = set()
-        budget = 2 * (len(self.small) + len(self.main) * (_MAX_FREQ + 1)) + 2
+        # Each key is visited at most once in S and _MAX_FREQ + 1 times in M
+        # (pinned and chosen keys leave the walk), so this visits everything.
+        budget = (len(self.small) + len(self.main)) * (_MAX_FREQ + 2) + 1
         skipped_small: list[BlockKey] = []
         skipped_main: list[BlockKey] = []
         while len(out) < count and budget > 0 and (self.small or self.main):

@@ -23,8 +23,8 @@ Timed, per step and nothing else: kvtier's ``manager.build_step(out)`` plus
 (``update_state_after_alloc`` for first-time requests and the finish calls, kvtier's
 ``request_finished`` and vLLM's ``request_finished_all_groups``, run untimed).
 Each runs in two modes, ``eager`` (write through as blocks are computed) and ``lazy``
-(write back near the eviction end of the free queue; both sides keep
-``2 * cdiv(max_batched_tokens, 16)`` blocks there, vLLM's own formula). Stores are
+(write back from the free queue, keeping ``2 * cdiv(max_batched_tokens, 16)`` blocks
+at its eviction end written, vLLM's own formula, on both sides). Stores are
 completed between steps, outside the timed region: kvtier's run for real on the
 transfer pipeline (the device tier is a CPU tensor wrapped by ``DeviceTier``, the lower
 tier a ``CpuTier``, 1 layer x 1 head x 8 fp16, 512 bytes a block) and are awaited with
@@ -39,6 +39,10 @@ side, the gain (vLLM / kvtier, above 1 when kvtier is faster), the target (at le
 fast as vLLM per step and under 1 ms per step at 256 requests), and the blocks each
 side planned to store. The run exits non-zero when those totals differ by more than
 the documented tolerance (see :func:`check_stores`).
+
+With ``--rounds N`` both sides replay the steps N times, alternating (kvtier, then
+vLLM, then kvtier…), and each step keeps its fastest time over the rounds: on a shared
+machine a slow spell then costs both sides alike instead of whichever ran during it.
 
     python benchmarks/offload_step.py                       # kvtier only
     python benchmarks/offload_step.py --peer-python /work/vllm-peer/bin/python
@@ -289,6 +293,21 @@ def measure_vllm(args: argparse.Namespace, workload: Workload) -> dict[str, Any]
     return result
 
 
+def keep_fastest(best: dict[str, Any] | None, run: dict[str, Any]) -> dict[str, Any]:
+    """Merge a run into the best so far: each step keeps its fastest time over the rounds.
+
+    The steps are the same in every round (same workload, deterministic
+    planning), so only the times differ; noise from other processes only
+    ever adds time.
+    """
+    if best is None:
+        return run
+    if best["stored"] != run["stored"]:
+        raise SystemExit("rounds planned different stores: the replay is not deterministic")
+    run["step_ns"] = [min(a, b) for a, b in zip(best["step_ns"], run["step_ns"], strict=True)]
+    return run
+
+
 def summarize(step_ns: list[int], warmup: int) -> dict[str, float]:
     timed = sorted(step_ns[warmup:])
     return {
@@ -315,11 +334,12 @@ def check_stores(
       confirm it) or at the finish-time flush, while kvtier plans it in the step
       that computes it and starts the copy at ``step_computed``. Tolerance:
       ``0 <= kvtier - vLLM <= last_step_full_blocks``.
-    * lazy: the planned totals differ by design, by *when* each side stores:
-      vLLM's cursor remembers how far it walked the free queue and walks on by up
-      to ``target`` blocks a step, so it writes freed blocks back long before
-      they near eviction; kvtier keeps only the ``target`` blocks at the eviction
-      end written back. What must agree is what is eventually stored, counting
+    * lazy: the planned totals may differ by *when* each side stores: vLLM's
+      cursor walks on by up to ``target`` blocks a step, writing freed blocks
+      back soon after they are freed; kvtier keeps the ``target`` blocks at the
+      eviction end written back and writes freed blocks early within a per-step
+      budget (``max(target, 2 x arrival rate)``), so in this workload both write
+      the same blocks. What must agree is what is eventually stored, counting
       the blocks still waiting at the end: tolerance ``lost(kvtier) <=
       lost(vLLM)`` (kvtier lets no more blocks be evicted unwritten than vLLM).
     """
@@ -448,15 +468,32 @@ def main() -> None:
         default=os.environ.get("KVTIER_VLLM_PEER_PYTHON"),
         help="python of a venv with vLLM (../shared/tools/setup-vllm-peer)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="replay each side this many times, alternating; each step keeps its fastest time",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     args = parser.parse_args()
     args.mode = args.mode or list(MODES)
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     if not 0 <= args.warmup < args.steps:
         parser.error("--warmup must be in [0, --steps)")
 
     workload = make_workload(args)
-    ours = {mode: anyio.run(replay_kvtier, workload, mode) for mode in args.mode}
-    peer = measure_vllm(args, workload)
+    ours: dict[str, dict[str, Any]] = {}
+    peer: dict[str, Any] | None = None
+    for _ in range(args.rounds):  # the sides alternate, so a slow spell hits both
+        for mode in args.mode:
+            ours[mode] = keep_fastest(ours.get(mode), anyio.run(replay_kvtier, workload, mode))
+        theirs = measure_vllm(args, workload)
+        if theirs is not None:
+            if peer is not None:
+                for mode in args.mode:
+                    theirs["modes"][mode] = keep_fastest(peer["modes"][mode], theirs["modes"][mode])
+            peer = theirs
     lines, ok = report(args, workload, ours, peer)
     if args.json:
         summary = {

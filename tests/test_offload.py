@@ -500,3 +500,53 @@ async def test_lazy_mode_keeps_the_eviction_end_safe_step_after_step() -> None:
             blocks = env.alloc(req, 1 + step % 5).blocks[0]
             env.pool.free_blocks(reversed(blocks))
         assert manager.stats().tiers["cpu"].stores > 0
+
+
+@pytest.mark.asyncio
+async def test_lazy_mode_spreads_a_burst_of_freed_blocks_over_steps_and_loses_none() -> None:
+    """Blocks freed together are written back over several steps, within the budget."""
+    env = Env(gpu_blocks=64, cpu_blocks=512, mode="lazy", lazy_free_target=4)
+    async with env.manager as manager:
+        first = manager.indexes[0]
+        for _ in range(12):  # idle steps: the rate of arrivals decays
+            manager.build_step(SchedulerOutput())
+            await manager.wait_idle()
+        burst = []
+        for _ in range(8):  # eight requests of five blocks end at once
+            req = env.request(5)
+            blocks = env.alloc(req, 5).blocks[0]
+            burst.extend(blocks)
+            env.pool.free_blocks(reversed(blocks))
+        keys = {block.block_hash for block in burst}
+        counts = []
+        for _ in range(10):
+            plan = manager.build_step(SchedulerOutput())
+            counts.append(plan.num_store_blocks)
+            assert plan.num_store_blocks <= manager.lazy_store_budget
+            head = list(env.pool.free_block_queue)[:4]
+            assert all(b.block_hash is None or b.block_hash in first for b in head)
+            await manager.wait_idle()
+        assert sum(counts) == len(keys) == 40
+        assert max(counts) < 40
+        assert len([n for n in counts if n]) >= 2
+        assert all(key in first for key in keys)
+        # Everything free is taken: no hashed block leaves the device unwritten.
+        taken = env.pool.get_new_blocks(len(env.pool.free_block_queue))
+        assert manager.stats().tiers["cpu"].stores == 40
+        env.pool.free_blocks(taken)
+
+
+@pytest.mark.asyncio
+async def test_lazy_mode_writes_what_nears_eviction_whatever_the_budget() -> None:
+    """Safety is not bounded by the budget: every unwritten block at the eviction end goes."""
+    env = Env(gpu_blocks=32, cpu_blocks=512, mode="lazy", lazy_free_target=30)
+    async with env.manager as manager:
+        manager.build_step(SchedulerOutput())
+        await manager.wait_idle()
+        req = env.request(31)
+        blocks = env.alloc(req, 31).blocks[0]  # the whole pool
+        env.pool.free_blocks(reversed(blocks))
+        plan = manager.build_step(SchedulerOutput())
+        assert plan.num_store_blocks == 31  # past the budget of 30
+        await manager.wait_idle()
+        assert all(block.block_hash in manager.indexes[0] for block in blocks)

@@ -16,15 +16,20 @@ from kvtier.hashing import BlockHash
 from kvtier.offload._state import RequestState
 from kvtier.offload.plan import SchedulerOutput
 from kvtier.pool import BlockPool
-from kvtier.tiers.index import TierIndex
 
-__all__ = ["Column", "HitCounter", "LazyScanner", "eager", "selective", "track_blocks"]
+__all__ = ["Column", "HitCounter", "eager", "selective", "track_blocks"]
 
 Column = tuple[list[KVCacheBlock], str]
 
 
-def track_blocks(requests: dict[str, RequestState], out: SchedulerOutput, num_groups: int) -> None:
-    """Update the requests' live block ids from the step's scheduler output."""
+def track_blocks(
+    requests: dict[str, RequestState], out: SchedulerOutput, num_groups: int, *, live: bool = True
+) -> None:
+    """Update the requests' live block ids from the step's scheduler output.
+
+    With ``live`` False (only eager stores read the ids), the blocks added to
+    running requests are not followed: only new and preempted requests are.
+    """
     for rid in out.preempted:
         state = requests.get(rid)
         if state is not None:
@@ -37,6 +42,8 @@ def track_blocks(requests: dict[str, RequestState], out: SchedulerOutput, num_gr
             requests[rid] = RequestState(rid, fresh)
         else:
             state.block_ids, state.stored_upto = fresh, 0
+    if not live:
+        return
     for rid, added in out.cached_requests.items():
         state = requests.get(rid)
         if state is not None and added is not None:
@@ -68,80 +75,6 @@ def eager(
             position += 1
         state.stored_upto = position
     return found
-
-
-class LazyScanner:
-    """Write-back: keeps the ``target`` blocks next to be evicted safe to evict.
-
-    Walks the device free queue from its eviction end. A block is *safe* when
-    it has no hash or the first lower tier holds its key; a hashed block that
-    is neither safe nor being written already becomes a candidate. Candidates
-    leave the free queue while they are copied, so they do not count: the
-    walk goes on until ``target`` safe blocks lie ahead of everything unsafe
-    (or the queue ends), so the next ``target`` allocations never take an
-    unwritten block; its cost is the safe blocks it adds plus the candidates.
-
-    The walk resumes where the last one stopped. Blocks ahead of that point
-    were all safe, candidates or being written; since then the queue can only
-    have lost blocks from its head (allocations) or gained unhashed ones there
-    (both known from the queue's counters). When a block was taken from
-    anywhere else (a prefix hit), or the point itself left the queue, the walk
-    starts over from the head.
-
-    Args:
-        target: Safe blocks to keep at the eviction end.
-    """
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.verified: dict[int, bytes] = {}  # block id -> key found held below
-        self._cursor: KVCacheBlock | None = None
-        self._safe = 0
-        self._marks = (0, 0, 0)
-
-    def scan(self, pool: BlockPool, first: TierIndex, in_flight: set[int]) -> list[Column]:
-        """This step's candidates; call :meth:`settle` once they are referenced."""
-        queue = pool.free_block_queue
-        popped = queue.popped - self._marks[0]
-        prepended = queue.prepended - self._marks[1]
-        removed = queue.removed - self._marks[2]
-        cursor = self._cursor
-        blocks: Iterable[KVCacheBlock]
-        if (
-            cursor is not None
-            and removed == 0
-            and popped < self._safe
-            and cursor.ref_cnt == 0
-            and cursor.prev_free_block is not None
-        ):
-            safe = self._safe - popped + prepended
-            blocks = queue.iter_after(cursor)
-        else:
-            safe, cursor, blocks = 0, None, queue
-        found: list[Column] = []
-        verified = self.verified
-        for block in blocks:
-            if safe >= self.target:
-                break
-            key = block.block_hash
-            if key is None or verified.get(block.block_id) == key:
-                safe += 1
-                cursor = block
-            elif first.contains(key):
-                verified[block.block_id] = key
-                safe += 1
-                cursor = block
-            elif block.block_id in in_flight or first.holds(key):
-                cursor = block  # being written: safe soon
-            else:
-                found.append(([block], ""))
-        self._cursor, self._safe = cursor, safe
-        return found
-
-    def settle(self, pool: BlockPool) -> None:
-        """Note the queue's counters after the candidates left it."""
-        queue = pool.free_block_queue
-        self._marks = (queue.popped, queue.prepended, queue.removed)
 
 
 def selective(pool: BlockPool, hashes: Iterable[BlockHash], num_groups: int) -> list[Column]:

@@ -27,7 +27,7 @@ calls have the same names and meaning):
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
 from typing import Any, Self, cast
@@ -58,6 +58,7 @@ from kvtier.offload.plan import (
 )
 from kvtier.offload.stats import OffloadStats, TierStats
 from kvtier.offload.transfers import Transfers
+from kvtier.offload.writeback import WriteBack
 from kvtier.pool import BlockPool
 from kvtier.request import KVCacheRequest
 from kvtier.tiers.base import BlockKey, BlockStore
@@ -91,7 +92,8 @@ class OffloadManager:
             one name per tier.
         lazy_free_target: Lazy mode: free device blocks, from the eviction
             end of the free queue, kept safe to evict (unhashed or already
-            stored below).
+            stored below); also the least per-step budget for writing freed
+            blocks back early (see :mod:`kvtier.offload.writeback`).
         selective_min_hits: Selective mode: device prefix-cache hits a block
             needs before it is stored.
         num_groups: KV cache groups (a block position holds one block per group).
@@ -154,7 +156,7 @@ class OffloadManager:
         self._pipeline = pipeline or TransferPipeline()
         self._requests: dict[str, RequestState] = {}
         self._hits: dict[str, HitInfo] = {}
-        self._lazy = candidates.LazyScanner(self.lazy_free_target)
+        self._lazy = WriteBack(self.lazy_free_target)
         self._hit_counter = candidates.HitCounter(
             self.selective_min_hits, 4 * block_pool.num_gpu_blocks
         )
@@ -170,6 +172,8 @@ class OffloadManager:
             self._requests,
             self._maybe_forget,
         )
+        if mode == "lazy":
+            self._transfers.writeback = self._lazy
         self._event_ids = itertools.count(1)
         self._step_ids = itertools.count(1)
         self._entered = False
@@ -393,21 +397,23 @@ class OffloadManager:
         """
         self._transfers.drain()
         step_id = next(self._step_ids)
-        loads = [
-            self._transfers.dispatch_load(state) for state in self._requests.values() if state.load
-        ]
-        candidates.track_blocks(self._requests, scheduler_output, self.num_groups)
-        if self.mode == "eager":
-            columns = candidates.eager(self.block_pool, self._requests, scheduler_output)
-        elif self.mode == "lazy":
-            first = self.indexes[0]
-            columns = self._lazy.scan(self.block_pool, first, self._transfers.in_flight)
-        else:
-            due = self._hit_counter.take_due()
-            columns = candidates.selective(self.block_pool, due, self.num_groups)
-        stores = self._plan_stores(step_id, columns)
+        loads = []
+        for event in list(self._transfers.loads.values()):  # planned and running loads
+            state = self._requests.get(event.request_id)
+            if not event.dispatched and state is not None and state.load is event:
+                loads.append(self._transfers.dispatch_load(state))
+        candidates.track_blocks(
+            self._requests, scheduler_output, self.num_groups, live=self.mode == "eager"
+        )
         if self.mode == "lazy":
-            self._lazy.settle(self.block_pool)
+            stores = self._plan_lazy(step_id)
+        else:
+            if self.mode == "eager":
+                columns = candidates.eager(self.block_pool, self._requests, scheduler_output)
+            else:
+                due = self._hit_counter.take_due()
+                columns = candidates.selective(self.block_pool, due, self.num_groups)
+            stores = self._plan_stores(step_id, columns)
         return StepPlan(
             step_id,
             tuple(spec for spec in loads if spec is not None),
@@ -467,6 +473,45 @@ class OffloadManager:
             self._transfers.dispatch_store(event)
         ids = tuple(block.block_id for block in blocks)
         return StoreSpec(event.event_id, self.tiers[0].name, ids, tuple(event.slots))
+
+    def _plan_lazy(self, step_id: int) -> StoreSpec | None:
+        """Write-back: the blocks :class:`WriteBack` picks, in one batch (no owners)."""
+        first = self.indexes[0]
+        room = first.num_free + first.num_evictable
+        found = self._lazy.scan(self.block_pool, first, room)  # taken and referenced
+        keys: Collection[BlockKey] = found.keys()
+        blocks = list(found.values())
+        ids = [block.block_id for block in blocks]
+        in_flight = self._transfers.in_flight
+        if len(blocks) > room or not in_flight.isdisjoint(ids):
+            kept = [i for i, block_id in enumerate(ids) if block_id not in in_flight]  # all
+            if len(kept) > room:  # the safety part of the walk needed more than fits
+                self._tier_stats[0].dropped_stores += len(kept) - room
+                self._lazy.reset()  # the blocks left out are still unwritten
+            left = set(range(len(ids))) - set(kept[:room])
+            self.block_pool.free_blocks(blocks[i] for i in sorted(left))
+            listed = list(keys)
+            keys = [listed[i] for i in kept[:room]]
+            blocks = [blocks[i] for i in kept[:room]]
+            ids = [ids[i] for i in kept[:room]]
+        if not blocks:
+            self._lazy.settle(self.block_pool, first)
+            return None
+        reservation = first.reserve_new(keys)
+        in_flight.update(ids)
+        event = StoreEvent(
+            next(self._event_ids),
+            step_id,
+            blocks,
+            list(reservation.keys),
+            list(reservation.slots),
+            placement.demotions(self.indexes, self._tier_stats, 0, reservation),
+            set(),
+        )
+        self._transfers.stores[event.event_id] = event
+        self._lazy.settle(self.block_pool, first)
+        self._transfers.dispatch_store(event)  # computed in earlier steps: their bytes exist
+        return StoreSpec(event.event_id, self.tiers[0].name, tuple(ids), reservation.slots)
 
     # -- engine-facing results -----------------------------------------------------------
 
@@ -575,6 +620,16 @@ class OffloadManager:
         """Lower tiers' ``BlockStored`` / ``BlockRemoved`` events since the last call."""
         self._transfers.drain()
         return [event for index in self.indexes for event in index.take_events()]
+
+    @property
+    def lazy_store_budget(self) -> int:
+        """Lazy mode: the stores the last step could plan past what safety needed.
+
+        ``max(lazy_free_target, 2 x rate)``, where rate is a moving average of
+        the blocks joining the device free queue per step (see
+        :mod:`kvtier.offload.writeback`).
+        """
+        return self._lazy.budget
 
     @property
     def in_flight_store_blocks(self) -> frozenset[int]:

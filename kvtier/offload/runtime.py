@@ -31,6 +31,7 @@ from kvtier.offload._state import LoadOutcome, StoreOutcome
 __all__ = ["Runtime"]
 
 Outcome = StoreOutcome | LoadOutcome
+Job = Callable[[], Coroutine[Any, Any, None]]
 
 
 class Runtime:
@@ -41,6 +42,9 @@ class Runtime:
         self._cond = threading.Condition()
         self._event: anyio.Event | None = None
         self._group: TaskGroup | None = None
+        self._jobs: deque[Job] = deque()  # async mode: queued by spawn, started by _dispatch
+        self._wake: anyio.Event | None = None
+        self._closing = False
         self._portal: anyio.from_thread.BlockingPortal | None = None
         self._portal_cm: AbstractContextManager[anyio.from_thread.BlockingPortal] | None = None
         self._session_cm: AbstractContextManager[Any] | None = None
@@ -52,8 +56,39 @@ class Runtime:
         return self._group is not None
 
     def bind(self, group: TaskGroup | None) -> None:
-        """Start jobs in ``group`` (``None``: stop accepting jobs)."""
+        """Start jobs in ``group`` (``None``: stop accepting jobs).
+
+        Called on the loop that runs ``group``. Binding starts the task that
+        starts the jobs :meth:`spawn` queues; unbinding lets it start the jobs
+        still queued and end.
+        """
         self._group = group
+        self._closing = group is None
+        if group is not None:
+            group.start_soon(self._dispatch, group)
+        else:
+            self._wake_dispatcher()
+
+    async def _dispatch(self, group: TaskGroup) -> None:
+        """Start queued jobs in ``group`` until unbound (async mode).
+
+        Starting a task costs far more than queueing a callable, so the
+        engine's planning calls only queue jobs; they start as soon as the
+        engine awaits anything (its next ``wait_*`` at the latest).
+        """
+        jobs = self._jobs
+        while True:
+            while jobs:
+                group.start_soon(jobs.popleft())
+            if self._closing:
+                return
+            self._wake = anyio.Event()
+            await self._wake.wait()
+
+    def _wake_dispatcher(self) -> None:
+        wake, self._wake = self._wake, None
+        if wake is not None:
+            wake.set()
 
     # -- thread mode -------------------------------------------------------------------
 
@@ -83,8 +118,11 @@ class Runtime:
 
     # -- jobs --------------------------------------------------------------------------
 
-    def spawn(self, job: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    def spawn(self, job: Job) -> None:
         """Start ``job`` (from the engine's thread).
+
+        In async mode the job is queued and starts once the engine's loop
+        runs; in thread mode it starts on the background loop now.
 
         Raises:
             ClosedError: The manager is not entered.
@@ -93,7 +131,8 @@ class Runtime:
         if group is None:
             raise ClosedError("the offload manager is not running: enter it first")
         if self._portal is None:
-            group.start_soon(job)
+            self._jobs.append(job)
+            self._wake_dispatcher()
             return
 
         def start() -> None:  # runs on the background loop's thread

@@ -24,6 +24,7 @@ from kvtier.offload._state import (
 from kvtier.offload.plan import FinishedLoad, LoadSpec
 from kvtier.offload.runtime import Runtime
 from kvtier.offload.stats import OffloadStats, TierStats
+from kvtier.offload.writeback import WriteBack
 from kvtier.pool import BlockPool
 from kvtier.tiers.base import BlockKey, BlockStore
 from kvtier.tiers.index import TierIndex
@@ -65,6 +66,7 @@ class Transfers:
         self.loads: dict[int, LoadEvent] = {}
         self.in_flight: set[int] = set()  # device block ids being stored (seed 003)
         self.finished: list[FinishedLoad] = []
+        self.writeback: WriteBack | None = None  # lazy mode: told of written blocks freed
 
     def busy(self) -> bool:
         """A started store or load has not ended locally."""
@@ -176,7 +178,11 @@ class Transfers:
             if event.error is not None:
                 _log.warning("store_failed", task=event.event_id, error=repr(event.error))
         self.in_flight.difference_update(block.block_id for block in event.blocks)
+        writeback = self.writeback
+        passed = ok and writeback is not None and writeback.at_tail(self.block_pool)
         self.block_pool.free_blocks(event.blocks)
+        if passed and writeback is not None:
+            writeback.returned(self.block_pool, event.blocks)
         for rid in event.request_ids:
             state = self.requests.get(rid)
             if state is not None:

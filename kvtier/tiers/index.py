@@ -25,7 +25,8 @@ invisible (eviction by :meth:`reserve`, or :meth:`remove`).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from itertools import takewhile
 from typing import TypeGuard
 
@@ -112,6 +113,7 @@ class TierIndex:
         self._pins: dict[BlockKey, int] = {}  # resident blocks being read
         self._doomed: set[BlockKey] = set()  # removed while pinned: leave on last unpin
         self._events: list[KVCacheEvent] = []
+        self._drops = 0
 
     def __repr__(self) -> str:
         counts = f"free={self.num_free}, reserved={self.num_reserved}"
@@ -173,6 +175,25 @@ class TierIndex:
         """Whether ``key`` holds a slot: resident, reserved or awaiting removal."""
         return key in self._slot_of
 
+    def key_sets(
+        self,
+    ) -> tuple[AbstractSet[BlockKey], AbstractSet[BlockKey], AbstractSet[BlockKey]]:
+        """Live read-only views for hot loops: ``(held, reserved, removed_pinned)``.
+
+        A key is visible (:meth:`contains`) when it is in the first and in
+        neither of the others. The views follow later changes.
+        """
+        return self._slot_of.keys(), self._reserved, self._doomed
+
+    @property
+    def drops(self) -> int:
+        """Blocks made invisible so far (evicted or removed), a cumulative count.
+
+        It changes whenever a key that was visible stops being so, which lets a
+        caller that remembered what was visible tell when to look again.
+        """
+        return self._drops
+
     def slot_of(self, key: BlockKey) -> int | None:
         """The slot of a visible block, else ``None``."""
         return self._slot_of[key] if self.contains(key) else None
@@ -204,13 +225,42 @@ class TierIndex:
         """
         wanted = list(keys)
         self._require_bytes(wanted)
-        new = [key for key in dict.fromkeys(wanted) if key not in self._slot_of]
-        shortfall = len(new) - len(self._free)
+        return self._assign([key for key in dict.fromkeys(wanted) if key not in self._slot_of])
+
+    def reserve_new(self, keys: Collection[BlockKey]) -> Reservation:
+        """:meth:`reserve` for keys known to be distinct and to hold no slot.
+
+        The batch path of a planner that already checked :meth:`holds`: it
+        validates with set operations instead of a test per key (a set, or a
+        dict's keys, is distinct by construction), and every key is reserved
+        (:attr:`Reservation.keys` holds ``keys`` in order).
+
+        Raises:
+            InvalidRequestError: A key is not ``bytes``, repeats or holds a
+                slot; nothing changed.
+            TierFullError: Fewer free plus evictable slots than keys; nothing
+                changed.
+            KVTierError: The policy returned invalid victims; nothing changed.
+        """
+        if not set(map(type, keys)) <= {bytes}:
+            self._require_bytes(list(keys))
+        distinct = isinstance(keys, AbstractSet) or len(set(keys)) == len(keys)
+        if not distinct or not self._slot_of.keys().isdisjoint(keys):
+            raise InvalidRequestError(
+                f"tier {self._name!r}: reserve_new needs distinct keys holding no slot"
+            )
+        return self._assign(list(keys))
+
+    def _assign(self, new: list[BlockKey]) -> Reservation:
+        """Give each key (distinct, holding no slot: checked by the caller) a slot."""
+        count = len(new)
+        free = self._free
+        shortfall = count - len(free)
         evicted: tuple[tuple[int, BlockKey], ...] = ()
         if shortfall > 0:
             if shortfall > self.num_evictable:
                 raise TierFullError(
-                    f"tier {self._name!r}: {len(new)} slots needed, {self.num_free} free, "
+                    f"tier {self._name!r}: {count} slots needed, {self.num_free} free, "
                     f"{self.num_evictable} evictable, {self.num_pinned} pinned, "
                     f"{self.num_reserved} reserved",
                     tier=self._name,
@@ -220,13 +270,14 @@ class TierIndex:
             for key in victims:
                 self._release(key)
             self._emit_removed(victims)
-        slots = []
-        for key in new:
-            slot = self._free.pop()
-            self._slot_of[key] = slot
-            self._key_at[slot] = key
-            self._reserved.add(key)
-            slots.append(slot)
+        if not count:
+            return Reservation((), (), evicted)
+        slots = free[: -count - 1 : -1]  # the stack's top first, as pops would give
+        del free[-count:]
+        self._slot_of.update(zip(new, slots))  # noqa: B905 (one slot per key, by construction)
+        for _ in map(self._key_at.__setitem__, slots, new):  # a C loop, not a Python one
+            pass
+        self._reserved.update(new)
         return Reservation(tuple(new), tuple(slots), evicted)
 
     def _choose_victims(self, count: int) -> list[BlockKey]:
@@ -404,6 +455,7 @@ class TierIndex:
         """
         if self._pins or self._reserved:
             return False
+        self._drops += len(self._slot_of)
         for key in self._slot_of:
             self.policy.remove(key)
         self._slot_of.clear()
@@ -442,6 +494,7 @@ class TierIndex:
             self._events.append(BlockStored(hashes, None, [], size, None, self._name, 0))
 
     def _emit_removed(self, keys: Sequence[BlockKey]) -> None:
+        self._drops += len(keys)
         if self.enable_events and keys:
             hashes = [BlockHash(key) for key in keys]
             self._events.append(BlockRemoved(hashes, medium=self._name, group_idx=0))

@@ -1,0 +1,185 @@
+"""Lazy (write-back) store selection: one resumable walk of the device free queue.
+
+A free device block is *safe* when the allocator may evict it without losing
+anything: it has no hash, or the first lower tier holds its key (committed).
+:class:`WriteBack` walks the free queue from its eviction end (the head) and
+plans a store for every hashed block that is neither safe nor being written.
+Two rules bound the walk of a step:
+
+* **safety** (unbounded): it goes on until ``target`` safe blocks lie ahead of
+  everything unwritten, so the next ``target`` allocations never take an
+  unwritten block, however many stores that takes;
+* **spreading** (bounded): past that point it goes on writing freed blocks back
+  early, up to a per-step *budget* of stores, so the blocks of requests freed
+  together are written over the next steps instead of in the one step they
+  reach the eviction end. The budget is ``max(target, 2 x rate)``, where rate
+  is a moving average of the blocks that joined the queue's tail per step.
+
+The walk resumes where the last one stopped (its *cursor*): every block
+ahead of the cursor was found safe or being written, or is unhashed. Since
+then the queue can only have lost blocks (taken from the head, or from
+anywhere by a prefix hit) or gained unhashed ones at the head; the queue's
+counters say how many, so the counts ahead of the cursor stay lower bounds.
+The walk starts over from the head when the cursor may have left the queue,
+or when the first lower tier dropped blocks (an eviction or a removal may have
+made a block ahead of the cursor unsafe).
+"""
+
+from __future__ import annotations
+
+import math
+
+from kvtier.block import KVCacheBlock
+from kvtier.free_queue import FreeKVCacheBlockQueue
+from kvtier.pool import BlockPool
+from kvtier.tiers.base import BlockKey
+from kvtier.tiers.index import TierIndex
+
+__all__ = ["WriteBack"]
+
+_RATE_WEIGHT = 0.25  # weight of the latest step in the moving average of arrivals
+
+
+class WriteBack:
+    """Picks the device blocks a lazy step stores (internal to :mod:`kvtier.offload`).
+
+    Args:
+        target: Safe blocks to keep at the eviction end of the free queue;
+            also the least number of stores a step may plan.
+    """
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.budget = target
+        self._rate = 0.0
+        self._cursor: KVCacheBlock | None = None
+        self._safe = 0  # safe blocks up to the cursor (a lower bound)
+        self._pos = 0  # blocks up to the cursor (a lower bound)
+        self._marks = (0, 0, 0, 0)  # queue popped, prepended, removed, length
+        self._drops = 0
+
+    def reset(self) -> None:
+        """Start the next walk from the head of the queue."""
+        self._cursor = None
+
+    def scan(self, pool: BlockPool, first: TierIndex, room: int) -> dict[BlockKey, KVCacheBlock]:
+        """This step's candidates, by key, safety ones first.
+
+        The candidates are taken out of the queue and referenced, as
+        :meth:`~kvtier.pool.BlockPool.touch` would (the caller releases those
+        it does not store with :meth:`~kvtier.pool.BlockPool.free_blocks`).
+        Every block in the free queue is unreferenced, so none of them is
+        being stored (a store references its blocks until it ends): the
+        caller's in-flight check is one set operation on the whole batch.
+
+        Call :meth:`settle` once they are referenced (out of the queue).
+
+        Args:
+            pool: The device block pool.
+            first: The first lower tier's index.
+            room: Stores the first tier can take; the spreading part of the
+                walk stops there (the safety part does not).
+        """
+        queue = pool.free_block_queue
+        head = queue.fake_free_list_head
+        popped = queue.popped - self._marks[0]
+        prepended = queue.prepended - self._marks[1]
+        removed = queue.removed - self._marks[2]
+        arrivals = len(queue) - self._marks[3] + popped + removed - prepended
+        self._rate += (max(0, arrivals) - self._rate) * _RATE_WEIGHT
+        budget = self.budget = max(self.target, math.ceil(2 * self._rate))
+
+        cursor = self._cursor
+        lost = removed + popped
+        if (
+            cursor is None
+            or first.drops != self._drops
+            or cursor.ref_cnt
+            or cursor.prev_free_block is None
+            or lost >= self._pos  # the cursor may have been taken (and freed again)
+        ):
+            cursor, self._safe, self._pos = head, 0, 0
+        else:
+            self._safe = max(0, self._safe - lost) + prepended
+            self._pos = max(0, self._pos - lost) + prepended
+        found: dict[BlockKey, KVCacheBlock] = {}
+        cursor = self._walk(cursor, queue, first, found, min(budget, room))
+        self._cursor = None if cursor is head else cursor
+        return found
+
+    def _walk(
+        self,
+        cursor: KVCacheBlock,
+        queue: FreeKVCacheBlockQueue,
+        first: TierIndex,
+        found: dict[BlockKey, KVCacheBlock],
+        limit: int,
+    ) -> KVCacheBlock:
+        """Walk on from ``cursor``; returns the last block passed that stays in the queue."""
+        tail, remove = queue.fake_free_list_tail, queue.remove
+        held, reserved, doomed = first.key_sets()
+        pending = bool(reserved) or bool(doomed)  # else a held key is a safe one
+        target, safe, pos = self.target, self._safe, self._pos
+        visits = 4 * self.budget  # passed blocks the spreading part may look at
+        count = 0
+        block = cursor.next_free_block
+        if safe >= target and limit <= 0:
+            block = None
+        # Safety reached, the walk goes on (spreading) until `limit` candidates
+        # or `visits` blocks passed; the tests run after each block.
+        while block is not None and block is not tail:
+            key = block.block_hash
+            if key is not None and key not in held and key not in found:
+                found[key] = block
+                count += 1
+                taken, block = block, block.next_free_block
+                remove(taken)  # what pool.touch does to a free block
+                taken.ref_cnt = 1
+                if count >= limit and safe >= target:
+                    break
+                continue
+            pos += 1  # unhashed, held below, or being written by a block of its key
+            cursor = block
+            if key is None or (
+                key in held and (not pending or (key not in reserved and key not in doomed))
+            ):
+                safe += 1
+            if safe >= target:
+                visits -= 1
+                if count >= limit or visits <= 0:
+                    break
+            block = block.next_free_block
+        self._safe, self._pos = safe, pos
+        return cursor
+
+    def at_tail(self, pool: BlockPool) -> bool:
+        """The walk's cursor is the last block of the queue (nothing left to look at)."""
+        cursor = self._cursor
+        return (
+            cursor is not None
+            and not cursor.ref_cnt
+            and cursor.prev_free_block is not None
+            and cursor.next_free_block is pool.free_block_queue.fake_free_list_tail
+        )
+
+    def returned(self, pool: BlockPool, blocks: list[KVCacheBlock]) -> None:
+        """Written blocks were just freed while :meth:`at_tail`: pass over them.
+
+        The ones that became free were appended at the tail, in order, and the
+        first tier holds them (committed): they are safe, so the next walk
+        need not look at them, and they are not counted as arrivals.
+        """
+        count = sum(1 for block in blocks if not block.ref_cnt and block.block_hash is not None)
+        if not count:
+            return
+        self._cursor = pool.free_block_queue.fake_free_list_tail.prev_free_block
+        self._safe += count
+        self._pos += count
+        popped, prepended, removed, length = self._marks
+        self._marks = (popped, prepended, removed, length + count)
+
+    def settle(self, pool: BlockPool, first: TierIndex) -> None:
+        """Note the queue's counters once this step's candidates are settled."""
+        queue = pool.free_block_queue
+        self._marks = (queue.popped, queue.prepended, queue.removed, len(queue))
+        self._drops = first.drops

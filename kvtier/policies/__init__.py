@@ -10,7 +10,9 @@ from kvtier.policies.base import (
 )
 from kvtier.policies.lfu import LFUPolicy
 from kvtier.policies.lru import LRUPolicy
+from kvtier.policies.priority import PriorityLRUPolicy
 from kvtier.policies.s3fifo import S3FIFOPolicy
+from kvtier.policies.slru import SLRUPolicy
 
 __all__ = [
     "EVICTION_POLICIES",
@@ -20,6 +22,8 @@ __all__ = [
     "EvictionPolicy",
     "EvictionPolicyFactory",
     "LRUPolicy",
+    "PriorityLRUPolicy",
+    "SLRUPolicy",
     "make_eviction_policy",
     "register_eviction_policy",
 ]

@@ -19,7 +19,9 @@ from kvtier.errors import ConfigError, UnknownNameError
 from kvtier.policies.arc import ARCPolicy
 from kvtier.policies.lfu import LFUPolicy
 from kvtier.policies.lru import LRUPolicy
+from kvtier.policies.priority import PriorityLRUPolicy
 from kvtier.policies.s3fifo import S3FIFOPolicy
+from kvtier.policies.slru import SLRUPolicy
 from kvtier.tiers.base import BlockKey
 
 __all__ = [
@@ -93,6 +95,8 @@ EVICTION_POLICIES: dict[str, EvictionPolicyFactory] = {
     "arc": ARCPolicy,
     "s3fifo": S3FIFOPolicy,
     "lfu": LFUPolicy,
+    "slru": SLRUPolicy,
+    "priority_lru": PriorityLRUPolicy,
 }
 """Registered eviction policies: name → factory."""
 

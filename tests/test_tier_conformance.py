@@ -18,40 +18,52 @@ from kvtier.tiers.base import BlockLayout, BlockStore
 from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.gpu import DeviceTier
+from kvtier.tiers.redis import RedisTier
+from tests.redis_server import RedisServer, shared_redis
+
+__all__ = ["shared_redis"]
 
 LAYOUT = BlockLayout(num_layers=2, block_size=4, num_kv_heads=2, head_size=8, dtype="float16")
 SLOTS = 512
 
 
-def _per_layer(_: Path) -> BlockStore:
+def _per_layer(_: Path, _r: pytest.FixtureRequest) -> BlockStore:
     shape = (SLOTS, *LAYOUT.page_shape)
     tensors = [torch.zeros(shape, dtype=torch.float16) for _ in range(2 * LAYOUT.num_layers)]
     return DeviceTier(tensors, LAYOUT)
 
 
-def _cross_layer(_: Path) -> BlockStore:
+def _cross_layer(_: Path, _r: pytest.FixtureRequest) -> BlockStore:
     return DeviceTier(torch.zeros((SLOTS, LAYOUT.block_bytes), dtype=torch.uint8), LAYOUT)
 
 
-def _cpu(_: Path) -> BlockStore:
+def _cpu(_: Path, _r: pytest.FixtureRequest) -> BlockStore:
     return CpuTier(LAYOUT, SLOTS)
 
 
-def _disk(path: Path) -> BlockStore:
+def _disk(path: Path, _r: pytest.FixtureRequest) -> BlockStore:
     return DiskTier(path / "blocks", LAYOUT, SLOTS * DiskTier.bytes_per_block(LAYOUT))
 
 
-TIERS: dict[str, Callable[[Path], BlockStore]] = {
+def _redis(_: Path, request: pytest.FixtureRequest) -> BlockStore:
+    server: RedisServer = request.getfixturevalue("shared_redis")  # skips without the binary
+    with server.client() as admin:
+        admin.flushall()
+    return RedisTier(LAYOUT, SLOTS, url=server.url, batch_size=64)
+
+
+TIERS: dict[str, Callable[[Path, pytest.FixtureRequest], BlockStore]] = {
     "device-per-layer": _per_layer,
     "device-cross-layer": _cross_layer,
     "cpu": _cpu,
     "disk": _disk,
+    "redis": _redis,
 }
 
 
 @pytest_asyncio.fixture(params=sorted(TIERS))
 async def tier(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlockStore]:
-    store = TIERS[request.param](tmp_path)
+    store = TIERS[request.param](tmp_path, request)
     async with store:
         yield store
 
@@ -130,9 +142,11 @@ async def test_mismatched_lengths_are_rejected(tier: BlockStore) -> None:
 
 
 @pytest.mark.asyncio
-async def test_closed_tier_refuses_everything_and_close_is_idempotent(tmp_path: Path) -> None:
+async def test_closed_tier_refuses_everything_and_close_is_idempotent(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     for make in TIERS.values():
-        store = make(tmp_path)
+        store = make(tmp_path, request)
         async with store:
             assert list(await store.recover()) == []  # nothing stored yet
         assert store.closed

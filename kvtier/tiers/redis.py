@@ -1,0 +1,557 @@
+"""RedisTier: blocks in a shared Redis or Valkey server (standalone or Cluster).
+
+Slots. Lower tiers are addressed by slots that a
+:class:`~kvtier.tiers.index.TierIndex` hands out; Redis stores by name. Here
+``num_slots`` is a configured capacity: how many blocks this process's index
+remembers having in Redis. The tier keeps ``slot → key`` from the keys passed
+to writes (for :meth:`RedisTier.discard`), but reads name blocks by the keys
+passed to them, so the bytes never depend on a process-local slot and any
+process of the same model and layout reads what another stored.
+
+Eviction is Redis's own. Redis (``maxmemory-policy allkeys-lru``), a TTL or
+another client may remove any block at any time, so every read may miss: an
+absent value, or one that fails verification (:mod:`kvtier.tiers.redis_format`),
+raises :class:`~kvtier.errors.BlockMissingError` naming the slots, and the
+transfer pipeline drops them from the index; the engine recomputes them.
+
+Faults. A server that is down, unreachable, slow past ``timeout``, out of
+memory or answering errors makes the call raise
+:class:`~kvtier.errors.TierIOError` (a failed load: the engine recomputes; a
+failed store: dropped and counted by the offload manager). Every round trip
+runs under ``anyio.fail_after``, so nothing waits longer than
+``connect_timeout + timeout``. The connection pool reconnects by itself on the
+next call once the server is back; a server absent when the tier opens is
+logged, not fatal.
+
+Batches: one pipeline (``MGET`` for standalone reads) per ``batch_size``
+blocks; up to ``concurrency`` such round trips in flight, each on its own
+pooled connection. On a Cluster the pipeline sends one round trip per node.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Any, Self, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import redis.asyncio as aioredis
+import redis.exceptions
+import torch
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from kvtier.errors import (
+    BlockMissingError,
+    ClosedError,
+    ConfigError,
+    InvalidRequestError,
+    TierIOError,
+)
+from kvtier.log import get_logger
+from kvtier.tiers._copy import check_buffer, check_slots
+from kvtier.tiers._disk_io import tensor_bytes
+from kvtier.tiers.base import BlockKey, BlockLayout
+from kvtier.tiers.redis_format import (
+    MAX_KEY_BYTES,
+    KeyFormat,
+    encode_header,
+    verify_value,
+)
+
+__all__ = ["RedisTier", "redact_url"]
+
+_log = get_logger("kvtier.tiers.redis")
+_SCHEMES = ("redis", "rediss", "unix")
+_T = TypeVar("_T")
+_Client = aioredis.Redis | RedisCluster
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for logs and reprs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port is not None else ""
+    netloc = f"{user}:***@{host}{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _positive_number(label: str, value: object, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"{label} must be a positive number, got {value!r}")
+
+
+def _positive_int(label: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{label} must be a positive integer, got {value!r}")
+
+
+class RedisTier:
+    """A shared tier in Redis / Valkey; see the module docstring for the model.
+
+    Args:
+        layout: The block layout.
+        num_slots: Capacity in blocks this process tracks (its index's size).
+        url: ``redis://host:port/db``, ``rediss://`` (TLS) or ``unix://path``.
+            A password in the URL is used but never logged.
+        name: The tier's name (``medium`` of its events).
+        prefix: Put in front of every key (no braces).
+        model: Separates models whose layouts are equal (part of every key).
+        ttl: Seconds each stored block lives; ``None``: until Redis evicts it.
+        batch_size: Most blocks per round trip.
+        concurrency: Most round trips of one call in flight at once.
+        max_connections: Size of the connection pool (at least ``concurrency``).
+        connect_timeout: Seconds to open a connection.
+        timeout: Seconds a round trip may take once connected.
+        username: ACL user name (overrides the URL's).
+        password: Password (overrides the URL's); never logged, redacted in reprs.
+        tls: Use TLS (also implied by ``rediss://``).
+        tls_ca_file: CA bundle that verifies the server.
+        tls_cert_file: Client certificate (mutual TLS).
+        tls_key_file: The client certificate's key.
+        tls_verify: Verify the server's certificate and host name.
+        cluster: Talk to a Redis Cluster (``url`` names any node).
+        discard_deletes: :meth:`discard` deletes the blocks from Redis; when
+            False it only forgets them (Redis evicts them in time).
+        scan_on_open: Opening scans Redis for this model and layout's blocks
+            (up to ``num_slots``) and offers them through :meth:`recover`,
+            so a new process starts with what others stored.
+
+    Raises:
+        ConfigError: An argument is out of range.
+    """
+
+    def __init__(
+        self,
+        layout: BlockLayout,
+        num_slots: int,
+        *,
+        url: str = "redis://127.0.0.1:6379/0",
+        name: str = "redis",
+        prefix: str = "kvtier:",
+        model: str = "",
+        ttl: float | None = None,
+        batch_size: int = 32,
+        concurrency: int = 2,
+        max_connections: int = 8,
+        connect_timeout: float = 2.0,
+        timeout: float = 5.0,
+        username: str | None = None,
+        password: str | None = None,
+        tls: bool = False,
+        tls_ca_file: str | None = None,
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
+        tls_verify: bool = True,
+        cluster: bool = False,
+        discard_deletes: bool = True,
+        scan_on_open: bool = False,
+    ) -> None:
+        if not isinstance(layout, BlockLayout):
+            raise ConfigError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+        _positive_int("num_slots", num_slots)
+        _positive_int("batch_size", batch_size)
+        _positive_int("concurrency", concurrency)
+        _positive_int("max_connections", max_connections)
+        if max_connections < concurrency:
+            raise ConfigError(
+                f"max_connections={max_connections} is less than concurrency={concurrency}"
+            )
+        _positive_number("ttl", ttl, allow_none=True)
+        _positive_number("connect_timeout", connect_timeout)
+        _positive_number("timeout", timeout)
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"name must be a non-empty string, got {name!r}")
+        if not isinstance(url, str) or urlsplit(url).scheme not in _SCHEMES:
+            raise ConfigError(f"url must start with redis://, rediss:// or unix://, got {url!r}")
+        if cluster and urlsplit(url).scheme == "unix":
+            raise ConfigError("a Redis Cluster is reached over TCP, not a unix:// socket")
+        self._layout = layout
+        self._num_slots = num_slots
+        self._name = name
+        self._keys = KeyFormat(prefix, layout, model)
+        self._url = url
+        self._ttl_ms = None if ttl is None else max(1, round(ttl * 1000))
+        self._batch = batch_size
+        self._limiter = anyio.CapacityLimiter(concurrency)
+        self._deadline = float(connect_timeout) + float(timeout)
+        self._timeout = float(timeout)
+        self._cluster = cluster
+        self._discard_deletes = discard_deletes
+        self._scan_on_open = scan_on_open
+        self._options: dict[str, Any] = {
+            "max_connections": max_connections,
+            "socket_connect_timeout": float(connect_timeout),
+            "socket_timeout": float(timeout),
+            # One retry on a dropped connection (a restarted server): the pool's
+            # dead connection fails once, the retry connects afresh.
+            "retry": Retry(NoBackoff(), 1, (redis.exceptions.ConnectionError,)),
+            "client_name": "kvtier",
+        }
+        if username is not None:
+            self._options["username"] = username
+        if password is not None:
+            self._options["password"] = password
+        if tls or tls_ca_file or tls_cert_file:
+            self._options.update(
+                ssl=True,
+                ssl_ca_certs=tls_ca_file,
+                ssl_certfile=tls_cert_file,
+                ssl_keyfile=tls_key_file,
+                ssl_cert_reqs="required" if tls_verify else "none",
+                ssl_check_hostname=tls_verify,
+            )
+        self._tls = bool(tls or tls_ca_file or tls_cert_file or url.startswith("rediss://"))
+        self._client: _Client | None = None
+        self._slot_keys: dict[int, BlockKey] = {}
+        self._recovered: list[tuple[int, BlockKey]] = []
+        self._closed = False
+
+    # -- properties ----------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The tier's name, reported as ``medium`` in events."""
+        return self._name
+
+    @property
+    def layout(self) -> BlockLayout:
+        """The block layout."""
+        return self._layout
+
+    @property
+    def num_slots(self) -> int:
+        """Capacity in blocks (how many this process's index tracks)."""
+        return self._num_slots
+
+    @property
+    def closed(self) -> bool:
+        """True after ``aclose()``."""
+        return self._closed
+
+    @property
+    def keys(self) -> KeyFormat:
+        """How block keys become Redis names for this model and layout."""
+        return self._keys
+
+    @property
+    def url(self) -> str:
+        """The server's URL with any password redacted."""
+        return redact_url(self._url)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("open" if self._client else "not open")
+        kind = "cluster" if self._cluster else "standalone"
+        return (
+            f"RedisTier({self._name!r}, {self.url!r}, {kind}, prefix={self._keys.prefix!r}, "
+            f"{self._num_slots} slots, {state})"
+        )
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        """Create the client and check the server (a server that is down is logged).
+
+        Raises:
+            ClosedError: The tier was closed.
+            ConfigError: The client rejected the options.
+        """
+        if self._closed:
+            raise ClosedError(f"tier {self._name} is closed")
+        if self._client is not None:
+            return self
+        try:
+            if self._cluster:
+                self._client = RedisCluster.from_url(self._url, **self._options)
+            else:
+                self._client = aioredis.Redis.from_url(self._url, **self._options)
+        except (ValueError, TypeError, redis.exceptions.RedisError) as exc:
+            raise ConfigError(f"tier {self._name}: bad Redis options: {exc}") from exc
+        start = time.perf_counter()
+        try:
+            await self._round_trip("ping", self._ping)
+            if self._scan_on_open:
+                self._recovered = await self._scan()
+                self._slot_keys = dict(self._recovered)
+        except TierIOError as exc:
+            _log.warning("tier_unreachable", tier=self._name, url=self.url, error=str(exc))
+        else:
+            _log.info(
+                "tier_open",
+                tier=self._name,
+                url=self.url,
+                tls=self._tls,
+                cluster=self._cluster,
+                n_blocks=len(self._recovered),
+                seconds=time.perf_counter() - start,
+            )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close the tier."""
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool (the blocks stay in Redis). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        client, self._client = self._client, None
+        if client is not None:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await client.aclose()
+                except (redis.exceptions.RedisError, OSError) as exc:
+                    _log.warning("tier_close_failed", tier=self._name, error=repr(exc))
+        _log.info("tier_close", tier=self._name)
+
+    def _open(self) -> _Client:
+        if self._closed:
+            raise ClosedError(f"tier {self._name} is closed")
+        if self._client is None:
+            raise ClosedError(f"tier {self._name} is not open: use 'async with'")
+        return self._client
+
+    async def recover(self) -> Sequence[tuple[int, BlockKey]]:
+        """``(slot, key)`` of the blocks found when opening (``scan_on_open``), else ``[]``.
+
+        The blocks are not verified here; a read verifies each one.
+        """
+        self._open()
+        return list(self._recovered)
+
+    # -- the backend -----------------------------------------------------------------
+
+    async def _round_trip(self, what: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        """Run one call against the server, bounded and with errors translated."""
+        try:
+            with anyio.fail_after(self._deadline):
+                return await call()
+        except TimeoutError as exc:
+            raise TierIOError(
+                f"tier {self._name}: {what} took longer than {self._deadline:g} s",
+                tier=self._name,
+            ) from exc
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise TierIOError(
+                f"tier {self._name}: {what} failed: {type(exc).__name__}: {exc}", tier=self._name
+            ) from exc
+
+    async def _ping(self) -> None:
+        await self._open().ping()
+
+    async def _scan(self) -> list[tuple[int, BlockKey]]:
+        client = self._open()
+        found: list[tuple[int, BlockKey]] = []
+
+        async def scan() -> None:
+            async for name in client.scan_iter(match=self._keys.pattern(), count=1000):
+                key = self._keys.key_of(bytes(name))
+                if key is not None:
+                    found.append((len(found), key))
+                    if len(found) >= self._num_slots:
+                        return
+
+        await self._round_trip("scan", scan)
+        return found
+
+    async def _get(self, names: list[bytes]) -> list[Any]:
+        client = self._open()
+        if not self._cluster:
+            return list(await client.mget(names))
+        pipe = client.pipeline()
+        for name in names:
+            pipe.get(name)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def _set(self, names: list[bytes], values: list[memoryview]) -> list[Any]:
+        pipe = self._open().pipeline(transaction=False)
+        for name, value in zip(names, values, strict=True):
+            pipe.set(name, value, px=self._ttl_ms)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def _chunks(self, n: int, work: Callable[[int, int], Awaitable[None]]) -> None:
+        """Run ``work(begin, end)`` over ``range(n)`` in ``batch_size`` chunks."""
+        if n <= self._batch:
+            await work(0, n)
+            return
+        errors: list[TierIOError] = []
+
+        async def run(begin: int, end: int) -> None:
+            async with self._limiter:
+                try:
+                    await work(begin, end)
+                except TierIOError as exc:
+                    errors.append(exc)
+
+        async with anyio.create_task_group() as group:
+            for begin in range(0, n, self._batch):
+                group.start_soon(run, begin, min(n, begin + self._batch))
+        if errors:
+            raise errors[0]
+
+    # -- I/O ---------------------------------------------------------------------------
+
+    def _check_batch(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], buffer: torch.Tensor
+    ) -> tuple[list[int], torch.Tensor]:
+        slot_list = check_slots(slots, self._num_slots, tier=self._name)
+        rows = check_buffer(buffer, slot_list, keys, self._layout.block_bytes, tier=self._name)
+        for key in keys:
+            if not isinstance(key, bytes) or not 0 < len(key) <= MAX_KEY_BYTES:
+                raise InvalidRequestError(
+                    f"tier {self._name}: keys must be 1..{MAX_KEY_BYTES} bytes"
+                )
+        return slot_list, rows
+
+    async def write_from(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], data: torch.Tensor
+    ) -> None:
+        """Store ``data``'s rows as the blocks ``keys`` (``slots`` are remembered).
+
+        Raises:
+            ClosedError: The tier is not open.
+            InvalidRequestError: Bad slots, keys or buffer.
+            TierIOError: The server failed, timed out or refused a block (for
+                example out of memory); blocks of other chunks may be stored.
+        """
+        self._open()
+        slot_list, rows = self._check_batch(slots, keys, data)
+        if rows.device.type != "cpu" or rows.stride(1) != 1:
+            rows = rows.to("cpu").contiguous()
+        block_bytes = self._layout.block_bytes
+        fingerprint = self._keys.fingerprint
+        for slot, key in zip(slot_list, keys, strict=True):
+            self._slot_keys[slot] = key
+
+        async def work(begin: int, end: int) -> None:
+            names: list[bytes] = []
+            values: list[memoryview] = []
+            for index in range(begin, end):
+                key = keys[index]
+                payload = tensor_bytes(rows[index])
+                header = encode_header(key, fingerprint, payload)
+                value = bytearray(len(header) + block_bytes)
+                value[: len(header)] = header
+                value[len(header) :] = payload
+                names.append(self._keys.name(key))
+                values.append(memoryview(value))
+            replies = await self._round_trip("write", lambda: self._set(names, values))
+            failed = [reply for reply in replies if isinstance(reply, Exception)]
+            if failed:
+                raise TierIOError(
+                    f"tier {self._name}: the server refused {len(failed)} of "
+                    f"{len(names)} blocks: {failed[0]}",
+                    tier=self._name,
+                ) from failed[0]
+
+        await self._chunks(len(slot_list), work)
+
+    async def read_into(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], out: torch.Tensor
+    ) -> None:
+        """Read and verify the blocks ``keys`` into ``out``'s rows.
+
+        On any error ``out``'s rows hold undefined bytes.
+
+        Raises:
+            ClosedError: The tier is not open.
+            InvalidRequestError: Bad slots, keys or buffer.
+            BlockMissingError: Blocks absent (evicted, expired, never stored
+                or lost with a restarted server) or failing verification.
+            TierIOError: The server failed or timed out.
+        """
+        self._open()
+        slot_list, rows = self._check_batch(slots, keys, out)
+        direct = rows.device.type == "cpu" and rows.stride(1) == 1
+        target = rows if direct else torch.empty(rows.shape, dtype=torch.uint8)
+        block_bytes = self._layout.block_bytes
+        fingerprint = self._keys.fingerprint
+        missing: list[int] = []
+
+        async def work(begin: int, end: int) -> None:
+            names = [self._keys.name(keys[index]) for index in range(begin, end)]
+            values = await self._round_trip("read", lambda: self._get(names))
+            for index, value in zip(range(begin, end), values, strict=True):
+                if isinstance(value, Exception):
+                    raise TierIOError(
+                        f"tier {self._name}: read failed: {value}", tier=self._name
+                    ) from value
+                payload = None
+                if isinstance(value, bytes):
+                    payload = verify_value(value, keys[index], fingerprint, block_bytes)
+                if payload is None:
+                    missing.append(slot_list[index])
+                else:
+                    tensor_bytes(target[index])[:] = payload
+
+        await self._chunks(len(slot_list), work)
+        if missing:
+            _log.debug("tier_miss", tier=self._name, n_blocks=len(missing))
+            raise BlockMissingError(
+                f"tier {self._name}: {len(missing)} block(s) missing or failed verification",
+                tier=self._name,
+                slots=tuple(sorted(missing)),
+            )
+        if not direct:
+            rows.copy_(target)
+
+    async def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
+        """Whether each block is in Redis now (one round trip; it may go at any time).
+
+        Raises:
+            ClosedError: The tier is not open.
+            TierIOError: The server failed or timed out.
+        """
+        client = self._open()
+        names = [self._keys.name(key) for key in keys]
+
+        async def exists() -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for name in names:
+                pipe.exists(name)
+            return list(await pipe.execute(raise_on_error=True))
+
+        if not names:
+            return []
+        return [bool(n) for n in await self._round_trip("exists", exists)]
+
+    async def discard(self, slots: Sequence[int]) -> None:
+        """Forget the blocks in ``slots`` and, with ``discard_deletes``, delete them.
+
+        Raises:
+            ClosedError: The tier is not open.
+            InvalidRequestError: A slot is out of range.
+            TierIOError: The delete failed (the blocks are forgotten all the same).
+        """
+        client = self._open()
+        doomed = [
+            self._keys.name(key)
+            for slot in check_slots(slots, self._num_slots, tier=self._name)
+            if (key := self._slot_keys.pop(slot, None)) is not None
+        ]
+        if not doomed or not self._discard_deletes:
+            return
+
+        async def unlink() -> None:
+            pipe = client.pipeline(transaction=False)
+            for name in doomed:
+                pipe.unlink(name)
+            await pipe.execute(raise_on_error=True)
+
+        await self._round_trip("discard", unlink)

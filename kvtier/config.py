@@ -49,6 +49,7 @@ from typing import Any, Final, Literal
 
 import attrs
 
+from kvtier.config_redis import REDIS_KEYS, RedisOptions, parse_redis_options
 from kvtier.errors import ConfigError
 from kvtier.hashing import HASH_ALGORITHMS
 from kvtier.policies.base import EVICTION_POLICIES
@@ -65,8 +66,8 @@ __all__ = [
     "parse_size",
 ]
 
-TierKind = Literal["device", "cpu", "disk"]
-TIER_KINDS: Final = ("device", "cpu", "disk")
+TierKind = Literal["device", "cpu", "disk", "redis"]
+TIER_KINDS: Final = ("device", "cpu", "disk", "redis")
 WRITE_MODES: Final = ("eager", "lazy", "selective")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -134,6 +135,7 @@ class TierConfig:
         direct_io: Disk tier: ``O_DIRECT``.
         pin_memory: CPU tier: pinned host memory (``None``: when CUDA is present).
         max_workers: Disk tier: worker threads.
+        redis: Redis tier: connection and key options.
     """
 
     kind: TierKind
@@ -143,6 +145,7 @@ class TierConfig:
     direct_io: bool = False
     pin_memory: bool | None = None
     max_workers: int = 4
+    redis: RedisOptions | None = None
 
 
 @attrs.frozen
@@ -240,7 +243,17 @@ def _layout(table: Mapping[str, Any]) -> BlockLayout:
 
 def _tier(table: Mapping[str, Any], index: int) -> TierConfig:
     key = f"tiers[{index}]"
-    allowed = ("kind", "capacity", "eviction", "path", "direct_io", "pin_memory", "max_workers")
+    allowed: tuple[str, ...] = (
+        "kind",
+        "capacity",
+        "eviction",
+        "path",
+        "direct_io",
+        "pin_memory",
+        "max_workers",
+    )
+    if table.get("kind") == "redis":
+        allowed = ("kind", "capacity", "eviction", *REDIS_KEYS, "password")
     _check_keys(table, allowed, key)
     if "kind" not in table or "capacity" not in table:
         raise ConfigError(f"{key}: needs 'kind' and 'capacity'")
@@ -259,6 +272,7 @@ def _tier(table: Mapping[str, Any], index: int) -> TierConfig:
         bool(_boolean(table, "direct_io", False, key)),
         _boolean(table, "pin_memory", None, key),
         _integer(table, "max_workers", 4, key),
+        parse_redis_options(table, key) if kind == "redis" else None,
     )
 
 
@@ -306,7 +320,7 @@ def parse_config(data: Mapping[str, Any]) -> KvtierConfig:
         raise ConfigError("tiers: the device tier, when given, must be the first")
     lower = [tier for tier in tiers if tier.kind != "device"]
     if not lower:
-        raise ConfigError("tiers: needs at least one lower tier (cpu or disk)")
+        raise ConfigError("tiers: needs at least one lower tier (cpu, disk or redis)")
     for index, tier in enumerate(tiers):
         if tier.capacity_bytes < layout.block_bytes:
             raise ConfigError(

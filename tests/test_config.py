@@ -129,3 +129,65 @@ def test_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
     path.write_text("[layout\nnum_layers = 2\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(path)
+
+
+def _redis(**extra: object) -> dict[str, object]:
+    table: dict[str, object] = {"kind": "redis", "capacity": "1GiB"}
+    table.update(extra)
+    return {
+        "layout": {"num_layers": 1, "block_size": 16, "num_kv_heads": 1, "head_size": 8},
+        "tiers": [{"kind": "cpu", "capacity": "1MiB"}, table],
+    }
+
+
+def test_redis_tier_options() -> None:
+    config = parse_config(
+        _redis(
+            url="rediss://cache:6380/2",
+            prefix="p:",
+            model="m",
+            ttl="2s",
+            timeout="250ms",
+            batch_size=8,
+            username="u",
+            password_env="KVTIER_TEST_PW",
+            cluster=True,
+        )
+    )
+    options = config.tiers[1].redis
+    assert options is not None
+    assert (options.url, options.prefix, options.model) == ("rediss://cache:6380/2", "p:", "m")
+    assert (options.ttl, options.timeout, options.batch_size) == (2.0, 0.25, 8)
+    assert options.cluster
+    assert "KVTIER_TEST_PW" not in repr(options)
+    defaults = parse_config(_redis()).tiers[1].redis
+    assert defaults is not None
+    assert defaults.ttl is None
+    assert defaults.url == "redis://127.0.0.1:6379/0"
+
+
+def test_redis_password_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    options = parse_config(_redis(password_env="KVTIER_TEST_PW")).tiers[1].redis
+    assert options is not None
+    monkeypatch.delenv("KVTIER_TEST_PW", raising=False)
+    with pytest.raises(ConfigError, match="KVTIER_TEST_PW"):
+        options.password()
+    monkeypatch.setenv("KVTIER_TEST_PW", "s3cret")
+    assert options.password() == "s3cret"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"password": "x"}, r"tiers\[1\].password: passwords do not go in the file"),
+        ({"url": "http://x"}, r"tiers\[1\].url: 'http://x' is not a redis://"),
+        ({"batch_size": 0}, r"tiers\[1\].batch_size: 0 is not an integer >= 1"),
+        ({"timeout": "0s"}, r"tiers\[1\].timeout: must be more than 0"),
+        ({"ttl": "soon"}, r"tiers\[1\].ttl: 'soon' is not a duration"),
+        ({"cluster": "yes"}, r"tiers\[1\].cluster: 'yes' is not true or false"),
+        ({"path": "/x"}, r"unknown key\(s\) path"),
+    ],
+)
+def test_bad_redis_options(extra: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(_redis(**extra))

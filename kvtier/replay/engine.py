@@ -23,7 +23,8 @@ import anyio.lowlevel
 import torch
 
 from kvtier.block_hasher import BlockHasher
-from kvtier.config import KvtierConfig
+from kvtier.config import KvtierConfig, TierConfig
+from kvtier.config_redis import RedisOptions
 from kvtier.errors import ConfigError, KVTierError
 from kvtier.hashing import make_block_hash_with_group_id
 from kvtier.manager import KVCacheManager
@@ -86,6 +87,9 @@ def _lower_tiers(config: KvtierConfig, workdir: Path) -> list[BlockStore]:
                 CpuTier(layout, config.blocks_of(tier), name=name, pin_memory=tier.pin_memory)
             )
             continue
+        if tier.kind == "redis":
+            tiers.append(_redis_tier(config, tier, name))
+            continue
         tiers.append(
             DiskTier(
                 tier.path if tier.path is not None else workdir / name,
@@ -97,6 +101,37 @@ def _lower_tiers(config: KvtierConfig, workdir: Path) -> list[BlockStore]:
             )
         )
     return tiers
+
+
+def _redis_tier(config: KvtierConfig, tier: TierConfig, name: str) -> BlockStore:
+    """A :class:`~kvtier.tiers.redis.RedisTier` (needs ``pip install 'kvtier[redis]'``)."""
+    try:
+        from kvtier.tiers.redis import RedisTier  # noqa: PLC0415 - an optional dependency
+    except ImportError as exc:
+        raise ConfigError(
+            f"tier {name}: a redis tier needs redis-py: pip install 'kvtier[redis]'"
+        ) from exc
+    options = tier.redis if tier.redis is not None else RedisOptions()
+    return RedisTier(
+        config.layout,
+        config.blocks_of(tier),
+        url=options.url,
+        name=name,
+        prefix=options.prefix,
+        model=options.model,
+        ttl=options.ttl,
+        batch_size=options.batch_size,
+        connect_timeout=options.connect_timeout,
+        timeout=options.timeout,
+        username=options.username,
+        password=options.password(),
+        tls=options.tls,
+        tls_ca_file=options.tls_ca_file,
+        tls_cert_file=options.tls_cert_file,
+        tls_key_file=options.tls_key_file,
+        tls_verify=options.tls_verify,
+        cluster=options.cluster,
+    )
 
 
 class _Engine:

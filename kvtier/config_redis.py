@@ -1,0 +1,174 @@
+"""The ``[[tiers]] kind = "redis"`` table: options of a :class:`~kvtier.tiers.redis.RedisTier`.
+
+::
+
+    [[tiers]]
+    kind = "redis"
+    capacity = "64GiB"              # blocks this process tracks in Redis
+    url = "redis://127.0.0.1:6379/0" # rediss:// for TLS, unix:///path.sock
+    prefix = "kvtier:"
+    model = "llama-3-8b"            # separates models with equal layouts
+    ttl = "3600s"                   # optional; else Redis's maxmemory policy evicts
+    timeout = "5s"
+    connect_timeout = "2s"
+    batch_size = 32
+    username = "kvtier"
+    password_env = "KVTIER_REDIS_PASSWORD"   # the secret stays out of the file
+    cluster = false
+    tls_ca_file = "/etc/ssl/redis-ca.pem"
+
+A password is never read from the file: ``password_env`` names the
+environment variable that holds it (the URL may carry one too; it is
+redacted wherever kvtier prints the URL).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Final
+
+import attrs
+
+from kvtier.errors import ConfigError
+
+__all__ = ["DEFAULT_URL", "REDIS_KEYS", "RedisOptions", "parse_redis_options"]
+
+REDIS_KEYS: Final = (
+    "url",
+    "prefix",
+    "model",
+    "ttl",
+    "timeout",
+    "connect_timeout",
+    "batch_size",
+    "username",
+    "password_env",
+    "cluster",
+    "tls",
+    "tls_ca_file",
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_verify",
+)
+"""The keys a redis tier's table may hold besides ``kind``, ``capacity`` and ``eviction``."""
+
+
+DEFAULT_URL: Final = "redis://127.0.0.1:6379/0"
+"""A server on this host's default port."""
+
+
+@attrs.frozen
+class RedisOptions:
+    """A redis tier's connection and key options (see :class:`~kvtier.tiers.redis.RedisTier`).
+
+    Attributes:
+        url: The server (``redis://``, ``rediss://`` or ``unix://``).
+        prefix: Put in front of every key.
+        model: Separates models whose layouts are equal.
+        ttl: Seconds a stored block lives (None: until Redis evicts it).
+        timeout: Seconds a round trip may take.
+        connect_timeout: Seconds to open a connection.
+        batch_size: Most blocks per round trip.
+        username: ACL user.
+        password_env: Environment variable holding the password.
+        cluster: A Redis Cluster.
+        tls: Use TLS (implied by ``rediss://``).
+        tls_ca_file: CA bundle.
+        tls_cert_file: Client certificate.
+        tls_key_file: Client key.
+        tls_verify: Verify the server's certificate.
+    """
+
+    url: str = DEFAULT_URL
+    prefix: str = "kvtier:"
+    model: str = ""
+    ttl: float | None = None
+    timeout: float = 5.0
+    connect_timeout: float = 2.0
+    batch_size: int = 32
+    username: str | None = None
+    password_env: str | None = attrs.field(default=None, repr=False)
+    cluster: bool = False
+    tls: bool = False
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_verify: bool = True
+
+    def password(self) -> str | None:
+        """The password from ``password_env`` (None when not configured).
+
+        Raises:
+            ConfigError: ``password_env`` names an unset variable.
+        """
+        if self.password_env is None:
+            return None
+        value = os.environ.get(self.password_env)
+        if value is None:
+            raise ConfigError(
+                f"redis tier: the environment variable {self.password_env} "
+                "(password_env) is not set"
+            )
+        return value
+
+
+def _text(table: Mapping[str, Any], name: str, key: str, default: str | None) -> str | None:
+    value = table.get(name, default)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{key}.{name}: {value!r} is not a string")
+    return value
+
+
+def _flag(table: Mapping[str, Any], name: str, key: str, default: bool) -> bool:
+    value = table.get(name, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}.{name}: {value!r} is not true or false")
+    return value
+
+
+def parse_redis_options(table: Mapping[str, Any], key: str) -> RedisOptions:
+    """Validate a redis tier's options (the table's other keys are checked by the caller).
+
+    Raises:
+        ConfigError: A bad value; the message names the key.
+    """
+    from kvtier.config import parse_duration  # noqa: PLC0415 - config imports this module
+
+    if "password" in table:
+        raise ConfigError(
+            f"{key}.password: passwords do not go in the file; set password_env to the "
+            "name of an environment variable that holds it"
+        )
+    url = _text(table, "url", key, DEFAULT_URL)
+    if not url or not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"{key}.url: {url!r} is not a redis://, rediss:// or unix:// URL")
+    batch_size = table.get("batch_size", 32)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"{key}.batch_size: {batch_size!r} is not an integer >= 1")
+    durations = {}
+    for name, default in (("timeout", 5.0), ("connect_timeout", 2.0)):
+        durations[name] = parse_duration(table.get(name, default), key=f"{key}.{name}")
+        if durations[name] <= 0:
+            raise ConfigError(f"{key}.{name}: must be more than 0")
+    ttl = table.get("ttl")
+    ttl_seconds = None if ttl is None else parse_duration(ttl, key=f"{key}.ttl")
+    if ttl_seconds is not None and ttl_seconds <= 0:
+        raise ConfigError(f"{key}.ttl: must be more than 0 (leave it out for no TTL)")
+    return RedisOptions(
+        url=url,
+        prefix=_text(table, "prefix", key, "kvtier:") or "",
+        model=_text(table, "model", key, "") or "",
+        ttl=ttl_seconds,
+        timeout=durations["timeout"],
+        connect_timeout=durations["connect_timeout"],
+        batch_size=batch_size,
+        username=_text(table, "username", key, None),
+        password_env=_text(table, "password_env", key, None),
+        cluster=_flag(table, "cluster", key, False),
+        tls=_flag(table, "tls", key, False),
+        tls_ca_file=_text(table, "tls_ca_file", key, None),
+        tls_cert_file=_text(table, "tls_cert_file", key, None),
+        tls_key_file=_text(table, "tls_key_file", key, None),
+        tls_verify=_flag(table, "tls_verify", key, True),
+    )

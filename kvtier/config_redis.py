@@ -15,6 +15,7 @@
     username = "kvtier"
     password_env = "KVTIER_REDIS_PASSWORD"   # the secret stays out of the file
     cluster = false
+    scan_on_open = true             # start with the blocks other engines stored
     tls_ca_file = "/etc/ssl/redis-ca.pem"
 
 A password is never read from the file: ``password_env`` names the
@@ -50,6 +51,7 @@ REDIS_KEYS: Final = (
     "tls_cert_file",
     "tls_key_file",
     "tls_verify",
+    "scan_on_open",
 )
 """The keys a redis tier's table may hold besides ``kind``, ``capacity`` and ``eviction``."""
 
@@ -78,6 +80,8 @@ class RedisOptions:
         tls_cert_file: Client certificate.
         tls_key_file: Client key.
         tls_verify: Verify the server's certificate.
+        scan_on_open: Opening scans the server for this model and layout's
+            blocks, so an engine starts with what other engines stored.
     """
 
     url: str = DEFAULT_URL
@@ -95,6 +99,7 @@ class RedisOptions:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_verify: bool = True
+    scan_on_open: bool = False
 
     def password(self) -> str | None:
         """The password from ``password_env`` (None when not configured).
@@ -171,4 +176,5 @@ def parse_redis_options(table: Mapping[str, Any], key: str) -> RedisOptions:
         tls_cert_file=_text(table, "tls_cert_file", key, None),
         tls_key_file=_text(table, "tls_key_file", key, None),
         tls_verify=_flag(table, "tls_verify", key, True),
+        scan_on_open=_flag(table, "scan_on_open", key, False),
     )

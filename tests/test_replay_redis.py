@@ -45,3 +45,58 @@ def test_example_redis_config_loads() -> None:
     config = load_config(EXAMPLE)
     assert [tier.kind for tier in config.tiers] == ["device", "cpu", "redis"]
     assert config.tiers[2].redis is not None
+
+
+ENGINE_A = """
+import json, sys, anyio
+from kvtier.config import parse_config
+from kvtier.replay import chat_workload, replay
+config = parse_config(json.loads(sys.argv[1]))
+workload = chat_workload(users=3, rounds=2, system_prompt=256, question=32, answer=64)
+report = anyio.run(lambda: replay(config, workload))
+print(json.dumps({"stored": report.tiers[-1].stored_blocks}))
+"""
+
+
+def _shared_config(url: str, *, head_size: int = 8, scan: bool = False) -> dict[str, object]:
+    block = 2 * 16 * 1 * head_size * 2
+    return {
+        "layout": {"num_layers": 1, "block_size": 16, "num_kv_heads": 1, "head_size": head_size},
+        "offload": {"prefetch": "wait_complete"},
+        "tiers": [
+            {"kind": "device", "capacity": 64 * block},
+            {"kind": "redis", "capacity": 4096 * block, "url": url, "scan_on_open": scan},
+        ],
+    }
+
+
+@pytest.mark.asyncio
+async def test_engine_b_loads_from_redis_what_engine_a_computed_in_another_process(
+    redis_server: RedisServer,
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    first = subprocess.run(
+        [sys.executable, "-c", ENGINE_A, json.dumps(_shared_config(redis_server.url))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert json.loads(first.stdout.strip().splitlines()[-1])["stored"] > 0
+    workload = chat_workload(users=3, rounds=2, system_prompt=256, question=32, answer=64)
+    # Engine B: a fresh device cache; it knows Redis's blocks from the scan on open.
+    b = await replay(parse_config(_shared_config(redis_server.url, scan=True)), workload)
+    remote = b.tiers[-1]
+    assert remote.hits > 0
+    assert remote.loaded_blocks > 0
+    assert b.loaded_tokens > 0
+    assert b.verified_blocks == (b.device_hit_tokens + b.loaded_tokens) // 16  # A's bytes
+    # Another layout (head size 16) shares the server but never a key.
+    other = await replay(
+        parse_config(_shared_config(redis_server.url, head_size=16, scan=True)), workload
+    )
+    assert other.tiers[-1].hits == 0
+    assert other.loaded_tokens == 0

@@ -131,6 +131,7 @@ def _redis_tier(config: KvtierConfig, tier: TierConfig, name: str) -> BlockStore
         tls_key_file=options.tls_key_file,
         tls_verify=options.tls_verify,
         cluster=options.cluster,
+        scan_on_open=options.scan_on_open,
     )
 
 

@@ -163,9 +163,12 @@ async def test_maxmemory(redis_server: RedisServer) -> None:
         kept = [s for s in range(64) if s not in info.value.slots]
         assert kept
         assert len(info.value.slots) > 0
+        with redis_server.client() as admin:  # no more evictions: what is left stays
+            admin.config_set("maxmemory", "0")
         await store.read_into(kept, [keys[s] for s in kept], out[: len(kept)])
         assert torch.equal(out[: len(kept)], data[kept])
         with redis_server.client() as admin:
+            admin.config_set("maxmemory", str(2 << 20))
             admin.config_set("maxmemory-policy", "noeviction")
         with pytest.raises(TierIOError):
             await store.write_from(list(range(64)), [key(i + 100) for i in range(64)], data)

@@ -34,15 +34,10 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import anyio
-import redis.asyncio as aioredis
 import redis.exceptions
 import torch
-from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from kvtier.errors import (
     BlockMissingError,
@@ -55,6 +50,13 @@ from kvtier.log import get_logger
 from kvtier.tiers._copy import check_buffer, check_slots
 from kvtier.tiers._disk_io import tensor_bytes
 from kvtier.tiers.base import BlockKey, BlockLayout
+from kvtier.tiers.redis_client import (
+    RedisClient,
+    RedisConnection,
+    positive_int,
+    positive_number,
+    redact_url,
+)
 from kvtier.tiers.redis_format import (
     MAX_KEY_BYTES,
     KeyFormat,
@@ -65,35 +67,7 @@ from kvtier.tiers.redis_format import (
 __all__ = ["RedisTier", "redact_url"]
 
 _log = get_logger("kvtier.tiers.redis")
-_SCHEMES = ("redis", "rediss", "unix")
 _T = TypeVar("_T")
-_Client = aioredis.Redis | RedisCluster
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for logs and reprs)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port is not None else ""
-    netloc = f"{user}:***@{host}{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
-def _positive_number(label: str, value: object, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigError(f"{label} must be a positive number, got {value!r}")
-
-
-def _positive_int(label: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{label} must be a positive integer, got {value!r}")
 
 
 class RedisTier:
@@ -159,60 +133,40 @@ class RedisTier:
     ) -> None:
         if not isinstance(layout, BlockLayout):
             raise ConfigError(f"layout must be a BlockLayout, got {type(layout).__name__}")
-        _positive_int("num_slots", num_slots)
-        _positive_int("batch_size", batch_size)
-        _positive_int("concurrency", concurrency)
-        _positive_int("max_connections", max_connections)
-        if max_connections < concurrency:
-            raise ConfigError(
-                f"max_connections={max_connections} is less than concurrency={concurrency}"
-            )
-        _positive_number("ttl", ttl, allow_none=True)
-        _positive_number("connect_timeout", connect_timeout)
-        _positive_number("timeout", timeout)
+        positive_int("num_slots", num_slots)
+        positive_int("batch_size", batch_size)
+        positive_int("concurrency", concurrency)
+        positive_int("max_connections", max_connections)
+        self._connection = RedisConnection.build(
+            url,
+            concurrency=concurrency,
+            max_connections=max_connections,
+            connect_timeout=connect_timeout,
+            timeout=timeout,
+            username=username,
+            password=password,
+            tls=tls,
+            tls_ca_file=tls_ca_file,
+            tls_cert_file=tls_cert_file,
+            tls_key_file=tls_key_file,
+            tls_verify=tls_verify,
+            cluster=cluster,
+        )
+        positive_number("ttl", ttl, allow_none=True)
         if not isinstance(name, str) or not name:
             raise ConfigError(f"name must be a non-empty string, got {name!r}")
-        if not isinstance(url, str) or urlsplit(url).scheme not in _SCHEMES:
-            raise ConfigError(f"url must start with redis://, rediss:// or unix://, got {url!r}")
-        if cluster and urlsplit(url).scheme == "unix":
-            raise ConfigError("a Redis Cluster is reached over TCP, not a unix:// socket")
         self._layout = layout
         self._num_slots = num_slots
         self._name = name
         self._keys = KeyFormat(prefix, layout, model)
-        self._url = url
         self._ttl_ms = None if ttl is None else max(1, round(ttl * 1000))
         self._batch = batch_size
         self._limiter = anyio.CapacityLimiter(concurrency)
-        self._deadline = float(connect_timeout) + float(timeout)
-        self._timeout = float(timeout)
+        self._deadline = self._connection.deadline
         self._cluster = cluster
         self._discard_deletes = discard_deletes
         self._scan_on_open = scan_on_open
-        self._options: dict[str, Any] = {
-            "max_connections": max_connections,
-            "socket_connect_timeout": float(connect_timeout),
-            "socket_timeout": float(timeout),
-            # One retry on a dropped connection (a restarted server): the pool's
-            # dead connection fails once, the retry connects afresh.
-            "retry": Retry(NoBackoff(), 1, (redis.exceptions.ConnectionError,)),
-            "client_name": "kvtier",
-        }
-        if username is not None:
-            self._options["username"] = username
-        if password is not None:
-            self._options["password"] = password
-        if tls or tls_ca_file or tls_cert_file:
-            self._options.update(
-                ssl=True,
-                ssl_ca_certs=tls_ca_file,
-                ssl_certfile=tls_cert_file,
-                ssl_keyfile=tls_key_file,
-                ssl_cert_reqs="required" if tls_verify else "none",
-                ssl_check_hostname=tls_verify,
-            )
-        self._tls = bool(tls or tls_ca_file or tls_cert_file or url.startswith("rediss://"))
-        self._client: _Client | None = None
+        self._client: RedisClient | None = None
         self._slot_keys: dict[int, BlockKey] = {}
         self._recovered: list[tuple[int, BlockKey]] = []
         self._closed = False
@@ -247,7 +201,7 @@ class RedisTier:
     @property
     def url(self) -> str:
         """The server's URL with any password redacted."""
-        return redact_url(self._url)
+        return redact_url(self._connection.url)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("open" if self._client else "not open")
@@ -271,12 +225,9 @@ class RedisTier:
         if self._client is not None:
             return self
         try:
-            if self._cluster:
-                self._client = RedisCluster.from_url(self._url, **self._options)
-            else:
-                self._client = aioredis.Redis.from_url(self._url, **self._options)
-        except (ValueError, TypeError, redis.exceptions.RedisError) as exc:
-            raise ConfigError(f"tier {self._name}: bad Redis options: {exc}") from exc
+            self._client = self._connection.client()
+        except ConfigError as exc:
+            raise ConfigError(f"tier {self._name}: {exc}") from exc
         start = time.perf_counter()
         try:
             await self._round_trip("ping", self._ping)
@@ -290,7 +241,7 @@ class RedisTier:
                 "tier_open",
                 tier=self._name,
                 url=self.url,
-                tls=self._tls,
+                tls=self._connection.tls,
                 cluster=self._cluster,
                 n_blocks=len(self._recovered),
                 seconds=time.perf_counter() - start,
@@ -320,7 +271,7 @@ class RedisTier:
                     _log.warning("tier_close_failed", tier=self._name, error=repr(exc))
         _log.info("tier_close", tier=self._name)
 
-    def _open(self) -> _Client:
+    def _open(self) -> RedisClient:
         if self._closed:
             raise ClosedError(f"tier {self._name} is closed")
         if self._client is None:

@@ -1,0 +1,149 @@
+"""How a :class:`~kvtier.tiers.redis.RedisTier` connects: URL, timeouts, auth, TLS, Cluster.
+
+:class:`RedisConnection` validates the connection settings once and builds
+the redis-py client (``redis.asyncio.Redis`` or ``RedisCluster``) with a
+bounded pool, socket timeouts, one retry on a dropped connection (how a
+restarted server is reconnected) and the TLS options. Secrets stay in the
+client's options: :func:`redact_url` is what logs and reprs show.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import attrs
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from kvtier.errors import ConfigError
+
+__all__ = ["RedisClient", "RedisConnection", "positive_int", "positive_number", "redact_url"]
+
+RedisClient = aioredis.Redis | RedisCluster
+"""The client types a tier talks through."""
+
+_SCHEMES = ("redis", "rediss", "unix")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for logs and reprs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port is not None else ""
+    netloc = f"{user}:***@{host}{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def positive_number(label: str, value: object, *, allow_none: bool = False) -> None:
+    """Raise :class:`~kvtier.errors.ConfigError` unless ``value`` is a number > 0."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"{label} must be a positive number, got {value!r}")
+
+
+def positive_int(label: str, value: object) -> None:
+    """Raise :class:`~kvtier.errors.ConfigError` unless ``value`` is an integer > 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{label} must be a positive integer, got {value!r}")
+
+
+@attrs.frozen
+class RedisConnection:
+    """Validated connection settings; :meth:`client` builds the redis-py client.
+
+    Attributes:
+        url: The server (may carry a password; see :func:`redact_url`).
+        options: Keyword arguments of ``from_url`` (never logged).
+        cluster: A Redis Cluster.
+        tls: Whether the connection uses TLS.
+        deadline: Most seconds one round trip may take (connect + command).
+    """
+
+    url: str
+    options: dict[str, Any] = attrs.field(repr=False)
+    cluster: bool
+    tls: bool
+    deadline: float
+
+    @classmethod
+    def build(
+        cls,
+        url: str,
+        *,
+        concurrency: int,
+        max_connections: int,
+        connect_timeout: float,
+        timeout: float,
+        username: str | None,
+        password: str | None,
+        tls: bool,
+        tls_ca_file: str | None,
+        tls_cert_file: str | None,
+        tls_key_file: str | None,
+        tls_verify: bool,
+        cluster: bool,
+    ) -> RedisConnection:
+        """Check the settings (see :class:`~kvtier.tiers.redis.RedisTier` for each).
+
+        Raises:
+            ConfigError: A setting is out of range or the URL's scheme is unknown.
+        """
+        positive_int("concurrency", concurrency)
+        positive_int("max_connections", max_connections)
+        if max_connections < concurrency:
+            raise ConfigError(
+                f"max_connections={max_connections} is less than concurrency={concurrency}"
+            )
+        positive_number("connect_timeout", connect_timeout)
+        positive_number("timeout", timeout)
+        if not isinstance(url, str) or urlsplit(url).scheme not in _SCHEMES:
+            raise ConfigError(f"url must start with redis://, rediss:// or unix://, got {url!r}")
+        if cluster and urlsplit(url).scheme == "unix":
+            raise ConfigError("a Redis Cluster is reached over TCP, not a unix:// socket")
+        options: dict[str, Any] = {
+            "max_connections": max_connections,
+            "socket_connect_timeout": float(connect_timeout),
+            "socket_timeout": float(timeout),
+            # One retry on a dropped connection (a restarted server): the pool's
+            # dead connection fails once, the retry connects afresh.
+            "retry": Retry(NoBackoff(), 1, (redis.exceptions.ConnectionError,)),
+            "client_name": "kvtier",
+        }
+        if username is not None:
+            options["username"] = username
+        if password is not None:
+            options["password"] = password
+        if tls or tls_ca_file or tls_cert_file:
+            options.update(
+                ssl=True,
+                ssl_ca_certs=tls_ca_file,
+                ssl_certfile=tls_cert_file,
+                ssl_keyfile=tls_key_file,
+                ssl_cert_reqs="required" if tls_verify else "none",
+                ssl_check_hostname=tls_verify,
+            )
+        uses_tls = bool(tls or tls_ca_file or tls_cert_file or url.startswith("rediss://"))
+        return cls(url, options, cluster, uses_tls, float(connect_timeout) + float(timeout))
+
+    def client(self) -> RedisClient:
+        """A new client with its own connection pool.
+
+        Raises:
+            ConfigError: redis-py rejected the options.
+        """
+        try:
+            if self.cluster:
+                return RedisCluster.from_url(self.url, **self.options)
+            return aioredis.Redis.from_url(self.url, **self.options)
+        except (ValueError, TypeError, redis.exceptions.RedisError) as exc:
+            raise ConfigError(f"bad Redis options: {exc}") from exc

@@ -95,6 +95,22 @@ class FreeKVCacheBlockQueue:
         self.num_free_blocks -= 1
         self.removed += 1
 
+    def close_gap(self, before: KVCacheBlock, after: KVCacheBlock | None, count: int) -> None:
+        """Link ``before`` to ``after`` once the caller unlinked the ``count`` blocks between.
+
+        The batch form of :meth:`remove` for a walk that takes a run of
+        consecutive blocks as it passes them: it clears each taken block's
+        links itself (``None``, as :meth:`remove` leaves them), then calls
+        this once per run. ``before`` and ``after`` stay in the queue (either
+        may be a sentinel; ``after`` is ``None`` only past the tail, which a
+        walk never is).
+        """
+        before.next_free_block = after
+        if after is not None:
+            after.prev_free_block = before
+        self.num_free_blocks -= count
+        self.removed += count
+
     def append(self, block: KVCacheBlock) -> None:
         """Put ``block`` at the tail (evicted last)."""
         self.append_n((block,))

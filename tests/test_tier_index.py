@@ -412,6 +412,83 @@ def test_check_invariants_reports_corruption(
         index.check_invariants()
 
 
+# -- pending reservations ----------------------------------------------------------------
+
+
+def test_pending_reservations_are_held_but_not_visible() -> None:
+    index = filled(8, 0, 1)
+    reservation = index.reserve_new(dict.fromkeys(ks(2, 3)).keys())
+    assert reservation == Reservation(tuple(ks(2, 3)), (2, 3), ())
+    assert all(index.holds(key) for key in ks(0, 1, 2, 3))  # "being written" counts as held
+    assert [index.contains(key) for key in ks(0, 1, 2, 3)] == [True, True, False, False]
+    assert index.lookup(ks(0, 1, 2, 3)) == 2
+    resident, reserved, removed_pinned = index.key_sets()
+    assert (set(resident), set(reserved), set(removed_pinned)) == (
+        set(ks(0, 1)),
+        set(ks(2, 3)),
+        set(),
+    )
+    assert (index.num_reserved, index.num_resident, index.num_free, index.num_reservable) == (
+        2,
+        2,
+        4,
+        6,
+    )
+    with pytest.raises(InvalidRequestError):
+        index.reserve_new(ks(3, 4))  # k(3) is pending: it holds a slot
+    assert index.reserve(ks(2, 3, 4)).keys == (k(4),)
+    index.check_invariants()
+
+
+def test_pending_reservations_commit_into_the_resident_map() -> None:
+    index = filled(8, 0)
+    first = index.reserve_new(ks(1, 2))
+    second = index.reserve_new(ks(3))
+    index.commit([k(2), k(3)])  # across reservations, in any order
+    assert [index.slot_of(key) for key in ks(1, 2, 3)] == [None, first.slots[1], second.slots[0]]
+    index.commit([k(1)])
+    assert [index.slot_of(key) for key in ks(1, 2, 3)] == [*first.slots, *second.slots]
+    assert index.num_reserved == 0
+    assert list(index.policy) == ks(0, 2, 3, 1)  # type: ignore[call-overload]
+    index.check_invariants()
+
+
+def test_pending_reservations_dropped_on_abort() -> None:
+    index = filled(4, 0)
+    reservation = index.reserve_new(ks(1, 2))
+    index.abort([k(2)])
+    assert not index.holds(k(2))
+    assert index.holds(k(1))
+    index.abort([k(1)])
+    assert (index.num_free, index.num_reserved, len(index)) == (3, 0, 1)
+    assert index.reserve_new(ks(5, 6)).slots == reservation.slots  # freed slots back on the stack
+    index.check_invariants()
+
+
+def test_pending_reservations_are_never_evicted() -> None:
+    index = filled(3, 0)
+    index.reserve_new(ks(1, 2))
+    assert index.num_reservable == 1
+    with pytest.raises(TierFullError):
+        index.reserve(ks(3, 4))  # only k(0) may go: the pending ones stay
+    reservation = index.reserve(ks(3))
+    assert reservation.evicted == ((0, k(0)),)
+    index.commit(ks(1, 2, 3))
+    assert (index.num_resident, index.num_reserved) == (3, 0)
+    index.check_invariants()
+
+
+def test_restore_and_clear_respect_pending_reservations() -> None:
+    index = TierIndex("cpu", 3)
+    slot = index.reserve_new(ks(0)).slots[0]
+    with pytest.raises(InvalidRequestError):
+        index.restore([(slot, k(1))])  # the slot is pending, not free
+    assert index.clear() is False
+    index.commit(ks(0))
+    assert index.clear() is True
+    index.check_invariants()
+
+
 # -- state machine ---------------------------------------------------------------------
 
 NUM_KEYS = 10

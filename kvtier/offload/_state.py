@@ -7,6 +7,8 @@ applies them at the start of its next call.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import attrs
 
 from kvtier.block import KVCacheBlock
@@ -40,9 +42,9 @@ class StoreEvent:
 
     event_id: int
     step_id: int
-    blocks: list[KVCacheBlock]  # touched: released when the event ends
-    keys: list[BlockKey]
-    slots: list[int]
+    block_ids: tuple[int, ...]  # device blocks, referenced: released when the event ends
+    keys: Sequence[BlockKey]
+    slots: Sequence[int]
     demotions: list[Demotion]
     request_ids: set[str]
     reports: int = 0

@@ -41,8 +41,8 @@ async def run_store(
     pipeline: TransferPipeline,
     device: BlockStore,
     tiers: Sequence[BlockStore],
-    event: StoreEvent,
     push: Push,
+    event: StoreEvent,
 ) -> None:
     """Demote what the event's slots held, then copy its device blocks down."""
     demoted: list[bool] = []
@@ -51,8 +51,7 @@ async def run_store(
     try:
         for demotion in event.demotions:
             demoted.append(await _demote(pipeline, tiers, demotion))
-        ids = [block.block_id for block in event.blocks]
-        task = StoreTask(device, ids, tiers[0], event.slots, event.keys)
+        task = StoreTask(device, event.block_ids, tiers[0], event.slots, event.keys)
         seconds = (await (await pipeline.submit(task))).seconds
         error = None
     except Exception as exc:
@@ -66,8 +65,8 @@ async def run_load(
     pipeline: TransferPipeline,
     device: BlockStore,
     tiers: Sequence[BlockStore],
-    event: LoadEvent,
     push: Push,
+    event: LoadEvent,
 ) -> None:
     """Stage blocks held only by slower tiers into the first, then load them all."""
     error: BaseException | None = TransferCancelledError(f"load event {event.event_id} cancelled")

@@ -31,7 +31,7 @@ from kvtier.offload._state import LoadOutcome, StoreOutcome
 __all__ = ["Runtime"]
 
 Outcome = StoreOutcome | LoadOutcome
-Job = Callable[[], Coroutine[Any, Any, None]]
+Job = Callable[..., Coroutine[Any, Any, None]]
 
 
 class Runtime:
@@ -42,7 +42,8 @@ class Runtime:
         self._cond = threading.Condition()
         self._event: anyio.Event | None = None
         self._group: TaskGroup | None = None
-        self._jobs: deque[Job] = deque()  # async mode: queued by spawn, started by _dispatch
+        # async mode: (job, args) queued by spawn, started by _dispatch
+        self._jobs: deque[tuple[Job, tuple[Any, ...]]] = deque()
         self._wake: anyio.Event | None = None
         self._closing = False
         self._portal: anyio.from_thread.BlockingPortal | None = None
@@ -79,7 +80,8 @@ class Runtime:
         jobs = self._jobs
         while True:
             while jobs:
-                group.start_soon(jobs.popleft())
+                job, args = jobs.popleft()
+                group.start_soon(job, *args)
             if self._closing:
                 return
             self._wake = anyio.Event()
@@ -118,8 +120,8 @@ class Runtime:
 
     # -- jobs --------------------------------------------------------------------------
 
-    def spawn(self, job: Job) -> None:
-        """Start ``job`` (from the engine's thread).
+    def spawn(self, job: Job, *args: Any) -> None:
+        """Start ``job(*args)`` (from the engine's thread).
 
         In async mode the job is queued and starts once the engine's loop
         runs; in thread mode it starts on the background loop now.
@@ -131,12 +133,12 @@ class Runtime:
         if group is None:
             raise ClosedError("the offload manager is not running: enter it first")
         if self._portal is None:
-            self._jobs.append(job)
+            self._jobs.append((job, args))
             self._wake_dispatcher()
             return
 
         def start() -> None:  # runs on the background loop's thread
-            group.start_soon(job)
+            group.start_soon(job, *args)
 
         self._portal.call(start)
 

@@ -49,7 +49,6 @@ class Transfers:
         pipeline: TransferPipeline,
         world_size: int,
         requests: dict[str, RequestState],
-        forget_if_idle: Callable[[RequestState], None],
     ) -> None:
         self.block_pool = pool
         self.device = device
@@ -60,13 +59,25 @@ class Transfers:
         self.pipeline = pipeline
         self.world_size = world_size
         self.requests = requests
-        self.forget_if_idle = forget_if_idle
         self.runtime = Runtime()
+        push = self.runtime.push
+        self._run_store = functools.partial(jobs.run_store, pipeline, device, self.tiers, push)
+        self._run_load = functools.partial(jobs.run_load, pipeline, device, self.tiers, push)
         self.stores: dict[int, StoreEvent] = {}
         self.loads: dict[int, LoadEvent] = {}
-        self.in_flight: set[int] = set()  # device block ids being stored (seed 003)
+        # Device block ids being stored (seed 003), for the planners that pick
+        # referenced blocks (eager, selective). Lazy mode leaves it empty: its
+        # walk only takes blocks from the free queue, which holds no block a
+        # store references (see in_flight_ids).
+        self.in_flight: set[int] = set()
         self.finished: list[FinishedLoad] = []
         self.writeback: WriteBack | None = None  # lazy mode: told of written blocks freed
+
+    def in_flight_ids(self) -> frozenset[int]:
+        """Device block ids whose store has not ended, whatever the mode."""
+        if self.writeback is None:
+            return frozenset(self.in_flight)
+        return frozenset().union(*(event.block_ids for event in self.stores.values()))
 
     def busy(self) -> bool:
         """A started store or load has not ended locally."""
@@ -78,9 +89,18 @@ class Transfers:
     def dispatch_store(self, event: StoreEvent) -> None:
         """Start the event's job (its blocks' bytes must exist by now)."""
         event.dispatched = True
-        push = self.runtime.push
-        job = functools.partial(jobs.run_store, self.pipeline, self.device, self.tiers, event, push)
-        self.runtime.spawn(job)
+        self.runtime.spawn(self._run_store, event)
+
+    def dispatch_planned_loads(self) -> tuple[LoadSpec, ...]:
+        """Start every load planned and not started yet; their specs."""
+        specs = []
+        for event in list(self.loads.values()):  # planned and running loads
+            state = self.requests.get(event.request_id)
+            if not event.dispatched and state is not None and state.load is event:
+                spec = self.dispatch_load(state)
+                if spec is not None:
+                    specs.append(spec)
+        return tuple(specs)
 
     def dispatch_load(self, state: RequestState) -> LoadSpec | None:
         """Start the request's planned load; its spec, or None."""
@@ -92,10 +112,7 @@ class Transfers:
             self.end_load(event, error=True, missing=())
             return None
         event.dispatched = True
-        push = self.runtime.push
-        self.runtime.spawn(
-            functools.partial(jobs.run_load, self.pipeline, self.device, self.tiers, event, push)
-        )
+        self.runtime.spawn(self._run_load, event)
         sources = []
         first_name = self.tiers[0].name
         staged = {
@@ -114,6 +131,26 @@ class Transfers:
         )
 
     # -- completions -------------------------------------------------------------------
+
+    async def wait_async(self, done: Callable[[], bool]) -> None:
+        """Apply outcomes as they come (async engines) until ``done()``."""
+        self.drain()
+        while not done():
+            await self.runtime.wait_async()
+            self.drain()
+
+    def wait_blocking(self, done: Callable[[], bool], timeout: float | None) -> bool:
+        """Apply outcomes as they come (synchronous engines) until ``done()``.
+
+        Returns:
+            False when a wait for the next outcome took ``timeout`` seconds.
+        """
+        self.drain()
+        while not done():
+            if not self.runtime.wait_blocking(timeout):
+                return False
+            self.drain()
+        return True
 
     def drain(self) -> None:
         """Apply the outcomes the jobs reported since the last call."""
@@ -177,12 +214,14 @@ class Transfers:
             stats.failed_transfers += len(event.keys)
             if event.error is not None:
                 _log.warning("store_failed", task=event.event_id, error=repr(event.error))
-        self.in_flight.difference_update(block.block_id for block in event.blocks)
+        if self.in_flight:
+            self.in_flight.difference_update(event.block_ids)
         writeback = self.writeback
         passed = ok and writeback is not None and writeback.at_tail(self.block_pool)
-        self.block_pool.free_blocks(event.blocks)
+        blocks = list(map(self.block_pool.blocks.__getitem__, event.block_ids))
+        self.block_pool.free_blocks(blocks)
         if passed and writeback is not None:
-            writeback.returned(self.block_pool, event.blocks)
+            writeback.returned(self.block_pool, blocks)
         for rid in event.request_ids:
             state = self.requests.get(rid)
             if state is not None:
@@ -244,6 +283,25 @@ class Transfers:
         if state is not None and state.load is event:
             state.load = None
             self.forget_if_idle(state)
+
+    def forget_if_idle(self, state: RequestState) -> None:
+        """Forget a finished request once none of its transfers is in flight."""
+        if state.finished and not state.busy:
+            self.requests.pop(state.request_id, None)
+
+    def finish_request(self, request_id: str) -> bool:
+        """The request ended: drop its unstarted load; True while a transfer is in flight."""
+        state = self.requests.get(request_id)
+        if state is None:
+            return False
+        if state.load is not None and not state.load.dispatched:
+            self.drop_load(state.load)
+            state.load = None
+        state.finished = True
+        if state.busy:
+            return True
+        del self.requests[request_id]
+        return False
 
     def drop_load(self, event: LoadEvent) -> None:
         """Forget a load that was planned and never started."""

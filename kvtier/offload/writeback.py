@@ -62,15 +62,15 @@ class WriteBack:
         """Start the next walk from the head of the queue."""
         self._cursor = None
 
-    def scan(self, pool: BlockPool, first: TierIndex, room: int) -> dict[BlockKey, KVCacheBlock]:
-        """This step's candidates, by key, safety ones first.
+    def scan(self, pool: BlockPool, first: TierIndex, room: int) -> dict[BlockKey, int]:
+        """This step's candidates: key → device block id, safety ones first.
 
         The candidates are taken out of the queue and referenced, as
         :meth:`~kvtier.pool.BlockPool.touch` would (the caller releases those
         it does not store with :meth:`~kvtier.pool.BlockPool.free_blocks`).
         Every block in the free queue is unreferenced, so none of them is
-        being stored (a store references its blocks until it ends): the
-        caller's in-flight check is one set operation on the whole batch.
+        being stored (a store references its blocks until it ends): no
+        candidate is in flight, and the caller need not check.
 
         Call :meth:`settle` once they are referenced (out of the queue).
 
@@ -102,7 +102,7 @@ class WriteBack:
         else:
             self._safe = max(0, self._safe - lost) + prepended
             self._pos = max(0, self._pos - lost) + prepended
-        found: dict[BlockKey, KVCacheBlock] = {}
+        found: dict[BlockKey, int] = {}
         cursor = self._walk(cursor, queue, first, found, min(budget, room))
         self._cursor = None if cursor is head else cursor
         return found
@@ -112,43 +112,51 @@ class WriteBack:
         cursor: KVCacheBlock,
         queue: FreeKVCacheBlockQueue,
         first: TierIndex,
-        found: dict[BlockKey, KVCacheBlock],
+        found: dict[BlockKey, int],
         limit: int,
     ) -> KVCacheBlock:
         """Walk on from ``cursor``; returns the last block passed that stays in the queue."""
-        tail, remove = queue.fake_free_list_tail, queue.remove
-        held, reserved, doomed = first.key_sets()
-        pending = bool(reserved) or bool(doomed)  # else a held key is a safe one
+        tail = queue.fake_free_list_tail
+        resident, reserved, doomed = first.key_sets()
+        pending = bool(doomed)  # else a resident key is a safe one
         target, safe, pos = self.target, self._safe, self._pos
         visits = 4 * self.budget  # passed blocks the spreading part may look at
-        count = 0
-        block = cursor.next_free_block
+        count = run = 0  # candidates so far; `run`: the count before the current run
+        # Links inside the queue are never None (the tail sentinel ends it).
+        block: KVCacheBlock = cursor.next_free_block or tail
         if safe >= target and limit <= 0:
-            block = None
-        # Safety reached, the walk goes on (spreading) until `limit` candidates
-        # or `visits` blocks passed; the tests run after each block.
-        while block is not None and block is not tail:
+            block = tail
+        # Candidates are unlinked as they are passed and the queue is mended
+        # once per run of them (`cursor` is the block before the run): what
+        # pool.touch does to each, block by block. Safety reached, the walk
+        # goes on (spreading) until `limit` candidates or `visits` blocks
+        # passed; the tests run after each block.
+        while block is not tail:
             key = block.block_hash
-            if key is not None and key not in held and key not in found:
-                found[key] = block
+            if key is not None and key not in resident and key not in reserved and key not in found:
+                found[key] = block.block_id
                 count += 1
-                taken, block = block, block.next_free_block
-                remove(taken)  # what pool.touch does to a free block
-                taken.ref_cnt = 1
+                nxt = block.next_free_block
+                block.prev_free_block = block.next_free_block = None
+                block.ref_cnt = 1
+                block = nxt  # type: ignore[assignment]  # in the queue: not None
                 if count >= limit and safe >= target:
                     break
                 continue
+            if count != run:
+                queue.close_gap(cursor, block, count - run)
+                run = count
             pos += 1  # unhashed, held below, or being written by a block of its key
             cursor = block
-            if key is None or (
-                key in held and (not pending or (key not in reserved and key not in doomed))
-            ):
+            if key is None or (key in resident and (not pending or key not in doomed)):
                 safe += 1
             if safe >= target:
                 visits -= 1
                 if count >= limit or visits <= 0:
                     break
-            block = block.next_free_block
+            block = block.next_free_block  # type: ignore[assignment]  # in the queue
+        if count != run:
+            queue.close_gap(cursor, block, count - run)
         self._safe, self._pos = safe, pos
         return cursor
 

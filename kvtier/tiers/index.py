@@ -7,7 +7,10 @@ slots, pins blocks that a load is reading so they cannot be evicted, asks an
 tier's name as ``medium``.
 
 A block's life. :meth:`TierIndex.reserve` hands out slots for a store; a
-reserved block is invisible to lookups and cannot be evicted.
+reserved block is *pending*: :meth:`TierIndex.holds` reports it (being
+written), :meth:`TierIndex.contains` does not, and it cannot be evicted.
+Pending reservations are kept apart from the resident blocks (see
+:class:`~kvtier.tiers.slots.SlotMap`), so reserving touches only a small map.
 :meth:`TierIndex.commit` makes it resident once written, or
 :meth:`TierIndex.abort` frees its slot if the write failed. A load brackets its
 read with :meth:`TierIndex.pin` and :meth:`TierIndex.unpin`.
@@ -26,46 +29,35 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
-from collections.abc import Set as AbstractSet
-from itertools import takewhile
 from typing import TypeGuard
-
-import attrs
 
 from kvtier.errors import ConfigError, InvalidRequestError, KVTierError, TierFullError
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
 from kvtier.hashing import BlockHash
 from kvtier.policies.base import EvictionPolicy, make_eviction_policy
 from kvtier.tiers.base import BlockKey
+from kvtier.tiers.index_queries import IndexQueries
+from kvtier.tiers.slots import Reservation, SlotMap
 
 __all__ = ["Reservation", "TierIndex"]
 
 
-@attrs.frozen
-class Reservation:
-    """Slots handed out by :meth:`TierIndex.reserve`.
-
-    Attributes:
-        keys: The keys reserved, in first-seen order. Keys that were already
-            resident, reserved or awaiting removal are left out: the caller
-            writes only these.
-        slots: One slot per reserved key, in the same order.
-        evicted: ``(slot, key)`` of resident blocks evicted to make room; a
-            persistent tier discards their bytes (the slots may be reused by
-            this reservation).
-    """
-
-    keys: tuple[BlockKey, ...]
-    slots: tuple[int, ...]
-    evicted: tuple[tuple[int, BlockKey], ...] = ()
+_BYTES = frozenset({bytes})
+# Concrete types whose items are distinct (an isinstance test against them is
+# cheap; other sets are checked by counting).
+_DISTINCT: tuple[type, ...] = (set, frozenset, type({}.keys()))
 
 
 def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class TierIndex:
+class TierIndex(IndexQueries):
     """Key → slot bookkeeping, pins and eviction for one tier.
+
+    The queries (:meth:`contains`, :meth:`holds`, :meth:`lookup`, the
+    counters…) are inherited from
+    :class:`~kvtier.tiers.index_queries.IndexQueries`.
 
     Args:
         name: The tier's name, reported as ``medium`` in events.
@@ -106,10 +98,12 @@ class TierIndex:
         self.policy: EvictionPolicy = policy
         self.enable_events = enable_events
         self.block_size = block_size
-        self._free: list[int] = list(range(num_slots - 1, -1, -1))  # a stack: slot 0 first
-        self._slot_of: dict[BlockKey, int] = {}  # every key holding a slot
-        self._key_at: list[BlockKey | None] = [None] * num_slots
-        self._reserved: set[BlockKey] = set()  # being written: invisible, not evictable
+        self._slots = slots = SlotMap(num_slots)
+        # Aliases of the map's containers (never rebound), read by the hot paths.
+        self._free = slots.free  # a stack: slot 0 first
+        self._slot_of = slots.resident  # committed keys (removed-but-pinned included)
+        self._key_at = slots.key_at
+        self._reserved = slots.reserved  # pending: being written, not evictable
         self._pins: dict[BlockKey, int] = {}  # resident blocks being read
         self._doomed: set[BlockKey] = set()  # removed while pinned: leave on last unpin
         self._events: list[KVCacheEvent] = []
@@ -120,91 +114,6 @@ class TierIndex:
         return (
             f"TierIndex({self._name!r}, {counts}, resident={len(self)}, pinned={len(self._pins)})"
         )
-
-    # -- queries -----------------------------------------------------------------
-
-    @property
-    def name(self) -> str:
-        """The tier's name (the ``medium`` of its events)."""
-        return self._name
-
-    @property
-    def num_slots(self) -> int:
-        """Capacity in blocks."""
-        return self._num_slots
-
-    @property
-    def num_free(self) -> int:
-        """Slots holding nothing."""
-        return len(self._free)
-
-    @property
-    def num_reserved(self) -> int:
-        """Slots reserved for stores in flight."""
-        return len(self._reserved)
-
-    @property
-    def num_resident(self) -> int:
-        """Committed blocks holding a slot (removed-but-pinned ones included).
-
-        ``num_free + num_reserved + num_resident == num_slots``.
-        """
-        return len(self)
-
-    @property
-    def num_pinned(self) -> int:
-        """Resident blocks pinned by loads in flight."""
-        return len(self._pins)
-
-    @property
-    def num_evictable(self) -> int:
-        """Resident blocks that a reservation may evict (those not pinned)."""
-        return self.num_resident - len(self._pins)
-
-    def __len__(self) -> int:
-        return len(self._slot_of) - len(self._reserved)
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, bytes) and self.contains(key)
-
-    def contains(self, key: BlockKey) -> bool:
-        """Whether ``key`` is resident and visible (committed, not removed)."""
-        return key in self._slot_of and key not in self._reserved and key not in self._doomed
-
-    def holds(self, key: BlockKey) -> bool:
-        """Whether ``key`` holds a slot: resident, reserved or awaiting removal."""
-        return key in self._slot_of
-
-    def key_sets(
-        self,
-    ) -> tuple[AbstractSet[BlockKey], AbstractSet[BlockKey], AbstractSet[BlockKey]]:
-        """Live read-only views for hot loops: ``(held, reserved, removed_pinned)``.
-
-        A key is visible (:meth:`contains`) when it is in the first and in
-        neither of the others. The views follow later changes.
-        """
-        return self._slot_of.keys(), self._reserved, self._doomed
-
-    @property
-    def drops(self) -> int:
-        """Blocks made invisible so far (evicted or removed), a cumulative count.
-
-        It changes whenever a key that was visible stops being so, which lets a
-        caller that remembered what was visible tell when to look again.
-        """
-        return self._drops
-
-    def slot_of(self, key: BlockKey) -> int | None:
-        """The slot of a visible block, else ``None``."""
-        return self._slot_of[key] if self.contains(key) else None
-
-    def lookup(self, keys: Iterable[BlockKey]) -> int:
-        """How many leading ``keys`` are visible (a prefix hit). Pins nothing."""
-        return sum(1 for _ in takewhile(self.contains, keys))
-
-    def blocks(self) -> list[tuple[int, BlockKey]]:
-        """``(slot, key)`` of every visible block, by slot."""
-        return sorted((slot, key) for key, slot in self._slot_of.items() if self.contains(key))
 
     # -- stores ------------------------------------------------------------------
 
@@ -225,7 +134,8 @@ class TierIndex:
         """
         wanted = list(keys)
         self._require_bytes(wanted)
-        return self._assign([key for key in dict.fromkeys(wanted) if key not in self._slot_of])
+        holds = self._slots.holds
+        return self._assign([key for key in dict.fromkeys(wanted) if not holds(key)])
 
     def reserve_new(self, keys: Collection[BlockKey]) -> Reservation:
         """:meth:`reserve` for keys known to be distinct and to hold no slot.
@@ -242,20 +152,23 @@ class TierIndex:
                 changed.
             KVTierError: The policy returned invalid victims; nothing changed.
         """
-        if not set(map(type, keys)) <= {bytes}:
+        if not set(map(type, keys)) <= _BYTES:
             self._require_bytes(list(keys))
-        distinct = isinstance(keys, AbstractSet) or len(set(keys)) == len(keys)
-        if not distinct or not self._slot_of.keys().isdisjoint(keys):
+        distinct = isinstance(keys, _DISTINCT) or len(set(keys)) == len(keys)
+        reserved = self._reserved
+        unheld = self._slot_of.keys().isdisjoint(keys) and (
+            not reserved or reserved.isdisjoint(keys)
+        )
+        if not distinct or not unheld:
             raise InvalidRequestError(
                 f"tier {self._name!r}: reserve_new needs distinct keys holding no slot"
             )
-        return self._assign(list(keys))
+        return self._assign(keys)
 
-    def _assign(self, new: list[BlockKey]) -> Reservation:
-        """Give each key (distinct, holding no slot: checked by the caller) a slot."""
+    def _assign(self, new: Collection[BlockKey]) -> Reservation:
+        """Give each key (distinct, holding no slot: checked by the caller) a pending slot."""
         count = len(new)
-        free = self._free
-        shortfall = count - len(free)
+        shortfall = count - len(self._free)
         evicted: tuple[tuple[int, BlockKey], ...] = ()
         if shortfall > 0:
             if shortfall > self.num_evictable:
@@ -270,15 +183,8 @@ class TierIndex:
             for key in victims:
                 self._release(key)
             self._emit_removed(victims)
-        if not count:
-            return Reservation((), (), evicted)
-        slots = free[: -count - 1 : -1]  # the stack's top first, as pops would give
-        del free[-count:]
-        self._slot_of.update(zip(new, slots))  # noqa: B905 (one slot per key, by construction)
-        for _ in map(self._key_at.__setitem__, slots, new):  # a C loop, not a Python one
-            pass
-        self._reserved.update(new)
-        return Reservation(tuple(new), tuple(slots), evicted)
+        keys = tuple(new)
+        return Reservation(keys, self._slots.take(keys), evicted)
 
     def _choose_victims(self, count: int) -> list[BlockKey]:
         pins = self._pins
@@ -286,7 +192,7 @@ class TierIndex:
         valid = (
             len(victims) == count
             and len(set(victims)) == count
-            and all(key in self._slot_of and key not in self._reserved for key in victims)
+            and all(key in self._slot_of for key in victims)
             and not any(key in pins for key in victims)
         )
         if not valid:
@@ -303,9 +209,9 @@ class TierIndex:
             InvalidRequestError: A key is not reserved or is repeated; nothing changed.
         """
         done = self._require_reserved(keys, "commit")
-        for key in done:
-            self._reserved.discard(key)
-            self.policy.insert(key)
+        self._slots.commit(done)
+        for _ in map(self.policy.insert, done):  # a C loop, not a Python one
+            pass
         self._emit_stored(done)
 
     def abort(self, keys: Iterable[BlockKey]) -> None:
@@ -314,14 +220,13 @@ class TierIndex:
         Raises:
             InvalidRequestError: A key is not reserved or is repeated; nothing changed.
         """
-        for key in self._require_reserved(keys, "abort"):
-            self._reserved.discard(key)
-            self._free_slot(key)
+        self._slots.abort(self._require_reserved(keys, "abort"))
 
     def _require_reserved(self, keys: Iterable[BlockKey], what: str) -> list[BlockKey]:
         items = list(keys)
         self._require_bytes(items)
-        missing = sum(key not in self._reserved for key in items)
+        reserved = self._reserved
+        missing = sum(key not in reserved for key in items)
         if missing or len(set(items)) != len(items):
             raise InvalidRequestError(
                 f"tier {self._name!r}: cannot {what} {len(items)} keys: {missing} are not "
@@ -417,30 +322,9 @@ class TierIndex:
                 a key is not ``bytes`` or already known, or a slot or key
                 repeats; nothing changed.
         """
-        slots: list[int] = []
-        keys: list[BlockKey] = []
-        for pair in pairs:
-            slot, key = pair if isinstance(pair, tuple | list) and len(pair) == 2 else (-1, None)
-            if not (
-                _is_int(slot)
-                and 0 <= slot < self._num_slots
-                and self._key_at[slot] is None
-                and isinstance(key, bytes)
-                and key not in self._slot_of
-            ):
-                raise InvalidRequestError(
-                    f"tier {self._name!r}: cannot restore {pair!r}: need (slot, key) with a "
-                    f"free slot in [0, {self._num_slots}) and a bytes key not already held"
-                )
-            slots.append(slot)
-            keys.append(key)
-        if len(set(slots)) != len(slots) or len(set(keys)) != len(keys):
-            raise InvalidRequestError(f"tier {self._name!r}: restore repeats a slot or a key")
-        taken = set(slots)
-        self._free = [slot for slot in self._free if slot not in taken]
-        for slot, key in zip(slots, keys, strict=True):
-            self._slot_of[key] = slot
-            self._key_at[slot] = key
+        slots, keys = self._slots.restorable(pairs, self._name)
+        self._slots.place(slots, keys)
+        for key in keys:
             self.policy.insert(key)
         self._emit_stored(keys)
 
@@ -458,10 +342,8 @@ class TierIndex:
         self._drops += len(self._slot_of)
         for key in self._slot_of:
             self.policy.remove(key)
-        self._slot_of.clear()
-        self._key_at = [None] * self._num_slots
+        self._slots.clear()
         self._doomed.clear()
-        self._free = list(range(self._num_slots - 1, -1, -1))
         if self.enable_events:
             self._events.append(AllBlocksCleared(medium=self._name))
         return True
@@ -480,12 +362,7 @@ class TierIndex:
         """Forget a resident block (no event: the caller records it)."""
         self._doomed.discard(key)
         self.policy.remove(key)
-        self._free_slot(key)
-
-    def _free_slot(self, key: BlockKey) -> None:
-        slot = self._slot_of.pop(key)
-        self._key_at[slot] = None
-        self._free.append(slot)
+        self._slots.release(key)
 
     def _emit_stored(self, keys: Sequence[BlockKey]) -> None:
         if self.enable_events and keys:
@@ -512,18 +389,8 @@ class TierIndex:
         Raises:
             KVTierError: Naming every broken invariant.
         """
-        problems = []
-        held = {slot: key for slot, key in enumerate(self._key_at) if key is not None}
-        if {key: slot for slot, key in held.items()} != self._slot_of:
-            problems.append("the slot → key and key → slot maps disagree")
-        free = set(self._free)
-        if len(free) != len(self._free) or any(not 0 <= s < self._num_slots for s in free):
-            problems.append("a free slot is repeated or out of range")
-        if free & held.keys() or len(free) + len(held) != self._num_slots:
-            problems.append("a slot is both free and held, or neither")
-        resident = self._slot_of.keys() - self._reserved
-        if not self._reserved <= self._slot_of.keys():
-            problems.append("a reserved key holds no slot")
+        problems = self._slots.problems()
+        resident = self._slot_of.keys()
         if not self._pins.keys() <= resident:
             problems.append("a pinned key is not resident")
         if any(n <= 0 for n in self._pins.values()):

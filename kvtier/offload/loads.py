@@ -1,0 +1,155 @@
+"""Lookups in the lower tiers and the loads they lead to (planning only, no I/O).
+
+:class:`LoadPlanner` answers the engine's lookup (how many tokens beyond the
+device hit the lower tiers hold, as a prefix, CPU first), records where each
+request's blocks were found, and plans a request's load once its device
+blocks are allocated: it pins the source blocks in their tiers, stages blocks
+held only by slower tiers through the first one, and references the target
+device blocks until the load ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from kvtier.errors import InvalidRequestError
+from kvtier.hashing import BlockHash, make_block_hash_with_group_id
+from kvtier.manager import KVCacheBlocks
+from kvtier.offload._state import LoadEvent, Stage
+from kvtier.offload.candidates import HitCounter
+from kvtier.offload.plan import FinishedLoad, HitInfo
+from kvtier.offload.transfers import Transfers
+from kvtier.request import KVCacheRequest
+from kvtier.tiers.base import BlockKey
+
+__all__ = ["LoadPlanner"]
+
+
+class LoadPlanner:
+    """Lookups and load planning (internal to :mod:`kvtier.offload`).
+
+    Args:
+        transfers: The manager's events in flight (and the pool, tiers,
+            indexes and counters they share).
+        event_ids: The manager's event id counter (shared with stores).
+        block_size: Tokens per block.
+        num_groups: KV cache groups.
+        hit_counter: Selective mode's device-hit counter, else ``None``.
+    """
+
+    def __init__(
+        self,
+        transfers: Transfers,
+        event_ids: Iterator[int],
+        block_size: int,
+        num_groups: int,
+        hit_counter: HitCounter | None,
+    ) -> None:
+        self.block_pool = transfers.block_pool
+        self.tiers = transfers.tiers
+        self.indexes = transfers.indexes
+        self.stats = transfers.stats
+        self.tier_stats = transfers.tier_stats
+        self.transfers = transfers
+        self.event_ids = event_ids
+        self.block_size = block_size
+        self.num_groups = num_groups
+        self.hit_counter = hit_counter
+        self.hits: dict[str, HitInfo] = {}
+
+    def _keys(self, block_hash: BlockHash) -> list[BlockKey]:
+        return [make_block_hash_with_group_id(block_hash, g) for g in range(self.num_groups)]
+
+    def _holder(self, keys: list[BlockKey], stats: bool = False) -> int | None:
+        """The first tier holding every key, or None."""
+        for level, index in enumerate(self.indexes):
+            if stats:
+                self.tier_stats[level].queries += 1
+            if all(index.contains(key) for key in keys):
+                if stats:
+                    self.tier_stats[level].hits += 1
+                return level
+        return None
+
+    def matched_tokens(self, request: KVCacheRequest, num_computed_tokens: int) -> tuple[int, bool]:
+        """See :meth:`~kvtier.offload.manager.OffloadManager.get_num_new_matched_tokens`."""
+        if num_computed_tokens < 0 or num_computed_tokens % self.block_size:
+            raise InvalidRequestError(
+                f"num_computed_tokens must be a multiple of {self.block_size} >= 0, "
+                f"got {num_computed_tokens}"
+            )
+        hashes = request.block_hashes
+        start = num_computed_tokens // self.block_size
+        limit = min(len(hashes), max(0, request.num_tokens - 1) // self.block_size)
+        found: dict[str, int] = {tier.name: 0 for tier in self.tiers}
+        hit = 0
+        for position in range(start, limit):
+            level = self._holder(self._keys(hashes[position]), stats=True)
+            if level is None:
+                break
+            found[self.tiers[level].name] += 1
+            hit += 1
+        if self.hit_counter is not None:
+            self.hit_counter.record(hashes[:start])
+        tokens = hit * self.block_size
+        info = HitInfo(start, found, max(0, request.num_tokens - num_computed_tokens - tokens))
+        self.hits[request.request_id] = info
+        self.stats.lookups += 1
+        self.stats.device_hit_blocks += start
+        self.stats.tokens_to_compute += info.tokens_to_compute
+        return tokens, hit > 0
+
+    def plan_load(
+        self, request: KVCacheRequest, blocks: KVCacheBlocks, count: int
+    ) -> LoadEvent | None:
+        """Pin the sources of ``count`` blocks after the device hit; the event, or None.
+
+        Positions whose source was evicted since the lookup (and every one
+        after them) fail; when nothing is left to load, the failure is
+        reported at once and None returned.
+        """
+        group0 = blocks.blocks[0]
+        first = 0
+        while first < len(group0) and (group0[first].is_null or group0[first].block_hash):
+            first += 1
+        hashes = request.block_hashes
+        end = min(first + count, len(group0), len(hashes))
+        event = LoadEvent(next(self.event_ids), request.request_id, [], [], [], first_block=first)
+        failed: list[int] = []
+        for position in range(first, end):
+            keys = self._keys(hashes[position])
+            level = self._holder(keys)
+            targets = [blocks.blocks[g][position] for g in range(self.num_groups)]
+            if level is None or failed:  # evicted since the lookup: this and the rest fail
+                failed.extend(b.block_id for b in targets if not b.is_null)
+                continue
+            for key, target in zip(keys, targets, strict=True):
+                if target.is_null or target.block_hash is not None:
+                    continue  # nothing to load, or it already holds computed bytes
+                slot = self.indexes[level].pin([key])[0]
+                event.pins.append((self.indexes[level], key))
+                event.targets.append(target)
+                event.keys.append(key)
+                event.first_slots.append(slot if level == 0 else -1)
+                if level:
+                    self._stage(event, level, slot, key)
+        event.failed = failed
+        if not event.targets:
+            self.transfers.unpin(event)
+            if failed:  # nothing left to load: report the failure now
+                self.transfers.finished.append(
+                    FinishedLoad(request.request_id, False, tuple(failed))
+                )
+            return None
+        self.block_pool.touch(event.targets)
+        self.transfers.loads[event.event_id] = event
+        return event
+
+    @staticmethod
+    def _stage(event: LoadEvent, level: int, slot: int, key: BlockKey) -> None:
+        for stage in event.stages:
+            if stage.level == level:
+                stage.src_slots.append(slot)
+                stage.keys.append(key)
+                return
+        event.stages.append(Stage(level, [slot], [key]))

@@ -1,0 +1,56 @@
+"""The offload manager's session: what it opens on entry and settles on exit.
+
+:func:`serve` opens the device tier, every lower tier (entering the blocks a
+persistent tier recovers into its index), the transfer pipeline and the task
+group the jobs run in; :func:`release_all` settles, once the jobs ended, the
+events that never finished.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, cast
+
+import anyio
+
+from kvtier.offload.transfers import Transfers
+from kvtier.tiers.base import BlockStore
+from kvtier.tiers.index import TierIndex
+from kvtier.transfer import TransferPipeline
+
+__all__ = ["release_all", "serve"]
+
+
+@asynccontextmanager
+async def serve(
+    device: BlockStore,
+    tiers: Sequence[BlockStore],
+    indexes: Sequence[TierIndex],
+    pipeline: TransferPipeline,
+    transfers: Transfers,
+) -> AsyncIterator[None]:
+    """Open everything the manager owns; jobs start in its task group meanwhile."""
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(cast(Any, device))
+        for tier, index in zip(tiers, indexes, strict=True):
+            await stack.enter_async_context(cast(Any, tier))
+            recover = getattr(tier, "recover", None)
+            if recover is not None:
+                index.restore(await recover())
+        await stack.enter_async_context(pipeline)
+        group = await stack.enter_async_context(anyio.create_task_group())
+        transfers.runtime.bind(group)
+        try:
+            yield
+        finally:
+            transfers.runtime.bind(None)
+
+
+def release_all(transfers: Transfers) -> None:
+    """After the jobs ended: apply their outcomes, drop what never ran."""
+    transfers.drain()
+    for store in list(transfers.stores.values()):
+        transfers.end_store(store, ok=False)
+    for load in list(transfers.loads.values()):
+        transfers.end_load(load, error=True, missing=())

@@ -1,0 +1,134 @@
+"""Store planning: which device blocks a step copies to the first lower tier.
+
+:class:`StorePlanner` turns a write mode's candidates into one store event per
+step: it drops null, unhashed, in-flight and already-held blocks, reserves
+first-tier slots (demoting what the reservation evicts, see
+:mod:`kvtier.offload.placement`), references the device blocks until the
+store ends, and records the event with the manager's
+:class:`~kvtier.offload.transfers.Transfers`.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Collection, Iterator
+
+from kvtier.block import KVCacheBlock
+from kvtier.offload import candidates, placement
+from kvtier.offload._state import StoreEvent
+from kvtier.offload.plan import StoreSpec, WriteMode
+from kvtier.offload.transfers import Transfers
+from kvtier.offload.writeback import WriteBack
+from kvtier.tiers.base import BlockKey
+
+__all__ = ["StorePlanner"]
+
+_block_id = operator.attrgetter("block_id")
+
+
+class StorePlanner:
+    """Plans a step's stores (internal to :mod:`kvtier.offload`).
+
+    Args:
+        transfers: The manager's events in flight (and the pool, tiers,
+            indexes, counters and requests they share).
+        event_ids: The manager's event id counter (shared with loads).
+        mode: The write mode.
+        writeback: Lazy mode's free-queue walk.
+    """
+
+    def __init__(
+        self,
+        transfers: Transfers,
+        event_ids: Iterator[int],
+        mode: WriteMode,
+        writeback: WriteBack,
+    ) -> None:
+        self.block_pool = transfers.block_pool
+        self.tier_name = transfers.tiers[0].name
+        self.indexes = transfers.indexes
+        self.tier_stats = transfers.tier_stats
+        self.transfers = transfers
+        self.requests = transfers.requests
+        self.event_ids = event_ids
+        self.mode = mode
+        self.writeback = writeback
+
+    def plan(self, step_id: int, columns: list[candidates.Column]) -> StoreSpec | None:
+        """Eager and selective modes: store the candidates not held below or in flight."""
+        first = self.indexes[0]
+        in_flight = self.transfers.in_flight
+        blocks: list[KVCacheBlock] = []
+        keys: list[BlockKey] = []
+        owners: set[str] = set()
+        seen: set[BlockKey] = set()
+        for column, rid in columns:
+            for block in column:
+                key = block.block_hash
+                if block.is_null or key is None or block.block_id in in_flight:
+                    continue
+                if key in seen or first.holds(key):
+                    continue  # held below, or being stored by an earlier step's event
+                seen.add(key)
+                blocks.append(block)
+                keys.append(key)
+                if rid:
+                    owners.add(rid)
+        room = first.num_reservable
+        if len(keys) > room:
+            self.tier_stats[0].dropped_stores += len(keys) - room
+            blocks, keys = blocks[:room], keys[:room]
+        if not keys:
+            return None
+        reservation = first.reserve(keys)
+        ids = tuple(map(_block_id, blocks))
+        event = StoreEvent(
+            next(self.event_ids),
+            step_id,
+            ids,
+            reservation.keys,
+            reservation.slots,
+            placement.demotions(self.indexes, self.tier_stats, 0, reservation),
+            owners,
+        )
+        self.block_pool.touch(blocks)
+        in_flight.update(ids)
+        self.transfers.stores[event.event_id] = event
+        for rid in owners:
+            self.requests[rid].store_events.add(event.event_id)
+        if self.mode != "eager":  # blocks computed in earlier steps: their bytes exist
+            self.transfers.dispatch_store(event)
+        return StoreSpec(event.event_id, self.tier_name, ids, reservation.slots)
+
+    def plan_lazy(self, step_id: int) -> StoreSpec | None:
+        """Write-back: the blocks :class:`WriteBack` picks, in one batch (no owners)."""
+        first = self.indexes[0]
+        lazy = self.writeback
+        room = first.num_reservable
+        found = lazy.scan(self.block_pool, first, room)  # taken and referenced
+        # Every candidate came out of the free queue, so no store references it:
+        # none is in flight (a store keeps its blocks referenced until it ends).
+        keys: Collection[BlockKey] = found.keys()
+        ids = tuple(found.values())
+        if len(ids) > room:  # the safety part of the walk needed more than fits
+            self.tier_stats[0].dropped_stores += len(ids) - room
+            lazy.reset()  # the blocks left out are still unwritten
+            self.block_pool.free_blocks(map(self.block_pool.blocks.__getitem__, ids[room:]))
+            keys, ids = list(keys)[:room], ids[:room]
+        if not ids:
+            lazy.settle(self.block_pool, first)
+            return None
+        reservation = first.reserve_new(keys)  # pending: the big resident map is not touched
+        event = StoreEvent(
+            next(self.event_ids),
+            step_id,
+            ids,
+            reservation.keys,
+            reservation.slots,
+            placement.demotions(self.indexes, self.tier_stats, 0, reservation),
+            set(),
+        )
+        self.transfers.stores[event.event_id] = event
+        lazy.settle(self.block_pool, first)
+        self.transfers.dispatch_store(event)  # computed in earlier steps: their bytes exist
+        return StoreSpec(event.event_id, self.tier_name, ids, reservation.slots)

@@ -1,0 +1,125 @@
+"""The read side of a :class:`~kvtier.tiers.index.TierIndex`: lookups and counters.
+
+Pure queries over the index's state (no method here changes anything):
+visibility and slot lookups, the prefix-hit count, live key views for hot
+loops, and the slot counters, with
+``num_free + num_reserved + num_resident == num_slots``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
+from itertools import takewhile
+
+from kvtier.tiers.base import BlockKey
+
+__all__ = ["IndexQueries"]
+
+
+class IndexQueries:
+    """Lookups and counters of a tier index (the base of :class:`~kvtier.tiers.index.TierIndex`).
+
+    Not constructed on its own: :class:`~kvtier.tiers.index.TierIndex` sets
+    the state these read.
+    """
+
+    _name: str
+    _num_slots: int
+    _free: list[int]
+    _slot_of: dict[BlockKey, int]
+    _reserved: set[BlockKey]
+    _pins: dict[BlockKey, int]
+    _doomed: set[BlockKey]
+    _drops: int
+
+    # -- queries -----------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The tier's name (the ``medium`` of its events)."""
+        return self._name
+
+    @property
+    def num_slots(self) -> int:
+        """Capacity in blocks."""
+        return self._num_slots
+
+    @property
+    def num_free(self) -> int:
+        """Slots holding nothing."""
+        return len(self._free)
+
+    @property
+    def num_reserved(self) -> int:
+        """Slots reserved for stores in flight."""
+        return len(self._reserved)
+
+    @property
+    def num_resident(self) -> int:
+        """Committed blocks holding a slot (removed-but-pinned ones included).
+
+        ``num_free + num_reserved + num_resident == num_slots``.
+        """
+        return len(self)
+
+    @property
+    def num_pinned(self) -> int:
+        """Resident blocks pinned by loads in flight."""
+        return len(self._pins)
+
+    @property
+    def num_evictable(self) -> int:
+        """Resident blocks that a reservation may evict (those not pinned)."""
+        return self.num_resident - len(self._pins)
+
+    @property
+    def num_reservable(self) -> int:
+        """Slots a reservation may take now: free ones plus evictable ones."""
+        return len(self._free) + len(self._slot_of) - len(self._pins)
+
+    def __len__(self) -> int:
+        return len(self._slot_of)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, bytes) and self.contains(key)
+
+    def contains(self, key: BlockKey) -> bool:
+        """Whether ``key`` is resident and visible (committed, not removed)."""
+        return key in self._slot_of and key not in self._doomed
+
+    def holds(self, key: BlockKey) -> bool:
+        """Whether ``key`` holds a slot: resident, reserved (being written) or awaiting removal."""
+        return key in self._slot_of or key in self._reserved
+
+    def key_sets(
+        self,
+    ) -> tuple[AbstractSet[BlockKey], AbstractSet[BlockKey], AbstractSet[BlockKey]]:
+        """Live read-only views for hot loops: ``(resident, reserved, removed_pinned)``.
+
+        A key holds a slot (:meth:`holds`) when it is in the first or the
+        second (never both); it is visible (:meth:`contains`) when it is in
+        the first and not in the third. The views follow later changes.
+        """
+        return self._slot_of.keys(), self._reserved, self._doomed
+
+    @property
+    def drops(self) -> int:
+        """Blocks made invisible so far (evicted or removed), a cumulative count.
+
+        It changes whenever a key that was visible stops being so, which lets a
+        caller that remembered what was visible tell when to look again.
+        """
+        return self._drops
+
+    def slot_of(self, key: BlockKey) -> int | None:
+        """The slot of a visible block, else ``None``."""
+        return self._slot_of[key] if self.contains(key) else None
+
+    def lookup(self, keys: Iterable[BlockKey]) -> int:
+        """How many leading ``keys`` are visible (a prefix hit). Pins nothing."""
+        return sum(1 for _ in takewhile(self.contains, keys))
+
+    def blocks(self) -> list[tuple[int, BlockKey]]:
+        """``(slot, key)`` of every visible block, by slot."""
+        return sorted((slot, key) for key, slot in self._slot_of.items() if self.contains(key))

@@ -62,9 +62,10 @@ def snapshot(index: TierIndex) -> tuple[object, ...]:
 
 
 def filled(num_slots: int, *ids: int, **kwargs: object) -> TierIndex:
-    """An index with ``ids`` committed in order (the first is least recent)."""
+    """An index with ``ids`` committed one by one (the first is least recent)."""
     index = TierIndex("cpu", num_slots, **kwargs)  # type: ignore[arg-type]
-    index.commit(index.reserve(ks(*ids)).keys)
+    for block_id in ids:
+        index.commit(index.reserve(ks(block_id)).keys)
     index.take_events()
     return index
 
@@ -449,7 +450,7 @@ def test_pending_reservations_commit_into_the_resident_map() -> None:
     index.commit([k(1)])
     assert [index.slot_of(key) for key in ks(1, 2, 3)] == [*first.slots, *second.slots]
     assert index.num_reserved == 0
-    assert list(index.policy) == ks(0, 2, 3, 1)  # type: ignore[call-overload]
+    assert list(index.policy) == ks(0, 3, 2, 1)  # type: ignore[call-overload]  # tail first
     index.check_invariants()
 
 
@@ -536,7 +537,7 @@ class TierIndexMachine(RuleBasedStateMachine):
             self.order.remove(key)
         if then == "commit":
             self.index.commit(new)
-            self.order += new
+            self.order += reversed(new)  # a batch is a chain: its head ends most recent
         elif then == "abort":
             self.index.abort(new)
         else:
@@ -549,7 +550,7 @@ class TierIndexMachine(RuleBasedStateMachine):
         keys = data.draw(st.lists(st.sampled_from(pool), min_size=1, unique=True))
         if commit:
             self.index.commit(keys)
-            self.order += keys
+            self.order += reversed(keys)
         else:
             self.index.abort(keys)
         self.reserved -= set(keys)
@@ -568,7 +569,7 @@ class TierIndexMachine(RuleBasedStateMachine):
             return
         slots = self.index.pin(keys)
         assert slots == [self.index.slot_of(key) for key in keys]
-        for key in keys:
+        for key in reversed(keys):  # read as a chain: the head ends most recent
             self.pins[key] = self.pins.get(key, 0) + 1
             self.touch(key)
 
@@ -663,3 +664,19 @@ class TierIndexMachine(RuleBasedStateMachine):
 
 
 TestTierIndexMachine = TierIndexMachine.TestCase
+
+
+def test_a_chain_committed_head_first_loses_its_tail_first() -> None:
+    index = TierIndex("cpu", 3, "lru")
+    chain = ks(1, 2, 3)  # head, middle, tail, stored in one batch
+    index.commit(index.reserve(chain).keys)
+    assert [key for _, key in index.reserve(ks(9)).evicted] == [k(3)]
+
+
+def test_a_chain_pinned_for_a_load_keeps_its_head_longest() -> None:
+    index = filled(4, 7, 3, 2, 1)  # 7 least recent; the chain 1, 2, 3 stored out of order
+    chain = ks(1, 2, 3)
+    index.pin(chain)  # a load reads the chain head first
+    index.unpin(chain)
+    evicted = index.reserve(ks(8, 9, 10)).evicted
+    assert [key for _, key in evicted] == [k(7), k(3), k(2)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from kvtier.block import KVCacheBlock
 from kvtier.errors import InvalidRequestError
 from kvtier.hashing import BlockHash, make_block_hash_with_group_id
 from kvtier.manager import KVCacheBlocks
@@ -116,6 +117,7 @@ class LoadPlanner:
         end = min(first + count, len(group0), len(hashes))
         event = LoadEvent(next(self.event_ids), request.request_id, [], [], [], first_block=first)
         failed: list[int] = []
+        planned: list[tuple[int, BlockKey, KVCacheBlock]] = []
         for position in range(first, end):
             keys = self._keys(hashes[position])
             level = self._holder(keys)
@@ -126,13 +128,21 @@ class LoadPlanner:
             for key, target in zip(keys, targets, strict=True):
                 if target.is_null or target.block_hash is not None:
                     continue  # nothing to load, or it already holds computed bytes
-                slot = self.indexes[level].pin([key])[0]
-                event.pins.append((self.indexes[level], key))
-                event.targets.append(target)
-                event.keys.append(key)
-                event.first_slots.append(slot if level == 0 else -1)
-                if level:
-                    self._stage(event, level, slot, key)
+                planned.append((level, key, target))
+        # One pin call per tier with the chain's keys in order: the index tells
+        # the policy of them tail first, so a recency policy keeps the head.
+        by_level: dict[int, list[BlockKey]] = {}
+        for level, key, _ in planned:
+            by_level.setdefault(level, []).append(key)
+        slots = {level: iter(self.indexes[level].pin(keys)) for level, keys in by_level.items()}
+        for level, key, target in planned:
+            slot = next(slots[level])
+            event.pins.append((self.indexes[level], key))
+            event.targets.append(target)
+            event.keys.append(key)
+            event.first_slots.append(slot if level == 0 else -1)
+            if level:
+                self._stage(event, level, slot, key)
         event.failed = failed
         if not event.targets:
             self.transfers.unpin(event)

@@ -55,6 +55,12 @@ def _is_int(value: object) -> TypeGuard[int]:
 class TierIndex(IndexQueries):
     """Key → slot bookkeeping, pins and eviction for one tier.
 
+    Chain order: the keys of one :meth:`commit` or :meth:`pin` call are taken
+    as the offload manager lists them, each request's blocks head first; the
+    policy hears of them tail first, so a recency policy evicts a chain's
+    tail before its head (a head evicted first would orphan the blocks after
+    it: prefix lookups stop at the first miss).
+
     The queries (:meth:`contains`, :meth:`holds`, :meth:`lookup`, the
     counters…) are inherited from
     :class:`~kvtier.tiers.index_queries.IndexQueries`.
@@ -210,7 +216,7 @@ class TierIndex(IndexQueries):
         """
         done = self._require_reserved(keys, "commit")
         self._slots.commit(done)
-        for _ in map(self.policy.insert, done):  # a C loop, not a Python one
+        for _ in map(self.policy.insert, reversed(done)):  # tail first; a C loop
             pass
         self._emit_stored(done)
 
@@ -253,7 +259,7 @@ class TierIndex(IndexQueries):
         missing = [key for key in items if not self.contains(key)]
         if missing:
             raise InvalidRequestError(f"tier {self._name!r}: cannot pin absent {missing!r}")
-        for key in items:
+        for key in reversed(items):  # tail first: see the class docstring
             self._pins[key] = self._pins.get(key, 0) + 1
             self.policy.access(key)
         return [self._slot_of[key] for key in items]

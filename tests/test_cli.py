@@ -22,7 +22,7 @@ capacity = "32KiB"
 
 [[tiers]]
 kind = "cpu"
-capacity = "24KiB"
+capacity = "96KiB"
 
 [[tiers]]
 kind = "disk"

@@ -176,7 +176,8 @@ def test_registered_policy_is_usable_by_name(monkeypatch: pytest.MonkeyPatch) ->
     assert isinstance(make_eviction_policy("fifo-test", 3), _FIFOPolicy)
     index = TierIndex("cpu", 2, "fifo-test")
     assert BUILT_WITH[-1] == 2, "the factory gets the tier's capacity"
-    index.commit(index.reserve([k(0), k(1)]).keys)
+    index.commit(index.reserve([k(0)]).keys)  # one by one: k(0) is inserted first
+    index.commit(index.reserve([k(1)]).keys)
     index.pin([k(0)])  # a read: no refresh under FIFO
     index.unpin([k(0)])
     evicted = index.reserve([k(2)]).evicted

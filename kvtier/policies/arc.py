@@ -103,8 +103,7 @@ class ARCPolicy:
                 out.append(head1)
                 left_in_t1 -= 1
                 head1 = next(from_t1, None)
-            else:
-                assert head2 is not None
+            elif head2 is not None:  # always, when the branch above is not taken
                 out.append(head2)
                 head2 = next(from_t2, None)
         return out

@@ -28,10 +28,10 @@ from collections.abc import Sequence
 from typing import Final
 
 import cbor2
-import xxhash
 
 from kvtier.errors import ConfigError
 from kvtier.tiers.base import BlockKey, BlockLayout
+from kvtier.tiers.disk_format import checksum
 
 __all__ = [
     "HEADER",
@@ -110,7 +110,7 @@ def payload_offset(key: BlockKey) -> int:
 
 def encode_header(key: BlockKey, fingerprint: bytes, payload: bytes | memoryview) -> bytes:
     """``header | key`` for ``payload`` (what precedes it in the value)."""
-    digest = xxhash.xxh3_128_digest(payload)
+    digest = checksum(payload)
     return HEADER.pack(MAGIC, VERSION, len(key), 0, len(payload), fingerprint, digest) + key
 
 
@@ -138,7 +138,7 @@ def verify_value(
     if not valid:
         return None
     payload = view[offset:]
-    return payload if xxhash.xxh3_128_digest(payload) == digest else None
+    return payload if checksum(payload) == digest else None
 
 
 def _crc16(data: bytes) -> int:

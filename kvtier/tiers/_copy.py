@@ -19,9 +19,7 @@ blocking copies in a worker thread.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import operator
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Final
@@ -31,17 +29,14 @@ import anyio.to_thread
 import structlog
 import torch
 
-from kvtier.errors import ConfigError, InvalidRequestError, KVTierError, TierIOError
+from kvtier.errors import InvalidRequestError, KVTierError, TierIOError
 from kvtier.log import get_logger
+from kvtier.tiers._checks import ascending_run
 
 __all__ = [
     "OFFLOAD_MIN_BYTES",
     "STAGING_BYTES",
     "BlockMover",
-    "ascending_run",
-    "byte_rows",
-    "check_buffer",
-    "check_slots",
 ]
 
 OFFLOAD_MIN_BYTES: Final = 4 << 20
@@ -60,73 +55,6 @@ _new_event: Callable[[], torch.cuda.Event] = torch.cuda.Event
 _event_done: Callable[[torch.cuda.Event], bool] = torch.cuda.Event.query
 
 Rows = torch.Tensor | slice
-
-
-def check_slots(slots: Sequence[int], num_slots: int, *, tier: str) -> list[int]:
-    """Slots as a list of ints, each in ``[0, num_slots)``.
-
-    Raises:
-        InvalidRequestError: A slot is not an integer or is out of range.
-    """
-    try:
-        out = [operator.index(s) for s in slots]
-    except TypeError as exc:
-        raise InvalidRequestError(f"tier {tier}: slots must be integers") from exc
-    if out:
-        low, high = min(out), max(out)
-        if low < 0 or high >= num_slots:
-            bad = low if low < 0 else high
-            raise InvalidRequestError(f"tier {tier}: slot {bad} is out of range [0, {num_slots})")
-    return out
-
-
-def check_buffer(
-    tensor: object, slots: Sequence[int], keys: Sequence[bytes], row_bytes: int, *, tier: str
-) -> torch.Tensor:
-    """``tensor`` after checking it is ``uint8 [len(slots), row_bytes]`` and keys match.
-
-    Raises:
-        InvalidRequestError: Wrong type, dtype or shape, or as many keys as slots.
-    """
-    if len(keys) != len(slots):
-        raise InvalidRequestError(f"tier {tier}: {len(slots)} slots but {len(keys)} keys")
-    shape = (len(slots), row_bytes)
-    if not isinstance(tensor, torch.Tensor):
-        raise InvalidRequestError(f"tier {tier}: expected a tensor, got {type(tensor).__name__}")
-    if tensor.dtype != torch.uint8 or tuple(tensor.shape) != shape:
-        raise InvalidRequestError(
-            f"tier {tier}: buffer must be uint8 {list(shape)}, "
-            f"got {str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}"
-        )
-    return tensor
-
-
-def ascending_run(slots: Sequence[int]) -> int | None:
-    """The first slot when ``slots`` is ``first, first + 1, …`` (non-empty), else None."""
-    if not slots or any(b != a + 1 for a, b in itertools.pairwise(slots)):
-        return None
-    return slots[0]
-
-
-def byte_rows(tensor: torch.Tensor, rows: int, row_bytes: int, *, what: str) -> torch.Tensor:
-    """``tensor`` viewed as ``uint8 [rows, row_bytes]`` without copying.
-
-    The row stride may be anything; each row's bytes must be contiguous.
-
-    Raises:
-        ConfigError: The tensor cannot be viewed that way.
-    """
-    tensor = tensor.detach()
-    if tensor.layout != torch.strided:
-        raise ConfigError(f"{what} must be a dense (strided) tensor, got {tensor.layout}")
-    if tensor.dim() == 0 or tensor.shape[0] != rows or tensor.numel() == 0:
-        raise ConfigError(f"{what} must have {rows} blocks in its first dimension")
-    if not tensor[0].is_contiguous():
-        raise ConfigError(f"{what}: each block's bytes must be contiguous in memory")
-    try:
-        return tensor.view(torch.uint8).view(rows, row_bytes)
-    except RuntimeError as exc:
-        raise ConfigError(f"{what} cannot be viewed as bytes [{rows}, {row_bytes}]") from exc
 
 
 def _fits(tensor: torch.Tensor, word: int) -> bool:
@@ -175,24 +103,34 @@ class BlockMover:
 
     # -- synchronous building blocks (run on the loop, a thread or a stream) --
 
+    def _words(self, buffer: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """The sources and ``buffer``, both viewed in the widest word that fits ``buffer``."""
+        word = self._word if _fits(buffer, self._word) else 1
+        return self._sources[word], buffer if word == 1 else buffer.view(_WORDS[word])
+
     def _split(
         self, buffer: torch.Tensor
     ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """The sources and ``buffer``'s matching segment views, in the widest fitting word."""
-        word = self._word if _fits(buffer, self._word) else 1
-        sources = self._sources[word]
-        view = buffer if word == 1 else buffer.view(_WORDS[word])
+        sources, view = self._words(buffer)
         if len(sources) == 1:
             return sources, (view,)
         return sources, view.view(view.shape[0], len(sources), -1).unbind(1)
 
     def _gather(self, rows: Rows, out: torch.Tensor) -> None:
-        sources, parts = self._split(out)
         if isinstance(rows, slice):
-            _copy_all(parts, [source[rows] for source in sources])
-        else:
-            for source, part in zip(sources, parts, strict=True):
-                torch.index_select(source, 0, rows, out=part)
+            sources, view = self._words(out)
+            if len(sources) == 1:
+                view.copy_(sources[0][rows])
+            else:
+                # One call writes every segment's rows side by side into ``out``:
+                # no per-segment views of ``out`` (64 of them cost more than
+                # copying one 2 MiB block).
+                torch.cat([source[rows] for source in sources], dim=1, out=view)
+            return
+        sources, parts = self._split(out)
+        for source, part in zip(sources, parts, strict=True):
+            torch.index_select(source, 0, rows, out=part)
 
     def _scatter(self, rows: Rows, data: torch.Tensor) -> None:
         sources, parts = self._split(data)

@@ -25,14 +25,8 @@ import torch
 
 from kvtier.errors import ClosedError, ConfigError, TierIOError
 from kvtier.log import get_logger
-from kvtier.tiers._copy import (
-    OFFLOAD_MIN_BYTES,
-    STAGING_BYTES,
-    BlockMover,
-    ascending_run,
-    check_buffer,
-    check_slots,
-)
+from kvtier.tiers._checks import ascending_run, check_buffer, check_slots
+from kvtier.tiers._copy import OFFLOAD_MIN_BYTES, STAGING_BYTES, BlockMover
 from kvtier.tiers.base import BlockKey, BlockLayout
 
 __all__ = ["CpuTier"]

@@ -49,7 +49,7 @@ from kvtier.errors import (
     TierIOError,
 )
 from kvtier.log import get_logger
-from kvtier.tiers._copy import check_buffer, check_slots
+from kvtier.tiers._checks import check_buffer, check_slots
 from kvtier.tiers._disk_io import SUFFIX, TMP_PREFIX, BlockFiles, tensor_bytes
 from kvtier.tiers.base import BlockKey, BlockLayout
 from kvtier.tiers.disk_format import MAX_KEY_BYTES, file_bytes

@@ -30,14 +30,8 @@ import torch
 
 from kvtier.errors import ClosedError, ConfigError
 from kvtier.log import get_logger
-from kvtier.tiers._copy import (
-    OFFLOAD_MIN_BYTES,
-    STAGING_BYTES,
-    BlockMover,
-    byte_rows,
-    check_buffer,
-    check_slots,
-)
+from kvtier.tiers._checks import byte_rows, check_buffer, check_slots
+from kvtier.tiers._copy import OFFLOAD_MIN_BYTES, STAGING_BYTES, BlockMover
 from kvtier.tiers.base import BlockKey, BlockLayout
 
 __all__ = ["DeviceTier"]

@@ -1,0 +1,87 @@
+"""Argument checks and byte views shared by the tiers' batched reads and writes.
+
+Every tier validates a batch the same way before touching memory or files:
+slots are integers in range, the buffer is ``uint8 [len(slots), row_bytes]``
+with one key per slot. :func:`byte_rows` views an engine's cache tensor as
+byte rows without copying, and :func:`ascending_run` finds the fast path of
+slots that form one run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from collections.abc import Sequence
+
+import torch
+
+from kvtier.errors import ConfigError, InvalidRequestError
+
+__all__ = ["ascending_run", "byte_rows", "check_buffer", "check_slots"]
+
+
+def check_slots(slots: Sequence[int], num_slots: int, *, tier: str) -> list[int]:
+    """Slots as a list of ints, each in ``[0, num_slots)``.
+
+    Raises:
+        InvalidRequestError: A slot is not an integer or is out of range.
+    """
+    try:
+        out = [operator.index(s) for s in slots]
+    except TypeError as exc:
+        raise InvalidRequestError(f"tier {tier}: slots must be integers") from exc
+    if out:
+        low, high = min(out), max(out)
+        if low < 0 or high >= num_slots:
+            bad = low if low < 0 else high
+            raise InvalidRequestError(f"tier {tier}: slot {bad} is out of range [0, {num_slots})")
+    return out
+
+
+def check_buffer(
+    tensor: object, slots: Sequence[int], keys: Sequence[bytes], row_bytes: int, *, tier: str
+) -> torch.Tensor:
+    """``tensor`` after checking it is ``uint8 [len(slots), row_bytes]`` and keys match.
+
+    Raises:
+        InvalidRequestError: Wrong type, dtype or shape, or as many keys as slots.
+    """
+    if len(keys) != len(slots):
+        raise InvalidRequestError(f"tier {tier}: {len(slots)} slots but {len(keys)} keys")
+    shape = (len(slots), row_bytes)
+    if not isinstance(tensor, torch.Tensor):
+        raise InvalidRequestError(f"tier {tier}: expected a tensor, got {type(tensor).__name__}")
+    if tensor.dtype != torch.uint8 or tuple(tensor.shape) != shape:
+        raise InvalidRequestError(
+            f"tier {tier}: buffer must be uint8 {list(shape)}, "
+            f"got {str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}"
+        )
+    return tensor
+
+
+def ascending_run(slots: Sequence[int]) -> int | None:
+    """The first slot when ``slots`` is ``first, first + 1, …`` (non-empty), else None."""
+    if not slots or any(b != a + 1 for a, b in itertools.pairwise(slots)):
+        return None
+    return slots[0]
+
+
+def byte_rows(tensor: torch.Tensor, rows: int, row_bytes: int, *, what: str) -> torch.Tensor:
+    """``tensor`` viewed as ``uint8 [rows, row_bytes]`` without copying.
+
+    The row stride may be anything; each row's bytes must be contiguous.
+
+    Raises:
+        ConfigError: The tensor cannot be viewed that way.
+    """
+    tensor = tensor.detach()
+    if tensor.layout != torch.strided:
+        raise ConfigError(f"{what} must be a dense (strided) tensor, got {tensor.layout}")
+    if tensor.dim() == 0 or tensor.shape[0] != rows or tensor.numel() == 0:
+        raise ConfigError(f"{what} must have {rows} blocks in its first dimension")
+    if not tensor[0].is_contiguous():
+        raise ConfigError(f"{what}: each block's bytes must be contiguous in memory")
+    try:
+        return tensor.view(torch.uint8).view(rows, row_bytes)
+    except RuntimeError as exc:
+        raise ConfigError(f"{what} cannot be viewed as bytes [{rows}, {row_bytes}]") from exc

@@ -330,7 +330,7 @@ class RedisTier:
             pipe.get(name)
         return list(await pipe.execute(raise_on_error=False))
 
-    async def _set(self, names: list[bytes], values: list[memoryview]) -> list[Any]:
+    async def _set(self, names: list[bytes], values: list[bytes]) -> list[Any]:
         pipe = self._open().pipeline(transaction=False)
         for name, value in zip(names, values, strict=True):
             pipe.set(name, value, px=self._ttl_ms)
@@ -390,18 +390,17 @@ class RedisTier:
         for slot, key in zip(slot_list, keys, strict=True):
             self._slot_keys[slot] = key
 
+        payloads = _row_bytes(rows, block_bytes)
+
         async def work(begin: int, end: int) -> None:
             names: list[bytes] = []
-            values: list[memoryview] = []
+            values: list[bytes] = []
             for index in range(begin, end):
                 key = keys[index]
-                payload = tensor_bytes(rows[index])
-                header = encode_header(key, fingerprint, payload)
-                value = bytearray(len(header) + block_bytes)
-                value[: len(header)] = header
-                value[len(header) :] = payload
+                payload = payloads(index)
+                # join: one allocation and one copy, no zero-filled buffer first.
+                values.append(b"".join((encode_header(key, fingerprint, payload), payload)))
                 names.append(self._keys.name(key))
-                values.append(memoryview(value))
             replies = await self._round_trip("write", lambda: self._set(names, values))
             failed = [reply for reply in replies if isinstance(reply, Exception)]
             if failed:
@@ -434,6 +433,7 @@ class RedisTier:
         block_bytes = self._layout.block_bytes
         fingerprint = self._keys.fingerprint
         missing: list[int] = []
+        targets = _row_bytes(target, block_bytes)
 
         async def work(begin: int, end: int) -> None:
             names = [self._keys.name(keys[index]) for index in range(begin, end)]
@@ -449,7 +449,7 @@ class RedisTier:
                 if payload is None:
                     missing.append(slot_list[index])
                 else:
-                    tensor_bytes(target[index])[:] = payload
+                    targets(index)[:] = payload
 
         await self._chunks(len(slot_list), work)
         if missing:
@@ -506,3 +506,15 @@ class RedisTier:
             await pipe.execute(raise_on_error=True)
 
         await self._round_trip("discard", unlink)
+
+
+def _row_bytes(rows: torch.Tensor, row_bytes: int) -> Callable[[int], memoryview]:
+    """``index -> the bytes of rows[index]``: slices of one view when ``rows`` is contiguous.
+
+    ``rows`` is a CPU ``uint8 [n, row_bytes]`` tensor whose rows are contiguous;
+    the caller keeps it alive while the views are in use.
+    """
+    if rows.is_contiguous():
+        whole = tensor_bytes(rows)
+        return lambda index: whole[index * row_bytes : (index + 1) * row_bytes]
+    return lambda index: tensor_bytes(rows[index])

@@ -161,6 +161,8 @@ class OffloadConfig:
             1,000 prompt tokens.
         lazy_free_target: Lazy mode: device blocks kept safe to evict.
         selective_min_hits: Selective mode: hits before a block is stored.
+        max_probe_blocks: Most blocks a lookup asks shared tiers (Redis) about,
+            for blocks other engines stored; 0 turns the probes off.
     """
 
     write_mode: str = "eager"
@@ -170,6 +172,7 @@ class OffloadConfig:
     prefetch_timeout_per_1k_tokens: float = 0.005
     lazy_free_target: int = 32
     selective_min_hits: int = 2
+    max_probe_blocks: int = 256
 
 
 @attrs.frozen
@@ -285,6 +288,7 @@ def _offload(table: Mapping[str, Any]) -> OffloadConfig:
         "prefetch_timeout_per_1k_tokens",
         "lazy_free_target",
         "selective_min_hits",
+        "max_probe_blocks",
     )
     _check_keys(table, allowed, "offload")
     return OffloadConfig(
@@ -298,6 +302,7 @@ def _offload(table: Mapping[str, Any]) -> OffloadConfig:
         ),
         _integer(table, "lazy_free_target", 32, "offload"),
         _integer(table, "selective_min_hits", 2, "offload"),
+        _integer(table, "max_probe_blocks", 256, "offload", minimum=0),
     )
 
 

@@ -100,3 +100,34 @@ async def test_engine_b_loads_from_redis_what_engine_a_computed_in_another_proce
     )
     assert other.tiers[-1].hits == 0
     assert other.loaded_tokens == 0
+
+
+@pytest.mark.asyncio
+async def test_engine_b_without_a_scan_finds_engine_as_blocks_by_probing(
+    redis_server: RedisServer,
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    first = subprocess.run(
+        [sys.executable, "-c", ENGINE_A, json.dumps(_shared_config(redis_server.url))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert json.loads(first.stdout.strip().splitlines()[-1])["stored"] > 0
+    workload = chat_workload(users=3, rounds=2, system_prompt=256, question=32, answer=64)
+    # No scan on open: B's Redis index starts empty; lookups probe Redis instead.
+    b = await replay(parse_config(_shared_config(redis_server.url)), workload)
+    remote = b.tiers[-1]
+    assert remote.probed_blocks > 0
+    assert remote.loaded_blocks > 0
+    assert b.verified_blocks == (b.device_hit_tokens + b.loaded_tokens) // 16  # A's bytes
+    # With probing off and no scan, B knows nothing of A's blocks.
+    blind = _shared_config(redis_server.url)
+    blind["offload"] = {"prefetch": "wait_complete", "max_probe_blocks": 0}
+    c = await replay(parse_config(blind), workload)
+    assert c.tiers[-1].probed_blocks == 0
+    assert c.loaded_tokens < b.loaded_tokens

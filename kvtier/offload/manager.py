@@ -50,6 +50,7 @@ from kvtier.offload.plan import (
     StepPlan,
     WriteMode,
 )
+from kvtier.offload.remote import RemoteProbe
 from kvtier.offload.stats import OffloadStats, TierStats
 from kvtier.offload.stores import StorePlanner
 from kvtier.offload.transfers import Transfers
@@ -69,6 +70,12 @@ _MODES: tuple[WriteMode, ...] = ("eager", "lazy", "selective")
 def _positive(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _non_negative(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
     return value
 
 
@@ -96,6 +103,8 @@ class OffloadManager:
             (tensor parallelism); the local pipeline is one of them.
         pipeline: Transfer pipeline settings (a fresh pipeline is owned by the
             manager); ``None`` for the defaults.
+        max_probe_blocks: Most blocks one :meth:`probe` asks the shared tiers
+            about; 0 turns probing off.
 
     Raises:
         ConfigError: No lower tier, mismatched layouts, or a bad setting.
@@ -115,6 +124,7 @@ class OffloadManager:
         num_groups: int = 1,
         world_size: int = 1,
         pipeline: TransferPipeline | None = None,
+        max_probe_blocks: int = 256,
     ) -> None:
         if not tiers:
             raise ConfigError("an offload manager needs at least one lower tier")
@@ -173,6 +183,14 @@ class OffloadManager:
             self._transfers, event_ids, self.block_size, num_groups, selective
         )
         self._stores = StorePlanner(self._transfers, event_ids, mode, self._lazy)
+        self._probe = RemoteProbe(
+            self.tiers,
+            self.indexes,
+            self._tier_stats,
+            block_size=self.block_size,
+            num_groups=self.num_groups,
+            max_blocks=_non_negative("max_probe_blocks", max_probe_blocks),
+        )
         self._step_ids = itertools.count(1)
         self._entered = False
 
@@ -235,6 +253,52 @@ class OffloadManager:
         """
         self._transfers.drain()
         return self._loads.matched_tokens(request, num_computed_tokens)
+
+    @property
+    def probes(self) -> bool:
+        """Some lower tier is shared and can be probed (see :meth:`probe`)."""
+        return bool(self._probe.levels)
+
+    async def probe(self, request: KVCacheRequest, num_computed_tokens: int) -> int:
+        """Ask the shared tiers for blocks other engines stored; call before the lookup.
+
+        For the blocks after ``num_computed_tokens`` that no tier's index
+        holds, each shared tier (a :class:`~kvtier.tiers.base.ProbingStore`,
+        such as Redis) is asked once, all at once, which it holds now; the
+        longest held prefix enters their indexes, so the next
+        :meth:`get_num_new_matched_tokens` counts it. A shared tier that fails
+        answers nothing (counted in ``failed_probes``). Async engines only; see
+        :meth:`probe_blocking`.
+
+        Returns:
+            How many blocks were entered (0 without shared tiers).
+
+        Raises:
+            InvalidRequestError: ``num_computed_tokens`` is not a multiple of
+                the block size >= 0.
+        """
+        self._transfers.drain()
+        plan = self._probe.plan(request, num_computed_tokens)
+        if plan is None:
+            return 0
+        return self._probe.adopt(plan, await self._probe.ask(plan))
+
+    def probe_blocking(self, request: KVCacheRequest, num_computed_tokens: int) -> int:
+        """:meth:`probe` for synchronous engines (the manager entered with ``with``).
+
+        The round trips run on the manager's background loop; the engine's
+        thread waits for them (each is bounded by its tier's timeouts).
+
+        Raises:
+            ClosedError: The manager is not entered with ``with``.
+            InvalidRequestError: As :meth:`probe`.
+        """
+        self._transfers.drain()
+        plan = self._probe.plan(request, num_computed_tokens)
+        if plan is None:
+            return 0
+        answers: dict[int, list[bool]] = self._transfers.runtime.call(self._probe.ask, plan)
+        return self._probe.adopt(plan, answers)
 
     def hit_info(self, request_id: str) -> HitInfo | None:
         """Where the request's blocks were found at its last lookup."""

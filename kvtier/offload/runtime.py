@@ -118,6 +118,17 @@ class Runtime:
             if portal is not None:
                 portal.__exit__(None, None, None)
 
+    def call(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
+        """Run ``await fn(*args)`` on the background loop and return its result (thread mode).
+
+        Raises:
+            ClosedError: The manager is not entered with ``with``.
+        """
+        portal = self._portal
+        if portal is None:
+            raise ClosedError("the offload manager runs no background loop: enter it with `with`")
+        return portal.call(fn, *args)
+
     # -- jobs --------------------------------------------------------------------------
 
     def spawn(self, job: Job, *args: Any) -> None:

@@ -25,6 +25,10 @@ class TierStats:
         bytes_loaded: Bytes loaded toward the device from this tier.
         store_seconds: Time the pipeline spent on those stores.
         load_seconds: Time the pipeline spent on those loads (staging included).
+        probed_blocks: Blocks a lookup-time probe found in this (shared) tier
+            and entered into its index (see :mod:`kvtier.offload.remote`).
+        failed_probes: Probes of this tier that failed or timed out (each
+            counted as a miss).
     """
 
     queries: int = 0
@@ -39,6 +43,8 @@ class TierStats:
     bytes_loaded: int = 0
     store_seconds: float = 0.0
     load_seconds: float = 0.0
+    probed_blocks: int = 0
+    failed_probes: int = 0
 
     @property
     def hit_ratio(self) -> float:

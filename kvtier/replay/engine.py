@@ -165,6 +165,7 @@ class _Engine:
         self.costs = StagingCostModel()
         self.staging: dict[str, tuple[float, list[int]]] = {}
         self.finished = 0
+        self.probed: set[str] = set()  # requests whose shared tiers were asked already
 
     def _bytes(self, request: Request, position: int) -> torch.Tensor:
         key = make_block_hash_with_group_id(request.block_hashes[position], 0)
@@ -187,10 +188,14 @@ class _Engine:
             )
         self.verified += 1
 
-    def admit(self) -> None:
+    async def admit(self) -> None:
         while self.waiting and len(self.loading) + len(self.ready) < MAX_RUNNING:
             request = self.waiting[0]
             computed, num_computed = self.kvm.get_computed_blocks(request)
+            if self.offload.probes and request.request_id not in self.probed:
+                # Once per request: blocks other engines stored in a shared tier.
+                self.probed.add(request.request_id)
+                await self.offload.probe(request, num_computed)
             found, _ = self.offload.get_num_new_matched_tokens(request, num_computed)
             first = num_computed // self.block_size
             levels = self._levels(request, first, found // self.block_size)
@@ -206,6 +211,7 @@ class _Engine:
             if blocks is None:
                 return
             self.waiting.pop(0)
+            self.probed.discard(request.request_id)
             self.device_hit_tokens += num_computed
             self.declined_tokens += found - external
             held = self.kvm.get_blocks(request.request_id)
@@ -258,10 +264,10 @@ class _Engine:
 
     async def run(self, progress: Callable[[int], None]) -> None:
         while self.waiting or self.loading or self.ready:
-            self.admit()
+            await self.admit()
             if not self.ready and not self.loading:
                 await self.offload.wait_idle()  # stores hold device blocks until they end
-                self.admit()
+                await self.admit()
                 if not self.ready and not self.loading:
                     raise ConfigError("the device tier is too small for the next request")
             before = self.finished
@@ -338,6 +344,7 @@ async def replay(
             eviction_policy=[t.eviction for t in lower],
             lazy_free_target=config.offload.lazy_free_target,
             selective_min_hits=config.offload.selective_min_hits,
+            max_probe_blocks=config.offload.max_probe_blocks,
         )
         hasher = BlockHasher(layout.block_size, config.offload.hash)
         engine = _Engine(config, kvm, offload, cache, hasher)

@@ -29,6 +29,8 @@ class TierReport:
         failed_transfers: Blocks of failed transfers.
         bytes_stored: Bytes written to it.
         bytes_loaded: Bytes loaded from it toward the device.
+        probed_blocks: Blocks found by lookup-time probes of this shared tier
+            (stored by another engine after this one opened).
     """
 
     name: str
@@ -43,6 +45,7 @@ class TierReport:
     failed_transfers: int
     bytes_stored: int = 0
     bytes_loaded: int = 0
+    probed_blocks: int = 0
 
 
 def tier_report(name: str, stats: TierStats) -> TierReport:
@@ -60,6 +63,7 @@ def tier_report(name: str, stats: TierStats) -> TierReport:
         stats.failed_transfers,
         stats.bytes_stored,
         stats.bytes_loaded,
+        stats.probed_blocks,
     )
 
 

@@ -21,7 +21,7 @@ import torch
 from kvtier.errors import ConfigError
 from kvtier.spec import DTYPE_SIZES, FullAttentionSpec
 
-__all__ = ["BlockKey", "BlockLayout", "BlockStore"]
+__all__ = ["BlockKey", "BlockLayout", "BlockStore", "ProbingStore"]
 
 BlockKey = bytes
 """What a tier stores a block under: its prefix-cache hash (group id included)."""
@@ -178,4 +178,27 @@ class BlockStore(Protocol):
         tb: TracebackType | None,
     ) -> None:
         """Close the tier."""
+        ...
+
+
+@runtime_checkable
+class ProbingStore(Protocol):
+    """A tier that other processes write too (Redis), which can be asked what it holds.
+
+    Such a tier reads and writes blocks by key: its slots are this process's
+    bookkeeping only, so a block found by :meth:`contains` can be entered
+    under any free slot (see :mod:`kvtier.offload.remote`). Implement both
+    methods beside :class:`BlockStore`'s; no inheritance is needed.
+    """
+
+    async def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
+        """Whether each block is stored now (one round trip; it may go at any time).
+
+        Raises:
+            TierIOError: The backend failed or timed out.
+        """
+        ...
+
+    def adopt(self, slots: Sequence[int], keys: Sequence[BlockKey]) -> None:
+        """Record that ``slots`` now stand for ``keys``, found by :meth:`contains`."""
         ...

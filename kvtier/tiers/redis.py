@@ -482,6 +482,21 @@ class RedisTier:
             return []
         return [bool(n) for n in await self._round_trip("exists", exists)]
 
+    def adopt(self, slots: Sequence[int], keys: Sequence[BlockKey]) -> None:
+        """Remember that ``slots`` stand for ``keys``, found by :meth:`contains` (for discard).
+
+        Raises:
+            ClosedError: The tier is not open.
+            InvalidRequestError: A slot is out of range, or as many keys as slots.
+        """
+        self._open()
+        slot_list = check_slots(slots, self._num_slots, tier=self._name)
+        if len(keys) != len(slot_list):
+            raise InvalidRequestError(
+                f"tier {self._name}: {len(slot_list)} slots but {len(keys)} keys"
+            )
+        self._slot_keys.update(zip(slot_list, keys, strict=True))
+
     async def discard(self, slots: Sequence[int]) -> None:
         """Forget the blocks in ``slots`` and, with ``discard_deletes``, delete them.
 

@@ -5,6 +5,8 @@ persistence (``--save '' --appendonly no``), bound to 127.0.0.1 only, and
 waits for its "Ready to accept connections" log line, then for PING. Tests
 can kill it, restart it (empty) on the same port, and talk to it with a plain
 synchronous client. Without the binary the fixtures skip with the reason.
+tests/redis_cluster.py and tests/redis_tls.py build a Cluster and a TLS
+server from it.
 """
 
 from __future__ import annotations
@@ -56,25 +58,40 @@ class RedisServer:
         directory: Its working directory.
         port: The port (a free one when None).
         extra: More command-line options (``["--cluster-enabled", "yes"]``…).
+        tls: ``port`` is a TLS port (``--tls-port``; the plain port is off), and
+            ``extra`` names the certificates.
+        admin: Options of :meth:`client` (for a TLS server: ``ssl=True``…).
     """
 
     def __init__(
-        self, binary: str, directory: Path, port: int | None = None, extra: list[str] | None = None
+        self,
+        binary: str,
+        directory: Path,
+        port: int | None = None,
+        extra: list[str] | None = None,
+        *,
+        tls: bool = False,
+        admin: dict[str, object] | None = None,
     ) -> None:
         self.binary = binary
         self.directory = directory
         self.port = port if port is not None else free_port()
         self.extra = list(extra or [])
+        self.tls = tls
+        self.admin = dict(admin or {})
         self.process: subprocess.Popen[bytes] | None = None
+        self.log = b""
+        """What the server printed until it was ready (or failed to be)."""
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:<port>/0``."""
-        return f"redis://{HOST}:{self.port}/0"
+        """``redis://127.0.0.1:<port>/0`` (``rediss://`` for a TLS server)."""
+        return f"{'rediss' if self.tls else 'redis'}://{HOST}:{self.port}/0"
 
     def client(self, **options: object) -> redis.Redis:
         """A synchronous client for setting up faults (the caller closes it)."""
-        return redis.Redis(host=HOST, port=self.port, socket_timeout=10, **options)  # type: ignore[arg-type]
+        options = {"socket_timeout": 10, **self.admin, **options}
+        return redis.Redis(host=HOST, port=self.port, **options)  # type: ignore[arg-type]
 
     def start(self) -> None:
         """Start the server and wait until it answers PING."""
@@ -83,7 +100,7 @@ class RedisServer:
             self.binary,
             "--bind",
             HOST,
-            "--port",
+            *(["--port", "0", "--tls-port"] if self.tls else ["--port"]),
             str(self.port),
             "--dir",
             str(self.directory),
@@ -115,6 +132,7 @@ class RedisServer:
                     self.stop()
                     raise RuntimeError(f"redis-server exited: {log.decode()[-2000:]}")
                 log += chunk
+                self.log = log
         # Nobody reads the log any more: close the pipe (redis ignores SIGPIPE)
         # and keep it quiet.
         process.stdout.close()

@@ -19,9 +19,10 @@ from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.gpu import DeviceTier
 from kvtier.tiers.redis import RedisTier
+from tests.redis_cluster import RedisClusterServers, shared_redis_cluster
 from tests.redis_server import RedisServer, shared_redis
 
-__all__ = ["shared_redis"]
+__all__ = ["shared_redis", "shared_redis_cluster"]
 
 LAYOUT = BlockLayout(num_layers=2, block_size=4, num_kv_heads=2, head_size=8, dtype="float16")
 SLOTS = 512
@@ -52,12 +53,19 @@ def _redis(_: Path, request: pytest.FixtureRequest) -> BlockStore:
     return RedisTier(LAYOUT, SLOTS, url=server.url, batch_size=64)
 
 
+def _redis_cluster(_: Path, request: pytest.FixtureRequest) -> BlockStore:
+    cluster: RedisClusterServers = request.getfixturevalue("shared_redis_cluster")
+    cluster.flushall()
+    return RedisTier(LAYOUT, SLOTS, url=cluster.url, batch_size=64, cluster=True)
+
+
 TIERS: dict[str, Callable[[Path, pytest.FixtureRequest], BlockStore]] = {
     "device-per-layer": _per_layer,
     "device-cross-layer": _cross_layer,
     "cpu": _cpu,
     "disk": _disk,
     "redis": _redis,
+    "redis-cluster": _redis_cluster,  # 3 masters: every batch spans the nodes
 }
 
 

@@ -53,6 +53,7 @@ from kvtier.tiers.base import BlockKey, BlockLayout
 from kvtier.tiers.redis_client import (
     RedisClient,
     RedisConnection,
+    close_client,
     positive_int,
     positive_number,
     redact_url,
@@ -266,7 +267,7 @@ class RedisTier:
         if client is not None:
             with anyio.CancelScope(shield=True):
                 try:
-                    await client.aclose()
+                    await close_client(client)
                 except (redis.exceptions.RedisError, OSError) as exc:
                     _log.warning("tier_close_failed", tier=self._name, error=repr(exc))
         _log.info("tier_close", tier=self._name)
@@ -517,7 +518,10 @@ class RedisTier:
         async def unlink() -> None:
             pipe = client.pipeline(transaction=False)
             for name in doomed:
-                pipe.unlink(name)
+                # Not pipe.unlink(): on a cluster pipeline that is a coroutine
+                # that must be awaited to queue the command (redis-py 8), so an
+                # unawaited call deleted nothing.
+                pipe.execute_command("UNLINK", name)
             await pipe.execute(raise_on_error=True)
 
         await self._round_trip("discard", unlink)

@@ -21,7 +21,14 @@ from redis.backoff import NoBackoff
 
 from kvtier.errors import ConfigError
 
-__all__ = ["RedisClient", "RedisConnection", "positive_int", "positive_number", "redact_url"]
+__all__ = [
+    "RedisClient",
+    "RedisConnection",
+    "close_client",
+    "positive_int",
+    "positive_number",
+    "redact_url",
+]
 
 RedisClient = aioredis.Redis | RedisCluster
 """The client types a tier talks through."""
@@ -62,7 +69,8 @@ class RedisConnection:
     """Validated connection settings; :meth:`client` builds the redis-py client.
 
     Attributes:
-        url: The server (may carry a password; see :func:`redact_url`).
+        url: The server (may carry a password; see :func:`redact_url`);
+            ``redis://`` is made ``rediss://`` when a TLS option is set.
         options: Keyword arguments of ``from_url`` (never logged).
         cluster: A Redis Cluster.
         tls: Whether the connection uses TLS.
@@ -108,8 +116,14 @@ class RedisConnection:
         positive_number("timeout", timeout)
         if not isinstance(url, str) or urlsplit(url).scheme not in _SCHEMES:
             raise ConfigError(f"url must start with redis://, rediss:// or unix://, got {url!r}")
-        if cluster and urlsplit(url).scheme == "unix":
+        scheme = urlsplit(url).scheme
+        if cluster and scheme == "unix":
             raise ConfigError("a Redis Cluster is reached over TCP, not a unix:// socket")
+        uses_tls = bool(tls or tls_ca_file or tls_cert_file or scheme == "rediss")
+        if uses_tls and scheme == "unix":
+            raise ConfigError("TLS is for a TCP connection, not a unix:// socket")
+        if tls_key_file and not tls_cert_file:
+            raise ConfigError("tls_key_file needs tls_cert_file (the client certificate)")
         options: dict[str, Any] = {
             "max_connections": max_connections,
             "socket_connect_timeout": float(connect_timeout),
@@ -123,16 +137,19 @@ class RedisConnection:
             options["username"] = username
         if password is not None:
             options["password"] = password
-        if tls or tls_ca_file or tls_cert_file:
+        if uses_tls:
+            # TLS is chosen by the scheme: rediss:// makes redis-py use its
+            # SSLConnection (standalone) or ssl=True (Cluster); an ``ssl``
+            # keyword would reach the plain connection class and fail there.
+            if scheme == "redis":
+                url = "rediss" + url[len("redis") :]
             options.update(
-                ssl=True,
                 ssl_ca_certs=tls_ca_file,
                 ssl_certfile=tls_cert_file,
                 ssl_keyfile=tls_key_file,
                 ssl_cert_reqs="required" if tls_verify else "none",
                 ssl_check_hostname=tls_verify,
             )
-        uses_tls = bool(tls or tls_ca_file or tls_cert_file or url.startswith("rediss://"))
         return cls(url, options, cluster, uses_tls, float(connect_timeout) + float(timeout))
 
     def client(self) -> RedisClient:
@@ -147,3 +164,21 @@ class RedisConnection:
             return aioredis.Redis.from_url(self.url, **self.options)
         except (ValueError, TypeError, redis.exceptions.RedisError) as exc:
             raise ConfigError(f"bad Redis options: {exc}") from exc
+
+
+async def close_client(client: RedisClient) -> None:
+    """Close ``client`` and every connection it opened.
+
+    redis-py 8.1's ``RedisCluster.aclose()`` does nothing while the client is
+    marked for re-initialisation, which any connection error does (a node
+    that died, a failed scan at open) until a later call succeeds; its nodes'
+    sockets would stay open. So a cluster client's nodes, and the startup
+    nodes it discovered them from, are disconnected here as well (which is
+    idempotent).
+    """
+    await client.aclose()
+    if isinstance(client, RedisCluster):
+        manager = client.nodes_manager
+        known = (*manager.nodes_cache.values(), *manager.startup_nodes.values())
+        for node in {id(node): node for node in known}.values():
+            await node.disconnect()

@@ -40,25 +40,40 @@ async def bench(url: str, layout: BlockLayout, batch: int, repeats: int) -> list
     async with RedisTier(layout, max(batch, 1), url=url, batch_size=batch) as tier:
         out = torch.empty_like(data)
         slots = list(range(batch))
-        for _ in range(repeats):
-            start = time.perf_counter()
+
+        async def raw_store() -> None:
             pipe = raw.pipeline(transaction=False)
             for i in range(batch):
                 pipe.set(b"raw:%d" % i, values[i])
             await pipe.execute()
-            times["raw store"].append(time.perf_counter() - start)
-            start = time.perf_counter()
+
+        async def raw_load() -> None:
             pipe = raw.pipeline(transaction=False)
             for i in range(batch):
                 pipe.get(b"raw:%d" % i)
             await pipe.execute()
-            times["raw load"].append(time.perf_counter() - start)
-            start = time.perf_counter()
+
+        async def kv_store() -> None:
             await tier.write_from(slots, keys, data)
-            times["kv store"].append(time.perf_counter() - start)
-            start = time.perf_counter()
+
+        async def kv_load() -> None:
             await tier.read_into(slots, keys, out)
-            times["kv load"].append(time.perf_counter() - start)
+
+        cases = {"raw store": raw_store, "raw load": raw_load}
+        cases |= {"kv store": kv_store, "kv load": kv_load}
+        # Small batches repeat more (at least 512 blocks moved per case), after a
+        # warm-up; the order flips every round (raw first, then kvtier first) so
+        # drift on a shared machine falls on both sides alike.
+        rounds = max(repeats, 512 // batch)
+        for round_ in range(rounds + 2):
+            order = list(cases) if round_ % 2 == 0 else [*list(cases)[2:], *list(cases)[:2]]
+            for name in order:
+                start = time.perf_counter()
+                await cases[name]()
+                if round_ >= 2:
+                    times[name].append(time.perf_counter() - start)
+        if not torch.equal(out, data):
+            raise SystemExit("kvtier read back different bytes")
     await raw.aclose()
     size = batch * layout.block_bytes / 2**20
     rows = []

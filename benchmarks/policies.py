@@ -7,21 +7,31 @@ first, the cache shrunk back to capacity), and through
 :func:`~kvtier.policies.simulation.belady`, the offline optimum, at capacities
 given as fractions of the trace's distinct blocks. For each policy it prints
 the hit ratio, the gain over LRU and the share of the LRU-to-Belady gap it
-closes, and their averages over the capacities.
+closes, and their averages over the capacities. A prefix-aware policy
+(``prefix_slru``) is told each block's depth, chain length and parent.
+
+``--workload chat`` replays the multi-round chat workload of ``kvtier replay``
+instead (:func:`kvtier.replay.workloads.chat_workload`: a shared system
+prompt, each round's prompt the whole conversation so far), cut into
+``--block-size``-token blocks whose keys chain like prefix-cache hashes.
 
     python benchmarks/policies.py                       # the full synthetic trace
     python benchmarks/policies.py --trace kvtier/data/mooncake_sample.jsonl
+    python benchmarks/policies.py --workload chat --users 64 --rounds 8 --block-size 16
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
+from array import array
 from pathlib import Path
 
 from kvtier.policies import EVICTION_POLICIES, make_eviction_policy
 from kvtier.policies.simulation import belady, chain_keys, simulate
+from kvtier.replay.workloads import chat_workload
 from kvtier.traces import read_mooncake_trace
 
 DEFAULT_TRACE = (
@@ -29,15 +39,35 @@ DEFAULT_TRACE = (
 )
 
 
+def token_chain(prompt: list[int], block_size: int) -> list[bytes]:
+    """Keys of a prompt's full blocks, each hashing its parent's key and its tokens."""
+    keys: list[bytes] = []
+    parent = b""
+    for start in range(0, len(prompt) - block_size + 1, block_size):
+        tokens = array("q", prompt[start : start + block_size]).tobytes()
+        parent = hashlib.blake2b(parent + tokens, digest_size=16).digest()
+        keys.append(parent)
+    return keys
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
+    parser.add_argument("--workload", choices=("trace", "chat"), default="trace")
+    parser.add_argument("--users", type=int, default=16, help="chat: conversations")
+    parser.add_argument("--rounds", type=int, default=6, help="chat: rounds per user")
+    parser.add_argument("--block-size", type=int, default=64, help="chat: tokens per block")
     parser.add_argument("--capacities", default="0.01,0.05,0.10,0.25,0.50")
     parser.add_argument("--policies", default=",".join(EVICTION_POLICIES))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    trace = read_mooncake_trace(args.trace)
-    chains = [chain_keys(row.hash_ids) for row in trace]
+    if args.workload == "chat":
+        workload = chat_workload(users=args.users, rounds=args.rounds)
+        chains = [token_chain(list(p), args.block_size) for p in workload.prompts]
+        label = f"{workload.name} ({args.block_size}-token blocks)"
+    else:
+        chains = [chain_keys(row.hash_ids) for row in read_mooncake_trace(args.trace)]
+        label = args.trace.name
     distinct = len({key for chain in chains for key in chain})
     names = args.policies.split(",")
     rows = []
@@ -52,10 +82,10 @@ def main() -> None:
         rows.append({"fraction": fraction, "capacity": capacity, "belady": bound, **ratios})
     seconds = time.perf_counter() - start
     if args.json:
-        print(json.dumps({"trace": str(args.trace), "distinct_blocks": distinct, "rows": rows}))
+        print(json.dumps({"workload": label, "distinct_blocks": distinct, "rows": rows}))
         return
     print(
-        f"{args.trace.name}: {len(chains)} requests, {distinct} distinct blocks; "
+        f"{label}: {len(chains)} requests, {distinct} distinct blocks; "
         f"hit ratio (blocks), gain over LRU, share of the LRU-Belady gap closed; {seconds:.1f} s"
     )
     print(f"{'capacity':>14} {'belady':>8} " + " ".join(f"{n:>24}" for n in names))

@@ -77,7 +77,8 @@ def test_durations(text: str, expected: float) -> None:
         (base(tiers=[{"kind": "tape", "capacity": "1GiB"}]), r"tiers\[0\]\.kind: 'tape'.*cpu"),
         (
             base(tiers=[{"kind": "cpu", "capacity": "1GiB", "eviction": "mru"}]),
-            r"eviction: 'mru' is not one of: arc, lfu, lru, priority_lru, s3fifo, slru",
+            r"eviction: 'mru' is not one of: arc, lfu, lru, prefix_slru, priority_lru, s3fifo, "
+            r"slru",
         ),
         (
             base(tiers=[{"kind": "cpu", "capacity": "1GiB", "colour": 1}]),

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import attrs
 
 from kvtier.block import KVCacheBlock
+from kvtier.policies.hints import BlockHint
 from kvtier.tiers.base import BlockKey
 from kvtier.tiers.index import TierIndex
 
@@ -52,6 +53,7 @@ class StoreEvent:
     local_done: bool = False
     seconds: float = 0.0
     error: BaseException | None = None
+    hints: Sequence[BlockHint | None] | None = None  # one per key: its place in its chain
 
 
 @attrs.define(eq=False)

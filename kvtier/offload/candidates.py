@@ -1,7 +1,8 @@
 """Which device blocks a step may store, per write mode (pure selection, no I/O).
 
 Each function returns *columns*: the blocks of one position (one per KV cache
-group) with the id of the request they came from ("" when none). The manager
+group) with the id of the request they came from ("" when none) and the
+position in that request's chain (-1 when unknown). The manager
 then drops null, unhashed, in-flight and already-held blocks and reserves
 slots for the rest.
 """
@@ -19,7 +20,7 @@ from kvtier.pool import BlockPool
 
 __all__ = ["Column", "HitCounter", "eager", "selective", "track_blocks"]
 
-Column = tuple[list[KVCacheBlock], str]
+Column = tuple[list[KVCacheBlock], str, int]
 
 
 def track_blocks(
@@ -71,7 +72,7 @@ def eager(
             column = [blocks[ids[position]] for ids in state.block_ids]
             if any(b.block_hash is None and not b.is_null for b in column):
                 break  # not full, or not computed yet
-            found.append((column, rid))
+            found.append((column, rid, position))
             position += 1
         state.stored_upto = position
     return found
@@ -83,7 +84,7 @@ def selective(pool: BlockPool, hashes: Iterable[BlockHash], num_groups: int) -> 
     for block_hash in hashes:
         column = pool.get_cached_block(block_hash, range(num_groups))
         if column is not None:
-            found.append((column, ""))
+            found.append((column, "", -1))
     return found
 
 

@@ -20,6 +20,8 @@ from kvtier.offload._state import LoadEvent, Stage
 from kvtier.offload.candidates import HitCounter
 from kvtier.offload.plan import FinishedLoad, HitInfo
 from kvtier.offload.transfers import Transfers
+from kvtier.policies.base import PrefixAwarePolicy
+from kvtier.policies.hints import BlockHint
 from kvtier.request import KVCacheRequest
 from kvtier.tiers.base import BlockKey
 
@@ -57,6 +59,8 @@ class LoadPlanner:
         self.num_groups = num_groups
         self.hit_counter = hit_counter
         self.hits: dict[str, HitInfo] = {}
+        # Hints cost an object per block: built only when some policy reads them.
+        self.hinted = any(isinstance(i.policy, PrefixAwarePolicy) for i in self.indexes)
 
     def _keys(self, block_hash: BlockHash) -> list[BlockKey]:
         return [make_block_hash_with_group_id(block_hash, g) for g in range(self.num_groups)]
@@ -117,7 +121,10 @@ class LoadPlanner:
         end = min(first + count, len(group0), len(hashes))
         event = LoadEvent(next(self.event_ids), request.request_id, [], [], [], first_block=first)
         failed: list[int] = []
-        planned: list[tuple[int, BlockKey, KVCacheBlock]] = []
+        planned: list[tuple[int, BlockKey, KVCacheBlock, BlockHint | None]] = []
+        parents: list[BlockKey | None] = (
+            list(self._keys(hashes[first - 1])) if first else [None] * self.num_groups
+        )
         for position in range(first, end):
             keys = self._keys(hashes[position])
             level = self._holder(keys)
@@ -125,17 +132,24 @@ class LoadPlanner:
             if level is None or failed:  # evicted since the lookup: this and the rest fail
                 failed.extend(b.block_id for b in targets if not b.is_null)
                 continue
-            for key, target in zip(keys, targets, strict=True):
+            for key, target, parent in zip(keys, targets, parents, strict=True):
                 if target.is_null or target.block_hash is not None:
                     continue  # nothing to load, or it already holds computed bytes
-                planned.append((level, key, target))
+                hint = BlockHint(position, len(hashes), parent) if self.hinted else None
+                planned.append((level, key, target, hint))
+            parents = list(keys)
         # One pin call per tier with the chain's keys in order: the index tells
         # the policy of them tail first, so a recency policy keeps the head.
-        by_level: dict[int, list[BlockKey]] = {}
-        for level, key, _ in planned:
-            by_level.setdefault(level, []).append(key)
-        slots = {level: iter(self.indexes[level].pin(keys)) for level, keys in by_level.items()}
-        for level, key, target in planned:
+        by_level: dict[int, tuple[list[BlockKey], list[BlockHint | None]]] = {}
+        for level, key, _, hint in planned:
+            keys, hints = by_level.setdefault(level, ([], []))
+            keys.append(key)
+            hints.append(hint)
+        slots = {
+            level: iter(self.indexes[level].pin(keys, hints if self.hinted else None))
+            for level, (keys, hints) in by_level.items()
+        }
+        for level, key, target, _ in planned:
             slot = next(slots[level])
             event.pins.append((self.indexes[level], key))
             event.targets.append(target)

@@ -5,7 +5,10 @@ step: it drops null, unhashed, in-flight and already-held blocks, reserves
 first-tier slots (demoting what the reservation evicts, see
 :mod:`kvtier.offload.placement`), references the device blocks until the
 store ends, and records the event with the manager's
-:class:`~kvtier.offload.transfers.Transfers`.
+:class:`~kvtier.offload.transfers.Transfers`. Eager stores know each block's
+request and position: the event carries a
+:class:`~kvtier.policies.hints.BlockHint` per block for the first tier's
+policy (depth, the request's hashed blocks so far, the parent block's key).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from kvtier.offload._state import StoreEvent
 from kvtier.offload.plan import StoreSpec, WriteMode
 from kvtier.offload.transfers import Transfers
 from kvtier.offload.writeback import WriteBack
+from kvtier.policies.base import PrefixAwarePolicy
+from kvtier.policies.hints import BlockHint
 from kvtier.tiers.base import BlockKey
 
 __all__ = ["StorePlanner"]
@@ -53,6 +58,8 @@ class StorePlanner:
         self.event_ids = event_ids
         self.mode = mode
         self.writeback = writeback
+        # Hints cost an object per block: built only for a policy that reads them.
+        self.hinted = isinstance(self.indexes[0].policy, PrefixAwarePolicy)
 
     def plan(self, step_id: int, columns: list[candidates.Column]) -> StoreSpec | None:
         """Eager and selective modes: store the candidates not held below or in flight."""
@@ -60,10 +67,11 @@ class StorePlanner:
         in_flight = self.transfers.in_flight
         blocks: list[KVCacheBlock] = []
         keys: list[BlockKey] = []
+        hints: dict[BlockKey, BlockHint] = {}
         owners: set[str] = set()
         seen: set[BlockKey] = set()
-        for column, rid in columns:
-            for block in column:
+        for column, rid, position in columns:
+            for group, block in enumerate(column):
                 key = block.block_hash
                 if block.is_null or key is None or block.block_id in in_flight:
                     continue
@@ -74,6 +82,10 @@ class StorePlanner:
                 keys.append(key)
                 if rid:
                     owners.add(rid)
+                if rid and self.hinted:
+                    hint = self._hint(rid, group, position)
+                    if hint is not None:
+                        hints[key] = hint
         room = first.num_reservable
         if len(keys) > room:
             self.tier_stats[0].dropped_stores += len(keys) - room
@@ -90,6 +102,7 @@ class StorePlanner:
             reservation.slots,
             placement.demotions(self.indexes, self.tier_stats, 0, reservation),
             owners,
+            hints=[hints.get(key) for key in reservation.keys] if hints else None,
         )
         self.block_pool.touch(blocks)
         in_flight.update(ids)
@@ -99,6 +112,18 @@ class StorePlanner:
         if self.mode != "eager":  # blocks computed in earlier steps: their bytes exist
             self.transfers.dispatch_store(event)
         return StoreSpec(event.event_id, self.tier_name, ids, reservation.slots)
+
+    def _hint(self, rid: str, group: int, position: int) -> BlockHint | None:
+        """The chain place of request ``rid``'s block ``position`` of ``group`` (None: unknown)."""
+        state = self.requests.get(rid)
+        if state is None or position < 0 or group >= len(state.block_ids):
+            return None
+        ids = state.block_ids[group]
+        length = state.stored_upto  # eager's cursor: the request's hashed positions so far
+        if position >= min(length, len(ids)):
+            return None
+        parent = self.block_pool.blocks[ids[position - 1]].block_hash if position else None
+        return BlockHint(position, length, parent)
 
     def plan_lazy(self, step_id: int) -> StoreSpec | None:
         """Write-back: the blocks :class:`WriteBack` picks, in one batch (no owners)."""

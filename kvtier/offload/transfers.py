@@ -205,7 +205,7 @@ class Transfers:
         for demotion in event.demotions:  # never ran
             self.indexes[demotion.level + 1].abort(demotion.keys)
         if ok:
-            first.commit(event.keys)
+            first.commit(event.keys, event.hints)
             stats.stores += len(event.keys)
             stats.bytes_stored += len(event.keys) * self.device.layout.block_bytes
             stats.store_seconds += event.seconds

@@ -8,6 +8,16 @@ and asks it for victims among the blocks that may be evicted now
 (:meth:`~EvictionPolicy.victims`). Policies are third-party pluggable:
 implement the protocol (no inheritance needed) and register a factory with
 :func:`register_eviction_policy`.
+
+Prefix context is optional. A policy that also implements
+:class:`PrefixAwarePolicy` (two more methods; the check is
+``isinstance(policy, PrefixAwarePolicy)``) is told, where the caller knows it,
+where each block sits in its request's chain (a
+:class:`~kvtier.policies.hints.BlockHint`: depth, chain length, parent key):
+:func:`~kvtier.policies.simulation.simulate` always knows it, the
+:class:`~kvtier.tiers.index.TierIndex` passes what the offload manager gives
+it with a store or a load. A policy without those methods gets the plain
+calls, unchanged.
 """
 
 from __future__ import annotations
@@ -17,8 +27,10 @@ from typing import Protocol, runtime_checkable
 
 from kvtier.errors import ConfigError, UnknownNameError
 from kvtier.policies.arc import ARCPolicy
+from kvtier.policies.hints import BlockHint
 from kvtier.policies.lfu import LFUPolicy
 from kvtier.policies.lru import LRUPolicy
+from kvtier.policies.prefix_slru import PrefixSLRUPolicy
 from kvtier.policies.priority import PriorityLRUPolicy
 from kvtier.policies.s3fifo import S3FIFOPolicy
 from kvtier.policies.slru import SLRUPolicy
@@ -26,8 +38,10 @@ from kvtier.tiers.base import BlockKey
 
 __all__ = [
     "EVICTION_POLICIES",
+    "BlockHint",
     "EvictionPolicy",
     "EvictionPolicyFactory",
+    "PrefixAwarePolicy",
     "make_eviction_policy",
     "register_eviction_policy",
 ]
@@ -82,6 +96,31 @@ class EvictionPolicy(Protocol):
         ...
 
 
+@runtime_checkable
+class PrefixAwarePolicy(EvictionPolicy, Protocol):
+    """An :class:`EvictionPolicy` that can also be told where a block sits in its chain.
+
+    Callers that know a block's request (the simulator, the tier index for
+    the offload manager's stores and loads) call :meth:`insert_hinted` and
+    :meth:`access_hinted` instead of :meth:`~EvictionPolicy.insert` and
+    :meth:`~EvictionPolicy.access`, in the same order (a chain tail first)
+    and under the same rules; the hint may be None for a block whose place is
+    unknown. Callers that do not know (a warm restart's restore, demotions
+    from the tier above, selective and lazy stores, which are not for one
+    request) keep calling the plain methods, so a prefix-aware policy must
+    still implement them. Policies that implement only
+    :class:`EvictionPolicy` are never given hints.
+    """
+
+    def insert_hinted(self, key: BlockKey, hint: BlockHint | None) -> None:
+        """``key`` became resident, at ``hint``'s place in its request's chain."""
+        ...
+
+    def access_hinted(self, key: BlockKey, hint: BlockHint | None) -> None:
+        """``key`` was read for a request, at ``hint``'s place in its chain."""
+        ...
+
+
 class EvictionPolicyFactory(Protocol):
     """Builds a policy for a tier of ``capacity`` slots (size-aware policies use it)."""
 
@@ -97,6 +136,7 @@ EVICTION_POLICIES: dict[str, EvictionPolicyFactory] = {
     "lfu": LFUPolicy,
     "slru": SLRUPolicy,
     "priority_lru": PriorityLRUPolicy,
+    "prefix_slru": PrefixSLRUPolicy,
 }
 """Registered eviction policies: name → factory."""
 

@@ -14,7 +14,10 @@ request:
    among every block, the ones just inserted included, so choosing a new
    block is declining to keep it (admission).
 
-:func:`simulate` drives any :class:`~kvtier.policies.base.EvictionPolicy`;
+:func:`simulate` drives any :class:`~kvtier.policies.base.EvictionPolicy`; a
+:class:`~kvtier.policies.base.PrefixAwarePolicy` is told each block's place
+in its chain (a :class:`~kvtier.policies.hints.BlockHint`: its depth, the
+chain's length, its parent);
 :func:`belady` computes the offline optimum for the same chains and capacity:
 on each eviction it drops the block whose next use is furthest away (never
 used again first), the deepest block among ties, so a prefix is never evicted
@@ -29,7 +32,8 @@ from collections.abc import Callable, Sequence
 import attrs
 
 from kvtier.errors import ConfigError, KVTierError
-from kvtier.policies.base import EvictionPolicy
+from kvtier.policies.base import EvictionPolicy, PrefixAwarePolicy
+from kvtier.policies.hints import BlockHint
 
 __all__ = ["SimulationResult", "belady", "chain_keys", "simulate"]
 
@@ -93,15 +97,20 @@ def simulate(
     _check_capacity(capacity)
     resident: set[bytes] = set()
     hits = blocks = evictions = 0
+    prefix = policy if isinstance(policy, PrefixAwarePolicy) else None
     for chain in chains:
         blocks += len(chain)
         hits += _prefix_hits(chain, resident.__contains__)
-        for key in reversed(list(dict.fromkeys(chain))):
-            if key in resident:
-                policy.access(key)
-            else:
-                resident.add(key)
-                policy.insert(key)
+        mine = list(dict.fromkeys(chain))
+        if prefix is not None:
+            _touch_hinted(mine, resident, prefix)
+        else:
+            for key in reversed(mine):
+                if key in resident:
+                    policy.access(key)
+                else:
+                    resident.add(key)
+                    policy.insert(key)
         excess = len(resident) - capacity
         if excess > 0:
             victims = policy.victims(excess, _always)
@@ -114,6 +123,19 @@ def simulate(
     return SimulationResult(
         name or type(policy).__name__, capacity, len(chains), blocks, hits, evictions
     )
+
+
+def _touch_hinted(chain: list[bytes], resident: set[bytes], policy: PrefixAwarePolicy) -> None:
+    """Touch a chain tail first, telling the policy each block's place in it."""
+    length = len(chain)
+    for depth in range(length - 1, -1, -1):
+        key = chain[depth]
+        hint = BlockHint(depth, length, chain[depth - 1] if depth else None)
+        if key in resident:
+            policy.access_hinted(key, hint)
+        else:
+            resident.add(key)
+            policy.insert_hinted(key, hint)
 
 
 def _always(_: bytes) -> bool:

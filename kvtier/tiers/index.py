@@ -36,6 +36,7 @@ from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEv
 from kvtier.hashing import BlockHash
 from kvtier.policies.base import EvictionPolicy, make_eviction_policy
 from kvtier.tiers.base import BlockKey
+from kvtier.tiers.index_hints import Hints, check_hints, notify_access, notify_insert
 from kvtier.tiers.index_queries import IndexQueries
 from kvtier.tiers.slots import Reservation, SlotMap
 
@@ -59,7 +60,11 @@ class TierIndex(IndexQueries):
     as the offload manager lists them, each request's blocks head first; the
     policy hears of them tail first, so a recency policy evicts a chain's
     tail before its head (a head evicted first would orphan the blocks after
-    it: prefix lookups stop at the first miss).
+    it: prefix lookups stop at the first miss). :meth:`commit` and :meth:`pin`
+    take optional hints, one :class:`~kvtier.policies.hints.BlockHint` (or
+    None) per key, passed to a
+    :class:`~kvtier.policies.base.PrefixAwarePolicy` (other policies get the
+    plain calls; see :mod:`kvtier.tiers.index_hints`).
 
     The queries (:meth:`contains`, :meth:`holds`, :meth:`lookup`, the
     counters…) are inherited from
@@ -208,16 +213,21 @@ class TierIndex(IndexQueries):
             )
         return victims
 
-    def commit(self, keys: Iterable[BlockKey]) -> None:
+    def commit(self, keys: Iterable[BlockKey], hints: Hints | None = None) -> None:
         """The reserved blocks were written: make them resident and visible.
 
+        Args:
+            keys: The blocks written, each request's chain head first.
+            hints: Optional, one per key: where it sits in its request's chain.
+
         Raises:
-            InvalidRequestError: A key is not reserved or is repeated; nothing changed.
+            InvalidRequestError: A key is not reserved or is repeated, or the
+                hints do not match the keys; nothing changed.
         """
         done = self._require_reserved(keys, "commit")
+        check_hints(self._name, done, hints)
         self._slots.commit(done)
-        for _ in map(self.policy.insert, reversed(done)):  # tail first; a C loop
-            pass
+        notify_insert(self.policy, done, hints)  # tail first
         self._emit_stored(done)
 
     def abort(self, keys: Iterable[BlockKey]) -> None:
@@ -242,26 +252,33 @@ class TierIndex(IndexQueries):
 
     # -- loads -------------------------------------------------------------------
 
-    def pin(self, keys: Iterable[BlockKey]) -> list[int]:
+    def pin(self, keys: Iterable[BlockKey], hints: Hints | None = None) -> list[int]:
         """Pin visible blocks for a load and count the read as an access.
 
         A key may appear more than once (and be pinned again by another load):
         each occurrence takes one pin, released by one :meth:`unpin`.
 
+        Args:
+            keys: The blocks to read, each request's chain head first.
+            hints: Optional, one per key: where it sits in its request's chain.
+
         Returns:
             The slot of each key, in order.
 
         Raises:
-            InvalidRequestError: A key is not visible; nothing changed.
+            InvalidRequestError: A key is not visible, or the hints do not
+                match the keys; nothing changed.
         """
         items = list(keys)
         self._require_bytes(items)
         missing = [key for key in items if not self.contains(key)]
         if missing:
             raise InvalidRequestError(f"tier {self._name!r}: cannot pin absent {missing!r}")
-        for key in reversed(items):  # tail first: see the class docstring
-            self._pins[key] = self._pins.get(key, 0) + 1
-            self.policy.access(key)
+        check_hints(self._name, items, hints)
+        pins = self._pins
+        for key in items:
+            pins[key] = pins.get(key, 0) + 1
+        notify_access(self.policy, items, hints)  # tail first: see the class docstring
         return [self._slot_of[key] for key in items]
 
     def unpin(self, keys: Iterable[BlockKey]) -> list[tuple[int, BlockKey]]:

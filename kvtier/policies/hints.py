@@ -1,0 +1,54 @@
+"""Where a block sits in its request's chain: the optional hint a prefix-aware policy receives.
+
+A block's key depends on every block before it, so the blocks of a prompt
+form a *chain* (head first) and the blocks of all prompts a prefix tree: a
+prefix lookup stops at the first block a tier lacks, so evicting a block
+wastes every cached block below it. :class:`BlockHint` tells a policy where
+a block sits in the chain of the request it is stored or read for; a policy
+opts in by implementing :class:`~kvtier.policies.base.PrefixAwarePolicy`.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from kvtier.errors import ConfigError
+from kvtier.tiers.base import BlockKey
+
+__all__ = ["BlockHint"]
+
+
+def _depth(hint: BlockHint, _: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"a block hint's depth must be an integer >= 0, got {value!r}")
+
+
+def _length(hint: BlockHint, _: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= hint.depth:
+        raise ConfigError(
+            f"a block hint's length must be an integer > depth ({hint.depth}), got {value!r}"
+        )
+
+
+@attrs.frozen(slots=True)
+class BlockHint:
+    """A block's place in the chain of the request it is stored (or read) for.
+
+    Attributes:
+        depth: Its position in the chain: 0 for the first block of the prompt.
+        length: Blocks in the chain as far as it is known when the hint is made
+            (``depth < length``); a block with ``depth == length - 1`` is the
+            chain's current *tail*: the deepest block, shared with no later
+            block of the request (yet).
+        parent: The key of the block before it in the chain (None at depth 0
+            or when unknown).
+    """
+
+    depth: int = attrs.field(validator=_depth)
+    length: int = attrs.field(validator=_length)
+    parent: BlockKey | None = None
+
+    @property
+    def is_tail(self) -> bool:
+        """Whether the block is the last known block of its chain."""
+        return self.depth == self.length - 1

@@ -1,0 +1,61 @@
+"""How :class:`~kvtier.tiers.index.TierIndex` tells its policy of a batch, with or without hints.
+
+Keys arrive as the offload manager lists them (each request's chain head
+first); the policy hears of them tail first. A policy that implements
+:class:`~kvtier.policies.base.PrefixAwarePolicy` gets each key's
+:class:`~kvtier.policies.hints.BlockHint` when the caller gave hints; any
+other policy, or a call without hints, gets the plain methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kvtier.errors import InvalidRequestError
+from kvtier.policies.base import EvictionPolicy, PrefixAwarePolicy
+from kvtier.policies.hints import BlockHint
+from kvtier.tiers.base import BlockKey
+
+__all__ = ["Hints", "check_hints", "notify_access", "notify_insert"]
+
+Hints = Sequence[BlockHint | None]
+"""One hint (or None) per key of a commit or pin call."""
+
+
+def check_hints(tier: str, keys: Sequence[BlockKey], hints: Hints | None) -> None:
+    """Raise unless ``hints`` is None or holds one ``BlockHint`` or None per key.
+
+    Raises:
+        InvalidRequestError: A length mismatch or a hint of another type.
+    """
+    if hints is None:
+        return
+    if len(hints) != len(keys):
+        raise InvalidRequestError(
+            f"tier {tier!r}: {len(hints)} hints for {len(keys)} keys (one per key, or none)"
+        )
+    for hint in hints:
+        if hint is not None and not isinstance(hint, BlockHint):
+            raise InvalidRequestError(
+                f"tier {tier!r}: a hint must be a BlockHint or None, got {hint!r}"
+            )
+
+
+def notify_insert(policy: EvictionPolicy, keys: Sequence[BlockKey], hints: Hints | None) -> None:
+    """``policy.insert`` (or ``insert_hinted``) for each key, tail first."""
+    if hints is not None and isinstance(policy, PrefixAwarePolicy):
+        for key, hint in zip(reversed(keys), reversed(hints), strict=True):
+            policy.insert_hinted(key, hint)
+        return
+    for _ in map(policy.insert, reversed(keys)):  # a C loop
+        pass
+
+
+def notify_access(policy: EvictionPolicy, keys: Sequence[BlockKey], hints: Hints | None) -> None:
+    """``policy.access`` (or ``access_hinted``) for each key, tail first."""
+    if hints is not None and isinstance(policy, PrefixAwarePolicy):
+        for key, hint in zip(reversed(keys), reversed(hints), strict=True):
+            policy.access_hinted(key, hint)
+        return
+    for _ in map(policy.access, reversed(keys)):
+        pass

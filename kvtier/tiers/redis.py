@@ -31,9 +31,9 @@ pooled connection. On a Cluster the pipeline sends one round trip per node.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Self
 
 import anyio
 import redis.exceptions
@@ -58,17 +58,13 @@ from kvtier.tiers.redis_client import (
     positive_number,
     redact_url,
 )
-from kvtier.tiers.redis_format import (
-    MAX_KEY_BYTES,
-    KeyFormat,
-    encode_header,
-    verify_value,
-)
+from kvtier.tiers.redis_format import MAX_KEY_BYTES, KeyFormat, max_value_bytes, verify_value
+from kvtier.tiers.redis_io import RedisCommands
+from kvtier.tiers.redis_values import ValueBuffers
 
 __all__ = ["RedisTier", "redact_url"]
 
 _log = get_logger("kvtier.tiers.redis")
-_T = TypeVar("_T")
 
 
 class RedisTier:
@@ -101,6 +97,10 @@ class RedisTier:
         scan_on_open: Opening scans Redis for this model and layout's blocks
             (up to ``num_slots``) and offers them through :meth:`recover`,
             so a new process starts with what others stored.
+        value_pool_bytes: Bytes of store buffers kept for reuse
+            (:mod:`kvtier.tiers.redis_values`); 0 keeps none; None: as many
+            as one call has in flight (``batch_size * concurrency`` values,
+            128 MiB for 2 MiB blocks at the defaults).
 
     Raises:
         ConfigError: An argument is out of range.
@@ -131,6 +131,7 @@ class RedisTier:
         cluster: bool = False,
         discard_deletes: bool = True,
         scan_on_open: bool = False,
+        value_pool_bytes: int | None = None,
     ) -> None:
         if not isinstance(layout, BlockLayout):
             raise ConfigError(f"layout must be a BlockLayout, got {type(layout).__name__}")
@@ -160,10 +161,17 @@ class RedisTier:
         self._num_slots = num_slots
         self._name = name
         self._keys = KeyFormat(prefix, layout, model)
-        self._ttl_ms = None if ttl is None else max(1, round(ttl * 1000))
-        self._batch = batch_size
-        self._limiter = anyio.CapacityLimiter(concurrency)
-        self._deadline = self._connection.deadline
+        self._commands = RedisCommands(
+            name,
+            deadline=self._connection.deadline,
+            batch_size=batch_size,
+            concurrency=concurrency,
+            cluster=cluster,
+            ttl_ms=None if ttl is None else max(1, round(ttl * 1000)),
+        )
+        if value_pool_bytes is None:
+            value_pool_bytes = batch_size * concurrency * max_value_bytes(layout.block_bytes)
+        self._values = ValueBuffers(value_pool_bytes)
         self._cluster = cluster
         self._discard_deletes = discard_deletes
         self._scan_on_open = scan_on_open
@@ -231,9 +239,9 @@ class RedisTier:
             raise ConfigError(f"tier {self._name}: {exc}") from exc
         start = time.perf_counter()
         try:
-            await self._round_trip("ping", self._ping)
+            await self._commands.ping(self._client)
             if self._scan_on_open:
-                self._recovered = await self._scan()
+                self._recovered = await self._scan(self._client)
                 self._slot_keys = dict(self._recovered)
         except TierIOError as exc:
             _log.warning("tier_unreachable", tier=self._name, url=self.url, error=str(exc))
@@ -287,75 +295,10 @@ class RedisTier:
         self._open()
         return list(self._recovered)
 
-    # -- the backend -----------------------------------------------------------------
-
-    async def _round_trip(self, what: str, call: Callable[[], Awaitable[_T]]) -> _T:
-        """Run one call against the server, bounded and with errors translated."""
-        try:
-            with anyio.fail_after(self._deadline):
-                return await call()
-        except TimeoutError as exc:
-            raise TierIOError(
-                f"tier {self._name}: {what} took longer than {self._deadline:g} s",
-                tier=self._name,
-            ) from exc
-        except (redis.exceptions.RedisError, OSError) as exc:
-            raise TierIOError(
-                f"tier {self._name}: {what} failed: {type(exc).__name__}: {exc}", tier=self._name
-            ) from exc
-
-    async def _ping(self) -> None:
-        await self._open().ping()
-
-    async def _scan(self) -> list[tuple[int, BlockKey]]:
-        client = self._open()
-        found: list[tuple[int, BlockKey]] = []
-
-        async def scan() -> None:
-            async for name in client.scan_iter(match=self._keys.pattern(), count=1000):
-                key = self._keys.key_of(bytes(name))
-                if key is not None:
-                    found.append((len(found), key))
-                    if len(found) >= self._num_slots:
-                        return
-
-        await self._round_trip("scan", scan)
-        return found
-
-    async def _get(self, names: list[bytes]) -> list[Any]:
-        client = self._open()
-        if not self._cluster:
-            return list(await client.mget(names))
-        pipe = client.pipeline()
-        for name in names:
-            pipe.get(name)
-        return list(await pipe.execute(raise_on_error=False))
-
-    async def _set(self, names: list[bytes], values: list[bytes]) -> list[Any]:
-        pipe = self._open().pipeline(transaction=False)
-        for name, value in zip(names, values, strict=True):
-            pipe.set(name, value, px=self._ttl_ms)
-        return list(await pipe.execute(raise_on_error=False))
-
-    async def _chunks(self, n: int, work: Callable[[int, int], Awaitable[None]]) -> None:
-        """Run ``work(begin, end)`` over ``range(n)`` in ``batch_size`` chunks."""
-        if n <= self._batch:
-            await work(0, n)
-            return
-        errors: list[TierIOError] = []
-
-        async def run(begin: int, end: int) -> None:
-            async with self._limiter:
-                try:
-                    await work(begin, end)
-                except TierIOError as exc:
-                    errors.append(exc)
-
-        async with anyio.create_task_group() as group:
-            for begin in range(0, n, self._batch):
-                group.start_soon(run, begin, min(n, begin + self._batch))
-        if errors:
-            raise errors[0]
+    async def _scan(self, client: RedisClient) -> list[tuple[int, BlockKey]]:
+        names = await self._commands.scan(client, self._keys.pattern(), self._num_slots)
+        keys = [key for key in map(self._keys.key_of, names) if key is not None]
+        return list(enumerate(keys))
 
     # -- I/O ---------------------------------------------------------------------------
 
@@ -382,27 +325,23 @@ class RedisTier:
             TierIOError: The server failed, timed out or refused a block (for
                 example out of memory); blocks of other chunks may be stored.
         """
-        self._open()
+        client = self._open()
         slot_list, rows = self._check_batch(slots, keys, data)
         if rows.device.type != "cpu" or rows.stride(1) != 1:
             rows = rows.to("cpu").contiguous()
-        block_bytes = self._layout.block_bytes
         fingerprint = self._keys.fingerprint
         for slot, key in zip(slot_list, keys, strict=True):
             self._slot_keys[slot] = key
-
-        payloads = _row_bytes(rows, block_bytes)
+        payloads = _row_bytes(rows, self._layout.block_bytes)
 
         async def work(begin: int, end: int) -> None:
-            names: list[bytes] = []
-            values: list[bytes] = []
-            for index in range(begin, end):
-                key = keys[index]
-                payload = payloads(index)
-                # join: one allocation and one copy, no zero-filled buffer first.
-                values.append(b"".join((encode_header(key, fingerprint, payload), payload)))
-                names.append(self._keys.name(key))
-            replies = await self._round_trip("write", lambda: self._set(names, values))
+            names = [self._keys.name(keys[index]) for index in range(begin, end)]
+            values = [
+                self._values.encode(keys[index], fingerprint, payloads(index))
+                for index in range(begin, end)
+            ]
+            views = [memoryview(value) for value in values]
+            replies = await self._commands.set(client, names, views)
             failed = [reply for reply in replies if isinstance(reply, Exception)]
             if failed:
                 raise TierIOError(
@@ -410,8 +349,9 @@ class RedisTier:
                     f"{len(names)} blocks: {failed[0]}",
                     tier=self._name,
                 ) from failed[0]
+            self._values.give_back(values)  # only after a whole, successful round trip
 
-        await self._chunks(len(slot_list), work)
+        await self._commands.chunks(len(slot_list), work)
 
     async def read_into(
         self, slots: Sequence[int], keys: Sequence[BlockKey], out: torch.Tensor
@@ -427,7 +367,7 @@ class RedisTier:
                 or lost with a restarted server) or failing verification.
             TierIOError: The server failed or timed out.
         """
-        self._open()
+        client = self._open()
         slot_list, rows = self._check_batch(slots, keys, out)
         direct = rows.device.type == "cpu" and rows.stride(1) == 1
         target = rows if direct else torch.empty(rows.shape, dtype=torch.uint8)
@@ -438,7 +378,7 @@ class RedisTier:
 
         async def work(begin: int, end: int) -> None:
             names = [self._keys.name(keys[index]) for index in range(begin, end)]
-            values = await self._round_trip("read", lambda: self._get(names))
+            values = await self._commands.get(client, names)
             for index, value in zip(range(begin, end), values, strict=True):
                 if isinstance(value, Exception):
                     raise TierIOError(
@@ -452,7 +392,7 @@ class RedisTier:
                 else:
                     targets(index)[:] = payload
 
-        await self._chunks(len(slot_list), work)
+        await self._commands.chunks(len(slot_list), work)
         if missing:
             _log.debug("tier_miss", tier=self._name, n_blocks=len(missing))
             raise BlockMissingError(
@@ -471,17 +411,7 @@ class RedisTier:
             TierIOError: The server failed or timed out.
         """
         client = self._open()
-        names = [self._keys.name(key) for key in keys]
-
-        async def exists() -> list[Any]:
-            pipe = client.pipeline(transaction=False)
-            for name in names:
-                pipe.exists(name)
-            return list(await pipe.execute(raise_on_error=True))
-
-        if not names:
-            return []
-        return [bool(n) for n in await self._round_trip("exists", exists)]
+        return await self._commands.exists(client, [self._keys.name(key) for key in keys])
 
     def adopt(self, slots: Sequence[int], keys: Sequence[BlockKey]) -> None:
         """Remember that ``slots`` stand for ``keys``, found by :meth:`contains` (for discard).
@@ -514,17 +444,7 @@ class RedisTier:
         ]
         if not doomed or not self._discard_deletes:
             return
-
-        async def unlink() -> None:
-            pipe = client.pipeline(transaction=False)
-            for name in doomed:
-                # Not pipe.unlink(): on a cluster pipeline that is a coroutine
-                # that must be awaited to queue the command (redis-py 8), so an
-                # unawaited call deleted nothing.
-                pipe.execute_command("UNLINK", name)
-            await pipe.execute(raise_on_error=True)
-
-        await self._round_trip("discard", unlink)
+        await self._commands.unlink(client, doomed)
 
 
 def _row_bytes(rows: torch.Tensor, row_bytes: int) -> Callable[[int], memoryview]:

@@ -42,6 +42,7 @@ __all__ = [
     "KeyFormat",
     "encode_header",
     "hash_slot",
+    "max_value_bytes",
     "payload_offset",
     "slot_groups",
     "verify_value",
@@ -101,6 +102,11 @@ class KeyFormat:
         except ValueError:
             return None
         return key if 0 < len(key) <= MAX_KEY_BYTES else None
+
+
+def max_value_bytes(payload_length: int) -> int:
+    """The largest value a block of ``payload_length`` bytes takes (the longest key)."""
+    return HEADER.size + MAX_KEY_BYTES + payload_length
 
 
 def payload_offset(key: BlockKey) -> int:

@@ -1,0 +1,165 @@
+"""The round trips a :class:`~kvtier.tiers.redis.RedisTier` makes, bounded and batched.
+
+:class:`RedisCommands` owns nothing but the client it is given: each method
+is one round trip (a pipeline, or ``MGET`` for standalone reads) under
+``anyio.fail_after(deadline)``, with redis-py's errors and time-outs turned
+into :class:`~kvtier.errors.TierIOError`; :meth:`RedisCommands.chunks` splits
+a batch into ``batch_size`` chunks, at most ``concurrency`` in flight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import anyio
+import redis.exceptions
+
+from kvtier.errors import TierIOError
+from kvtier.tiers.redis_client import RedisClient
+
+__all__ = ["RedisCommands"]
+
+_T = TypeVar("_T")
+
+
+class RedisCommands:
+    """Bounded round trips on one client.
+
+    Args:
+        tier: The tier's name (for errors).
+        deadline: Seconds one round trip may take, connecting included.
+        batch_size: Most blocks per round trip.
+        concurrency: Most round trips of one call in flight.
+        cluster: The client is a ``RedisCluster`` (reads use per-node pipelines).
+        ttl_ms: Milliseconds each stored value lives; None: until evicted.
+    """
+
+    def __init__(
+        self,
+        tier: str,
+        *,
+        deadline: float,
+        batch_size: int,
+        concurrency: int,
+        cluster: bool,
+        ttl_ms: int | None,
+    ) -> None:
+        self.tier = tier
+        self.deadline = deadline
+        self.batch_size = batch_size
+        self.cluster = cluster
+        self.ttl_ms = ttl_ms
+        self._limiter = anyio.CapacityLimiter(concurrency)
+
+    async def round_trip(self, what: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        """Run one call against the server, bounded and with errors translated.
+
+        Raises:
+            TierIOError: The call failed or took longer than the deadline.
+        """
+        try:
+            with anyio.fail_after(self.deadline):
+                return await call()
+        except TimeoutError as exc:
+            raise TierIOError(
+                f"tier {self.tier}: {what} took longer than {self.deadline:g} s", tier=self.tier
+            ) from exc
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise TierIOError(
+                f"tier {self.tier}: {what} failed: {type(exc).__name__}: {exc}", tier=self.tier
+            ) from exc
+
+    async def ping(self, client: RedisClient) -> None:
+        """PING (raises :class:`TierIOError` when the server does not answer)."""
+        await self.round_trip("ping", client.ping)
+
+    async def scan(self, client: RedisClient, pattern: bytes, limit: int) -> list[bytes]:
+        """Up to ``limit`` names matching ``pattern`` (every node of a cluster)."""
+        found: list[bytes] = []
+
+        async def scan() -> None:
+            async for name in client.scan_iter(match=pattern, count=1000):
+                found.append(bytes(name))
+                if len(found) >= limit:
+                    return
+
+        await self.round_trip("scan", scan)
+        return found
+
+    async def get(self, client: RedisClient, names: list[bytes]) -> list[Any]:
+        """The values of ``names`` (None where absent; an exception where a node failed)."""
+
+        async def get() -> list[Any]:
+            if not self.cluster:
+                return list(await client.mget(names))
+            pipe = client.pipeline()
+            for name in names:
+                pipe.get(name)
+            return list(await pipe.execute(raise_on_error=False))
+
+        return await self.round_trip("read", get)
+
+    async def set(
+        self, client: RedisClient, names: list[bytes], values: Sequence[bytes | memoryview]
+    ) -> list[Any]:
+        """SET each name to its value (with the TTL); a reply or an exception per name."""
+
+        async def set_all() -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for name, value in zip(names, values, strict=True):
+                pipe.set(name, value, px=self.ttl_ms)
+            return list(await pipe.execute(raise_on_error=False))
+
+        return await self.round_trip("write", set_all)
+
+    async def exists(self, client: RedisClient, names: list[bytes]) -> list[bool]:
+        """Whether each name exists now."""
+
+        async def exists() -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for name in names:
+                pipe.exists(name)
+            return list(await pipe.execute(raise_on_error=True))
+
+        if not names:
+            return []
+        return [bool(n) for n in await self.round_trip("exists", exists)]
+
+    async def unlink(self, client: RedisClient, names: list[bytes]) -> None:
+        """UNLINK every name."""
+
+        async def unlink() -> None:
+            pipe = client.pipeline(transaction=False)
+            for name in names:
+                # Not pipe.unlink(): on a cluster pipeline that is a coroutine
+                # that must be awaited to queue the command (redis-py 8), so an
+                # unawaited call deleted nothing.
+                pipe.execute_command("UNLINK", name)
+            await pipe.execute(raise_on_error=True)
+
+        await self.round_trip("discard", unlink)
+
+    async def chunks(self, n: int, work: Callable[[int, int], Awaitable[None]]) -> None:
+        """Run ``work(begin, end)`` over ``range(n)`` in ``batch_size`` chunks.
+
+        Raises:
+            TierIOError: The first chunk's error, after every chunk ended.
+        """
+        if n <= self.batch_size:
+            await work(0, n)
+            return
+        errors: list[TierIOError] = []
+
+        async def run(begin: int, end: int) -> None:
+            async with self._limiter:
+                try:
+                    await work(begin, end)
+                except TierIOError as exc:
+                    errors.append(exc)
+
+        async with anyio.create_task_group() as group:
+            for begin in range(0, n, self.batch_size):
+                group.start_soon(run, begin, min(n, begin + self.batch_size))
+        if errors:
+            raise errors[0]

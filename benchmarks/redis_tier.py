@@ -59,19 +59,19 @@ async def bench(url: str, layout: BlockLayout, batch: int, repeats: int) -> list
         async def kv_load() -> None:
             await tier.read_into(slots, keys, out)
 
-        cases = {"raw store": raw_store, "raw load": raw_load}
-        cases |= {"kv store": kv_store, "kv load": kv_load}
-        # Small batches repeat more (at least 512 blocks moved per case), after a
-        # warm-up; the order flips every round (raw first, then kvtier first) so
-        # drift on a shared machine falls on both sides alike.
+        # Stores, then loads (of what was stored). Within a direction raw and
+        # kvtier alternate, the order flipping every round, so each follows
+        # the other as often (what ran just before changes a round trip by
+        # tens of percent on a shared VM); small batches repeat more (at
+        # least 512 blocks moved per case), after two warm-up rounds.
         rounds = max(repeats, 512 // batch)
-        for round_ in range(rounds + 2):
-            order = list(cases) if round_ % 2 == 0 else [*list(cases)[2:], *list(cases)[:2]]
-            for name in order:
-                start = time.perf_counter()
-                await cases[name]()
-                if round_ >= 2:
-                    times[name].append(time.perf_counter() - start)
+        for op, pair in (("store", (raw_store, kv_store)), ("load", (raw_load, kv_load))):
+            for round_ in range(rounds + 2):
+                for side in ("raw", "kv") if round_ % 2 == 0 else ("kv", "raw"):
+                    start = time.perf_counter()
+                    await pair[side == "kv"]()
+                    if round_ >= 2:
+                        times[f"{side} {op}"].append(time.perf_counter() - start)
         if not torch.equal(out, data):
             raise SystemExit("kvtier read back different bytes")
     await raw.aclose()

@@ -11,9 +11,10 @@ from kvtier.tiers.base import BlockLayout
 from kvtier.tiers.redis import RedisTier
 from kvtier.tiers.redis_format import max_value_bytes, verify_value
 from kvtier.tiers.redis_values import ValueBuffers
+from tests.redis_cluster import RedisClusterServers, shared_redis_cluster
 from tests.redis_server import RedisServer, redis_server, shared_redis
 
-__all__ = ["redis_server", "shared_redis"]
+__all__ = ["redis_server", "shared_redis", "shared_redis_cluster"]
 
 LAYOUT = BlockLayout(num_layers=1, block_size=16, num_kv_heads=1, head_size=8)
 FP = b"f" * 16
@@ -59,33 +60,58 @@ def test_the_budget_bounds_what_is_kept() -> None:
             ValueBuffers(bad)  # type: ignore[arg-type]
 
 
-@pytest.mark.asyncio
-async def test_the_tier_reuses_buffers_and_every_store_reads_back_its_own_bytes(
-    shared_redis: RedisServer,
-) -> None:
+async def store_and_read_back(tier: RedisTier, generations: int = 3) -> None:
+    """Store 8 blocks ``generations`` times over (new bytes each time) and read each back."""
     keys = [bytes([i]) * 32 for i in range(8)]
-    async with RedisTier(LAYOUT, 8, url=shared_redis.url, prefix="pool1:", batch_size=4) as tier:
+    for generation in range(generations):
+        data = torch.full((8, LAYOUT.block_bytes), generation, dtype=torch.uint8)
+        data[:, 0] = torch.arange(8, dtype=torch.uint8)
+        await tier.write_from(range(8), keys, data)
+        out = torch.zeros_like(data)
+        await tier.read_into(range(8), keys, out)
+        assert torch.equal(out, data)
+
+
+@pytest.mark.asyncio
+async def test_a_cluster_tier_reuses_buffers_and_every_store_reads_back_its_own_bytes(
+    shared_redis_cluster: RedisClusterServers,
+) -> None:
+    url = shared_redis_cluster.nodes[0].url
+    async with RedisTier(LAYOUT, 8, url=url, cluster=True, prefix="pool1:", batch_size=4) as tier:
         # The default budget covers one call's values in flight.
         assert tier._values.max_bytes == 4 * 2 * max_value_bytes(LAYOUT.block_bytes)
-        for generation in range(3):  # each store reuses the last one's buffers
-            data = torch.full((8, LAYOUT.block_bytes), generation, dtype=torch.uint8)
-            data[:, 0] = torch.arange(8, dtype=torch.uint8)
-            await tier.write_from(range(8), keys, data)
-            assert tier._values.kept_bytes > 0
-            out = torch.zeros_like(data)
-            await tier.read_into(range(8), keys, out)
-            assert torch.equal(out, data)
+        await store_and_read_back(tier)  # each store reuses the last one's buffers
+        assert tier._values.kept_bytes > 0
+
+
+@pytest.mark.asyncio
+async def test_a_standalone_tier_sends_framed_values_without_a_copy(
+    shared_redis: RedisServer,
+) -> None:
+    async with RedisTier(LAYOUT, 8, url=shared_redis.url, prefix="pool3:", batch_size=4) as tier:
+        await store_and_read_back(tier)
+        assert tier._values.kept_bytes == 0  # no value buffers: header and payload sent apart
+        with shared_redis.client() as admin:  # the server holds exactly header | key | payload
+            raw = admin.get(tier.keys.name(bytes([3]) * 32))
+        assert isinstance(raw, bytes)
+        payload = verify_value(raw, bytes([3]) * 32, tier.keys.fingerprint, LAYOUT.block_bytes)
+        assert payload is not None
+        assert payload[0] == 3
 
 
 @pytest.mark.asyncio
 async def test_buffers_of_a_failed_store_are_dropped(redis_server: RedisServer) -> None:
     tier = RedisTier(LAYOUT, 4, url=redis_server.url, prefix="pool2:", connect_timeout=0.5)
     async with tier:
-        redis_server.kill()
+        tier._framed = False  # the pooled path, as a Cluster client's
         data = torch.ones((2, LAYOUT.block_bytes), dtype=torch.uint8)
+        await tier.write_from([0, 1], [b"a" * 32, b"b" * 32], data)
+        kept = tier._values.kept_bytes
+        assert kept > 0  # a successful store gives its buffers back
+        redis_server.kill()
         with pytest.raises(TierIOError):
-            await tier.write_from([0, 1], [b"a" * 32, b"b" * 32], data)
-        assert tier._values.kept_bytes == 0
+            await tier.write_from([0, 1], [b"c" * 32, b"d" * 32], data)
+        assert tier._values.kept_bytes == 0  # taken for the failed store, never given back
 
 
 def test_tensor_rows_and_a_bytes_payload_encode_alike() -> None:

@@ -47,6 +47,7 @@ from kvtier.errors import (
     TierIOError,
 )
 from kvtier.log import get_logger
+from kvtier.tiers import redis_framing as framing
 from kvtier.tiers._checks import check_buffer, check_slots
 from kvtier.tiers._disk_io import tensor_bytes
 from kvtier.tiers.base import BlockKey, BlockLayout
@@ -58,7 +59,14 @@ from kvtier.tiers.redis_client import (
     positive_number,
     redact_url,
 )
-from kvtier.tiers.redis_format import MAX_KEY_BYTES, KeyFormat, max_value_bytes, verify_value
+from kvtier.tiers.redis_format import (
+    MAX_KEY_BYTES,
+    KeyFormat,
+    encode_header,
+    max_value_bytes,
+    verify_value,
+)
+from kvtier.tiers.redis_framing import FramedValue
 from kvtier.tiers.redis_io import RedisCommands
 from kvtier.tiers.redis_values import ValueBuffers
 
@@ -176,6 +184,7 @@ class RedisTier:
         self._discard_deletes = discard_deletes
         self._scan_on_open = scan_on_open
         self._client: RedisClient | None = None
+        self._framed = False  # stores send header and payload apart (standalone)
         self._slot_keys: dict[int, BlockKey] = {}
         self._recovered: list[tuple[int, BlockKey]] = []
         self._closed = False
@@ -237,6 +246,7 @@ class RedisTier:
             self._client = self._connection.client()
         except ConfigError as exc:
             raise ConfigError(f"tier {self._name}: {exc}") from exc
+        self._framed = framing.install(self._client)  # before its first connection
         start = time.perf_counter()
         try:
             await self._commands.ping(self._client)
@@ -336,12 +346,17 @@ class RedisTier:
 
         async def work(begin: int, end: int) -> None:
             names = [self._keys.name(keys[index]) for index in range(begin, end)]
-            values = [
-                self._values.encode(keys[index], fingerprint, payloads(index))
-                for index in range(begin, end)
-            ]
-            views = [memoryview(value) for value in values]
-            replies = await self._commands.set(client, names, views)
+            framed: list[bytes | memoryview | FramedValue] = []
+            pooled: list[bytearray] = []
+            for index in range(begin, end):
+                payload = payloads(index)
+                if self._framed:  # no copy: the client packs header and payload apart
+                    header = encode_header(keys[index], fingerprint, payload)
+                    framed.append(FramedValue(header, payload))
+                else:
+                    pooled.append(self._values.encode(keys[index], fingerprint, payload))
+                    framed.append(memoryview(pooled[-1]))
+            replies = await self._commands.set(client, names, framed)
             failed = [reply for reply in replies if isinstance(reply, Exception)]
             if failed:
                 raise TierIOError(
@@ -349,7 +364,7 @@ class RedisTier:
                     f"{len(names)} blocks: {failed[0]}",
                     tier=self._name,
                 ) from failed[0]
-            self._values.give_back(values)  # only after a whole, successful round trip
+            self._values.give_back(pooled)  # only after a whole, successful round trip
 
         await self._commands.chunks(len(slot_list), work)
 

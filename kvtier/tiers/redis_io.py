@@ -101,14 +101,18 @@ class RedisCommands:
         return await self.round_trip("read", get)
 
     async def set(
-        self, client: RedisClient, names: list[bytes], values: Sequence[bytes | memoryview]
+        self, client: RedisClient, names: list[bytes], values: Sequence[object]
     ) -> list[Any]:
-        """SET each name to its value (with the TTL); a reply or an exception per name."""
+        """SET each name to its value (with the TTL); a reply or an exception per name.
+
+        A value is bytes-like, or a :class:`~kvtier.tiers.redis_framing.FramedValue`
+        for a client made to pack one (:func:`~kvtier.tiers.redis_framing.install`).
+        """
 
         async def set_all() -> list[Any]:
             pipe = client.pipeline(transaction=False)
             for name, value in zip(names, values, strict=True):
-                pipe.set(name, value, px=self.ttl_ms)
+                pipe.set(name, value, px=self.ttl_ms)  # type: ignore[arg-type]
             return list(await pipe.execute(raise_on_error=False))
 
         return await self.round_trip("write", set_all)

@@ -58,11 +58,13 @@ print(json.dumps({"stored": report.tiers[-1].stored_blocks}))
 """
 
 
-def _shared_config(url: str, *, head_size: int = 8, scan: bool = False) -> dict[str, object]:
+def _shared_config(
+    url: str, *, head_size: int = 8, scan: bool = False, probe: bool = True
+) -> dict[str, object]:
     block = 2 * 16 * 1 * head_size * 2
     return {
         "layout": {"num_layers": 1, "block_size": 16, "num_kv_heads": 1, "head_size": head_size},
-        "offload": {"prefetch": "wait_complete"},
+        "offload": {"prefetch": "wait_complete", "max_probe_blocks": 256 if probe else 0},
         "tiers": [
             {"kind": "device", "capacity": 64 * block},
             {"kind": "redis", "capacity": 4096 * block, "url": url, "scan_on_open": scan},
@@ -70,25 +72,33 @@ def _shared_config(url: str, *, head_size: int = 8, scan: bool = False) -> dict[
     }
 
 
-@pytest.mark.asyncio
-async def test_engine_b_loads_from_redis_what_engine_a_computed_in_another_process(
-    redis_server: RedisServer,
-) -> None:
+def run_engine_a(url: str) -> None:
+    """Engine A: another process replays the chat workload through Redis and exits."""
     import json
     import subprocess
     import sys
 
     first = subprocess.run(
-        [sys.executable, "-c", ENGINE_A, json.dumps(_shared_config(redis_server.url))],
+        [sys.executable, "-c", ENGINE_A, json.dumps(_shared_config(url))],
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
     )
     assert json.loads(first.stdout.strip().splitlines()[-1])["stored"] > 0
+
+
+@pytest.mark.asyncio
+async def test_engine_b_loads_from_redis_what_engine_a_computed_in_another_process(
+    redis_server: RedisServer,
+) -> None:
+    run_engine_a(redis_server.url)
     workload = chat_workload(users=3, rounds=2, system_prompt=256, question=32, answer=64)
-    # Engine B: a fresh device cache; it knows Redis's blocks from the scan on open.
-    b = await replay(parse_config(_shared_config(redis_server.url, scan=True)), workload)
+    # Engine B: a fresh device cache; it knows Redis's blocks from the scan on
+    # open alone (probing off).
+    b = await replay(
+        parse_config(_shared_config(redis_server.url, scan=True, probe=False)), workload
+    )
     remote = b.tiers[-1]
     assert remote.hits > 0
     assert remote.loaded_blocks > 0
@@ -106,18 +116,7 @@ async def test_engine_b_loads_from_redis_what_engine_a_computed_in_another_proce
 async def test_engine_b_without_a_scan_finds_engine_as_blocks_by_probing(
     redis_server: RedisServer,
 ) -> None:
-    import json
-    import subprocess
-    import sys
-
-    first = subprocess.run(
-        [sys.executable, "-c", ENGINE_A, json.dumps(_shared_config(redis_server.url))],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    assert json.loads(first.stdout.strip().splitlines()[-1])["stored"] > 0
+    run_engine_a(redis_server.url)
     workload = chat_workload(users=3, rounds=2, system_prompt=256, question=32, answer=64)
     # No scan on open: B's Redis index starts empty; lookups probe Redis instead.
     b = await replay(parse_config(_shared_config(redis_server.url)), workload)
@@ -126,8 +125,6 @@ async def test_engine_b_without_a_scan_finds_engine_as_blocks_by_probing(
     assert remote.loaded_blocks > 0
     assert b.verified_blocks == (b.device_hit_tokens + b.loaded_tokens) // 16  # A's bytes
     # With probing off and no scan, B knows nothing of A's blocks.
-    blind = _shared_config(redis_server.url)
-    blind["offload"] = {"prefetch": "wait_complete", "max_probe_blocks": 0}
-    c = await replay(parse_config(blind), workload)
+    c = await replay(parse_config(_shared_config(redis_server.url, probe=False)), workload)
     assert c.tiers[-1].probed_blocks == 0
     assert c.loaded_tokens < b.loaded_tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 import redis.crc
 import torch
@@ -138,13 +139,34 @@ async def test_paused_server_times_out(redis_server: RedisServer) -> None:
     async with tier(redis_server, timeout=0.3) as store:
         await store.write_from([0], [key(1)], blocks(1))
         with redis_server.client() as admin:
-            admin.execute_command("CLIENT", "PAUSE", "30000", "ALL")
+            admin.execute_command("CLIENT", "PAUSE", "3000", "ALL")  # 3 s: past every deadline here
             try:
                 with pytest.raises(TierIOError):
                     await read(store, [0], [key(1)])
             finally:
                 admin.execute_command("CLIENT", "UNPAUSE")
         assert torch.equal(await read(store, [0], [key(1)]), blocks(1))
+
+
+@pytest.mark.asyncio
+async def test_a_caller_cancelling_a_round_trip_is_a_cancellation_and_the_tier_serves_on(
+    redis_server: RedisServer,
+) -> None:
+    async with tier(redis_server, timeout=30.0) as store:
+        await store.write_from([0], [key(1)], blocks(1))
+        with redis_server.client() as admin:
+            admin.execute_command("CLIENT", "PAUSE", "3000", "ALL")  # 3 s: past every deadline here
+            try:
+                with anyio.fail_after(10):  # the caller's deadline, far shorter than the tier's
+                    with anyio.move_on_after(0.3) as scope:
+                        await read(store, [0], [key(1)])
+                assert scope.cancelled_caught  # cancelled, not a TierIOError or a hang
+            finally:
+                admin.execute_command("CLIENT", "UNPAUSE")
+        await store.write_from([1], [key(2)], blocks(1, seed=2))
+        assert torch.equal(
+            await read(store, [0, 1], [key(1), key(2)]), torch.cat([blocks(1), blocks(1, seed=2)])
+        )
 
 
 @pytest.mark.asyncio

@@ -18,7 +18,7 @@ Faults. A server that is down, unreachable, slow past ``timeout``, out of
 memory or answering errors makes the call raise
 :class:`~kvtier.errors.TierIOError` (a failed load: the engine recomputes; a
 failed store: dropped and counted by the offload manager). Every round trip
-runs under ``anyio.fail_after``, so nothing waits longer than
+runs under a deadline (``asyncio.timeout``), so nothing waits longer than
 ``connect_timeout + timeout``. The connection pool reconnects by itself on the
 next call once the server is back; a server absent when the tier opens is
 logged, not fatal.

@@ -224,3 +224,18 @@ def test_tiers_without_probing_keep_the_protocol_optional() -> None:
     env = Env(tiers=tiers)
     request = env.request(2)
     assert anyio.run(env.manager.probe, request, 0) == 0
+
+
+@pytest.mark.asyncio
+async def test_another_tenants_blocks_are_never_found(
+    shared_redis: RedisServer, prefix: str
+) -> None:
+    async with engine_b(shared_redis, prefix) as env_b:
+        tokens = list(range(7_000, 7_000 + 4 * BS + 3))
+        hasher = env_b.request(1).block_hasher
+        tenant_x = Request("x", tokens, hasher, cache_salt="tenant-x")
+        tenant_y = Request("y", tokens, hasher, cache_salt="tenant-y")
+        await engine_a_stores(shared_redis, prefix, tenant_x, [0, 1, 2, 3])
+        assert await env_b.manager.probe(tenant_y, 0) == 0  # same tokens, other salt
+        assert env_b.manager.get_num_new_matched_tokens(tenant_y, 0) == (0, False)
+        assert await env_b.manager.probe(tenant_x, 0) == 4

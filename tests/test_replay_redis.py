@@ -128,3 +128,26 @@ async def test_engine_b_without_a_scan_finds_engine_as_blocks_by_probing(
     c = await replay(parse_config(_shared_config(redis_server.url, probe=False)), workload)
     assert c.tiers[-1].probed_blocks == 0
     assert c.loaded_tokens < b.loaded_tokens
+
+
+@pytest.mark.asyncio
+async def test_the_example_redis_config_replays_against_a_real_server(
+    redis_server: RedisServer,
+) -> None:
+    import tomllib
+
+    data = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
+    # The example's offload and Redis settings as they are; its model-sized
+    # layout and capacities scaled down to this machine, its URL to the test server.
+    data["layout"] = {"num_layers": 1, "block_size": 16, "num_kv_heads": 1, "head_size": 8}
+    device, cpu, remote = data["tiers"]
+    device["capacity"], cpu["capacity"] = 64 * BLOCK_BYTES, 48 * BLOCK_BYTES
+    remote["capacity"], remote["url"] = 4096 * BLOCK_BYTES, redis_server.url
+    data["offload"]["prefetch"] = "wait_complete"  # every hit loaded, whatever this VM's speed
+    workload = chat_workload(users=6, rounds=4, system_prompt=256, question=32, answer=64)
+    report = await replay(parse_config(data), workload)
+    tier = report.tiers[-1]
+    assert tier.name == "redis"
+    assert tier.demotions > 0
+    assert tier.loaded_blocks > 0
+    assert report.verified_blocks == (report.device_hit_tokens + report.loaded_tokens) // 16

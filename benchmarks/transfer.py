@@ -23,7 +23,8 @@ Two baselines, measured in the same run:
 
 On a machine without CUDA the "device" tensors are CPU tensors. Each
 number is the median of ``--repeats`` timed runs (more for small batches, until
-``--min-blocks`` blocks moved) after warm-up runs; tier and raw runs alternate.
+``--min-blocks`` blocks moved) after warm-up runs; tier and baseline runs
+alternate, in an order that rotates every repeat.
 
     python benchmarks/transfer.py                 # table
     python benchmarks/transfer.py --json          # machine-readable
@@ -65,18 +66,24 @@ def _sync(device: torch.device) -> None:
 async def _timed_alternately(
     fns: list[Callable[[], Awaitable[None]]], device: torch.device, warmup: int, repeats: int
 ) -> list[float]:
-    """Median seconds of each of ``fns``, timed in turn so drift hits them all."""
+    """Median seconds of each of ``fns``, timed in turn so drift hits them all.
+
+    The order rotates every repeat, so each case follows each other one as
+    often: a case run right after the slow plain-torch scatter finds cold
+    caches, which in a fixed order always fell on the same case.
+    """
     for _ in range(warmup):
         for fn in fns:
             await fn()
     _sync(device)
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, bucket in zip(fns, times, strict=True):
+    for repeat in range(repeats):
+        shift = repeat % len(fns)
+        for index in [*range(shift, len(fns)), *range(shift)]:
             start = time.perf_counter()
-            await fn()
+            await fns[index]()
             _sync(device)
-            bucket.append(time.perf_counter() - start)
+            times[index].append(time.perf_counter() - start)
     return [statistics.median(bucket) for bucket in times]
 
 

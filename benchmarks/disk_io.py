@@ -42,7 +42,7 @@ from pathlib import Path
 import anyio
 import torch
 
-from kvtier.tiers._disk_io import tensor_bytes
+from kvtier.tiers._checks import tensor_bytes
 from kvtier.tiers.base import BlockLayout
 from kvtier.tiers.disk import DiskTier
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvtier.errors import ConfigError, TierIOError
-from kvtier.tiers._disk_io import tensor_bytes
+from kvtier.tiers._checks import row_views, tensor_bytes
 from kvtier.tiers.base import BlockLayout
 from kvtier.tiers.redis import RedisTier
 from kvtier.tiers.redis_format import max_value_bytes, verify_value
@@ -120,3 +120,16 @@ def test_tensor_rows_and_a_bytes_payload_encode_alike() -> None:
     a = pool.encode(b"k" * 32, FP, tensor_bytes(row))
     b = pool.encode(b"k" * 32, FP, memoryview(bytes(tensor_bytes(row))))
     assert a == b
+
+
+def test_row_views_of_contiguous_strided_and_empty_rows() -> None:
+    rows = torch.arange(4 * 8, dtype=torch.int64).to(torch.uint8).view(4, 8)
+    views = row_views(rows)
+    assert [bytes(views(i)) for i in range(4)] == [bytes(rows[i].tolist()) for i in range(4)]
+    strided = torch.zeros(4, 16, dtype=torch.uint8)[:, 4:12]  # rows contiguous, not the whole
+    strided.copy_(rows)
+    views = row_views(strided)
+    assert [bytes(views(i)) for i in range(4)] == [bytes(rows[i].tolist()) for i in range(4)]
+    views(2)[:] = b"\xff" * 8  # the views alias the tensor
+    assert strided[2].tolist() == [255] * 8
+    row_views(torch.empty(0, 8, dtype=torch.uint8))  # nothing to view, no error

@@ -122,9 +122,9 @@ class LoadPlanner:
         event = LoadEvent(next(self.event_ids), request.request_id, [], [], [], first_block=first)
         failed: list[int] = []
         planned: list[tuple[int, BlockKey, KVCacheBlock, BlockHint | None]] = []
-        parents: list[BlockKey | None] = (
-            list(self._keys(hashes[first - 1])) if first else [None] * self.num_groups
-        )
+        parents: list[BlockKey | None] = [None] * self.num_groups
+        if first and self.hinted:
+            parents = list(self._keys(hashes[first - 1]))
         for position in range(first, end):
             keys = self._keys(hashes[position])
             level = self._holder(keys)
@@ -137,7 +137,8 @@ class LoadPlanner:
                     continue  # nothing to load, or it already holds computed bytes
                 hint = BlockHint(position, len(hashes), parent) if self.hinted else None
                 planned.append((level, key, target, hint))
-            parents = list(keys)
+            if self.hinted:
+                parents = list(keys)
         # One pin call per tier with the chain's keys in order: the index tells
         # the policy of them tail first, so a recency policy keeps the head.
         by_level: dict[int, tuple[list[BlockKey], list[BlockHint | None]]] = {}

@@ -50,7 +50,7 @@ from kvtier.offload.plan import (
     StepPlan,
     WriteMode,
 )
-from kvtier.offload.remote import RemoteProbe
+from kvtier.offload.remote import ProbePlan, RemoteProbe
 from kvtier.offload.stats import OffloadStats, TierStats
 from kvtier.offload.stores import StorePlanner
 from kvtier.offload.transfers import Transfers
@@ -67,15 +67,9 @@ _log = get_logger("kvtier.offload")
 _MODES: tuple[WriteMode, ...] = ("eager", "lazy", "selective")
 
 
-def _positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
-
-
-def _non_negative(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+def _positive(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
@@ -189,7 +183,7 @@ class OffloadManager:
             self._tier_stats,
             block_size=self.block_size,
             num_groups=self.num_groups,
-            max_blocks=_non_negative("max_probe_blocks", max_probe_blocks),
+            max_blocks=_positive("max_probe_blocks", max_probe_blocks, minimum=0),
         )
         self._step_ids = itertools.count(1)
         self._entered = False
@@ -277,11 +271,8 @@ class OffloadManager:
             InvalidRequestError: ``num_computed_tokens`` is not a multiple of
                 the block size >= 0.
         """
-        self._transfers.drain()
-        plan = self._probe.plan(request, num_computed_tokens)
-        if plan is None:
-            return 0
-        return self._probe.adopt(plan, await self._probe.ask(plan))
+        plan = self._probe_plan(request, num_computed_tokens)
+        return 0 if plan is None else self._probe.adopt(plan, await self._probe.ask(plan))
 
     def probe_blocking(self, request: KVCacheRequest, num_computed_tokens: int) -> int:
         """:meth:`probe` for synchronous engines (the manager entered with ``with``).
@@ -293,12 +284,15 @@ class OffloadManager:
             ClosedError: The manager is not entered with ``with``.
             InvalidRequestError: As :meth:`probe`.
         """
-        self._transfers.drain()
-        plan = self._probe.plan(request, num_computed_tokens)
+        plan = self._probe_plan(request, num_computed_tokens)
         if plan is None:
             return 0
         answers: dict[int, list[bool]] = self._transfers.runtime.call(self._probe.ask, plan)
         return self._probe.adopt(plan, answers)
+
+    def _probe_plan(self, request: KVCacheRequest, num_computed_tokens: int) -> ProbePlan | None:
+        self._transfers.drain()  # outcomes first: a store that ended holds its blocks now
+        return self._probe.plan(request, num_computed_tokens)
 
     def hit_info(self, request_id: str) -> HitInfo | None:
         """Where the request's blocks were found at its last lookup."""

@@ -9,15 +9,23 @@ slots that form one run.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from kvtier.errors import ConfigError, InvalidRequestError
 
-__all__ = ["ascending_run", "byte_rows", "check_buffer", "check_slots"]
+__all__ = [
+    "ascending_run",
+    "byte_rows",
+    "check_buffer",
+    "check_slots",
+    "row_views",
+    "tensor_bytes",
+]
 
 
 def check_slots(slots: Sequence[int], num_slots: int, *, tier: str) -> list[int]:
@@ -85,3 +93,27 @@ def byte_rows(tensor: torch.Tensor, rows: int, row_bytes: int, *, what: str) -> 
         return tensor.view(torch.uint8).view(rows, row_bytes)
     except RuntimeError as exc:
         raise ConfigError(f"{what} cannot be viewed as bytes [{rows}, {row_bytes}]") from exc
+
+
+def tensor_bytes(row: torch.Tensor) -> memoryview:
+    """The writable bytes of a contiguous CPU tensor, without copying or NumPy.
+
+    The view aliases the tensor's memory: the caller keeps the tensor alive
+    while the view is in use.
+    """
+    size = row.numel() * row.element_size()
+    buffer = (ctypes.c_ubyte * size).from_address(row.data_ptr())
+    return memoryview(buffer).cast("B")
+
+
+def row_views(rows: torch.Tensor) -> Callable[[int], memoryview]:
+    """``index -> the bytes of rows[index]``: slices of one view when ``rows`` is contiguous.
+
+    ``rows`` is a CPU tensor ``[n, …]`` whose rows are each contiguous; the
+    caller keeps it alive while the views are in use.
+    """
+    if rows.is_contiguous() and rows.shape[0]:
+        whole = tensor_bytes(rows)
+        size = len(whole) // rows.shape[0]
+        return lambda index: whole[index * size : (index + 1) * size]
+    return lambda index: tensor_bytes(rows[index])

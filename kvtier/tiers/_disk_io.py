@@ -16,7 +16,6 @@ treats the whole read as failed.
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import secrets
@@ -26,6 +25,7 @@ from typing import Final
 
 import torch
 
+from kvtier.tiers._checks import tensor_bytes
 from kvtier.tiers.base import BlockKey
 from kvtier.tiers.disk_format import (
     ALIGN,
@@ -37,22 +37,11 @@ from kvtier.tiers.disk_format import (
     file_bytes,
 )
 
-__all__ = ["SUFFIX", "TMP_PREFIX", "BlockFiles", "tensor_bytes"]
+__all__ = ["SUFFIX", "TMP_PREFIX", "BlockFiles"]
 
 SUFFIX: Final = ".kvb"
 TMP_PREFIX: Final = ".tmp-"
 _O_DIRECT: Final = getattr(os, "O_DIRECT", 0)
-
-
-def tensor_bytes(row: torch.Tensor) -> memoryview:
-    """The writable bytes of a contiguous CPU tensor, without copying or NumPy.
-
-    The view aliases the tensor's memory: the caller keeps the tensor alive
-    while the view is in use.
-    """
-    size = row.numel() * row.element_size()
-    buffer = (ctypes.c_ubyte * size).from_address(row.data_ptr())
-    return memoryview(buffer).cast("B")
 
 
 class BlockFiles:

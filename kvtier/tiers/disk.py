@@ -49,8 +49,8 @@ from kvtier.errors import (
     TierIOError,
 )
 from kvtier.log import get_logger
-from kvtier.tiers._checks import check_buffer, check_slots
-from kvtier.tiers._disk_io import SUFFIX, TMP_PREFIX, BlockFiles, tensor_bytes
+from kvtier.tiers._checks import check_buffer, check_slots, tensor_bytes
+from kvtier.tiers._disk_io import SUFFIX, TMP_PREFIX, BlockFiles
 from kvtier.tiers.base import BlockKey, BlockLayout
 from kvtier.tiers.disk_format import MAX_KEY_BYTES, file_bytes
 

@@ -31,7 +31,7 @@ pooled connection. On a Cluster the pipeline sends one round trip per node.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
 
@@ -48,8 +48,7 @@ from kvtier.errors import (
 )
 from kvtier.log import get_logger
 from kvtier.tiers import redis_framing as framing
-from kvtier.tiers._checks import check_buffer, check_slots
-from kvtier.tiers._disk_io import tensor_bytes
+from kvtier.tiers._checks import check_buffer, check_slots, row_views
 from kvtier.tiers.base import BlockKey, BlockLayout
 from kvtier.tiers.redis_client import (
     RedisClient,
@@ -342,7 +341,7 @@ class RedisTier:
         fingerprint = self._keys.fingerprint
         for slot, key in zip(slot_list, keys, strict=True):
             self._slot_keys[slot] = key
-        payloads = _row_bytes(rows, self._layout.block_bytes)
+        payloads = row_views(rows)
 
         async def work(begin: int, end: int) -> None:
             names = [self._keys.name(keys[index]) for index in range(begin, end)]
@@ -389,7 +388,7 @@ class RedisTier:
         block_bytes = self._layout.block_bytes
         fingerprint = self._keys.fingerprint
         missing: list[int] = []
-        targets = _row_bytes(target, block_bytes)
+        targets = row_views(target)
 
         async def work(begin: int, end: int) -> None:
             names = [self._keys.name(keys[index]) for index in range(begin, end)]
@@ -460,15 +459,3 @@ class RedisTier:
         if not doomed or not self._discard_deletes:
             return
         await self._commands.unlink(client, doomed)
-
-
-def _row_bytes(rows: torch.Tensor, row_bytes: int) -> Callable[[int], memoryview]:
-    """``index -> the bytes of rows[index]``: slices of one view when ``rows`` is contiguous.
-
-    ``rows`` is a CPU ``uint8 [n, row_bytes]`` tensor whose rows are contiguous;
-    the caller keeps it alive while the views are in use.
-    """
-    if rows.is_contiguous():
-        whole = tensor_bytes(rows)
-        return lambda index: whole[index * row_bytes : (index + 1) * row_bytes]
-    return lambda index: tensor_bytes(rows[index])

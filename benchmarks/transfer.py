@@ -23,8 +23,9 @@ Two baselines, measured in the same run:
 
 On a machine without CUDA the "device" tensors are CPU tensors. Each
 number is the median of ``--repeats`` timed runs (more for small batches, until
-``--min-blocks`` blocks moved) after warm-up runs; tier and baseline runs
-alternate, in an order that rotates every repeat.
+``--min-blocks`` blocks moved) after warm-up runs; tier runs alternate with
+one baseline at a time (tier/raw, then tier/gather), in an order that rotates
+every repeat.
 
     python benchmarks/transfer.py                 # table
     python benchmarks/transfer.py --json          # machine-readable
@@ -217,8 +218,14 @@ async def _device_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
                 repeats = max(args.repeats, args.min_blocks // n)
                 warmup = max(args.warmup, repeats // 8)
                 for direction, path, fn in cases:
-                    seconds, raw_seconds, gather_seconds = await _timed_alternately(
-                        [fn, raws[direction], gathers[direction]], device, warmup, repeats
+                    # Two alternations, not one of three: plain torch's indexed
+                    # load runs at under 1 GB/s and leaves the caches cold for
+                    # whatever runs after it, which skewed single-block ratios.
+                    seconds, raw_seconds = await _timed_alternately(
+                        [fn, raws[direction]], device, warmup, repeats
+                    )
+                    _, gather_seconds = await _timed_alternately(
+                        [fn, gathers[direction]], device, warmup, repeats
                     )
                     tier_gbs = n * block / seconds / GB
                     raw_gbs = n * block / raw_seconds / GB

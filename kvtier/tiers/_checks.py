@@ -35,7 +35,7 @@ def check_slots(slots: Sequence[int], num_slots: int, *, tier: str) -> list[int]
         InvalidRequestError: A slot is not an integer or is out of range.
     """
     try:
-        out = [operator.index(s) for s in slots]
+        out = [_slot(s) for s in slots]
     except TypeError as exc:
         raise InvalidRequestError(f"tier {tier}: slots must be integers") from exc
     if out:
@@ -44,6 +44,12 @@ def check_slots(slots: Sequence[int], num_slots: int, *, tier: str) -> list[int]
             bad = low if low < 0 else high
             raise InvalidRequestError(f"tier {tier}: slot {bad} is out of range [0, {num_slots})")
     return out
+
+
+def _slot(value: object) -> int:
+    if isinstance(value, bool):  # an int to Python, never a slot
+        raise TypeError("a boolean is not a slot")
+    return operator.index(value)  # type: ignore[arg-type]
 
 
 def check_buffer(
@@ -59,12 +65,32 @@ def check_buffer(
     shape = (len(slots), row_bytes)
     if not isinstance(tensor, torch.Tensor):
         raise InvalidRequestError(f"tier {tier}: expected a tensor, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided:
+        raise InvalidRequestError(f"tier {tier}: buffer must be dense, got {tensor.layout}")
+    if tensor.is_meta:
+        raise InvalidRequestError(f"tier {tier}: buffer is on the meta device (it has no bytes)")
     if tensor.dtype != torch.uint8 or tuple(tensor.shape) != shape:
         raise InvalidRequestError(
             f"tier {tier}: buffer must be uint8 {list(shape)}, "
             f"got {str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}"
         )
+    if _overlaps_itself(tensor):
+        raise InvalidRequestError(
+            f"tier {tier}: buffer rows overlap (strides {list(tensor.stride())})"
+        )
     return tensor
+
+
+def _overlaps_itself(tensor: torch.Tensor) -> bool:
+    """True when two elements of a 2-D tensor share memory (e.g. an ``expand``)."""
+    (rows, cols), (row_stride, col_stride) = tensor.shape, tensor.stride()
+    if col_stride == 1 and (rows < 2 or abs(row_stride) >= cols):
+        return False  # the common case: contiguous rows, apart
+    dims = sorted(((abs(row_stride), rows), (abs(col_stride), cols)))
+    (inner_stride, inner), (outer_stride, outer) = dims
+    if inner > 1 and inner_stride == 0:
+        return True
+    return outer > 1 and outer_stride < (inner - 1) * inner_stride + 1
 
 
 def ascending_run(slots: Sequence[int]) -> int | None:

@@ -21,9 +21,10 @@ blocking copies in a worker thread.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Final
 
 import anyio
@@ -61,7 +62,40 @@ Rows = torch.Tensor | slice
 
 
 def _fits(tensor: torch.Tensor, word: int) -> bool:
-    return tensor.data_ptr() % word == 0 and tensor.stride(0) % word == 0
+    """Whether a ``uint8`` tensor can be viewed as ``word``-byte elements.
+
+    ``Tensor.view`` checks the storage offset, not the address: a storage whose
+    base is itself misaligned (``torch.from_numpy`` of an offset slice) fails
+    it although ``data_ptr`` is aligned.
+    """
+    return (
+        tensor.data_ptr() % word == 0
+        and tensor.stride(0) % word == 0
+        and tensor.storage_offset() % word == 0
+    )
+
+
+def _span(tensor: torch.Tensor) -> tuple[int, int]:
+    """The addresses ``[first, end)`` a 2-D tensor's elements lie within."""
+    start = tensor.data_ptr()
+    (rows, cols), (row_stride, col_stride) = tensor.shape, tensor.stride()
+    if rows == 0 or cols == 0:
+        return start, start
+    last = (rows - 1) * abs(row_stride) + (cols - 1) * abs(col_stride)
+    return start, start + (last + 1) * tensor.element_size()
+
+
+def _merged(spans: Iterable[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Sorted, disjoint ``(starts, ends)`` covering ``spans``."""
+    starts: list[int] = []
+    ends: list[int] = []
+    for start, end in sorted(spans):
+        if ends and start <= ends[-1]:
+            ends[-1] = max(ends[-1], end)
+        else:
+            starts.append(start)
+            ends.append(end)
+    return starts, ends
 
 
 def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
@@ -102,6 +136,7 @@ class BlockMover:
                 self._sources[word] = tuple(s.view(_WORDS[word]) for s in sources)
         self._word = max(self._sources)
         self._host = _host_views(self._sources[1]) if self.device.type == "cpu" else None
+        self._starts, self._ends = _merged(_span(source) for source in sources)
         self._streams: dict[tuple[int, bool], torch.cuda.Stream] = {}
         self._cuda = self.device.type == "cuda"
 
@@ -156,7 +191,13 @@ class BlockMover:
         first = ascending_run(slots)
         if first is not None:
             return slice(first, first + len(slots))
-        return torch.tensor(slots, dtype=torch.int64, device=self.device)
+        if not self._cuda:
+            return torch.tensor(slots, dtype=torch.int64, device=self.device)
+        # From pinned memory without a sync: ``torch.tensor(..., device=cuda)``
+        # copies pageable memory and waits for the current stream, which
+        # (inside ``_enqueue``) waits for the engine's queued work.
+        index = torch.tensor(slots, dtype=torch.int64, pin_memory=True)
+        return index.to(self.device, non_blocking=True)
 
     def _run_view(self, rows: Rows) -> torch.Tensor | None:
         """The rows as one contiguous view of the only source, when they are."""
@@ -233,9 +274,29 @@ class BlockMover:
             raise InvalidRequestError(f"tier {self.tier}: a slot appears twice in one write")
         await self._move(slots, data, read=False)
 
+    def _check_disjoint(self, buffer: torch.Tensor) -> None:
+        """Refuse a buffer that shares memory with the tier's own rows.
+
+        torch does not detect partial overlap of non-contiguous tensors, so a
+        scattered copy between a tier and a view of its own memory would
+        return normally with wrong bytes.
+
+        Raises:
+            InvalidRequestError: The buffer overlaps the tier's memory.
+        """
+        if buffer.device != self.device:
+            return
+        start, end = _span(buffer)
+        below = bisect.bisect_left(self._starts, end) - 1  # last span starting before ``end``
+        if below >= 0 and self._ends[below] > start:
+            raise InvalidRequestError(
+                f"tier {self.tier}: the buffer overlaps the tier's own memory"
+            )
+
     async def _move(self, slots: list[int], buffer: torch.Tensor, *, read: bool) -> None:
         if not slots:
             return
+        self._check_disjoint(buffer)
         start = time.perf_counter()
         nbytes = len(slots) * self.row_bytes
         try:
@@ -309,6 +370,17 @@ class BlockMover:
 
         ``buffer`` is on the tier's device, or pinned and contiguous on the host.
         """
+        try:
+            return self._queue_copy(stream, slots, buffer, read=read)
+        except BaseException:
+            # Kernels queued before the failure may still use the caller's
+            # buffer: let them finish before the caller sees the error.
+            stream.synchronize()
+            raise
+
+    def _queue_copy(
+        self, stream: torch.cuda.Stream, slots: list[int], buffer: torch.Tensor, *, read: bool
+    ) -> torch.cuda.Event:
         with torch.cuda.stream(stream):
             rows = self._rows(slots)
             whole = self._run_view(rows)
@@ -366,7 +438,10 @@ def _host_views(sources: Sequence[torch.Tensor]) -> tuple[np.ndarray[Any, Any], 
     """
     if len(sources) == 1:
         return None
-    return tuple(source.detach().numpy() for source in sources)
+    try:
+        return tuple(source.detach().numpy() for source in sources)
+    except RuntimeError:  # a torch built without NumPy support: torch's own path
+        return None
 
 
 def _slice_rows(rows: Rows, begin: int, end: int) -> Rows:

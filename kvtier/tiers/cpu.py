@@ -155,8 +155,12 @@ class CpuTier:
             raise ClosedError(f"tier {self._name} is not open: enter it with `async with` first")
         return self._storage, self._mover
 
-    def _allocate(self) -> torch.Tensor:
-        """Zeroed storage, page-locked when pinning (blocking)."""
+    def _settled(self) -> bool:
+        """Whether the tier is closed or already holds its storage."""
+        return self._closed or self._storage is not None
+
+    def _allocate(self) -> tuple[torch.Tensor, bool]:
+        """Zeroed storage and whether it is page-locked (blocking)."""
         nbytes = self._num_slots * self._block_bytes
         # Its own allocation, registered from its first byte: ``is_pinned()`` checks
         # the storage's base pointer, so views of it report pinned too.
@@ -169,8 +173,8 @@ class CpuTier:
                     raise
                 _log.warning("tier_pin_failed", tier=self._name, bytes=nbytes, error=str(exc))
             else:
-                self._pinned = True
-        return storage
+                return storage, True
+        return storage, False
 
     async def __aenter__(self) -> Self:
         """Allocate (and pin) the storage in a worker thread.
@@ -185,14 +189,20 @@ class CpuTier:
             return self
         start = time.perf_counter()
         try:
-            storage = await anyio.to_thread.run_sync(self._allocate)
+            storage, pinned = await anyio.to_thread.run_sync(self._allocate)
         except TierIOError as exc:
             raise TierIOError(f"tier {self._name}: {exc}", tier=self._name) from exc
         except RuntimeError as exc:
             raise TierIOError(
                 f"tier {self._name}: cannot allocate host memory", tier=self._name
             ) from exc
-        self._storage = storage
+        if self._settled():  # closed, or opened by a concurrent ``__aenter__``, meanwhile
+            if pinned:
+                await anyio.to_thread.run_sync(_unregister, storage)
+            if self._closed:
+                raise ClosedError(f"tier {self._name} was closed while opening")
+            return self
+        self._storage, self._pinned = storage, pinned
         self._mover = BlockMover(
             [storage],
             tier=self._name,
@@ -271,8 +281,9 @@ class CpuTier:
             TierIOError: The copy failed.
         """
         _, mover = self._open()
-        out = check_buffer(out, slots, keys, self._block_bytes, tier=self._name)
-        await mover.read(check_slots(slots, self._num_slots, tier=self._name), out)
+        slot_list = check_slots(slots, self._num_slots, tier=self._name)
+        out = check_buffer(out, slot_list, keys, self._block_bytes, tier=self._name)
+        await mover.read(slot_list, out)
 
     async def write_from(
         self, slots: Sequence[int], keys: Sequence[BlockKey], data: torch.Tensor
@@ -292,8 +303,9 @@ class CpuTier:
             TierIOError: The copy failed.
         """
         _, mover = self._open()
-        data = check_buffer(data, slots, keys, self._block_bytes, tier=self._name)
-        await mover.write(check_slots(slots, self._num_slots, tier=self._name), data)
+        slot_list = check_slots(slots, self._num_slots, tier=self._name)
+        data = check_buffer(data, slot_list, keys, self._block_bytes, tier=self._name)
+        await mover.write(slot_list, data)
 
     async def discard(self, slots: Sequence[int]) -> None:
         """Do nothing: slots are reused by overwriting (checks the tier is open).

@@ -228,8 +228,9 @@ class DeviceTier:
             TierIOError: The copy failed on the device.
         """
         mover = self._open()
-        out = check_buffer(out, slots, keys, self._block_bytes, tier=self._name)
-        await mover.read(check_slots(slots, self._num_slots, tier=self._name), out)
+        slot_list = check_slots(slots, self._num_slots, tier=self._name)
+        out = check_buffer(out, slot_list, keys, self._block_bytes, tier=self._name)
+        await mover.read(slot_list, out)
 
     async def write_from(
         self, slots: Sequence[int], keys: Sequence[BlockKey], data: torch.Tensor
@@ -249,8 +250,9 @@ class DeviceTier:
             TierIOError: The copy failed on the device.
         """
         mover = self._open()
-        data = check_buffer(data, slots, keys, self._block_bytes, tier=self._name)
-        await mover.write(check_slots(slots, self._num_slots, tier=self._name), data)
+        slot_list = check_slots(slots, self._num_slots, tier=self._name)
+        data = check_buffer(data, slot_list, keys, self._block_bytes, tier=self._name)
+        await mover.write(slot_list, data)
 
     async def discard(self, slots: Sequence[int]) -> None:
         """Do nothing: the engine owns its blocks (checks the tier is open).

@@ -1,0 +1,221 @@
+"""Caller buffers the device and CPU tiers must refuse, or handle, without wrong bytes.
+
+Aliases of a tier's own memory, rows that overlap, buffers without bytes,
+misaligned storages, odd slot values, and opening races.
+"""
+
+from __future__ import annotations
+
+import anyio
+import numpy as np
+import pytest
+import torch
+from structlog.testing import capture_logs
+
+from kvtier.errors import ClosedError, InvalidRequestError
+from kvtier.tiers.base import BlockLayout
+from kvtier.tiers.cpu import CpuTier
+from kvtier.tiers.gpu import DeviceTier
+
+SMALL = BlockLayout(num_layers=2, block_size=4, num_kv_heads=2, head_size=8, dtype="float16")
+BB = SMALL.block_bytes
+NUM = 16
+CUDA = torch.cuda.is_available()
+
+
+def rand_bytes(*shape: int) -> torch.Tensor:
+    return torch.randint(0, 256, shape, dtype=torch.uint8)
+
+
+async def snapshot(tier: DeviceTier | CpuTier) -> torch.Tensor:
+    out = torch.empty(NUM, BB, dtype=torch.uint8)
+    await tier.read_into(range(NUM), [b""] * NUM, out)
+    return out
+
+
+def one_allocation_per_layer_tier() -> tuple[DeviceTier, torch.Tensor]:
+    """A per-layer tier whose K and V tensors are views of one allocation (vLLM's style)."""
+    whole = rand_bytes(NUM, SMALL.block_bytes)
+    pages = whole.view(SMALL.torch_dtype).view(NUM, SMALL.num_layers, 2, *SMALL.page_shape)
+    tensors = [pages[:, layer, kv] for layer in range(SMALL.num_layers) for kv in (0, 1)]
+    return DeviceTier(tensors, SMALL), whole
+
+
+@pytest.mark.asyncio
+async def test_a_buffer_aliasing_the_cpu_tier_is_refused_and_nothing_changes() -> None:
+    async with CpuTier(SMALL, NUM) as tier:
+        await tier.write_from(range(NUM), [b""] * NUM, rand_bytes(NUM, BB))
+        before = await snapshot(tier)
+        run = tier.slot_view(range(6))
+        assert run is not None
+        aliases = {
+            "strided": (run[0:6:2], [2, 4, 0]),  # scattered slots: torch would not notice
+            "contiguous": (run[0:2], [3, 5]),
+            "one row": (run[1:2], [1]),
+        }
+        for name, (alias, slots) in aliases.items():
+            for call in (tier.read_into, tier.write_from):
+                with pytest.raises(InvalidRequestError, match="overlaps the tier's own memory"):
+                    await call(slots, [b""] * len(slots), alias)
+            assert torch.equal(await snapshot(tier), before), name
+        # A copy of the same rows is a different buffer and works.
+        copy = run[0:6:2].clone()
+        await tier.read_into([2, 4, 0], [b""] * 3, copy)
+        assert torch.equal(copy, before[[2, 4, 0]])
+
+
+@pytest.mark.asyncio
+async def test_a_buffer_aliasing_an_engine_cache_is_refused() -> None:
+    tier, whole = one_allocation_per_layer_tier()
+    before = await snapshot(tier)
+    for alias, slots in ((whole[1:4], [2, 0, 1]), (whole[1:2], [5]), (whole[::2][:3], [7, 3, 9])):
+        for call in (tier.read_into, tier.write_from):
+            with pytest.raises(InvalidRequestError, match="overlaps"):
+                await call(slots, [b""] * len(slots), alias)
+    assert torch.equal(await snapshot(tier), before)
+    await tier.aclose()
+
+
+def misaligned(rows: int) -> torch.Tensor:
+    """``uint8 [rows, BB]`` at a 16-byte aligned address in a storage whose base is not.
+
+    ``torch.from_numpy`` of an offset slice: ``Tensor.view(complex128)`` checks
+    the storage offset, which is 13 here although the address is aligned.
+    """
+    raw = np.zeros(rows * BB + 64, np.uint8)
+    skewed = torch.from_numpy(raw[(-raw.ctypes.data) % 16 + 3 :])
+    start = (-skewed.data_ptr()) % 16
+    view = skewed[start : start + rows * BB].view(rows, BB)
+    assert view.data_ptr() % 16 == 0
+    assert view.storage_offset() % 16 != 0
+    return view
+
+
+@pytest.mark.asyncio
+async def test_buffers_and_caches_in_misaligned_storages_move_the_right_bytes() -> None:
+    async with CpuTier(SMALL, NUM) as tier:
+        data = rand_bytes(3, BB)
+        source = misaligned(3)
+        source.copy_(data)
+        await tier.write_from([9, 2, 5], [b""] * 3, source)
+        out = misaligned(3)
+        await tier.read_into([9, 2, 5], [b""] * 3, out)
+        assert torch.equal(out, data)
+    cache = misaligned(NUM)
+    cache.copy_(rand_bytes(NUM, BB))
+    device = DeviceTier(cache, SMALL)
+    out = torch.empty(2, BB, dtype=torch.uint8)
+    await device.read_into([4, 1], [b""] * 2, out)
+    assert torch.equal(out, cache[[4, 1]])
+    await device.aclose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["per-layer", "cross-layer", "cpu"])
+async def test_buffers_without_distinct_bytes_are_refused(kind: str) -> None:
+    tier: DeviceTier | CpuTier
+    if kind == "cpu":
+        tier = await CpuTier(SMALL, NUM).__aenter__()
+    elif kind == "per-layer":
+        tier, _ = one_allocation_per_layer_tier()
+    else:
+        tier = DeviceTier(rand_bytes(NUM, BB), SMALL)
+    before = await snapshot(tier)
+    flat = torch.zeros(2 * BB, dtype=torch.uint8)
+    bad = {
+        "rows overlap": flat.as_strided((2, BB), (8, 1)),
+        "rows overlap ": torch.zeros(1, BB, dtype=torch.uint8).expand(2, BB),
+        "meta device": torch.empty(2, BB, dtype=torch.uint8, device="meta"),
+        "must be dense": torch.zeros(2, BB, dtype=torch.uint8).to_sparse(),
+    }
+    for message, buffer in bad.items():
+        for call in (tier.read_into, tier.write_from):
+            with pytest.raises(InvalidRequestError, match=message.strip()):
+                await call([1, 0], [b""] * 2, buffer)
+    assert torch.equal(await snapshot(tier), before)
+    # Column-strided rows do not overlap and stay accepted.
+    wide = torch.empty(2, 2 * BB, dtype=torch.uint8)[:, ::2]
+    await tier.read_into([1, 0], [b""] * 2, wide)
+    assert torch.equal(wide, before[[1, 0]])
+    await tier.aclose()
+
+
+@pytest.mark.asyncio
+async def test_booleans_are_not_slots_but_ranges_and_numpy_ints_are() -> None:
+    async with CpuTier(SMALL, NUM) as tier:
+        data = rand_bytes(2, BB)
+        with pytest.raises(InvalidRequestError, match="slots must be integers"):
+            await tier.write_from([True, 0], [b""] * 2, data)  # type: ignore[list-item]
+        await tier.write_from(np.array([3, 4]).tolist(), [b""] * 2, data)
+        out = torch.empty(2, BB, dtype=torch.uint8)
+        await tier.read_into(range(3, 5), [b""] * 2, out)
+        assert torch.equal(out, data)
+        one = torch.empty(1, BB, dtype=torch.uint8)
+        await tier.read_into([np.int64(4)], [b""], one)  # type: ignore[list-item]
+        assert torch.equal(one[0], data[1])
+
+
+@pytest.mark.asyncio
+async def test_closing_a_cpu_tier_while_it_opens_leaves_it_closed_and_empty() -> None:
+    tier = CpuTier(SMALL, 4096)
+    failures: list[BaseException] = []
+
+    async def enter() -> None:
+        try:
+            await tier.__aenter__()
+        except ClosedError as exc:
+            failures.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(enter)
+        await anyio.sleep(0)  # ``enter`` now waits for its allocation thread
+        await tier.aclose()
+    assert len(failures) == 1
+    assert "closed while opening" in str(failures[0])
+    assert tier.closed
+    with pytest.raises(ClosedError):
+        tier.slot_view([0])
+    assert "closed" in repr(tier)
+
+
+@pytest.mark.asyncio
+async def test_concurrent_opens_allocate_once() -> None:
+    tier = CpuTier(SMALL, 4096)
+    with capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(tier.__aenter__)
+    assert [e["event"] for e in logs].count("tier_open") == 1
+    data = rand_bytes(1, BB)
+    await tier.write_from([7], [b""], data)
+    view = tier.slot_view([7])
+    assert view is not None
+    assert torch.equal(view, data)
+    await tier.aclose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+async def test_small_scattered_cuda_copies_do_not_block_the_loop_on_engine_work() -> None:
+    cache = torch.zeros(NUM, BB, dtype=torch.uint8, device="cuda")
+    tier = DeviceTier(cache, SMALL)
+    out = torch.empty(3, BB, dtype=torch.uint8, device="cuda")
+    seen_busy: list[bool] = []
+
+    async def watch() -> None:
+        while not done.is_set():
+            seen_busy.append(not torch.cuda.current_stream().query())
+            await anyio.sleep(0)
+
+    done = anyio.Event()
+    torch.cuda._sleep(2_000_000_000)  # engine work queued on the current stream
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        await tier.read_into([5, 1, 9], [b""] * 3, out)  # scattered: an index tensor
+        done.set()
+    # The loop ran the watcher while the engine's work was still queued.
+    assert any(seen_busy)
+    torch.cuda.synchronize()
+    assert not out.any()
+    await tier.aclose()

@@ -12,13 +12,23 @@ trailer into a small buffer, then verify; with ``O_DIRECT`` (or a destination
 that is not contiguous host memory) they go through pooled page-aligned
 buffers. A failed verification leaves the row's bytes undefined: the caller
 treats the whole read as failed.
+
+Only files this process could have written are trusted: every open uses
+``O_NOFOLLOW | O_NONBLOCK`` (a symlink fails, a FIFO cannot hang a worker) and
+the file must be a regular file with one link, owned by the effective user,
+with no group or other permission bits. Anything else reads as a miss, is
+dropped on warm restart and is never recycled, so a block planted by another
+user, or a link to a file outside the directory, is neither served nor
+written through.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import secrets
+import stat
 from collections import deque
 from pathlib import Path
 from typing import Final
@@ -37,11 +47,43 @@ from kvtier.tiers.disk_format import (
     file_bytes,
 )
 
-__all__ = ["SUFFIX", "TMP_PREFIX", "BlockFiles"]
+__all__ = ["SUFFIX", "TMP_PREFIX", "BlockFiles", "UntrustedFileError"]
 
 SUFFIX: Final = ".kvb"
 TMP_PREFIX: Final = ".tmp-"
 _O_DIRECT: Final = getattr(os, "O_DIRECT", 0)
+_O_SAFE: Final = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+class UntrustedFileError(OSError):
+    """A directory entry that is not a block file this user wrote (link, FIFO, foreign owner)."""
+
+
+def _open_trusted(path: Path, flags: int) -> int:
+    """``os.open`` without following links, then check the file is ours.
+
+    Raises:
+        FileNotFoundError: No such file.
+        UntrustedFileError: A symlink, not a regular file, more than one
+            link, another owner, or group/other permission bits.
+        OSError: Any other error of the open.
+    """
+    try:
+        fd = os.open(path, flags | _O_SAFE)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UntrustedFileError(errno.ELOOP, "a symbolic link", str(path)) from exc
+        raise
+    info = os.fstat(fd)
+    if (
+        not stat.S_ISREG(info.st_mode)
+        or info.st_nlink != 1
+        or info.st_uid != os.geteuid()
+        or info.st_mode & 0o077
+    ):
+        os.close(fd)
+        raise UntrustedFileError(errno.EPERM, "not a private regular file", str(path))
+    return fd
 
 
 class BlockFiles:
@@ -100,13 +142,15 @@ class BlockFiles:
         size = len(payload) + len(trailer)
         tmp = self.path / f"{TMP_PREFIX}{secrets.token_hex(8)}"
         fd = -1
-        if recycle is not None:
-            try:
-                os.rename(self.file(recycle), tmp)
-                fd = os.open(tmp, os.O_WRONLY | self._flags)
-            except FileNotFoundError:
-                fd = -1
         try:
+            if recycle is not None:
+                try:
+                    os.rename(self.file(recycle), tmp)
+                    fd = _open_trusted(tmp, os.O_WRONLY | self._flags)
+                except UntrustedFileError:
+                    tmp.unlink(missing_ok=True)  # never write through a link or a foreign file
+                except FileNotFoundError:
+                    pass
             if fd < 0:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | self._flags, 0o600)
             try:
@@ -129,8 +173,7 @@ class BlockFiles:
                 view = memoryview(buffer)
                 view[: len(payload)] = payload
                 view[len(payload) : size] = trailer
-                parts = [view[:size]]
-                _write_all(fd, parts, size)
+                _write_all(fd, [view[:size]], size, align=ALIGN)
             finally:
                 self._buffers.append(buffer)
             return
@@ -149,8 +192,8 @@ class BlockFiles:
             OSError: An I/O error other than a missing file.
         """
         try:
-            fd = os.open(self.file(key), os.O_RDONLY | self._flags)
-        except FileNotFoundError:
+            fd = _open_trusted(self.file(key), os.O_RDONLY | self._flags)
+        except (FileNotFoundError, UntrustedFileError):
             return False
         try:
             size = os.fstat(fd).st_size
@@ -184,12 +227,21 @@ class BlockFiles:
             self._buffers.append(buffer)
 
     def verify(self, path: Path) -> tuple[int, BlockKey] | None:
-        """``(slot, key)`` of a valid block file, else None (warm restart)."""
-        try:
-            fd = os.open(path, os.O_RDONLY | self._flags)
-        except OSError:
-            return None
+        """``(slot, key)`` of a valid block file, None for one to drop (warm restart).
+
+        Raises:
+            OSError: The file could not be read (permissions, EIO, EMFILE…):
+                not proof that it is invalid, so the caller keeps it.
+        """
         buffer = self._buffer()
+        try:
+            fd = _open_trusted(path, os.O_RDONLY | self._flags)
+        except (FileNotFoundError, UntrustedFileError):
+            self._buffers.append(buffer)
+            return None
+        except BaseException:
+            self._buffers.append(buffer)
+            raise
         try:
             size = os.fstat(fd).st_size
             view = memoryview(buffer)
@@ -201,8 +253,6 @@ class BlockFiles:
             if not self._valid(trailer, view[: self.block_bytes], trailer.slot, trailer.key):
                 return None
             return trailer.slot, trailer.key
-        except OSError:
-            return None
         finally:
             os.close(fd)
             self._buffers.append(buffer)
@@ -227,11 +277,32 @@ class BlockFiles:
             return mmap.mmap(-1, file_bytes(self.block_bytes, MAX_KEY_BYTES))
 
 
-def _write_all(fd: int, parts: list[memoryview], size: int) -> None:
-    """``pwritev`` the parts at offset 0, finishing short writes."""
+def _write_all(fd: int, parts: list[memoryview], size: int, *, align: int = 1) -> None:
+    """``pwritev`` the parts at offset 0, finishing short writes.
+
+    A retry starts at the last ``align``-byte boundary written (``O_DIRECT``
+    needs aligned offsets and buffers: the parts are then one page-aligned
+    view, so its slices at aligned offsets stay aligned).
+
+    Raises:
+        OSError: A write moved no bytes (``EIO``), or the write failed.
+    """
     written = os.pwritev(fd, parts, 0)
-    if written == size:
-        return
-    rest = memoryview(b"".join(bytes(p) for p in parts))
     while written < size:
-        written += os.pwrite(fd, rest[written:], written)
+        written -= written % align
+        moved = os.pwritev(fd, _from(parts, written), written)
+        if moved <= 0:
+            raise OSError(errno.EIO, "a write moved no bytes")
+        written += moved
+
+
+def _from(parts: list[memoryview], offset: int) -> list[memoryview]:
+    """The parts' bytes from ``offset`` on, as views (no copy)."""
+    rest: list[memoryview] = []
+    for part in parts:
+        if offset >= len(part):
+            offset -= len(part)
+            continue
+        rest.append(part[offset:])
+        offset = 0
+    return rest

@@ -31,12 +31,13 @@ and stray temp files are deleted.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Final, Self
 
 import anyio
 import torch
@@ -57,6 +58,9 @@ from kvtier.tiers.disk_format import MAX_KEY_BYTES, file_bytes
 __all__ = ["DiskTier"]
 
 _log = get_logger("kvtier.tiers.disk")
+_O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
+_MAX_SLOTS: Final = 1 << 32
+"""Slots a directory may hold: the trailer records a block's slot as a u32."""
 
 
 class DiskTier:
@@ -96,9 +100,17 @@ class DiskTier:
             )
         if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
             raise ConfigError(f"max_workers must be an integer >= 1, got {max_workers!r}")
+        if capacity_bytes // per_block > _MAX_SLOTS:
+            raise ConfigError(
+                f"capacity_bytes={capacity_bytes} holds more than {_MAX_SLOTS} blocks "
+                "(a block file records its slot in 32 bits)"
+            )
+        if "\0" in os.fspath(path):
+            raise ConfigError(f"path {path!r} contains a NUL byte")
         self._layout = layout
         self._name = name
         self._num_slots = capacity_bytes // per_block
+        self._lock: int | None = None
         self._workers = max_workers
         self._limiter = anyio.CapacityLimiter(max_workers)
         self._files = BlockFiles(
@@ -169,6 +181,12 @@ class DiskTier:
     async def aclose(self) -> None:
         """Stop using the directory (its blocks stay for a warm restart). Idempotent."""
         self._closed = True
+        self._unlock()
+
+    def _unlock(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            os.close(lock)  # releases the flock
 
     def _check_open(self) -> None:
         if self._closed:
@@ -177,10 +195,50 @@ class DiskTier:
             raise ClosedError(f"tier {self._name} is not open: use 'async with'")
 
     def _open(self) -> list[tuple[int, BlockKey]]:
+        self._claim_directory()
+        try:
+            return self._scan()
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _claim_directory(self) -> None:
+        """Create or check the directory (ours, 0700, not a link) and lock it.
+
+        Raises:
+            ConfigError: The path is a symlink or not a directory, belongs to
+                another user, or another open DiskTier holds it.
+            OSError: It cannot be created, tightened or locked.
+        """
         path = self.path
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if stat.S_IMODE(path.stat().st_mode) != 0o700:
+        info = path.lstat()
+        if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+            raise ConfigError(f"tier {self._name}: {path} is not a directory (or is a symlink)")
+        if info.st_uid != os.geteuid():
+            raise ConfigError(
+                f"tier {self._name}: {path} belongs to uid {info.st_uid}, not to this "
+                f"process (uid {os.geteuid()}): its files could have been planted"
+            )
+        if stat.S_IMODE(info.st_mode) != 0o700:
             path.chmod(0o700)
+        # The lock is on the directory itself: no extra file in it.
+        lock = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_NOFOLLOW)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(lock)
+            raise ConfigError(
+                f"tier {self._name}: {path} is in use by another open DiskTier"
+            ) from exc
+        except BaseException:
+            os.close(lock)
+            raise
+        self._lock = lock
+
+    def _scan(self) -> list[tuple[int, BlockKey]]:
+        """Rebuild the index from the block files, dropping what does not verify."""
+        path = self.path
         if self._files.direct:
             try:
                 self._files.probe_direct()
@@ -193,17 +251,29 @@ class DiskTier:
         found: dict[int, BlockKey] = {}
         for entry in sorted(path.iterdir()):
             if entry.name.startswith(TMP_PREFIX):
-                entry.unlink(missing_ok=True)
+                self._drop(entry, "tier_temp_removed")
                 continue
             if entry.suffix != SUFFIX:
                 continue
-            valid = self._files.verify(entry)
+            try:
+                valid = self._files.verify(entry)
+            except OSError as exc:  # unreadable is not invalid: keep the file, skip the block
+                _log.warning("tier_block_skipped", tier=self._name, file=entry.name, error=str(exc))
+                continue
             if valid is None or valid[0] in found or valid[0] >= self._num_slots:
-                _log.warning("tier_block_dropped", tier=self._name, file=entry.name)
-                entry.unlink(missing_ok=True)
+                self._drop(entry, "tier_block_dropped")
                 continue
             found[valid[0]] = valid[1]
         return sorted(found.items())
+
+    def _drop(self, entry: Path, event: str) -> None:
+        """Delete a stray or invalid entry; one that cannot be deleted is logged and left."""
+        try:
+            entry.unlink(missing_ok=True)
+        except OSError as exc:  # e.g. a directory named like a block
+            _log.warning("tier_entry_kept", tier=self._name, file=entry.name, error=str(exc))
+        else:
+            _log.warning(event, tier=self._name, file=entry.name)
 
     async def recover(self) -> Sequence[tuple[int, BlockKey]]:
         """``(slot, key)`` of every valid block found when the tier was opened."""
@@ -369,8 +439,15 @@ class DiskTier:
             raise self._io_error("discard", exc) from exc
 
     def _unlink_all(self, keys: list[BlockKey]) -> None:
+        """Delete every key's file, trying them all; raise the first error after."""
+        first: OSError | None = None
         for key in keys:
-            self._files.unlink(key)
+            try:
+                self._files.unlink(key)
+            except OSError as exc:
+                first = first or exc
+        if first is not None:
+            raise first
 
     def _io_error(self, what: str, exc: OSError) -> TierIOError:
         error = TierIOError(f"tier {self._name}: {what} failed: {exc}", tier=self._name)

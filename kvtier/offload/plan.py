@@ -105,9 +105,9 @@ class StepPlan:
     Attributes:
         step_id: Increases by one per step.
         loads: Loads started this step, one per request.
-        stores: Stores planned this step. Those of newly computed blocks start
-            when the engine calls ``step_computed(step_id)``; lazy and
-            selective stores of blocks computed earlier start at once.
+        stores: Stores planned this step. Eager and selective ones start
+            when the engine calls ``step_computed(step_id)``; lazy ones (of
+            freed blocks, whose bytes exist) start at once.
     """
 
     step_id: int

@@ -109,8 +109,9 @@ class StorePlanner:
         self.transfers.stores[event.event_id] = event
         for rid in owners:
             self.requests[rid].store_events.add(event.event_id)
-        if self.mode != "eager":  # blocks computed in earlier steps: their bytes exist
-            self.transfers.dispatch_store(event)
+        # Not dispatched here, in either mode: a block is a prefix-cache hit (and
+        # so a selective candidate) from its allocation on, before its forward
+        # pass wrote it. ``step_computed(step_id)`` starts the copy.
         return StoreSpec(event.event_id, self.tier_name, ids, reservation.slots)
 
     def _hint(self, rid: str, group: int, position: int) -> BlockHint | None:

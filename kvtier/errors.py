@@ -15,6 +15,7 @@ __all__ = [
     "ConfigError",
     "InvalidRequestError",
     "KVTierError",
+    "LedgerError",
     "NoFreeBlocksError",
     "TierError",
     "TierFullError",
@@ -118,3 +119,11 @@ class TierFullError(TierError):
 
 class TransferCancelledError(KVTierError):
     """The transfer behind a completion was cancelled before it finished."""
+
+
+class LedgerError(KVTierError):
+    """An index refused to record a transfer (commit, abort, unpin or remove raised).
+
+    The transfer's completion fails with it (the ledger's exception is the
+    cause); the pipeline keeps serving.
+    """

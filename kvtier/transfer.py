@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Self
 
@@ -37,7 +37,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from kvtier.completion import Completion
-from kvtier.errors import BlockMissingError, ClosedError, ConfigError
+from kvtier.errors import BlockMissingError, ClosedError, ConfigError, LedgerError
 from kvtier.log import get_logger
 from kvtier.tasks import (
     Direction,
@@ -47,7 +47,7 @@ from kvtier.tasks import (
     TransferResult,
     TransferTask,
 )
-from kvtier.tiers.base import BlockStore
+from kvtier.tiers.base import BlockKey, BlockStore
 
 __all__ = [
     "LoadTask",
@@ -223,8 +223,8 @@ class TransferPipeline:
             receive.close()
             for task, completion in leftovers:
                 if not completion.done():
+                    completion.set_cancelled()  # first: a bad ledger strands nobody
                     _settle(task, ok=False)
-                    completion.set_cancelled()
 
     def _take_more(
         self, first: TransferTask, receive: MemoryObjectReceiveStream[_Item], batch: list[_Item]
@@ -272,8 +272,9 @@ class TransferPipeline:
         except Exception as exc:
             if isinstance(exc, BlockMissingError) and task.src_ledger is not None:
                 missing = set(exc.slots) or set(task.src_slots)
-                task.src_ledger.remove(
-                    [k for k, s in zip(task.keys, task.src_slots, strict=True) if s in missing]
+                _ledger_call(
+                    task.src_ledger.remove,
+                    [k for k, s in zip(task.keys, task.src_slots, strict=True) if s in missing],
                 )
             _settle(task, ok=False)
             completion.set_error(exc)
@@ -290,7 +291,13 @@ class TransferPipeline:
     def _finish(
         self, task: TransferTask, completion: Completion[TransferResult], seconds: float
     ) -> None:
-        _settle(task, ok=True)
+        refused = _settle(task, ok=True)
+        if refused is not None:
+            # The bytes moved but an index would not record it: the transfer failed.
+            error = LedgerError(f"transfer {completion.name}: an index refused it: {refused!r}")
+            error.__cause__ = refused
+            completion.set_error(error)
+            return
         size = task.num_blocks * task.src.layout.block_bytes
         completion.set_result(
             TransferResult(completion.name, task.direction, task.num_blocks, size, seconds)
@@ -339,12 +346,28 @@ class TransferPipeline:
         return buffer
 
 
-def _settle(task: TransferTask, *, ok: bool) -> None:
-    """Release the task's pins and reservations."""
+def _settle(task: TransferTask, *, ok: bool) -> Exception | None:
+    """Release the task's pins and reservations; the first ledger error, never raised.
+
+    Each ledger call is tried on its own, so one that raises cannot keep the
+    others from releasing, stop a worker, or strand the tasks queued behind.
+    """
+    refused: Exception | None = None
     if task.dst_ledger is not None:
-        if ok:
-            task.dst_ledger.commit(task.keys)
-        else:
-            task.dst_ledger.abort(task.keys)
+        settle = task.dst_ledger.commit if ok else task.dst_ledger.abort
+        refused = _ledger_call(settle, task.keys)
     if task.src_ledger is not None:
-        task.src_ledger.unpin(task.keys)
+        unpinned = _ledger_call(task.src_ledger.unpin, task.keys)
+        refused = refused or unpinned
+    return refused
+
+
+def _ledger_call(
+    call: Callable[[Sequence[BlockKey]], object], keys: Sequence[BlockKey]
+) -> Exception | None:
+    try:
+        call(keys)
+    except Exception as exc:  # a ledger's bug or a caller's slip: logged, reported
+        _log.error("transfer_ledger_failed", call=getattr(call, "__name__", "?"), error=repr(exc))
+        return exc
+    return None

@@ -1,0 +1,91 @@
+"""A ledger (index) that raises fails its own transfer only: the pipeline serves on.
+
+Seen in review: a raising ``commit`` crashed the worker, cancelled the host
+scope and the batch-mates that copied fine; a raise while settling cancelled
+work stranded every queued completion and leaked its reservations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anyio
+import pytest
+import torch
+
+from kvtier.completion import Completion
+from kvtier.errors import LedgerError
+from kvtier.tasks import TransferResult
+from kvtier.transfer import StoreTask, TransferPipeline
+from tests.tier_doubles import MemoryStore
+
+
+def keys_for(*ids: int) -> list[bytes]:
+    return [i.to_bytes(4, "big") * 8 for i in ids]
+
+
+def fill(store: MemoryStore, slots: list[int], keys: list[bytes]) -> None:
+    data = torch.randint(0, 256, (len(slots), store.layout.block_bytes), dtype=torch.uint8)
+    store.data[slots] = data
+    for slot, k in zip(slots, keys, strict=True):
+        store.keys[slot] = k
+
+
+class Ledger:
+    """Records calls; raises from the ones named in ``fail``."""
+
+    def __init__(self, *fail: str) -> None:
+        self.calls: list[str] = []
+        self.fail = set(fail)
+
+    def _call(self, name: str) -> None:
+        self.calls.append(name)
+        if name in self.fail:
+            raise ValueError(f"ledger {name} failed")
+
+    def commit(self, keys: Sequence[bytes]) -> None:
+        self._call("commit")
+
+    def abort(self, keys: Sequence[bytes]) -> None:
+        self._call("abort")
+
+    def unpin(self, keys: Sequence[bytes]) -> None:
+        self._call("unpin")
+
+    def remove(self, keys: Sequence[bytes]) -> None:
+        self._call("remove")
+
+
+@pytest.mark.asyncio
+async def test_a_raising_commit_fails_that_transfer_and_the_rest_of_its_batch_lands() -> None:
+    dev, cpu = MemoryStore(8, name="gpu"), MemoryStore(8, name="cpu")
+    fill(dev, [1, 2], keys_for(1, 2))
+    bad, good, source = Ledger("commit"), Ledger(), Ledger("unpin")
+    async with TransferPipeline() as pipeline:
+        first = pipeline.submit_nowait(StoreTask(dev, [1], cpu, [1], keys_for(1), source, bad))
+        second = pipeline.submit_nowait(StoreTask(dev, [2], cpu, [2], keys_for(2), None, good))
+        with pytest.raises(LedgerError, match="ledger commit failed") as info:
+            await first
+        assert isinstance(info.value.__cause__, ValueError)
+        assert isinstance(await second, TransferResult)
+        assert (bad.calls, source.calls, good.calls) == (["commit"], ["unpin"], ["commit"])
+        assert torch.equal(cpu.data[2], dev.data[2])
+        # The pipeline still serves.
+        again = pipeline.submit_nowait(StoreTask(dev, [2], cpu, [3], keys_for(2)))
+        assert (await again).n_blocks == 1
+
+
+@pytest.mark.asyncio
+async def test_a_raising_abort_while_cancelling_strands_no_queued_completion() -> None:
+    dev, cpu = MemoryStore(8, name="gpu"), MemoryStore(8, name="cpu")
+    fill(dev, [1, 2, 3], keys_for(1, 2, 3))
+    ledgers = [Ledger("abort"), Ledger(), Ledger()]
+    completions: list[Completion[TransferResult]] = []
+    with anyio.CancelScope() as scope:
+        async with TransferPipeline() as pipeline:
+            for slot, ledger in zip([1, 2, 3], ledgers, strict=True):
+                task = StoreTask(dev, [slot], cpu, [slot], keys_for(slot), None, ledger)
+                completions.append(pipeline.submit_nowait(task))
+            scope.cancel()  # before any worker ran: all three are queued
+    assert [c.cancelled() for c in completions] == [True, True, True]
+    assert [ledger.calls for ledger in ledgers] == [["abort"], ["abort"], ["abort"]]

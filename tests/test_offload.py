@@ -405,6 +405,28 @@ async def test_selective_mode_stores_blocks_after_enough_hits() -> None:
         assert env.cpu_keys() == {key(req, 0), key(req, 1)}
 
 
+@pytest.mark.asyncio
+async def test_a_second_allocation_during_a_load_is_refused_not_credited() -> None:
+    env = Env()
+    async with env.manager as manager:
+        req = env.request(2)
+        blocks = env.alloc(req, 2)
+        manager.update_state_after_alloc(req, blocks, 0)
+        manager.step_computed(manager.build_step(scheduled(new={req.request_id: blocks})).step_id)
+        await manager.wait_idle()
+        again = env.request(2, like=req)
+        manager.get_num_new_matched_tokens(again, 0)
+        targets = env.fresh(2)
+        manager.update_state_after_alloc(again, KVCacheBlocks((targets,)), 2 * BS)
+        # The old load would end "ok" for blocks it never wrote: refused.
+        with pytest.raises(InvalidRequestError, match="already has a load in flight"):
+            manager.update_state_after_alloc(again, KVCacheBlocks((env.fresh(2),)), 2 * BS)
+        manager.build_step(SchedulerOutput())
+        await manager.wait_idle()
+        assert manager.take_finished() == [FinishedLoad(again.request_id, True)]
+        assert env.holds(targets[1], again, 1)
+
+
 def test_synchronous_engines_run_the_pipeline_on_a_background_thread() -> None:
     env = Env()
     with env.manager as manager:

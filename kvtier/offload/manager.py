@@ -312,7 +312,8 @@ class OffloadManager:
 
         Raises:
             InvalidRequestError: ``num_external_tokens`` is not a multiple of
-                the block size, or the groups do not match.
+                the block size, the groups do not match, or external tokens
+                come for a request whose earlier load has not finished.
         """
         self._transfers.drain()
         if len(blocks.blocks) != self.num_groups:
@@ -326,12 +327,19 @@ class OffloadManager:
             )
         rid = request.request_id
         state = self._requests.get(rid)
+        if num_external_tokens and state is not None and state.load is not None:
+            # Its load still writes the blocks of the earlier allocation: a new
+            # one would be reported loaded when the old load ends, unwritten.
+            raise InvalidRequestError(
+                f"request {rid!r} already has a load in flight (wait for its "
+                "FinishedLoad before allocating external tokens again)"
+            )
         ids = [[block.block_id for block in group] for group in blocks.blocks]
         if state is None:
             state = self._requests[rid] = RequestState(rid, ids)
         else:
             state.block_ids = ids
-        if num_external_tokens and state.load is None:
+        if num_external_tokens:
             count = num_external_tokens // self.block_size
             state.load = self._loads.plan_load(request, blocks, count)
 

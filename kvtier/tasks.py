@@ -9,6 +9,7 @@ task ends.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
@@ -44,7 +45,21 @@ class SlotLedger(Protocol):
 
 
 def _tuple_of_ints(value: Sequence[int]) -> tuple[int, ...]:
-    return tuple(int(v) for v in value)
+    """The slots as ints, refusing what ``int()`` would round or reinterpret.
+
+    Raises:
+        InvalidRequestError: A slot is a float, a boolean or not an integer.
+    """
+    try:
+        return tuple(_slot(v) for v in value)
+    except TypeError as exc:
+        raise InvalidRequestError(f"slots must be integers: {exc}") from exc
+
+
+def _slot(value: object) -> int:
+    if isinstance(value, bool):
+        raise TypeError("a boolean is not a slot")
+    return operator.index(value)  # type: ignore[arg-type]
 
 
 def _tuple_of_keys(value: Sequence[BlockKey]) -> tuple[BlockKey, ...]:

@@ -1,4 +1,4 @@
-"""A ledger (index) that raises fails its own transfer only: the pipeline serves on.
+"""A ledger (index) that raises fails its own transfer only; task slots are strict ints.
 
 Seen in review: a raising ``commit`` crashed the worker, cancelled the host
 scope and the batch-mates that copied fine; a raise while settling cancelled
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kvtier.completion import Completion
-from kvtier.errors import LedgerError
+from kvtier.errors import InvalidRequestError, LedgerError
 from kvtier.tasks import TransferResult
 from kvtier.transfer import StoreTask, TransferPipeline
 from tests.tier_doubles import MemoryStore
@@ -89,3 +89,13 @@ async def test_a_raising_abort_while_cancelling_strands_no_queued_completion() -
             scope.cancel()  # before any worker ran: all three are queued
     assert [c.cancelled() for c in completions] == [True, True, True]
     assert [ledger.calls for ledger in ledgers] == [["abort"], ["abort"], ["abort"]]
+
+
+def test_task_slots_must_be_integers_not_floats_or_booleans() -> None:
+    dev, cpu = MemoryStore(8, name="gpu"), MemoryStore(8, name="cpu")
+    for bad in ([2.9999], [True]):
+        with pytest.raises(InvalidRequestError, match="slots must be integers"):
+            StoreTask(dev, bad, cpu, [1], keys_for(1))  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError, match="slots must be integers"):
+            StoreTask(dev, [1], cpu, bad, keys_for(1))  # type: ignore[arg-type]
+    assert StoreTask(dev, range(2), cpu, [3, 4], keys_for(1, 2)).src_slots == (0, 1)

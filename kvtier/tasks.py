@@ -9,13 +9,13 @@ task ends.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
 import attrs
 
 from kvtier.errors import InvalidRequestError
+from kvtier.tiers._checks import slot_index
 from kvtier.tiers.base import BlockKey, BlockStore
 
 __all__ = ["Direction", "LoadTask", "SlotLedger", "StoreTask", "TransferResult", "TransferTask"]
@@ -51,15 +51,9 @@ def _tuple_of_ints(value: Sequence[int]) -> tuple[int, ...]:
         InvalidRequestError: A slot is a float, a boolean or not an integer.
     """
     try:
-        return tuple(_slot(v) for v in value)
+        return tuple(slot_index(v) for v in value)
     except TypeError as exc:
         raise InvalidRequestError(f"slots must be integers: {exc}") from exc
-
-
-def _slot(value: object) -> int:
-    if isinstance(value, bool):
-        raise TypeError("a boolean is not a slot")
-    return operator.index(value)  # type: ignore[arg-type]
 
 
 def _tuple_of_keys(value: Sequence[BlockKey]) -> tuple[BlockKey, ...]:

@@ -24,6 +24,7 @@ __all__ = [
     "check_buffer",
     "check_slots",
     "row_views",
+    "slot_index",
     "tensor_bytes",
 ]
 
@@ -35,7 +36,7 @@ def check_slots(slots: Sequence[int], num_slots: int, *, tier: str) -> list[int]
         InvalidRequestError: A slot is not an integer or is out of range.
     """
     try:
-        out = [_slot(s) for s in slots]
+        out = [slot_index(s) for s in slots]
     except TypeError as exc:
         raise InvalidRequestError(f"tier {tier}: slots must be integers") from exc
     if out:
@@ -46,7 +47,12 @@ def check_slots(slots: Sequence[int], num_slots: int, *, tier: str) -> list[int]
     return out
 
 
-def _slot(value: object) -> int:
+def slot_index(value: object) -> int:
+    """``value`` as a slot number: an integer (NumPy's too), never a bool or a float.
+
+    Raises:
+        TypeError: ``value`` is a boolean or not an integer.
+    """
     if isinstance(value, bool):  # an int to Python, never a slot
         raise TypeError("a boolean is not a slot")
     return operator.index(value)  # type: ignore[arg-type]

@@ -5,7 +5,7 @@ tensors (one per layer and K/V for a per-layer cache; one for a cross-layer
 cache or the CPU tier). :class:`BlockMover` moves many rows per call: per
 segment tensor one ``index_select`` (reads) or ``index_copy_`` (writes), or one
 slice ``copy_`` when the slots are an ascending run (on CPU, an ascending run
-of a multi-segment cache moves in one NumPy call: see :func:`_host_views`).
+of a multi-segment cache moves in one NumPy call: see :func:`~kvtier.tiers._memory.host_views`).
 Bytes move as the widest
 word dividing the segment and every stride (``complex128``: 16 bytes, only
 copied, so every bit pattern survives), keeping elementwise kernels fast.
@@ -21,11 +21,10 @@ blocking copies in a worker thread.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Final
+from collections.abc import Callable, Iterator, Sequence
+from typing import Final
 
 import anyio
 import anyio.to_thread
@@ -36,6 +35,7 @@ import torch
 from kvtier.errors import InvalidRequestError, KVTierError, TierIOError
 from kvtier.log import get_logger
 from kvtier.tiers._checks import ascending_run
+from kvtier.tiers._memory import MemorySpans, host_views
 
 __all__ = [
     "OFFLOAD_MIN_BYTES",
@@ -75,29 +75,6 @@ def _fits(tensor: torch.Tensor, word: int) -> bool:
     )
 
 
-def _span(tensor: torch.Tensor) -> tuple[int, int]:
-    """The addresses ``[first, end)`` a 2-D tensor's elements lie within."""
-    start = tensor.data_ptr()
-    (rows, cols), (row_stride, col_stride) = tensor.shape, tensor.stride()
-    if rows == 0 or cols == 0:
-        return start, start
-    last = (rows - 1) * abs(row_stride) + (cols - 1) * abs(col_stride)
-    return start, start + (last + 1) * tensor.element_size()
-
-
-def _merged(spans: Iterable[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    """Sorted, disjoint ``(starts, ends)`` covering ``spans``."""
-    starts: list[int] = []
-    ends: list[int] = []
-    for start, end in sorted(spans):
-        if ends and start <= ends[-1]:
-            ends[-1] = max(ends[-1], end)
-        else:
-            starts.append(start)
-            ends.append(end)
-    return starts, ends
-
-
 def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
     for begin in range(0, n, size):
         yield begin, min(n, begin + size)
@@ -135,8 +112,8 @@ class BlockMover:
             if word > 1:
                 self._sources[word] = tuple(s.view(_WORDS[word]) for s in sources)
         self._word = max(self._sources)
-        self._host = _host_views(self._sources[1]) if self.device.type == "cpu" else None
-        self._starts, self._ends = _merged(_span(source) for source in sources)
+        self._host = host_views(self._sources[1]) if self.device.type == "cpu" else None
+        self._spans = MemorySpans(sources)
         self._streams: dict[tuple[int, bool], torch.cuda.Stream] = {}
         self._cuda = self.device.type == "cuda"
 
@@ -284,11 +261,7 @@ class BlockMover:
         Raises:
             InvalidRequestError: The buffer overlaps the tier's memory.
         """
-        if buffer.device != self.device:
-            return
-        start, end = _span(buffer)
-        below = bisect.bisect_left(self._starts, end) - 1  # last span starting before ``end``
-        if below >= 0 and self._ends[below] > start:
+        if buffer.device == self.device and self._spans.overlaps(buffer):
             raise InvalidRequestError(
                 f"tier {self.tier}: the buffer overlaps the tier's own memory"
             )
@@ -423,25 +396,6 @@ def _copy_all(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tens
         destinations[0].copy_(sources[0])
     else:
         torch._foreach_copy_(list(destinations), list(sources))
-
-
-def _host_views(sources: Sequence[torch.Tensor]) -> tuple[np.ndarray[Any, Any], ...] | None:
-    """NumPy views of several CPU segment tensors, for copies of ascending runs.
-
-    A run of rows of a per-layer cache is one slice of each of its 64 segment
-    tensors. NumPy makes those 64 slices in ~0.2 µs each against ~1.4 µs for a
-    torch view, so one 2 MiB block moves about twice as fast (measured 200-240
-    µs against 440-540 µs with ``torch.cat``); from a few blocks up both run at
-    memory speed. NumPy copies bytes (uint8, no arithmetic) and releases the
-    GIL while it does. ``None`` for a single source, where one ``copy_`` of the
-    slice is already a plain copy.
-    """
-    if len(sources) == 1:
-        return None
-    try:
-        return tuple(source.detach().numpy() for source in sources)
-    except RuntimeError:  # a torch built without NumPy support: torch's own path
-        return None
 
 
 def _slice_rows(rows: Rows, begin: int, end: int) -> Rows:

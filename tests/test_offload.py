@@ -87,6 +87,7 @@ async def test_lazy_mode_stores_blocks_near_the_eviction_end_and_they_load_back(
         env.pool.free_blocks(reversed(blocks))
         fillers = env.pool.get_new_blocks(5)  # the unhashed blocks go first
         plan = manager.build_step(SchedulerOutput())
+        manager.step_computed(plan.step_id)
         assert sorted(plan.stores[0].device_block_ids) == sorted(b.block_id for b in blocks)
         assert all(b.ref_cnt == 1 for b in blocks)  # touched while copied
         await manager.wait_idle()
@@ -100,6 +101,7 @@ async def test_lazy_mode_stores_blocks_near_the_eviction_end_and_they_load_back(
             env.cache[target.block_id] = 0
         manager.update_state_after_alloc(again, KVCacheBlocks((targets,)), 2 * BS)
         plan = manager.build_step(SchedulerOutput())
+        manager.step_computed(plan.step_id)
         assert plan.num_load_blocks == 2
         await manager.wait_for_loads([again.request_id])
         assert env.holds(targets[0], again, 0)
@@ -128,6 +130,7 @@ async def test_duplicate_stores_are_skipped_eager_and_lazy() -> None:
             env.pool.free_blocks(reversed(blocks))
             fillers = env.pool.get_new_blocks(5)
             plan = manager.build_step(SchedulerOutput())
+            manager.step_computed(plan.step_id)
             await manager.wait_idle()
             env.pool.free_blocks(fillers)
             assert plan.num_store_blocks == (2 if _ == 0 else 0)
@@ -518,7 +521,7 @@ async def test_lazy_mode_keeps_the_eviction_end_safe_step_after_step() -> None:
     async with env.manager as manager:
         first = manager.indexes[0]
         for step in range(40):
-            manager.build_step(SchedulerOutput())
+            manager.step_computed(manager.build_step(SchedulerOutput()).step_id)
             await manager.wait_idle()
             head = list(env.pool.free_block_queue)[:8]
             unsafe = [b for b in head if b.block_hash is not None and b.block_hash not in first]
@@ -537,7 +540,7 @@ async def test_lazy_mode_spreads_a_burst_of_freed_blocks_over_steps_and_loses_no
     async with env.manager as manager:
         first = manager.indexes[0]
         for _ in range(12):  # idle steps: the rate of arrivals decays
-            manager.build_step(SchedulerOutput())
+            manager.step_computed(manager.build_step(SchedulerOutput()).step_id)
             await manager.wait_idle()
         burst = []
         for _ in range(8):  # eight requests of five blocks end at once
@@ -549,6 +552,7 @@ async def test_lazy_mode_spreads_a_burst_of_freed_blocks_over_steps_and_loses_no
         counts = []
         for _ in range(10):
             plan = manager.build_step(SchedulerOutput())
+            manager.step_computed(plan.step_id)
             counts.append(plan.num_store_blocks)
             assert plan.num_store_blocks <= manager.lazy_store_budget
             head = list(env.pool.free_block_queue)[:4]
@@ -569,12 +573,13 @@ async def test_lazy_mode_writes_what_nears_eviction_whatever_the_budget() -> Non
     """Safety is not bounded by the budget: every unwritten block at the eviction end goes."""
     env = Env(gpu_blocks=32, cpu_blocks=512, mode="lazy", lazy_free_target=30)
     async with env.manager as manager:
-        manager.build_step(SchedulerOutput())
+        manager.step_computed(manager.build_step(SchedulerOutput()).step_id)
         await manager.wait_idle()
         req = env.request(31)
         blocks = env.alloc(req, 31).blocks[0]  # the whole pool
         env.pool.free_blocks(reversed(blocks))
         plan = manager.build_step(SchedulerOutput())
+        manager.step_computed(plan.step_id)
         assert plan.num_store_blocks == 31  # past the budget of 30
         await manager.wait_idle()
         assert all(block.block_hash in manager.indexes[0] for block in blocks)

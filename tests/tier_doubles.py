@@ -163,14 +163,17 @@ class FaultInjectingStore:
 class GatedStore:
     """Wraps a tier for tests driven from another thread than the tier's loop.
 
-    While ``open`` is False, reads and writes wait; ``fail`` makes that many
-    next reads or writes raise ``TierIOError``. Both are plain attributes the
-    test thread sets.
+    While ``open`` is False, reads and writes wait (reads also while
+    ``reads_open`` is False); ``fail`` makes that many next reads or writes
+    raise ``TierIOError``; every write first sleeps ``write_delay`` seconds.
+    All are plain attributes the test thread sets.
     """
 
     def __init__(self, inner: BlockStore) -> None:
         self.inner = inner
         self.open = True
+        self.reads_open = True
+        self.write_delay = 0.0
         self.fail = 0
 
     @property
@@ -189,8 +192,8 @@ class GatedStore:
     def closed(self) -> bool:
         return self.inner.closed
 
-    async def _gate(self) -> None:
-        while not self.open:
+    async def _gate(self, read: bool = False) -> None:
+        while not self.open or (read and not self.reads_open):
             await anyio.sleep(0.0005)
         if self.fail > 0:
             self.fail -= 1
@@ -199,12 +202,14 @@ class GatedStore:
     async def read_into(
         self, slots: Sequence[int], keys: Sequence[BlockKey], out: torch.Tensor
     ) -> None:
-        await self._gate()
+        await self._gate(read=True)
         await self.inner.read_into(slots, keys, out)
 
     async def write_from(
         self, slots: Sequence[int], keys: Sequence[BlockKey], data: torch.Tensor
     ) -> None:
+        if self.write_delay:
+            await anyio.sleep(self.write_delay)
         await self._gate()
         await self.inner.write_from(slots, keys, data)
 

@@ -58,7 +58,11 @@ class StoreEvent:
 
 @attrs.define(eq=False)
 class Stage:
-    """Blocks held only by tier ``level`` (> 0), staged into the first tier."""
+    """Blocks held only by tier ``level`` (> 0), staged into the first tier.
+
+    ``dst_slots`` (set when the load starts) has a first-tier slot per key,
+    or -1 for a block loaded straight into the device.
+    """
 
     level: int
     src_slots: list[int]
@@ -75,12 +79,22 @@ class LoadEvent:
     targets: list[KVCacheBlock]  # touched: released when the event ends
     keys: list[BlockKey]
     pins: list[tuple[TierIndex, BlockKey]]  # source pins, released when the event ends
-    first_slots: list[int] = attrs.field(factory=list)  # slot in the first tier per key
+    first_slots: list[int] = attrs.field(factory=list)  # slot in the first tier per key, or -1
     stages: list[Stage] = attrs.field(factory=list)
     demotions: list[Demotion] = attrs.field(factory=list)
     first_block: int = 0
     failed: list[int] = attrs.field(factory=list)  # device blocks whose source was gone
     dispatched: bool = False
+
+    def staged_keys(self) -> list[BlockKey]:
+        """Keys given a first-tier slot by their stage (reserved there)."""
+        return [
+            key
+            for stage in self.stages
+            if stage.dst_slots  # empty until the load starts
+            for key, slot in zip(stage.keys, stage.dst_slots, strict=True)
+            if slot >= 0
+        ]
 
 
 @attrs.define(eq=False)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import attrs
+
 from kvtier.errors import BlockMissingError, TransferCancelledError
 from kvtier.offload._state import Demotion, LoadEvent, LoadOutcome, StoreEvent, StoreOutcome
 from kvtier.tiers.base import BlockKey, BlockStore
@@ -61,6 +63,54 @@ async def run_store(
         push(StoreOutcome(event.event_id, error, (*demoted, *([False] * missing)), seconds))
 
 
+@attrs.frozen
+class _Leg:
+    """One copy of a load: from tier ``level`` into the first tier or the device."""
+
+    level: int
+    src_slots: list[int]
+    to_device: bool
+    dst_slots: list[int]
+    keys: list[BlockKey]
+
+
+def _legs(event: LoadEvent) -> list[_Leg]:
+    """The event's copies in order: staging up into the first tier, then into the device.
+
+    A staged block without a first-tier slot (-1: the first tier holds it
+    already, or had no room) goes from its tier straight into the device.
+    """
+    target = {key: block.block_id for key, block in zip(event.keys, event.targets, strict=True)}
+    legs = []
+    for stage in event.stages:
+        rows = list(zip(stage.src_slots, stage.keys, stage.dst_slots, strict=True))
+        up = [row for row in rows if row[2] >= 0]
+        if up:
+            legs.append(_leg(stage.level, up, to_device=False))
+        direct = [(slot, key, target[key]) for slot, key, dst in rows if dst < 0]
+        if direct:
+            legs.append(_leg(stage.level, direct, to_device=True))
+    first = [
+        (slot, key, target[key])
+        for slot, key in zip(event.first_slots, event.keys, strict=True)
+        if slot >= 0
+    ]
+    if first:
+        legs.append(_leg(0, first, to_device=True))
+    return legs
+
+
+def _leg(level: int, rows: list[tuple[int, BlockKey, int]], *, to_device: bool) -> _Leg:
+    """A leg from ``(source slot, key, destination slot)`` rows."""
+    return _Leg(
+        level,
+        [row[0] for row in rows],
+        to_device,
+        [row[2] for row in rows],
+        [row[1] for row in rows],
+    )
+
+
 async def run_load(
     pipeline: TransferPipeline,
     device: BlockStore,
@@ -71,25 +121,23 @@ async def run_load(
     """Stage blocks held only by slower tiers into the first, then load them all."""
     error: BaseException | None = TransferCancelledError(f"load event {event.event_id} cancelled")
     missing: tuple[tuple[int, BlockKey], ...] = ()
-    level, by_slot = 0, dict(zip(event.first_slots, event.keys, strict=True))
     demoted: list[bool] = []
     seconds = 0.0
+    leg: _Leg | None = None
     try:
         for demotion in event.demotions:
             demoted.append(await _demote(pipeline, tiers, demotion))
-        for stage in event.stages:
-            level, by_slot = stage.level, dict(zip(stage.src_slots, stage.keys, strict=True))
-            task = LoadTask(tiers[level], stage.src_slots, tiers[0], stage.dst_slots, stage.keys)
+        for leg in _legs(event):
+            dst = device if leg.to_device else tiers[0]
+            task = LoadTask(tiers[leg.level], leg.src_slots, dst, leg.dst_slots, leg.keys)
             seconds += (await (await pipeline.submit(task))).seconds
-        level, by_slot = 0, dict(zip(event.first_slots, event.keys, strict=True))
-        ids = [block.block_id for block in event.targets]
-        task = LoadTask(tiers[0], event.first_slots, device, ids, event.keys)
-        seconds += (await (await pipeline.submit(task))).seconds
         error = None
     except BlockMissingError as exc:
         error = exc
-        slots = exc.slots or tuple(by_slot)
-        missing = tuple((level, by_slot[slot]) for slot in slots if slot in by_slot)
+        if leg is not None:  # the copy that failed: its source blocks proved bad
+            by_slot = dict(zip(leg.src_slots, leg.keys, strict=True))
+            slots = exc.slots or leg.src_slots
+            missing = tuple((leg.level, by_slot[slot]) for slot in slots if slot in by_slot)
     except Exception as exc:
         error = exc
     finally:

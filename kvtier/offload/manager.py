@@ -349,8 +349,9 @@ class OffloadManager:
         """Start this step's loads and plan its stores.
 
         Raises:
-            ClosedError: The manager is not entered.
+            ClosedError: The manager is not entered (nothing is planned).
         """
+        self._transfers.runtime.check_running()
         self._transfers.drain()
         step_id = next(self._step_ids)
         loads = self._transfers.dispatch_planned_loads()
@@ -372,7 +373,11 @@ class OffloadManager:
         """The forward pass of step ``step_id`` (and of every earlier one) ended.
 
         Starts the stores of blocks those steps computed.
+
+        Raises:
+            ClosedError: The manager is not entered (nothing is started).
         """
+        self._transfers.runtime.check_running()
         self._transfers.drain()
         for event in list(self._transfers.stores.values()):
             if not event.dispatched and event.step_id <= step_id:
@@ -400,21 +405,36 @@ class OffloadManager:
         return state is not None and state.load is not None
 
     async def wait_for_loads(self, request_ids: Iterable[str]) -> None:
-        """Wait (async engines) until none of the requests has a load in flight."""
-        wanted = list(request_ids)
-        await self._transfers.wait_async(lambda: not any(map(self.load_in_flight, wanted)))
+        """Wait (async engines) until the requests' started loads ended.
+
+        Requests without a load, or unknown ones, are not waited for.
+
+        Raises:
+            InvalidRequestError: A request's load is planned but not started
+                (it starts at the next :meth:`build_step`): it would never end.
+        """
+        loads = self._transfers.started_loads(request_ids)
+        await self._transfers.wait_async(lambda: loads.isdisjoint(self._transfers.loads))
 
     def wait_for_loads_blocking(
         self, request_ids: Iterable[str], timeout: float | None = None
     ) -> bool:
-        """Block (synchronous engines) until the requests' loads ended.
+        """Block (synchronous engines) until the requests' started loads ended.
+
+        Args:
+            request_ids: The requests to wait for (as :meth:`wait_for_loads`).
+            timeout: Most seconds to wait in all; ``None`` waits as long as it takes.
 
         Returns:
             False when ``timeout`` seconds passed first.
+
+        Raises:
+            InvalidRequestError: As :meth:`wait_for_loads`.
         """
-        wanted = list(request_ids)
-        done = lambda: not any(map(self.load_in_flight, wanted))  # noqa: E731
-        return self._transfers.wait_blocking(done, timeout)
+        loads = self._transfers.started_loads(request_ids)
+        return self._transfers.wait_blocking(
+            lambda: loads.isdisjoint(self._transfers.loads), timeout
+        )
 
     async def wait_idle(self) -> None:
         """Wait (async engines) until every started store and load ended locally."""
@@ -422,6 +442,9 @@ class OffloadManager:
 
     def wait_idle_blocking(self, timeout: float | None = None) -> bool:
         """Block (synchronous engines) until every started transfer ended locally.
+
+        Args:
+            timeout: Most seconds to wait in all; ``None`` waits as long as it takes.
 
         Returns:
             False when ``timeout`` seconds passed first.

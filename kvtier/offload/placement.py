@@ -48,26 +48,29 @@ def demotions(
 
 def reserve_stages(
     indexes: Sequence[TierIndex], stats: Sequence[TierStats], event: LoadEvent
-) -> bool:
+) -> None:
     """Reserve first-tier slots for the event's blocks held only by slower tiers.
 
-    Returns:
-        False (nothing reserved) when a staged block is already in the first
-        tier or being written there, or the first tier has no room.
+    A staged block goes up through the first tier, where the next request
+    finds it. Blocks the first tier holds already (another load is staging
+    them, or they arrived since the load was planned), and every staged block
+    when the first tier has no room, are loaded straight from their tier into
+    the device instead (``Stage.dst_slots`` -1): their source pins hold them,
+    so the load never fails for want of room above.
     """
     first = indexes[0]
-    keys = [key for stage in event.stages for key in stage.keys]
-    if any(first.holds(key) for key in keys):
-        return False
-    try:
-        reservation = first.reserve(keys)
-    except TierFullError:
-        return False
-    by_key = dict(zip(reservation.keys, reservation.slots, strict=True))
+    keys = [key for stage in event.stages for key in stage.keys if not first.holds(key)]
+    by_key: dict[BlockKey, int] = {}
+    if keys:
+        try:
+            reservation = first.reserve(keys)
+        except TierFullError:
+            pass
+        else:
+            by_key = dict(zip(reservation.keys, reservation.slots, strict=True))
+            event.demotions = demotions(indexes, stats, 0, reservation)
     for stage in event.stages:
-        stage.dst_slots = [by_key[key] for key in stage.keys]
+        stage.dst_slots = [by_key.get(key, -1) for key in stage.keys]
     event.first_slots = [
         by_key.get(key, slot) for key, slot in zip(event.keys, event.first_slots, strict=True)
     ]
-    event.demotions = demotions(indexes, stats, 0, reservation)
-    return True

@@ -32,6 +32,7 @@ __all__ = ["Runtime"]
 
 Outcome = StoreOutcome | LoadOutcome
 Job = Callable[..., Coroutine[Any, Any, None]]
+_NOT_RUNNING = "the offload manager is not running: enter it first"
 
 
 class Runtime:
@@ -131,6 +132,15 @@ class Runtime:
 
     # -- jobs --------------------------------------------------------------------------
 
+    def check_running(self) -> None:
+        """Raise unless jobs can be started.
+
+        Raises:
+            ClosedError: The manager is not entered (or has been left).
+        """
+        if self._group is None:
+            raise ClosedError(_NOT_RUNNING)
+
     def spawn(self, job: Job, *args: Any) -> None:
         """Start ``job(*args)`` (from the engine's thread).
 
@@ -142,7 +152,7 @@ class Runtime:
         """
         group = self._group
         if group is None:
-            raise ClosedError("the offload manager is not running: enter it first")
+            raise ClosedError(_NOT_RUNNING)
         if self._portal is None:
             self._jobs.append((job, args))
             self._wake_dispatcher()
@@ -171,6 +181,6 @@ class Runtime:
         await self._event.wait()
 
     def wait_blocking(self, timeout: float | None) -> bool:
-        """Wait until an outcome is queued; False after ``timeout`` seconds."""
+        """Wait until an outcome is queued; False after ``timeout`` seconds (None: no limit)."""
         with self._cond:
             return self._cond.wait_for(lambda: bool(self.outcomes), timeout)

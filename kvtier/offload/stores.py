@@ -156,5 +156,7 @@ class StorePlanner:
         )
         self.transfers.stores[event.event_id] = event
         lazy.settle(self.block_pool, first)
-        self.transfers.dispatch_store(event)  # computed in earlier steps: their bytes exist
+        # Not dispatched here either: under async scheduling a request can be
+        # freed while the forward pass that writes its newest (already hashed)
+        # blocks still runs. ``step_computed(step_id)`` starts the copy.
         return StoreSpec(event.event_id, self.tier_name, ids, reservation.slots)

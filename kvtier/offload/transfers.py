@@ -9,8 +9,10 @@ records finished loads for the engine.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 
+from kvtier.errors import InvalidRequestError
 from kvtier.log import get_logger
 from kvtier.offload import jobs, placement
 from kvtier.offload._state import (
@@ -87,9 +89,13 @@ class Transfers:
     # -- dispatch ----------------------------------------------------------------------
 
     def dispatch_store(self, event: StoreEvent) -> None:
-        """Start the event's job (its blocks' bytes must exist by now)."""
-        event.dispatched = True
+        """Start the event's job (its blocks' bytes must exist by now).
+
+        Raises:
+            ClosedError: The manager is not running (the event stays unstarted).
+        """
         self.runtime.spawn(self._run_store, event)
+        event.dispatched = True
 
     def dispatch_planned_loads(self) -> tuple[LoadSpec, ...]:
         """Start every load planned and not started yet; their specs."""
@@ -103,16 +109,19 @@ class Transfers:
         return tuple(specs)
 
     def dispatch_load(self, state: RequestState) -> LoadSpec | None:
-        """Start the request's planned load; its spec, or None."""
+        """Start the request's planned load; its spec, or None.
+
+        Raises:
+            ClosedError: The manager is not running (the load stays unstarted).
+        """
         event = state.load
         if event is None or event.dispatched:
             return None
-        if event.stages and not placement.reserve_stages(self.indexes, self.tier_stats, event):
-            state.load = None
-            self.end_load(event, error=True, missing=())
-            return None
-        event.dispatched = True
+        self.runtime.check_running()
+        if event.stages:
+            placement.reserve_stages(self.indexes, self.tier_stats, event)
         self.runtime.spawn(self._run_load, event)
+        event.dispatched = True
         sources = []
         first_name = self.tiers[0].name
         staged = {
@@ -132,6 +141,27 @@ class Transfers:
 
     # -- completions -------------------------------------------------------------------
 
+    def started_loads(self, request_ids: Iterable[str]) -> set[int]:
+        """The event ids of the requests' loads in flight, to wait for.
+
+        Raises:
+            InvalidRequestError: A request's load is planned and not started.
+        """
+        self.drain()
+        events = set()
+        for rid in request_ids:
+            state = self.requests.get(rid)
+            load = None if state is None else state.load
+            if load is None:
+                continue
+            if not load.dispatched:
+                raise InvalidRequestError(
+                    f"the load of request {rid!r} has not started: it starts at the "
+                    "next build_step, so wait after that"
+                )
+            events.add(load.event_id)
+        return events
+
     async def wait_async(self, done: Callable[[], bool]) -> None:
         """Apply outcomes as they come (async engines) until ``done()``."""
         self.drain()
@@ -143,11 +173,13 @@ class Transfers:
         """Apply outcomes as they come (synchronous engines) until ``done()``.
 
         Returns:
-            False when a wait for the next outcome took ``timeout`` seconds.
+            False when ``timeout`` seconds (in all) passed first.
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         self.drain()
         while not done():
-            if not self.runtime.wait_blocking(timeout):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self.runtime.wait_blocking(left):
                 return False
             self.drain()
         return True
@@ -251,7 +283,7 @@ class Transfers:
         """Settle a load: release pins and targets, forget missing blocks, report it."""
         self.loads.pop(event.event_id, None)
         first = self.indexes[0]
-        staged = [key for stage in event.stages for key in stage.keys if stage.dst_slots]
+        staged = event.staged_keys()
         if staged:
             if error:
                 first.abort(staged)
@@ -262,10 +294,12 @@ class Transfers:
         self.unpin(event)
         for level, key in missing:
             self.indexes[level].remove([key])
-        count = len(event.keys)
-        for level in {0, *(stage.level for stage in event.stages)}:
+        counts = dict.fromkeys((0, *(stage.level for stage in event.stages)), 0)
+        counts[0] = sum(slot >= 0 for slot in event.first_slots)  # read from the first tier
+        for stage in event.stages:
+            counts[stage.level] += len(stage.keys)
+        for level, n in counts.items():
             stats = self.tier_stats[level]
-            n = count if level == 0 else sum(len(s.keys) for s in event.stages if s.level == level)
             if error:
                 stats.failed_transfers += n
             else:

@@ -7,8 +7,9 @@ worker task in a task group the pipeline owns, so loads never wait behind
 stores. A full queue pushes back: :meth:`TransferPipeline.submit` waits,
 :meth:`TransferPipeline.submit_nowait` raises :class:`anyio.WouldBlock`.
 
-A worker takes a task plus whatever else is queued for the same pair of tiers
-(up to ``max_batch_blocks``) and moves them with one read and one write. When
+A worker takes a task plus whatever else is queued behind it for the same pair
+of tiers, as long as the batch stays within ``max_batch_blocks`` (a larger
+task runs alone), and moves them with one read and one write. When
 the destination can expose its slots as one tensor view (a CPU tier, for an
 ascending run of slots), the source gathers straight into it; otherwise bytes
 pass through a staging buffer of at most ``staging_bytes``, allocated once.
@@ -116,6 +117,8 @@ class TransferPipeline:
         self._task_group: TaskGroup | None = None
         self._closed = False
         self._started = False
+        self._workers = 0
+        self._stopped = anyio.Event()  # set when the last worker ended
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -129,6 +132,7 @@ class TransferPipeline:
         for direction in ("store", "load"):
             send, receive = anyio.create_memory_object_stream[_Item](self.queue_size)
             self._send[direction] = send
+            self._workers += 1
             group.start_soon(self._worker, direction, receive, name=f"kvtier-{direction}")
         return self
 
@@ -141,8 +145,19 @@ class TransferPipeline:
         await self._shutdown(exc_type, exc, tb)
 
     async def aclose(self) -> None:
-        """Finish queued tasks, stop the workers. Idempotent."""
-        await self._shutdown(None, None, None)
+        """Finish the queued tasks and stop the workers; from any task. Idempotent.
+
+        New tasks are refused from the first call on. The task group itself
+        is left by ``__aexit__`` (``async with``), in the task that entered it.
+        """
+        self._close_queues()
+        if self._started:
+            await self._stopped.wait()
+
+    def _close_queues(self) -> None:
+        self._closed = True
+        for send in self._send.values():
+            send.close()  # workers drain what is queued, then stop
 
     async def _shutdown(
         self,
@@ -150,15 +165,13 @@ class TransferPipeline:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for send in self._send.values():
-            send.close()  # workers drain what is queued, then stop
+        self._close_queues()
         group, self._task_group = self._task_group, None
-        self._staging.clear()
-        if group is not None:
-            await group.__aexit__(exc_type, exc, tb)
+        try:
+            if group is not None:
+                await group.__aexit__(exc_type, exc, tb)
+        finally:
+            self._staging.clear()
 
     @property
     def closed(self) -> bool:
@@ -205,16 +218,22 @@ class TransferPipeline:
     async def _worker(
         self, direction: Direction, receive: MemoryObjectReceiveStream[_Item]
     ) -> None:
-        pending: list[_Item] = []
+        batch: list[_Item] = []
+        carry: _Item | None = None  # taken, but for the next batch
         try:
-            async for first in receive:
-                pending = [first]
-                self._take_more(first[0], receive, pending)
-                await self._run_batch(direction, pending)
-                pending = []
+            while True:
+                if carry is None:
+                    try:
+                        carry = await receive.receive()
+                    except anyio.EndOfStream:
+                        break
+                batch = [carry]
+                carry = self._take_more(receive, batch)
+                await self._run_batch(direction, batch)
+                batch = []
         finally:
             # Cancelled: settle what is in hand and what is still queued.
-            leftovers = list(pending)
+            leftovers = [*batch, *([] if carry is None else [carry])]
             while True:
                 try:
                     leftovers.append(receive.receive_nowait())
@@ -225,44 +244,45 @@ class TransferPipeline:
                 if not completion.done():
                     completion.set_cancelled()  # first: a bad ledger strands nobody
                     _settle(task, ok=False)
+            self._workers -= 1
+            if not self._workers:
+                self._stopped.set()
 
     def _take_more(
-        self, first: TransferTask, receive: MemoryObjectReceiveStream[_Item], batch: list[_Item]
-    ) -> None:
+        self, receive: MemoryObjectReceiveStream[_Item], batch: list[_Item]
+    ) -> _Item | None:
+        """Add the queued tasks that fit ``batch``; the first that does not, if taken."""
+        first = batch[0][0]
         blocks = first.num_blocks
         while blocks < self.max_batch_blocks:
             try:
                 item = receive.receive_nowait()
             except (anyio.WouldBlock, anyio.EndOfStream):
-                return
+                return None
+            task = item[0]
+            if (
+                task.src is not first.src
+                or task.dst is not first.dst
+                or blocks + task.num_blocks > self.max_batch_blocks
+            ):
+                return item  # another pair of tiers, or too big: it starts the next batch
             batch.append(item)
-            blocks += item[0].num_blocks
-            if item[0].src is not first.src or item[0].dst is not first.dst:
-                return  # another pair of tiers: it runs as its own batch below
+            blocks += task.num_blocks
+        return None
 
     async def _run_batch(self, direction: Direction, batch: list[_Item]) -> None:
-        groups: list[list[_Item]] = []
-        for item in batch:
-            if (
-                groups
-                and groups[-1][0][0].src is item[0].src
-                and groups[-1][0][0].dst is item[0].dst
-            ):
-                groups[-1].append(item)
-            else:
-                groups.append([item])
-        for group in groups:
-            if len(group) == 1:
-                await self._run_one(direction, *group[0])
-                continue
-            try:
-                seconds = await self._move(direction, [task for task, _ in group])
-            except Exception:
-                for task, completion in group:  # isolate the failing task
-                    await self._run_one(direction, task, completion)
-                continue
-            for task, completion in group:
-                self._finish(task, completion, seconds)
+        """Move a batch (one pair of tiers) with one copy; task by task if it fails."""
+        if len(batch) == 1:
+            await self._run_one(direction, *batch[0])
+            return
+        try:
+            seconds = await self._move(direction, [task for task, _ in batch])
+        except Exception:
+            for task, completion in batch:  # isolate the failing task
+                await self._run_one(direction, task, completion)
+            return
+        for task, completion in batch:
+            self._finish(task, completion, seconds)
 
     async def _run_one(
         self, direction: Direction, task: TransferTask, completion: Completion[TransferResult]

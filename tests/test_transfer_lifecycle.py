@@ -1,0 +1,106 @@
+"""The pipeline's batch bound and closing it from another task than its owner."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anyio
+import pytest
+import torch
+
+from kvtier.completion import CompletionState
+from kvtier.errors import ClosedError
+from kvtier.tiers.base import BlockKey
+from kvtier.transfer import StoreTask, TransferPipeline
+from tests.test_transfer import fill, keys_for
+from tests.tier_doubles import FaultInjectingStore, MemoryStore
+
+
+class CountingStore(MemoryStore):
+    """A MemoryStore that records how many blocks each read moves."""
+
+    def __init__(self, num_slots: int, name: str) -> None:
+        super().__init__(num_slots, name=name)
+        self.read_sizes: list[int] = []
+
+    async def read_into(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], out: torch.Tensor
+    ) -> None:
+        self.read_sizes.append(len(slots))
+        await super().read_into(slots, keys, out)
+
+
+@pytest.mark.asyncio
+async def test_a_batch_never_exceeds_max_batch_blocks() -> None:
+    inner = CountingStore(32, name="gpu")
+    device = FaultInjectingStore(inner)
+    cpu = MemoryStore(32, name="cpu")
+    keys = keys_for(*range(12))
+    data = fill(inner, list(range(12)), keys)
+    device.read_gate = anyio.Event()
+    async with TransferPipeline(max_batch_blocks=3) as pipeline:
+        completions = [pipeline.submit_nowait(StoreTask(device, [0, 1], cpu, [0, 1], keys[:2]))]
+        await anyio.wait_all_tasks_blocked()  # the worker holds the first task at the gate
+        for first in range(2, 12, 2):  # five more tasks of two blocks queue up
+            slots = [first, first + 1]
+            completions.append(
+                pipeline.submit_nowait(
+                    StoreTask(device, slots, cpu, slots, keys[first : first + 2])
+                )
+            )
+        device.read_gate.set()
+        for completion in completions:
+            assert (await completion).n_blocks == 2
+    assert max(inner.read_sizes) <= 3
+    assert sum(inner.read_sizes) == 12
+    assert torch.equal(cpu.data[:12], data)
+
+
+@pytest.mark.asyncio
+async def test_a_task_larger_than_the_bound_still_runs_alone() -> None:
+    inner = CountingStore(16, name="gpu")
+    cpu = MemoryStore(16, name="cpu")
+    keys = keys_for(*range(5))
+    data = fill(inner, list(range(5)), keys)
+    async with TransferPipeline(max_batch_blocks=2) as pipeline:
+        big = pipeline.submit_nowait(
+            StoreTask(inner, list(range(4)), cpu, list(range(4)), keys[:4])
+        )
+        small = pipeline.submit_nowait(StoreTask(inner, [4], cpu, [4], keys[4:]))
+        assert (await big).n_blocks == 4
+        assert (await small).n_blocks == 1
+    assert inner.read_sizes == [4, 1]
+    assert torch.equal(cpu.data[:5], data)
+
+
+@pytest.mark.asyncio
+async def test_aclose_from_another_task_finishes_queued_work_and_the_owner_exits_cleanly() -> None:
+    device, cpu = MemoryStore(8, name="gpu"), MemoryStore(8, name="cpu")
+    data = fill(device, [0, 1, 2], keys_for(0, 1, 2))
+    async with TransferPipeline(max_batch_blocks=1) as pipeline:
+        completions = [
+            pipeline.submit_nowait(StoreTask(device, [i], cpu, [i], keys_for(i))) for i in range(3)
+        ]
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as group:
+                group.start_soon(pipeline.aclose)
+                group.start_soon(pipeline.aclose)  # twice, concurrently: idempotent
+        assert pipeline.closed
+        assert all(c.state is CompletionState.DONE for c in completions)
+        with pytest.raises(ClosedError):
+            pipeline.submit_nowait(StoreTask(device, [0], cpu, [0], keys_for(0)))
+    await pipeline.aclose()
+    assert torch.equal(cpu.data[:3], data)
+
+
+@pytest.mark.asyncio
+async def test_aclose_by_the_owner_without_a_with_block_closes_everything() -> None:
+    device, cpu = MemoryStore(4, name="gpu"), MemoryStore(4, name="cpu")
+    fill(device, [0], keys_for(0))
+    pipeline = TransferPipeline()
+    await pipeline.__aenter__()
+    done = pipeline.submit_nowait(StoreTask(device, [0], cpu, [0], keys_for(0)))
+    with anyio.fail_after(10):
+        await pipeline.aclose()
+    assert done.state is CompletionState.DONE
+    await pipeline.__aexit__(None, None, None)  # after aclose: nothing left to do

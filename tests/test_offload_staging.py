@@ -84,7 +84,8 @@ async def test_a_load_from_disk_goes_straight_to_the_device_when_the_cpu_tier_ha
         with anyio.fail_after(DEADLINE):
             await manager.wait_for_loads([reader_a.request_id, reader_b.request_id])
         finished = manager.take_finished()
-        assert all(f.ok for f in finished) and len(finished) == 2
+        assert len(finished) == 2
+        assert all(f.ok for f in finished)
         assert env.holds(a_targets[0], reader_a, 0)
         assert env.holds(a_targets[1], reader_a, 1)
         assert env.holds(b_targets[1], reader_b, 1)

@@ -428,7 +428,7 @@ async def test_an_immutable_directory_fails_writes_and_still_serves_reads(tmp_pa
 
 
 @pytest.mark.asyncio
-async def test_read_errors_fail_the_read_and_later_reads_recover(
+async def test_system_read_errors_fail_the_read_and_later_reads_recover(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import errno
@@ -437,15 +437,130 @@ async def test_read_errors_fail_the_read_and_later_reads_recover(
     real_preadv = os.preadv
 
     def failing_preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
-        raise OSError(errno.EIO, "Input/output error")
+        raise OSError(errno.EMFILE, "Too many open files")  # the process's, not the file's
 
     async with tier_at(tmp_path) as tier:
         await tier.write_from([0, 1], [key(0), key(1)], data)
         monkeypatch.setattr(os, "preadv", failing_preadv)
-        with pytest.raises(TierIOError, match="Input/output error"):
+        with pytest.raises(TierIOError, match="Too many open files"):
             await read(tier, [0, 1], [key(0), key(1)])
         monkeypatch.setattr(os, "preadv", real_preadv)
         assert torch.equal(await read(tier, [0, 1], [key(0), key(1)]), data)
+
+
+@pytest.mark.asyncio
+async def test_a_file_that_fails_with_eio_is_a_miss_and_the_rest_of_the_batch_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    data = blocks(3, 12)
+    real_preadv = os.preadv
+    async with tier_at(tmp_path) as tier:
+        await tier.write_from([0, 1, 2], [key(0), key(1), key(2)], data)
+        bad = block_file(tmp_path, 1).stat().st_ino
+
+        def bad_sector(fd: int, buffers: list[memoryview], offset: int) -> int:
+            if os.fstat(fd).st_ino == bad:
+                raise OSError(errno.EIO, "Input/output error")
+            return real_preadv(fd, buffers, offset)
+
+        monkeypatch.setattr(os, "preadv", bad_sector)
+        out = torch.zeros((3, LAYOUT.block_bytes), dtype=torch.uint8)
+        with pytest.raises(BlockMissingError) as info:
+            await tier.read_into([0, 1, 2], [key(0), key(1), key(2)], out)
+        assert info.value.slots == (1,)
+        assert torch.equal(out[[0, 2]], data[[0, 2]])
+
+
+@pytest.mark.asyncio
+async def test_a_persistent_eio_is_forgotten_by_the_index_after_one_failed_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from kvtier.transfer import LoadTask, TransferPipeline
+    from tests.tier_doubles import MemoryStore
+
+    data = blocks(2, 13)
+    real_preadv = os.preadv
+    device = MemoryStore(4, layout=LAYOUT, name="gpu")
+    index = TierIndex("disk", 16, "lru")
+    async with tier_at(tmp_path) as tier, TransferPipeline() as pipeline:
+        await tier.write_from([0, 1], [key(0), key(1)], data)
+        index.restore([(0, key(0)), (1, key(1))])
+        bad = block_file(tmp_path, 1).stat().st_ino
+
+        def bad_sector(fd: int, buffers: list[memoryview], offset: int) -> int:
+            if os.fstat(fd).st_ino == bad:
+                raise OSError(errno.EIO, "Input/output error")
+            return real_preadv(fd, buffers, offset)
+
+        monkeypatch.setattr(os, "preadv", bad_sector)
+        slots = index.pin([key(1)])
+        done = await pipeline.submit(LoadTask(tier, slots, device, [0], [key(1)], index))
+        with pytest.raises(BlockMissingError):
+            await done
+        assert key(1) not in index  # the next lookup misses instead of failing again
+        assert key(0) in index
+        assert index.num_pinned == 0
+        assert not device.data[0].any()  # never wrong bytes
+
+
+@pytest.mark.asyncio
+async def test_a_failed_write_that_moved_a_key_leaves_no_file_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    data = blocks(3, 14)
+    async with tier_at(tmp_path) as tier:
+        await tier.write_from([1, 2], [key(5), key(6)], data[:2])
+
+        def disk_full(fd: int, buffers: list[memoryview], offset: int) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        real_pwritev = os.pwritev
+        monkeypatch.setattr(os, "pwritev", disk_full)
+        for slot in (2, 3):  # over another block's file, and into a free slot
+            with pytest.raises(TierIOError, match="No space left"):
+                await tier.write_from([slot], [key(5)], data[2:])
+        monkeypatch.setattr(os, "pwritev", real_pwritev)
+        # key 5 was unmapped from slot 1 by the first write: its old file is gone too.
+        mapped = dict(tier._slot_keys)
+        assert {p.name for p in tmp_path.iterdir()} == {k.hex() + ".kvb" for k in mapped.values()}
+        assert key(5) not in mapped.values()
+        with pytest.raises(BlockMissingError):
+            await read(tier, [1], [key(5)])
+    async with tier_at(tmp_path) as tier:  # nothing stale comes back on a warm restart
+        assert await tier.recover() == list(mapped.items())
+
+
+@pytest.mark.asyncio
+async def test_fsync_syncs_each_block_and_then_the_directory_after_the_renames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        calls.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    def replace(src: object, dst: object) -> None:
+        calls.append("rename")
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    root = tmp_path / "blocks"
+    async with DiskTier(root, LAYOUT, 16 * PER_BLOCK, fsync=True, max_workers=1) as tier:
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+        await tier.write_from([0, 1, 2], [key(0), key(1), key(2)], blocks(3, 15))
+        assert calls == ["file", "rename"] * 3 + ["dir"]
+        calls.clear()
+    async with tier_at(tmp_path / "plain") as tier:  # fsync=False: none at all
+        await tier.write_from([0], [key(0)], blocks(1, 15))
+        assert calls == ["rename"]
 
 
 # -- O_DIRECT ---------------------------------------------------------------------

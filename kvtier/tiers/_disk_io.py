@@ -179,6 +179,14 @@ class BlockFiles:
             return
         _write_all(fd, [payload, memoryview(trailer)], size)
 
+    def sync_directory(self) -> None:
+        """``fsync`` the directory, so the renames of written blocks survive a crash."""
+        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_SAFE)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def unlink(self, key: BlockKey) -> None:
         """Delete ``key``'s file if it exists."""
         self.file(key).unlink(missing_ok=True)

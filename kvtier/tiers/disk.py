@@ -18,8 +18,12 @@ runs of blocks, each run one worker-thread call behind a ``CapacityLimiter``
 (a thread hop per block would cost as much as copying a 64 KiB block).
 
 Every read checks magic, version, layout fingerprint, key, slot, length and
-checksum: any mismatch, a missing or short file raises ``BlockMissingError``
-(a miss, never wrong bytes). Other ``OSError`` become ``TierIOError``.
+checksum: any mismatch, a missing or short file, or an error that doubts the
+file itself (``EIO``, ``EBADMSG``, ``EACCES``…) raises ``BlockMissingError``
+(a miss, never wrong bytes, and the index forgets the block). Other
+``OSError`` (``EMFILE``, ``ENOMEM``…) become ``TierIOError``. With
+``fsync=True`` each block is synced before its rename, and the directory once
+per batch after them, before the write returns.
 ``direct_io=True`` opens files with ``O_DIRECT`` through page-aligned buffers
 (checked when the tier opens: a file system without it is a ``ConfigError``).
 
@@ -31,9 +35,7 @@ and stray temp files are deleted.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
-import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -51,16 +53,24 @@ from kvtier.errors import (
 )
 from kvtier.log import get_logger
 from kvtier.tiers._checks import check_buffer, check_slots, tensor_bytes
-from kvtier.tiers._disk_io import SUFFIX, TMP_PREFIX, BlockFiles
+from kvtier.tiers._disk_io import BlockFiles
 from kvtier.tiers.base import BlockKey, BlockLayout
+from kvtier.tiers.disk_dir import check_direct_io, claim_directory, scan
 from kvtier.tiers.disk_format import MAX_KEY_BYTES, file_bytes
 
 __all__ = ["DiskTier"]
 
 _log = get_logger("kvtier.tiers.disk")
-_O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 _MAX_SLOTS: Final = 1 << 32
 """Slots a directory may hold: the trailer records a block's slot as a u32."""
+_FILE_ERRORS: Final = frozenset(
+    getattr(errno, name)
+    for name in ("EIO", "EBADMSG", "ENODATA", "EUCLEAN", "ESTALE", "EACCES", "EPERM", "EISDIR")
+    if hasattr(errno, name)
+)
+"""Read errors that doubt one file (a bad sector, a damaged inode, a changed
+mode): the block reads as a miss. Others (``EMFILE``, ``ENOMEM``…) are the
+process's or the system's, say nothing of the block, and fail the read."""
 
 
 class DiskTier:
@@ -73,7 +83,8 @@ class DiskTier:
             (:meth:`bytes_per_block` each) fit in it.
         name: The tier's name (``medium`` of its events).
         max_workers: Worker threads doing one batch's I/O at once.
-        fsync: ``fsync`` each block before it replaces the old one.
+        fsync: ``fsync`` each block before it replaces the old one, and the
+            directory after a batch's renames.
         direct_io: Open block files with ``O_DIRECT`` (bypassing the page cache).
 
     Raises:
@@ -195,85 +206,14 @@ class DiskTier:
             raise ClosedError(f"tier {self._name} is not open: use 'async with'")
 
     def _open(self) -> list[tuple[int, BlockKey]]:
-        self._claim_directory()
+        self._lock = claim_directory(self.path, self._name)
         try:
-            return self._scan()
+            if self._files.direct:
+                check_direct_io(self._files, self._name)
+            return scan(self._files, self._num_slots, self._name)
         except BaseException:
             self._unlock()
             raise
-
-    def _claim_directory(self) -> None:
-        """Create or check the directory (ours, 0700, not a link) and lock it.
-
-        Raises:
-            ConfigError: The path is a symlink or not a directory, belongs to
-                another user, or another open DiskTier holds it.
-            OSError: It cannot be created, tightened or locked.
-        """
-        path = self.path
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = path.lstat()
-        if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-            raise ConfigError(f"tier {self._name}: {path} is not a directory (or is a symlink)")
-        if info.st_uid != os.geteuid():
-            raise ConfigError(
-                f"tier {self._name}: {path} belongs to uid {info.st_uid}, not to this "
-                f"process (uid {os.geteuid()}): its files could have been planted"
-            )
-        if stat.S_IMODE(info.st_mode) != 0o700:
-            path.chmod(0o700)
-        # The lock is on the directory itself: no extra file in it.
-        lock = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_NOFOLLOW)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            os.close(lock)
-            raise ConfigError(
-                f"tier {self._name}: {path} is in use by another open DiskTier"
-            ) from exc
-        except BaseException:
-            os.close(lock)
-            raise
-        self._lock = lock
-
-    def _scan(self) -> list[tuple[int, BlockKey]]:
-        """Rebuild the index from the block files, dropping what does not verify."""
-        path = self.path
-        if self._files.direct:
-            try:
-                self._files.probe_direct()
-            except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, None):
-                    raise
-                raise ConfigError(
-                    f"tier {self._name}: direct_io is not supported under {path}: {exc}"
-                ) from exc
-        found: dict[int, BlockKey] = {}
-        for entry in sorted(path.iterdir()):
-            if entry.name.startswith(TMP_PREFIX):
-                self._drop(entry, "tier_temp_removed")
-                continue
-            if entry.suffix != SUFFIX:
-                continue
-            try:
-                valid = self._files.verify(entry)
-            except OSError as exc:  # unreadable is not invalid: keep the file, skip the block
-                _log.warning("tier_block_skipped", tier=self._name, file=entry.name, error=str(exc))
-                continue
-            if valid is None or valid[0] in found or valid[0] >= self._num_slots:
-                self._drop(entry, "tier_block_dropped")
-                continue
-            found[valid[0]] = valid[1]
-        return sorted(found.items())
-
-    def _drop(self, entry: Path, event: str) -> None:
-        """Delete a stray or invalid entry; one that cannot be deleted is logged and left."""
-        try:
-            entry.unlink(missing_ok=True)
-        except OSError as exc:  # e.g. a directory named like a block
-            _log.warning("tier_entry_kept", tier=self._name, file=entry.name, error=str(exc))
-        else:
-            _log.warning(event, tier=self._name, file=entry.name)
 
     async def recover(self) -> Sequence[tuple[int, BlockKey]]:
         """``(slot, key)`` of every valid block found when the tier was opened."""
@@ -324,6 +264,7 @@ class DiskTier:
         host = rows.to("cpu") if rows.device.type != "cpu" else rows
         batch_keys = set(keys)
         recycle: list[BlockKey | None] = []  # a file to reuse for each block
+        replaced: list[bool] = []  # the block's key had a file (in another slot)
         for slot, key in zip(slot_list, keys, strict=True):
             old = self._slot_keys.pop(slot, None)  # overwritten: gone whatever happens
             if old is not None:
@@ -331,6 +272,7 @@ class DiskTier:
             moved = self._key_slots.pop(key, None)  # the same key in another slot
             if moved is not None:
                 del self._slot_keys[moved]
+            replaced.append(moved is not None)
             if old is not None and (old == key or old not in batch_keys):
                 recycle.append(old)
             else:  # (an old key written again in this batch is that write's file)
@@ -351,8 +293,12 @@ class DiskTier:
 
         try:
             await self._in_workers(work, len(slot_list))
+            if done and self._files.fsync:  # the renames, durable before the write counts
+                await anyio.to_thread.run_sync(self._files.sync_directory, limiter=self._limiter)
+        except OSError as exc:
+            errors.append(self._io_error("syncing the directory", exc))
         finally:
-            await self._settle_writes(slot_list, keys, recycle, done)
+            await self._settle_writes(slot_list, keys, recycle, replaced, done)
         if errors:
             raise errors[0]
 
@@ -361,25 +307,35 @@ class DiskTier:
         slots: list[int],
         keys: Sequence[BlockKey],
         recycle: list[BlockKey | None],
+        replaced: list[bool],
         done: list[int],
     ) -> None:
-        """Map the written blocks; delete what failed writes were to replace.
+        """Map the written blocks; delete the files of the blocks failed writes unmapped.
 
-        Runs even when the write was cancelled, so the files on disk stay
-        exactly the blocks the tier maps.
+        A failed block loses the file its slot held (``recycle``) and, when
+        its key moved from another slot, that slot's file under the key's
+        name. Runs even when the write was cancelled, so the files on disk
+        stay exactly the blocks the tier maps.
         """
         for index in done:
             self._slot_keys[slots[index]] = keys[index]
             self._key_slots[keys[index]] = slots[index]
         finished = set(done)
-        stale = [
-            old for index, old in enumerate(recycle) if index not in finished and old is not None
-        ]
+        stale: set[BlockKey] = set()
+        for index, old in enumerate(recycle):
+            if index in finished:
+                continue
+            if old is not None:
+                stale.add(old)
+            if replaced[index]:
+                stale.add(keys[index])
         if not stale:
             return
         with anyio.CancelScope(shield=True):
             try:
-                await anyio.to_thread.run_sync(self._unlink_all, stale, limiter=self._limiter)
+                await anyio.to_thread.run_sync(
+                    self._unlink_all, sorted(stale), limiter=self._limiter
+                )
             except OSError as exc:
                 _log.warning("tier_unlink_failed", tier=self._name, error=repr(exc))
 
@@ -391,8 +347,10 @@ class DiskTier:
         On any error ``out``'s rows hold undefined bytes.
 
         Raises:
-            BlockMissingError: Blocks absent or failing verification (``slots``).
-            TierIOError: An I/O error other than a missing file.
+            BlockMissingError: Blocks absent, failing verification or whose
+                file cannot be read (``slots``).
+            TierIOError: An I/O error that says nothing of the blocks
+                (``EMFILE``, ``ENOMEM``…).
         """
         self._check_open()
         slot_list, rows = self._check_batch(slots, keys, out)
@@ -406,7 +364,13 @@ class DiskTier:
                     if not self._files.read(slot, keys[index], rows[index]):
                         missing.append(slot)
                 except OSError as exc:
-                    errors.append(self._io_error(f"reading slot {slot}", exc))
+                    if exc.errno in _FILE_ERRORS:  # this file is damaged: a miss from now on
+                        _log.warning(
+                            "tier_block_unreadable", tier=self._name, slot=slot, error=str(exc)
+                        )
+                        missing.append(slot)
+                    else:
+                        errors.append(self._io_error(f"reading slot {slot}", exc))
 
         await self._in_workers(work, len(slot_list))
         if errors:

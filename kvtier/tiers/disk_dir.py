@@ -1,0 +1,121 @@
+"""The disk tier's directory: claiming it, and the warm-restart scan.
+
+A :class:`~kvtier.tiers.disk.DiskTier` trusts the files of a directory only
+when no one else could have put them there: the directory must be a real
+directory (not a symlink) owned by this process's user, is tightened to
+``0700``, and is locked with ``flock`` so that a second open tier cannot
+delete the first one's temp files. The scan then verifies every block file
+and offers the valid ones back; torn, corrupt, foreign and stray temp files
+are deleted, and files it cannot read are left alone.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from pathlib import Path
+from typing import Final
+
+from kvtier.errors import ConfigError
+from kvtier.log import get_logger
+from kvtier.tiers._disk_io import SUFFIX, TMP_PREFIX, BlockFiles
+from kvtier.tiers.base import BlockKey
+
+__all__ = ["check_direct_io", "claim_directory", "scan"]
+
+_log = get_logger("kvtier.tiers.disk")
+_O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
+
+
+def claim_directory(path: Path, name: str) -> int:
+    """Create or check the directory (ours, 0700, not a link) and lock it.
+
+    Args:
+        path: The directory.
+        name: The tier's name, for messages.
+
+    Returns:
+        The descriptor holding the lock (closing it releases the lock).
+
+    Raises:
+        ConfigError: The path is a symlink or not a directory, belongs to
+            another user, or another open DiskTier holds it.
+        OSError: It cannot be created, tightened or locked.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"tier {name}: {path} is not a directory (or is a symlink)")
+    if info.st_uid != os.geteuid():
+        raise ConfigError(
+            f"tier {name}: {path} belongs to uid {info.st_uid}, not to this "
+            f"process (uid {os.geteuid()}): its files could have been planted"
+        )
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        path.chmod(0o700)
+    # The lock is on the directory itself: no extra file in it.
+    lock = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_NOFOLLOW)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(lock)
+        raise ConfigError(f"tier {name}: {path} is in use by another open DiskTier") from exc
+    except BaseException:
+        os.close(lock)
+        raise
+    return lock
+
+
+def check_direct_io(files: BlockFiles, name: str) -> None:
+    """Check that the directory's file system takes ``O_DIRECT``.
+
+    Raises:
+        ConfigError: It refuses ``O_DIRECT``.
+        OSError: Another error of the probe.
+    """
+    try:
+        files.probe_direct()
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, None):
+            raise
+        raise ConfigError(
+            f"tier {name}: direct_io is not supported under {files.path}: {exc}"
+        ) from exc
+
+
+def scan(files: BlockFiles, num_slots: int, name: str) -> list[tuple[int, BlockKey]]:
+    """Rebuild the index from the block files, dropping what does not verify.
+
+    Returns:
+        ``(slot, key)`` of every valid block, by slot; of two files claiming
+        one slot, the first by name is kept.
+    """
+    found: dict[int, BlockKey] = {}
+    for entry in sorted(files.path.iterdir()):
+        if entry.name.startswith(TMP_PREFIX):
+            _drop(entry, "tier_temp_removed", name)
+            continue
+        if entry.suffix != SUFFIX:
+            continue
+        try:
+            valid = files.verify(entry)
+        except OSError as exc:  # unreadable is not invalid: keep the file, skip the block
+            _log.warning("tier_block_skipped", tier=name, file=entry.name, error=str(exc))
+            continue
+        if valid is None or valid[0] in found or valid[0] >= num_slots:
+            _drop(entry, "tier_block_dropped", name)
+            continue
+        found[valid[0]] = valid[1]
+    return sorted(found.items())
+
+
+def _drop(entry: Path, event: str, name: str) -> None:
+    """Delete a stray or invalid entry; one that cannot be deleted is logged and left."""
+    try:
+        entry.unlink(missing_ok=True)
+    except OSError as exc:  # e.g. a directory named like a block
+        _log.warning("tier_entry_kept", tier=name, file=entry.name, error=str(exc))
+    else:
+        _log.warning(event, tier=name, file=entry.name)

@@ -2,10 +2,10 @@
 
 :class:`LoadPlanner` answers the engine's lookup (how many tokens beyond the
 device hit the lower tiers hold, as a prefix, CPU first), records where each
-request's blocks were found, and plans a request's load once its device
-blocks are allocated: it pins the source blocks in their tiers, stages blocks
-held only by slower tiers through the first one, and references the target
-device blocks until the load ends.
+request's blocks were found, and, once a request's device blocks are
+allocated, records them and plans its load: it pins the source blocks in
+their tiers, stages blocks held only by slower tiers through the first one,
+and references the target device blocks until the load ends.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from kvtier.block import KVCacheBlock
 from kvtier.errors import InvalidRequestError
 from kvtier.hashing import BlockHash, make_block_hash_with_group_id
 from kvtier.manager import KVCacheBlocks
-from kvtier.offload._state import LoadEvent, Stage
+from kvtier.offload._state import LoadEvent, RequestState, Stage
 from kvtier.offload.candidates import HitCounter
 from kvtier.offload.plan import FinishedLoad, HitInfo
 from kvtier.offload.transfers import Transfers
@@ -103,6 +103,37 @@ class LoadPlanner:
         self.stats.device_hit_blocks += start
         self.stats.tokens_to_compute += info.tokens_to_compute
         return tokens, hit > 0
+
+    def after_alloc(
+        self, request: KVCacheRequest, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        """See :meth:`~kvtier.offload.manager.OffloadManager.update_state_after_alloc`."""
+        if len(blocks.blocks) != self.num_groups:
+            raise InvalidRequestError(
+                f"expected {self.num_groups} KV cache group(s), got {len(blocks.blocks)}"
+            )
+        if num_external_tokens < 0 or num_external_tokens % self.block_size:
+            raise InvalidRequestError(
+                f"num_external_tokens must be a multiple of {self.block_size} >= 0, "
+                f"got {num_external_tokens}"
+            )
+        rid = request.request_id
+        requests = self.transfers.requests
+        state = requests.get(rid)
+        if num_external_tokens and state is not None and state.load is not None:
+            # Its load still writes the blocks of the earlier allocation: a new
+            # one would be reported loaded when the old load ends, unwritten.
+            raise InvalidRequestError(
+                f"request {rid!r} already has a load in flight (wait for its "
+                "FinishedLoad before allocating external tokens again)"
+            )
+        ids = [[block.block_id for block in group] for group in blocks.blocks]
+        if state is None:
+            state = requests[rid] = RequestState(rid, ids)
+        else:
+            state.block_ids = ids
+        if num_external_tokens:
+            state.load = self.plan_load(request, blocks, num_external_tokens // self.block_size)
 
     def plan_load(
         self, request: KVCacheRequest, blocks: KVCacheBlocks, count: int

@@ -316,32 +316,7 @@ class OffloadManager:
                 come for a request whose earlier load has not finished.
         """
         self._transfers.drain()
-        if len(blocks.blocks) != self.num_groups:
-            raise InvalidRequestError(
-                f"expected {self.num_groups} KV cache group(s), got {len(blocks.blocks)}"
-            )
-        if num_external_tokens < 0 or num_external_tokens % self.block_size:
-            raise InvalidRequestError(
-                f"num_external_tokens must be a multiple of {self.block_size} >= 0, "
-                f"got {num_external_tokens}"
-            )
-        rid = request.request_id
-        state = self._requests.get(rid)
-        if num_external_tokens and state is not None and state.load is not None:
-            # Its load still writes the blocks of the earlier allocation: a new
-            # one would be reported loaded when the old load ends, unwritten.
-            raise InvalidRequestError(
-                f"request {rid!r} already has a load in flight (wait for its "
-                "FinishedLoad before allocating external tokens again)"
-            )
-        ids = [[block.block_id for block in group] for group in blocks.blocks]
-        if state is None:
-            state = self._requests[rid] = RequestState(rid, ids)
-        else:
-            state.block_ids = ids
-        if num_external_tokens:
-            count = num_external_tokens // self.block_size
-            state.load = self._loads.plan_load(request, blocks, count)
+        self._loads.after_alloc(request, blocks, num_external_tokens)
 
     # -- per step ----------------------------------------------------------------------
 

@@ -537,6 +537,67 @@ async def test_a_failed_write_that_moved_a_key_leaves_no_file_behind(
 
 
 @pytest.mark.asyncio
+async def test_a_key_moved_within_a_batch_whose_write_fails_leaves_no_file_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slot 0 holds A; one batch writes B into slot 0 and A into slot 1, and A fails."""
+    import errno
+
+    a, b = key(1), key(2)  # A's file sorts first: a stale one would win slot 0 on restart
+    real_pwritev = os.pwritev
+    calls = 0
+
+    def second_write_fails(fd: int, buffers: list[memoryview], offset: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwritev(fd, buffers, offset)
+
+    new = blocks(2, 16)
+    async with DiskTier(tmp_path, LAYOUT, 16 * PER_BLOCK, max_workers=1) as tier:
+        await tier.write_from([0], [a], blocks(1, 15))
+        monkeypatch.setattr(os, "pwritev", second_write_fails)
+        with pytest.raises(TierIOError, match="No space left"):
+            await tier.write_from([0, 1], [b, a], new)
+        monkeypatch.setattr(os, "pwritev", real_pwritev)
+        assert dict(tier._slot_keys) == {0: b}
+        assert {p.name for p in tmp_path.iterdir()} == {b.hex() + ".kvb"}
+    async with DiskTier(tmp_path, LAYOUT, 16 * PER_BLOCK) as tier:
+        assert await tier.recover() == [(0, b)]
+        assert torch.equal(await read(tier, [0], [b]), new[:1])
+
+
+@pytest.mark.asyncio
+async def test_a_failed_directory_sync_fails_the_batch_and_serves_none_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    real_fsync = os.fsync
+    failure = errno.EIO
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(failure, os.strerror(failure))
+        real_fsync(fd)
+
+    data = blocks(3, 17)
+    async with DiskTier(tmp_path, LAYOUT, 16 * PER_BLOCK, fsync=True) as tier:
+        await tier.write_from([0], [key(0)], data[:1])
+        monkeypatch.setattr(os, "fsync", fsync)
+        with pytest.raises(TierIOError, match="syncing the directory"):
+            await tier.write_from([1, 2], [key(1), key(2)], data[1:])
+        assert dict(tier._slot_keys) == {0: key(0)}
+        assert {p.name for p in tmp_path.iterdir()} == {key(0).hex() + ".kvb"}
+        # A file system that cannot sync directories at all: skipped, the write counts.
+        failure = errno.EINVAL
+        await tier.write_from([1, 2], [key(1), key(2)], data[1:])
+        await tier.write_from([3], [key(3)], data[:1])
+        assert torch.equal(await read(tier, [1, 2], [key(1), key(2)]), data[1:])
+
+
+@pytest.mark.asyncio
 async def test_fsync_syncs_each_block_and_then_the_directory_after_the_renames(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

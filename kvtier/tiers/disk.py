@@ -19,11 +19,13 @@ runs of blocks, each run one worker-thread call behind a ``CapacityLimiter``
 
 Every read checks magic, version, layout fingerprint, key, slot, length and
 checksum: any mismatch, a missing or short file, or an error that doubts the
-file itself (``EIO``, ``EBADMSG``, ``EACCES``…) raises ``BlockMissingError``
+file itself (``EIO``, ``EBADMSG``, ``EUCLEAN``…) raises ``BlockMissingError``
 (a miss, never wrong bytes, and the index forgets the block). Other
-``OSError`` (``EMFILE``, ``ENOMEM``…) become ``TierIOError``. With
-``fsync=True`` each block is synced before its rename, and the directory once
-per batch after them, before the write returns.
+``OSError`` (``EMFILE``, ``ENOMEM``, ``EACCES``…) become ``TierIOError``.
+With ``fsync=True`` each block is synced before its rename, and the directory
+once per batch after them, before the write returns (a failed directory sync
+fails the whole batch; a file system that cannot sync directories is logged
+once and skipped).
 ``direct_io=True`` opens files with ``O_DIRECT`` through page-aligned buffers
 (checked when the tier opens: a file system without it is a ``ConfigError``).
 
@@ -65,12 +67,16 @@ _MAX_SLOTS: Final = 1 << 32
 """Slots a directory may hold: the trailer records a block's slot as a u32."""
 _FILE_ERRORS: Final = frozenset(
     getattr(errno, name)
-    for name in ("EIO", "EBADMSG", "ENODATA", "EUCLEAN", "ESTALE", "EACCES", "EPERM", "EISDIR")
+    for name in ("EIO", "EBADMSG", "ENODATA", "EUCLEAN", "ESTALE")
     if hasattr(errno, name)
 )
-"""Read errors that doubt one file (a bad sector, a damaged inode, a changed
-mode): the block reads as a miss. Others (``EMFILE``, ``ENOMEM``…) are the
-process's or the system's, say nothing of the block, and fail the read."""
+"""Read errors that doubt one file (a bad sector, a damaged inode): the block
+reads as a miss. Others (``EMFILE``, ``ENOMEM``, ``EACCES``…) may be the
+process's or the system's, say nothing sure of the block, and fail the read."""
+_NO_DIRECTORY_SYNC: Final = frozenset(
+    getattr(errno, name) for name in ("EINVAL", "EBADF", "ENOTSUP") if hasattr(errno, name)
+)
+"""``fsync`` errors of a file system that cannot sync a directory."""
 
 
 class DiskTier:
@@ -130,6 +136,7 @@ class DiskTier:
         self._slot_keys: dict[int, BlockKey] = {}
         self._key_slots: dict[BlockKey, int] = {}
         self._recovered: list[tuple[int, BlockKey]] = []
+        self._warned_sync = False
         self._opened = False
         self._closed = False
 
@@ -263,16 +270,17 @@ class DiskTier:
         slot_list, rows = self._check_batch(slots, keys, data)
         host = rows.to("cpu") if rows.device.type != "cpu" else rows
         batch_keys = set(keys)
+        unmapped: set[BlockKey] = set()  # keys whose files must go unless written again
         recycle: list[BlockKey | None] = []  # a file to reuse for each block
-        replaced: list[bool] = []  # the block's key had a file (in another slot)
         for slot, key in zip(slot_list, keys, strict=True):
             old = self._slot_keys.pop(slot, None)  # overwritten: gone whatever happens
             if old is not None:
                 del self._key_slots[old]
+                unmapped.add(old)
             moved = self._key_slots.pop(key, None)  # the same key in another slot
             if moved is not None:
                 del self._slot_keys[moved]
-            replaced.append(moved is not None)
+                unmapped.add(key)
             if old is not None and (old == key or old not in batch_keys):
                 recycle.append(old)
             else:  # (an old key written again in this batch is that write's file)
@@ -293,49 +301,56 @@ class DiskTier:
 
         try:
             await self._in_workers(work, len(slot_list))
-            if done and self._files.fsync:  # the renames, durable before the write counts
-                await anyio.to_thread.run_sync(self._files.sync_directory, limiter=self._limiter)
-        except OSError as exc:
-            errors.append(self._io_error("syncing the directory", exc))
+            if done and self._files.fsync:
+                await self._sync_directory(done, errors)
         finally:
-            await self._settle_writes(slot_list, keys, recycle, replaced, done)
+            await self._settle_writes(slot_list, keys, unmapped | batch_keys, done)
         if errors:
             raise errors[0]
+
+    async def _sync_directory(self, done: list[int], errors: list[TierIOError]) -> None:
+        """Make the batch's renames durable before the write counts.
+
+        A file system that cannot sync a directory (``EINVAL``…) is logged
+        once and skipped, as PostgreSQL does; any other failure fails the
+        whole batch (``done`` emptied: its files are deleted, none mapped),
+        so the tier never serves a block its index was told failed.
+        """
+        try:
+            await anyio.to_thread.run_sync(self._files.sync_directory, limiter=self._limiter)
+        except OSError as exc:
+            if exc.errno in _NO_DIRECTORY_SYNC:
+                if not self._warned_sync:
+                    self._warned_sync = True
+                    _log.warning("tier_directory_sync_unsupported", tier=self._name, error=str(exc))
+                return
+            done.clear()
+            errors.append(self._io_error("syncing the directory", exc))
 
     async def _settle_writes(
         self,
         slots: list[int],
         keys: Sequence[BlockKey],
-        recycle: list[BlockKey | None],
-        replaced: list[bool],
+        candidates: set[BlockKey],
         done: list[int],
     ) -> None:
-        """Map the written blocks; delete the files of the blocks failed writes unmapped.
+        """Map the written blocks; delete the files of ``candidates`` left unmapped.
 
-        A failed block loses the file its slot held (``recycle``) and, when
-        its key moved from another slot, that slot's file under the key's
-        name. Runs even when the write was cancelled, so the files on disk
-        stay exactly the blocks the tier maps.
+        File names come only from keys, so after the batch a file under the
+        name of a key the tier does not map (one the batch overwrote or
+        moved, or one whose write failed) is stale. Runs even when the write
+        was cancelled, so the files on disk stay exactly the blocks the tier
+        maps.
         """
         for index in done:
             self._slot_keys[slots[index]] = keys[index]
             self._key_slots[keys[index]] = slots[index]
-        finished = set(done)
-        stale: set[BlockKey] = set()
-        for index, old in enumerate(recycle):
-            if index in finished:
-                continue
-            if old is not None:
-                stale.add(old)
-            if replaced[index]:
-                stale.add(keys[index])
+        stale = [key for key in candidates if key not in self._key_slots]
         if not stale:
             return
         with anyio.CancelScope(shield=True):
             try:
-                await anyio.to_thread.run_sync(
-                    self._unlink_all, sorted(stale), limiter=self._limiter
-                )
+                await anyio.to_thread.run_sync(self._unlink_all, stale, limiter=self._limiter)
             except OSError as exc:
                 _log.warning("tier_unlink_failed", tier=self._name, error=repr(exc))
 

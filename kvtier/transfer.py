@@ -9,7 +9,8 @@ stores. A full queue pushes back: :meth:`TransferPipeline.submit` waits,
 
 A worker takes a task plus whatever else is queued behind it for the same pair
 of tiers, as long as the batch stays within ``max_batch_blocks`` (a larger
-task runs alone), and moves them with one read and one write. When
+task runs alone) and repeats no key, and moves them with one read and one
+write. When
 the destination can expose its slots as one tensor view (a CPU tier, for an
 ascending run of slots), the source gathers straight into it; otherwise bytes
 pass through a staging buffer of at most ``staging_bytes``, allocated once.
@@ -151,7 +152,7 @@ class TransferPipeline:
         is left by ``__aexit__`` (``async with``), in the task that entered it.
         """
         self._close_queues()
-        if self._started:
+        if self._workers:  # started and not all ended (none if entering failed early)
             await self._stopped.wait()
 
     def _close_queues(self) -> None:
@@ -254,19 +255,27 @@ class TransferPipeline:
         """Add the queued tasks that fit ``batch``; the first that does not, if taken."""
         first = batch[0][0]
         blocks = first.num_blocks
+        keys: set[BlockKey] | None = None  # built once a second task comes
         while blocks < self.max_batch_blocks:
             try:
                 item = receive.receive_nowait()
             except (anyio.WouldBlock, anyio.EndOfStream):
                 return None
             task = item[0]
+            if keys is None:
+                keys = set(first.keys)
             if (
                 task.src is not first.src
                 or task.dst is not first.dst
                 or blocks + task.num_blocks > self.max_batch_blocks
+                or not keys.isdisjoint(task.keys)
             ):
-                return item  # another pair of tiers, or too big: it starts the next batch
+                # Another pair of tiers, too big, or a key already in the batch
+                # (two loads of one block: a tier may refuse a repeated key):
+                # it starts the next batch.
+                return item
             batch.append(item)
+            keys.update(task.keys)
             blocks += task.num_blocks
         return None
 

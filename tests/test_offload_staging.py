@@ -10,6 +10,7 @@ import pytest
 from kvtier import KVCacheBlocks
 from kvtier.hashing import make_block_hash_with_group_id
 from kvtier.offload import FinishedLoad, SchedulerOutput
+from kvtier.offload.stats import TierStats
 from tests.offload_env import BS, Env, pattern, scheduled
 
 DEADLINE = 10.0
@@ -63,6 +64,8 @@ async def test_two_requests_loading_one_disk_only_prefix_in_one_step_both_succee
         stats = manager.stats().tiers
         assert stats["disk"].loads == 4
         assert stats["cpu"].loads == 2  # the second read disk straight into the device
+        assert stats["disk"].load_seconds > 0  # each tier is timed for what it read
+        assert stats["cpu"].load_seconds > 0
         for index in manager.indexes:
             assert index.num_pinned == index.num_reserved == 0
             index.check_invariants()
@@ -157,3 +160,32 @@ async def test_lazy_stores_start_only_once_the_step_is_computed() -> None:
         assert manager.take_finished() == [FinishedLoad(again.request_id, True)]
         assert env.holds(targets[0], again, 0)
         assert env.holds(targets[1], again, 1)
+
+
+def test_releasing_the_stages_of_a_load_that_could_not_start_undoes_its_reservations(
+    tmp_path: Path,
+) -> None:
+    """What ``dispatch_load`` does when starting the job fails after reserving."""
+    from kvtier.offload import placement
+    from kvtier.offload._state import LoadEvent, Stage
+    from kvtier.tiers.index import TierIndex
+
+    cpu, disk = TierIndex("cpu", 2, "lru"), TierIndex("disk", 8, "lru")
+    resident = [b"r" * 32, b"s" * 32]
+    cpu.commit(cpu.reserve(resident).keys)  # full: staging evicts and demotes them
+    wanted = [b"a" * 32, b"b" * 32]
+    disk.commit(disk.reserve(wanted).keys)
+    disk_slots = disk.pin(wanted)
+    event = LoadEvent(1, "req", [], list(wanted), [], first_slots=[-1, -1])
+    event.stages.append(Stage(1, list(disk_slots), list(wanted)))
+    placement.reserve_stages([cpu, disk], [TierStats(), TierStats()], event)
+    assert cpu.num_reserved == 2
+    assert disk.num_reserved == 2  # the demotions of r and s
+    placement.release_stages([cpu, disk], event)
+    assert cpu.num_reserved == disk.num_reserved == 0
+    assert event.first_slots == [-1, -1]
+    assert event.stages[0].dst_slots == []
+    assert event.demotions == []
+    assert event.staged_keys() == []
+    cpu.check_invariants()
+    disk.check_invariants()

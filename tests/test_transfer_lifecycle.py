@@ -57,6 +57,29 @@ async def test_a_batch_never_exceeds_max_batch_blocks() -> None:
 
 
 @pytest.mark.asyncio
+async def test_tasks_that_repeat_a_key_of_the_batch_wait_for_the_next_batch() -> None:
+    """Two loads of one block (a tier such as the disk refuses a batch reading a key twice)."""
+    inner = CountingStore(16, name="disk")
+    device = FaultInjectingStore(inner)
+    cpu = MemoryStore(16, name="gpu")
+    keys = keys_for(0, 1, 2)
+    data = fill(inner, [0, 1, 2], keys)
+    device.read_gate = anyio.Event()
+    async with TransferPipeline() as pipeline:
+        completions = [pipeline.submit_nowait(StoreTask(device, [0], cpu, [0], keys[:1]))]
+        await anyio.wait_all_tasks_blocked()
+        for slot, dst in ((1, 5), (1, 6), (2, 7)):  # the second repeats the first's key
+            completions.append(
+                pipeline.submit_nowait(StoreTask(device, [slot], cpu, [dst], [keys[slot]]))
+            )
+        device.read_gate.set()
+        for completion in completions:
+            assert (await completion).n_blocks == 1
+    assert inner.read_sizes == [1, 1, 2]
+    assert torch.equal(cpu.data[[0, 5, 6, 7]], data[[0, 1, 1, 2]])
+
+
+@pytest.mark.asyncio
 async def test_a_task_larger_than_the_bound_still_runs_alone() -> None:
     inner = CountingStore(16, name="gpu")
     cpu = MemoryStore(16, name="cpu")

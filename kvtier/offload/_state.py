@@ -126,11 +126,14 @@ class StoreOutcome:
 
 @attrs.frozen
 class LoadOutcome:
-    """A load job ended; ``missing`` are keys whose bytes proved absent or corrupt."""
+    """A load job ended; ``missing`` are keys whose bytes proved absent or corrupt.
+
+    ``seconds`` holds ``(tier level, seconds spent reading from it)`` pairs.
+    """
 
     event_id: int
     request_id: str
     error: BaseException | None
     missing: tuple[tuple[int, BlockKey], ...] = ()
     demotions_ok: tuple[bool, ...] = ()
-    seconds: float = 0.0
+    seconds: tuple[tuple[int, float], ...] = ()

@@ -122,7 +122,7 @@ async def run_load(
     error: BaseException | None = TransferCancelledError(f"load event {event.event_id} cancelled")
     missing: tuple[tuple[int, BlockKey], ...] = ()
     demoted: list[bool] = []
-    seconds = 0.0
+    seconds: dict[int, float] = {}  # per source tier level
     leg: _Leg | None = None
     try:
         for demotion in event.demotions:
@@ -130,7 +130,8 @@ async def run_load(
         for leg in _legs(event):
             dst = device if leg.to_device else tiers[0]
             task = LoadTask(tiers[leg.level], leg.src_slots, dst, leg.dst_slots, leg.keys)
-            seconds += (await (await pipeline.submit(task))).seconds
+            took = (await (await pipeline.submit(task))).seconds
+            seconds[leg.level] = seconds.get(leg.level, 0.0) + took
         error = None
     except BlockMissingError as exc:
         error = exc
@@ -143,6 +144,11 @@ async def run_load(
     finally:
         unrun = [False] * (len(event.demotions) - len(demoted))
         outcome = LoadOutcome(
-            event.event_id, event.request_id, error, missing, (*demoted, *unrun), seconds
+            event.event_id,
+            event.request_id,
+            error,
+            missing,
+            (*demoted, *unrun),
+            tuple(seconds.items()),
         )
         push(outcome)

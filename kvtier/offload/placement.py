@@ -10,7 +10,7 @@ from kvtier.offload.stats import TierStats
 from kvtier.tiers.base import BlockKey
 from kvtier.tiers.index import Reservation, TierIndex
 
-__all__ = ["demotions", "reserve_stages", "reserved"]
+__all__ = ["demotions", "release_stages", "reserve_stages", "reserved"]
 
 
 def reserved(index: TierIndex, key: BlockKey) -> bool:
@@ -73,4 +73,19 @@ def reserve_stages(
         stage.dst_slots = [by_key.get(key, -1) for key in stage.keys]
     event.first_slots = [
         by_key.get(key, slot) for key, slot in zip(event.keys, event.first_slots, strict=True)
+    ]
+
+
+def release_stages(indexes: Sequence[TierIndex], event: LoadEvent) -> None:
+    """Undo :func:`reserve_stages` for a load that could not start."""
+    staged = set(event.staged_keys())
+    indexes[0].abort(list(staged))
+    for demotion in event.demotions:
+        indexes[demotion.level + 1].abort(demotion.keys)
+    event.demotions = []
+    for stage in event.stages:
+        stage.dst_slots = []
+    event.first_slots = [
+        -1 if key in staged else slot
+        for key, slot in zip(event.keys, event.first_slots, strict=True)
     ]

@@ -120,7 +120,11 @@ class Transfers:
         self.runtime.check_running()
         if event.stages:
             placement.reserve_stages(self.indexes, self.tier_stats, event)
-        self.runtime.spawn(self._run_load, event)
+        try:
+            self.runtime.spawn(self._run_load, event)
+        except BaseException:
+            placement.release_stages(self.indexes, event)  # unstarted, as before
+            raise
         event.dispatched = True
         sources = []
         first_name = self.tiers[0].name
@@ -267,7 +271,10 @@ class Transfers:
         self._settle_demotions(event.demotions, outcome.demotions_ok)
         event.demotions = []
         self.end_load(
-            event, error=outcome.error is not None, missing=outcome.missing, seconds=outcome.seconds
+            event,
+            error=outcome.error is not None,
+            missing=outcome.missing,
+            seconds=dict(outcome.seconds),
         )
         if outcome.error is not None:
             _log.warning("load_failed", task=event.event_id, error=repr(outcome.error))
@@ -278,9 +285,12 @@ class Transfers:
         *,
         error: bool,
         missing: tuple[tuple[int, BlockKey], ...],
-        seconds: float = 0.0,
+        seconds: dict[int, float] | None = None,
     ) -> None:
-        """Settle a load: release pins and targets, forget missing blocks, report it."""
+        """Settle a load: release pins and targets, forget missing blocks, report it.
+
+        ``seconds``: time spent reading from each tier level.
+        """
         self.loads.pop(event.event_id, None)
         first = self.indexes[0]
         staged = event.staged_keys()
@@ -305,8 +315,7 @@ class Transfers:
             else:
                 stats.loads += n
                 stats.bytes_loaded += n * self.device.layout.block_bytes
-                if level == 0:
-                    stats.load_seconds += seconds
+                stats.load_seconds += (seconds or {}).get(level, 0.0)
         self.block_pool.free_blocks(event.targets)
         ids = [block.block_id for block in event.targets] if error else []
         ids.extend(event.failed)  # positions already gone when the load was planned

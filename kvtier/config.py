@@ -41,15 +41,17 @@ falls back to a default).
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final, Literal
 
 import attrs
 
-from kvtier.config_redis import REDIS_KEYS, RedisOptions, parse_redis_options
+from kvtier.config_redis import REDIS_KEYS, RedisOptions, parse_redis_options, reject_password
 from kvtier.errors import ConfigError
 from kvtier.hashing import HASH_ALGORITHMS
 from kvtier.policies.base import EVICTION_POLICIES
@@ -70,7 +72,7 @@ TierKind = Literal["device", "cpu", "disk", "redis"]
 TIER_KINDS: Final = ("device", "cpu", "disk", "redis")
 WRITE_MODES: Final = ("eager", "lazy", "selective")
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS: Final = {
     "b": 1,
     "kb": 10**3,
@@ -82,44 +84,65 @@ _SIZE_UNITS: Final = {
     "gib": 1 << 30,
     "tib": 1 << 40,
 }
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s)\s*$")
-_DURATION_UNITS: Final = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+_MAX_SIZE: Final = 1 << 60
+"""1 EiB: more than any tier holds (and small enough for every index type)."""
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(us|ms|s)\s*$")
+_DURATION_UNITS: Final = {"us": Decimal("1e-6"), "ms": Decimal("1e-3"), "s": Decimal(1)}
+_MAX_DURATION: Final = 86_400.0 * 365
+"""A year: a longer timeout is a typo."""
 
 
 def parse_size(value: object, *, key: str = "size") -> int:
-    """Bytes from ``"8GiB"``, ``"512 MB"``, ``"4096"`` or an integer.
+    """Bytes from ``"8GiB"``, ``"1.5 GiB"``, ``"512 MB"``, ``"4096"`` or an integer.
+
+    The result must be a whole number of bytes, at most 1 EiB.
 
     Raises:
         ConfigError: Not a size (the message names ``key``).
     """
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    match = _SIZE.match(value) if isinstance(value, str) else None
-    if match is None:
+    size: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value if value >= 0 else None
+    else:
+        match = _SIZE.match(value) if isinstance(value, str) else None
+        if match is not None:
+            number, unit = match.groups()
+            exact = Decimal(number) * _SIZE_UNITS[(unit or "B").lower()]
+            if exact != exact.to_integral_value():
+                raise ConfigError(f"{key}: {value!r} is not a whole number of bytes")
+            size = int(exact)
+    if size is None:
         raise ConfigError(
             f"{key}: {value!r} is not a size; expected bytes or a number with a unit, "
             'like "8GiB", "512MiB" or "100GB"'
         )
-    number, unit = match.groups()
-    return int(float(number) * _SIZE_UNITS[(unit or "B").lower()])
+    if size > _MAX_SIZE:
+        raise ConfigError(f"{key}: {value!r} is more than 1 EiB")
+    return size
 
 
 def parse_duration(value: object, *, key: str = "duration") -> float:
     """Seconds from ``"50ms"``, ``"2s"``, ``"500us"`` or a number of seconds.
 
     Raises:
-        ConfigError: Not a duration (the message names ``key``).
+        ConfigError: Not a duration of at most a year (the message names ``key``).
     """
-    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    match = _DURATION.match(value) if isinstance(value, str) else None
-    if match is None:
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value) if math.isfinite(value) and value >= 0 else None
+    else:
+        match = _DURATION.match(value) if isinstance(value, str) else None
+        if match is not None:
+            number, unit = match.groups()
+            seconds = float(Decimal(number) * _DURATION_UNITS[unit])
+    if seconds is None:
         raise ConfigError(
             f"{key}: {value!r} is not a duration; expected seconds or a number with a "
             'unit, like "50ms", "2s" or "500us"'
         )
-    number, unit = match.groups()
-    return float(number) * _DURATION_UNITS[unit]
+    if seconds > _MAX_DURATION:
+        raise ConfigError(f"{key}: {value!r} is more than a year")
+    return seconds
 
 
 @attrs.frozen
@@ -244,29 +267,28 @@ def _layout(table: Mapping[str, Any]) -> BlockLayout:
         raise ConfigError(f"layout.dtype: {table.get('dtype')!r}: {exc}") from exc
 
 
+_TIER_KEYS: Final[dict[str, tuple[str, ...]]] = {
+    "device": ("kind", "capacity"),
+    "cpu": ("kind", "capacity", "eviction", "pin_memory"),
+    "disk": ("kind", "capacity", "eviction", "path", "direct_io", "max_workers"),
+    "redis": ("kind", "capacity", "eviction", *REDIS_KEYS),
+}
+"""The keys each kind of tier takes (a key another kind takes would be ignored)."""
+
+
 def _tier(table: Mapping[str, Any], index: int) -> TierConfig:
     key = f"tiers[{index}]"
-    allowed: tuple[str, ...] = (
-        "kind",
-        "capacity",
-        "eviction",
-        "path",
-        "direct_io",
-        "pin_memory",
-        "max_workers",
-    )
-    if table.get("kind") == "redis":
-        allowed = ("kind", "capacity", "eviction", *REDIS_KEYS, "password")
-    _check_keys(table, allowed, key)
-    if "kind" not in table or "capacity" not in table:
-        raise ConfigError(f"{key}: needs 'kind' and 'capacity'")
+    missing = [name for name in ("kind", "capacity") if name not in table]
+    if missing:
+        raise ConfigError(f"{key}: missing key(s) {', '.join(missing)}")
     kind = _choice(table, "kind", TIER_KINDS, "", key)
+    if kind == "redis":
+        reject_password(table, key)
+    _check_keys(table, _TIER_KEYS[kind], f"{key} ({kind} tier)")
     eviction = _choice(table, "eviction", tuple(sorted(EVICTION_POLICIES)), "lru", key)
     path = table.get("path")
-    if kind == "disk" and path is not None and not isinstance(path, str):
+    if path is not None and (not isinstance(path, str) or not path.strip()):
         raise ConfigError(f"{key}.path: a disk tier's path is a directory name, got {path!r}")
-    if kind != "disk" and path is not None:
-        raise ConfigError(f"{key}.path: only a disk tier has a path")
     return TierConfig(
         kind,  # type: ignore[arg-type]
         parse_size(table["capacity"], key=f"{key}.capacity"),
@@ -343,7 +365,10 @@ def load_config(path: str | Path) -> KvtierConfig:
         ConfigError: The file is not valid TOML or not a valid configuration.
         OSError: The file cannot be read.
     """
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (a TOML file is UTF-8)") from exc
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -28,12 +28,20 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import attrs
 
 from kvtier.errors import ConfigError
 
-__all__ = ["DEFAULT_URL", "REDIS_KEYS", "RedisOptions", "parse_redis_options"]
+__all__ = [
+    "DEFAULT_URL",
+    "REDIS_KEYS",
+    "RedisOptions",
+    "parse_redis_options",
+    "redact_url",
+    "reject_password",
+]
 
 REDIS_KEYS: Final = (
     "url",
@@ -60,6 +68,23 @@ DEFAULT_URL: Final = "redis://127.0.0.1:6379/0"
 """A server on this host's default port."""
 
 
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for logs, reprs and errors).
+
+    Works on malformed URLs too (it does not parse them): everything between
+    the first ``:`` of the user part and the last ``@`` before the query goes.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    head, mark, query = rest.partition("?")
+    userinfo, at, host = head.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}{mark}{query}"
+
+
 @attrs.frozen
 class RedisOptions:
     """A redis tier's connection and key options (see :class:`~kvtier.tiers.redis.RedisTier`).
@@ -84,7 +109,7 @@ class RedisOptions:
             blocks, so an engine starts with what other engines stored.
     """
 
-    url: str = DEFAULT_URL
+    url: str = attrs.field(default=DEFAULT_URL, repr=redact_url)
     prefix: str = "kvtier:"
     model: str = ""
     ttl: float | None = None
@@ -112,8 +137,8 @@ class RedisOptions:
         value = os.environ.get(self.password_env)
         if value is None:
             raise ConfigError(
-                f"redis tier: the environment variable {self.password_env} "
-                "(password_env) is not set"
+                f"redis tier: password_env names the environment variable "
+                f"{self.password_env}, which is not set"
             )
         return value
 
@@ -132,6 +157,19 @@ def _flag(table: Mapping[str, Any], name: str, key: str, default: bool) -> bool:
     return value
 
 
+def reject_password(table: Mapping[str, Any], key: str) -> None:
+    """Refuse a ``password`` key, saying where the password goes instead.
+
+    Raises:
+        ConfigError: The table has a ``password``.
+    """
+    if "password" in table:
+        raise ConfigError(
+            f"{key}.password: passwords do not go in the file; set password_env to the "
+            "name of an environment variable that holds it"
+        )
+
+
 def parse_redis_options(table: Mapping[str, Any], key: str) -> RedisOptions:
     """Validate a redis tier's options (the table's other keys are checked by the caller).
 
@@ -140,14 +178,16 @@ def parse_redis_options(table: Mapping[str, Any], key: str) -> RedisOptions:
     """
     from kvtier.config import parse_duration  # noqa: PLC0415 - config imports this module
 
-    if "password" in table:
-        raise ConfigError(
-            f"{key}.password: passwords do not go in the file; set password_env to the "
-            "name of an environment variable that holds it"
-        )
+    reject_password(table, key)
     url = _text(table, "url", key, DEFAULT_URL)
     if not url or not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"{key}.url: {url!r} is not a redis://, rediss:// or unix:// URL")
+        raise ConfigError(
+            f"{key}.url: {redact_url(url or '')!r} is not a redis://, rediss:// or unix:// URL"
+        )
+    try:
+        urlsplit(url).port  # noqa: B018 - parses the host and port
+    except ValueError as exc:
+        raise ConfigError(f"{key}.url: {redact_url(url)!r} is not a valid URL: {exc}") from exc
     batch_size = table.get("batch_size", 32)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"{key}.batch_size: {batch_size!r} is not an integer >= 1")
@@ -155,7 +195,7 @@ def parse_redis_options(table: Mapping[str, Any], key: str) -> RedisOptions:
     for name, default in (("timeout", 5.0), ("connect_timeout", 2.0)):
         durations[name] = parse_duration(table.get(name, default), key=f"{key}.{name}")
         if durations[name] <= 0:
-            raise ConfigError(f"{key}.{name}: must be more than 0")
+            raise ConfigError(f"{key}.{name}: must be more than 0, got {durations[name]!r}")
     ttl = table.get("ttl")
     ttl_seconds = None if ttl is None else parse_duration(ttl, key=f"{key}.ttl")
     if ttl_seconds is not None and ttl_seconds <= 0:

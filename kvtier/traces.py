@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
+import math
 import sys
 from array import array
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ __all__ = [
 
 MOONCAKE_BLOCK_SIZE = 512
 """Tokens per hash id in the published Mooncake traces."""
+_MAX_HASH_ID = 1 << 64  # ids are expanded from their 8-byte encoding
 
 
 class TraceFormatError(KVTierError, ValueError):
@@ -66,6 +68,8 @@ def _parse(line: str, where: str, trace_block_size: int) -> TraceRequest:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
         raise TraceFormatError(f"{where}: not JSON: {exc.msg}") from exc
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise TraceFormatError(f"{where}: not a usable JSON record: {exc}") from exc
     if not isinstance(row, dict):
         raise TraceFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
     missing = {"timestamp", "input_length", "output_length", "hash_ids"} - row.keys()
@@ -73,15 +77,23 @@ def _parse(line: str, where: str, trace_block_size: int) -> TraceRequest:
         raise TraceFormatError(f"{where}: missing field(s) {', '.join(sorted(missing))}")
     timestamp, input_length = row["timestamp"], row["input_length"]
     output_length, hash_ids = row["output_length"], row["hash_ids"]
-    for name, value in (("input_length", input_length), ("output_length", output_length)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise TraceFormatError(f"{where}: {name} must be an integer >= 0, got {value!r}")
-    if isinstance(timestamp, bool) or not isinstance(timestamp, int | float):
-        raise TraceFormatError(f"{where}: timestamp must be a number, got {timestamp!r}")
-    if not isinstance(hash_ids, list) or not all(
-        isinstance(h, int) and not isinstance(h, bool) and h >= 0 for h in hash_ids
+    for name, value, least in (
+        ("input_length", input_length, 1),  # a request without a prompt computes nothing
+        ("output_length", output_length, 0),
     ):
-        raise TraceFormatError(f"{where}: hash_ids must be a list of integers >= 0")
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise TraceFormatError(f"{where}: {name} must be an integer >= {least}, got {value!r}")
+    if (
+        isinstance(timestamp, bool)
+        or not isinstance(timestamp, int | float)
+        or not math.isfinite(timestamp)
+        or timestamp < 0
+    ):
+        raise TraceFormatError(f"{where}: timestamp must be a number >= 0, got {timestamp!r}")
+    if not isinstance(hash_ids, list) or not all(
+        isinstance(h, int) and not isinstance(h, bool) and 0 <= h < _MAX_HASH_ID for h in hash_ids
+    ):
+        raise TraceFormatError(f"{where}: hash_ids must be a list of integers in [0, 2**64)")
     needed = -(-input_length // trace_block_size)
     if len(hash_ids) < needed:
         raise TraceFormatError(
@@ -123,8 +135,9 @@ def read_mooncake_trace(
         The requests, in file order. Blank lines are skipped.
 
     Raises:
-        TraceFormatError: A line is malformed or the file is not valid xz
-            (the message gives the line's number).
+        TraceFormatError: A line is malformed, the file is not UTF-8 or not
+            valid xz (the message gives the line's number), or it holds no
+            request.
         OSError: The file cannot be read.
     """
     return list(_iter_trace(Path(path), limit, trace_block_size))
@@ -150,6 +163,11 @@ def _iter_trace(path: Path, limit: int | None, trace_block_size: int) -> Iterato
                 count += 1
     except (lzma.LZMAError, EOFError) as exc:  # EOFError: a truncated stream
         raise TraceFormatError(f"{path}:{number + 1}: not valid xz data: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        hint = " (compressed? only .xz is read compressed)" if path.suffix != ".xz" else ""
+        raise TraceFormatError(f"{path}:{number + 1}: not UTF-8 text{hint}") from exc
+    if not count and limit != 0:
+        raise TraceFormatError(f"{path}: the trace has no requests")
 
 
 def _block_tokens(hash_id: int, trace_block_size: int) -> array[int]:

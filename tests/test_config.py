@@ -59,10 +59,54 @@ def test_a_full_stack_is_parsed() -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("8GiB", 8 << 30), ("512 MiB", 512 << 20), ("100GB", 10**11), ("4096", 4096), (7, 7)],
+    [
+        ("8GiB", 8 << 30),
+        ("512 MiB", 512 << 20),
+        ("100GB", 10**11),
+        ("4096", 4096),
+        (7, 7),
+        ("1.5GiB", 3 << 29),
+        ("64 mib", 64 << 20),
+        ("9007199254740993", 9007199254740993),  # exact: no float on the way
+        ("0B", 0),
+    ],
 )
 def test_sizes(text: object, expected: int) -> None:
     assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0.1KiB", "not a whole number of bytes"),
+        ("1.5B", "not a whole number of bytes"),
+        ("\uff18GiB", "not a size"),  # full-width digits
+        ("1" + "0" * 400 + "TiB", "more than 1 EiB"),
+        ("2EiB", "not a size"),
+        (-1, "not a size"),
+        (True, "not a size"),
+        (1.5, "not a size"),
+    ],
+)
+def test_bad_sizes(value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_size(value, key="tiers[0].capacity")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (float("inf"), "not a duration"),
+        (float("nan"), "not a duration"),
+        (-1, "not a duration"),
+        ("1e3s", "not a duration"),
+        ("400days", "not a duration"),
+        (10**9, "more than a year"),
+    ],
+)
+def test_bad_durations(value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_duration(value, key="offload.prefetch_timeout")
 
 
 @pytest.mark.parametrize(("text", "expected"), [("50ms", 0.05), ("2s", 2.0), ("500us", 5e-4)])
@@ -85,7 +129,16 @@ def test_durations(text: str, expected: float) -> None:
             r"unknown key\(s\) colour",
         ),
         (base(tiers=[{"kind": "disk", "capacity": "1GiB", "path": 3}]), r"path: a disk tier"),
-        (base(tiers=[{"kind": "cpu", "capacity": "1GiB", "path": "/x"}]), r"only a disk tier"),
+        (
+            base(tiers=[{"kind": "cpu", "capacity": "1GiB", "path": "/x"}]),
+            r"tiers\[0\] \(cpu tier\): unknown key\(s\) path",
+        ),
+        (base(tiers=[{"kind": "disk", "capacity": "1GiB", "path": ""}]), r"path: a disk tier"),
+        (
+            base(tiers=[{"kind": "device", "capacity": "1GiB", "eviction": "lru"}]),
+            r"\(device tier\): unknown key\(s\) eviction",
+        ),
+        (base(tiers=[{"kind": "cpu"}]), r"tiers\[0\]: missing key\(s\) capacity"),
         (base(tiers=[{"kind": "cpu", "capacity": "10B"}]), r"hold no block"),
         (base(tiers=[{"kind": "device", "capacity": "1GiB"}]), r"at least one lower tier"),
         (
@@ -115,7 +168,7 @@ def test_durations(text: str, expected: float) -> None:
         ({"tiers": []}, r"missing the \[layout\] table"),
         (base(extra=1), r"config: unknown key\(s\) extra"),
         (
-            base(tiers=[{"kind": "cpu", "capacity": "1GiB", "direct_io": "yes"}]),
+            base(tiers=[{"kind": "disk", "capacity": "1GiB", "direct_io": "yes"}]),
             r"not true or false",
         ),
     ],
@@ -123,6 +176,13 @@ def test_durations(text: str, expected: float) -> None:
 def test_bad_configs_name_the_key_and_the_value(data: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(data)
+
+
+def test_a_config_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"\xff\xfe[layout]")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path)
 
 
 def test_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
@@ -187,8 +247,35 @@ def test_redis_password_comes_from_the_environment(monkeypatch: pytest.MonkeyPat
         ({"ttl": "soon"}, r"tiers\[1\].ttl: 'soon' is not a duration"),
         ({"cluster": "yes"}, r"tiers\[1\].cluster: 'yes' is not true or false"),
         ({"path": "/x"}, r"unknown key\(s\) path"),
+        (
+            {"url": "redis://u:pw@[::1:6379/0"},
+            r"url: 'redis://u:\*\*\*@\[::1:6379/0' is not a valid",
+        ),
     ],
 )
 def test_bad_redis_options(extra: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(_redis(**extra))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"url": "http://user:hunter2@127.0.0.1:6379/0"},
+        {"url": "redis://user:hunter2@[::1:6379/0"},
+        {"url": "redis://user:hunter2@host:99999/0"},
+        {"password": "hunter2"},
+    ],
+)
+def test_errors_never_show_a_password(extra: dict[str, object]) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(_redis(**extra))
+    assert "hunter2" not in str(info.value)
+
+
+def test_the_options_repr_redacts_the_url() -> None:
+    options = parse_config(_redis(url="redis://user:hunter2@cache:6379/0")).tiers[1].redis
+    assert options is not None
+    assert options.url == "redis://user:hunter2@cache:6379/0"  # the client still gets it
+    assert "hunter2" not in repr(options)
+    assert "redis://user:***@cache:6379/0" in repr(options)

@@ -10,7 +10,7 @@ client's options: :func:`redact_url` is what logs and reprs show.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import attrs
 import redis.asyncio as aioredis
@@ -19,6 +19,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from kvtier.config_redis import redact_url
 from kvtier.errors import ConfigError
 
 __all__ = [
@@ -34,20 +35,6 @@ RedisClient = aioredis.Redis | RedisCluster
 """The client types a tier talks through."""
 
 _SCHEMES = ("redis", "rediss", "unix")
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for logs and reprs)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port is not None else ""
-    netloc = f"{user}:***@{host}{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def positive_number(label: str, value: object, *, allow_none: bool = False) -> None:

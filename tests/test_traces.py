@@ -64,6 +64,14 @@ def test_small_trace_block_size() -> None:
         (ROW.replace('"timestamp": 0', '"timestamp": "x"'), "timestamp"),
         (ROW.replace("[1]", '["a"]'), "hash_ids"),
         (ROW.replace('"input_length": 1', '"input_length": 600'), "cover 512"),
+        (ROW.replace('"input_length": 1', '"input_length": 0'), "input_length must be .* >= 1"),
+        (ROW.replace('"timestamp": 0', '"timestamp": -5'), "timestamp must be a number >= 0"),
+        (ROW.replace('"timestamp": 0', '"timestamp": NaN'), "timestamp"),
+        (
+            ROW.replace("[1]", f"[{2**64}]"),
+            r"hash_ids must be a list of integers in \[0, 2\*\*64\)",
+        ),
+        (ROW.replace('"input_length": 1', '"input_length": 1' + "0" * 5000), "not a usable JSON"),
     ],
 )
 def test_bad_lines_name_the_line(tmp_path: Path, line: str, message: str) -> None:
@@ -93,3 +101,21 @@ def test_xz_trace_round_trip_and_corrupt_xz(tmp_path: Path) -> None:
     bad.write_bytes(lzma.compress((ROW + "\n" + ROW + "\n").encode())[:-20])
     with pytest.raises(TraceFormatError, match="not valid xz"):
         read_mooncake_trace(bad)
+
+
+def test_an_empty_trace_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "empty.jsonl"
+    for text in ("", "\n\n  \n"):
+        path.write_text(text)
+        with pytest.raises(TraceFormatError, match="has no requests"):
+            read_mooncake_trace(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "data"), [("t.jsonl", b"\xff\xfe{}"), ("t.jsonl.gz", b"\x1f\x8b\x08\x00")]
+)
+def test_a_trace_that_is_not_utf8_is_an_error(tmp_path: Path, name: str, data: bytes) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(TraceFormatError, match=r":1: not UTF-8 text \(compressed\?"):
+        read_mooncake_trace(path)

@@ -5,20 +5,24 @@ workload through a real tier stack (the default stack of
 ``kvtier/replay/default.toml`` when no CONFIG is given) and prints what it
 saved; ``--sweep`` compares the eviction policies with Belady's offline
 optimum instead. Exit status: 0 on success, 1 when a reused block held wrong
-bytes, 2 on bad input (usage, configuration, trace).
+bytes, 2 on bad input (usage, configuration, trace, a stack too large for this
+machine), 130 when interrupted (SIGINT or SIGTERM; temporary files are
+removed first). Errors are one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import anyio
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kvtier.config import KvtierConfig, load_config
@@ -38,13 +42,21 @@ from kvtier.replay import (
     sweep,
     trace_workload,
 )
-from kvtier.replay.sweep import DEFAULT_FRACTIONS
+from kvtier.replay.sweep import DEFAULT_FRACTIONS, check_plot_path
 
 __all__ = ["main"]
 
 EXIT_OK = 0
 EXIT_INTEGRITY = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+_CHAT_OPTIONS: Final = {
+    "users": 16,
+    "rounds": 6,
+    "system_prompt": 2048,
+    "question": 128,
+    "answer": 256,
+}
 
 
 def _fractions(text: str) -> tuple[float, ...]:
@@ -57,8 +69,16 @@ def _fractions(text: str) -> tuple[float, ...]:
     return values
 
 
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+def _policy_names(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"no policy named in {text!r}")
+    unknown = [name for name in names if name not in EVICTION_POLICIES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown policy {', '.join(unknown)}; valid: {', '.join(EVICTION_POLICIES)}"
+        )
+    return names
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,11 +106,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--limit", type=int, help="replay only the first N requests of a trace")
     chat = run.add_argument_group("chat workload (--workload chat)")
-    chat.add_argument("--users", type=int, default=16, help="conversations (default 16)")
-    chat.add_argument("--rounds", type=int, default=6, help="turns per conversation (default 6)")
-    chat.add_argument("--system-prompt", type=int, default=2048, help="shared system prompt tokens")
-    chat.add_argument("--question", type=int, default=128, help="tokens per question")
-    chat.add_argument("--answer", type=int, default=256, help="tokens per answer")
+    chat.add_argument("--users", type=int, help="conversations (default 16)")
+    chat.add_argument("--rounds", type=int, help="turns per conversation (default 6)")
+    chat.add_argument("--system-prompt", type=int, help="shared system prompt tokens (2048)")
+    chat.add_argument("--question", type=int, help="tokens per question (default 128)")
+    chat.add_argument("--answer", type=int, help="tokens per answer (default 256)")
     run.add_argument("--workdir", type=Path, help="where disk tiers without a path live")
     run.add_argument("--json", action="store_true", help="print JSON instead of tables")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -101,13 +121,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--policies",
-        type=_names,
+        type=_policy_names,
         help=f"sweep: policies, comma-separated (default: all: {', '.join(EVICTION_POLICIES)})",
     )
     run.add_argument(
         "--capacities",
         type=_fractions,
-        default=DEFAULT_FRACTIONS,
         help="sweep: capacities in %% of the distinct blocks (default 1,5,10,25,50)",
     )
     run.add_argument(
@@ -116,20 +135,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _workload(args: argparse.Namespace) -> Workload:
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse options that the chosen command would ignore.
+
+    Raises:
+        KVTierError: An option that does nothing here (the message names it).
+    """
     if args.limit is not None and args.limit < 1:
         raise KVTierError(f"--limit must be >= 1, got {args.limit}")
+    given = [name for name in _CHAT_OPTIONS if getattr(args, name) is not None]
+    if given and args.workload != "chat":
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        verb = "applies" if len(given) == 1 else "apply"
+        raise KVTierError(f"{flags} only {verb} to --workload chat")
+    sweeping = args.sweep or args.plot is not None
+    if not sweeping and (args.policies is not None or args.capacities is not None):
+        raise KVTierError("--policies and --capacities only apply to --sweep or --plot")
+    if sweeping and args.workdir is not None:
+        raise KVTierError("--workdir does not apply to --sweep (it runs no tiers)")
+    if args.plot is not None:
+        check_plot_path(args.plot)
+
+
+def _workload(args: argparse.Namespace) -> Workload:
     if args.trace is not None:
         return trace_workload(args.trace, limit=args.limit)
     name = args.workload or "mooncake"
     if name == "chat":
-        workload = chat_workload(
-            users=args.users,
-            rounds=args.rounds,
-            system_prompt=args.system_prompt,
-            question=args.question,
-            answer=args.answer,
-        )
+        options = {
+            name: default if getattr(args, name) is None else getattr(args, name)
+            for name, default in _CHAT_OPTIONS.items()
+        }
+        workload = chat_workload(**options)
     else:
         workload = WORKLOADS[name]()
     if args.limit is not None:
@@ -161,7 +198,7 @@ def _run_sweep(
         workload,
         block_size=config.layout.block_size,
         hash_algorithm=config.offload.hash,
-        fractions=args.capacities,
+        fractions=args.capacities or DEFAULT_FRACTIONS,
         policies=args.policies,
     )
     title = f"hit ratio by capacity: {workload.name} ({config.layout.block_size}-token blocks)"
@@ -188,12 +225,29 @@ def _run_sweep(
         out.print(f"plot written to {args.plot}")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM: unwind as for Ctrl-C, so temporary tiers are removed."""
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``kvtier`` command; returns its exit status."""
     args = _parser().parse_args(argv)
     out = Console()
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)  # one line per error, whatever the width
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        return _run(args, out, err)
+    except KeyboardInterrupt:
+        err.print("kvtier: interrupted", markup=False, highlight=False)
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
+    try:
+        _check_options(args)
         config = load_config(args.config) if args.config is not None else default_config()
         workload = _workload(args)
         if args.sweep or args.plot is not None:
@@ -201,10 +255,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         report = _replay(config, workload, args, err)
     except ReplayIntegrityError as exc:
-        err.print(f"[bold red]kvtier: integrity check failed:[/] {exc}")
+        err.print(f"[bold red]kvtier: integrity check failed:[/] {escape(str(exc))}")
         return EXIT_INTEGRITY
     except (KVTierError, OSError) as exc:
-        err.print(f"[bold red]kvtier: error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]kvtier: error:[/] {escape(str(exc))}", highlight=False)
+        return EXIT_USAGE
+    except MemoryError:
+        err.print(
+            "[bold red]kvtier: error:[/] not enough memory for this stack: lower the "
+            "tiers' capacities",
+            highlight=False,
+        )
         return EXIT_USAGE
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

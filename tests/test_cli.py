@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,8 +103,12 @@ def test_sweep_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--policies", "mru", "--sweep"], "eviction policy"),
         (["--limit", "0"], "--limit"),
+        (["--users", "3"], "--users only applies to --workload chat"),
+        (["--capacities", "5"], "--policies and --capacities only apply to --sweep"),
+        (["--sweep", "--workdir", "/tmp"], "--workdir does not apply to --sweep"),
+        (["--plot", "out.txt"], "must end in .png, .svg, .pdf"),
+        (["--plot", "/no/such/dir/x.png"], "does not exist"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(
@@ -120,6 +129,11 @@ def test_bad_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    for policies in ("mru", ","):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["replay", "--sweep", "--policies", policies])
+        assert exit_info.value.code == 2
+    assert "unknown policy mru; valid:" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["replay", "--capacities", "0,200"])
     assert exit_info.value.code == 2
@@ -127,3 +141,62 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
         main(["replay", "--trace", "x", "--workload", "chat"])
     assert exit_info.value.code == 2
     assert "not allowed with" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["[/x]", "[bold]cpu", "[/]"])
+def test_error_text_is_never_read_as_markup(
+    tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "[weird]" / "bad.toml"
+    bad.parent.mkdir()
+    bad.write_text(SMALL_TOML.replace('kind = "cpu"', f'kind = "{kind}"'))
+    assert main(["replay", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"tiers[1].kind: {kind!r}" in err
+    assert main(["replay", str(tmp_path / "[weird]" / "missing.toml")]) == 2
+    assert "[weird]/missing.toml" in capsys.readouterr().err
+
+
+def test_an_error_is_one_line_however_narrow_the_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "40")
+    bad = tmp_path / "bad.toml"
+    bad.write_text(SMALL_TOML.replace('kind = "cpu"', 'kind = "cpu"\neviction = "mru"'))
+    assert main(["replay", str(bad)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_a_stack_too_large_for_the_machine_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    big = tmp_path / "big.toml"
+    big.write_text(SMALL_TOML.replace('capacity = "32KiB"', 'capacity = "1000TiB"'))
+    assert main(["replay", str(big), *CHAT, "--no-progress"]) == 2
+    assert "tiers[0].capacity: cannot allocate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_removes_the_temporary_tiers_and_exits_130(tmp_path: Path, signame: str) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kvtier", "replay", "--no-progress"],
+        env=dict(os.environ, TMPDIR=str(temp)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        # A shell's background jobs ignore SIGINT; the child must not inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509
+    )
+    try:
+        for _ in range(2400):  # until the replay's temporary tiers exist (2 min at most)
+            if any(temp.iterdir()) or process.poll() is not None:
+                break
+            time.sleep(0.05)
+        process.send_signal(getattr(signal, signame))
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert err.decode().strip().splitlines() == ["kvtier: interrupted"]
+    assert list(temp.iterdir()) == []

@@ -326,7 +326,13 @@ async def replay(
     layout = config.layout
     device_blocks = _device_blocks(config, workload)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cache = torch.zeros((device_blocks, layout.block_bytes), dtype=torch.uint8, device=device)
+    try:
+        cache = torch.zeros((device_blocks, layout.block_bytes), dtype=torch.uint8, device=device)
+    except (RuntimeError, MemoryError) as exc:  # torch's allocators raise RuntimeError
+        raise ConfigError(
+            f"tiers[0].capacity: cannot allocate {device_blocks} device blocks of "
+            f"{layout.block_bytes} bytes on {device}: {exc}".splitlines()[0]
+        ) from exc
     kvm = KVCacheManager(KVCacheConfig.full_attention(device_blocks, layout.block_size), 1 << 30)
     with ExitStack() as stack:
         if workdir is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Final
 
 import attrs
 from rich.table import Table
@@ -110,12 +111,37 @@ def render_sweep(rows: Sequence[SweepRow], *, title: str) -> Table:
     return table
 
 
+PLOT_FORMATS: Final = (".png", ".svg", ".pdf")
+"""File name suffixes :func:`plot_sweep` writes."""
+
+
+def check_plot_path(path: Path) -> None:
+    """Check, before a sweep runs, that :func:`plot_sweep` can write ``path``.
+
+    Raises:
+        ConfigError: The suffix is not one of :data:`PLOT_FORMATS`, the path
+            is a directory or its directory does not exist, or matplotlib is
+            not installed (``pip install 'kvtier[plot]'``).
+    """
+    if path.suffix.lower() not in PLOT_FORMATS:
+        raise ConfigError(f"--plot: {str(path)!r} must end in {', '.join(PLOT_FORMATS)}")
+    if path.is_dir():
+        raise ConfigError(f"--plot: {str(path)!r} is a directory")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--plot: the directory {str(path.parent)!r} does not exist")
+    try:
+        import matplotlib  # noqa: F401, PLC0415
+    except ImportError as exc:
+        raise ConfigError("--plot needs matplotlib: pip install 'kvtier[plot]'") from exc
+
+
 def plot_sweep(rows: Sequence[SweepRow], path: Path, *, title: str) -> None:
     """Draw hit ratio against capacity per policy (and Belady) into ``path``.
 
     Raises:
-        ConfigError: matplotlib is not installed (``pip install 'kvtier[plot]'``).
+        ConfigError: As :func:`check_plot_path`.
     """
+    check_plot_path(path)
     try:
         import matplotlib  # noqa: PLC0415
 

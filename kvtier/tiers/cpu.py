@@ -192,7 +192,7 @@ class CpuTier:
             storage, pinned = await anyio.to_thread.run_sync(self._allocate)
         except TierIOError as exc:
             raise TierIOError(f"tier {self._name}: {exc}", tier=self._name) from exc
-        except RuntimeError as exc:
+        except (RuntimeError, MemoryError) as exc:
             raise TierIOError(
                 f"tier {self._name}: cannot allocate host memory", tier=self._name
             ) from exc

@@ -189,3 +189,29 @@ def test_releasing_the_stages_of_a_load_that_could_not_start_undoes_its_reservat
     assert event.staged_keys() == []
     cpu.check_invariants()
     disk.check_invariants()
+
+
+@pytest.mark.asyncio
+async def test_a_failed_demotion_is_counted_and_loses_only_the_evicted_blocks(
+    tmp_path: Path,
+) -> None:
+    from kvtier.tiers.cpu import CpuTier
+    from kvtier.tiers.disk import DiskTier
+    from tests.offload_env import LAYOUT
+    from tests.tier_doubles import GatedStore
+
+    disk = GatedStore(DiskTier(tmp_path / "disk", LAYOUT, 16 * DiskTier.bytes_per_block(LAYOUT)))
+    env = Env(gpu_blocks=32, tiers=[CpuTier(LAYOUT, 2), disk])
+    async with env.manager as manager:
+        a, b = env.request(2), env.request(2)
+        await store(env, a, 2)
+        disk.fail = 1  # the next disk write: the demotion of a's blocks
+        await store(env, b, 2)  # evicts a's blocks; their demotion fails
+        stats = manager.stats().tiers
+        assert stats["disk"].failed_transfers == 2
+        assert stats["disk"].demotions == 0
+        assert env.cpu_keys() == {key(b, 0), key(b, 1)}  # b's store itself landed
+        assert list(manager.indexes[1].blocks()) == []
+        for index in manager.indexes:
+            assert index.num_reserved == 0
+            index.check_invariants()

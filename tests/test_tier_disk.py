@@ -642,3 +642,12 @@ async def test_direct_io_round_trip_and_same_format_as_buffered(tmp_path: Path) 
         recovered = dict(await tier.recover())
         assert recovered == {0: key(0), 2: key(9), 4: key(2), 6: key(3), 8: key(4)}
         assert torch.equal(await read(tier, [2], [key(9)]), blocks(1, 13))
+
+
+@pytest.mark.asyncio
+async def test_a_path_that_is_a_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "blocks"
+    path.write_text("not a directory")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        async with tier_at(path):
+            pass

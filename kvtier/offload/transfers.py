@@ -220,8 +220,9 @@ class Transfers:
             if done:
                 below.commit(demotion.keys)
                 self.tier_stats[demotion.level + 1].demotions += len(demotion.keys)
-            else:
+            else:  # the evicted blocks are lost, as without a tier below
                 below.abort(demotion.keys)
+                self.tier_stats[demotion.level + 1].failed_transfers += len(demotion.keys)
 
     def report(self, event_id: int, workers: int) -> None:
         """Count store completions reported by other workers."""

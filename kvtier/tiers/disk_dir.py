@@ -44,7 +44,10 @@ def claim_directory(path: Path, name: str) -> int:
             another user, or another open DiskTier holds it.
         OSError: It cannot be created, tightened or locked.
     """
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError as exc:  # a file (or a link to one) of that name
+        raise ConfigError(f"tier {name}: {path} is a file, not a directory") from exc
     info = path.lstat()
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
         raise ConfigError(f"tier {name}: {path} is not a directory (or is a symlink)")

@@ -28,6 +28,14 @@ async def store(env: Env, request, num_blocks: int) -> None:  # type: ignore[no-
     await env.manager.wait_idle()
 
 
+async def disk_only(env: Env):  # type: ignore[no-untyped-def]
+    """Two requests of two blocks stored; with two CPU slots, the first's go down to disk."""
+    a, b = env.request(2), env.request(2)
+    await store(env, a, 2)
+    await store(env, b, 2)
+    return a, b
+
+
 def plan_load(env: Env, like, num_blocks: int):  # type: ignore[no-untyped-def]
     """A request repeating ``like``: looked up, allocated, its load planned."""
     request = env.request(num_blocks, like=like)
@@ -44,9 +52,7 @@ async def test_two_requests_loading_one_disk_only_prefix_in_one_step_both_succee
 ) -> None:
     env = Env(gpu_blocks=32, cpu_blocks=2, disk=tmp_path / "disk")
     async with env.manager as manager:
-        a, b = env.request(2), env.request(2)
-        await store(env, a, 2)
-        await store(env, b, 2)  # a's blocks go down to disk
+        a, _ = await disk_only(env)
         first, first_targets = plan_load(env, a, 2)
         second, second_targets = plan_load(env, a, 2)
         plan = manager.build_step(SchedulerOutput())
@@ -77,9 +83,7 @@ async def test_a_load_from_disk_goes_straight_to_the_device_when_the_cpu_tier_ha
 ) -> None:
     env = Env(gpu_blocks=32, cpu_blocks=2, disk=tmp_path / "disk")
     async with env.manager as manager:
-        a, b = env.request(2), env.request(2)
-        await store(env, a, 2)
-        await store(env, b, 2)  # CPU: b; disk: a
+        a, b = await disk_only(env)
         # b's load pins both CPU slots, so a's blocks cannot be staged through the CPU.
         reader_b, b_targets = plan_load(env, b, 2)
         reader_a, a_targets = plan_load(env, a, 2)
@@ -104,9 +108,7 @@ async def test_a_corrupt_block_read_straight_from_disk_is_a_miss_and_never_reach
 ) -> None:
     env = Env(gpu_blocks=32, cpu_blocks=2, disk=tmp_path / "disk")
     async with env.manager as manager:
-        a, b = env.request(2), env.request(2)
-        await store(env, a, 2)
-        await store(env, b, 2)
+        a, _ = await disk_only(env)
         victim = tmp_path / "disk" / (key(a, 1).hex() + ".kvb")
         data = bytearray(victim.read_bytes())
         data[3] ^= 0x01

@@ -46,6 +46,21 @@ def block_file(root: Path, i: int) -> Path:
     return root / (key(i).hex() + ".kvb")
 
 
+def bad_sector(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
+    """Make every read of ``path``'s file fail with EIO, as a bad sector does."""
+    import errno
+
+    inode = path.stat().st_ino
+    real_preadv = os.preadv
+
+    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if os.fstat(fd).st_ino == inode:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+
+
 async def read(tier: DiskTier, slots: list[int], keys: list[bytes]) -> torch.Tensor:
     out = torch.empty((len(slots), LAYOUT.block_bytes), dtype=torch.uint8)
     await tier.read_into(slots, keys, out)
@@ -452,20 +467,11 @@ async def test_system_read_errors_fail_the_read_and_later_reads_recover(
 async def test_a_file_that_fails_with_eio_is_a_miss_and_the_rest_of_the_batch_reads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import errno
 
     data = blocks(3, 12)
-    real_preadv = os.preadv
     async with tier_at(tmp_path) as tier:
         await tier.write_from([0, 1, 2], [key(0), key(1), key(2)], data)
-        bad = block_file(tmp_path, 1).stat().st_ino
-
-        def bad_sector(fd: int, buffers: list[memoryview], offset: int) -> int:
-            if os.fstat(fd).st_ino == bad:
-                raise OSError(errno.EIO, "Input/output error")
-            return real_preadv(fd, buffers, offset)
-
-        monkeypatch.setattr(os, "preadv", bad_sector)
+        bad_sector(monkeypatch, block_file(tmp_path, 1))
         out = torch.zeros((3, LAYOUT.block_bytes), dtype=torch.uint8)
         with pytest.raises(BlockMissingError) as info:
             await tier.read_into([0, 1, 2], [key(0), key(1), key(2)], out)
@@ -477,26 +483,17 @@ async def test_a_file_that_fails_with_eio_is_a_miss_and_the_rest_of_the_batch_re
 async def test_a_persistent_eio_is_forgotten_by_the_index_after_one_failed_load(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import errno
 
     from kvtier.transfer import LoadTask, TransferPipeline
     from tests.tier_doubles import MemoryStore
 
     data = blocks(2, 13)
-    real_preadv = os.preadv
     device = MemoryStore(4, layout=LAYOUT, name="gpu")
     index = TierIndex("disk", 16, "lru")
     async with tier_at(tmp_path) as tier, TransferPipeline() as pipeline:
         await tier.write_from([0, 1], [key(0), key(1)], data)
         index.restore([(0, key(0)), (1, key(1))])
-        bad = block_file(tmp_path, 1).stat().st_ino
-
-        def bad_sector(fd: int, buffers: list[memoryview], offset: int) -> int:
-            if os.fstat(fd).st_ino == bad:
-                raise OSError(errno.EIO, "Input/output error")
-            return real_preadv(fd, buffers, offset)
-
-        monkeypatch.setattr(os, "preadv", bad_sector)
+        bad_sector(monkeypatch, block_file(tmp_path, 1))
         slots = index.pin([key(1)])
         done = await pipeline.submit(LoadTask(tier, slots, device, [0], [key(1)], index))
         with pytest.raises(BlockMissingError):

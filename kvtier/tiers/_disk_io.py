@@ -35,6 +35,7 @@ from typing import Final
 
 import torch
 
+from kvtier.log import get_logger
 from kvtier.tiers._checks import tensor_bytes
 from kvtier.tiers.base import BlockKey
 from kvtier.tiers.disk_format import (
@@ -53,6 +54,11 @@ SUFFIX: Final = ".kvb"
 TMP_PREFIX: Final = ".tmp-"
 _O_DIRECT: Final = getattr(os, "O_DIRECT", 0)
 _O_SAFE: Final = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+_NO_DIRECTORY_SYNC: Final = frozenset(
+    getattr(errno, name) for name in ("EINVAL", "EBADF", "ENOTSUP") if hasattr(errno, name)
+)
+"""``fsync`` errors of a file system that cannot sync a directory."""
+_log = get_logger("kvtier.tiers.disk")
 
 
 class UntrustedFileError(OSError):
@@ -107,6 +113,7 @@ class BlockFiles:
         self.fsync = fsync
         self._flags = _O_DIRECT if direct else 0
         self._buffers: deque[mmap.mmap] = deque()  # page-aligned, one per busy worker at most
+        self._sync_unsupported = False  # the directory sync's EINVAL was logged
 
     def file(self, key: BlockKey) -> Path:
         """The block file of ``key``: its name is the key's hex digest only."""
@@ -180,10 +187,23 @@ class BlockFiles:
         _write_all(fd, [payload, memoryview(trailer)], size)
 
     def sync_directory(self) -> None:
-        """``fsync`` the directory, so the renames of written blocks survive a crash."""
+        """``fsync`` the directory, so the renames of written blocks survive a crash.
+
+        A file system that cannot sync a directory (``EINVAL``…) is logged
+        once and skipped, as PostgreSQL does.
+
+        Raises:
+            OSError: Any other failure.
+        """
         fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_SAFE)
         try:
             os.fsync(fd)
+        except OSError as exc:
+            if exc.errno not in _NO_DIRECTORY_SYNC:
+                raise
+            if not self._sync_unsupported:
+                self._sync_unsupported = True
+                _log.warning("tier_directory_sync_unsupported", path=str(self.path), error=str(exc))
         finally:
             os.close(fd)
 

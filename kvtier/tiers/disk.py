@@ -73,10 +73,6 @@ _FILE_ERRORS: Final = frozenset(
 """Read errors that doubt one file (a bad sector, a damaged inode): the block
 reads as a miss. Others (``EMFILE``, ``ENOMEM``, ``EACCES``…) may be the
 process's or the system's, say nothing sure of the block, and fail the read."""
-_NO_DIRECTORY_SYNC: Final = frozenset(
-    getattr(errno, name) for name in ("EINVAL", "EBADF", "ENOTSUP") if hasattr(errno, name)
-)
-"""``fsync`` errors of a file system that cannot sync a directory."""
 
 
 class DiskTier:
@@ -136,7 +132,6 @@ class DiskTier:
         self._slot_keys: dict[int, BlockKey] = {}
         self._key_slots: dict[BlockKey, int] = {}
         self._recovered: list[tuple[int, BlockKey]] = []
-        self._warned_sync = False
         self._opened = False
         self._closed = False
 
@@ -311,19 +306,13 @@ class DiskTier:
     async def _sync_directory(self, done: list[int], errors: list[TierIOError]) -> None:
         """Make the batch's renames durable before the write counts.
 
-        A file system that cannot sync a directory (``EINVAL``…) is logged
-        once and skipped, as PostgreSQL does; any other failure fails the
-        whole batch (``done`` emptied: its files are deleted, none mapped),
-        so the tier never serves a block its index was told failed.
+        A failure fails the whole batch (``done`` emptied: its files are
+        deleted, none mapped), so the tier never serves a block its index
+        was told failed.
         """
         try:
             await anyio.to_thread.run_sync(self._files.sync_directory, limiter=self._limiter)
         except OSError as exc:
-            if exc.errno in _NO_DIRECTORY_SYNC:
-                if not self._warned_sync:
-                    self._warned_sync = True
-                    _log.warning("tier_directory_sync_unsupported", tier=self._name, error=str(exc))
-                return
             done.clear()
             errors.append(self._io_error("syncing the directory", exc))
 

@@ -8,6 +8,8 @@
     url = "redis://127.0.0.1:6379/0" # rediss:// for TLS, unix:///path.sock
     prefix = "kvtier:"
     model = "llama-3-8b"            # separates models with equal layouts
+    rank = 0                        # this worker's tensor/pipeline-parallel rank
+    world_size = 1                  # how many such workers hold shards of a block
     ttl = "3600s"                   # optional; else Redis's maxmemory policy evicts
     timeout = "5s"
     connect_timeout = "2s"
@@ -26,6 +28,7 @@ redacted wherever kvtier prints the URL).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -47,6 +50,8 @@ REDIS_KEYS: Final = (
     "url",
     "prefix",
     "model",
+    "rank",
+    "world_size",
     "ttl",
     "timeout",
     "connect_timeout",
@@ -68,21 +73,25 @@ DEFAULT_URL: Final = "redis://127.0.0.1:6379/0"
 """A server on this host's default port."""
 
 
+_QUERY_SECRET: Final = re.compile(r"(?i)([?&;](?:password|passwd|pass|pwd)=)[^&;#]*")
+
+
 def redact_url(url: str) -> str:
     """``url`` with any password replaced by ``***`` (for logs, reprs and errors).
 
     Works on malformed URLs too (it does not parse them): everything between
-    the first ``:`` of the user part and the last ``@`` before the query goes.
+    the first ``:`` of the user part and the last ``@`` goes, and so does the
+    value of a ``password=`` query parameter (redis-py reads one). When in
+    doubt it hides too much, never too little.
     """
     scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    head, mark, query = rest.partition("?")
-    userinfo, at, host = head.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}{mark}{query}"
+    if sep:
+        at = rest.rfind("@")
+        if at >= 0 and ":" in rest[:at]:
+            user = rest[:at].split(":", 1)[0]
+            rest = f"{user}:***@{rest[at + 1 :]}"
+        url = f"{scheme}{sep}{rest}"
+    return _QUERY_SECRET.sub(r"\1***", url)
 
 
 @attrs.frozen
@@ -93,6 +102,9 @@ class RedisOptions:
         url: The server (``redis://``, ``rediss://`` or ``unix://``).
         prefix: Put in front of every key.
         model: Separates models whose layouts are equal.
+        rank: This worker's tensor- or pipeline-parallel rank.
+        world_size: Workers that hold shards of every block (names carry the
+            rank when more than 1).
         ttl: Seconds a stored block lives (None: until Redis evicts it).
         timeout: Seconds a round trip may take.
         connect_timeout: Seconds to open a connection.
@@ -112,6 +124,8 @@ class RedisOptions:
     url: str = attrs.field(default=DEFAULT_URL, repr=redact_url)
     prefix: str = "kvtier:"
     model: str = ""
+    rank: int = 0
+    world_size: int = 1
     ttl: float | None = None
     timeout: float = 5.0
     connect_timeout: float = 2.0
@@ -188,10 +202,17 @@ def parse_redis_options(table: Mapping[str, Any], key: str) -> RedisOptions:
         urlsplit(url).port  # noqa: B018 - parses the host and port
     except ValueError as exc:
         raise ConfigError(f"{key}.url: {redact_url(url)!r} is not a valid URL: {exc}") from exc
-    batch_size = table.get("batch_size", 32)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"{key}.batch_size: {batch_size!r} is not an integer >= 1")
-    durations = {}
+    ints: dict[str, int] = {}
+    for name, fallback, least in (("batch_size", 32, 1), ("rank", 0, 0), ("world_size", 1, 1)):
+        value = table.get(name, fallback)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"{key}.{name}: {value!r} is not an integer >= {least}")
+        ints[name] = value
+    if ints["rank"] >= ints["world_size"]:
+        raise ConfigError(
+            f"{key}.rank: {ints['rank']} is not below world_size={ints['world_size']}"
+        )
+    durations: dict[str, float] = {}
     for name, default in (("timeout", 5.0), ("connect_timeout", 2.0)):
         durations[name] = parse_duration(table.get(name, default), key=f"{key}.{name}")
         if durations[name] <= 0:
@@ -207,7 +228,9 @@ def parse_redis_options(table: Mapping[str, Any], key: str) -> RedisOptions:
         ttl=ttl_seconds,
         timeout=durations["timeout"],
         connect_timeout=durations["connect_timeout"],
-        batch_size=batch_size,
+        batch_size=ints["batch_size"],
+        rank=ints["rank"],
+        world_size=ints["world_size"],
         username=_text(table, "username", key, None),
         password_env=_text(table, "password_env", key, None),
         cluster=_flag(table, "cluster", key, False),

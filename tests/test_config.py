@@ -213,6 +213,8 @@ def test_redis_tier_options() -> None:
             username="u",
             password_env="KVTIER_TEST_PW",
             cluster=True,
+            rank=1,
+            world_size=4,
         )
     )
     options = config.tiers[1].redis
@@ -220,6 +222,7 @@ def test_redis_tier_options() -> None:
     assert (options.url, options.prefix, options.model) == ("rediss://cache:6380/2", "p:", "m")
     assert (options.ttl, options.timeout, options.batch_size) == (2.0, 0.25, 8)
     assert options.cluster
+    assert (options.rank, options.world_size) == (1, 4)
     assert "KVTIER_TEST_PW" not in repr(options)
     defaults = parse_config(_redis()).tiers[1].redis
     assert defaults is not None
@@ -247,6 +250,8 @@ def test_redis_password_comes_from_the_environment(monkeypatch: pytest.MonkeyPat
         ({"ttl": "soon"}, r"tiers\[1\].ttl: 'soon' is not a duration"),
         ({"cluster": "yes"}, r"tiers\[1\].cluster: 'yes' is not true or false"),
         ({"path": "/x"}, r"unknown key\(s\) path"),
+        ({"rank": 2, "world_size": 2}, r"tiers\[1\].rank: 2 is not below world_size=2"),
+        ({"world_size": 0}, r"tiers\[1\].world_size: 0 is not an integer >= 1"),
         (
             {"url": "redis://u:pw@[::1:6379/0"},
             r"url: 'redis://u:\*\*\*@\[::1:6379/0' is not a valid",

@@ -205,6 +205,27 @@ async def test_a_full_index_of_pinned_blocks_adopts_nothing(
         index.check_invariants()
 
 
+@pytest.mark.asyncio
+async def test_adopting_never_evicts_the_prefix_the_request_already_hits(
+    shared_redis: RedisServer, prefix: str
+) -> None:
+    tier = RedisTier(LAYOUT, 4, url=shared_redis.url, prefix=prefix)
+    env = Env(gpu_blocks=32, tiers=[tier])
+    async with env.manager as manager:
+        request = env.request(6)
+        await engine_a_stores(shared_redis, prefix, request, [0, 1, 2, 3, 4])
+        index = manager.indexes[0]
+        index.commit(index.reserve([key(request, 0), key(request, 1)]).keys)  # known, older
+        index.commit(index.reserve([b"x" * 32, b"y" * 32]).keys)  # unrelated, newer
+        assert manager.get_num_new_matched_tokens(request, 0) == (2 * BS, True)
+        assert await manager.probe(request, 0) == 2  # room only by evicting x and y
+        assert key(request, 0) in index
+        assert key(request, 1) in index
+        assert manager.get_num_new_matched_tokens(request, 0) == (4 * BS, True)
+        assert index.num_pinned == 0
+        index.check_invariants()
+
+
 def test_the_blocking_probe_runs_on_the_managers_background_loop(
     shared_redis: RedisServer, prefix: str
 ) -> None:

@@ -408,3 +408,28 @@ async def test_config_tls_tier_opens_and_replays(
     assert loaded > 0
     with tls_redis.client() as admin:
         assert admin.dbsize() > 0
+
+
+@pytest.mark.asyncio
+async def test_a_value_of_another_type_on_a_cluster_is_a_miss_not_a_node_failure(
+    shared_redis_cluster: RedisClusterServers,
+) -> None:
+    import redis
+
+    cluster = shared_redis_cluster
+    cluster.flushall()
+    n = 8
+    data, names = blocks(n, 7), keys(n, "wrongtype")
+    async with RedisTier(LAYOUT, n, url=cluster.url, cluster=True) as store:
+        await store.write_from(list(range(n)), names, data)
+        admin = redis.RedisCluster.from_url(cluster.url)
+        try:
+            admin.delete(store.keys.name(names[3]))
+            admin.hset(store.keys.name(names[3]), "field", "value")  # another client's hash
+        finally:
+            admin.close()
+        with pytest.raises(BlockMissingError) as info:
+            await read(store, list(range(n)), names)
+        assert info.value.slots == (3,)
+        others = [i for i in range(n) if i != 3]
+        assert torch.equal(await read(store, others, [names[i] for i in others]), data[others])

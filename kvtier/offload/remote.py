@@ -46,12 +46,16 @@ class ProbePlan:
         first: The position of the first block no tier's index holds.
         keys: Per position from ``first`` on, one key per KV cache group.
         levels: The tiers asked (indexes into the manager's stack).
+        held: The keys of the positions before ``first`` (after the device
+            hit) that some index holds: the request's own lower-tier hits,
+            which adopting blocks must not evict.
     """
 
     request_id: str
     first: int
     keys: tuple[tuple[BlockKey, ...], ...]
     levels: tuple[int, ...]
+    held: tuple[BlockKey, ...] = ()
 
 
 class RemoteProbe:
@@ -109,13 +113,15 @@ class RemoteProbe:
         hashes = request.block_hashes
         limit = min(len(hashes), max(0, request.num_tokens - 1) // self.block_size)
         position = num_computed_tokens // self.block_size
-        while position < limit and self._held(self._keys(hashes[position])):
+        held: list[BlockKey] = []
+        while position < limit and self._held(found := self._keys(hashes[position])):
+            held.extend(found)
             position += 1
         end = min(limit, position + self.max_blocks)
         if position >= end:
             return None
         keys = tuple(tuple(self._keys(hashes[p])) for p in range(position, end))
-        return ProbePlan(request.request_id, position, keys, self.levels)
+        return ProbePlan(request.request_id, position, keys, self.levels, tuple(held))
 
     async def ask(self, plan: ProbePlan) -> dict[int, list[bool]]:
         """Ask every probing tier of the plan at once; ``level -> held?`` per position.
@@ -164,7 +170,7 @@ class RemoteProbe:
             runs[-1][1].extend(keys)
         adopted = 0
         for level, run in runs:
-            entered = self._enter(level, run)
+            entered = self._enter(level, run, plan.held)
             adopted += entered
             if entered * self.num_groups < len(run):
                 break
@@ -181,8 +187,24 @@ class RemoteProbe:
         """Some index holds every key (visible, or being written there)."""
         return any(all(index.holds(key) for key in keys) for index in self.indexes)
 
-    def _enter(self, level: int, keys: list[BlockKey]) -> int:
-        """Enter as many whole positions of ``keys`` as fit; how many positions."""
+    def _enter(self, level: int, keys: list[BlockKey], held: Sequence[BlockKey]) -> int:
+        """Enter as many whole positions of ``keys`` as fit; how many positions.
+
+        The request's own blocks this index holds (``held``) are pinned
+        meanwhile, so making room never evicts the prefix the adopted blocks
+        extend.
+        """
+        index = self.indexes[level]
+        protect = [key for key in held if index.contains(key)]
+        if protect:
+            index.pin(protect)
+        try:
+            return self._reserve(level, keys)
+        finally:
+            if protect:
+                index.unpin(protect)
+
+    def _reserve(self, level: int, keys: list[BlockKey]) -> int:
         index, tier, stats = self.indexes[level], self.tiers[level], self.stats[level]
         room = (index.num_free + index.num_evictable) // self.num_groups * self.num_groups
         keys = keys[:room]

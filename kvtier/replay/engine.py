@@ -119,6 +119,8 @@ def _redis_tier(config: KvtierConfig, tier: TierConfig, name: str) -> BlockStore
         name=name,
         prefix=options.prefix,
         model=options.model,
+        rank=options.rank,
+        world_size=options.world_size,
         ttl=options.ttl,
         batch_size=options.batch_size,
         connect_timeout=options.connect_timeout,

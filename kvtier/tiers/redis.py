@@ -18,10 +18,13 @@ Faults. A server that is down, unreachable, slow past ``timeout``, out of
 memory or answering errors makes the call raise
 :class:`~kvtier.errors.TierIOError` (a failed load: the engine recomputes; a
 failed store: dropped and counted by the offload manager). Every round trip
-runs under a deadline (``asyncio.timeout``), so nothing waits longer than
-``connect_timeout + timeout``. The connection pool reconnects by itself on the
-next call once the server is back; a server absent when the tier opens is
-logged, not fatal.
+runs under a deadline (``asyncio.timeout``) and the first failed chunk of a
+call cancels the others, so a call fails within ``connect_timeout + timeout``
+of a dead server (plus any wait for one of the ``concurrency`` places, which
+also keeps the connection pool from running out). A value of another type
+under a block's name (another client's data) is a miss. The connection pool
+reconnects by itself on the next call once the server is back; a server
+absent when the tier opens is logged, not fatal.
 
 Batches: one pipeline (``MGET`` for standalone reads) per ``batch_size``
 blocks; up to ``concurrency`` such round trips in flight, each on its own
@@ -61,17 +64,16 @@ from kvtier.tiers.redis_client import (
 from kvtier.tiers.redis_format import (
     MAX_KEY_BYTES,
     KeyFormat,
-    encode_header,
     max_value_bytes,
-    verify_value,
 )
-from kvtier.tiers.redis_framing import FramedValue
 from kvtier.tiers.redis_io import RedisCommands
-from kvtier.tiers.redis_values import ValueBuffers
+from kvtier.tiers.redis_values import ValueBuffers, take_value
 
 __all__ = ["RedisTier", "redact_url"]
 
 _log = get_logger("kvtier.tiers.redis")
+
+_MAX_TTL = 365 * 86_400.0
 
 
 class RedisTier:
@@ -85,6 +87,10 @@ class RedisTier:
         name: The tier's name (``medium`` of its events).
         prefix: Put in front of every key (no braces).
         model: Separates models whose layouts are equal (part of every key).
+        rank: This worker's tensor- or pipeline-parallel rank; with
+            ``world_size`` > 1 part of every key, so workers that hold
+            different shards of the same block never read each other's.
+        world_size: The number of such workers.
         ttl: Seconds each stored block lives; ``None``: until Redis evicts it.
         batch_size: Most blocks per round trip.
         concurrency: Most round trips of one call in flight at once.
@@ -122,6 +128,8 @@ class RedisTier:
         name: str = "redis",
         prefix: str = "kvtier:",
         model: str = "",
+        rank: int = 0,
+        world_size: int = 1,
         ttl: float | None = None,
         batch_size: int = 32,
         concurrency: int = 2,
@@ -162,12 +170,14 @@ class RedisTier:
             cluster=cluster,
         )
         positive_number("ttl", ttl, allow_none=True)
+        if ttl is not None and not ttl <= _MAX_TTL:
+            raise ConfigError(f"ttl must be at most {_MAX_TTL:g} s (a year), got {ttl!r}")
         if not isinstance(name, str) or not name:
             raise ConfigError(f"name must be a non-empty string, got {name!r}")
         self._layout = layout
         self._num_slots = num_slots
         self._name = name
-        self._keys = KeyFormat(prefix, layout, model)
+        self._keys = KeyFormat(prefix, layout, model, rank, world_size)
         self._commands = RedisCommands(
             name,
             deadline=self._connection.deadline,
@@ -306,7 +316,7 @@ class RedisTier:
 
     async def _scan(self, client: RedisClient) -> list[tuple[int, BlockKey]]:
         names = await self._commands.scan(client, self._keys.pattern(), self._num_slots)
-        keys = [key for key in map(self._keys.key_of, names) if key is not None]
+        keys = dict.fromkeys(key for key in map(self._keys.key_of, names) if key is not None)
         return list(enumerate(keys))
 
     # -- I/O ---------------------------------------------------------------------------
@@ -345,16 +355,8 @@ class RedisTier:
 
         async def work(begin: int, end: int) -> None:
             names = [self._keys.name(keys[index]) for index in range(begin, end)]
-            framed: list[bytes | memoryview | FramedValue] = []
-            pooled: list[bytearray] = []
-            for index in range(begin, end):
-                payload = payloads(index)
-                if self._framed:  # no copy: the client packs header and payload apart
-                    header = encode_header(keys[index], fingerprint, payload)
-                    framed.append(FramedValue(header, payload))
-                else:
-                    pooled.append(self._values.encode(keys[index], fingerprint, payload))
-                    framed.append(memoryview(pooled[-1]))
+            chunk = [(keys[index], payloads(index)) for index in range(begin, end)]
+            framed, pooled = self._values.frame(chunk, fingerprint, packed=self._framed)
             replies = await self._commands.set(client, names, framed)
             failed = [reply for reply in replies if isinstance(reply, Exception)]
             if failed:
@@ -394,13 +396,7 @@ class RedisTier:
             names = [self._keys.name(keys[index]) for index in range(begin, end)]
             values = await self._commands.get(client, names)
             for index, value in zip(range(begin, end), values, strict=True):
-                if isinstance(value, Exception):
-                    raise TierIOError(
-                        f"tier {self._name}: read failed: {value}", tier=self._name
-                    ) from value
-                payload = None
-                if isinstance(value, bytes):
-                    payload = verify_value(value, keys[index], fingerprint, block_bytes)
+                payload = take_value(value, keys[index], fingerprint, block_bytes, self._name)
                 if payload is None:
                     missing.append(slot_list[index])
                 else:

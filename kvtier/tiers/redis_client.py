@@ -64,7 +64,7 @@ class RedisConnection:
         deadline: Most seconds one round trip may take (connect + command).
     """
 
-    url: str
+    url: str = attrs.field(repr=redact_url)
     options: dict[str, Any] = attrs.field(repr=False)
     cluster: bool
     tls: bool
@@ -102,7 +102,8 @@ class RedisConnection:
         positive_number("connect_timeout", connect_timeout)
         positive_number("timeout", timeout)
         if not isinstance(url, str) or urlsplit(url).scheme not in _SCHEMES:
-            raise ConfigError(f"url must start with redis://, rediss:// or unix://, got {url!r}")
+            shown = redact_url(url) if isinstance(url, str) else url
+            raise ConfigError(f"url must start with redis://, rediss:// or unix://, got {shown!r}")
         scheme = urlsplit(url).scheme
         if cluster and scheme == "unix":
             raise ConfigError("a Redis Cluster is reached over TCP, not a unix:// socket")

@@ -62,20 +62,34 @@ class KeyFormat:
         prefix: Put in front of every name (for example ``"kvtier:"``); no braces.
         layout: The block layout.
         model: The model's name (or any string that separates deployments).
+        rank: This worker's rank among ``world_size`` tensor- or
+            pipeline-parallel workers: each holds its own shard of every
+            block, under its own names.
+        world_size: How many workers share the model (1: names without a rank).
 
     Raises:
         ConfigError: The prefix contains ``{`` or ``}`` (a hash tag would put
-            every block on one cluster node) or is not a string.
+            every block on one cluster node) or is not a string; ``rank`` is
+            not in ``[0, world_size)``.
     """
 
     __slots__ = ("_head", "fingerprint", "namespace", "prefix")
 
-    def __init__(self, prefix: str, layout: BlockLayout, model: str = "") -> None:
+    def __init__(
+        self, prefix: str, layout: BlockLayout, model: str = "", rank: int = 0, world_size: int = 1
+    ) -> None:
         if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
             raise ConfigError(f"prefix must be a string without braces, got {prefix!r}")
         if not isinstance(model, str):
             raise ConfigError(f"model must be a string, got {model!r}")
-        fields = ["kvtier.redis.namespace.v1", model, layout.fingerprint()]
+        for label, value in (("rank", rank), ("world_size", world_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{label} must be an integer, got {value!r}")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        fields: list[object] = ["kvtier.redis.namespace.v1", model, layout.fingerprint()]
+        if world_size > 1:  # a shard of every block: ranks never read each other's
+            fields += [rank, world_size]
         digest = hashlib.sha256(cbor2.dumps(fields, canonical=True)).digest()
         self.prefix = prefix
         self.fingerprint: bytes = digest[:16]
@@ -97,9 +111,12 @@ class KeyFormat:
         """The block key a name stands for, or None when it is not one of ours."""
         if not name.startswith(self._head):
             return None
+        text = name[len(self._head) :]
         try:
-            key = bytes.fromhex(name[len(self._head) :].decode("ascii"))
+            key = bytes.fromhex(text.decode("ascii"))
         except ValueError:
+            return None
+        if key.hex().encode() != text:  # upper case, spaces: not a name kvtier writes
             return None
         return key if 0 < len(key) <= MAX_KEY_BYTES else None
 

@@ -1,4 +1,7 @@
-"""Reusable buffers for the values a :class:`~kvtier.tiers.redis.RedisTier` stores.
+"""The values a :class:`~kvtier.tiers.redis.RedisTier` stores and reads back.
+
+:func:`take_value` turns one reply to a read into a verified payload or a
+miss. The rest of this module is about stores:
 
 A value is ``header | key | payload`` (:mod:`kvtier.tiers.redis_format`), so
 storing a block copies its payload once into a value. Fresh memory for every
@@ -11,11 +14,18 @@ more than the budget holds gets fresh buffers for the rest.
 
 from __future__ import annotations
 
-from kvtier.errors import ConfigError
-from kvtier.tiers.base import BlockKey
-from kvtier.tiers.redis_format import encode_header
+from collections.abc import Sequence
 
-__all__ = ["ValueBuffers"]
+import redis.exceptions
+
+from kvtier.errors import ConfigError, TierIOError
+from kvtier.tiers.base import BlockKey
+from kvtier.tiers.redis_format import encode_header, verify_value
+from kvtier.tiers.redis_framing import FramedValue
+
+__all__ = ["ValueBuffers", "take_value"]
+
+Value = bytes | memoryview | FramedValue
 
 
 class ValueBuffers:
@@ -59,6 +69,28 @@ class ValueBuffers:
             view[len(header) :] = payload
         return value
 
+    def frame(
+        self,
+        blocks: Sequence[tuple[BlockKey, memoryview]],
+        fingerprint: bytes,
+        *,
+        packed: bool,
+    ) -> tuple[list[Value], list[bytearray]]:
+        """The values to send for ``(key, payload)`` blocks, and the buffers they took.
+
+        ``packed``: the client packs header and payload apart
+        (:mod:`~kvtier.tiers.redis_framing`), so no value is copied.
+        """
+        values: list[Value] = []
+        pooled: list[bytearray] = []
+        for key, payload in blocks:
+            if packed:
+                values.append(FramedValue(encode_header(key, fingerprint, payload), payload))
+            else:
+                pooled.append(self.encode(key, fingerprint, payload))
+                values.append(memoryview(pooled[-1]))
+        return values, pooled
+
     def give_back(self, values: list[bytearray]) -> None:
         """Keep ``values`` for reuse, as far as the budget allows."""
         for value in values:
@@ -67,3 +99,24 @@ class ValueBuffers:
                 return
             self._free.setdefault(size, []).append(value)
             self._kept += size
+
+
+def take_value(
+    value: object, key: BlockKey, fingerprint: bytes, block_bytes: int, tier: str
+) -> memoryview | None:
+    """The verified payload of one reply to a read, or None for a miss.
+
+    A miss: no value, a value that fails verification, or one of another
+    type (``WRONGTYPE``: another client's data under the name).
+
+    Raises:
+        TierIOError: The reply is another error (a node down, CLUSTERDOWN…),
+            which says nothing of the block.
+    """
+    if isinstance(value, Exception):
+        if isinstance(value, redis.exceptions.ResponseError) and str(value).startswith("WRONGTYPE"):
+            return None
+        raise TierIOError(f"tier {tier}: read failed: {value}", tier=tier) from value
+    if isinstance(value, bytes):
+        return verify_value(value, key, fingerprint, block_bytes)
+    return None

@@ -1,0 +1,202 @@
+"""RedisTier when the server, other clients or the URL misbehave (real servers, a fake one)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import pytest
+import torch
+
+from kvtier.config_redis import redact_url
+from kvtier.errors import BlockMissingError, ConfigError, TierIOError
+from kvtier.tiers.redis import RedisTier
+from kvtier.tiers.redis_client import RedisConnection
+from tests.redis_server import RedisServer, redis_server, shared_redis
+from tests.test_tier_redis import LAYOUT, blocks, key, read, tier
+
+__all__ = ["redis_server", "shared_redis"]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://u:pw@h:1/0", "redis://u:***@h:1/0"),
+        ("redis://:S3c?r3t@h/0", "redis://:***@h/0"),  # a '?' in the password
+        ("redis://u:p/w@h:1/0", "redis://u:***@h:1/0"),  # a '/' in the password
+        ("redis://h/0?password=S3cr3t", "redis://h/0?password=***"),  # redis-py reads it
+        ("redis://h/0?db=1&Password=S3cr3t&x=2", "redis://h/0?db=1&Password=***&x=2"),
+        ("redis://u:pw@[::1:6379/0", "redis://u:***@[::1:6379/0"),  # unparsable
+        ("redis://h:1/0", "redis://h:1/0"),
+        ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_no_password_in_the_connections_repr_or_errors() -> None:
+    options = {
+        "concurrency": 1,
+        "max_connections": 1,
+        "connect_timeout": 1.0,
+        "timeout": 1.0,
+        "username": None,
+        "password": None,
+        "tls": False,
+        "tls_ca_file": None,
+        "tls_cert_file": None,
+        "tls_key_file": None,
+        "tls_verify": True,
+        "cluster": False,
+    }
+    connection = RedisConnection.build("redis://:S3cr3t@h:1/0", **options)  # type: ignore[arg-type]
+    assert "S3cr3t" not in repr(connection)
+    with pytest.raises(ConfigError) as info:
+        RedisConnection.build("http://:S3cr3t@h:1/0", **options)  # type: ignore[arg-type]
+    assert "S3cr3t" not in str(info.value)
+    for ttl in (float("inf"), 1e20):
+        with pytest.raises(ConfigError, match="ttl"):
+            RedisTier(LAYOUT, 8, ttl=ttl)
+
+
+@pytest.mark.asyncio
+async def test_a_stalled_server_fails_a_call_of_many_chunks_within_one_deadline(
+    redis_server: RedisServer,
+) -> None:
+    n = 256  # 16 chunks: 8 waves at concurrency 2 when each waited its own deadline
+    data, keys = blocks(n, 2), [key(i % 250) + bytes([i // 250]) for i in range(n)]
+    async with RedisTier(
+        LAYOUT, n, url=redis_server.url, batch_size=16, timeout=0.3, connect_timeout=0.2
+    ) as store:
+        await store.write_from(list(range(n)), keys, data[: n // 4].repeat(4, 1))
+        with redis_server.client() as admin:
+            admin.execute_command("CLIENT", "PAUSE", "2500", "ALL")  # past both calls
+            try:
+                for call in (store.read_into, store.write_from):
+                    with anyio.fail_after(2.0):  # one deadline is 0.5 s; eight were 4 s
+                        with pytest.raises(TierIOError):
+                            await call(list(range(n)), keys, torch.empty_like(data))
+            finally:
+                admin.execute_command("CLIENT", "UNPAUSE")
+        assert torch.equal(await read(store, [0], keys[:1]), data[:1])
+
+
+@pytest.mark.asyncio
+async def test_more_concurrent_calls_than_connections_wait_instead_of_failing(
+    redis_server: RedisServer,
+) -> None:
+    async with tier(redis_server, concurrency=2, max_connections=2, timeout=5.0) as store:
+        await store.write_from(list(range(12)), [key(i) for i in range(12)], blocks(12, 3))
+        results: list[torch.Tensor] = []
+
+        async def one(i: int) -> None:
+            results.append(await read(store, [i], [key(i)]))
+
+        with redis_server.client() as admin:
+            admin.execute_command("CLIENT", "PAUSE", "300", "ALL")  # every call is in flight
+            async with anyio.create_task_group() as group:
+                for i in range(12):
+                    group.start_soon(one, i)
+        assert len(results) == 12
+
+
+@pytest.mark.asyncio
+async def test_a_value_of_another_type_is_a_miss(redis_server: RedisServer) -> None:
+    async with tier(redis_server) as store:
+        await store.write_from([0, 1], [key(1), key(2)], blocks(2, 4))
+        with redis_server.client() as admin:
+            admin.delete(store.keys.name(key(2)))
+            admin.hset(store.keys.name(key(2)), "field", "value")  # another client's hash
+        with pytest.raises(BlockMissingError) as info:
+            await read(store, [0, 1], [key(1), key(2)])
+        assert info.value.slots == (1,)
+
+
+@pytest.mark.asyncio
+async def test_scan_on_open_maps_each_block_once_and_ignores_names_it_never_writes(
+    redis_server: RedisServer,
+) -> None:
+    async with tier(redis_server) as store:
+        await store.write_from([0, 1], [key(1), key(2)], blocks(2, 5))
+        name = store.keys.name(key(1))
+    head, hexpart = name[: -len(key(1).hex())], key(1).hex()
+    with redis_server.client() as admin:
+        admin.set(head + hexpart.upper().encode(), b"x")  # the same key, upper-case hex
+        admin.set(head + b" " + hexpart.encode(), b"x")  # and with a space
+    async with tier(redis_server, scan_on_open=True) as store:
+        recovered = await store.recover()
+        assert sorted(key for _, key in recovered) == [key(1), key(2)]
+        assert len({slot for slot, _ in recovered}) == 2
+
+
+@asynccontextmanager
+async def fake_server(reply: bytes) -> AsyncIterator[str]:
+    """A RESP server that answers PING with PONG, MGET with ``reply``, anything else +OK."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                header = await reader.readline()
+                if not header:
+                    return
+                parts = []
+                for _ in range(int(header[1:])):
+                    size = int((await reader.readline())[1:])
+                    parts.append((await reader.readexactly(size + 2))[:-2].upper())
+                if parts[0] == b"PING":
+                    writer.write(b"+PONG\r\n")
+                elif parts[0] == b"MGET":
+                    writer.write(reply)
+                else:
+                    writer.write(b"+OK\r\n")
+                await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "reply",
+    [b":5\r\n", b"*1\r\n$-1\r\n", b"+OK\r\n"],
+    ids=["an integer", "too few values", "a status"],
+)
+async def test_a_reply_of_the_wrong_shape_is_a_tier_error(reply: bytes) -> None:
+    async with (
+        fake_server(reply) as url,
+        RedisTier(LAYOUT, 64, url=url, batch_size=4, timeout=2.0) as store,
+    ):
+        for n in (2, 12):  # one chunk, and several
+            with anyio.fail_after(10), pytest.raises(TierIOError, match="malformed"):
+                await read(store, list(range(n)), [key(i) for i in range(n)])
+
+
+@pytest.mark.asyncio
+async def test_tensor_parallel_ranks_never_read_each_others_shards(
+    redis_server: RedisServer,
+) -> None:
+    shards = [blocks(1, 10 + rank) for rank in range(2)]  # one block, two shards
+    tiers = [tier(redis_server, rank=rank, world_size=2) for rank in range(2)]
+    async with tiers[0] as rank0, tiers[1] as rank1:
+        await rank0.write_from([0], [key(9)], shards[0])
+        with pytest.raises(BlockMissingError):
+            await read(rank1, [0], [key(9)])  # rank 1's shard was never stored
+        await rank1.write_from([0], [key(9)], shards[1])
+        assert torch.equal(await read(rank0, [0], [key(9)]), shards[0])
+        assert torch.equal(await read(rank1, [0], [key(9)]), shards[1])
+    async with tier(redis_server) as single:  # world_size 1: the names of before
+        with pytest.raises(BlockMissingError):
+            await read(single, [0], [key(9)])
+    for bad in ({"rank": 2, "world_size": 2}, {"rank": -1}, {"world_size": 0}, {"rank": True}):
+        with pytest.raises(ConfigError):
+            RedisTier(LAYOUT, 8, **bad)  # type: ignore[arg-type]

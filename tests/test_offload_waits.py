@@ -28,6 +28,17 @@ async def _stored(env: Env, num_blocks: int = 2):  # type: ignore[no-untyped-def
     return req
 
 
+def _stored_blocking(env: Env, num_blocks: int):  # type: ignore[no-untyped-def]
+    """``_stored`` for a manager entered with ``with`` (synchronous engines)."""
+    req = env.request(num_blocks)
+    blocks = env.alloc(req, num_blocks)
+    env.manager.update_state_after_alloc(req, blocks, 0)
+    plan = env.manager.build_step(scheduled(new={req.request_id: blocks}))
+    env.manager.step_computed(plan.step_id)
+    assert env.manager.wait_idle_blocking(timeout=DEADLINE)
+    return req
+
+
 @pytest.mark.asyncio
 async def test_waiting_for_a_load_that_has_not_started_is_an_error_not_a_hang() -> None:
     env = Env()
@@ -52,11 +63,7 @@ async def test_waiting_for_a_load_that_has_not_started_is_an_error_not_a_hang() 
 def test_a_blocking_wait_for_an_unstarted_load_is_an_error_not_a_hang() -> None:
     env = Env()
     with env.manager as manager:
-        req = env.request(2)
-        blocks = env.alloc(req, 2)
-        manager.update_state_after_alloc(req, blocks, 0)
-        manager.step_computed(manager.build_step(scheduled(new={req.request_id: blocks})).step_id)
-        assert manager.wait_idle_blocking(timeout=DEADLINE)
+        req = _stored_blocking(env, 2)
         again = env.request(2, like=req)
         manager.get_num_new_matched_tokens(again, 0)
         manager.update_state_after_alloc(again, KVCacheBlocks((env.fresh(2),)), 2 * BS)
@@ -83,11 +90,7 @@ def test_a_blocking_timeout_bounds_the_whole_wait_not_each_outcome() -> None:
     stores = 40
     env = Env(gpu_blocks=64, tiers=[cpu], pipeline=TransferPipeline(max_batch_blocks=1))
     with env.manager as manager:
-        req = env.request(1)
-        blocks = env.alloc(req, 1)
-        manager.update_state_after_alloc(req, blocks, 0)
-        manager.step_computed(manager.build_step(scheduled(new={req.request_id: blocks})).step_id)
-        assert manager.wait_idle_blocking(timeout=DEADLINE)
+        req = _stored_blocking(env, 1)
         cpu.reads_open = False  # the load below cannot end
         again = env.request(1, like=req)
         manager.get_num_new_matched_tokens(again, 0)

@@ -467,7 +467,6 @@ async def test_system_read_errors_fail_the_read_and_later_reads_recover(
 async def test_a_file_that_fails_with_eio_is_a_miss_and_the_rest_of_the_batch_reads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-
     data = blocks(3, 12)
     async with tier_at(tmp_path) as tier:
         await tier.write_from([0, 1, 2], [key(0), key(1), key(2)], data)

@@ -21,6 +21,17 @@ Two baselines, measured in the same run:
   one ``index_select`` / indexed assignment per cache tensor (64 per-layer
   tensors, or one cross-layer tensor): what a hand-written offloader does.
 
+``--access`` chooses which bytes each repeat moves:
+
+* ``hot`` (default): every repeat moves the same blocks (tier and baselines
+  alike), so on a CPU "device" a small batch's bytes stay in the last-level
+  cache between repeats;
+* ``fresh``: every repeat moves other blocks, as an engine's offloads do
+  (each store moves blocks just computed, each load blocks not yet on the
+  device): the tier and the gather baseline take the next of a cycle of
+  random samples of the pool, the CPU rows the next run of rows, and the raw
+  copy the next rows of two pool-sized buffers.
+
 On a machine without CUDA the "device" tensors are CPU tensors. Each
 number is the median of ``--repeats`` timed runs (more for small batches, until
 ``--min-blocks`` blocks moved) after warm-up runs; tier runs alternate with
@@ -30,6 +41,7 @@ every repeat.
     python benchmarks/transfer.py                 # table
     python benchmarks/transfer.py --json          # machine-readable
     python benchmarks/transfer.py --threads 1 --batches 1,16,128,512
+    python benchmarks/transfer.py --threads 1 --access fresh
 
 Sections: ``run_device_cpu(args)`` is this benchmark; another section (e.g.
 pipeline overhead) can be added as its own ``run_…(args)`` and listed in
@@ -45,7 +57,7 @@ import random
 import statistics
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import anyio
 import torch
@@ -57,6 +69,7 @@ from kvtier.tiers.gpu import DeviceTier
 
 LAYOUT = BlockLayout(num_layers=32, block_size=16, num_kv_heads=8, head_size=128, dtype="float16")
 GB = 1e9
+T = TypeVar("T")
 
 
 def _sync(device: torch.device) -> None:
@@ -95,32 +108,61 @@ def _segments(cache: torch.Tensor | list[torch.Tensor], pool: int) -> list[torch
 
 
 def _gather_raw(
-    segments: list[torch.Tensor], slots: list[int], host: torch.Tensor, pin: bool
+    segments: list[torch.Tensor], samples: list[list[int]], host: torch.Tensor, pin: bool
 ) -> tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]:
     """Plain torch store and load of the same bytes from the same places.
 
     One ``index_select`` (store) or ``cache[index] = part`` (load) per segment tensor
     between the cache and a host tensor ``[segments, n, segment bytes]``: what
-    a hand-written offloader does, with no kvtier code in the way.
+    a hand-written offloader does, with no kvtier code in the way. Each call
+    takes the next of ``samples`` (device slots), cyclically.
     """
-    index = torch.tensor(slots, device=segments[0].device)
+    indexes = _Cycle([torch.tensor(slots, device=segments[0].device) for slots in samples])
+    n = len(samples[0])
     width = segments[0].shape[1]
-    parts = host.view(-1)[: len(segments) * len(slots) * width].view(len(segments), len(slots), -1)
-    staged = [torch.empty_like(parts[0], device=segments[0].device) for _ in segments[:1]]
+    parts = host.view(-1)[: len(segments) * n * width].view(len(segments), n, -1)
+    staged = torch.empty_like(parts[0], device=segments[0].device)
 
     async def store() -> None:
+        index = indexes.next()
         for segment, part in zip(segments, parts, strict=True):
             if segment.device.type == "cpu":
                 torch.index_select(segment, 0, index, out=part)
             else:
-                torch.index_select(segment, 0, index, out=staged[0])
-                part.copy_(staged[0], non_blocking=pin)
+                torch.index_select(segment, 0, index, out=staged)
+                part.copy_(staged, non_blocking=pin)
 
     async def load() -> None:
+        index = indexes.next()
         for segment, part in zip(segments, parts, strict=True):
             segment[index] = part.to(segment.device, non_blocking=pin)
 
     return store, load
+
+
+class _Cycle(Generic[T]):
+    """The items of a list in turn, forever (one item: always that one)."""
+
+    def __init__(self, items: list[T]) -> None:
+        self._items = items
+        self._at = -1
+
+    def next(self) -> T:
+        self._at = (self._at + 1) % len(self._items)
+        return self._items[self._at]
+
+
+def _samples(rng: random.Random, pool: int, n: int, fresh: bool) -> list[list[int]]:
+    """Device slot samples of ``n`` blocks: one (hot), or enough to sweep the pool twice (fresh)."""
+    count = max(8, 2 * pool // n) if fresh else 1
+    return [rng.sample(range(pool), n) for _ in range(count)]
+
+
+def _runs(rng: random.Random, pool: int, n: int, fresh: bool) -> list[int]:
+    """Starts of ``n``-row runs: row 0 (hot), or random starts (fresh), as many as ``_samples``."""
+    if not fresh:
+        return [0]
+    return [rng.randrange(pool - n + 1) for _ in range(max(8, 2 * pool // n))]
 
 
 def _make_cache(kind: str, pool: int, device: torch.device) -> torch.Tensor | list[torch.Tensor]:
@@ -136,6 +178,7 @@ def _make_cache(kind: str, pool: int, device: torch.device) -> torch.Tensor | li
 async def _device_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = torch.device(args.device)
     pin = device.type == "cuda"
+    fresh = args.access == "fresh"
     batches = [int(b) for b in args.batches.split(",")]
     largest = max(batches)
     pool = max(args.pool_blocks, largest)
@@ -143,12 +186,17 @@ async def _device_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
     rng = random.Random(0)
     rows: list[dict[str, Any]] = []
 
-    host = torch.ones((largest, block), dtype=torch.uint8, pin_memory=pin)
-    dev_raw = torch.ones((largest, block), dtype=torch.uint8, device=device)
+    # The raw copy's buffers: pool-sized when every repeat moves other rows.
+    raw_rows = pool if fresh else largest
+    host = torch.ones((raw_rows, block), dtype=torch.uint8, pin_memory=pin)
+    dev_raw = torch.ones((raw_rows, block), dtype=torch.uint8, device=device)
 
-    def raw_copy(dst: torch.Tensor, src: torch.Tensor) -> Callable[[], Awaitable[None]]:
+    def raw_copy(
+        dst: torch.Tensor, src: torch.Tensor, n: int, starts: _Cycle[int]
+    ) -> Callable[[], Awaitable[None]]:
         async def copy() -> None:
-            dst.copy_(src, non_blocking=pin)
+            at = starts.next()
+            dst[at : at + n].copy_(src[at : at + n], non_blocking=pin)
 
         return copy
 
@@ -160,52 +208,64 @@ async def _device_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
             cache = _make_cache(kind, pool, device)
             tier = DeviceTier(cache, LAYOUT, offload_min_bytes=args.offload_min_bytes)
             for n in batches:
-                dev_slots = rng.sample(range(pool), n)
-                cpu_slots = rng.sample(range(pool), n)
+                samples = _samples(rng, pool, n, fresh)
+                dev_slots = _Cycle(samples)
+                cpu_slots = _Cycle(_samples(rng, pool, n, fresh))
+                views: list[torch.Tensor] = []
+                for at in _runs(rng, pool, n, fresh):
+                    view = cpu.slot_view(range(at, at + n))
+                    if view is None:
+                        raise RuntimeError("slot_view of a run returned None")
+                    views.append(view)
+                cpu_views = _Cycle(views)
                 keys = [b""] * n
-                view = cpu.slot_view(range(n))
-                if view is None:
-                    raise RuntimeError("slot_view of a run returned None")
                 staging = host[:n]
 
                 async def store_direct(
-                    t: DeviceTier = tier, s: list[int] = dev_slots, v: torch.Tensor = view
+                    t: DeviceTier = tier,
+                    s: _Cycle[list[int]] = dev_slots,
+                    v: _Cycle[torch.Tensor] = cpu_views,
                 ) -> None:
-                    await t.read_into(s, [b""] * len(s), v)
+                    slots = s.next()
+                    await t.read_into(slots, [b""] * len(slots), v.next())
 
                 async def load_direct(
-                    t: DeviceTier = tier, s: list[int] = dev_slots, v: torch.Tensor = view
+                    t: DeviceTier = tier,
+                    s: _Cycle[list[int]] = dev_slots,
+                    v: _Cycle[torch.Tensor] = cpu_views,
                 ) -> None:
-                    await t.write_from(s, [b""] * len(s), v)
+                    slots = s.next()
+                    await t.write_from(slots, [b""] * len(slots), v.next())
 
                 async def store_staged(
                     t: DeviceTier = tier,
-                    s: list[int] = dev_slots,
-                    c: list[int] = cpu_slots,
+                    s: _Cycle[list[int]] = dev_slots,
+                    c: _Cycle[list[int]] = cpu_slots,
                     b: torch.Tensor = staging,
                     k: list[bytes] = keys,
                 ) -> None:
-                    await t.read_into(s, k, b)
-                    await cpu.write_from(c, k, b)
+                    await t.read_into(s.next(), k, b)
+                    await cpu.write_from(c.next(), k, b)
 
                 async def load_staged(
                     t: DeviceTier = tier,
-                    s: list[int] = dev_slots,
-                    c: list[int] = cpu_slots,
+                    s: _Cycle[list[int]] = dev_slots,
+                    c: _Cycle[list[int]] = cpu_slots,
                     b: torch.Tensor = staging,
                     k: list[bytes] = keys,
                 ) -> None:
-                    await cpu.read_into(c, k, b)
-                    await t.write_from(s, k, b)
+                    await cpu.read_into(c.next(), k, b)
+                    await t.write_from(s.next(), k, b)
 
+                raw_starts = _Cycle(_runs(rng, raw_rows, n, fresh))
                 raws = {
-                    "store": raw_copy(host[:n], dev_raw[:n]),
-                    "load": raw_copy(dev_raw[:n], host[:n]),
+                    "store": raw_copy(host, dev_raw, n, raw_starts),
+                    "load": raw_copy(dev_raw, host, n, raw_starts),
                 }
                 gathers = dict(
                     zip(
                         ("store", "load"),
-                        _gather_raw(_segments(cache, pool), dev_slots, host, pin),
+                        _gather_raw(_segments(cache, pool), samples, host, pin),
                         strict=True,
                     )
                 )
@@ -233,6 +293,7 @@ async def _device_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
                     rows.append(
                         {
                             "layout": kind,
+                            "access": args.access,
                             "direction": direction,
                             "path": path,
                             "blocks": n,
@@ -289,6 +350,12 @@ def main() -> None:
         default=512,
         help="small batches repeat until they moved this many blocks",
     )
+    parser.add_argument(
+        "--access",
+        choices=("hot", "fresh"),
+        default="hot",
+        help="hot: every repeat moves the same blocks; fresh: other blocks each repeat",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument(
         "--offload-min-bytes",
@@ -307,6 +374,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "block_bytes": LAYOUT.block_bytes,
         "offload_min_bytes": args.offload_min_bytes,
+        "access": args.access,
     }
     results: dict[str, Any] = {"meta": meta}
     for name in args.section or list(SECTIONS):

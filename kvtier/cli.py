@@ -111,7 +111,12 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--system-prompt", type=int, help="shared system prompt tokens (2048)")
     chat.add_argument("--question", type=int, help="tokens per question (default 128)")
     chat.add_argument("--answer", type=int, help="tokens per answer (default 256)")
-    run.add_argument("--workdir", type=Path, help="where disk tiers without a path live")
+    run.add_argument(
+        "--workdir",
+        type=Path,
+        help="where disk tiers without a path live (kept: a later run on it starts warm "
+        "with the blocks left there, shown as 'restored')",
+    )
     run.add_argument("--json", action="store_true", help="print JSON instead of tables")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(

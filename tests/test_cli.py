@@ -66,6 +66,22 @@ def test_replay_tables(small: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "traffic" in out
 
 
+def test_replay_on_a_reused_workdir_shows_restored_blocks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    small = tmp_path / "spills.toml"  # a CPU tier of 32 blocks: the chat spills to disk
+    small.write_text(SMALL_TOML.replace('"96KiB"', '"16KiB"'))
+    workdir = ["--workdir", str(tmp_path / "w")]
+    assert main(["replay", str(small), *CHAT, "--no-progress", *workdir]) == 0
+    assert "restored" not in capsys.readouterr().out  # a cold start has no such column
+    assert main(["replay", str(small), *CHAT, "--json", *workdir]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["tiers"][0]["restored_blocks"] == 0
+    assert data["tiers"][1]["restored_blocks"] > 0
+    assert main(["replay", str(small), *CHAT, "--no-progress", *workdir]) == 0
+    assert "restored" in capsys.readouterr().out
+
+
 def test_replay_trace_with_limit(small: Path, capsys: pytest.CaptureFixture[str]) -> None:
     trace = Path(__file__).resolve().parents[1] / "kvtier" / "data" / "mooncake_sample.jsonl"
     big_device = small.read_text().replace('"32KiB"', '"2MiB"')

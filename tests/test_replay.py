@@ -106,6 +106,20 @@ async def test_bigger_lower_tiers_save_at_least_as_much(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_second_replay_on_the_same_workdir_starts_warm(tmp_path: Path) -> None:
+    workload = small_chat()
+    cold = await replay(small_config(), workload, workdir=tmp_path)
+    warm = await replay(small_config(), workload, workdir=tmp_path)
+    assert [tier.restored_blocks for tier in cold.tiers] == [0, 0]
+    cpu, disk = warm.tiers
+    assert cpu.restored_blocks == 0  # the CPU tier does not persist
+    assert 0 < disk.restored_blocks <= 1024
+    # The blocks the first run left on disk serve the second from its first request.
+    assert warm.loaded_tokens > cold.loaded_tokens
+    assert warm.verified_blocks == (warm.device_hit_tokens + warm.loaded_tokens) // 16
+
+
+@pytest.mark.asyncio
 async def test_disk_tier_path_from_the_config_is_used(tmp_path: Path) -> None:
     where = tmp_path / "cache"
     await replay(small_config(cpu_blocks=48, disk_path=where), small_chat())

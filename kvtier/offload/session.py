@@ -1,7 +1,8 @@
 """The offload manager's session: what it opens on entry and settles on exit.
 
 :func:`serve` opens the device tier, every lower tier (entering the blocks a
-persistent tier recovers into its index), the transfer pipeline and the task
+persistent tier recovers into its index and counting them in the tier's
+``restored_blocks``), the transfer pipeline and the task
 group the jobs run in; :func:`release_all` settles, once the jobs ended, the
 events that never finished.
 """
@@ -33,11 +34,13 @@ async def serve(
     """Open everything the manager owns; jobs start in its task group meanwhile."""
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(cast(Any, device))
-        for tier, index in zip(tiers, indexes, strict=True):
+        for level, (tier, index) in enumerate(zip(tiers, indexes, strict=True)):
             await stack.enter_async_context(cast(Any, tier))
             recover = getattr(tier, "recover", None)
             if recover is not None:
-                index.restore(await recover())
+                found = await recover()
+                index.restore(found)
+                transfers.tier_stats[level].restored_blocks += len(found)
         await stack.enter_async_context(pipeline)
         group = await stack.enter_async_context(anyio.create_task_group())
         transfers.runtime.bind(group)

@@ -29,6 +29,8 @@ class TierStats:
             and entered into its index (see :mod:`kvtier.offload.remote`).
         failed_probes: Probes of this tier that failed or timed out (each
             counted as a miss).
+        restored_blocks: Blocks a persistent tier recovered when it was
+            opened (a warm restart on a directory an earlier run filled).
     """
 
     queries: int = 0
@@ -45,6 +47,7 @@ class TierStats:
     load_seconds: float = 0.0
     probed_blocks: int = 0
     failed_probes: int = 0
+    restored_blocks: int = 0
 
     @property
     def hit_ratio(self) -> float:

@@ -31,6 +31,9 @@ class TierReport:
         bytes_loaded: Bytes loaded from it toward the device.
         probed_blocks: Blocks found by lookup-time probes of this shared tier
             (stored by another engine after this one opened).
+        restored_blocks: Blocks the tier held when the replay opened it (a
+            disk tier reopened on an earlier run's ``--workdir``): loads of
+            them count as hits like any other.
     """
 
     name: str
@@ -46,6 +49,7 @@ class TierReport:
     bytes_stored: int = 0
     bytes_loaded: int = 0
     probed_blocks: int = 0
+    restored_blocks: int = 0
 
 
 def tier_report(name: str, stats: TierStats) -> TierReport:
@@ -64,6 +68,7 @@ def tier_report(name: str, stats: TierStats) -> TierReport:
         stats.bytes_stored,
         stats.bytes_loaded,
         stats.probed_blocks,
+        stats.restored_blocks,
     )
 
 
@@ -139,15 +144,21 @@ def render(report: ReplayReport) -> list[Table]:
     for row in rows:
         summary.add_row(*row)
     tiers = Table(title="lower tiers (blocks)")
-    for column in ("tier", "hits", "stored", "loaded", "evicted", "demoted in", "failed"):
+    columns = ["tier", "hits", "stored", "loaded", "evicted", "demoted in", "failed"]
+    warm = any(tier.restored_blocks for tier in report.tiers)
+    if warm:  # only a warm start shows the column
+        columns.insert(1, "restored")
+    for column in columns:
         tiers.add_column(column, justify="right")
     traffic = Table(title="traffic (pipeline time per direction)")
     for column in ("tier", "stored", "store GB/s", "loaded", "load GB/s"):
         traffic.add_column(column, justify="right")
     for tier in report.tiers:
         ratio = tier.hits / tier.queries if tier.queries else 0.0
+        restored = [f"{tier.restored_blocks:,}"] if warm else []
         tiers.add_row(
             tier.name,
+            *restored,
             f"{ratio:.1%} of {tier.queries:,}",
             f"{tier.stored_blocks:,}",
             f"{tier.loaded_blocks:,}",

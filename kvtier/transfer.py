@@ -9,11 +9,12 @@ stores. A full queue pushes back: :meth:`TransferPipeline.submit` waits,
 
 A worker takes a task plus whatever else is queued behind it for the same pair
 of tiers, as long as the batch stays within ``max_batch_blocks`` (a larger
-task runs alone) and repeats no key, and moves them with one read and one
-write. When
-the destination can expose its slots as one tensor view (a CPU tier, for an
-ascending run of slots), the source gathers straight into it; otherwise bytes
-pass through a staging buffer of at most ``staging_bytes``, allocated once.
+task runs alone) and repeats no key, and moves them with a
+:class:`~kvtier.mover.BlockMover`: when a tier can expose its slots as a
+tensor view (the CPU tier, for an ascending run of slots), the other tier
+gathers straight into it or scatters straight from it, run by run for runs of
+at least ``direct_min_bytes``; the rest passes through a staging buffer of at
+most ``staging_bytes`` per direction, allocated once.
 
 Slot bookkeeping stays with the caller, who reserves destination slots and
 pins source slots before posting; the pipeline settles them when the task
@@ -34,13 +35,13 @@ from types import TracebackType
 from typing import Self
 
 import anyio
-import torch
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from kvtier.completion import Completion
 from kvtier.errors import BlockMissingError, ClosedError, ConfigError, LedgerError
 from kvtier.log import get_logger
+from kvtier.mover import DIRECT_MIN_BYTES, BlockMover
 from kvtier.tasks import (
     Direction,
     LoadTask,
@@ -49,7 +50,7 @@ from kvtier.tasks import (
     TransferResult,
     TransferTask,
 )
-from kvtier.tiers.base import BlockKey, BlockStore
+from kvtier.tiers.base import BlockKey
 
 __all__ = [
     "LoadTask",
@@ -69,19 +70,6 @@ _MiB = 1 << 20
 _Item = tuple[TransferTask, Completion[TransferResult]]
 
 
-def _ascending_run(slots: Sequence[int]) -> bool:
-    return all(b == a + 1 for a, b in itertools.pairwise(slots))
-
-
-def _slot_view(store: BlockStore, slots: Sequence[int]) -> torch.Tensor | None:
-    """The tier's rows for an ascending run of slots, if it can expose them."""
-    slot_view = getattr(store, "slot_view", None)
-    if slot_view is None or not _ascending_run(slots):
-        return None
-    view = slot_view(slots)
-    return view if isinstance(view, torch.Tensor) else None
-
-
 class TransferPipeline:
     """Moves blocks between tiers in the background; an async context manager.
 
@@ -90,6 +78,9 @@ class TransferPipeline:
         max_batch_blocks: Most blocks moved by one read/write pair.
         staging_bytes: Most bytes of staging memory per direction (at least
             one block is always allowed).
+        direct_min_bytes: Least bytes of a run of slots that moves without
+            staging when a batch's slots are not one run (see
+            :mod:`kvtier.mover`).
 
     Raises:
         ConfigError: A size is not positive.
@@ -101,20 +92,24 @@ class TransferPipeline:
         queue_size: int = 256,
         max_batch_blocks: int = 512,
         staging_bytes: int = 256 * _MiB,
+        direct_min_bytes: int = DIRECT_MIN_BYTES,
     ) -> None:
         for name, value in (
             ("queue_size", queue_size),
             ("max_batch_blocks", max_batch_blocks),
-            ("staging_bytes", staging_bytes),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         self.queue_size = queue_size
         self.max_batch_blocks = max_batch_blocks
         self.staging_bytes = staging_bytes
+        self.direct_min_bytes = direct_min_bytes
+        self._movers: dict[Direction, BlockMover] = {
+            direction: BlockMover(staging_bytes=staging_bytes, direct_min_bytes=direct_min_bytes)
+            for direction in ("store", "load")
+        }
         self._ids = itertools.count(1)
         self._send: dict[Direction, MemoryObjectSendStream[_Item]] = {}
-        self._staging: dict[Direction, torch.Tensor] = {}
         self._task_group: TaskGroup | None = None
         self._closed = False
         self._started = False
@@ -172,7 +167,8 @@ class TransferPipeline:
             if group is not None:
                 await group.__aexit__(exc_type, exc, tb)
         finally:
-            self._staging.clear()
+            for mover in self._movers.values():
+                mover.release()
 
     @property
     def closed(self) -> bool:
@@ -341,38 +337,16 @@ class TransferPipeline:
         )
 
     async def _move(self, direction: Direction, tasks: list[TransferTask]) -> float:
-        """Copy the tasks' blocks (same source and destination tiers)."""
-        src, dst = tasks[0].src, tasks[0].dst
-        src_slots = [s for t in tasks for s in t.src_slots]
-        dst_slots = [s for t in tasks for s in t.dst_slots]
-        keys = [k for t in tasks for k in t.keys]
+        """Copy the tasks' blocks (same source and destination tiers); seconds taken."""
         start = time.perf_counter()
-        view = _slot_view(dst, dst_slots)
-        if view is not None:  # gather straight into the destination's slots
-            await src.read_into(src_slots, keys, view)
-            return time.perf_counter() - start
-        view = _slot_view(src, src_slots)
-        if view is not None:  # scatter straight from the source's slots
-            await dst.write_from(dst_slots, keys, view)
-            return time.perf_counter() - start
-        block_bytes = src.layout.block_bytes
-        chunk = max(1, min(len(keys), self.staging_bytes // block_bytes))
-        staging = self._staging_buffer(direction, chunk, block_bytes)
-        for begin in range(0, len(keys), chunk):
-            end = min(begin + chunk, len(keys))
-            buffer = staging[: end - begin]
-            await src.read_into(src_slots[begin:end], keys[begin:end], buffer)
-            await dst.write_from(dst_slots[begin:end], keys[begin:end], buffer)
+        await self._movers[direction].move(
+            tasks[0].src,
+            [s for t in tasks for s in t.src_slots],
+            tasks[0].dst,
+            [s for t in tasks for s in t.dst_slots],
+            [k for t in tasks for k in t.keys],
+        )
         return time.perf_counter() - start
-
-    def _staging_buffer(self, direction: Direction, rows: int, block_bytes: int) -> torch.Tensor:
-        buffer = self._staging.get(direction)
-        if buffer is None or buffer.shape[0] < rows or buffer.shape[1] != block_bytes:
-            buffer = torch.empty(
-                (rows, block_bytes), dtype=torch.uint8, pin_memory=torch.cuda.is_available()
-            )
-            self._staging[direction] = buffer
-        return buffer
 
 
 def _settle(task: TransferTask, *, ok: bool) -> Exception | None:

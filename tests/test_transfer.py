@@ -138,7 +138,7 @@ async def test_staging_is_bounded_and_chunked() -> None:
                 StoreTask(device, list(range(10)), cpu, list(range(31, 21, -1)), keys)
             )
         )
-        assert max(buffer.shape[0] for buffer in pipeline._staging.values()) == 3
+        assert max(mover.staging_rows for mover in pipeline._movers.values()) == 3
     assert torch.equal(cpu.data[list(range(31, 21, -1))], data)
 
 

@@ -14,7 +14,7 @@ one call; a run of at least ``direct_min_bytes`` moves directly with a call
 of its own; the short runs left over share the staging buffer, in chunks of
 at most ``staging_bytes``. A tier's free slots fragment as blocks are evicted
 in LRU order, so in a full cache most batches are not one run: on the
-bundled Mooncake trace (16 KiB blocks) eight in ten blocks moved between the
+bundled Mooncake trace (16 KiB blocks) nine in ten blocks moved between the
 device and the CPU tier arrived in batches of several runs (about nine blocks
 each). For large blocks (an 8B-class model's 2 MiB) even a run of one block
 moves directly, which copies each byte once instead of twice; for small blocks

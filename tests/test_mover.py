@@ -86,6 +86,29 @@ async def test_runs_of_the_source_scatter_straight_from_its_rows() -> None:
     assert device.keys[17] == keys[1]
 
 
+class IOStore(CountingStore):
+    """A tier whose calls are I/O (like disk or Redis): not ``in_memory``."""
+
+    in_memory = False
+
+
+@pytest.mark.asyncio
+async def test_a_tier_doing_io_gets_the_whole_batch_in_one_call() -> None:
+    disk, cpu = IOStore(32, name="disk"), ViewStore(32, name="cpu")
+    src = [7, 3, 12, 0, 9, 21, 5]
+    keys = filled(disk, src)
+    dst = [11, 5, 20, 4, 30, 10, 6]  # long runs, as in the first test
+    mover = BlockMover(direct_min_bytes=2 * BB)
+    await mover.move(disk, src, cpu, dst, keys)
+    assert torch.equal(cpu.data[dst], disk.data[src])
+    assert (disk.reads, cpu.views, mover.staging_rows) == (1, 0, 7)
+    await mover.move(cpu, dst, disk, [1, 2, 3, 4, 5, 6, 8], keys)
+    assert disk.writes == 1  # the whole batch in one call
+    # One ascending run still moves in place, whatever the other tier.
+    await mover.move(disk, [1, 2], cpu, [14, 15], keys[:2])
+    assert cpu.views == 1
+
+
 @pytest.mark.asyncio
 async def test_one_run_still_moves_with_one_call_and_no_staging() -> None:
     device, cpu = CountingStore(32, name="gpu"), ViewStore(32, name="cpu")

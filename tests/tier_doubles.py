@@ -16,9 +16,10 @@ SMALL = BlockLayout(num_layers=2, block_size=4, num_kv_heads=2, head_size=8, dty
 
 
 class MemoryStore:
-    """A minimal key-verifying tier in host memory."""
+    """A minimal key-verifying tier in host memory (calls are copies: ``in_memory``)."""
 
     verify_keys = True
+    in_memory = True
 
     def __init__(self, num_slots: int, layout: BlockLayout = SMALL, name: str = "mem") -> None:
         self.name = name

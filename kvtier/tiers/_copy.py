@@ -2,7 +2,7 @@
 
 A tier's blocks are *rows*, each split into equal *segments* held by separate
 tensors (one per layer and K/V for a per-layer cache; one for a cross-layer
-cache or the CPU tier). :class:`BlockMover` moves many rows per call: per
+cache or the CPU tier). :class:`RowCopier` moves many rows per call: per
 segment tensor one ``index_select`` (reads) or ``index_copy_`` (writes), or one
 slice ``copy_`` when the slots are an ascending run (on CPU, an ascending run
 of a multi-segment cache moves in one NumPy call: see :func:`~kvtier.tiers._memory.host_views`).
@@ -12,7 +12,7 @@ copied, so every bit pattern survives), keeping elementwise kernels fast.
 
 Where a copy runs: CPU only, on the event loop below ``offload_min_bytes``,
 else in a worker thread. CUDA, with a same-device or pinned contiguous host
-buffer: queued on the mover's stream for that direction (after the caller's
+buffer: queued on the copier's stream for that direction (after the caller's
 current stream), through device staging of at most ``staging_bytes``; the loop
 awaits a CUDA event in a worker thread (large batches are also queued there).
 Anything else (pageable or strided host memory, another device): chunked
@@ -40,7 +40,7 @@ from kvtier.tiers._memory import MemorySpans, host_views
 __all__ = [
     "OFFLOAD_MIN_BYTES",
     "STAGING_BYTES",
-    "BlockMover",
+    "RowCopier",
 ]
 
 OFFLOAD_MIN_BYTES: Final = 4 << 20
@@ -80,7 +80,7 @@ def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
         yield begin, min(n, begin + size)
 
 
-class BlockMover:
+class RowCopier:
     """Moves batches of rows between segment tensors and caller buffers.
 
     Args:
@@ -231,7 +231,7 @@ class BlockMover:
         return buffer.device.type == "cpu" and buffer.is_contiguous() and buffer.is_pinned()
 
     async def sync_streams(self) -> None:
-        """Wait (off the event loop) until every copy queued on the mover's streams is done."""
+        """Wait (off the event loop) until every copy queued on the copier's streams is done."""
         for stream in list(self._streams.values()):
             await anyio.to_thread.run_sync(stream.synchronize)
 

@@ -117,6 +117,16 @@ class BlockStore(Protocol):
     Errors: :class:`~kvtier.errors.BlockMissingError` when a slot's bytes are
     absent or fail verification (a miss, never wrong data);
     :class:`~kvtier.errors.TierIOError` when the backend fails.
+
+    Optional, looked up with ``getattr`` by the transfer pipeline's
+    :class:`~kvtier.mover.BlockMover` (a tier without them is moved through a
+    staging buffer): ``slot_view(slots) -> torch.Tensor | None``, the tier's
+    own rows for an ascending run of slots, for the other tier to copy into or
+    out of in place (the CPU tier); and ``in_memory = True``, declaring that a
+    call is a memory copy with no I/O round trip, so a batch may be moved as
+    several calls, one per run of the other tier's slots (the device and CPU
+    tiers; not disk or Redis, whose one call over many blocks runs them in
+    parallel).
     """
 
     @property

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import anyio
 import anyio.to_thread
@@ -26,7 +26,7 @@ import torch
 from kvtier.errors import ClosedError, ConfigError, TierIOError
 from kvtier.log import get_logger
 from kvtier.tiers._checks import ascending_run, check_buffer, check_slots
-from kvtier.tiers._copy import OFFLOAD_MIN_BYTES, STAGING_BYTES, BlockMover
+from kvtier.tiers._copy import OFFLOAD_MIN_BYTES, STAGING_BYTES, RowCopier
 from kvtier.tiers.base import BlockKey, BlockLayout
 
 __all__ = ["CpuTier"]
@@ -80,6 +80,9 @@ class CpuTier:
             without CUDA.
     """
 
+    in_memory: ClassVar[bool] = True
+    """Calls are memory copies (see :class:`~kvtier.tiers.base.BlockStore`)."""
+
     def __init__(
         self,
         layout: BlockLayout,
@@ -119,7 +122,7 @@ class CpuTier:
         self._offload_min_bytes = offload_min_bytes
         self._staging_bytes = staging_bytes
         self._storage: torch.Tensor | None = None
-        self._mover: BlockMover | None = None
+        self._copier: RowCopier | None = None
         self._pinned = False
         self._closed = False
 
@@ -148,12 +151,12 @@ class CpuTier:
         """True while the storage is page-locked (only after opening)."""
         return self._pinned
 
-    def _open(self) -> tuple[torch.Tensor, BlockMover]:
+    def _open(self) -> tuple[torch.Tensor, RowCopier]:
         if self._closed:
             raise ClosedError(f"tier {self._name} is closed")
-        if self._storage is None or self._mover is None:
+        if self._storage is None or self._copier is None:
             raise ClosedError(f"tier {self._name} is not open: enter it with `async with` first")
-        return self._storage, self._mover
+        return self._storage, self._copier
 
     def _settled(self) -> bool:
         """Whether the tier is closed or already holds its storage."""
@@ -203,7 +206,7 @@ class CpuTier:
                 raise ClosedError(f"tier {self._name} was closed while opening")
             return self
         self._storage, self._pinned = storage, pinned
-        self._mover = BlockMover(
+        self._copier = RowCopier(
             [storage],
             tier=self._name,
             offload_min_bytes=self._offload_min_bytes,
@@ -233,11 +236,11 @@ class CpuTier:
         if self._closed:
             return
         self._closed = True
-        storage, mover = self._storage, self._mover
-        self._storage = self._mover = None
-        if storage is None or mover is None:
+        storage, copier = self._storage, self._copier
+        self._storage = self._copier = None
+        if storage is None or copier is None:
             return
-        await mover.sync_streams()
+        await copier.sync_streams()
         if self._pinned:
             self._pinned = False
             await anyio.to_thread.run_sync(_unregister, storage)
@@ -280,10 +283,10 @@ class CpuTier:
             InvalidRequestError: Bad slot, buffer shape/dtype, or key count.
             TierIOError: The copy failed.
         """
-        _, mover = self._open()
+        _, copier = self._open()
         slot_list = check_slots(slots, self._num_slots, tier=self._name)
         out = check_buffer(out, slot_list, keys, self._block_bytes, tier=self._name)
-        await mover.read(slot_list, out)
+        await copier.read(slot_list, out)
 
     async def write_from(
         self, slots: Sequence[int], keys: Sequence[BlockKey], data: torch.Tensor
@@ -302,10 +305,10 @@ class CpuTier:
                 key count.
             TierIOError: The copy failed.
         """
-        _, mover = self._open()
+        _, copier = self._open()
         slot_list = check_slots(slots, self._num_slots, tier=self._name)
         data = check_buffer(data, slot_list, keys, self._block_bytes, tier=self._name)
-        await mover.write(slot_list, data)
+        await copier.write(slot_list, data)
 
     async def discard(self, slots: Sequence[int]) -> None:
         """Do nothing: slots are reused by overwriting (checks the tier is open).

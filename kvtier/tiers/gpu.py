@@ -24,14 +24,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Self
+from typing import ClassVar, Self
 
 import torch
 
 from kvtier.errors import ClosedError, ConfigError
 from kvtier.log import get_logger
 from kvtier.tiers._checks import byte_rows, check_buffer, check_slots
-from kvtier.tiers._copy import OFFLOAD_MIN_BYTES, STAGING_BYTES, BlockMover
+from kvtier.tiers._copy import OFFLOAD_MIN_BYTES, STAGING_BYTES, RowCopier
 from kvtier.tiers.base import BlockKey, BlockLayout
 
 __all__ = ["DeviceTier"]
@@ -127,6 +127,9 @@ class DeviceTier:
             layout, or an argument is out of range.
     """
 
+    in_memory: ClassVar[bool] = True
+    """Calls are memory copies (see :class:`~kvtier.tiers.base.BlockStore`)."""
+
     def __init__(
         self,
         kv_caches: torch.Tensor | Sequence[torch.Tensor],
@@ -162,7 +165,7 @@ class DeviceTier:
         self._layout = layout
         self._block_bytes = layout.block_bytes
         self._num_slots = sources[0].shape[0]
-        self._mover: BlockMover | None = BlockMover(
+        self._copier: RowCopier | None = RowCopier(
             sources, tier=name, offload_min_bytes=offload_min_bytes, staging_bytes=staging_bytes
         )
         self._device = sources[0].device
@@ -193,7 +196,7 @@ class DeviceTier:
     @property
     def closed(self) -> bool:
         """True after ``aclose()``."""
-        return self._mover is None
+        return self._copier is None
 
     @property
     def device(self) -> torch.device:
@@ -205,10 +208,10 @@ class DeviceTier:
         """True for one cross-layer tensor, False for per-layer tensors."""
         return self._cross_layer
 
-    def _open(self) -> BlockMover:
-        if self._mover is None:
+    def _open(self) -> RowCopier:
+        if self._copier is None:
             raise ClosedError(f"tier {self._name} is closed")
-        return self._mover
+        return self._copier
 
     async def read_into(
         self, slots: Sequence[int], keys: Sequence[BlockKey], out: torch.Tensor
@@ -227,10 +230,10 @@ class DeviceTier:
             InvalidRequestError: Bad slot, buffer shape/dtype, or key count.
             TierIOError: The copy failed on the device.
         """
-        mover = self._open()
+        copier = self._open()
         slot_list = check_slots(slots, self._num_slots, tier=self._name)
         out = check_buffer(out, slot_list, keys, self._block_bytes, tier=self._name)
-        await mover.read(slot_list, out)
+        await copier.read(slot_list, out)
 
     async def write_from(
         self, slots: Sequence[int], keys: Sequence[BlockKey], data: torch.Tensor
@@ -249,10 +252,10 @@ class DeviceTier:
                 key count.
             TierIOError: The copy failed on the device.
         """
-        mover = self._open()
+        copier = self._open()
         slot_list = check_slots(slots, self._num_slots, tier=self._name)
         data = check_buffer(data, slot_list, keys, self._block_bytes, tier=self._name)
-        await mover.write(slot_list, data)
+        await copier.write(slot_list, data)
 
     async def discard(self, slots: Sequence[int]) -> None:
         """Do nothing: the engine owns its blocks (checks the tier is open).
@@ -273,9 +276,9 @@ class DeviceTier:
 
     async def aclose(self) -> None:
         """Wait for queued copies, then drop the references to the cache; idempotent."""
-        mover, self._mover = self._mover, None
-        if mover is not None:
-            await mover.sync_streams()
+        copier, self._copier = self._copier, None
+        if copier is not None:
+            await copier.sync_streams()
             _log.info("tier_close", tier=self._name, n_blocks=self._num_slots)
 
     async def __aenter__(self) -> Self:

@@ -8,7 +8,13 @@ first, the cache shrunk back to capacity), and through
 given as fractions of the trace's distinct blocks. For each policy it prints
 the hit ratio, the gain over LRU and the share of the LRU-to-Belady gap it
 closes, and their averages over the capacities. A prefix-aware policy
-(``prefix_slru``) is told each block's depth, chain length and parent.
+(``prefix_slru``, ``class_lru``) is told each block's depth, chain length and
+parent, and the request's tag: ``--tags output`` (the default for traces)
+tags a request with ⌊log₂ output_length⌋, a stand-in for the ``max_tokens``
+an engine knows when the request arrives; ``--tags shuffled`` gives the same
+tags to random requests (a control: a policy that gains from them then gains
+from the labels, not from their link to reuse); ``--tags none`` leaves them
+out. Chat requests are untagged (every answer has the same length).
 
 ``--workload chat`` replays the multi-round chat workload of ``kvtier replay``
 instead (:func:`kvtier.replay.workloads.chat_workload`: a shared system
@@ -25,6 +31,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
+import random
 import time
 from array import array
 from pathlib import Path
@@ -50,6 +58,21 @@ def token_chain(prompt: list[int], block_size: int) -> list[bytes]:
     return keys
 
 
+def output_tag(output_length: int) -> int:
+    """A request's tag: ⌊log₂ output tokens⌋ (-1 for none): a bucket of its length."""
+    return int(math.log2(output_length)) if output_length > 0 else -1
+
+
+def trace_tags(lengths: list[int], mode: str) -> list[int | str | None] | None:
+    """Each request's tag for ``--tags mode``."""
+    if mode == "none":
+        return None
+    tags: list[int | str | None] = [output_tag(n) for n in lengths]
+    if mode == "shuffled":
+        random.Random(0).shuffle(tags)
+    return tags
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
@@ -59,15 +82,19 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=64, help="chat: tokens per block")
     parser.add_argument("--capacities", default="0.01,0.05,0.10,0.25,0.50")
     parser.add_argument("--policies", default=",".join(EVICTION_POLICIES))
+    parser.add_argument("--tags", choices=("output", "shuffled", "none"), default="output")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.workload == "chat":
         workload = chat_workload(users=args.users, rounds=args.rounds)
         chains = [token_chain(list(p), args.block_size) for p in workload.prompts]
         label = f"{workload.name} ({args.block_size}-token blocks)"
+        tags = None
     else:
-        chains = [chain_keys(row.hash_ids) for row in read_mooncake_trace(args.trace)]
-        label = args.trace.name
+        rows_in = list(read_mooncake_trace(args.trace))
+        chains = [chain_keys(row.hash_ids) for row in rows_in]
+        tags = trace_tags([row.output_length for row in rows_in], args.tags)
+        label = f"{args.trace.name} (tags: {args.tags})"
     distinct = len({key for chain in chains for key in chain})
     names = args.policies.split(",")
     rows = []
@@ -76,7 +103,9 @@ def main() -> None:
         capacity = max(1, int(distinct * fraction))
         bound = belady(chains, capacity).hit_ratio
         ratios = {
-            name: simulate(chains, capacity, make_eviction_policy(name, capacity)).hit_ratio
+            name: simulate(
+                chains, capacity, make_eviction_policy(name, capacity), tags=tags
+            ).hit_ratio
             for name in names
         }
         rows.append({"fraction": fraction, "capacity": capacity, "belady": bound, **ratios})

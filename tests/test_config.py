@@ -121,8 +121,8 @@ def test_durations(text: str, expected: float) -> None:
         (base(tiers=[{"kind": "tape", "capacity": "1GiB"}]), r"tiers\[0\]\.kind: 'tape'.*cpu"),
         (
             base(tiers=[{"kind": "cpu", "capacity": "1GiB", "eviction": "mru"}]),
-            r"eviction: 'mru' is not one of: arc, lfu, lru, prefix_slru, priority_lru, s3fifo, "
-            r"slru",
+            r"eviction: 'mru' is not one of: arc, class_lru, lfu, lru, prefix_slru, priority_lru, "
+            r"s3fifo, slru",
         ),
         (
             base(tiers=[{"kind": "cpu", "capacity": "1GiB", "colour": 1}]),

@@ -111,9 +111,10 @@ def test_only_policies_with_the_hinted_methods_are_prefix_aware() -> None:
     assert isinstance(PrefixSLRUPolicy(8), PrefixAwarePolicy)
     assert isinstance(Recording(), PrefixAwarePolicy)
     for name in EVICTION_POLICIES:
-        if name != "prefix_slru":
+        if name not in {"prefix_slru", "class_lru"}:
             assert not isinstance(make_eviction_policy(name, 8), PrefixAwarePolicy), name
     assert isinstance(make_eviction_policy("prefix_slru", 8), PrefixSLRUPolicy)
+    assert isinstance(make_eviction_policy("class_lru", 8), PrefixAwarePolicy)
     assert isinstance(Unhinted(LRUPolicy()), EvictionPolicy)
     assert not isinstance(Unhinted(PrefixSLRUPolicy(8)), PrefixAwarePolicy)
 

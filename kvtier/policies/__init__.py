@@ -9,6 +9,7 @@ from kvtier.policies.base import (
     make_eviction_policy,
     register_eviction_policy,
 )
+from kvtier.policies.class_lru import ClassLRUPolicy
 from kvtier.policies.hints import BlockHint
 from kvtier.policies.lfu import LFUPolicy
 from kvtier.policies.lru import LRUPolicy
@@ -21,6 +22,7 @@ __all__ = [
     "EVICTION_POLICIES",
     "ARCPolicy",
     "BlockHint",
+    "ClassLRUPolicy",
     "LFUPolicy",
     "S3FIFOPolicy",
     "EvictionPolicy",

@@ -27,6 +27,7 @@ from typing import Protocol, runtime_checkable
 
 from kvtier.errors import ConfigError, UnknownNameError
 from kvtier.policies.arc import ARCPolicy
+from kvtier.policies.class_lru import ClassLRUPolicy
 from kvtier.policies.hints import BlockHint
 from kvtier.policies.lfu import LFUPolicy
 from kvtier.policies.lru import LRUPolicy
@@ -137,6 +138,7 @@ EVICTION_POLICIES: dict[str, EvictionPolicyFactory] = {
     "slru": SLRUPolicy,
     "priority_lru": PriorityLRUPolicy,
     "prefix_slru": PrefixSLRUPolicy,
+    "class_lru": ClassLRUPolicy,
 }
 """Registered eviction policies: name → factory."""
 

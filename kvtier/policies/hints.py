@@ -6,6 +6,10 @@ prefix lookup stops at the first block a tier lacks, so evicting a block
 wastes every cached block below it. :class:`BlockHint` tells a policy where
 a block sits in the chain of the request it is stored or read for; a policy
 opts in by implementing :class:`~kvtier.policies.base.PrefixAwarePolicy`.
+A hint may also carry the request's *tag*: a label of its kind that the
+engine knows when the request arrives (an application or API key, a tenant,
+a bucket of ``max_tokens``), under which a policy can learn how often the
+prompts of that kind come back (see :mod:`kvtier.policies.class_lru`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ def _length(hint: BlockHint, _: attrs.Attribute[int], value: int) -> None:
         )
 
 
+def _tag(hint: BlockHint, _: attrs.Attribute[int | str | None], value: int | str | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, str))):
+        raise ConfigError(f"a block hint's tag must be an int, a str or None, got {value!r}")
+
+
 @attrs.frozen(slots=True)
 class BlockHint:
     """A block's place in the chain of the request it is stored (or read) for.
@@ -42,11 +51,14 @@ class BlockHint:
             block of the request (yet).
         parent: The key of the block before it in the chain (None at depth 0
             or when unknown).
+        tag: The request's kind, as the engine labels it (None: untagged).
+            Equal tags mean "the same kind of request"; the value is opaque.
     """
 
     depth: int = attrs.field(validator=_depth)
     length: int = attrs.field(validator=_length)
     parent: BlockKey | None = None
+    tag: int | str | None = attrs.field(default=None, validator=_tag)
 
     @property
     def is_tail(self) -> bool:

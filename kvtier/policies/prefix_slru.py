@@ -25,13 +25,13 @@ Without hints (a caller that only has keys) it behaves as ``"slru"``.
 from __future__ import annotations
 
 from kvtier.policies.hints import BlockHint
+from kvtier.policies.reuse import less_reused
 from kvtier.policies.slru import SLRUPolicy
 from kvtier.tiers.base import BlockKey
 
 __all__ = ["PrefixSLRUPolicy"]
 
 _TAIL, _INTERIOR = 1, 0
-_Z = 2.0  # standard errors by which tails must be reused less (see tails_first)
 
 
 class PrefixSLRUPolicy(SLRUPolicy):
@@ -74,12 +74,7 @@ class PrefixSLRUPolicy(SLRUPolicy):
         never flip the placement.
         """
         (reused_i, reused_t), (inserted_i, inserted_t) = self.reused, self.inserted
-        if inserted_i <= 0 or inserted_t <= 0:
-            return False
-        pooled = (reused_i + reused_t) / (inserted_i + inserted_t)
-        spread = pooled * (1.0 - pooled) * (1.0 / inserted_i + 1.0 / inserted_t)
-        gap = reused_i / inserted_i - reused_t / inserted_t
-        return gap > 0 and gap * gap > _Z * _Z * spread
+        return less_reused(reused_t, inserted_t, reused_i, inserted_i)
 
     def _count_first_seen(self, kind: int) -> None:
         self.inserted[kind] += 1.0

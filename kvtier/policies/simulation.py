@@ -38,6 +38,7 @@ from kvtier.policies.hints import BlockHint
 __all__ = ["SimulationResult", "belady", "chain_keys", "simulate"]
 
 Chain = Sequence[bytes]
+Tag = int | str
 
 
 def chain_keys(hash_ids: Sequence[int]) -> list[bytes]:
@@ -86,24 +87,40 @@ def _prefix_hits(chain: Chain, cached: Callable[[bytes], bool]) -> int:
 
 
 def simulate(
-    chains: Sequence[Chain], capacity: int, policy: EvictionPolicy, *, name: str = ""
+    chains: Sequence[Chain],
+    capacity: int,
+    policy: EvictionPolicy,
+    *,
+    name: str = "",
+    tags: Sequence[Tag | None] | None = None,
 ) -> SimulationResult:
     """Replay ``chains`` through ``policy`` at ``capacity`` blocks.
 
+    Args:
+        chains: Each request's block keys, head first.
+        capacity: The cache's size in blocks.
+        policy: A fresh policy.
+        name: The result's policy name (default: the policy's class name).
+        tags: Each request's tag (:attr:`~kvtier.policies.hints.BlockHint.tag`),
+            given to a prefix-aware policy in its hints; None: untagged.
+
     Raises:
-        ConfigError: ``capacity`` is not a positive integer.
+        ConfigError: ``capacity`` is not a positive integer, or ``tags`` is not
+            one per chain.
         KVTierError: The policy returned an invalid victim.
     """
     _check_capacity(capacity)
+    if tags is not None and len(tags) != len(chains):
+        raise ConfigError(f"tags must be one per chain: {len(tags)} for {len(chains)} chains")
     resident: set[bytes] = set()
     hits = blocks = evictions = 0
     prefix = policy if isinstance(policy, PrefixAwarePolicy) else None
-    for chain in chains:
+    for number, chain in enumerate(chains):
         blocks += len(chain)
         hits += _prefix_hits(chain, resident.__contains__)
         mine = list(dict.fromkeys(chain))
         if prefix is not None:
-            _touch_hinted(mine, resident, prefix)
+            _touch_hinted(mine, resident, prefix, None if tags is None else tags[number])
         else:
             for key in reversed(mine):
                 if key in resident:
@@ -125,12 +142,14 @@ def simulate(
     )
 
 
-def _touch_hinted(chain: list[bytes], resident: set[bytes], policy: PrefixAwarePolicy) -> None:
+def _touch_hinted(
+    chain: list[bytes], resident: set[bytes], policy: PrefixAwarePolicy, tag: Tag | None
+) -> None:
     """Touch a chain tail first, telling the policy each block's place in it."""
     length = len(chain)
     for depth in range(length - 1, -1, -1):
         key = chain[depth]
-        hint = BlockHint(depth, length, chain[depth - 1] if depth else None)
+        hint = BlockHint(depth, length, chain[depth - 1] if depth else None, tag)
         if key in resident:
             policy.access_hinted(key, hint)
         else:

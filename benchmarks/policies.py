@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import random
 import time
 from array import array
@@ -40,7 +39,7 @@ from pathlib import Path
 from kvtier.policies import EVICTION_POLICIES, make_eviction_policy
 from kvtier.policies.simulation import belady, chain_keys, simulate
 from kvtier.replay.workloads import chat_workload
-from kvtier.traces import read_mooncake_trace
+from kvtier.traces import TraceRequest, read_mooncake_trace
 
 DEFAULT_TRACE = (
     Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake_synthetic.jsonl"
@@ -58,16 +57,11 @@ def token_chain(prompt: list[int], block_size: int) -> list[bytes]:
     return keys
 
 
-def output_tag(output_length: int) -> int:
-    """A request's tag: ⌊log₂ output tokens⌋ (-1 for none): a bucket of its length."""
-    return int(math.log2(output_length)) if output_length > 0 else -1
-
-
-def trace_tags(lengths: list[int], mode: str) -> list[int | str | None] | None:
+def trace_tags(rows: list[TraceRequest], mode: str) -> list[int | str | None] | None:
     """Each request's tag for ``--tags mode``."""
     if mode == "none":
         return None
-    tags: list[int | str | None] = [output_tag(n) for n in lengths]
+    tags: list[int | str | None] = [row.tag for row in rows]
     if mode == "shuffled":
         random.Random(0).shuffle(tags)
     return tags
@@ -93,7 +87,7 @@ def main() -> None:
     else:
         rows_in = list(read_mooncake_trace(args.trace))
         chains = [chain_keys(row.hash_ids) for row in rows_in]
-        tags = trace_tags([row.output_length for row in rows_in], args.tags)
+        tags = trace_tags(rows_in, args.tags)
         label = f"{args.trace.name} (tags: {args.tags})"
     distinct = len({key for chain in chains for key in chain})
     names = args.policies.split(",")

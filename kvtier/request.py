@@ -16,7 +16,7 @@ from kvtier.errors import InvalidRequestError
 from kvtier.extra_keys import MultiModalFeature
 from kvtier.hashing import BlockHash
 
-__all__ = ["KVCacheRequest", "Request"]
+__all__ = ["KVCacheRequest", "Request", "request_tag"]
 
 
 class KVCacheRequest(Protocol):
@@ -83,6 +83,27 @@ def _check_features(
         last = feature.offset
 
 
+def _check_tag(instance: Request, _: attrs.Attribute[int | str | None], __: object) -> None:
+    request_tag(instance)
+
+
+def request_tag(request: KVCacheRequest) -> int | str | None:
+    """A request's optional ``tag`` attribute (None when it has none).
+
+    :class:`KVCacheRequest` does not require one: an engine's own request
+    class opts in by having a ``tag`` (see :attr:`Request.tag`).
+
+    Raises:
+        InvalidRequestError: The tag is not an int, a str or None.
+    """
+    value: object = getattr(request, "tag", None)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, str))):
+        raise InvalidRequestError(
+            f"request {request.request_id!r}: tag must be an int, a str or None, got {value!r}"
+        )
+    return value
+
+
 def _check_non_negative(_: object, attribute: attrs.Attribute[int], value: int) -> None:
     if value < 0:
         raise InvalidRequestError(f"{attribute.name} must be >= 0, got {value!r}")
@@ -111,6 +132,11 @@ class Request:
         mm_features: Multimodal features, sorted by offset.
         skip_reading_prefix_cache: Never take prefix-cache hits (for example
             when prompt logprobs are wanted). Blocks are still cached.
+        tag: The request's kind as the engine knows it on arrival (an
+            application, a tenant, a ``max_tokens`` bucket), passed to
+            prefix-aware eviction policies of the offload tiers, which may
+            learn how often each kind's prompts come back (``class_lru``).
+            Never part of a block's hash. None: untagged.
         num_computed_tokens: Maintained by the engine.
         num_preemptions: Maintained by the engine.
         output_token_ids: Generated tokens so far.
@@ -130,6 +156,7 @@ class Request:
         default=(), converter=tuple, validator=_check_features
     )
     skip_reading_prefix_cache: bool = False
+    tag: int | str | None = attrs.field(default=None, validator=_check_tag, kw_only=True)
     num_computed_tokens: int = attrs.field(default=0, validator=_check_non_negative)
     num_preemptions: int = 0
     output_token_ids: list[int] = attrs.field(init=False, factory=list)

@@ -62,6 +62,16 @@ class TraceRequest:
     output_length: int
     hash_ids: tuple[int, ...]
 
+    @property
+    def tag(self) -> int:
+        """A request tag for policies: ⌊log₂ output_length⌋ (-1 for no output).
+
+        A trace records the tokens generated, not the ``max_tokens`` an engine
+        knows when the request arrives; the bucket of the output length stands
+        in for it (see :attr:`kvtier.policies.hints.BlockHint.tag`).
+        """
+        return self.output_length.bit_length() - 1
+
 
 def _parse(line: str, where: str, trace_block_size: int) -> TraceRequest:
     try:

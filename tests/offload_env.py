@@ -63,16 +63,23 @@ class Env:
         )
         self._count = 0
 
-    def request(self, num_blocks: int, *, extra: int = 3, like: Request | None = None) -> Request:
+    def request(
+        self,
+        num_blocks: int,
+        *,
+        extra: int = 3,
+        like: Request | None = None,
+        tag: int | str | None = None,
+    ) -> Request:
         """A request of ``num_blocks`` full blocks plus ``extra`` tokens (a fresh prompt,
-        or ``like``'s)."""
+        or ``like``'s), tagged ``tag``."""
         self._count += 1
         if like is not None:
             tokens = list(like.all_token_ids)
         else:
             start = self._count * 100_000
             tokens = list(range(start, start + num_blocks * BS + extra))
-        return Request(f"req-{self._count}", tokens, _HASHER)
+        return Request(f"req-{self._count}", tokens, _HASHER, tag=tag)
 
     def compute(self, request: Request, blocks: list[KVCacheBlock], first: int = 0) -> None:
         """Hash ``blocks`` (positions ``first``…) into the prefix cache and write their bytes."""

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier.errors import ConfigError
+from kvtier.block_hasher import BlockHasher
+from kvtier.errors import ConfigError, InvalidRequestError
 from kvtier.policies import (
     BlockHint,
     ClassLRUPolicy,
@@ -21,6 +22,9 @@ from kvtier.policies import (
 )
 from kvtier.policies.reuse import ReuseRates, less_reused
 from kvtier.policies.simulation import simulate
+from kvtier.replay.workloads import Workload, trace_workload
+from kvtier.request import Request, request_tag
+from kvtier.traces import TraceRequest, bundled_trace_path, read_mooncake_trace
 
 
 def k(i: int) -> bytes:
@@ -302,3 +306,41 @@ def test_victims_are_tracked_distinct_and_evictable_and_structures_agree(
         assert len(policy) == len(tracked)
         assert set(policy) == tracked
         check_structures(policy)
+
+
+# -- tags from requests and workloads ----------------------------------------------------
+
+
+def test_a_request_tag_is_validated_and_read_where_present() -> None:
+    hasher = BlockHasher(4, "sha256")
+    assert Request("a", [1, 2, 3, 4], hasher).tag is None
+    tagged = Request("b", [1, 2, 3, 4], hasher, tag="app")
+    assert request_tag(tagged) == "app"
+    untagged = Request("c", [1, 2, 3, 4], hasher, tag=None)
+    assert tagged.block_hashes == untagged.block_hashes  # never part of the hash
+    for bad in (True, 2.5, ["x"]):
+        with pytest.raises(InvalidRequestError, match="tag must be an int, a str or None"):
+            Request("d", [1], hasher, tag=bad)  # type: ignore[arg-type]
+
+    class EngineRequest:  # an engine's own request class, without a tag
+        request_id = "e"
+
+    assert request_tag(EngineRequest()) is None  # type: ignore[arg-type]
+    EngineRequest.tag = 1.5  # type: ignore[attr-defined]
+    with pytest.raises(InvalidRequestError, match="'e': tag must be"):
+        request_tag(EngineRequest())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("output", "tag"), [(0, -1), (1, 0), (2, 1), (3, 1), (255, 7), (256, 8)])
+def test_a_trace_request_is_tagged_with_its_output_length_bucket(output: int, tag: int) -> None:
+    assert TraceRequest(0.0, 10, output, (1,)).tag == tag
+
+
+def test_a_trace_workload_tags_each_request_and_tags_are_one_per_prompt() -> None:
+    workload = trace_workload(bundled_trace_path(), limit=5)
+    rows = read_mooncake_trace(bundled_trace_path(), limit=5)
+    assert workload.tags == [row.output_length.bit_length() - 1 for row in rows]
+    assert workload.tag(3) == workload.tags[3]
+    assert Workload("w", [[1]]).tag(0) is None
+    with pytest.raises(ConfigError, match="workload w: 1 tags for 2 prompts"):
+        Workload("w", [[1], [2]], tags=[1])

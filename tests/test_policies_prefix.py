@@ -385,21 +385,25 @@ def recording() -> Iterator[list[Recording]]:
 
 
 @pytest.mark.asyncio
-async def test_the_offload_manager_hints_its_stores_and_loads(recording: list[Recording]) -> None:
+@pytest.mark.parametrize(("store_tag", "load_tag"), [(None, None), ("app-a", 7)])
+async def test_the_offload_manager_hints_its_stores_and_loads(
+    recording: list[Recording], store_tag: str | None, load_tag: int | None
+) -> None:
     env = Env(eviction_policy="recording-test")
     (policy,) = recording
     async with env.manager as manager:
-        req = env.request(3)
+        req = env.request(3, tag=store_tag)
         blocks = env.alloc(req, 3)
         manager.update_state_after_alloc(req, blocks, 0)
         plan = manager.build_step(scheduled(new={req.request_id: blocks}))
         manager.step_computed(plan.step_id)
         await manager.wait_idle()
         keys = [make_block_hash_with_group_id(req.block_hashes[p], 0) for p in range(3)]
-        expected = [BlockHint(d, 3, keys[d - 1] if d else None) for d in range(3)]
+        expected = [BlockHint(d, 3, keys[d - 1] if d else None, store_tag) for d in range(3)]
         assert policy.inserted == list(reversed(list(zip(keys, expected, strict=True))))
 
-        again = env.request(3, like=req)
+        again = env.request(3, like=req, tag=load_tag)  # the loading request's tag
+        expected = [BlockHint(d, 3, keys[d - 1] if d else None, load_tag) for d in range(3)]
         assert manager.get_num_new_matched_tokens(again, 0) == (3 * BS, True)
         targets = env.fresh(3)
         manager.update_state_after_alloc(again, KVCacheBlocks((targets,)), 3 * BS)

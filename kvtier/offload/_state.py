@@ -107,6 +107,7 @@ class RequestState:
     load: LoadEvent | None = None
     store_events: set[int] = attrs.field(factory=set)
     finished: bool = False
+    tag: int | str | None = None  # the request's tag, for its blocks' hints
 
     @property
     def busy(self) -> bool:

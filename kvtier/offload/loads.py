@@ -22,7 +22,7 @@ from kvtier.offload.plan import FinishedLoad, HitInfo
 from kvtier.offload.transfers import Transfers
 from kvtier.policies.base import PrefixAwarePolicy
 from kvtier.policies.hints import BlockHint
-from kvtier.request import KVCacheRequest
+from kvtier.request import KVCacheRequest, request_tag
 from kvtier.tiers.base import BlockKey
 
 __all__ = ["LoadPlanner"]
@@ -132,6 +132,7 @@ class LoadPlanner:
             state = requests[rid] = RequestState(rid, ids)
         else:
             state.block_ids = ids
+        state.tag = request_tag(request)
         if num_external_tokens:
             state.load = self.plan_load(request, blocks, num_external_tokens // self.block_size)
 
@@ -154,6 +155,7 @@ class LoadPlanner:
         failed: list[int] = []
         planned: list[tuple[int, BlockKey, KVCacheBlock, BlockHint | None]] = []
         parents: list[BlockKey | None] = [None] * self.num_groups
+        tag = request_tag(request)
         if first and self.hinted:
             parents = list(self._keys(hashes[first - 1]))
         for position in range(first, end):
@@ -166,7 +168,7 @@ class LoadPlanner:
             for key, target, parent in zip(keys, targets, parents, strict=True):
                 if target.is_null or target.block_hash is not None:
                     continue  # nothing to load, or it already holds computed bytes
-                hint = BlockHint(position, len(hashes), parent) if self.hinted else None
+                hint = BlockHint(position, len(hashes), parent, tag) if self.hinted else None
                 planned.append((level, key, target, hint))
             if self.hinted:
                 parents = list(keys)

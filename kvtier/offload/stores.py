@@ -124,7 +124,7 @@ class StorePlanner:
         if position >= min(length, len(ids)):
             return None
         parent = self.block_pool.blocks[ids[position - 1]].block_hash if position else None
-        return BlockHint(position, length, parent)
+        return BlockHint(position, length, parent, state.tag)
 
     def plan_lazy(self, step_id: int) -> StoreSpec | None:
         """Write-back: the blocks :class:`WriteBack` picks, in one batch (no owners)."""

@@ -357,7 +357,8 @@ async def replay(
         hasher = BlockHasher(layout.block_size, config.offload.hash)
         engine = _Engine(config, kvm, offload, cache, hasher)
         engine.waiting = [
-            Request(f"req-{i}", prompt, hasher) for i, prompt in enumerate(workload.prompts)
+            Request(f"req-{i}", prompt, hasher, tag=workload.tag(i))
+            for i, prompt in enumerate(workload.prompts)
         ]
         start = time.perf_counter()
         try:

@@ -82,7 +82,9 @@ def sweep(
             raise ConfigError(f"sweep fractions must be in (0, 1], got {fraction!r}")
         capacity = max(1, int(distinct * fraction))
         ratios = {
-            name: simulate(keys, capacity, make_eviction_policy(name, capacity)).hit_ratio
+            name: simulate(
+                keys, capacity, make_eviction_policy(name, capacity), tags=workload.tags
+            ).hit_ratio
             for name in names
         }
         rows.append(SweepRow(fraction, capacity, belady(keys, capacity).hit_ratio, ratios))

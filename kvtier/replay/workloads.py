@@ -2,7 +2,9 @@
 
 * :func:`trace_workload`: a Mooncake-format trace (the bundled whole Mooncake
   synthetic trace by default), each request's hash ids expanded into token ids
-  (:func:`kvtier.traces.expand_prompt`), so requests sharing ids share prefixes;
+  (:func:`kvtier.traces.expand_prompt`), so requests sharing ids share prefixes,
+  each request tagged with its output length's bucket
+  (:attr:`kvtier.traces.TraceRequest.tag`);
 * :func:`chat_workload`: multi-round chat, like LMCache's multi-round QA
   benchmark: users share a system prompt, each round a user's prompt is the
   conversation so far (system prompt, every earlier question and answer) plus
@@ -36,10 +38,27 @@ class Workload:
     Attributes:
         name: A short name for reports.
         prompts: One list of token ids per request.
+        tags: One :attr:`~kvtier.request.Request.tag` per request, or None
+            (every request untagged).
+
+    Raises:
+        ConfigError: ``tags`` is not one per prompt.
     """
 
     name: str
     prompts: Sequence[list[int]]
+    tags: Sequence[int | str | None] | None = attrs.field(default=None, kw_only=True)
+
+    @tags.validator
+    def _one_per_prompt(self, _: object, value: Sequence[int | str | None] | None) -> None:
+        if value is not None and len(value) != len(self.prompts):
+            raise ConfigError(
+                f"workload {self.name}: {len(value)} tags for {len(self.prompts)} prompts"
+            )
+
+    def tag(self, index: int) -> int | str | None:
+        """Request ``index``'s tag (None when the workload is untagged)."""
+        return None if self.tags is None else self.tags[index]
 
     @property
     def num_tokens(self) -> int:
@@ -63,7 +82,8 @@ def trace_workload(path: str | Path | None = None, *, limit: int | None = None) 
     rows = read_mooncake_trace(source, limit=limit)
     cache: dict[int, array[int]] = {}
     name = source.name.removesuffix(".xz").removesuffix(".jsonl")
-    return Workload(name, [expand_prompt(row, cache=cache) for row in rows])
+    prompts = [expand_prompt(row, cache=cache) for row in rows]
+    return Workload(name, prompts, tags=[row.tag for row in rows])
 
 
 def sample_workload(*, limit: int | None = None) -> Workload:

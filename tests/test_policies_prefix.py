@@ -9,6 +9,7 @@ hints were ignored, hypothesis invariants, and the hints' way through
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -430,3 +431,42 @@ async def test_the_offload_manager_runs_prefix_slru() -> None:
         assert isinstance(index.policy, PrefixSLRUPolicy)
         assert len(index.policy) == len(index) <= 4
         index.check_invariants()
+
+
+@pytest.mark.asyncio
+async def test_demotions_carry_the_blocks_hints_to_the_tier_below(
+    recording: list[Recording], tmp_path: Path
+) -> None:
+    env = Env(eviction_policy="recording-test", cpu_blocks=3, disk=tmp_path / "disk")
+    cpu_policy, disk_policy = recording
+    async with env.manager as manager:
+        first = env.request(3, tag="app")
+        for req in (first, env.request(3)):  # the second store evicts the first's blocks
+            blocks = env.alloc(req, 3)
+            manager.update_state_after_alloc(req, blocks, 0)
+            plan = manager.build_step(scheduled(new={req.request_id: blocks}))
+            manager.step_computed(plan.step_id)
+            await manager.wait_idle()
+        keys = [make_block_hash_with_group_id(first.block_hashes[p], 0) for p in range(3)]
+        expected = [BlockHint(d, 3, keys[d - 1] if d else None, "app") for d in range(3)]
+        assert manager.stats().tiers["disk"].demotions == 3
+        # Tail first, with the hints the CPU tier was given, in every eviction order.
+        assert disk_policy.inserted == list(reversed(list(zip(keys, expected, strict=True))))
+        assert cpu_policy.inserted[:3] == disk_policy.inserted
+        manager.indexes[0].check_invariants()
+        manager.indexes[1].check_invariants()
+
+
+def test_an_index_forgets_the_hints_of_blocks_that_leave() -> None:
+    index = TierIndex("cpu", 2, "prefix_slru")
+    hints = [BlockHint(0, 2, None, 1), BlockHint(1, 2, k(1), 1)]
+    index.commit(index.reserve([k(1), k(2)]).keys, hints)
+    evicting = index.reserve([k(3)])
+    assert [key for _, key in evicting.evicted] == [k(2)]  # the tail first
+    assert evicting.evicted_hints == (hints[1],)
+    index.commit(evicting.keys)
+    index.remove([k(1)])
+    assert index.reserve([k(4), k(5)]).evicted_hints == (None,)  # k(3) came without one
+    plain = TierIndex("cpu", 1, "lru")  # a policy without hints keeps none
+    plain.commit(plain.reserve([k(1)]).keys, hints[:1])
+    assert plain.reserve([k(2)]).evicted_hints == ()

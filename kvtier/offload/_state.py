@@ -35,6 +35,7 @@ class Demotion:
     src_slots: list[int]
     dst_slots: list[int]
     keys: list[BlockKey]
+    hints: list[BlockHint | None] | None = None  # the blocks' last hints above, for the policy
 
 
 @attrs.define(eq=False)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from kvtier.errors import TierFullError
 from kvtier.offload._state import Demotion, LoadEvent
 from kvtier.offload.stats import TierStats
+from kvtier.policies.hints import BlockHint
 from kvtier.tiers.base import BlockKey
 from kvtier.tiers.index import Reservation, TierIndex
 
@@ -25,12 +26,19 @@ def demotions(
 
     Blocks the next tier already holds, or that do not fit, are dropped. A
     chain of demotions is not followed: what the next tier evicts to make
-    room is dropped.
+    room is dropped. When the evicting tier kept the blocks' hints (a
+    prefix-aware policy), they go along, and the blocks are listed by chain
+    depth, heads first, as a store lists them, so the next tier's policy hears
+    of them tail first.
     """
     stats[level].evictions += len(reservation.evicted)
     if level + 1 >= len(indexes) or not reservation.evicted:
         return []
     below = indexes[level + 1]
+    known: dict[BlockKey, BlockHint | None] = {}
+    if reservation.evicted_hints:
+        evicted_keys = (key for _, key in reservation.evicted)
+        known = dict(zip(evicted_keys, reservation.evicted_hints, strict=True))
     wanted = [(slot, key) for slot, key in reservation.evicted if key not in below]
     wanted = wanted[: below.num_free + below.num_evictable]
     if not wanted:
@@ -41,9 +49,23 @@ def demotions(
     moved = [(slot, key) for slot, key in wanted if key in by_key]
     if not moved:
         return []
+    hints: list[BlockHint | None] | None = None
+    if any(known.get(key) is not None for _, key in moved):
+        moved.sort(key=lambda pair: _depth(known.get(pair[1])))
+        hints = [known.get(key) for _, key in moved]
     return [
-        Demotion(level, [s for s, _ in moved], [by_key[k] for _, k in moved], [k for _, k in moved])
+        Demotion(
+            level,
+            [s for s, _ in moved],
+            [by_key[k] for _, k in moved],
+            [k for _, k in moved],
+            hints,
+        )
     ]
+
+
+def _depth(hint: BlockHint | None) -> int:
+    return 0 if hint is None else hint.depth
 
 
 def reserve_stages(

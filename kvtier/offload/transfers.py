@@ -218,7 +218,7 @@ class Transfers:
         for demotion, done in zip(demotions, ok, strict=True):
             below = self.indexes[demotion.level + 1]
             if done:
-                below.commit(demotion.keys)
+                below.commit(demotion.keys, demotion.hints)
                 self.tier_stats[demotion.level + 1].demotions += len(demotion.keys)
             else:  # the evicted blocks are lost, as without a tier below
                 below.abort(demotion.keys)

@@ -16,7 +16,7 @@ from kvtier.policies.base import EvictionPolicy, PrefixAwarePolicy
 from kvtier.policies.hints import BlockHint
 from kvtier.tiers.base import BlockKey
 
-__all__ = ["Hints", "check_hints", "notify_access", "notify_insert"]
+__all__ = ["Hints", "check_hints", "notify_access", "notify_insert", "remember_hints"]
 
 Hints = Sequence[BlockHint | None]
 """One hint (or None) per key of a commit or pin call."""
@@ -39,6 +39,17 @@ def check_hints(tier: str, keys: Sequence[BlockKey], hints: Hints | None) -> Non
             raise InvalidRequestError(
                 f"tier {tier!r}: a hint must be a BlockHint or None, got {hint!r}"
             )
+
+
+def remember_hints(
+    memory: dict[BlockKey, BlockHint] | None, keys: Sequence[BlockKey], hints: Hints | None
+) -> None:
+    """Keep each key's latest hint in ``memory`` (None: the index keeps none)."""
+    if memory is None or hints is None:
+        return
+    for key, hint in zip(keys, hints, strict=True):
+        if hint is not None:
+            memory[key] = hint
 
 
 def notify_insert(policy: EvictionPolicy, keys: Sequence[BlockKey], hints: Hints | None) -> None:

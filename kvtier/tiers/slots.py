@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 import attrs
 
 from kvtier.errors import InvalidRequestError
+from kvtier.policies.hints import BlockHint
 from kvtier.tiers.base import BlockKey
 
 __all__ = ["Reservation", "SlotMap"]
@@ -44,11 +45,15 @@ class Reservation:
         evicted: ``(slot, key)`` of resident blocks evicted to make room; a
             persistent tier discards their bytes (the slots may be reused by
             this reservation).
+        evicted_hints: The last hint each evicted block was stored or read
+            with, one per ``evicted`` entry (None: none known); empty unless
+            the tier's policy is prefix-aware. Demotions pass them on.
     """
 
     keys: tuple[BlockKey, ...]
     slots: tuple[int, ...]
     evicted: tuple[tuple[int, BlockKey], ...] = ()
+    evicted_hints: tuple[BlockHint | None, ...] = ()
 
 
 class SlotMap:

@@ -106,10 +106,11 @@ class PrefixAwarePolicy(EvictionPolicy, Protocol):
     :meth:`access_hinted` instead of :meth:`~EvictionPolicy.insert` and
     :meth:`~EvictionPolicy.access`, in the same order (a chain tail first)
     and under the same rules; the hint may be None for a block whose place is
-    unknown. Callers that do not know (a warm restart's restore, demotions
-    from the tier above, selective and lazy stores, which are not for one
-    request) keep calling the plain methods, so a prefix-aware policy must
-    still implement them. Policies that implement only
+    unknown. Demotions from the tier above carry the hints that tier's
+    index kept (when its policy is prefix-aware too). Callers that do not
+    know (a warm restart's restore, selective and lazy stores, which are not
+    for one request) keep calling the plain methods, so a prefix-aware
+    policy must still implement them. Policies that implement only
     :class:`EvictionPolicy` are never given hints.
     """
 

@@ -34,15 +34,15 @@ from typing import TypeGuard
 from kvtier.errors import ConfigError, InvalidRequestError, KVTierError, TierFullError
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
 from kvtier.hashing import BlockHash
-from kvtier.policies.base import EvictionPolicy, PrefixAwarePolicy, make_eviction_policy
+from kvtier.policies.base import EvictionPolicy, make_eviction_policy
 from kvtier.policies.hints import BlockHint
 from kvtier.tiers.base import BlockKey
 from kvtier.tiers.index_hints import (
+    HintMemory,
     Hints,
     check_hints,
     notify_access,
     notify_insert,
-    remember_hints,
 )
 from kvtier.tiers.index_queries import IndexQueries
 from kvtier.tiers.slots import Reservation, SlotMap
@@ -126,10 +126,7 @@ class TierIndex(IndexQueries):
         self._doomed: set[BlockKey] = set()  # removed while pinned: leave on last unpin
         self._events: list[KVCacheEvent] = []
         self._drops = 0
-        # The last hint of each visible key, kept for demotions (prefix-aware policies only).
-        self._hints: dict[BlockKey, BlockHint] | None = (
-            {} if isinstance(policy, PrefixAwarePolicy) else None
-        )
+        self._hints = HintMemory(policy)  # passed on with demotions
 
     def __repr__(self) -> str:
         counts = f"free={self.num_free}, reserved={self.num_reserved}"
@@ -203,8 +200,7 @@ class TierIndex(IndexQueries):
                 )
             victims = self._choose_victims(shortfall)
             evicted = tuple((self._slot_of[key], key) for key in victims)
-            if self._hints is not None:
-                hints = tuple(self._hints.get(key) for key in victims)
+            hints = self._hints.of(victims)
             for key in victims:
                 self._release(key)
             self._emit_removed(victims)
@@ -241,7 +237,7 @@ class TierIndex(IndexQueries):
         done = self._require_reserved(keys, "commit")
         check_hints(self._name, done, hints)
         self._slots.commit(done)
-        remember_hints(self._hints, done, hints)
+        self._hints.remember(done, hints)
         notify_insert(self.policy, done, hints)  # tail first
         self._emit_stored(done)
 
@@ -293,7 +289,7 @@ class TierIndex(IndexQueries):
         pins = self._pins
         for key in items:
             pins[key] = pins.get(key, 0) + 1
-        remember_hints(self._hints, items, hints)
+        self._hints.remember(items, hints)
         notify_access(self.policy, items, hints)  # tail first: see the class docstring
         return [self._slot_of[key] for key in items]
 
@@ -345,8 +341,7 @@ class TierIndex(IndexQueries):
             if key in self._pins:
                 self._doomed.add(key)
                 self.policy.remove(key)
-                if self._hints is not None:
-                    self._hints.pop(key, None)
+                self._hints.forget(key)
             else:
                 left.append((self._slot_of[key], key))
                 self._release(key)
@@ -383,8 +378,7 @@ class TierIndex(IndexQueries):
         self._drops += len(self._slot_of)
         for key in self._slot_of:
             self.policy.remove(key)
-        if self._hints is not None:
-            self._hints.clear()
+        self._hints.clear()
         self._slots.clear()
         self._doomed.clear()
         if self.enable_events:
@@ -405,8 +399,7 @@ class TierIndex(IndexQueries):
         """Forget a resident block (no event: the caller records it)."""
         self._doomed.discard(key)
         self.policy.remove(key)
-        if self._hints is not None:
-            self._hints.pop(key, None)
+        self._hints.forget(key)
         self._slots.release(key)
 
     def _emit_stored(self, keys: Sequence[BlockKey]) -> None:

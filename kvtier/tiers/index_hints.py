@@ -16,7 +16,7 @@ from kvtier.policies.base import EvictionPolicy, PrefixAwarePolicy
 from kvtier.policies.hints import BlockHint
 from kvtier.tiers.base import BlockKey
 
-__all__ = ["Hints", "check_hints", "notify_access", "notify_insert", "remember_hints"]
+__all__ = ["HintMemory", "Hints", "check_hints", "notify_access", "notify_insert"]
 
 Hints = Sequence[BlockHint | None]
 """One hint (or None) per key of a commit or pin call."""
@@ -41,15 +41,38 @@ def check_hints(tier: str, keys: Sequence[BlockKey], hints: Hints | None) -> Non
             )
 
 
-def remember_hints(
-    memory: dict[BlockKey, BlockHint] | None, keys: Sequence[BlockKey], hints: Hints | None
-) -> None:
-    """Keep each key's latest hint in ``memory`` (None: the index keeps none)."""
-    if memory is None or hints is None:
-        return
-    for key, hint in zip(keys, hints, strict=True):
-        if hint is not None:
-            memory[key] = hint
+class HintMemory:
+    """The latest hint of each visible key, for demotions; kept only for prefix-aware policies."""
+
+    __slots__ = ("_hints",)
+
+    def __init__(self, policy: EvictionPolicy) -> None:
+        self._hints: dict[BlockKey, BlockHint] | None = (
+            {} if isinstance(policy, PrefixAwarePolicy) else None
+        )
+
+    def remember(self, keys: Sequence[BlockKey], hints: Hints | None) -> None:
+        """Keep each key's hint (a None hint keeps the one before)."""
+        if self._hints is None or hints is None:
+            return
+        for key, hint in zip(keys, hints, strict=True):
+            if hint is not None:
+                self._hints[key] = hint
+
+    def of(self, keys: Sequence[BlockKey]) -> tuple[BlockHint | None, ...]:
+        """One hint (or None) per key; empty when no hints are kept."""
+        hints = self._hints
+        return () if hints is None else tuple(hints.get(key) for key in keys)
+
+    def forget(self, key: BlockKey) -> None:
+        """``key`` left the tier."""
+        if self._hints is not None:
+            self._hints.pop(key, None)
+
+    def clear(self) -> None:
+        """Every key left the tier."""
+        if self._hints is not None:
+            self._hints.clear()
 
 
 def notify_insert(policy: EvictionPolicy, keys: Sequence[BlockKey], hints: Hints | None) -> None:

@@ -15,6 +15,7 @@ from kvtier.block_hasher import BlockHasher
 from kvtier.errors import InvalidRequestError
 from kvtier.extra_keys import MultiModalFeature
 from kvtier.hashing import BlockHash
+from kvtier.policies.hints import is_tag
 
 __all__ = ["KVCacheRequest", "Request", "request_tag"]
 
@@ -97,7 +98,7 @@ def request_tag(request: KVCacheRequest) -> int | str | None:
         InvalidRequestError: The tag is not an int, a str or None.
     """
     value: object = getattr(request, "tag", None)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, str))):
+    if not is_tag(value):
         raise InvalidRequestError(
             f"request {request.request_id!r}: tag must be an int, a str or None, got {value!r}"
         )

@@ -14,6 +14,7 @@ from kvtier.policies.base import (
     register_eviction_policy,
 )
 from kvtier.policies.lru import LRUPolicy
+from kvtier.policies.walk import first_evictable
 from kvtier.tiers.index import TierIndex
 
 
@@ -193,3 +194,16 @@ def test_register_rejects_bad_arguments(name: object, factory: object) -> None:
     with pytest.raises(ConfigError):
         register_eviction_policy(name, factory)  # type: ignore[arg-type]
     assert before == EVICTION_POLICIES
+
+
+def test_first_evictable_walks_the_queues_in_order_skipping_pinned_keys() -> None:
+    cold, warm = [b"c1", b"c2"], [b"w1", b"w2", b"w3"]
+    pinned = {b"c2", b"w1"}
+    assert first_evictable((cold, warm), 2, lambda key: key not in pinned) == [b"c1", b"w2"]
+    assert first_evictable((cold, warm), 9, lambda key: key not in pinned) == [
+        b"c1",
+        b"w2",
+        b"w3",
+    ]
+    assert first_evictable((cold, warm), 0, lambda key: True) == []
+    assert first_evictable((), 3, lambda key: True) == []

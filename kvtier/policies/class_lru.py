@@ -37,13 +37,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 from kvtier.errors import ConfigError
-from kvtier.policies.hints import BlockHint
+from kvtier.policies.hints import BlockHint, Tag
 from kvtier.policies.reuse import ReuseRates
+from kvtier.policies.walk import first_evictable
 from kvtier.tiers.base import BlockKey
 
 __all__ = ["ClassLRUPolicy"]
-
-Tag = int | str
 
 
 class ClassLRUPolicy:
@@ -164,16 +163,7 @@ class ClassLRUPolicy:
 
     def victims(self, count: int, evictable: Callable[[BlockKey], bool]) -> list[BlockKey]:
         """Up to ``count`` evictable keys: the cold queue oldest first, then the LRU list."""
-        out: list[BlockKey] = []
-        if count <= 0:
-            return out
-        for queue in (self.cold, self.order):
-            for key in queue:
-                if evictable(key):
-                    out.append(key)
-                    if len(out) == count:
-                        return out
-        return out
+        return first_evictable((self.cold, self.order), count, evictable)
 
     def __len__(self) -> int:
         return len(self.order) + len(self.cold)

@@ -14,12 +14,22 @@ prompts of that kind come back (see :mod:`kvtier.policies.class_lru`).
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import attrs
 
 from kvtier.errors import ConfigError
 from kvtier.tiers.base import BlockKey
 
-__all__ = ["BlockHint"]
+__all__ = ["BlockHint", "Tag", "is_tag"]
+
+Tag = int | str
+"""A request's kind as the engine labels it (see :attr:`BlockHint.tag`)."""
+
+
+def is_tag(value: object) -> TypeGuard[Tag | None]:
+    """Whether ``value`` may be a tag: an int (not a bool), a str, or None."""
+    return value is None or (isinstance(value, (int, str)) and not isinstance(value, bool))
 
 
 def _depth(hint: BlockHint, _: attrs.Attribute[int], value: int) -> None:
@@ -35,7 +45,7 @@ def _length(hint: BlockHint, _: attrs.Attribute[int], value: int) -> None:
 
 
 def _tag(hint: BlockHint, _: attrs.Attribute[int | str | None], value: int | str | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, str))):
+    if not is_tag(value):
         raise ConfigError(f"a block hint's tag must be an int, a str or None, got {value!r}")
 
 

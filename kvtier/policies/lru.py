@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
+from kvtier.policies.walk import first_evictable
 from kvtier.tiers.base import BlockKey
 
 __all__ = ["LRUPolicy"]
@@ -54,15 +55,7 @@ class LRUPolicy:
         Returns:
             Up to ``count`` keys; fewer only when fewer are evictable.
         """
-        out: list[BlockKey] = []
-        if count <= 0:
-            return out
-        for key in self._order:
-            if evictable(key):
-                out.append(key)
-                if len(out) == count:
-                    break
-        return out
+        return first_evictable((self._order,), count, evictable)
 
     def __len__(self) -> int:
         return len(self._order)

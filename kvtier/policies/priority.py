@@ -28,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from kvtier.errors import ConfigError
+from kvtier.policies.walk import first_evictable
 from kvtier.tiers.base import BlockKey
 
 __all__ = ["DEFAULT_PRIORITY", "MAX_PRIORITY", "MIN_PRIORITY", "PriorityLRUPolicy"]
@@ -158,17 +159,11 @@ class PriorityLRUPolicy:
 
     def victims(self, count: int, evictable: Callable[[BlockKey], bool]) -> list[BlockKey]:
         """Up to ``count`` evictable keys: lowest priority first, least recent first within one."""
-        out: list[BlockKey] = []
         if count <= 0:
-            return out
+            return []
         self._expire()
-        for level in sorted(self._buckets):
-            for key in self._buckets[level]:
-                if evictable(key):
-                    out.append(key)
-                    if len(out) == count:
-                        return out
-        return out
+        buckets = self._buckets
+        return first_evictable((buckets[level] for level in sorted(buckets)), count, evictable)
 
     def __len__(self) -> int:
         return len(self._level)

@@ -33,12 +33,11 @@ import attrs
 
 from kvtier.errors import ConfigError, KVTierError
 from kvtier.policies.base import EvictionPolicy, PrefixAwarePolicy
-from kvtier.policies.hints import BlockHint
+from kvtier.policies.hints import BlockHint, Tag
 
 __all__ = ["SimulationResult", "belady", "chain_keys", "simulate"]
 
 Chain = Sequence[bytes]
-Tag = int | str
 
 
 def chain_keys(hash_ids: Sequence[int]) -> list[bytes]:

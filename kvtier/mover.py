@@ -11,9 +11,15 @@ it, so every byte is copied twice.
 A batch whose slots on the view side form one run moves with one call. Else,
 when the other tier is ``in_memory`` (its calls are memory copies: the device
 tier), the mover sorts the batch by the view side's slots and cuts it into
-ascending runs: a run of at least ``direct_min_bytes`` moves directly with a
-call of its own, and the short runs left over share the staging buffer, in
-chunks of at most ``staging_bytes``. With a disk or Redis tier on the other
+ascending runs: the runs of at least ``direct_min_bytes`` move directly, all
+in one ``read_into_parts`` / ``write_from_parts`` call when the other tier has
+it (else a call per run), and the short runs left over share the staging
+buffer, in chunks of at most ``staging_bytes``. One call matters: as a call
+per run, scattered 2 MiB blocks each ran their copy inline on the event loop
+(a single block is under ``offload_min_bytes``), holding the loop for most of
+the batch, and paid the calls' checks and waits once per block (see
+docs/benchmarks.md for the figures); a CUDA tier would have gathered, copied
+and waited once per block instead of once per chunk. With a disk or Redis tier on the other
 side the whole batch is staged: their one call over many blocks runs the
 blocks in parallel (worker threads, pipelined round trips), which a call per
 run would give up (a disk → CPU batch of 128 scattered 2 MiB blocks with
@@ -169,21 +175,35 @@ class BlockMover:
             # one call over the whole batch runs its blocks in parallel there.
             return list(range(len(keys)))
         min_blocks = -(-self.direct_min_bytes // src.layout.block_bytes)  # ceiling
+        side, side_slots = (dst, dst_slots) if into_dst else (src, src_slots)
         left: list[int] = []
-        for run in _runs(dst_slots if into_dst else src_slots):
+        direct: list[tuple[list[int], torch.Tensor]] = []
+        for run in _runs(side_slots):
             view = None
             if len(run) >= min_blocks:
-                side, slots = (dst, dst_slots) if into_dst else (src, src_slots)
-                view = _slot_view(side, [slots[i] for i in run])
+                view = _slot_view(side, [side_slots[i] for i in run])
             if view is None:
                 left.extend(run)
-                continue
-            run_keys = [keys[i] for i in run]
+            else:
+                direct.append((run, view))
+        parts = getattr(other, "read_into_parts" if into_dst else "write_from_parts", None)
+        calls = [(run, [view]) for run, view in direct]
+        if parts is not None and direct:  # every run in one call
+            calls = [([i for run, _ in direct for i in run], [view for _, view in direct])]
+        other_slots = src_slots if into_dst else dst_slots
+        for positions, views in calls:
+            slots = [other_slots[i] for i in positions]
+            run_keys = [keys[i] for i in positions]
+            if parts is not None:
+                call = parts(slots, run_keys, views)
+            elif into_dst:
+                call = src.read_into(slots, run_keys, views[0])
+            else:
+                call = dst.write_from(slots, run_keys, views[0])
             if into_dst:
-                run_slots = [src_slots[i] for i in run]
-                await _collect_missing(src.read_into(run_slots, run_keys, view), run_slots, missing)
+                await _collect_missing(call, slots, missing)
             else:  # the source's view is its memory: nothing to verify on the way
-                await dst.write_from([dst_slots[i] for i in run], run_keys, view)
+                await call
         return left
 
     async def _staged(

@@ -86,6 +86,69 @@ async def test_runs_of_the_source_scatter_straight_from_its_rows() -> None:
     assert device.keys[17] == keys[1]
 
 
+class PartsStore(CountingStore):
+    """A CountingStore that also moves several buffers per call (as the device tier does)."""
+
+    parts_calls = 0
+
+    async def read_into_parts(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], parts: Sequence[torch.Tensor]
+    ) -> None:
+        self.parts_calls += 1
+        bad = tuple(s for s, k in zip(slots, keys, strict=True) if self.keys[s] != k)
+        if bad:
+            raise BlockMissingError("key mismatch", tier=self.name, slots=bad)
+        at = 0
+        for part in parts:
+            part.copy_(self.data[list(slots[at : at + part.shape[0]])])
+            at += part.shape[0]
+
+    async def write_from_parts(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], parts: Sequence[torch.Tensor]
+    ) -> None:
+        self.parts_calls += 1
+        at = 0
+        for part in parts:
+            run = list(slots[at : at + part.shape[0]])
+            self.data[run] = part
+            for slot, key in zip(run, keys[at : at + part.shape[0]], strict=True):
+                self.keys[slot] = key
+            at += part.shape[0]
+
+
+@pytest.mark.asyncio
+async def test_a_tier_taking_parts_gets_every_long_run_in_one_call() -> None:
+    device, cpu = PartsStore(32, name="gpu"), ViewStore(32, name="cpu")
+    src = [7, 3, 12, 0, 9, 21, 5]
+    keys = filled(device, src)
+    dst = [11, 5, 20, 4, 30, 10, 6]  # runs 4-5-6 and 10-11 direct; 20 and 30 staged
+    mover = BlockMover(direct_min_bytes=2 * BB)
+    await mover.move(device, src, cpu, dst, keys)
+    assert torch.equal(cpu.data[dst], device.data[src])
+    assert (device.parts_calls, cpu.views, device.reads) == (1, 2, 1)
+    # Back the other way: the CPU side's runs scatter into the device in one call.
+    back = [1, 2, 13, 14, 15, 16, 17]
+    await mover.move(cpu, dst, device, back, keys)
+    assert torch.equal(device.data[back], device.data[src])
+    assert (device.parts_calls, device.writes) == (2, 1)
+    assert device.keys[1] == keys[0]
+
+
+@pytest.mark.asyncio
+async def test_missing_blocks_of_a_parts_call_are_named_with_the_staged_ones() -> None:
+    disk, cpu = PartsStore(32, name="disk"), ViewStore(32, name="cpu")
+    src = [1, 2, 3, 4, 5, 6]
+    keys = filled(disk, src)
+    disk.keys[2] = keys_for(99)[0]  # in a direct run
+    disk.keys[6] = keys_for(98)[0]  # in the staged leftovers
+    dst = [10, 11, 20, 21, 22, 30]
+    mover = BlockMover(direct_min_bytes=2 * BB)
+    with pytest.raises(BlockMissingError) as caught:
+        await mover.move(disk, src, cpu, dst, keys)
+    assert caught.value.slots == (2, 6)
+    assert disk.parts_calls == 1
+
+
 class IOStore(CountingStore):
     """A tier whose calls are I/O (like disk or Redis): not ``in_memory``."""
 
@@ -188,14 +251,16 @@ def test_sizes_must_be_positive_integers(name: str, value: object) -> None:
     threshold=st.integers(1, 6),
     staging=st.integers(1, 6),
     view_side=st.sampled_from(["dst", "src", "none"]),
+    parts=st.booleans(),
 )
 def test_any_slots_any_threshold_copy_exactly_the_source_bytes(
-    data: st.DataObject, n: int, threshold: int, staging: int, view_side: str
+    data: st.DataObject, n: int, threshold: int, staging: int, view_side: str, parts: bool
 ) -> None:
     src_slots = data.draw(st.lists(st.integers(0, 31), min_size=n, max_size=n, unique=True))
     dst_slots = data.draw(st.lists(st.integers(0, 31), min_size=n, max_size=n, unique=True))
-    src = ViewStore(32, name="src") if view_side == "src" else MemoryStore(32, name="src")
-    dst = ViewStore(32, name="dst") if view_side == "dst" else MemoryStore(32, name="dst")
+    other = PartsStore if parts else MemoryStore  # the side without views
+    src = ViewStore(32, name="src") if view_side == "src" else other(32, name="src")
+    dst = ViewStore(32, name="dst") if view_side == "dst" else other(32, name="dst")
     keys = filled(src, sorted(src_slots))
     by_slot = dict(zip(sorted(src_slots), keys, strict=True))
     mover = BlockMover(staging_bytes=staging * BB, direct_min_bytes=threshold * BB)

@@ -17,11 +17,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kvtier.errors import ConfigError, InvalidRequestError
+from kvtier.tiers._memory import any_overlap
 
 __all__ = [
     "ascending_run",
     "byte_rows",
     "check_buffer",
+    "check_parts",
     "check_slots",
     "row_views",
     "slot_index",
@@ -66,23 +68,78 @@ def check_buffer(
     Raises:
         InvalidRequestError: Wrong type, dtype or shape, or as many keys as slots.
     """
+    _check_keys(slots, keys, tier=tier)
+    return _rows_buffer(tensor, len(slots), row_bytes, tier=tier, what="buffer")
+
+
+def check_parts(
+    parts: object,
+    slots: Sequence[int],
+    keys: Sequence[bytes],
+    row_bytes: int,
+    *,
+    tier: str,
+    written: bool,
+) -> list[torch.Tensor]:
+    """``parts`` as a list, each ``uint8 [rows, row_bytes]``, rows adding up to ``len(slots)``.
+
+    Args:
+        parts: The buffers of one batch, in batch order.
+        slots: The batch's slots.
+        keys: One key per slot.
+        row_bytes: Bytes per row.
+        tier: The tier's name, for errors.
+        written: The parts will be written into, so they must not share memory
+            (checked conservatively: their address ranges must not intersect).
+
+    Raises:
+        InvalidRequestError: Not a sequence of tensors, a part of the wrong
+            dtype or shape, rows that do not add up, keys that do not match,
+            or (``written``) parts whose memory may overlap.
+    """
+    _check_keys(slots, keys, tier=tier)
+    if isinstance(parts, torch.Tensor) or not isinstance(parts, Sequence):
+        raise InvalidRequestError(
+            f"tier {tier}: parts must be a sequence of tensors, got {type(parts).__name__}"
+        )
+    checked = [
+        _rows_buffer(part, None, row_bytes, tier=tier, what=f"part {index}")
+        for index, part in enumerate(parts)
+    ]
+    total = sum(part.shape[0] for part in checked)
+    if total != len(slots):
+        raise InvalidRequestError(f"tier {tier}: parts hold {total} rows for {len(slots)} slots")
+    if written and any_overlap(part for part in checked if part.shape[0]):
+        raise InvalidRequestError(f"tier {tier}: parts to read into share memory")
+    return checked
+
+
+def _check_keys(slots: Sequence[int], keys: Sequence[bytes], *, tier: str) -> None:
     if len(keys) != len(slots):
         raise InvalidRequestError(f"tier {tier}: {len(slots)} slots but {len(keys)} keys")
-    shape = (len(slots), row_bytes)
+
+
+def _rows_buffer(
+    tensor: object, rows: int | None, row_bytes: int, *, tier: str, what: str
+) -> torch.Tensor:
+    """``tensor`` after checking it is ``uint8 [rows, row_bytes]`` (any rows when None)."""
     if not isinstance(tensor, torch.Tensor):
         raise InvalidRequestError(f"tier {tier}: expected a tensor, got {type(tensor).__name__}")
     if tensor.layout != torch.strided:
-        raise InvalidRequestError(f"tier {tier}: buffer must be dense, got {tensor.layout}")
+        raise InvalidRequestError(f"tier {tier}: {what} must be dense, got {tensor.layout}")
     if tensor.is_meta:
-        raise InvalidRequestError(f"tier {tier}: buffer is on the meta device (it has no bytes)")
-    if tensor.dtype != torch.uint8 or tuple(tensor.shape) != shape:
+        raise InvalidRequestError(f"tier {tier}: {what} is on the meta device (it has no bytes)")
+    shape = tuple(tensor.shape)
+    expected = (shape[0] if rows is None and len(shape) == 2 else rows, row_bytes)
+    if tensor.dtype != torch.uint8 or shape != expected:
+        wanted = ["rows" if rows is None else rows, row_bytes]
         raise InvalidRequestError(
-            f"tier {tier}: buffer must be uint8 {list(shape)}, "
+            f"tier {tier}: {what} must be uint8 [{', '.join(map(str, wanted))}], "
             f"got {str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}"
         )
     if _overlaps_itself(tensor):
         raise InvalidRequestError(
-            f"tier {tier}: buffer rows overlap (strides {list(tensor.stride())})"
+            f"tier {tier}: {what} rows overlap (strides {list(tensor.stride())})"
         )
     return tensor
 

@@ -126,7 +126,11 @@ class BlockStore(Protocol):
     call is a memory copy with no I/O round trip, so a batch may be moved as
     several calls, one per run of the other tier's slots (the device and CPU
     tiers; not disk or Redis, whose one call over many blocks runs them in
-    parallel).
+    parallel); ``read_into_parts(slots, keys, parts)`` and
+    ``write_from_parts(slots, keys, parts)``, one call for a batch held in
+    several buffers taken in order (each ``uint8 [rows, block_bytes]``, the
+    rows adding up to ``len(slots)``), which the mover then uses for all the
+    runs at once instead of a call per run (the device and CPU tiers).
     """
 
     @property

@@ -30,7 +30,7 @@ import torch
 
 from kvtier.errors import ClosedError, ConfigError
 from kvtier.log import get_logger
-from kvtier.tiers._checks import byte_rows, check_buffer, check_slots
+from kvtier.tiers._checks import byte_rows, check_buffer, check_parts, check_slots
 from kvtier.tiers._copy import OFFLOAD_MIN_BYTES, STAGING_BYTES, RowCopier
 from kvtier.tiers.base import BlockKey, BlockLayout
 
@@ -256,6 +256,64 @@ class DeviceTier:
         slot_list = check_slots(slots, self._num_slots, tier=self._name)
         data = check_buffer(data, slot_list, keys, self._block_bytes, tier=self._name)
         await copier.write(slot_list, data)
+
+    async def read_into_parts(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], parts: Sequence[torch.Tensor]
+    ) -> None:
+        """Copy the blocks in ``slots`` into several buffers, in one call.
+
+        The same as ``read_into(slots[a:b], keys[a:b], part)`` for each part
+        in turn (``parts[0]`` takes the first ``parts[0].shape[0]`` blocks, the
+        next part the blocks after them), but with one check, one copy call
+        and one wait: the pipeline's :class:`~kvtier.mover.BlockMover` passes
+        the scattered runs of the other tier's slots this way.
+
+        Args:
+            slots: Engine block ids (any order; repeats allowed).
+            keys: One key per slot; ignored by this tier.
+            parts: ``uint8 [rows, block_bytes]`` buffers whose rows add up to
+                ``len(slots)``; each may be strided and on another device; no
+                two may share memory.
+
+        Raises:
+            ClosedError: The tier is closed.
+            InvalidRequestError: Bad slot, part shape/dtype, row total, key
+                count, or parts sharing memory.
+            TierIOError: The copy failed.
+        """
+        copier = self._open()
+        slot_list = check_slots(slots, self._num_slots, tier=self._name)
+        buffers = check_parts(
+            parts, slot_list, keys, self._block_bytes, tier=self._name, written=True
+        )
+        await copier.read_parts(slot_list, buffers)
+
+    async def write_from_parts(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], parts: Sequence[torch.Tensor]
+    ) -> None:
+        """Store several buffers into ``slots``, in one call.
+
+        The same as ``write_from(slots[a:b], keys[a:b], part)`` for each part
+        in turn, with one check, one copy call and one wait.
+
+        Args:
+            slots: Engine block ids (any order, each at most once).
+            keys: One key per slot; ignored by this tier.
+            parts: ``uint8 [rows, block_bytes]`` buffers whose rows add up to
+                ``len(slots)``; each may be strided and on another device.
+
+        Raises:
+            ClosedError: The tier is closed.
+            InvalidRequestError: Bad or repeated slot, part shape/dtype, row
+                total, or key count.
+            TierIOError: The copy failed.
+        """
+        copier = self._open()
+        slot_list = check_slots(slots, self._num_slots, tier=self._name)
+        buffers = check_parts(
+            parts, slot_list, keys, self._block_bytes, tier=self._name, written=False
+        )
+        await copier.write_parts(slot_list, buffers)
 
     async def discard(self, slots: Sequence[int]) -> None:
         """Do nothing: the engine owns its blocks (checks the tier is open).

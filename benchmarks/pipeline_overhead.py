@@ -32,10 +32,12 @@ LAYOUTS = {
 }
 
 
-async def measure(layout: BlockLayout, batch: int, repeat: int) -> dict[str, float]:
-    device_tensor = torch.zeros((batch * 2, layout.block_bytes), dtype=torch.uint8)
+async def measure(
+    layout: BlockLayout, batch: int, repeat: int, where: torch.device
+) -> dict[str, float]:
+    device_tensor = torch.zeros((batch * 2, layout.block_bytes), dtype=torch.uint8, device=where)
     device = DeviceTier(device_tensor.view(batch * 2, -1), layout)
-    cpu = CpuTier(layout, batch)
+    cpu = CpuTier(layout, batch, device=where)
     src = list(range(0, 2 * batch, 2))  # scattered device blocks
     dst = list(range(batch))
     keys = [i.to_bytes(8, "big") for i in range(batch)]
@@ -59,16 +61,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=21)
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="device of the KV cache (CUDA: pinned CPU tier, copies on streams)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    where = torch.device(args.device)
     results = {}
     for name, layout in LAYOUTS.items():
         repeat = args.repeat if layout.block_bytes < (1 << 20) else max(3, args.repeat // 4)
-        results[name] = anyio.run(measure, layout, args.batch, repeat)
+        results[name] = anyio.run(measure, layout, args.batch, repeat, where)
     if args.json:
         print(json.dumps(results))
         return
-    print(f"batch {args.batch} blocks, device -> CPU, median of runs")
+    print(f"batch {args.batch} blocks, {where} -> CPU, median of runs")
     for name, r in results.items():
         direct, piped = 1e3 * r["direct_s"], 1e3 * r["pipeline_s"]
         print(

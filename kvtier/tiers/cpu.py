@@ -25,7 +25,8 @@ import torch
 
 from kvtier.errors import ClosedError, ConfigError, TierIOError
 from kvtier.log import get_logger
-from kvtier.tiers._checks import ascending_run, check_buffer, check_parts, check_slots
+from kvtier.tiers._checks import ascending_run, check_slots
+from kvtier.tiers._copier_calls import CopierCalls
 from kvtier.tiers._copy import OFFLOAD_MIN_BYTES, STAGING_BYTES, RowCopier
 from kvtier.tiers.base import BlockKey, BlockLayout
 
@@ -52,7 +53,7 @@ def _unregister(tensor: torch.Tensor) -> None:
         raise TierIOError(f"cudaHostUnregister failed with CUDA error {int(error)}")
 
 
-class CpuTier:
+class CpuTier(CopierCalls):
     """Host memory tier: ``num_slots`` blocks in one (optionally pinned) tensor.
 
     Storage is allocated when the tier is entered (``async with tier``); any
@@ -157,6 +158,9 @@ class CpuTier:
         if self._storage is None or self._copier is None:
             raise ClosedError(f"tier {self._name} is not open: enter it with `async with` first")
         return self._storage, self._copier
+
+    def _live_copier(self) -> RowCopier:
+        return self._open()[1]
 
     def _settled(self) -> bool:
         """Whether the tier is closed or already holds its storage."""
@@ -266,107 +270,6 @@ class CpuTier:
         if first is None:
             return None
         return storage[first : first + len(slots)]
-
-    async def read_into(
-        self, slots: Sequence[int], keys: Sequence[BlockKey], out: torch.Tensor
-    ) -> None:
-        """Copy the blocks in ``slots`` into ``out``.
-
-        Args:
-            slots: Slots to read (any order; repeats allowed).
-            keys: One key per slot; not verified by this tier.
-            out: ``uint8 [len(slots), block_bytes]``; may be a strided view and
-                may live on another device.
-
-        Raises:
-            ClosedError: The tier is not open.
-            InvalidRequestError: Bad slot, buffer shape/dtype, or key count.
-            TierIOError: The copy failed.
-        """
-        _, copier = self._open()
-        slot_list = check_slots(slots, self._num_slots, tier=self._name)
-        out = check_buffer(out, slot_list, keys, self._block_bytes, tier=self._name)
-        await copier.read(slot_list, out)
-
-    async def write_from(
-        self, slots: Sequence[int], keys: Sequence[BlockKey], data: torch.Tensor
-    ) -> None:
-        """Store ``data`` into ``slots``.
-
-        Args:
-            slots: Slots to write (any order, each at most once).
-            keys: One key per slot; not stored by this tier.
-            data: ``uint8 [len(slots), block_bytes]``; may be a strided view and
-                may live on another device.
-
-        Raises:
-            ClosedError: The tier is not open.
-            InvalidRequestError: Bad or repeated slot, buffer shape/dtype, or
-                key count.
-            TierIOError: The copy failed.
-        """
-        _, copier = self._open()
-        slot_list = check_slots(slots, self._num_slots, tier=self._name)
-        data = check_buffer(data, slot_list, keys, self._block_bytes, tier=self._name)
-        await copier.write(slot_list, data)
-
-    async def read_into_parts(
-        self, slots: Sequence[int], keys: Sequence[BlockKey], parts: Sequence[torch.Tensor]
-    ) -> None:
-        """Copy the blocks in ``slots`` into several buffers, in one call.
-
-        The same as ``read_into(slots[a:b], keys[a:b], part)`` for each part
-        in turn (``parts[0]`` takes the first ``parts[0].shape[0]`` blocks, the
-        next part the blocks after them), but with one check, one copy call
-        and one wait: the pipeline's :class:`~kvtier.mover.BlockMover` passes
-        the scattered runs of the other tier's slots this way.
-
-        Args:
-            slots: Slots (any order; repeats allowed).
-            keys: One key per slot; not verified by this tier.
-            parts: ``uint8 [rows, block_bytes]`` buffers whose rows add up to
-                ``len(slots)``; each may be strided and on another device; no
-                two may share memory.
-
-        Raises:
-            ClosedError: The tier is closed.
-            InvalidRequestError: Bad slot, part shape/dtype, row total, key
-                count, or parts sharing memory.
-            TierIOError: The copy failed.
-        """
-        _, copier = self._open()
-        slot_list = check_slots(slots, self._num_slots, tier=self._name)
-        buffers = check_parts(
-            parts, slot_list, keys, self._block_bytes, tier=self._name, written=True
-        )
-        await copier.read_parts(slot_list, buffers)
-
-    async def write_from_parts(
-        self, slots: Sequence[int], keys: Sequence[BlockKey], parts: Sequence[torch.Tensor]
-    ) -> None:
-        """Store several buffers into ``slots``, in one call.
-
-        The same as ``write_from(slots[a:b], keys[a:b], part)`` for each part
-        in turn, with one check, one copy call and one wait.
-
-        Args:
-            slots: Slots (any order, each at most once).
-            keys: One key per slot; not verified by this tier.
-            parts: ``uint8 [rows, block_bytes]`` buffers whose rows add up to
-                ``len(slots)``; each may be strided and on another device.
-
-        Raises:
-            ClosedError: The tier is closed.
-            InvalidRequestError: Bad or repeated slot, part shape/dtype, row
-                total, or key count.
-            TierIOError: The copy failed.
-        """
-        _, copier = self._open()
-        slot_list = check_slots(slots, self._num_slots, tier=self._name)
-        buffers = check_parts(
-            parts, slot_list, keys, self._block_bytes, tier=self._name, written=False
-        )
-        await copier.write_parts(slot_list, buffers)
 
     async def discard(self, slots: Sequence[int]) -> None:
         """Do nothing: slots are reused by overwriting (checks the tier is open).

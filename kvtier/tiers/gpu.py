@@ -30,7 +30,8 @@ import torch
 
 from kvtier.errors import ClosedError, ConfigError
 from kvtier.log import get_logger
-from kvtier.tiers._checks import byte_rows, check_buffer, check_parts, check_slots
+from kvtier.tiers._checks import byte_rows
+from kvtier.tiers._copier_calls import CopierCalls
 from kvtier.tiers._copy import OFFLOAD_MIN_BYTES, STAGING_BYTES, RowCopier
 from kvtier.tiers.base import BlockKey, BlockLayout
 
@@ -105,7 +106,7 @@ def _cross_layer_source(tensor: torch.Tensor, layout: BlockLayout) -> torch.Tens
     return byte_rows(tensor, num_blocks, layout.block_bytes, what=what)
 
 
-class DeviceTier:
+class DeviceTier(CopierCalls):
     """An engine's KV cache tensors as a tier (slot ``i`` = engine block ``i``).
 
     The tier is open from construction (it wraps memory the engine owns);
@@ -213,107 +214,8 @@ class DeviceTier:
             raise ClosedError(f"tier {self._name} is closed")
         return self._copier
 
-    async def read_into(
-        self, slots: Sequence[int], keys: Sequence[BlockKey], out: torch.Tensor
-    ) -> None:
-        """Copy the blocks in ``slots`` into ``out`` in canonical byte order.
-
-        Args:
-            slots: Engine block ids (any order; repeats allowed).
-            keys: One key per slot; ignored by this tier.
-            out: ``uint8 [len(slots), block_bytes]``; may be a strided view and
-                may live on another device (pinned, contiguous host memory is
-                the fast path from CUDA).
-
-        Raises:
-            ClosedError: The tier is closed.
-            InvalidRequestError: Bad slot, buffer shape/dtype, or key count.
-            TierIOError: The copy failed on the device.
-        """
-        copier = self._open()
-        slot_list = check_slots(slots, self._num_slots, tier=self._name)
-        out = check_buffer(out, slot_list, keys, self._block_bytes, tier=self._name)
-        await copier.read(slot_list, out)
-
-    async def write_from(
-        self, slots: Sequence[int], keys: Sequence[BlockKey], data: torch.Tensor
-    ) -> None:
-        """Store ``data`` (canonical byte order) into the engine blocks ``slots``.
-
-        Args:
-            slots: Engine block ids (any order, each at most once).
-            keys: One key per slot; ignored by this tier.
-            data: ``uint8 [len(slots), block_bytes]``; may be a strided view and
-                may live on another device.
-
-        Raises:
-            ClosedError: The tier is closed.
-            InvalidRequestError: Bad or repeated slot, buffer shape/dtype, or
-                key count.
-            TierIOError: The copy failed on the device.
-        """
-        copier = self._open()
-        slot_list = check_slots(slots, self._num_slots, tier=self._name)
-        data = check_buffer(data, slot_list, keys, self._block_bytes, tier=self._name)
-        await copier.write(slot_list, data)
-
-    async def read_into_parts(
-        self, slots: Sequence[int], keys: Sequence[BlockKey], parts: Sequence[torch.Tensor]
-    ) -> None:
-        """Copy the blocks in ``slots`` into several buffers, in one call.
-
-        The same as ``read_into(slots[a:b], keys[a:b], part)`` for each part
-        in turn (``parts[0]`` takes the first ``parts[0].shape[0]`` blocks, the
-        next part the blocks after them), but with one check, one copy call
-        and one wait: the pipeline's :class:`~kvtier.mover.BlockMover` passes
-        the scattered runs of the other tier's slots this way.
-
-        Args:
-            slots: Engine block ids (any order; repeats allowed).
-            keys: One key per slot; ignored by this tier.
-            parts: ``uint8 [rows, block_bytes]`` buffers whose rows add up to
-                ``len(slots)``; each may be strided and on another device; no
-                two may share memory.
-
-        Raises:
-            ClosedError: The tier is closed.
-            InvalidRequestError: Bad slot, part shape/dtype, row total, key
-                count, or parts sharing memory.
-            TierIOError: The copy failed.
-        """
-        copier = self._open()
-        slot_list = check_slots(slots, self._num_slots, tier=self._name)
-        buffers = check_parts(
-            parts, slot_list, keys, self._block_bytes, tier=self._name, written=True
-        )
-        await copier.read_parts(slot_list, buffers)
-
-    async def write_from_parts(
-        self, slots: Sequence[int], keys: Sequence[BlockKey], parts: Sequence[torch.Tensor]
-    ) -> None:
-        """Store several buffers into ``slots``, in one call.
-
-        The same as ``write_from(slots[a:b], keys[a:b], part)`` for each part
-        in turn, with one check, one copy call and one wait.
-
-        Args:
-            slots: Engine block ids (any order, each at most once).
-            keys: One key per slot; ignored by this tier.
-            parts: ``uint8 [rows, block_bytes]`` buffers whose rows add up to
-                ``len(slots)``; each may be strided and on another device.
-
-        Raises:
-            ClosedError: The tier is closed.
-            InvalidRequestError: Bad or repeated slot, part shape/dtype, row
-                total, or key count.
-            TierIOError: The copy failed.
-        """
-        copier = self._open()
-        slot_list = check_slots(slots, self._num_slots, tier=self._name)
-        buffers = check_parts(
-            parts, slot_list, keys, self._block_bytes, tier=self._name, written=False
-        )
-        await copier.write_parts(slot_list, buffers)
+    def _live_copier(self) -> RowCopier:
+        return self._open()
 
     async def discard(self, slots: Sequence[int]) -> None:
         """Do nothing: the engine owns its blocks (checks the tier is open).

@@ -13,6 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvtier.errors import ClosedError, InvalidRequestError
+from kvtier.tiers._copy import OFFLOAD_MIN_BYTES
+from kvtier.tiers._memory import any_overlap
 from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.gpu import DeviceTier
 from tests.test_tier_gpu_cpu import (
@@ -21,9 +23,10 @@ from tests.test_tier_gpu_cpu import (
     NUM_BLOCKS,
     SMALL,
     canonical,
-    cuda_tier,
+    cross_layer_cache,
     keys_for,
     make_device_tier,
+    per_layer_cache,
     rand_bytes,
 )
 
@@ -138,9 +141,10 @@ async def test_parts_equal_one_call_per_part(
     slots = data.draw(st.lists(st.integers(0, NUM_BLOCKS - 1), min_size=n, max_size=n))
     sizes = cut(n, random.Random(data.draw(st.integers(0, 1 << 16), label="cut")))
     make = data.draw(st.sampled_from([strided, columnar, torch_zeros]), label="buffers")
-    # One buffer per part: parts cut from one columnar buffer interleave, which
-    # the overlap check refuses (conservatively) for reads.
-    buffers = [make(size) for size in sizes]
+    # Parts cut from one buffer (rows of a columnar one share address ranges)
+    # or a buffer each.
+    one_buffer = data.draw(st.booleans(), label="one buffer")
+    buffers = split(make(n), sizes) if one_buffer else [make(size) for size in sizes]
     expected = torch.empty(n, BB, dtype=torch.uint8)
     for part_slots, part in zip(
         split(torch.tensor(slots), sizes), split(expected, sizes), strict=True
@@ -250,6 +254,32 @@ async def test_bad_parts_raise_and_change_nothing(cpu_tier: CpuTier, kind: str) 
     assert torch.equal(canonical(reference, range(NUM_BLOCKS)), expected)
 
 
+def test_row_slices_of_one_buffer_are_told_apart_exactly() -> None:
+    rows = torch.zeros(10, BB, dtype=torch.uint8)
+    by_column = columnar(10)  # its row slices' address ranges all intersect
+    assert not any_overlap([rows[:5], rows[5:]])
+    assert not any_overlap([by_column[:5], by_column[5:]])
+    assert not any_overlap([by_column[:3], by_column[6:], by_column[3:6]])
+    assert any_overlap([by_column[:5], by_column[4:]])
+    assert any_overlap([by_column[:3], by_column[3:6], by_column[2:4]])
+    assert any_overlap([rows[:5], rows[4:6]])
+    # Interleaved views share no byte but are refused (conservative).
+    assert any_overlap([rows[0::2], rows[1::2]])
+    # Tensors on different devices never overlap; ``meta`` stands in for one here.
+    assert not any_overlap([rows, torch.empty(10, BB, dtype=torch.uint8, device="meta")])
+
+
+@pytest.mark.asyncio
+async def test_parts_cut_from_one_column_major_buffer(cpu_tier: CpuTier) -> None:
+    tier, cache = make_device_tier("per-layer")
+    slots = [3, 1, 4, 1, 5, 9, 2, 6]
+    out = columnar(8)
+    await tier.read_into_parts(slots, keys_for(slots), [out[:2], out[2:7], out[7:]])
+    assert torch.equal(out, canonical(cache, slots))
+    with pytest.raises(InvalidRequestError, match="share memory"):
+        await tier.read_into_parts(slots, keys_for(slots), [out[:4], out[3:7]])
+
+
 @pytest.mark.asyncio
 async def test_parts_inside_the_tiers_own_memory_are_refused(cpu_tier: CpuTier) -> None:
     own = cpu_tier.slot_view(range(10, 14))
@@ -286,28 +316,45 @@ async def test_closed_tiers_refuse_parts() -> None:
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("staging_bytes", [64 << 20, 3 * BB])
+@pytest.mark.parametrize("staging_bytes", [64 << 20, 3 * BB, BB // 2])
+@pytest.mark.parametrize("offload", [False, True])
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-async def test_cuda_parts_through_pinned_cpu_tier_runs(kind: str, staging_bytes: int) -> None:
-    """Device gathers once per chunk, one DMA per pinned part; pageable parts work too."""
-    tier, cache = cuda_tier(kind, staging_bytes=staging_bytes)
-    rng = random.Random(kind)
+async def test_cuda_parts_pinned_pageable_and_on_the_device(
+    kind: str, staging_bytes: int, offload: bool
+) -> None:
+    """Pinned CPU-tier runs, device parts (plain, strided), an empty part, repeated reads.
+
+    No ``torch.cuda.synchronize()`` before checking: the tier's own wait must
+    have settled every part when the call returns. ``offload`` queues large
+    batches from a worker thread; ``BB // 2`` stages one row per chunk.
+    """
+    cache = (
+        per_layer_cache(device="cuda") if kind == "per-layer" else cross_layer_cache(device="cuda")
+    )
+    tier = DeviceTier(
+        cache,
+        SMALL,
+        staging_bytes=staging_bytes,
+        offload_min_bytes=0 if offload else OFFLOAD_MIN_BYTES,
+    )
+    rng = random.Random(f"{kind}{staging_bytes}{offload}")
     async with CpuTier(SMALL, NUM_BLOCKS) as pinned:
         assert pinned.pinned
+        views = [pinned.slot_view(range(at, at + n)) for at, n in ((0, 1), (50, 9), (100, 3))]
+        one, nine, three = (view for view in views if view is not None)
+        on_device = torch.zeros(1, BB, dtype=torch.uint8, device="cuda")
+        strided_device = torch.zeros(26, BB + 16, dtype=torch.uint8, device="cuda")[:, 8 : 8 + BB]
+        empty = torch.empty(0, BB, dtype=torch.uint8)
+        parts = [one, nine, empty, on_device, three, strided_device]
         slots = rng.sample(range(NUM_BLOCKS), 40)
-        sizes = [1, 9, 1, 3, 26]
-        starts = [0, 50, 100, 150, 200]
-        parts = []
-        for start, size in zip(starts, sizes, strict=True):
-            view = pinned.slot_view(range(start, start + size))
-            assert view is not None
-            parts.append(view)
+        slots[5] = slots[0]  # reads may repeat a slot
         await tier.read_into_parts(slots, keys_for(slots), parts)
-        assert torch.equal(torch.cat([p.clone() for p in parts]), canonical(cache, slots))
-        mixed = [parts[0], torch.zeros(9, BB, dtype=torch.uint8), *parts[2:]]
-        targets = rng.sample(sorted(set(range(NUM_BLOCKS)) - set(slots)), 40)
+        assert torch.equal(torch.cat([part.cpu() for part in parts]), canonical(cache, slots))
+
+        pageable = rand_bytes(9, BB)
+        mixed = [one, pageable, empty, on_device, three, strided_device]
+        expected = torch.cat([part.cpu() for part in mixed])
+        targets = rng.sample(range(NUM_BLOCKS), 40)
         await tier.write_from_parts(targets, keys_for(targets), mixed)
-        torch.cuda.synchronize()
-        assert torch.equal(canonical(cache, targets[:1]), canonical(cache, slots[:1]))
-        assert torch.equal(canonical(cache, targets[10:]), canonical(cache, slots[10:]))
+        assert torch.equal(canonical(cache, targets), expected)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kvtier.errors import ConfigError, InvalidRequestError
-from kvtier.tiers._memory import any_overlap
+from kvtier.tiers._memory import any_overlap, grid_overlaps_itself
 
 __all__ = [
     "ascending_run",
@@ -90,7 +90,7 @@ def check_parts(
         row_bytes: Bytes per row.
         tier: The tier's name, for errors.
         written: The parts will be written into, so they must not share memory
-            (checked conservatively: their address ranges must not intersect).
+            (see :func:`~kvtier.tiers._memory.any_overlap`).
 
     Raises:
         InvalidRequestError: Not a sequence of tensors, a part of the wrong
@@ -147,13 +147,7 @@ def _rows_buffer(
 def _overlaps_itself(tensor: torch.Tensor) -> bool:
     """True when two elements of a 2-D tensor share memory (e.g. an ``expand``)."""
     (rows, cols), (row_stride, col_stride) = tensor.shape, tensor.stride()
-    if col_stride == 1 and (rows < 2 or abs(row_stride) >= cols):
-        return False  # the common case: contiguous rows, apart
-    dims = sorted(((abs(row_stride), rows), (abs(col_stride), cols)))
-    (inner_stride, inner), (outer_stride, outer) = dims
-    if inner > 1 and inner_stride == 0:
-        return True
-    return outer > 1 and outer_stride < (inner - 1) * inner_stride + 1
+    return grid_overlaps_itself(rows, cols, row_stride, col_stride)
 
 
 def ascending_run(slots: Sequence[int]) -> int | None:

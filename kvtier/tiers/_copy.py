@@ -167,6 +167,9 @@ class RowCopier:
     async def _move(self, slots: list[int], parts: Sequence[torch.Tensor], *, read: bool) -> None:
         if not slots:
             return
+        # Empty parts move nothing; left in, one (``data_ptr`` 0: not pinned)
+        # would send the whole batch down the blocking path.
+        parts = [part for part in parts if part.shape[0]]
         for part in parts:
             self._check_disjoint(part)
         start = time.perf_counter()
@@ -176,7 +179,7 @@ class RowCopier:
             queue = stream is not None and all(self._async_ok(part) for part in parts)
             if stream is not None and queue and nbytes < self.offload_min_bytes:
                 done = self._enqueue(stream, slots, parts, read=read)
-                if not _event_done(done):  # small copies are often done already
+                if not _event_done(done):  # checked: a tiny copy may be done already
                     # Shielded: the caller's buffer is settled before we return.
                     with anyio.CancelScope(shield=True):
                         await anyio.to_thread.run_sync(done.synchronize)
@@ -217,12 +220,16 @@ class RowCopier:
         def work() -> None:
             if stream is None:
                 self.rows.copy(slots, parts, read=read, non_blocking=False)
-            elif queue:  # large: even queueing the kernels would hold up the loop
-                self._enqueue(stream, slots, parts, read=read)
-            else:
-                with torch.cuda.stream(stream):
-                    self.rows.copy(slots, parts, read=read, non_blocking=False)
-            if stream is not None:
+                return
+            try:
+                if queue:  # large: even queueing the kernels would hold up the loop
+                    self._enqueue(stream, slots, parts, read=read)
+                else:
+                    with torch.cuda.stream(stream):
+                        self.rows.copy(slots, parts, read=read, non_blocking=False)
+            finally:
+                # Also on failure: kernels queued before it may still use the
+                # caller's buffers, which must be settled when we return.
                 stream.synchronize()
 
         return work

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import bisect
-import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["MemorySpans", "any_overlap", "host_views"]
+__all__ = ["MemorySpans", "any_overlap", "grid_overlaps_itself", "host_views"]
 
 
 def _span(tensor: torch.Tensor) -> tuple[int, int]:
@@ -54,20 +53,61 @@ class MemorySpans:
 
 
 def any_overlap(tensors: Iterable[torch.Tensor]) -> bool:
-    """Whether two of some 2-D tensors may share memory (their address ranges intersect).
+    """Whether two of some 2-D tensors may share memory.
 
-    Only tensors on the same device are compared. Conservative: two strided
-    views that interleave (``x[0::2]`` and ``x[1::2]``) count as overlapping
-    although no byte is shared.
+    Only tensors on the same device are compared, and only pairs whose address
+    ranges intersect are looked at closely: row slices of one tensor (the
+    parts of a column-major buffer, say) are told apart exactly; any other
+    pair whose ranges intersect counts as overlapping (conservative: two
+    views that interleave, ``x[0::2]`` and ``x[1::2]``, are refused although
+    they share no byte).
     """
-    by_device: dict[torch.device, list[tuple[int, int]]] = {}
-    for tensor in tensors:
-        by_device.setdefault(tensor.device, []).append(_span(tensor))
-    return any(
-        start < end
-        for spans in by_device.values()
-        for (_, end), (start, _) in itertools.pairwise(sorted(spans))
+    by_device: dict[torch.device, list[tuple[int, int, int, torch.Tensor]]] = {}
+    for index, tensor in enumerate(tensors):
+        start, end = _span(tensor)
+        by_device.setdefault(tensor.device, []).append((start, end, index, tensor))
+    for items in by_device.values():
+        active: list[tuple[int, torch.Tensor]] = []  # (end, tensor) of ranges still open
+        for start, end, _, tensor in sorted(items, key=lambda item: item[:3]):
+            active = [(other_end, other) for other_end, other in active if other_end > start]
+            if any(_may_share(other, tensor) for _, other in active):
+                return True
+            active.append((end, tensor))
+    return False
+
+
+def _may_share(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two 2-D tensors whose address ranges intersect may share an element."""
+    same_grid = (
+        a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and a.stride() == b.stride()
+        and a.shape[1] == b.shape[1]
+        and a.element_size() == b.element_size()
     )
+    row_stride, col_stride = a.stride()
+    shift = b.storage_offset() - a.storage_offset()
+    if not same_grid or row_stride == 0 or shift % row_stride:
+        return True
+    first = shift // row_stride  # b's first row, counted in a's rows
+    low, high = min(0, first), max(a.shape[0], first + b.shape[0])
+    if grid_overlaps_itself(high - low, a.shape[1], row_stride, col_stride):
+        return True  # the rows of the grid they both belong to share memory
+    return first < a.shape[0] and first + b.shape[0] > 0
+
+
+def grid_overlaps_itself(rows: int, cols: int, row_stride: int, col_stride: int) -> bool:
+    """True when two elements of a ``rows x cols`` grid with these strides may share memory.
+
+    Exact for the layouts tensors take (contiguous rows, columns, expands);
+    conservative for exotic strides.
+    """
+    if col_stride == 1 and (rows < 2 or abs(row_stride) >= cols):
+        return False  # the common case: contiguous rows, apart
+    dims = sorted(((abs(row_stride), rows), (abs(col_stride), cols)))
+    (inner_stride, inner), (outer_stride, outer) = dims
+    if inner > 1 and inner_stride == 0:
+        return True
+    return outer > 1 and outer_stride < (inner - 1) * inner_stride + 1
 
 
 def host_views(sources: Sequence[torch.Tensor]) -> tuple[np.ndarray[Any, Any], ...] | None:

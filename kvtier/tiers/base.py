@@ -130,7 +130,11 @@ class BlockStore(Protocol):
     ``write_from_parts(slots, keys, parts)``, one call for a batch held in
     several buffers taken in order (each ``uint8 [rows, block_bytes]``, the
     rows adding up to ``len(slots)``), which the mover then uses for all the
-    runs at once instead of a call per run (the device and CPU tiers).
+    runs at once instead of a call per run (the device and CPU tiers). A
+    parts call that finds blocks missing raises one
+    :class:`~kvtier.errors.BlockMissingError` naming their slots, after
+    filling the other parts; one that names no slots makes every block of
+    the call count as missing.
     """
 
     @property

@@ -18,6 +18,8 @@ from kvtier.errors import (
     TransferCancelledError,
 )
 from kvtier.tiers.base import BlockKey, BlockLayout
+from kvtier.tiers.cpu import CpuTier
+from kvtier.tiers.gpu import DeviceTier
 from kvtier.transfer import LoadTask, StoreTask, TransferPipeline
 from tests.tier_doubles import SMALL, FaultInjectingStore, MemoryStore, ViewStore
 
@@ -273,3 +275,78 @@ def test_task_validation() -> None:
     for bad in (0, -1):
         with pytest.raises(ConfigError, match="queue_size"):
             TransferPipeline(queue_size=bad)
+
+
+class FlakyPartsDevice(DeviceTier):
+    """A real device tier whose parts calls fail once, after moving their first part."""
+
+    failures = 1
+
+    async def _fail_after_first(
+        self,
+        slots: Sequence[int],
+        keys: Sequence[BlockKey],
+        parts: Sequence[torch.Tensor],
+        *,
+        read: bool,
+    ) -> None:
+        first = parts[0].shape[0]
+        if read:
+            await super().read_into(slots[:first], keys[:first], parts[0])
+        else:
+            await super().write_from(slots[:first], keys[:first], parts[0])
+        raise TierIOError("the device fell over mid-batch", tier=self.name)
+
+    async def read_into_parts(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], parts: Sequence[torch.Tensor]
+    ) -> None:
+        if self.failures:
+            self.failures -= 1
+            await self._fail_after_first(slots, keys, parts, read=True)
+        await super().read_into_parts(slots, keys, parts)
+
+    async def write_from_parts(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], parts: Sequence[torch.Tensor]
+    ) -> None:
+        if self.failures:
+            self.failures -= 1
+            await self._fail_after_first(slots, keys, parts, read=False)
+        await super().write_from_parts(slots, keys, parts)
+
+
+@pytest.mark.asyncio
+async def test_a_parts_call_failing_midway_fails_its_task_and_the_pipeline_keeps_serving() -> None:
+    """Device <-> CPU through the one-call path for scattered CPU runs, with a device fault."""
+    cache = torch.randint(0, 256, (32, SMALL.block_bytes), dtype=torch.uint8)
+    device = FlakyPartsDevice(cache, SMALL)
+    keys = keys_for(1, 2, 3, 4)
+    device_slots, cpu_slots = [7, 3, 20, 11], [9, 2, 14, 3]  # CPU runs: 2-3, 9, 14
+    async with (
+        CpuTier(SMALL, 16) as cpu,
+        TransferPipeline(direct_min_bytes=SMALL.block_bytes) as pipeline,
+    ):
+        src, dst = Ledger(), Ledger()
+        failed = await pipeline.submit(
+            StoreTask(device, device_slots, cpu, cpu_slots, keys, src, dst)
+        )
+        with pytest.raises(TierIOError, match="mid-batch"):
+            await failed
+        assert dst.calls == [("abort", tuple(keys))]  # nothing half-written is committed
+        assert src.calls == [("unpin", tuple(keys))]
+        stored = await pipeline.submit(StoreTask(device, device_slots, cpu, cpu_slots, keys))
+        assert (await stored).n_blocks == 4
+        rows = cpu.slot_view(range(16))
+        assert rows is not None
+        assert torch.equal(rows[cpu_slots], cache[device_slots])
+
+        device.failures = 1
+        back = [0, 30, 5, 6]
+        src, dst = Ledger(), Ledger()
+        failed = await pipeline.submit(LoadTask(cpu, cpu_slots, device, back, keys, src, dst))
+        with pytest.raises(TierIOError, match="mid-batch"):
+            await failed
+        assert dst.calls == [("abort", tuple(keys))]
+        assert src.calls == [("unpin", tuple(keys))]
+        loaded = await pipeline.submit(LoadTask(cpu, cpu_slots, device, back, keys))
+        assert (await loaded).n_blocks == 4
+        assert torch.equal(cache[back], cache[device_slots])

@@ -172,6 +172,28 @@ async def test_a_tier_doing_io_gets_the_whole_batch_in_one_call() -> None:
     assert cpu.views == 1
 
 
+class IOPartsStore(PartsStore):
+    """An I/O tier (like disk) that also takes several buffers per call."""
+
+    in_memory = False
+
+
+@pytest.mark.asyncio
+async def test_an_io_tier_taking_parts_gets_every_run_in_one_call_and_nothing_is_staged() -> None:
+    disk, cpu = IOPartsStore(32, name="disk"), ViewStore(32, name="cpu")
+    src = [7, 3, 12, 0, 9, 21, 5]
+    keys = filled(disk, src)
+    dst = [11, 5, 20, 4, 30, 10, 6]  # runs 4-5-6, 10-11, 20, 30: short ones included
+    mover = BlockMover()  # 1 MiB: far more than any run here
+    await mover.move(disk, src, cpu, dst, keys)
+    assert torch.equal(cpu.data[dst], disk.data[src])
+    assert (disk.parts_calls, disk.reads, cpu.views, mover.staging_rows) == (1, 0, 4, 0)
+    back = [1, 2, 13, 14, 15, 16, 17]
+    await mover.move(cpu, dst, disk, back, keys)
+    assert (disk.parts_calls, disk.writes, mover.staging_rows) == (2, 0, 0)
+    assert torch.equal(disk.data[back], disk.data[src])
+
+
 @pytest.mark.asyncio
 async def test_one_run_still_moves_with_one_call_and_no_staging() -> None:
     device, cpu = CountingStore(32, name="gpu"), ViewStore(32, name="cpu")

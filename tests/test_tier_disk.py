@@ -348,7 +348,7 @@ async def test_cancelled_writes_leave_files_and_index_in_step(tmp_path: Path) ->
         for delay in (0.0, 0.0005, 0.002):
             with anyio.move_on_after(delay):
                 await tier.write_from(list(range(16)), new_keys, blocks(16, 9))
-            mapped = dict(tier._slot_keys)  # what the tier serves
+            mapped = dict(tier._map.slot_keys)  # what the tier serves
             files = {p.name for p in tmp_path.iterdir()}
             assert files == {k.hex() + ".kvb" for k in mapped.values()}
             for slot, block_key in mapped.items():
@@ -392,7 +392,7 @@ async def test_disk_full_fails_the_write_and_the_tier_keeps_serving(small_tmpfs:
         assert isinstance(info.value.__cause__, OSError)
         root = small_tmpfs / "blocks"
         assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
-        served = dict(tier._slot_keys)
+        served = dict(tier._map.slot_keys)
         assert {p.name for p in root.iterdir()} == {k.hex() + ".kvb" for k in served.values()}
         out = torch.empty((4, layout.block_bytes), dtype=torch.uint8)
         await tier.read_into(list(range(4)), [key(i) for i in range(4)], out)
@@ -523,7 +523,7 @@ async def test_a_failed_write_that_moved_a_key_leaves_no_file_behind(
                 await tier.write_from([slot], [key(5)], data[2:])
         monkeypatch.setattr(os, "pwritev", real_pwritev)
         # key 5 was unmapped from slot 1 by the first write: its old file is gone too.
-        mapped = dict(tier._slot_keys)
+        mapped = dict(tier._map.slot_keys)
         assert {p.name for p in tmp_path.iterdir()} == {k.hex() + ".kvb" for k in mapped.values()}
         assert key(5) not in mapped.values()
         with pytest.raises(BlockMissingError):
@@ -557,7 +557,7 @@ async def test_a_key_moved_within_a_batch_whose_write_fails_leaves_no_file_behin
         with pytest.raises(TierIOError, match="No space left"):
             await tier.write_from([0, 1], [b, a], new)
         monkeypatch.setattr(os, "pwritev", real_pwritev)
-        assert dict(tier._slot_keys) == {0: b}
+        assert dict(tier._map.slot_keys) == {0: b}
         assert {p.name for p in tmp_path.iterdir()} == {b.hex() + ".kvb"}
     async with DiskTier(tmp_path, LAYOUT, 16 * PER_BLOCK) as tier:
         assert await tier.recover() == [(0, b)]
@@ -584,7 +584,7 @@ async def test_a_failed_directory_sync_fails_the_batch_and_serves_none_of_it(
         monkeypatch.setattr(os, "fsync", fsync)
         with pytest.raises(TierIOError, match="syncing the directory"):
             await tier.write_from([1, 2], [key(1), key(2)], data[1:])
-        assert dict(tier._slot_keys) == {0: key(0)}
+        assert dict(tier._map.slot_keys) == {0: key(0)}
         assert {p.name for p in tmp_path.iterdir()} == {key(0).hex() + ".kvb"}
         # A file system that cannot sync directories at all: skipped, the write counts.
         failure = errno.EINVAL

@@ -13,9 +13,10 @@ is tightened to ``0700``).
 One file per block rather than slab files: a block is 64 KiB to several MiB,
 large enough that per-file costs are small next to the copy; replacement is
 atomic per block with no free-space map to keep crash-consistent; and warm
-restart is a directory scan. A batch is split into at most ``max_workers``
-runs of blocks, each run one worker-thread call behind a ``CapacityLimiter``
-(a thread hop per block would cost as much as copying a 64 KiB block).
+restart is a directory scan. A batch's blocks are spread over at most
+``max_workers`` threads (:mod:`kvtier.tiers.disk_batch`), which
+:meth:`DiskTier.read_into_parts` / :meth:`DiskTier.write_from_parts` also use
+for blocks held in several buffers (the CPU tier's runs: no staging copy).
 
 Every read checks magic, version, layout fingerprint, key, slot, length and
 checksum: any mismatch, a missing or short file, or an error that doubts the
@@ -36,9 +37,8 @@ and stray temp files are deleted.
 
 from __future__ import annotations
 
-import errno
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
@@ -47,32 +47,25 @@ import anyio
 import torch
 
 from kvtier.errors import (
-    BlockMissingError,
     ClosedError,
     ConfigError,
     InvalidRequestError,
     TierIOError,
 )
 from kvtier.log import get_logger
-from kvtier.tiers._checks import check_buffer, check_slots, tensor_bytes
+from kvtier.tiers._checks import check_buffer, check_parts, check_slots
 from kvtier.tiers._disk_io import BlockFiles
 from kvtier.tiers.base import BlockKey, BlockLayout
+from kvtier.tiers.disk_batch import DiskBatches
 from kvtier.tiers.disk_dir import check_direct_io, claim_directory, scan
 from kvtier.tiers.disk_format import MAX_KEY_BYTES, file_bytes
+from kvtier.tiers.disk_map import DiskMap
 
 __all__ = ["DiskTier"]
 
 _log = get_logger("kvtier.tiers.disk")
 _MAX_SLOTS: Final = 1 << 32
 """Slots a directory may hold: the trailer records a block's slot as a u32."""
-_FILE_ERRORS: Final = frozenset(
-    getattr(errno, name)
-    for name in ("EIO", "EBADMSG", "ENODATA", "EUCLEAN", "ESTALE")
-    if hasattr(errno, name)
-)
-"""Read errors that doubt one file (a bad sector, a damaged inode): the block
-reads as a miss. Others (``EMFILE``, ``ENOMEM``, ``EACCES``…) may be the
-process's or the system's, say nothing sure of the block, and fail the read."""
 
 
 class DiskTier:
@@ -124,13 +117,11 @@ class DiskTier:
         self._name = name
         self._num_slots = capacity_bytes // per_block
         self._lock: int | None = None
-        self._workers = max_workers
-        self._limiter = anyio.CapacityLimiter(max_workers)
         self._files = BlockFiles(
             Path(path), layout.block_bytes, layout.fingerprint(), direct=direct_io, fsync=fsync
         )
-        self._slot_keys: dict[int, BlockKey] = {}
-        self._key_slots: dict[BlockKey, int] = {}
+        self._map = DiskMap()
+        self._batches = DiskBatches(name, self._files, self._map, max_workers)
         self._recovered: list[tuple[int, BlockKey]] = []
         self._opened = False
         self._closed = False
@@ -177,8 +168,7 @@ class DiskTier:
                 raise TierIOError(
                     f"tier {self._name}: cannot open {self.path}: {exc}", tier=self._name
                 ) from exc
-            self._slot_keys = dict(self._recovered)
-            self._key_slots = {key: slot for slot, key in self._recovered}
+            self._map.load(self._recovered)
             self._opened = True
             _log.info("tier_open", tier=self._name, n_blocks=len(self._recovered))
         return self
@@ -224,11 +214,13 @@ class DiskTier:
 
     # -- I/O -------------------------------------------------------------------------
 
-    def _check_batch(
-        self, slots: Sequence[int], keys: Sequence[BlockKey], buffer: torch.Tensor
-    ) -> tuple[list[int], torch.Tensor]:
+    def _batch(self, slots: Sequence[int], keys: Sequence[BlockKey]) -> list[int]:
+        """The batch's slots, after checking them and its keys (no repeats of either)."""
         slot_list = check_slots(slots, self._num_slots, tier=self._name)
-        rows = check_buffer(buffer, slot_list, keys, self._layout.block_bytes, tier=self._name)
+        if len(keys) != len(slot_list):
+            raise InvalidRequestError(
+                f"tier {self._name}: {len(slot_list)} slots but {len(keys)} keys"
+            )
         for key in keys:
             if not isinstance(key, bytes) or not 0 < len(key) <= MAX_KEY_BYTES:
                 raise InvalidRequestError(
@@ -236,21 +228,18 @@ class DiskTier:
                 )
         if len(set(slot_list)) != len(slot_list) or len(set(keys)) != len(keys):
             raise InvalidRequestError(f"tier {self._name}: a batch repeats a slot or a key")
-        return slot_list, rows
+        return slot_list
 
-    async def _in_workers(self, work: Callable[[range], None], n: int) -> None:
-        """Run ``work`` over ``range(n)`` split into at most ``max_workers`` threads."""
-        step = -(-n // self._workers)
-        if step >= n:  # one thread call: no task group to pay for
-            await anyio.to_thread.run_sync(work, range(n), limiter=self._limiter)
-            return
-
-        async def run(part: range) -> None:
-            await anyio.to_thread.run_sync(work, part, limiter=self._limiter)
-
-        async with anyio.create_task_group() as group:
-            for begin in range(0, n, step):
-                group.start_soon(run, range(begin, min(n, begin + step)))
+    def _part_rows(
+        self, parts: object, slots: list[int], keys: Sequence[BlockKey], *, read: bool
+    ) -> list[torch.Tensor]:
+        """The rows of checked ``parts``, one per block, on the host for writes."""
+        checked = check_parts(
+            parts, slots, keys, self._layout.block_bytes, tier=self._name, written=read
+        )
+        if not read:
+            checked = [part if part.device.type == "cpu" else part.to("cpu") for part in checked]
+        return [row for part in checked for row in part.unbind(0)]
 
     async def write_from(
         self, slots: Sequence[int], keys: Sequence[BlockKey], data: torch.Tensor
@@ -262,86 +251,31 @@ class DiskTier:
             TierIOError: A block could not be written (the others were).
         """
         self._check_open()
-        slot_list, rows = self._check_batch(slots, keys, data)
-        host = rows.to("cpu") if rows.device.type != "cpu" else rows
-        batch_keys = set(keys)
-        unmapped: set[BlockKey] = set()  # keys whose files must go unless written again
-        recycle: list[BlockKey | None] = []  # a file to reuse for each block
-        for slot, key in zip(slot_list, keys, strict=True):
-            old = self._slot_keys.pop(slot, None)  # overwritten: gone whatever happens
-            if old is not None:
-                del self._key_slots[old]
-                unmapped.add(old)
-            moved = self._key_slots.pop(key, None)  # the same key in another slot
-            if moved is not None:
-                del self._slot_keys[moved]
-                unmapped.add(key)
-            if old is not None and (old == key or old not in batch_keys):
-                recycle.append(old)
-            else:  # (an old key written again in this batch is that write's file)
-                recycle.append(key if moved is not None else None)
-        done: list[int] = []
-        errors: list[TierIOError] = []
+        slot_list = self._batch(slots, keys)
+        rows = check_buffer(data, slot_list, keys, self._layout.block_bytes, tier=self._name)
+        await self._batches.write(
+            slot_list, keys, rows.to("cpu") if rows.device.type != "cpu" else rows
+        )
 
-        def work(part: range) -> None:
-            for index in part:
-                slot = slot_list[index]
-                row = host[index].contiguous()
-                try:
-                    self._files.write(slot, keys[index], tensor_bytes(row), recycle[index])
-                except OSError as exc:
-                    errors.append(self._io_error(f"writing slot {slot}", exc))
-                else:
-                    done.append(index)
-
-        try:
-            await self._in_workers(work, len(slot_list))
-            if done and self._files.fsync:
-                await self._sync_directory(done, errors)
-        finally:
-            await self._settle_writes(slot_list, keys, unmapped | batch_keys, done)
-        if errors:
-            raise errors[0]
-
-    async def _sync_directory(self, done: list[int], errors: list[TierIOError]) -> None:
-        """Make the batch's renames durable before the write counts.
-
-        A failure fails the whole batch (``done`` emptied: its files are
-        deleted, none mapped), so the tier never serves a block its index
-        was told failed.
-        """
-        try:
-            await anyio.to_thread.run_sync(self._files.sync_directory, limiter=self._limiter)
-        except OSError as exc:
-            done.clear()
-            errors.append(self._io_error("syncing the directory", exc))
-
-    async def _settle_writes(
-        self,
-        slots: list[int],
-        keys: Sequence[BlockKey],
-        candidates: set[BlockKey],
-        done: list[int],
+    async def write_from_parts(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], parts: Sequence[torch.Tensor]
     ) -> None:
-        """Map the written blocks; delete the files of ``candidates`` left unmapped.
+        """Write several buffers' rows (taken in order) as the blocks ``keys`` into ``slots``.
 
-        File names come only from keys, so after the batch a file under the
-        name of a key the tier does not map (one the batch overwrote or
-        moved, or one whose write failed) is stale. Runs even when the write
-        was cancelled, so the files on disk stay exactly the blocks the tier
-        maps.
+        One call, its blocks spread over the worker threads as in
+        :meth:`write_from`, straight from each part's rows (the pipeline's
+        mover passes the CPU tier's runs this way: no staging copy).
+
+        Raises:
+            InvalidRequestError: Bad slots, keys or parts (rows not adding up to
+                ``len(slots)``), or a repeated slot or key.
+            TierIOError: A block could not be written (the others were).
         """
-        for index in done:
-            self._slot_keys[slots[index]] = keys[index]
-            self._key_slots[keys[index]] = slots[index]
-        stale = [key for key in candidates if key not in self._key_slots]
-        if not stale:
-            return
-        with anyio.CancelScope(shield=True):
-            try:
-                await anyio.to_thread.run_sync(self._unlink_all, stale, limiter=self._limiter)
-            except OSError as exc:
-                _log.warning("tier_unlink_failed", tier=self._name, error=repr(exc))
+        self._check_open()
+        slot_list = self._batch(slots, keys)
+        await self._batches.write(
+            slot_list, keys, self._part_rows(parts, slot_list, keys, read=False)
+        )
 
     async def read_into(
         self, slots: Sequence[int], keys: Sequence[BlockKey], out: torch.Tensor
@@ -357,34 +291,33 @@ class DiskTier:
                 (``EMFILE``, ``ENOMEM``…).
         """
         self._check_open()
-        slot_list, rows = self._check_batch(slots, keys, out)
-        missing: list[int] = []
-        errors: list[TierIOError] = []
+        slot_list = self._batch(slots, keys)
+        rows = check_buffer(out, slot_list, keys, self._layout.block_bytes, tier=self._name)
+        await self._batches.read(slot_list, keys, rows)
 
-        def work(part: range) -> None:
-            for index in part:
-                slot = slot_list[index]
-                try:
-                    if not self._files.read(slot, keys[index], rows[index]):
-                        missing.append(slot)
-                except OSError as exc:
-                    if exc.errno in _FILE_ERRORS:  # this file is damaged: a miss from now on
-                        _log.warning(
-                            "tier_block_unreadable", tier=self._name, slot=slot, error=str(exc)
-                        )
-                        missing.append(slot)
-                    else:
-                        errors.append(self._io_error(f"reading slot {slot}", exc))
+    async def read_into_parts(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], parts: Sequence[torch.Tensor]
+    ) -> None:
+        """Read and verify the blocks into several buffers' rows, taken in order.
 
-        await self._in_workers(work, len(slot_list))
-        if errors:
-            raise errors[0]
-        if missing:
-            raise BlockMissingError(
-                f"tier {self._name}: {len(missing)} block(s) missing or failed verification",
-                tier=self._name,
-                slots=tuple(sorted(missing)),
-            )
+        One call, its blocks spread over the worker threads as in
+        :meth:`read_into`, each read straight into its part's row (the
+        pipeline's mover passes the CPU tier's runs this way: no staging
+        copy). Blocks that are missing are named together after every other
+        block was read.
+
+        Raises:
+            BlockMissingError: Blocks absent, failing verification or whose
+                file cannot be read (``slots``).
+            InvalidRequestError: Bad slots, keys or parts (rows not adding up
+                to ``len(slots)``, or parts sharing memory).
+            TierIOError: An I/O error that says nothing of the blocks.
+        """
+        self._check_open()
+        slot_list = self._batch(slots, keys)
+        await self._batches.read(
+            slot_list, keys, self._part_rows(parts, slot_list, keys, read=True)
+        )
 
     async def discard(self, slots: Sequence[int]) -> None:
         """Delete the blocks in ``slots``.
@@ -393,31 +326,6 @@ class DiskTier:
             TierIOError: A file could not be deleted (it is forgotten all the same).
         """
         self._check_open()
-        doomed: list[BlockKey] = []
-        for slot in check_slots(slots, self._num_slots, tier=self._name):
-            key = self._slot_keys.pop(slot, None)
-            if key is not None:
-                del self._key_slots[key]
-                doomed.append(key)
-        if not doomed:
-            return
-        try:
-            await anyio.to_thread.run_sync(self._unlink_all, doomed, limiter=self._limiter)
-        except OSError as exc:
-            raise self._io_error("discard", exc) from exc
-
-    def _unlink_all(self, keys: list[BlockKey]) -> None:
-        """Delete every key's file, trying them all; raise the first error after."""
-        first: OSError | None = None
-        for key in keys:
-            try:
-                self._files.unlink(key)
-            except OSError as exc:
-                first = first or exc
-        if first is not None:
-            raise first
-
-    def _io_error(self, what: str, exc: OSError) -> TierIOError:
-        error = TierIOError(f"tier {self._name}: {what} failed: {exc}", tier=self._name)
-        error.__cause__ = exc
-        return error
+        doomed = self._map.forget(check_slots(slots, self._num_slots, tier=self._name))
+        if doomed:
+            await self._batches.delete(doomed)

@@ -1,0 +1,208 @@
+"""DiskBatches: a batch of block files read or written by worker threads.
+
+A batch is split into at most ``max_workers`` runs of blocks, each run one
+worker-thread call behind a ``CapacityLimiter`` (a thread hop per block
+would cost as much as copying a 64 KiB block). Each block goes straight
+between its file and its row (a row of the caller's buffer, or of one of
+several parts): reads verify every block and name the bad ones together;
+writes keep the :class:`~kvtier.tiers.disk_map.DiskMap` exact, so the files
+on disk are the blocks the tier serves, whatever fails or is cancelled.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Sequence
+from typing import Final
+
+import anyio
+import torch
+
+from kvtier.errors import BlockMissingError, TierIOError
+from kvtier.log import get_logger
+from kvtier.tiers._checks import tensor_bytes
+from kvtier.tiers._disk_io import BlockFiles
+from kvtier.tiers.base import BlockKey
+from kvtier.tiers.disk_map import DiskMap
+
+__all__ = ["DiskBatches"]
+
+_log = get_logger("kvtier.tiers.disk")
+_FILE_ERRORS: Final = frozenset(
+    getattr(errno, name)
+    for name in ("EIO", "EBADMSG", "ENODATA", "EUCLEAN", "ESTALE")
+    if hasattr(errno, name)
+)
+"""Read errors that doubt one file (a bad sector, a damaged inode): the block
+reads as a miss. Others (``EMFILE``, ``ENOMEM``, ``EACCES``…) may be the
+process's or the system's, say nothing sure of the block, and fail the read."""
+
+
+class DiskBatches:
+    """Reads, writes and deletes of a disk tier's block files, spread over worker threads.
+
+    Args:
+        name: The tier's name (for errors and logs).
+        files: The directory's block files.
+        blocks: The tier's slot ↔ key map, kept exact by every write.
+        max_workers: Worker threads one batch uses at most.
+    """
+
+    def __init__(self, name: str, files: BlockFiles, blocks: DiskMap, max_workers: int) -> None:
+        self._name = name
+        self._files = files
+        self._map = blocks
+        self._workers = max_workers
+        self._limiter = anyio.CapacityLimiter(max_workers)
+
+    async def _in_workers(self, work: Callable[[range], None], n: int) -> None:
+        """Run ``work`` over ``range(n)`` split into at most ``max_workers`` threads."""
+        step = -(-n // self._workers)
+        if step >= n:  # one thread call: no task group to pay for
+            await anyio.to_thread.run_sync(work, range(n), limiter=self._limiter)
+            return
+
+        async def run(part: range) -> None:
+            await anyio.to_thread.run_sync(work, part, limiter=self._limiter)
+
+        async with anyio.create_task_group() as group:
+            for begin in range(0, n, step):
+                group.start_soon(run, range(begin, min(n, begin + step)))
+
+    async def write(
+        self,
+        slot_list: list[int],
+        keys: Sequence[BlockKey],
+        host: torch.Tensor | Sequence[torch.Tensor],
+    ) -> None:
+        """Write each block from its host row (``host[i]`` for block ``i``), atomically per block.
+
+        Raises:
+            TierIOError: A block could not be written (the others were), or
+                (``fsync``) the directory could not be synced (none counts).
+        """
+        recycle, candidates = self._map.plan_write(slot_list, keys)
+        done: list[int] = []
+        errors: list[TierIOError] = []
+
+        def work(part: range) -> None:
+            for index in part:
+                slot = slot_list[index]
+                row = host[index].contiguous()
+                try:
+                    self._files.write(slot, keys[index], tensor_bytes(row), recycle[index])
+                except OSError as exc:
+                    errors.append(self._io_error(f"writing slot {slot}", exc))
+                else:
+                    done.append(index)
+
+        try:
+            await self._in_workers(work, len(slot_list))
+            if done and self._files.fsync:
+                await self._sync_directory(done, errors)
+        finally:
+            await self._settle_writes(slot_list, keys, candidates, done)
+        if errors:
+            raise errors[0]
+
+    async def _sync_directory(self, done: list[int], errors: list[TierIOError]) -> None:
+        """Make the batch's renames durable before the write counts.
+
+        A failure fails the whole batch (``done`` emptied: its files are
+        deleted, none mapped), so the tier never serves a block its index
+        was told failed.
+        """
+        try:
+            await anyio.to_thread.run_sync(self._files.sync_directory, limiter=self._limiter)
+        except OSError as exc:
+            done.clear()
+            errors.append(self._io_error("syncing the directory", exc))
+
+    async def _settle_writes(
+        self,
+        slots: list[int],
+        keys: Sequence[BlockKey],
+        candidates: set[BlockKey],
+        done: list[int],
+    ) -> None:
+        """Map the written blocks; delete the files of ``candidates`` left unmapped.
+
+        Runs even when the write was cancelled, so the files on disk stay
+        exactly the blocks the tier maps (see :class:`DiskMap`).
+        """
+        stale = self._map.settle(slots, keys, candidates, done)
+        if not stale:
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                await anyio.to_thread.run_sync(self._unlink_all, stale, limiter=self._limiter)
+            except OSError as exc:
+                _log.warning("tier_unlink_failed", tier=self._name, error=repr(exc))
+
+    async def read(
+        self,
+        slot_list: list[int],
+        keys: Sequence[BlockKey],
+        rows: torch.Tensor | Sequence[torch.Tensor],
+    ) -> None:
+        """Read and verify each block into its row (``rows[i]`` for block ``i``).
+
+        Raises:
+            BlockMissingError: Blocks absent, failing verification or whose
+                file cannot be read (named together after the others were read).
+            TierIOError: An I/O error that says nothing of the blocks.
+        """
+        missing: list[int] = []
+        errors: list[TierIOError] = []
+
+        def work(part: range) -> None:
+            for index in part:
+                slot = slot_list[index]
+                try:
+                    if not self._files.read(slot, keys[index], rows[index]):
+                        missing.append(slot)
+                except OSError as exc:
+                    if exc.errno in _FILE_ERRORS:  # this file is damaged: a miss from now on
+                        _log.warning(
+                            "tier_block_unreadable", tier=self._name, slot=slot, error=str(exc)
+                        )
+                        missing.append(slot)
+                    else:
+                        errors.append(self._io_error(f"reading slot {slot}", exc))
+
+        await self._in_workers(work, len(slot_list))
+        if errors:
+            raise errors[0]
+        if missing:
+            raise BlockMissingError(
+                f"tier {self._name}: {len(missing)} block(s) missing or failed verification",
+                tier=self._name,
+                slots=tuple(sorted(missing)),
+            )
+
+    async def delete(self, keys: list[BlockKey]) -> None:
+        """Delete the files of ``keys`` (all tried).
+
+        Raises:
+            TierIOError: A file could not be deleted.
+        """
+        try:
+            await anyio.to_thread.run_sync(self._unlink_all, keys, limiter=self._limiter)
+        except OSError as exc:
+            raise self._io_error("discard", exc) from exc
+
+    def _unlink_all(self, keys: list[BlockKey]) -> None:
+        """Delete every key's file, trying them all; raise the first error after."""
+        first: OSError | None = None
+        for key in keys:
+            try:
+                self._files.unlink(key)
+            except OSError as exc:
+                first = first or exc
+        if first is not None:
+            raise first
+
+    def _io_error(self, what: str, exc: OSError) -> TierIOError:
+        error = TierIOError(f"tier {self._name}: {what} failed: {exc}", tier=self._name)
+        error.__cause__ = exc
+        return error

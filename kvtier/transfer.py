@@ -12,9 +12,11 @@ of tiers, as long as the batch stays within ``max_batch_blocks`` (a larger
 task runs alone) and repeats no key, and moves them with a
 :class:`~kvtier.mover.BlockMover`: when a tier can expose its slots as a
 tensor view (the CPU tier, for an ascending run of slots), the other tier
-gathers straight into it or scatters straight from it, run by run for runs of
-at least ``direct_min_bytes``; the rest passes through a staging buffer of at
-most ``staging_bytes`` per direction, allocated once.
+gathers straight into it or scatters straight from it: all the runs (of at
+least ``direct_min_bytes`` for a memory tier, any for the disk tier) in one
+parts call where the other tier takes parts, else run by run; the rest passes
+through a staging buffer of at most ``staging_bytes`` per direction,
+allocated once.
 
 Slot bookkeeping stays with the caller, who reserves destination slots and
 pins source slots before posting; the pipeline settles them when the task

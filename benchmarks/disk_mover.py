@@ -128,6 +128,18 @@ async def measure(root: Path, batch: int, repeat: int, seed: int) -> dict[str, f
                     await loads[name](cpu_slots)
                     if rep:
                         times[name].append(time.perf_counter() - start)
+        # Each way must have moved the right bytes: one checked round of each.
+        source = rng.sample(range(CPU_SLOTS), batch)
+        expected = rows[source].clone()
+        generation += 1
+        for store, load in ((store_mover, load_mover), (store_staged, load_staged)):
+            await store(source)
+            target = rng.sample(range(CPU_SLOTS), batch)
+            rows[target] = 0
+            await load(target)
+            if not torch.equal(rows[target], expected):
+                raise SystemExit(f"{store.__name__} / {load.__name__} moved different bytes")
+            rows[source] = expected
     shutil.rmtree(root / "tier")
     shutil.rmtree(raw_dir)
     size = batch * LAYOUT.block_bytes

@@ -23,10 +23,11 @@ and waited once per block instead of once per chunk. With a tier whose calls
 are I/O on the other side, one call over the whole batch runs its blocks in
 parallel (worker threads, pipelined round trips), which a call per run would
 give up (a disk → CPU batch of 128 scattered 2 MiB blocks with ``O_DIRECT``
-took 15 % longer run by run): the disk tier takes every run, however short,
-in one parts call, straight between its files and the CPU tier's rows (no
-staging: 1.7-2.0x faster for 16-64 scattered 2 MiB blocks from the page
-cache); a tier without parts calls (Redis) gets the whole batch staged.
+took 15 % longer run by run): the disk and Redis tiers take every run,
+however short, in one parts call, straight between their files or values and
+the CPU tier's rows (no staging: for the disk tier 1.6-1.7x faster from 16
+scattered 2 MiB blocks up); a third-party I/O tier without parts calls gets
+the whole batch staged.
 A tier's free slots fragment as blocks are evicted
 in LRU order, so in a full cache most batches are not one run: on the
 bundled Mooncake trace (16 KiB blocks) nine in ten blocks moved between the
@@ -94,7 +95,9 @@ class BlockMover:
         staging_bytes: Most bytes of the staging buffer (at least one block is
             always allowed); it is allocated on first use and kept.
         direct_min_bytes: Least bytes of a run of slots that moves directly
-            (without staging) when the batch is not one run.
+            (without staging) when the batch is not one run and the other
+            tier's calls are memory copies (an I/O tier with parts calls
+            takes every run).
 
     Raises:
         ConfigError: A size is not a positive integer.
@@ -177,9 +180,9 @@ class BlockMover:
         parts = getattr(other, "read_into_parts" if into_dst else "write_from_parts", None)
         in_memory = getattr(other, "in_memory", False)
         if not (into_dst or hasattr(src, "slot_view")) or not (in_memory or parts is not None):
-            # No side has views, or the other tier's calls are I/O (Redis) and
-            # take one buffer: one call over the whole batch runs its blocks in
-            # parallel there.
+            # No side has views, or the other tier's calls are I/O and take one
+            # buffer: one call over the whole batch runs its blocks in parallel
+            # there.
             return list(range(len(keys)))
         # A memory copy pays per part; an I/O tier's one parts call takes every
         # run, however short, straight to or from its rows (no staging).

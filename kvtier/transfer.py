@@ -13,10 +13,10 @@ task runs alone) and repeats no key, and moves them with a
 :class:`~kvtier.mover.BlockMover`: when a tier can expose its slots as a
 tensor view (the CPU tier, for an ascending run of slots), the other tier
 gathers straight into it or scatters straight from it: all the runs (of at
-least ``direct_min_bytes`` for a memory tier, any for the disk tier) in one
-parts call where the other tier takes parts, else run by run; the rest passes
-through a staging buffer of at most ``staging_bytes`` per direction,
-allocated once.
+least ``direct_min_bytes`` for a memory tier, any for the disk or Redis
+tier) in one parts call where the other tier takes parts, else run by run;
+the rest passes through a staging buffer of at most ``staging_bytes`` per
+direction, allocated once.
 
 Slot bookkeeping stays with the caller, who reserves destination slots and
 pins source slots before posting; the pipeline settles them when the task
@@ -81,8 +81,8 @@ class TransferPipeline:
         staging_bytes: Most bytes of staging memory per direction (at least
             one block is always allowed).
         direct_min_bytes: Least bytes of a run of slots that moves without
-            staging when a batch's slots are not one run (see
-            :mod:`kvtier.mover`).
+            staging when a batch's slots are not one run and the other tier's
+            calls are memory copies (see :mod:`kvtier.mover`).
 
     Raises:
         ConfigError: A size is not positive.

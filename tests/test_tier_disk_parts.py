@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import random
+import threading
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 import torch
 
-from kvtier.errors import BlockMissingError, ClosedError, InvalidRequestError
+from kvtier.errors import BlockMissingError, ClosedError, InvalidRequestError, TierIOError
 from kvtier.mover import BlockMover
+from kvtier.tiers import disk_batch
+from kvtier.tiers._disk_io import BlockFiles
 from kvtier.tiers.cpu import CpuTier
-from tests.test_tier_disk import LAYOUT, _flip_payload, block_file, blocks, key, tier_at
+from kvtier.tiers.disk import DiskTier
+from tests.test_tier_disk import (
+    LAYOUT,
+    PER_BLOCK,
+    _flip_payload,
+    block_file,
+    blocks,
+    key,
+    tier_at,
+)
 
 BB = LAYOUT.block_bytes
 
@@ -105,3 +119,73 @@ async def test_mover_moves_disk_blocks_straight_into_cpu_rows_and_back(
         await disk.read_into(back, keys, out)
         assert torch.equal(out, data)
     assert mover.staging_rows == 0
+
+
+@pytest.mark.asyncio
+async def test_a_load_gets_a_thread_between_the_calls_of_a_large_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One worker, calls of four blocks: a load queued during a 40-block store
+    runs after the store's first call, not after the whole batch."""
+    monkeypatch.setattr(disk_batch, "CALL_BYTES", 4 * BB)
+    events: list[tuple[str, int]] = []
+    first_write, release = threading.Event(), threading.Event()
+    real_write, real_read = BlockFiles.write, BlockFiles.read
+
+    def write(self: BlockFiles, slot: int, *args: Any) -> None:
+        events.append(("write", slot))
+        if len(events) == 1:
+            first_write.set()
+            release.wait(30)
+        real_write(self, slot, *args)
+
+    def read(self: BlockFiles, slot: int, *args: Any) -> bool:
+        events.append(("read", slot))
+        return real_read(self, slot, *args)
+
+    data = blocks(41, seed=7)
+    async with DiskTier(tmp_path, LAYOUT, 64 * PER_BLOCK, max_workers=1) as tier:
+        await tier.write_from([60], [key(60)], data[40:])
+        monkeypatch.setattr(BlockFiles, "write", write)
+        monkeypatch.setattr(BlockFiles, "read", read)
+        out = torch.empty(1, BB, dtype=torch.uint8)
+        async with anyio.create_task_group() as group:
+            group.start_soon(
+                tier.write_from, list(range(40)), [key(i) for i in range(40)], data[:40]
+            )
+            await anyio.to_thread.run_sync(first_write.wait)
+            group.start_soon(tier.read_into, [60], [key(60)], out)
+            limiter = tier._batches._limiter
+            while limiter.statistics().tasks_waiting == 0:  # the load waits for the thread
+                await anyio.sleep(0)
+            release.set()
+    assert torch.equal(out, data[40:])
+    assert events.index(("read", 60)) == 4  # after the store's first call of four blocks
+    assert [slot for what, slot in events if what == "write"] == list(range(40))
+
+
+@pytest.mark.asyncio
+async def test_a_row_refusing_its_bytes_fails_the_read_with_a_tier_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with tier_at(tmp_path) as tier:
+        await tier.write_from([0, 1], [key(0), key(1)], blocks(2))
+
+        def broken(self: BlockFiles, slot: int, *args: Any) -> bool:
+            raise RuntimeError("the row refused the bytes")
+
+        monkeypatch.setattr(BlockFiles, "read", broken)
+        with pytest.raises(TierIOError, match="refused the bytes"):
+            await tier.read_into_parts(
+                [0, 1], [key(0), key(1)], [torch.empty(2, BB, dtype=torch.uint8)]
+            )
+
+
+@pytest.mark.asyncio
+async def test_a_bad_buffer_is_reported_before_bad_keys(tmp_path: Path) -> None:
+    async with tier_at(tmp_path) as tier:
+        wrong = torch.empty(2, BB + 1, dtype=torch.uint8)
+        with pytest.raises(InvalidRequestError, match="buffer must be uint8"):
+            await tier.write_from([0, 1], [key(0), key(0)], wrong)
+        with pytest.raises(InvalidRequestError, match="part 0 must be uint8"):
+            await tier.read_into_parts([0, 1], [b"", key(1)], [wrong])

@@ -25,6 +25,7 @@ __all__ = [
     "check_buffer",
     "check_parts",
     "check_slots",
+    "part_row_views",
     "row_views",
     "slot_index",
     "tensor_bytes",
@@ -200,3 +201,16 @@ def row_views(rows: torch.Tensor) -> Callable[[int], memoryview]:
         size = len(whole) // rows.shape[0]
         return lambda index: whole[index * size : (index + 1) * size]
     return lambda index: tensor_bytes(rows[index])
+
+
+def part_row_views(parts: Sequence[torch.Tensor]) -> Callable[[int], memoryview]:
+    """``index -> the bytes of row index`` of consecutive CPU parts taken in order.
+
+    Each part is a CPU tensor ``[rows, …]`` whose rows are each contiguous;
+    the caller keeps the parts alive while the views are in use.
+    """
+    if len(parts) == 1:
+        return row_views(parts[0])
+    views = [row_views(part) for part in parts]
+    where = [(number, row) for number, part in enumerate(parts) for row in range(part.shape[0])]
+    return lambda index: views[where[index][0]](where[index][1])

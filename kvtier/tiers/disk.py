@@ -214,32 +214,54 @@ class DiskTier:
 
     # -- I/O -------------------------------------------------------------------------
 
-    def _batch(self, slots: Sequence[int], keys: Sequence[BlockKey]) -> list[int]:
-        """The batch's slots, after checking them and its keys (no repeats of either)."""
-        slot_list = check_slots(slots, self._num_slots, tier=self._name)
-        if len(keys) != len(slot_list):
-            raise InvalidRequestError(
-                f"tier {self._name}: {len(slot_list)} slots but {len(keys)} keys"
-            )
+    def _check_keys(self, slots: list[int], keys: Sequence[BlockKey]) -> None:
+        """Keys of 1..MAX_KEY_BYTES bytes; no slot or key twice in a batch."""
         for key in keys:
             if not isinstance(key, bytes) or not 0 < len(key) <= MAX_KEY_BYTES:
                 raise InvalidRequestError(
                     f"tier {self._name}: keys must be 1..{MAX_KEY_BYTES} bytes"
                 )
-        if len(set(slot_list)) != len(slot_list) or len(set(keys)) != len(keys):
+        if len(set(slots)) != len(slots) or len(set(keys)) != len(keys):
             raise InvalidRequestError(f"tier {self._name}: a batch repeats a slot or a key")
-        return slot_list
 
-    def _part_rows(
-        self, parts: object, slots: list[int], keys: Sequence[BlockKey], *, read: bool
-    ) -> list[torch.Tensor]:
-        """The rows of checked ``parts``, one per block, on the host for writes."""
-        checked = check_parts(
-            parts, slots, keys, self._layout.block_bytes, tier=self._name, written=read
-        )
-        if not read:
-            checked = [part if part.device.type == "cpu" else part.to("cpu") for part in checked]
-        return [row for part in checked for row in part.unbind(0)]
+    def _checked(
+        self,
+        slots: Sequence[int],
+        keys: Sequence[BlockKey],
+        buffers: object,
+        *,
+        read: bool,
+        one: bool = False,
+    ) -> tuple[list[int], list[torch.Tensor]]:
+        """The batch's slots and buffers (``parts``, or ``one`` buffer), checked."""
+        slot_list = check_slots(slots, self._num_slots, tier=self._name)
+        bytes_ = self._layout.block_bytes
+        if one:  # read_into / write_from
+            parts = [check_buffer(buffers, slot_list, keys, bytes_, tier=self._name)]
+        else:
+            parts = check_parts(buffers, slot_list, keys, bytes_, tier=self._name, written=read)
+        self._check_keys(slot_list, keys)
+        return slot_list, parts
+
+    async def _write(
+        self, slot_list: list[int], keys: Sequence[BlockKey], parts: list[torch.Tensor]
+    ) -> None:
+        host = [part if part.device.type == "cpu" else part.to("cpu") for part in parts]
+        await self._batches.write(slot_list, keys, _rows(host))
+
+    async def _read(
+        self, slot_list: list[int], keys: Sequence[BlockKey], parts: list[torch.Tensor]
+    ) -> None:
+        # Device parts are filled from a host copy here, on the caller's
+        # thread and stream, once every block is read (never from a worker).
+        host = [
+            part if part.device.type == "cpu" else torch.empty(part.shape, dtype=torch.uint8)
+            for part in parts
+        ]
+        await self._batches.read(slot_list, keys, _rows(host))
+        for part, rows in zip(parts, host, strict=True):
+            if rows is not part:
+                part.copy_(rows)
 
     async def write_from(
         self, slots: Sequence[int], keys: Sequence[BlockKey], data: torch.Tensor
@@ -251,11 +273,8 @@ class DiskTier:
             TierIOError: A block could not be written (the others were).
         """
         self._check_open()
-        slot_list = self._batch(slots, keys)
-        rows = check_buffer(data, slot_list, keys, self._layout.block_bytes, tier=self._name)
-        await self._batches.write(
-            slot_list, keys, rows.to("cpu") if rows.device.type != "cpu" else rows
-        )
+        slot_list, checked = self._checked(slots, keys, data, read=False, one=True)
+        await self._write(slot_list, keys, checked)
 
     async def write_from_parts(
         self, slots: Sequence[int], keys: Sequence[BlockKey], parts: Sequence[torch.Tensor]
@@ -272,10 +291,8 @@ class DiskTier:
             TierIOError: A block could not be written (the others were).
         """
         self._check_open()
-        slot_list = self._batch(slots, keys)
-        await self._batches.write(
-            slot_list, keys, self._part_rows(parts, slot_list, keys, read=False)
-        )
+        slot_list, checked = self._checked(slots, keys, parts, read=False)
+        await self._write(slot_list, keys, checked)
 
     async def read_into(
         self, slots: Sequence[int], keys: Sequence[BlockKey], out: torch.Tensor
@@ -291,9 +308,8 @@ class DiskTier:
                 (``EMFILE``, ``ENOMEM``…).
         """
         self._check_open()
-        slot_list = self._batch(slots, keys)
-        rows = check_buffer(out, slot_list, keys, self._layout.block_bytes, tier=self._name)
-        await self._batches.read(slot_list, keys, rows)
+        slot_list, checked = self._checked(slots, keys, out, read=True, one=True)
+        await self._read(slot_list, keys, checked)
 
     async def read_into_parts(
         self, slots: Sequence[int], keys: Sequence[BlockKey], parts: Sequence[torch.Tensor]
@@ -314,10 +330,8 @@ class DiskTier:
             TierIOError: An I/O error that says nothing of the blocks.
         """
         self._check_open()
-        slot_list = self._batch(slots, keys)
-        await self._batches.read(
-            slot_list, keys, self._part_rows(parts, slot_list, keys, read=True)
-        )
+        slot_list, checked = self._checked(slots, keys, parts, read=True)
+        await self._read(slot_list, keys, checked)
 
     async def discard(self, slots: Sequence[int]) -> None:
         """Delete the blocks in ``slots``.
@@ -329,3 +343,10 @@ class DiskTier:
         doomed = self._map.forget(check_slots(slots, self._num_slots, tier=self._name))
         if doomed:
             await self._batches.delete(doomed)
+
+
+def _rows(parts: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """Row ``i`` of the batch at index ``i``: the one buffer itself, or every part's rows."""
+    if len(parts) == 1:
+        return parts[0]
+    return [row for part in parts for row in part.unbind(0)]

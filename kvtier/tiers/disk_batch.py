@@ -25,9 +25,14 @@ from kvtier.tiers._disk_io import BlockFiles
 from kvtier.tiers.base import BlockKey
 from kvtier.tiers.disk_map import DiskMap
 
-__all__ = ["DiskBatches"]
+__all__ = ["CALL_BYTES", "DiskBatches"]
 
 _log = get_logger("kvtier.tiers.disk")
+
+CALL_BYTES: Final = 64 << 20
+"""Most bytes one worker-thread call of a batch reads or writes (32 blocks of
+2 MiB): a store of hundreds of blocks then lets a load waiting for a thread in
+after one call instead of after a quarter of the batch."""
 _FILE_ERRORS: Final = frozenset(
     getattr(errno, name)
     for name in ("EIO", "EBADMSG", "ENODATA", "EUCLEAN", "ESTALE")
@@ -54,20 +59,31 @@ class DiskBatches:
         self._map = blocks
         self._workers = max_workers
         self._limiter = anyio.CapacityLimiter(max_workers)
+        self._call_blocks = max(1, CALL_BYTES // files.block_bytes)
 
     async def _in_workers(self, work: Callable[[range], None], n: int) -> None:
-        """Run ``work`` over ``range(n)`` split into at most ``max_workers`` threads."""
-        step = -(-n // self._workers)
-        if step >= n:  # one thread call: no task group to pay for
+        """Run ``work`` over ``range(n)`` in worker-thread calls of bounded size.
+
+        Calls take at most ``n / max_workers`` blocks and :data:`CALL_BYTES`,
+        and at most ``max_workers`` tasks run them one after another, taking
+        the next range as they go: a batch never holds the tier's limiter for
+        more than one call per worker, so another batch (a load behind a
+        large store) gets a thread after one call, and a cancellation takes
+        effect between calls.
+        """
+        size = max(1, min(-(-n // self._workers), self._call_blocks))
+        if size >= n:  # one thread call: no task group to pay for
             await anyio.to_thread.run_sync(work, range(n), limiter=self._limiter)
             return
+        ranges = iter([range(begin, min(n, begin + size)) for begin in range(0, n, size)])
 
-        async def run(part: range) -> None:
-            await anyio.to_thread.run_sync(work, part, limiter=self._limiter)
+        async def worker() -> None:
+            for part in ranges:  # shared: each task takes the next range
+                await anyio.to_thread.run_sync(work, part, limiter=self._limiter)
 
         async with anyio.create_task_group() as group:
-            for begin in range(0, n, step):
-                group.start_soon(run, range(begin, min(n, begin + step)))
+            for _ in range(min(self._workers, -(-n // size))):
+                group.start_soon(worker)
 
     async def write(
         self,
@@ -91,7 +107,7 @@ class DiskBatches:
                 row = host[index].contiguous()
                 try:
                     self._files.write(slot, keys[index], tensor_bytes(row), recycle[index])
-                except OSError as exc:
+                except (OSError, RuntimeError, MemoryError) as exc:
                     errors.append(self._io_error(f"writing slot {slot}", exc))
                 else:
                     done.append(index)
@@ -169,6 +185,8 @@ class DiskBatches:
                         missing.append(slot)
                     else:
                         errors.append(self._io_error(f"reading slot {slot}", exc))
+                except (RuntimeError, MemoryError) as exc:  # the row refused the bytes
+                    errors.append(self._io_error(f"reading slot {slot}", exc))
 
         await self._in_workers(work, len(slot_list))
         if errors:
@@ -202,7 +220,7 @@ class DiskBatches:
         if first is not None:
             raise first
 
-    def _io_error(self, what: str, exc: OSError) -> TierIOError:
+    def _io_error(self, what: str, exc: Exception) -> TierIOError:
         error = TierIOError(f"tier {self._name}: {what} failed: {exc}", tier=self._name)
         error.__cause__ = exc
         return error

@@ -43,7 +43,6 @@ import redis.exceptions
 import torch
 
 from kvtier.errors import (
-    BlockMissingError,
     ClosedError,
     ConfigError,
     InvalidRequestError,
@@ -51,8 +50,9 @@ from kvtier.errors import (
 )
 from kvtier.log import get_logger
 from kvtier.tiers import redis_framing as framing
-from kvtier.tiers._checks import check_buffer, check_slots, row_views
+from kvtier.tiers._checks import check_parts, check_slots
 from kvtier.tiers.base import BlockKey, BlockLayout
+from kvtier.tiers.redis_batch import RedisBatches
 from kvtier.tiers.redis_client import (
     RedisClient,
     RedisConnection,
@@ -67,7 +67,7 @@ from kvtier.tiers.redis_format import (
     max_value_bytes,
 )
 from kvtier.tiers.redis_io import RedisCommands
-from kvtier.tiers.redis_values import ValueBuffers, take_value
+from kvtier.tiers.redis_values import ValueBuffers
 
 __all__ = ["RedisTier", "redact_url"]
 
@@ -189,6 +189,9 @@ class RedisTier:
         if value_pool_bytes is None:
             value_pool_bytes = batch_size * concurrency * max_value_bytes(layout.block_bytes)
         self._values = ValueBuffers(value_pool_bytes)
+        self._batches = RedisBatches(
+            name, self._keys, self._commands, self._values, layout.block_bytes
+        )
         self._cluster = cluster
         self._discard_deletes = discard_deletes
         self._scan_on_open = scan_on_open
@@ -321,17 +324,19 @@ class RedisTier:
 
     # -- I/O ---------------------------------------------------------------------------
 
-    def _check_batch(
-        self, slots: Sequence[int], keys: Sequence[BlockKey], buffer: torch.Tensor
-    ) -> tuple[list[int], torch.Tensor]:
+    def _batch(self, slots: Sequence[int], keys: Sequence[BlockKey]) -> list[int]:
+        """The batch's slots, after checking them and its keys."""
         slot_list = check_slots(slots, self._num_slots, tier=self._name)
-        rows = check_buffer(buffer, slot_list, keys, self._layout.block_bytes, tier=self._name)
+        if len(keys) != len(slot_list):
+            raise InvalidRequestError(
+                f"tier {self._name}: {len(slot_list)} slots but {len(keys)} keys"
+            )
         for key in keys:
             if not isinstance(key, bytes) or not 0 < len(key) <= MAX_KEY_BYTES:
                 raise InvalidRequestError(
                     f"tier {self._name}: keys must be 1..{MAX_KEY_BYTES} bytes"
                 )
-        return slot_list, rows
+        return slot_list
 
     async def write_from(
         self, slots: Sequence[int], keys: Sequence[BlockKey], data: torch.Tensor
@@ -344,30 +349,30 @@ class RedisTier:
             TierIOError: The server failed, timed out or refused a block (for
                 example out of memory); blocks of other chunks may be stored.
         """
+        await self.write_from_parts(slots, keys, [data])
+
+    async def write_from_parts(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], parts: Sequence[torch.Tensor]
+    ) -> None:
+        """Store several buffers' rows, taken in order, as the blocks ``keys``, in one call.
+
+        Each row is framed straight from its part (the pipeline's mover
+        passes the CPU tier's runs this way: no staging copy).
+
+        Raises:
+            ClosedError: The tier is not open.
+            InvalidRequestError: Bad slots, keys or parts (rows not adding up
+                to ``len(slots)``).
+            TierIOError: As for :meth:`write_from`.
+        """
         client = self._open()
-        slot_list, rows = self._check_batch(slots, keys, data)
-        if rows.device.type != "cpu" or rows.stride(1) != 1:
-            rows = rows.to("cpu").contiguous()
-        fingerprint = self._keys.fingerprint
+        slot_list = self._batch(slots, keys)
+        checked = check_parts(
+            parts, slot_list, keys, self._layout.block_bytes, tier=self._name, written=False
+        )
         for slot, key in zip(slot_list, keys, strict=True):
             self._slot_keys[slot] = key
-        payloads = row_views(rows)
-
-        async def work(begin: int, end: int) -> None:
-            names = [self._keys.name(keys[index]) for index in range(begin, end)]
-            chunk = [(keys[index], payloads(index)) for index in range(begin, end)]
-            framed, pooled = self._values.frame(chunk, fingerprint, packed=self._framed)
-            replies = await self._commands.set(client, names, framed)
-            failed = [reply for reply in replies if isinstance(reply, Exception)]
-            if failed:
-                raise TierIOError(
-                    f"tier {self._name}: the server refused {len(failed)} of "
-                    f"{len(names)} blocks: {failed[0]}",
-                    tier=self._name,
-                ) from failed[0]
-            self._values.give_back(pooled)  # only after a whole, successful round trip
-
-        await self._commands.chunks(len(slot_list), work)
+        await self._batches.store_parts(client, keys, checked, framed=self._framed)
 
     async def read_into(
         self, slots: Sequence[int], keys: Sequence[BlockKey], out: torch.Tensor
@@ -383,35 +388,30 @@ class RedisTier:
                 or lost with a restarted server) or failing verification.
             TierIOError: The server failed or timed out.
         """
+        await self.read_into_parts(slots, keys, [out])
+
+    async def read_into_parts(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], parts: Sequence[torch.Tensor]
+    ) -> None:
+        """Read and verify the blocks ``keys`` into several buffers' rows, taken in order.
+
+        One call; each payload is copied straight into its part's row when
+        the part is host memory with contiguous rows (the CPU tier's runs).
+        On any error the parts' rows hold undefined bytes.
+
+        Raises:
+            ClosedError: The tier is not open.
+            InvalidRequestError: Bad slots, keys or parts (rows not adding up
+                to ``len(slots)``, or parts sharing memory).
+            BlockMissingError: As for :meth:`read_into`.
+            TierIOError: The server failed or timed out.
+        """
         client = self._open()
-        slot_list, rows = self._check_batch(slots, keys, out)
-        direct = rows.device.type == "cpu" and rows.stride(1) == 1
-        target = rows if direct else torch.empty(rows.shape, dtype=torch.uint8)
-        block_bytes = self._layout.block_bytes
-        fingerprint = self._keys.fingerprint
-        missing: list[int] = []
-        targets = row_views(target)
-
-        async def work(begin: int, end: int) -> None:
-            names = [self._keys.name(keys[index]) for index in range(begin, end)]
-            values = await self._commands.get(client, names)
-            for index, value in zip(range(begin, end), values, strict=True):
-                payload = take_value(value, keys[index], fingerprint, block_bytes, self._name)
-                if payload is None:
-                    missing.append(slot_list[index])
-                else:
-                    targets(index)[:] = payload
-
-        await self._commands.chunks(len(slot_list), work)
-        if missing:
-            _log.debug("tier_miss", tier=self._name, n_blocks=len(missing))
-            raise BlockMissingError(
-                f"tier {self._name}: {len(missing)} block(s) missing or failed verification",
-                tier=self._name,
-                slots=tuple(sorted(missing)),
-            )
-        if not direct:
-            rows.copy_(target)
+        slot_list = self._batch(slots, keys)
+        checked = check_parts(
+            parts, slot_list, keys, self._layout.block_bytes, tier=self._name, written=True
+        )
+        await self._batches.load_parts(client, slot_list, keys, checked)
 
     async def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
         """Whether each block is in Redis now (one round trip; it may go at any time).

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +13,14 @@ import anyio
 import pytest
 import torch
 
-from kvtier.errors import BlockMissingError, ClosedError, InvalidRequestError, TierIOError
+from kvtier.errors import (
+    BlockMissingError,
+    ClosedError,
+    ConfigError,
+    InvalidRequestError,
+    TierIOError,
+)
 from kvtier.mover import BlockMover
-from kvtier.tiers import disk_batch
-from kvtier.tiers._disk_io import BlockFiles
 from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.disk import DiskTier
 from tests.test_tier_disk import (
@@ -127,32 +133,31 @@ async def test_a_load_gets_a_thread_between_the_calls_of_a_large_store(
 ) -> None:
     """One worker, calls of four blocks: a load queued during a 40-block store
     runs after the store's first call, not after the whole batch."""
-    monkeypatch.setattr(disk_batch, "CALL_BYTES", 4 * BB)
-    events: list[tuple[str, int]] = []
+    events: list[str] = []
     first_write, release = threading.Event(), threading.Event()
-    real_write, real_read = BlockFiles.write, BlockFiles.read
+    real_pwritev, real_preadv = os.pwritev, os.preadv
 
-    def write(self: BlockFiles, slot: int, *args: Any) -> None:
-        events.append(("write", slot))
+    def pwritev(fd: int, buffers: Sequence[Any], offset: int) -> int:
+        events.append("write")
         if len(events) == 1:
             first_write.set()
             release.wait(30)
-        real_write(self, slot, *args)
+        return real_pwritev(fd, buffers, offset)
 
-    def read(self: BlockFiles, slot: int, *args: Any) -> bool:
-        events.append(("read", slot))
-        return real_read(self, slot, *args)
+    def preadv(fd: int, buffers: Sequence[Any], offset: int) -> int:
+        events.append("read")
+        return real_preadv(fd, buffers, offset)
 
     data = blocks(41, seed=7)
-    async with DiskTier(tmp_path, LAYOUT, 64 * PER_BLOCK, max_workers=1) as tier:
+    tier = DiskTier(tmp_path, LAYOUT, 64 * PER_BLOCK, max_workers=1, call_bytes=4 * BB)
+    async with tier:
         await tier.write_from([60], [key(60)], data[40:])
-        monkeypatch.setattr(BlockFiles, "write", write)
-        monkeypatch.setattr(BlockFiles, "read", read)
+        monkeypatch.setattr(os, "pwritev", pwritev)
+        monkeypatch.setattr(os, "preadv", preadv)
         out = torch.empty(1, BB, dtype=torch.uint8)
         async with anyio.create_task_group() as group:
-            group.start_soon(
-                tier.write_from, list(range(40)), [key(i) for i in range(40)], data[:40]
-            )
+            keys = [key(i) for i in range(40)]
+            group.start_soon(tier.write_from, list(range(40)), keys, data[:40])
             await anyio.to_thread.run_sync(first_write.wait)
             group.start_soon(tier.read_into, [60], [key(60)], out)
             limiter = tier._batches._limiter
@@ -160,25 +165,32 @@ async def test_a_load_gets_a_thread_between_the_calls_of_a_large_store(
                 await anyio.sleep(0)
             release.set()
     assert torch.equal(out, data[40:])
-    assert events.index(("read", 60)) == 4  # after the store's first call of four blocks
-    assert [slot for what, slot in events if what == "write"] == list(range(40))
+    assert events.index("read") == 4  # after the store's first call of four blocks
+    assert events.count("write") == 40
 
 
 @pytest.mark.asyncio
-async def test_a_row_refusing_its_bytes_fails_the_read_with_a_tier_error(
+async def test_an_unexpected_failure_in_a_worker_is_a_tier_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with tier_at(tmp_path) as tier:
+    """Not an OSError (the kernel's MemoryError, a row refusing bytes): still a TierIOError."""
+    async with tier_at(tmp_path, slots=8) as tier:
         await tier.write_from([0, 1], [key(0), key(1)], blocks(2))
 
-        def broken(self: BlockFiles, slot: int, *args: Any) -> bool:
-            raise RuntimeError("the row refused the bytes")
+        def out_of_memory(*_: object) -> int:
+            raise MemoryError("no memory for the read")
 
-        monkeypatch.setattr(BlockFiles, "read", broken)
-        with pytest.raises(TierIOError, match="refused the bytes"):
-            await tier.read_into_parts(
-                [0, 1], [key(0), key(1)], [torch.empty(2, BB, dtype=torch.uint8)]
-            )
+        monkeypatch.setattr(os, "preadv", out_of_memory)
+        monkeypatch.setattr(os, "pwritev", out_of_memory)
+        out = [torch.empty(1, BB, dtype=torch.uint8), torch.empty(1, BB, dtype=torch.uint8)]
+        with pytest.raises(TierIOError, match="no memory"):
+            await tier.read_into_parts([0, 1], [key(0), key(1)], out)
+        with pytest.raises(TierIOError, match="no memory"):
+            await tier.write_from_parts([2, 3], [key(2), key(3)], out)
+        monkeypatch.undo()
+    # The failed writes left no file behind (no block, no temp file).
+    names = {path.name for path in tmp_path.iterdir()}
+    assert names == {block_file(tmp_path, 0).name, block_file(tmp_path, 1).name}
 
 
 @pytest.mark.asyncio
@@ -189,3 +201,9 @@ async def test_a_bad_buffer_is_reported_before_bad_keys(tmp_path: Path) -> None:
             await tier.write_from([0, 1], [key(0), key(0)], wrong)
         with pytest.raises(InvalidRequestError, match="part 0 must be uint8"):
             await tier.read_into_parts([0, 1], [b"", key(1)], [wrong])
+
+
+@pytest.mark.parametrize("value", [0, -1, True, 1.5])
+def test_call_bytes_must_be_a_positive_integer(tmp_path: Path, value: object) -> None:
+    with pytest.raises(ConfigError, match="call_bytes"):
+        DiskTier(tmp_path, LAYOUT, 4 * PER_BLOCK, call_bytes=value)  # type: ignore[arg-type]

@@ -56,7 +56,7 @@ from kvtier.log import get_logger
 from kvtier.tiers._checks import check_buffer, check_parts, check_slots
 from kvtier.tiers._disk_io import BlockFiles
 from kvtier.tiers.base import BlockKey, BlockLayout
-from kvtier.tiers.disk_batch import DiskBatches
+from kvtier.tiers.disk_batch import CALL_BYTES, DiskBatches
 from kvtier.tiers.disk_dir import check_direct_io, claim_directory, scan
 from kvtier.tiers.disk_format import MAX_KEY_BYTES, file_bytes
 from kvtier.tiers.disk_map import DiskMap
@@ -78,12 +78,16 @@ class DiskTier:
             (:meth:`bytes_per_block` each) fit in it.
         name: The tier's name (``medium`` of its events).
         max_workers: Worker threads doing one batch's I/O at once.
+        call_bytes: Most bytes one worker-thread call reads or writes; a
+            large batch is cut into such calls, so another batch waiting for
+            a thread (a load behind a large store) gets one after a call.
         fsync: ``fsync`` each block before it replaces the old one, and the
             directory after a batch's renames.
         direct_io: Open block files with ``O_DIRECT`` (bypassing the page cache).
 
     Raises:
-        ConfigError: The budget holds no block, or ``max_workers`` < 1.
+        ConfigError: The budget holds no block, or ``max_workers`` or
+            ``call_bytes`` < 1.
     """
 
     def __init__(
@@ -94,6 +98,7 @@ class DiskTier:
         *,
         name: str = "disk",
         max_workers: int = 4,
+        call_bytes: int = CALL_BYTES,
         fsync: bool = False,
         direct_io: bool = False,
     ) -> None:
@@ -106,6 +111,8 @@ class DiskTier:
             )
         if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
             raise ConfigError(f"max_workers must be an integer >= 1, got {max_workers!r}")
+        if isinstance(call_bytes, bool) or not isinstance(call_bytes, int) or call_bytes < 1:
+            raise ConfigError(f"call_bytes must be an integer >= 1, got {call_bytes!r}")
         if capacity_bytes // per_block > _MAX_SLOTS:
             raise ConfigError(
                 f"capacity_bytes={capacity_bytes} holds more than {_MAX_SLOTS} blocks "
@@ -121,7 +128,9 @@ class DiskTier:
             Path(path), layout.block_bytes, layout.fingerprint(), direct=direct_io, fsync=fsync
         )
         self._map = DiskMap()
-        self._batches = DiskBatches(name, self._files, self._map, max_workers)
+        self._batches = DiskBatches(
+            name, self._files, self._map, max_workers=max_workers, call_bytes=call_bytes
+        )
         self._recovered: list[tuple[int, BlockKey]] = []
         self._opened = False
         self._closed = False

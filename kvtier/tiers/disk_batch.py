@@ -30,7 +30,7 @@ __all__ = ["CALL_BYTES", "DiskBatches"]
 _log = get_logger("kvtier.tiers.disk")
 
 CALL_BYTES: Final = 64 << 20
-"""Most bytes one worker-thread call of a batch reads or writes (32 blocks of
+"""Default most bytes one worker-thread call of a batch reads or writes (32 blocks of
 2 MiB): a store of hundreds of blocks then lets a load waiting for a thread in
 after one call instead of after a quarter of the batch."""
 _FILE_ERRORS: Final = frozenset(
@@ -51,20 +51,29 @@ class DiskBatches:
         files: The directory's block files.
         blocks: The tier's slot ↔ key map, kept exact by every write.
         max_workers: Worker threads one batch uses at most.
+        call_bytes: Most bytes one worker-thread call moves (at least a block).
     """
 
-    def __init__(self, name: str, files: BlockFiles, blocks: DiskMap, max_workers: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        files: BlockFiles,
+        blocks: DiskMap,
+        *,
+        max_workers: int,
+        call_bytes: int = CALL_BYTES,
+    ) -> None:
         self._name = name
         self._files = files
         self._map = blocks
         self._workers = max_workers
         self._limiter = anyio.CapacityLimiter(max_workers)
-        self._call_blocks = max(1, CALL_BYTES // files.block_bytes)
+        self._call_blocks = max(1, call_bytes // files.block_bytes)
 
     async def _in_workers(self, work: Callable[[range], None], n: int) -> None:
         """Run ``work`` over ``range(n)`` in worker-thread calls of bounded size.
 
-        Calls take at most ``n / max_workers`` blocks and :data:`CALL_BYTES`,
+        Calls take at most ``n / max_workers`` blocks and ``call_bytes``,
         and at most ``max_workers`` tasks run them one after another, taking
         the next range as they go: a batch never holds the tier's limiter for
         more than one call per worker, so another batch (a load behind a

@@ -6,8 +6,9 @@ must pass the same tests.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import pytest
 import pytest_asyncio
@@ -74,6 +75,19 @@ async def tier(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
     store = TIERS[request.param](tmp_path, request)
     async with store:
         yield store
+
+
+@runtime_checkable
+class TakesParts(Protocol):
+    """The optional parts calls (see :class:`~kvtier.tiers.base.BlockStore`)."""
+
+    async def read_into_parts(
+        self, slots: Sequence[int], keys: Sequence[bytes], parts: Sequence[torch.Tensor]
+    ) -> None: ...
+
+    async def write_from_parts(
+        self, slots: Sequence[int], keys: Sequence[bytes], parts: Sequence[torch.Tensor]
+    ) -> None: ...
 
 
 def random_blocks(n: int, seed: int) -> torch.Tensor:
@@ -166,3 +180,44 @@ async def test_closed_tier_refuses_everything_and_close_is_idempotent(
             await store.read_into([0], keys([0]), data)
         with pytest.raises(ClosedError):
             await store.discard([0])
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("sizes", [[1], [3, 0, 1, 4], [1] * 9, [20, 44]])
+async def test_parts_calls_move_what_one_call_per_part_would(
+    tier: BlockStore, sizes: list[int]
+) -> None:
+    """Every shipped tier takes a batch in several buffers (the mover's one-call path)."""
+    n = sum(sizes)
+    generator = torch.Generator().manual_seed(n)
+    slots = torch.randperm(SLOTS, generator=generator)[:n].tolist()
+    data = random_blocks(n, n)
+    assert isinstance(tier, TakesParts)
+    sources, at = [], 0
+    for size in sizes:  # plain, row-strided and column-major parts in turn
+        kind = len(sources) % 3
+        part = (
+            torch.zeros(size, LAYOUT.block_bytes, dtype=torch.uint8)
+            if kind == 0
+            else torch.zeros(size, LAYOUT.block_bytes + 8, dtype=torch.uint8)[:, 4:-4]
+            if kind == 1
+            else torch.zeros(LAYOUT.block_bytes, size, dtype=torch.uint8).t()
+        )
+        part.copy_(data[at : at + size])
+        sources.append(part)
+        at += size
+    await tier.write_from_parts(slots, keys(slots, tag=5), sources)
+    whole = torch.empty_like(data)
+    await tier.read_into(slots, keys(slots, tag=5), whole)
+    assert torch.equal(whole, data)
+    targets = [  # contiguous and column-major in turn
+        torch.empty(size, LAYOUT.block_bytes, dtype=torch.uint8)
+        if i % 2
+        else torch.empty(LAYOUT.block_bytes, size, dtype=torch.uint8).t()
+        for i, size in enumerate(sizes)
+    ]
+    await tier.read_into_parts(slots, keys(slots, tag=5), targets)
+    assert torch.equal(torch.cat(targets), data)
+    extra = torch.empty(1, LAYOUT.block_bytes, dtype=torch.uint8)
+    with pytest.raises(InvalidRequestError, match=f"parts hold {n + 1} rows for {n} slots"):
+        await tier.read_into_parts(slots, keys(slots, tag=5), [*targets, extra])

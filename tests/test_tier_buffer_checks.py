@@ -219,3 +219,17 @@ async def test_small_scattered_cuda_copies_do_not_block_the_loop_on_engine_work(
     torch.cuda.synchronize()
     assert not out.any()
     await tier.aclose()
+
+
+def test_row_views_refuse_rows_that_are_not_contiguous_host_memory() -> None:
+    from kvtier.tiers._checks import part_row_views, row_views
+
+    by_column = torch.zeros(512, 4, dtype=torch.uint8).t()
+    with pytest.raises(InvalidRequestError, match="contiguous"):
+        row_views(by_column)
+    with pytest.raises(InvalidRequestError, match="contiguous"):
+        part_row_views([torch.zeros(2, 512, dtype=torch.uint8), by_column])
+    rows = torch.arange(8, dtype=torch.uint8).view(2, 4)
+    views = part_row_views([rows[:1], torch.zeros(0, 4, dtype=torch.uint8), rows[1:]])
+    assert bytes(views(0)) == bytes([0, 1, 2, 3])
+    assert bytes(views(1)) == bytes([4, 5, 6, 7])

@@ -34,6 +34,7 @@ from tests.test_tier_disk import (
 )
 
 BB = LAYOUT.block_bytes
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def columnar(n: int) -> torch.Tensor:
@@ -207,3 +208,33 @@ async def test_a_bad_buffer_is_reported_before_bad_keys(tmp_path: Path) -> None:
 def test_call_bytes_must_be_a_positive_integer(tmp_path: Path, value: object) -> None:
     with pytest.raises(ConfigError, match="call_bytes"):
         DiskTier(tmp_path, LAYOUT, 4 * PER_BLOCK, call_bytes=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "where",
+    [
+        "padded",
+        "columnar",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.cuda, NEEDS_CUDA],
+        ),
+    ],
+)
+async def test_a_missing_block_still_fills_the_others(tmp_path: Path, where: str) -> None:
+    """Strided rows are read one by one; a device part is filled from a host copy."""
+    data = blocks(3, seed=8)
+    keys = [key(i) for i in range(3)]
+    if where == "padded":
+        part = torch.zeros(3, BB + 2, dtype=torch.uint8)[:, 1 : 1 + BB]
+    elif where == "columnar":
+        part = columnar(3)
+    else:
+        part = torch.zeros(3, BB, dtype=torch.uint8, device="cuda")
+    async with tier_at(tmp_path) as tier:
+        await tier.write_from([0, 1, 2], keys, data)
+        _flip_payload(block_file(tmp_path, 1))
+        with pytest.raises(BlockMissingError):
+            await tier.read_into_parts([0, 1, 2], keys, [part])
+        assert torch.equal(part[[0, 2]].cpu(), data[[0, 2]])

@@ -87,3 +87,32 @@ async def test_mover_moves_cpu_rows_to_redis_and_back_without_staging(
         await mover.move(store, list(range(n)), cpu, back, keys)
         assert torch.equal(rows[back], data)
     assert mover.staging_rows == 0
+
+
+@pytest.mark.asyncio
+async def test_one_buffer_calls_name_the_buffer_and_check_it_before_the_keys(
+    shared_redis: RedisServer,
+) -> None:
+    async with tier(shared_redis, "parts-errors:") as store:
+        wrong = torch.empty(3, BB, dtype=torch.uint8)
+        with pytest.raises(InvalidRequestError, match=r"buffer must be uint8 \[2, "):
+            await store.write_from([0, 1], [b"", key(1)], wrong)  # a bad key too
+        with pytest.raises(InvalidRequestError, match="buffer rows overlap"):
+            await store.read_into([0, 1], [key(0), key(1)], wrong[:1].expand(2, BB))
+        with pytest.raises(InvalidRequestError, match="keys must be"):
+            await store.read_into([0, 1], [b"", key(1)], wrong[:2])
+
+
+@pytest.mark.asyncio
+async def test_a_missing_block_still_fills_the_others_in_parts_read_through_a_copy(
+    shared_redis: RedisServer,
+) -> None:
+    data = blocks(4, seed=9)
+    keys = [key(60 + i) for i in range(4)]
+    async with tier(shared_redis, "parts-copy:") as store:
+        await store.write_from([0, 1, 2, 3], keys, data)
+        await store.discard([2])
+        strided = columnar(4)  # not host memory a row view can cover: loaded through a copy
+        with pytest.raises(BlockMissingError):
+            await store.read_into_parts([0, 1, 2, 3], keys, [strided])
+        assert torch.equal(strided[[0, 1, 3]], data[[0, 1, 3]])

@@ -21,8 +21,10 @@ from kvtier.tiers._memory import any_overlap, grid_overlaps_itself
 
 __all__ = [
     "ascending_run",
+    "check_batch",
     "byte_rows",
     "check_buffer",
+    "check_buffers",
     "check_parts",
     "check_slots",
     "part_row_views",
@@ -115,6 +117,72 @@ def check_parts(
     return checked
 
 
+def check_buffers(
+    buffers: object,
+    slots: Sequence[int],
+    keys: Sequence[bytes],
+    row_bytes: int,
+    *,
+    tier: str,
+    one: bool,
+    written: bool,
+) -> list[torch.Tensor]:
+    """A batch's buffers as a list: ``one`` buffer (``read_into`` / ``write_from``) or parts.
+
+    One buffer is checked by :func:`check_buffer` (its errors name "buffer"),
+    parts by :func:`check_parts`.
+
+    Raises:
+        InvalidRequestError: As :func:`check_buffer` or :func:`check_parts`.
+    """
+    if one:
+        return [check_buffer(buffers, slots, keys, row_bytes, tier=tier)]
+    return check_parts(buffers, slots, keys, row_bytes, tier=tier, written=written)
+
+
+def check_batch(
+    slots: Sequence[int],
+    keys: Sequence[bytes],
+    buffers: object,
+    *,
+    num_slots: int,
+    row_bytes: int,
+    tier: str,
+    one: bool,
+    written: bool,
+    max_key_bytes: int,
+    unique: bool,
+) -> tuple[list[int], list[torch.Tensor]]:
+    """A batch of a tier that names blocks by key: slots, buffers, then keys, checked.
+
+    Args:
+        slots: The batch's slots.
+        keys: One key per slot, each ``bytes`` of 1..``max_key_bytes``.
+        buffers: ``one`` buffer (``read_into`` / ``write_from``) or parts.
+        num_slots: The tier's capacity.
+        row_bytes: Bytes per block.
+        tier: The tier's name, for errors.
+        one: ``buffers`` is one buffer, not parts.
+        written: The buffers will be written into (see :func:`check_parts`).
+        max_key_bytes: Longest key.
+        unique: No slot and no key may appear twice.
+
+    Returns:
+        The slots as a list of ints and the buffers as a list.
+
+    Raises:
+        InvalidRequestError: The first check that fails, in that order.
+    """
+    slot_list = check_slots(slots, num_slots, tier=tier)
+    parts = check_buffers(buffers, slot_list, keys, row_bytes, tier=tier, one=one, written=written)
+    for key in keys:
+        if not isinstance(key, bytes) or not 0 < len(key) <= max_key_bytes:
+            raise InvalidRequestError(f"tier {tier}: keys must be 1..{max_key_bytes} bytes")
+    if unique and (len(set(slot_list)) != len(slot_list) or len(set(keys)) != len(keys)):
+        raise InvalidRequestError(f"tier {tier}: a batch repeats a slot or a key")
+    return slot_list, parts
+
+
 def _check_keys(slots: Sequence[int], keys: Sequence[bytes], *, tier: str) -> None:
     if len(keys) != len(slots):
         raise InvalidRequestError(f"tier {tier}: {len(slots)} slots but {len(keys)} keys")
@@ -195,7 +263,13 @@ def row_views(rows: torch.Tensor) -> Callable[[int], memoryview]:
 
     ``rows`` is a CPU tensor ``[n, …]`` whose rows are each contiguous; the
     caller keeps it alive while the views are in use.
+
+    Raises:
+        InvalidRequestError: ``rows`` is not host memory with contiguous rows
+            (a view would cover other bytes than the row's).
     """
+    if rows.device.type != "cpu" or (rows.shape[0] and not rows[0].is_contiguous()):
+        raise InvalidRequestError("row views need host memory whose rows are each contiguous")
     if rows.is_contiguous() and rows.shape[0]:
         whole = tensor_bytes(rows)
         size = len(whole) // rows.shape[0]

@@ -47,13 +47,13 @@ import anyio
 import torch
 
 from kvtier.errors import (
+    BlockMissingError,
     ClosedError,
     ConfigError,
-    InvalidRequestError,
     TierIOError,
 )
 from kvtier.log import get_logger
-from kvtier.tiers._checks import check_buffer, check_parts, check_slots
+from kvtier.tiers._checks import check_batch, check_slots
 from kvtier.tiers._disk_io import BlockFiles
 from kvtier.tiers.base import BlockKey, BlockLayout
 from kvtier.tiers.disk_batch import CALL_BYTES, DiskBatches
@@ -223,16 +223,6 @@ class DiskTier:
 
     # -- I/O -------------------------------------------------------------------------
 
-    def _check_keys(self, slots: list[int], keys: Sequence[BlockKey]) -> None:
-        """Keys of 1..MAX_KEY_BYTES bytes; no slot or key twice in a batch."""
-        for key in keys:
-            if not isinstance(key, bytes) or not 0 < len(key) <= MAX_KEY_BYTES:
-                raise InvalidRequestError(
-                    f"tier {self._name}: keys must be 1..{MAX_KEY_BYTES} bytes"
-                )
-        if len(set(slots)) != len(slots) or len(set(keys)) != len(keys):
-            raise InvalidRequestError(f"tier {self._name}: a batch repeats a slot or a key")
-
     def _checked(
         self,
         slots: Sequence[int],
@@ -242,15 +232,19 @@ class DiskTier:
         read: bool,
         one: bool = False,
     ) -> tuple[list[int], list[torch.Tensor]]:
-        """The batch's slots and buffers (``parts``, or ``one`` buffer), checked."""
-        slot_list = check_slots(slots, self._num_slots, tier=self._name)
-        bytes_ = self._layout.block_bytes
-        if one:  # read_into / write_from
-            parts = [check_buffer(buffers, slot_list, keys, bytes_, tier=self._name)]
-        else:
-            parts = check_parts(buffers, slot_list, keys, bytes_, tier=self._name, written=read)
-        self._check_keys(slot_list, keys)
-        return slot_list, parts
+        """The batch's slots and buffers (``parts``, or ``one`` buffer), then its keys, checked."""
+        return check_batch(
+            slots,
+            keys,
+            buffers,
+            num_slots=self._num_slots,
+            row_bytes=self._layout.block_bytes,
+            tier=self._name,
+            one=one,
+            written=read,
+            max_key_bytes=MAX_KEY_BYTES,
+            unique=True,
+        )
 
     async def _write(
         self, slot_list: list[int], keys: Sequence[BlockKey], parts: list[torch.Tensor]
@@ -267,10 +261,12 @@ class DiskTier:
             part if part.device.type == "cpu" else torch.empty(part.shape, dtype=torch.uint8)
             for part in parts
         ]
-        await self._batches.read(slot_list, keys, _rows(host))
-        for part, rows in zip(parts, host, strict=True):
-            if rows is not part:
-                part.copy_(rows)
+        try:
+            await self._batches.read(slot_list, keys, _rows(host))
+        except BlockMissingError:
+            _copy_back(parts, host)  # the blocks that were read are filled, as promised
+            raise
+        _copy_back(parts, host)
 
     async def write_from(
         self, slots: Sequence[int], keys: Sequence[BlockKey], data: torch.Tensor
@@ -359,3 +355,10 @@ def _rows(parts: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
     if len(parts) == 1:
         return parts[0]
     return [row for part in parts for row in part.unbind(0)]
+
+
+def _copy_back(parts: list[torch.Tensor], host: list[torch.Tensor]) -> None:
+    """Fill the parts that were read through a host copy."""
+    for part, rows in zip(parts, host, strict=True):
+        if rows is not part:
+            part.copy_(rows)

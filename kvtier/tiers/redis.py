@@ -50,7 +50,7 @@ from kvtier.errors import (
 )
 from kvtier.log import get_logger
 from kvtier.tiers import redis_framing as framing
-from kvtier.tiers._checks import check_parts, check_slots
+from kvtier.tiers._checks import check_batch, check_slots
 from kvtier.tiers.base import BlockKey, BlockLayout
 from kvtier.tiers.redis_batch import RedisBatches
 from kvtier.tiers.redis_client import (
@@ -324,19 +324,36 @@ class RedisTier:
 
     # -- I/O ---------------------------------------------------------------------------
 
-    def _batch(self, slots: Sequence[int], keys: Sequence[BlockKey]) -> list[int]:
-        """The batch's slots, after checking them and its keys."""
-        slot_list = check_slots(slots, self._num_slots, tier=self._name)
-        if len(keys) != len(slot_list):
-            raise InvalidRequestError(
-                f"tier {self._name}: {len(slot_list)} slots but {len(keys)} keys"
-            )
-        for key in keys:
-            if not isinstance(key, bytes) or not 0 < len(key) <= MAX_KEY_BYTES:
-                raise InvalidRequestError(
-                    f"tier {self._name}: keys must be 1..{MAX_KEY_BYTES} bytes"
-                )
-        return slot_list
+    def _checked(
+        self,
+        slots: Sequence[int],
+        keys: Sequence[BlockKey],
+        buffers: object,
+        *,
+        read: bool,
+        one: bool = False,
+    ) -> tuple[list[int], list[torch.Tensor]]:
+        """The batch's slots and buffers (``parts``, or ``one`` buffer), then its keys, checked."""
+        return check_batch(
+            slots,
+            keys,
+            buffers,
+            num_slots=self._num_slots,
+            row_bytes=self._layout.block_bytes,
+            tier=self._name,
+            one=one,
+            written=read,
+            max_key_bytes=MAX_KEY_BYTES,
+            unique=False,
+        )
+
+    async def _store(
+        self, slot_list: list[int], keys: Sequence[BlockKey], parts: list[torch.Tensor]
+    ) -> None:
+        client = self._open()
+        for slot, key in zip(slot_list, keys, strict=True):
+            self._slot_keys[slot] = key
+        await self._batches.store_parts(client, keys, parts, framed=self._framed)
 
     async def write_from(
         self, slots: Sequence[int], keys: Sequence[BlockKey], data: torch.Tensor
@@ -349,7 +366,9 @@ class RedisTier:
             TierIOError: The server failed, timed out or refused a block (for
                 example out of memory); blocks of other chunks may be stored.
         """
-        await self.write_from_parts(slots, keys, [data])
+        self._open()
+        slot_list, parts = self._checked(slots, keys, data, read=False, one=True)
+        await self._store(slot_list, keys, parts)
 
     async def write_from_parts(
         self, slots: Sequence[int], keys: Sequence[BlockKey], parts: Sequence[torch.Tensor]
@@ -365,14 +384,9 @@ class RedisTier:
                 to ``len(slots)``).
             TierIOError: As for :meth:`write_from`.
         """
-        client = self._open()
-        slot_list = self._batch(slots, keys)
-        checked = check_parts(
-            parts, slot_list, keys, self._layout.block_bytes, tier=self._name, written=False
-        )
-        for slot, key in zip(slot_list, keys, strict=True):
-            self._slot_keys[slot] = key
-        await self._batches.store_parts(client, keys, checked, framed=self._framed)
+        self._open()
+        slot_list, checked = self._checked(slots, keys, parts, read=False)
+        await self._store(slot_list, keys, checked)
 
     async def read_into(
         self, slots: Sequence[int], keys: Sequence[BlockKey], out: torch.Tensor
@@ -388,7 +402,9 @@ class RedisTier:
                 or lost with a restarted server) or failing verification.
             TierIOError: The server failed or timed out.
         """
-        await self.read_into_parts(slots, keys, [out])
+        client = self._open()
+        slot_list, parts = self._checked(slots, keys, out, read=True, one=True)
+        await self._batches.load_parts(client, slot_list, keys, parts)
 
     async def read_into_parts(
         self, slots: Sequence[int], keys: Sequence[BlockKey], parts: Sequence[torch.Tensor]
@@ -397,7 +413,7 @@ class RedisTier:
 
         One call; each payload is copied straight into its part's row when
         the part is host memory with contiguous rows (the CPU tier's runs).
-        On any error the parts' rows hold undefined bytes.
+        When blocks are missing, the others are filled before the error.
 
         Raises:
             ClosedError: The tier is not open.
@@ -407,10 +423,7 @@ class RedisTier:
             TierIOError: The server failed or timed out.
         """
         client = self._open()
-        slot_list = self._batch(slots, keys)
-        checked = check_parts(
-            parts, slot_list, keys, self._layout.block_bytes, tier=self._name, written=True
-        )
+        slot_list, checked = self._checked(slots, keys, parts, read=True)
         await self._batches.load_parts(client, slot_list, keys, checked)
 
     async def contains(self, keys: Sequence[BlockKey]) -> list[bool]:

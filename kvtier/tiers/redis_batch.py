@@ -85,8 +85,8 @@ class RedisBatches:
         """Load and verify the blocks ``keys`` into the rows of ``parts``, taken in order.
 
         Payloads land straight in host parts; other parts are filled from a
-        host copy once every block has loaded (on any error the parts' rows
-        hold undefined bytes).
+        host copy once the round trips end (also when blocks are missing: the
+        others are filled; on other errors the rows are undefined).
 
         Raises:
             BlockMissingError: As for :meth:`load`.
@@ -95,10 +95,12 @@ class RedisBatches:
         targets = [
             part if _on_host(part) else torch.empty(part.shape, dtype=torch.uint8) for part in parts
         ]
-        await self.load(client, slots, keys, part_row_views(targets))
-        for part, target in zip(parts, targets, strict=True):
-            if target is not part:
-                part.copy_(target)
+        try:
+            await self.load(client, slots, keys, part_row_views(targets))
+        except BlockMissingError:
+            _copy_back(parts, targets)  # the blocks that loaded are filled, as promised
+            raise
+        _copy_back(parts, targets)
 
     async def store(
         self,
@@ -172,3 +174,10 @@ class RedisBatches:
 def _on_host(part: torch.Tensor) -> bool:
     """Whether a part's rows are host memory that a ``memoryview`` covers row by row."""
     return part.device.type == "cpu" and part.stride(1) == 1
+
+
+def _copy_back(parts: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> None:
+    """Fill the parts that were loaded through a host copy."""
+    for part, target in zip(parts, targets, strict=True):
+        if target is not part:
+            part.copy_(target)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
@@ -128,6 +129,14 @@ class DiskTier:
             Path(path), layout.block_bytes, layout.fingerprint(), direct=direct_io, fsync=fsync
         )
         self._map = DiskMap()
+        self._checked = partial(  # a batch's slots, buffers, then keys (check_batch)
+            check_batch,
+            num_slots=self._num_slots,
+            row_bytes=layout.block_bytes,
+            tier=name,
+            max_key_bytes=MAX_KEY_BYTES,
+            unique=True,
+        )
         self._batches = DiskBatches(
             name, self._files, self._map, max_workers=max_workers, call_bytes=call_bytes
         )
@@ -223,29 +232,6 @@ class DiskTier:
 
     # -- I/O -------------------------------------------------------------------------
 
-    def _checked(
-        self,
-        slots: Sequence[int],
-        keys: Sequence[BlockKey],
-        buffers: object,
-        *,
-        read: bool,
-        one: bool = False,
-    ) -> tuple[list[int], list[torch.Tensor]]:
-        """The batch's slots and buffers (``parts``, or ``one`` buffer), then its keys, checked."""
-        return check_batch(
-            slots,
-            keys,
-            buffers,
-            num_slots=self._num_slots,
-            row_bytes=self._layout.block_bytes,
-            tier=self._name,
-            one=one,
-            written=read,
-            max_key_bytes=MAX_KEY_BYTES,
-            unique=True,
-        )
-
     async def _write(
         self, slot_list: list[int], keys: Sequence[BlockKey], parts: list[torch.Tensor]
     ) -> None:
@@ -278,7 +264,7 @@ class DiskTier:
             TierIOError: A block could not be written (the others were).
         """
         self._check_open()
-        slot_list, checked = self._checked(slots, keys, data, read=False, one=True)
+        slot_list, checked = self._checked(slots, keys, data, one=True, written=False)
         await self._write(slot_list, keys, checked)
 
     async def write_from_parts(
@@ -296,7 +282,7 @@ class DiskTier:
             TierIOError: A block could not be written (the others were).
         """
         self._check_open()
-        slot_list, checked = self._checked(slots, keys, parts, read=False)
+        slot_list, checked = self._checked(slots, keys, parts, one=False, written=False)
         await self._write(slot_list, keys, checked)
 
     async def read_into(
@@ -313,7 +299,7 @@ class DiskTier:
                 (``EMFILE``, ``ENOMEM``…).
         """
         self._check_open()
-        slot_list, checked = self._checked(slots, keys, out, read=True, one=True)
+        slot_list, checked = self._checked(slots, keys, out, one=True, written=True)
         await self._read(slot_list, keys, checked)
 
     async def read_into_parts(
@@ -335,7 +321,7 @@ class DiskTier:
             TierIOError: An I/O error that says nothing of the blocks.
         """
         self._check_open()
-        slot_list, checked = self._checked(slots, keys, parts, read=True)
+        slot_list, checked = self._checked(slots, keys, parts, one=False, written=True)
         await self._read(slot_list, keys, checked)
 
     async def discard(self, slots: Sequence[int]) -> None:

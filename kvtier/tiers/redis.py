@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from functools import partial
 from types import TracebackType
 from typing import Self
 
@@ -189,6 +190,14 @@ class RedisTier:
         if value_pool_bytes is None:
             value_pool_bytes = batch_size * concurrency * max_value_bytes(layout.block_bytes)
         self._values = ValueBuffers(value_pool_bytes)
+        self._checked = partial(  # a batch's slots, buffers, then keys (check_batch)
+            check_batch,
+            num_slots=self._num_slots,
+            row_bytes=layout.block_bytes,
+            tier=name,
+            max_key_bytes=MAX_KEY_BYTES,
+            unique=False,
+        )
         self._batches = RedisBatches(
             name, self._keys, self._commands, self._values, layout.block_bytes
         )
@@ -324,29 +333,6 @@ class RedisTier:
 
     # -- I/O ---------------------------------------------------------------------------
 
-    def _checked(
-        self,
-        slots: Sequence[int],
-        keys: Sequence[BlockKey],
-        buffers: object,
-        *,
-        read: bool,
-        one: bool = False,
-    ) -> tuple[list[int], list[torch.Tensor]]:
-        """The batch's slots and buffers (``parts``, or ``one`` buffer), then its keys, checked."""
-        return check_batch(
-            slots,
-            keys,
-            buffers,
-            num_slots=self._num_slots,
-            row_bytes=self._layout.block_bytes,
-            tier=self._name,
-            one=one,
-            written=read,
-            max_key_bytes=MAX_KEY_BYTES,
-            unique=False,
-        )
-
     async def _store(
         self, slot_list: list[int], keys: Sequence[BlockKey], parts: list[torch.Tensor]
     ) -> None:
@@ -367,7 +353,7 @@ class RedisTier:
                 example out of memory); blocks of other chunks may be stored.
         """
         self._open()
-        slot_list, parts = self._checked(slots, keys, data, read=False, one=True)
+        slot_list, parts = self._checked(slots, keys, data, one=True, written=False)
         await self._store(slot_list, keys, parts)
 
     async def write_from_parts(
@@ -385,7 +371,7 @@ class RedisTier:
             TierIOError: As for :meth:`write_from`.
         """
         self._open()
-        slot_list, checked = self._checked(slots, keys, parts, read=False)
+        slot_list, checked = self._checked(slots, keys, parts, one=False, written=False)
         await self._store(slot_list, keys, checked)
 
     async def read_into(
@@ -403,7 +389,7 @@ class RedisTier:
             TierIOError: The server failed or timed out.
         """
         client = self._open()
-        slot_list, parts = self._checked(slots, keys, out, read=True, one=True)
+        slot_list, parts = self._checked(slots, keys, out, one=True, written=True)
         await self._batches.load_parts(client, slot_list, keys, parts)
 
     async def read_into_parts(
@@ -423,7 +409,7 @@ class RedisTier:
             TierIOError: The server failed or timed out.
         """
         client = self._open()
-        slot_list, checked = self._checked(slots, keys, parts, read=True)
+        slot_list, checked = self._checked(slots, keys, parts, one=False, written=True)
         await self._batches.load_parts(client, slot_list, keys, checked)
 
     async def contains(self, keys: Sequence[BlockKey]) -> list[bool]:

@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-import anyio
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -42,6 +41,7 @@ from kvtier.replay import (
     sweep,
     trace_workload,
 )
+from kvtier.replay.signals import run_cancellable
 from kvtier.replay.sweep import DEFAULT_FRACTIONS, check_plot_path
 
 __all__ = ["main"]
@@ -183,7 +183,7 @@ def _replay(
     config: KvtierConfig, workload: Workload, args: argparse.Namespace, console: Console
 ) -> ReplayReport:
     if args.json or args.no_progress:
-        return anyio.run(lambda: replay(config, workload, workdir=args.workdir))
+        return run_cancellable(lambda: replay(config, workload, workdir=args.workdir))
     columns = (
         TextColumn("[bold]replay[/] {task.description}"),
         BarColumn(),
@@ -193,7 +193,9 @@ def _replay(
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(workload.name, total=len(workload.prompts))
         advance: Callable[[int], None] = lambda n: progress.advance(task, n)  # noqa: E731
-        return anyio.run(lambda: replay(config, workload, progress=advance, workdir=args.workdir))
+        return run_cancellable(
+            lambda: replay(config, workload, progress=advance, workdir=args.workdir)
+        )
 
 
 def _run_sweep(

@@ -7,11 +7,11 @@ overwritten in place, which reuses its page-cache pages and disk blocks instead
 of freeing and allocating 2 MiB per write (measured 3x cheaper). Either way the
 block's name only ever points at a complete file.
 
-Reads ``preadv`` the payload straight into the destination row and the
-trailer into a small buffer, then verify; with ``O_DIRECT`` (or a destination
-that is not contiguous host memory) they go through pooled page-aligned
-buffers. A failed verification leaves the row's bytes undefined: the caller
-treats the whole read as failed.
+Reads ``preadv`` the payload straight into the destination row, in chunks
+hashed as they land, and the trailer into a small buffer, then verify; with
+``O_DIRECT`` (or a destination that is not contiguous host memory) they go
+through pooled page-aligned buffers. A failed verification leaves the row's
+bytes undefined: the caller treats the whole read as failed.
 
 Only files this process could have written are trusted: every open uses
 ``O_NOFOLLOW | O_NONBLOCK`` (a symlink fails, a FIFO cannot hang a worker) and
@@ -36,13 +36,13 @@ from typing import Final
 import torch
 
 from kvtier.log import get_logger
-from kvtier.tiers._checks import tensor_bytes
 from kvtier.tiers.base import BlockKey
 from kvtier.tiers.disk_format import (
     ALIGN,
     MAX_KEY_BYTES,
     BlockTrailer,
     checksum,
+    checksum_stream,
     decode_trailer,
     encode_trailer,
     file_bytes,
@@ -52,6 +52,9 @@ __all__ = ["SUFFIX", "TMP_PREFIX", "BlockFiles", "UntrustedFileError"]
 
 SUFFIX: Final = ".kvb"
 TMP_PREFIX: Final = ".tmp-"
+HASH_CHUNK: Final = 256 * 1024
+"""Bytes per system call of a buffered block read or write by a batch's only
+thread: each chunk is hashed while it is still in the core's cache."""
 _O_DIRECT: Final = getattr(os, "O_DIRECT", 0)
 _O_SAFE: Final = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 _NO_DIRECTORY_SYNC: Final = frozenset(
@@ -142,11 +145,26 @@ class BlockFiles:
     # -- writing ----------------------------------------------------------------------
 
     def write(
-        self, slot: int, key: BlockKey, payload: memoryview, recycle: BlockKey | None
+        self,
+        slot: int,
+        key: BlockKey,
+        payload: memoryview,
+        recycle: BlockKey | None,
+        *,
+        alone: bool = False,
     ) -> None:
-        """Write one block atomically, recycling ``recycle``'s file when it exists."""
-        trailer = encode_trailer(slot, key, self.fingerprint, payload)
-        size = len(payload) + len(trailer)
+        """Write one block atomically, recycling ``recycle``'s file when it exists.
+
+        Args:
+            slot: The block's slot (recorded in its trailer).
+            key: The block's key.
+            payload: Its bytes.
+            recycle: The key whose file to overwrite, if it still exists.
+            alone: No other thread writes for this batch: a buffered write
+                hashes and writes :data:`HASH_CHUNK`-byte chunks in turn,
+                each written while still in the core's cache.
+        """
+        size = file_bytes(len(payload), len(key))
         tmp = self.path / f"{TMP_PREFIX}{secrets.token_hex(8)}"
         fd = -1
         try:
@@ -161,7 +179,7 @@ class BlockFiles:
             if fd < 0:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | self._flags, 0o600)
             try:
-                self._write_at_zero(fd, payload, trailer, size)
+                self._write_block(fd, slot, key, payload, size, alone=alone)
                 if os.fstat(fd).st_size != size:  # a recycled file of another key length
                     os.ftruncate(fd, size)
                 if self.fsync:
@@ -173,8 +191,21 @@ class BlockFiles:
             tmp.unlink(missing_ok=True)
             raise
 
-    def _write_at_zero(self, fd: int, payload: memoryview, trailer: bytes, size: int) -> None:
+    def _write_block(
+        self, fd: int, slot: int, key: BlockKey, payload: memoryview, size: int, *, alone: bool
+    ) -> None:
+        """Write ``payload | trailer`` into the open file ``fd``.
+
+        A buffered write by a batch's only thread hashes and writes the
+        payload :data:`HASH_CHUNK` bytes at a time, reading each chunk from
+        memory once instead of twice (one checksum pass, then the copy into
+        the page cache): for a 2 MiB block from a cold row that measured
+        0.82-0.84 of a bare ``pwrite`` against 0.70-0.73. The last chunk goes
+        out with the trailer, whose checksum is then known. Threads sharing
+        a batch write each block in one ``pwritev``, as reads do.
+        """
         if self.direct:
+            trailer = encode_trailer(slot, key, self.fingerprint, payload)
             buffer = self._buffer()
             try:
                 view = memoryview(buffer)
@@ -184,7 +215,17 @@ class BlockFiles:
             finally:
                 self._buffers.append(buffer)
             return
-        _write_all(fd, [payload, memoryview(trailer)], size)
+        chunk = HASH_CHUNK if alone else len(payload)
+        digest = checksum_stream()
+        starts = range(0, len(payload), chunk)
+        for start in starts[:-1]:
+            piece = payload[start : start + chunk]
+            digest.update(piece)
+            _write_all(fd, [piece], len(piece), offset=start)
+        last = payload[starts[-1] :]
+        digest.update(last)
+        trailer = encode_trailer(slot, key, self.fingerprint, payload, digest=digest.digest())
+        _write_all(fd, [last, memoryview(trailer)], size - starts[-1], offset=starts[-1])
 
     def sync_directory(self) -> None:
         """``fsync`` the directory, so the renames of written blocks survive a crash.
@@ -213,8 +254,20 @@ class BlockFiles:
 
     # -- reading ----------------------------------------------------------------------
 
-    def read(self, slot: int, key: BlockKey, row: torch.Tensor) -> bool:
+    def read(
+        self, slot: int, key: BlockKey, row: memoryview | torch.Tensor, *, alone: bool = False
+    ) -> bool:
         """Read ``key``'s block, written to ``slot``, into ``row``; False on any doubt.
+
+        Args:
+            slot: The slot the block was written to.
+            key: The block's key.
+            row: Its destination: host bytes (read in place unless
+                ``O_DIRECT``), or a tensor of any device or layout (filled
+                from a page-aligned buffer).
+            alone: No other thread reads for this batch: a buffered read
+                into host memory then hashes :data:`HASH_CHUNK`-byte chunks
+                as they land (see :meth:`_read_in_place`).
 
         Raises:
             OSError: An I/O error other than a missing file.
@@ -227,21 +280,44 @@ class BlockFiles:
             size = os.fstat(fd).st_size
             if size != file_bytes(self.block_bytes, len(key)):
                 return False
-            if not self.direct and row.device.type == "cpu" and row.is_contiguous():
-                return self._read_in_place(fd, size, slot, key, row)
+            if not self.direct and isinstance(row, memoryview):
+                chunk = HASH_CHUNK if alone else self.block_bytes
+                return self._read_in_place(fd, size, slot, key, row, chunk)
             return self._read_staged(fd, size, slot, key, row)
         finally:
             os.close(fd)
 
     def _read_in_place(
-        self, fd: int, size: int, slot: int, key: BlockKey, row: torch.Tensor
+        self, fd: int, size: int, slot: int, key: BlockKey, payload: memoryview, chunk: int
     ) -> bool:
-        trailer = bytearray(size - self.block_bytes)
-        payload = tensor_bytes(row)
-        complete = os.preadv(fd, [payload, trailer], 0) == size
-        return complete and self._valid(decode_trailer(trailer), payload, slot, key)
+        """``preadv`` into ``row`` ``chunk`` bytes at a time, hashing each chunk as it lands.
 
-    def _read_staged(self, fd: int, size: int, slot: int, key: BlockKey, row: torch.Tensor) -> bool:
+        One ``preadv`` of the whole payload and a checksum pass afterwards
+        read the payload back from memory a second time; a chunk of 256 KiB
+        is hashed while it is still in the core's cache. For a 2 MiB block
+        read into a cold row that measured 0.85-0.88 of a bare ``readinto``
+        against 0.75 for one read then one hash. With several threads
+        reading on few cores, though, the extra GIL hand-offs between the
+        chunks' system calls cost more than they save (16- and 128-block
+        loads fell from 1.0-1.2 to 0.8-0.96 of raw), so batches spread over
+        threads read each block whole (``chunk`` = the payload). The last
+        chunk's ``preadv`` also fills the trailer.
+        """
+        trailer = bytearray(size - self.block_bytes)
+        digest = checksum_stream()
+        starts = range(0, self.block_bytes, chunk)
+        for start in starts:
+            piece = payload[start : start + chunk]
+            last = start == starts[-1]
+            wanted = len(piece) + (len(trailer) if last else 0)
+            if os.preadv(fd, [piece, trailer] if last else [piece], start) != wanted:
+                return False
+            digest.update(piece)
+        return self._valid(decode_trailer(trailer), payload, slot, key, digest=digest.digest())
+
+    def _read_staged(
+        self, fd: int, size: int, slot: int, key: BlockKey, row: memoryview | torch.Tensor
+    ) -> bool:
         buffer = self._buffer()
         try:
             view = memoryview(buffer)
@@ -249,7 +325,10 @@ class BlockFiles:
             trailer = decode_trailer(view[self.block_bytes : size]) if complete else None
             if not self._valid(trailer, view[: self.block_bytes], slot, key):
                 return False
-            row.copy_(torch.frombuffer(buffer, dtype=torch.uint8, count=self.block_bytes))
+            if isinstance(row, memoryview):
+                row[:] = view[: self.block_bytes]
+            else:
+                row.copy_(torch.frombuffer(buffer, dtype=torch.uint8, count=self.block_bytes))
             return True
         finally:
             self._buffers.append(buffer)
@@ -286,15 +365,26 @@ class BlockFiles:
             self._buffers.append(buffer)
 
     def _valid(
-        self, trailer: BlockTrailer | None, payload: memoryview, slot: int, key: BlockKey
+        self,
+        trailer: BlockTrailer | None,
+        payload: memoryview,
+        slot: int,
+        key: BlockKey,
+        *,
+        digest: bytes | None = None,
     ) -> bool:
+        """Whether the trailer names this block and layout and the payload matches its checksum.
+
+        ``digest`` is the payload's checksum when the caller already computed
+        it while reading; otherwise it is computed here.
+        """
         return (
             trailer is not None
             and trailer.key == key
             and trailer.slot == slot
             and trailer.fingerprint == self.fingerprint
             and trailer.payload_length == self.block_bytes
-            and checksum(payload) == trailer.digest
+            and (checksum(payload) if digest is None else digest) == trailer.digest
         )
 
     def _buffer(self) -> mmap.mmap:
@@ -305,20 +395,22 @@ class BlockFiles:
             return mmap.mmap(-1, file_bytes(self.block_bytes, MAX_KEY_BYTES))
 
 
-def _write_all(fd: int, parts: list[memoryview], size: int, *, align: int = 1) -> None:
-    """``pwritev`` the parts at offset 0, finishing short writes.
+def _write_all(
+    fd: int, parts: list[memoryview], size: int, *, align: int = 1, offset: int = 0
+) -> None:
+    """``pwritev`` the parts at ``offset``, finishing short writes.
 
     A retry starts at the last ``align``-byte boundary written (``O_DIRECT``
     needs aligned offsets and buffers: the parts are then one page-aligned
-    view, so its slices at aligned offsets stay aligned).
+    view written at offset 0, so its slices at aligned offsets stay aligned).
 
     Raises:
         OSError: A write moved no bytes (``EIO``), or the write failed.
     """
-    written = os.pwritev(fd, parts, 0)
+    written = os.pwritev(fd, parts, offset)
     while written < size:
         written -= written % align
-        moved = os.pwritev(fd, _from(parts, written), written)
+        moved = os.pwritev(fd, _from(parts, written), offset + written)
         if moved <= 0:
             raise OSError(errno.EIO, "a write moved no bytes")
         written += moved

@@ -57,7 +57,7 @@ from kvtier.log import get_logger
 from kvtier.tiers._checks import check_batch, check_slots
 from kvtier.tiers._disk_io import BlockFiles
 from kvtier.tiers.base import BlockKey, BlockLayout
-from kvtier.tiers.disk_batch import CALL_BYTES, DiskBatches
+from kvtier.tiers.disk_batch import CALL_BYTES, DiskBatches, row_access
 from kvtier.tiers.disk_dir import check_direct_io, claim_directory, scan
 from kvtier.tiers.disk_format import MAX_KEY_BYTES, file_bytes
 from kvtier.tiers.disk_map import DiskMap
@@ -236,7 +236,7 @@ class DiskTier:
         self, slot_list: list[int], keys: Sequence[BlockKey], parts: list[torch.Tensor]
     ) -> None:
         host = [part if part.device.type == "cpu" else part.to("cpu") for part in parts]
-        await self._batches.write(slot_list, keys, _rows(host))
+        await self._batches.write(slot_list, keys, row_access(host))
 
     async def _read(
         self, slot_list: list[int], keys: Sequence[BlockKey], parts: list[torch.Tensor]
@@ -248,7 +248,7 @@ class DiskTier:
             for part in parts
         ]
         try:
-            await self._batches.read(slot_list, keys, _rows(host))
+            await self._batches.read(slot_list, keys, row_access(host))
         except BlockMissingError:
             _copy_back(parts, host)  # the blocks that were read are filled, as promised
             raise
@@ -334,13 +334,6 @@ class DiskTier:
         doomed = self._map.forget(check_slots(slots, self._num_slots, tier=self._name))
         if doomed:
             await self._batches.delete(doomed)
-
-
-def _rows(parts: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-    """Row ``i`` of the batch at index ``i``: the one buffer itself, or every part's rows."""
-    if len(parts) == 1:
-        return parts[0]
-    return [row for part in parts for row in part.unbind(0)]
 
 
 def _copy_back(parts: list[torch.Tensor], host: list[torch.Tensor]) -> None:

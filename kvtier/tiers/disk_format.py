@@ -28,6 +28,7 @@ __all__ = [
     "TRAILER",
     "BlockTrailer",
     "checksum",
+    "checksum_stream",
     "decode_trailer",
     "encode_trailer",
     "file_bytes",
@@ -43,6 +44,14 @@ ALIGN: Final = 4096
 def checksum(payload: bytes | bytearray | memoryview) -> bytes:
     """xxh3-128 digest of the payload."""
     return xxhash.xxh3_128_digest(payload)
+
+
+def checksum_stream() -> xxhash.xxh3_128:
+    """An incremental :func:`checksum`: ``update`` it with the payload's pieces in order.
+
+    Its ``digest()`` equals ``checksum`` of the pieces joined.
+    """
+    return xxhash.xxh3_128()
 
 
 def file_bytes(payload_length: int, key_length: int) -> int:
@@ -71,16 +80,22 @@ class BlockTrailer:
 
 
 def encode_trailer(
-    slot: int, key: bytes, fingerprint: bytes, payload: bytes | bytearray | memoryview
+    slot: int,
+    key: bytes,
+    fingerprint: bytes,
+    payload: bytes | bytearray | memoryview,
+    *,
+    digest: bytes | None = None,
 ) -> bytes:
     """The trailer for ``payload``, key and padding included.
 
     ``len(payload) + len(result) == file_bytes(len(payload), len(key))``.
+    ``digest`` is the payload's :func:`checksum` when the caller already
+    computed it (as it wrote the payload); otherwise it is computed here.
     """
-    body = (
-        TRAILER.pack(MAGIC, VERSION, len(key), slot, len(payload), fingerprint, checksum(payload))
-        + key
-    )
+    if digest is None:
+        digest = checksum(payload)
+    body = TRAILER.pack(MAGIC, VERSION, len(key), slot, len(payload), fingerprint, digest) + key
     return body + bytes(file_bytes(len(payload), len(key)) - len(payload) - len(body))
 
 

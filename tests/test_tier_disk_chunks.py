@@ -1,0 +1,196 @@
+"""DiskTier's batch rows and chunked verified reads: every chunk is hashed, a bad one is a miss."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from unittest import mock
+
+import anyio
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvtier.errors import BlockMissingError
+from kvtier.tiers import _disk_io
+from kvtier.tiers.base import BlockLayout
+from kvtier.tiers.disk import DiskTier
+from kvtier.tiers.disk_batch import row_access
+from kvtier.tiers.disk_format import checksum, checksum_stream
+
+SMALL = BlockLayout(num_layers=2, block_size=4, num_kv_heads=2, head_size=8, dtype="float16")
+EIGHT_B = BlockLayout(num_layers=32, block_size=16, num_kv_heads=8, head_size=128, dtype="float16")
+KEY = b"\x5a" * 32
+
+
+def _file(root: Path) -> Path:
+    return root / (KEY.hex() + ".kvb")
+
+
+def _payload(layout: BlockLayout, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (1, layout.block_bytes), dtype=torch.uint8, generator=generator)
+
+
+async def _write_then_read(
+    root: Path, layout: BlockLayout, data: torch.Tensor, damage: int | None
+) -> torch.Tensor | None:
+    """Write one block, flip payload byte ``damage`` (if any), read it back (None: a miss)."""
+    async with DiskTier(root, layout, DiskTier.bytes_per_block(layout)) as tier:
+        await tier.write_from([0], [KEY], data)
+        if damage is not None:
+            with open(_file(root), "r+b") as handle:
+                handle.seek(damage)
+                byte = handle.read(1)[0]
+                handle.seek(damage)
+                handle.write(bytes([byte ^ 0x10]))
+        out = torch.zeros_like(data)
+        try:
+            await tier.read_into([0], [KEY], out)
+        except BlockMissingError:
+            return None
+        return out
+
+
+def test_the_stream_checksum_of_pieces_equals_the_checksum_of_the_whole() -> None:
+    data = os.urandom(10_000)
+    stream = checksum_stream()
+    for start in range(0, len(data), 999):
+        stream.update(data[start : start + 999])
+    assert stream.digest() == checksum(data)
+
+
+@given(
+    chunk=st.integers(1, 600),
+    flip=st.one_of(st.none(), st.integers(0, SMALL.block_bytes - 1)),
+    seed=st.integers(0, 2**16),
+)
+def test_any_chunk_size_reads_the_exact_bytes_and_any_flipped_byte_is_a_miss(
+    tmp_path_factory: pytest.TempPathFactory, chunk: int, flip: int | None, seed: int
+) -> None:
+    root = tmp_path_factory.mktemp("chunks") / "tier"
+    data = _payload(SMALL, seed)
+    with mock.patch.object(_disk_io, "HASH_CHUNK", chunk):
+        out = anyio.run(_write_then_read, root, SMALL, data, flip)
+    if flip is None:
+        assert out is not None
+        assert torch.equal(out, data)
+    else:
+        assert out is None
+
+
+@pytest.mark.parametrize("flip", [None, 0, 700_000, 1_600_000, EIGHT_B.block_bytes - 1])
+def test_an_8b_class_block_spans_several_chunks_and_each_is_verified(
+    tmp_path: Path, flip: int | None
+) -> None:
+    assert EIGHT_B.block_bytes > 3 * _disk_io.HASH_CHUNK
+    data = _payload(EIGHT_B, 3)
+    out = anyio.run(_write_then_read, tmp_path / "tier", EIGHT_B, data, flip)
+    if flip is None:
+        assert out is not None
+        assert torch.equal(out, data)
+    else:
+        assert out is None
+
+
+def test_a_file_cut_short_between_two_chunks_is_a_miss_and_the_tier_serves_on(
+    tmp_path: Path,
+) -> None:
+    data = _payload(SMALL, 5)
+    real_preadv = os.preadv
+    calls: list[int] = []
+
+    def shrinking_preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        calls.append(offset)
+        if len(calls) == 1:  # another writer cuts the file after its size was checked
+            os.truncate(_file(tmp_path / "tier"), 100)
+        return real_preadv(fd, buffers, offset)
+
+    async def main() -> None:
+        async with DiskTier(tmp_path / "tier", SMALL, 4 * DiskTier.bytes_per_block(SMALL)) as tier:
+            await tier.write_from([0, 1], [KEY, b"\x01" * 32], torch.cat([data, data]))
+            out = torch.zeros_like(data)
+            with (
+                mock.patch.object(_disk_io, "HASH_CHUNK", 64),
+                mock.patch.object(_disk_io.os, "preadv", shrinking_preadv),
+                pytest.raises(BlockMissingError),
+            ):
+                await tier.read_into([0], [KEY], out)
+            assert len(calls) == 2  # the second chunk came back short: no further reads
+            await tier.read_into([1], [b"\x01" * 32], out)
+            assert torch.equal(out, data)
+
+    anyio.run(main)
+
+
+def test_rows_of_contiguous_host_parts_are_views_of_their_bytes() -> None:
+    plain = torch.zeros(2, 8, dtype=torch.uint8)
+    padded = torch.zeros(3, 12, dtype=torch.uint8)[:, 2:10]  # rows contiguous, part not
+    empty = torch.zeros(0, 8, dtype=torch.uint8)
+    row = row_access([plain, empty, padded])
+    rows = [row(index) for index in range(5)]
+    assert all(isinstance(view, memoryview) and len(view) == 8 for view in rows)
+    for index, view in enumerate(rows):
+        view[:] = bytes([index + 1]) * 8  # written through to the part's own row
+    assert plain.tolist() == [[1] * 8, [2] * 8]
+    assert padded.tolist() == [[3] * 8, [4] * 8, [5] * 8]
+
+
+def test_rows_that_are_not_contiguous_are_tensors_of_the_parts() -> None:
+    columnar = torch.zeros(8, 2, dtype=torch.uint8).t()
+    plain = torch.zeros(1, 8, dtype=torch.uint8)
+    row = row_access([plain, columnar])  # one part without contiguous rows: tensors for all
+    rows = [row(index) for index in range(3)]
+    assert all(isinstance(tensor, torch.Tensor) for tensor in rows)
+    for index, tensor in enumerate(rows):
+        assert isinstance(tensor, torch.Tensor)
+        tensor.fill_(index + 1)
+    assert plain.tolist() == [[1] * 8]
+    assert columnar.tolist() == [[2] * 8, [3] * 8]
+
+
+@given(chunk=st.integers(1, 600), seed=st.integers(0, 2**16))
+def test_a_block_written_in_chunks_is_the_same_file_as_one_written_whole(
+    tmp_path_factory: pytest.TempPathFactory, chunk: int, seed: int
+) -> None:
+    data = _payload(SMALL, seed)
+    other = _payload(SMALL, seed + 1)
+
+    async def files(root: Path) -> tuple[bytes, bytes]:
+        async with DiskTier(root, SMALL, 2 * DiskTier.bytes_per_block(SMALL)) as tier:
+            await tier.write_from([0], [KEY], data)  # alone: chunked
+            alone = _file(root).read_bytes()
+            # Two blocks: one call per block on two threads, each written whole.
+            await tier.write_from([0, 1], [KEY, b"\x01" * 32], torch.cat([data, other]))
+            return alone, _file(root).read_bytes()
+
+    with mock.patch.object(_disk_io, "HASH_CHUNK", chunk):
+        alone, shared = anyio.run(files, tmp_path_factory.mktemp("chunks") / "tier")
+    assert alone == shared
+
+
+def test_a_short_write_in_a_middle_chunk_is_finished_at_its_offset(tmp_path: Path) -> None:
+    data = _payload(SMALL, 9)
+    real_pwritev = os.pwritev
+    offsets: list[int] = []
+
+    def short_once(fd: int, buffers: list[memoryview], offset: int) -> int:
+        offsets.append(offset)
+        if len(offsets) == 2:  # the second chunk: only 10 of its bytes land
+            return real_pwritev(fd, [bytes(buffers[0][:10])], offset)
+        return real_pwritev(fd, buffers, offset)
+
+    async def main() -> torch.Tensor | None:
+        async with DiskTier(tmp_path / "tier", SMALL, DiskTier.bytes_per_block(SMALL)) as tier:
+            with mock.patch.object(_disk_io.os, "pwritev", short_once):
+                await tier.write_from([0], [KEY], data)
+            out = torch.zeros_like(data)
+            await tier.read_into([0], [KEY], out)
+            return out
+
+    with mock.patch.object(_disk_io, "HASH_CHUNK", 100):
+        out = anyio.run(main)
+    assert offsets[:4] == [0, 100, 110, 200]  # the rest of the short chunk, then on
+    assert out is not None
+    assert torch.equal(out, data)

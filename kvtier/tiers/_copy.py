@@ -8,10 +8,13 @@ A batch may go to (or come from) one buffer or several *parts* in order
 scattered the other tier's slots are.
 
 Where a copy runs: CPU only, on the event loop below ``offload_min_bytes``,
-else in a worker thread. CUDA, with same-device or pinned contiguous host
-buffers: queued on the copier's stream for that direction (after the caller's
-current stream), through device staging of at most ``staging_bytes``; the loop
-awaits a CUDA event in a worker thread (large batches are also queued there).
+else in worker threads: the batch is cut into up to ``copy_threads`` runs of
+at least :data:`SHARE_MIN_BYTES`, one thread each (by default as many as
+torch's intra-op pool, which a plain multi-threaded ``copy_`` would use).
+CUDA, with same-device or pinned contiguous host buffers: queued on the
+copier's stream for that direction (after the caller's current stream),
+through device staging of at most ``staging_bytes``; the loop awaits a CUDA
+event in a worker thread (large batches are also queued there).
 Anything else (pageable or strided host memory, another device): chunked
 blocking copies in a worker thread.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Final
 
 import anyio
@@ -28,20 +32,26 @@ import anyio.to_thread
 import structlog
 import torch
 
-from kvtier.errors import InvalidRequestError, KVTierError, TierIOError
+from kvtier.errors import ConfigError, InvalidRequestError, KVTierError, TierIOError
 from kvtier.log import get_logger
 from kvtier.tiers._memory import MemorySpans
-from kvtier.tiers._rows import SegmentRows
+from kvtier.tiers._rows import SegmentRows, split_parts
 
 __all__ = [
     "OFFLOAD_MIN_BYTES",
+    "SHARE_MIN_BYTES",
     "STAGING_BYTES",
     "RowCopier",
+    "check_copy_threads",
 ]
 
 OFFLOAD_MIN_BYTES: Final = 4 << 20
 """CPU copies of at least this many bytes run in a worker thread (measured:
 a thread round trip costs 50-200 µs, about what copying 1-4 MiB does)."""
+
+SHARE_MIN_BYTES: Final = 2 << 20
+"""A CPU copy run off the event loop is split across ``copy_threads`` worker
+threads in shares of at least this many bytes (one 8B-class block)."""
 
 STAGING_BYTES: Final = 64 << 20
 """Most bytes of device (or host) staging memory one transfer uses at a time."""
@@ -54,6 +64,18 @@ _new_event: Callable[[], torch.cuda.Event] = torch.cuda.Event
 _event_done: Callable[[torch.cuda.Event], bool] = torch.cuda.Event.query
 
 
+def check_copy_threads(copy_threads: object) -> None:
+    """Validate a tier's ``copy_threads`` argument.
+
+    Raises:
+        ConfigError: Not ``None`` or a positive integer.
+    """
+    if copy_threads is None:
+        return
+    if isinstance(copy_threads, bool) or not isinstance(copy_threads, int) or copy_threads < 1:
+        raise ConfigError(f"copy_threads must be a positive integer or None, got {copy_threads!r}")
+
+
 class RowCopier:
     """Moves batches of rows between segment tensors and caller buffers.
 
@@ -62,6 +84,10 @@ class RowCopier:
         tier: The owning tier's name (for errors and logs).
         offload_min_bytes: CPU copies this large or larger run in a worker thread.
         staging_bytes: Most bytes of staging memory per transfer.
+        copy_threads: Worker threads one CPU copy off the event loop is split
+            across; ``None``: torch's intra-op thread count
+            (``torch.get_num_threads()``, read at each copy), the budget a
+            plain torch copy of the same bytes would use.
     """
 
     def __init__(
@@ -71,8 +97,10 @@ class RowCopier:
         tier: str,
         offload_min_bytes: int,
         staging_bytes: int,
+        copy_threads: int | None = None,
     ) -> None:
         self.tier = tier
+        self.copy_threads = copy_threads
         self.rows = SegmentRows(sources, staging_bytes=staging_bytes)
         self.device = self.rows.device
         self.row_bytes = self.rows.row_bytes
@@ -183,6 +211,8 @@ class RowCopier:
                     # Shielded: the caller's buffer is settled before we return.
                     with anyio.CancelScope(shield=True):
                         await anyio.to_thread.run_sync(done.synchronize)
+            elif stream is None and nbytes >= self.offload_min_bytes and self._shares(nbytes) > 1:
+                await self._in_threads(slots, parts, read=read, shares=self._shares(nbytes))
             else:
                 work = self._work(stream, slots, parts, read=read, queue=queue)
                 if stream is not None or nbytes >= self.offload_min_bytes:
@@ -205,6 +235,38 @@ class RowCopier:
                 bytes=nbytes,
                 seconds=time.perf_counter() - start,
             )
+
+    def _shares(self, nbytes: int) -> int:
+        """How many worker threads a CPU copy of ``nbytes`` is split across."""
+        threads = self.copy_threads if self.copy_threads is not None else torch.get_num_threads()
+        return max(1, min(threads, nbytes // SHARE_MIN_BYTES))
+
+    async def _in_threads(
+        self, slots: list[int], parts: Sequence[torch.Tensor], *, read: bool, shares: int
+    ) -> None:
+        """A CPU copy cut into ``shares`` runs of the batch, each in its own worker thread.
+
+        NumPy and torch release the GIL while they copy, so the runs use as
+        many cores as a multi-threaded torch ``copy_`` would. Every run
+        finishes (a worker thread cannot be interrupted) before this returns
+        or raises, so the caller's buffers are settled either way; the first
+        failure is raised.
+        """
+        failures: list[Exception] = []
+
+        def share(begin: int, end: int, run: list[torch.Tensor]) -> None:
+            try:
+                self.rows.copy(
+                    slots[begin:end], run, read=read, non_blocking=False, staging_share=shares
+                )
+            except Exception as exc:  # raised below, after every run has settled
+                failures.append(exc)
+
+        async with anyio.create_task_group() as group:
+            for begin, end, run in split_parts(parts, shares):
+                group.start_soon(anyio.to_thread.run_sync, partial(share, begin, end, run))
+        if failures:
+            raise failures[0]
 
     def _work(
         self,

@@ -29,7 +29,7 @@ import torch
 from kvtier.tiers._checks import ascending_run
 from kvtier.tiers._memory import host_views
 
-__all__ = ["Rows", "SegmentRows"]
+__all__ = ["Rows", "SegmentRows", "split_parts"]
 
 _WORDS: Final = {16: torch.complex128, 8: torch.int64, 4: torch.int32, 2: torch.int16}
 
@@ -150,12 +150,19 @@ class SegmentRows:
         return buffer.device == self.device and buffer.stride(1) == 1
 
     def copy(
-        self, slots: list[int], parts: Sequence[torch.Tensor], *, read: bool, non_blocking: bool
+        self,
+        slots: list[int],
+        parts: Sequence[torch.Tensor],
+        *,
+        read: bool,
+        non_blocking: bool,
+        staging_share: int = 1,
     ) -> None:
         """Move every part's rows: in place where it can, else through staging.
 
         Blocking on CPU; on CUDA, queued on the current stream (``non_blocking``
-        copies when every part allows it).
+        copies when every part allows it). ``staging_share`` copies run at
+        once, so each stages at most its share of ``staging_bytes``.
         """
         staged: list[_Piece] = []
         for begin, end, part in _pieces(parts):
@@ -175,10 +182,17 @@ class SegmentRows:
             else:
                 whole.copy_(part, non_blocking=non_blocking)
         if staged:
-            self._staged(slots, staged, read=read, non_blocking=non_blocking)
+            chunk = max(1, self._chunk // staging_share)
+            self._staged(slots, staged, chunk, read=read, non_blocking=non_blocking)
 
     def _staged(
-        self, slots: list[int], staged: list[_Piece], *, read: bool, non_blocking: bool
+        self,
+        slots: list[int],
+        staged: list[_Piece],
+        chunk_rows: int,
+        *,
+        read: bool,
+        non_blocking: bool,
     ) -> None:
         """Chunks of the staged pieces through one buffer on the tier's device.
 
@@ -189,9 +203,9 @@ class SegmentRows:
         """
         total = sum(end - begin for begin, end, _ in staged)
         stage = torch.empty(
-            (min(total, self._chunk), self.row_bytes), dtype=torch.uint8, device=self.device
+            (min(total, chunk_rows), self.row_bytes), dtype=torch.uint8, device=self.device
         )
-        for chunk in _chunked(staged, self._chunk):
+        for chunk in _chunked(staged, chunk_rows):
             chunk_slots = [slot for begin, end, _ in chunk for slot in slots[begin:end]]
             rows = self._rows(chunk_slots)
             buffer = stage[: len(chunk_slots)]
@@ -217,6 +231,25 @@ def _pieces(parts: Sequence[torch.Tensor]) -> Iterator[_Piece]:
         if end > begin:
             yield begin, end, part
         begin = end
+
+
+def split_parts(
+    parts: Sequence[torch.Tensor], shares: int
+) -> list[tuple[int, int, list[torch.Tensor]]]:
+    """A batch held in ``parts`` cut into at most ``shares`` runs of near-equal length.
+
+    Each run is ``(begin, end, its parts)``: batch positions ``begin:end``
+    and the rows of the parts that hold them, in order (a part may be split
+    between two runs). Empty parts are dropped.
+    """
+    pieces = list(_pieces(parts))
+    if not pieces:
+        return []
+    size = -(-pieces[-1][1] // max(1, shares))
+    return [
+        (chunk[0][0], chunk[-1][1], [rows for _, _, rows in chunk])
+        for chunk in _chunked(pieces, size)
+    ]
 
 
 def _chunked(pieces: list[_Piece], size: int) -> Iterator[list[_Piece]]:

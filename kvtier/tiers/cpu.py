@@ -27,7 +27,7 @@ from kvtier.errors import ClosedError, ConfigError, TierIOError
 from kvtier.log import get_logger
 from kvtier.tiers._checks import ascending_run, check_slots
 from kvtier.tiers._copier_calls import CopierCalls
-from kvtier.tiers._copy import OFFLOAD_MIN_BYTES, STAGING_BYTES, RowCopier
+from kvtier.tiers._copy import OFFLOAD_MIN_BYTES, STAGING_BYTES, RowCopier, check_copy_threads
 from kvtier.tiers.base import BlockKey, BlockLayout
 
 __all__ = ["CpuTier"]
@@ -75,6 +75,9 @@ class CpuTier(CopierCalls):
             thread instead of on the event loop.
         staging_bytes: Most bytes of staging memory a copy to or from another
             device uses at once.
+        copy_threads: Worker threads a host-to-host copy off the event loop
+            is split across (in shares of at least 2 MiB); ``None`` uses
+            torch's intra-op thread count, read at each copy.
 
     Raises:
         ConfigError: An argument is out of range, or pinning was asked for
@@ -94,6 +97,7 @@ class CpuTier(CopierCalls):
         device: torch.device | str | None = None,
         offload_min_bytes: int = OFFLOAD_MIN_BYTES,
         staging_bytes: int = STAGING_BYTES,
+        copy_threads: int | None = None,
     ) -> None:
         if not isinstance(layout, BlockLayout):
             raise ConfigError(f"layout must be a BlockLayout, got {type(layout).__name__}")
@@ -105,6 +109,7 @@ class CpuTier(CopierCalls):
         for label, value in limits:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{label} must be a non-negative integer, got {value!r}")
+        check_copy_threads(copy_threads)
         try:
             target = torch.device(device) if device is not None else None
         except (RuntimeError, TypeError) as exc:
@@ -122,6 +127,7 @@ class CpuTier(CopierCalls):
         self._pin = bool(pin_memory)
         self._offload_min_bytes = offload_min_bytes
         self._staging_bytes = staging_bytes
+        self._copy_threads = copy_threads
         self._storage: torch.Tensor | None = None
         self._copier: RowCopier | None = None
         self._pinned = False
@@ -215,6 +221,7 @@ class CpuTier(CopierCalls):
             tier=self._name,
             offload_min_bytes=self._offload_min_bytes,
             staging_bytes=self._staging_bytes,
+            copy_threads=self._copy_threads,
         )
         _log.info(
             "tier_open",

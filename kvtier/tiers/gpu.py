@@ -32,7 +32,7 @@ from kvtier.errors import ClosedError, ConfigError
 from kvtier.log import get_logger
 from kvtier.tiers._checks import byte_rows
 from kvtier.tiers._copier_calls import CopierCalls
-from kvtier.tiers._copy import OFFLOAD_MIN_BYTES, STAGING_BYTES, RowCopier
+from kvtier.tiers._copy import OFFLOAD_MIN_BYTES, STAGING_BYTES, RowCopier, check_copy_threads
 from kvtier.tiers.base import BlockKey, BlockLayout
 
 __all__ = ["DeviceTier"]
@@ -122,6 +122,10 @@ class DeviceTier(CopierCalls):
             worker thread instead of on the event loop.
         staging_bytes: Most bytes of device staging memory a copy to or from
             host memory uses at once (larger batches go in chunks).
+        copy_threads: On CPU, worker threads a copy off the event loop is
+            split across (in shares of at least 2 MiB); ``None`` uses torch's
+            intra-op thread count, read at each copy. CUDA copies run on the
+            tier's streams and ignore it.
 
     Raises:
         ConfigError: A tensor has the wrong shape, dtype, device or memory
@@ -139,6 +143,7 @@ class DeviceTier(CopierCalls):
         name: str = "gpu",
         offload_min_bytes: int = OFFLOAD_MIN_BYTES,
         staging_bytes: int = STAGING_BYTES,
+        copy_threads: int | None = None,
     ) -> None:
         if not isinstance(layout, BlockLayout):
             raise ConfigError(f"layout must be a BlockLayout, got {type(layout).__name__}")
@@ -150,6 +155,7 @@ class DeviceTier(CopierCalls):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{label} must be a non-negative integer, got {value!r}")
+        check_copy_threads(copy_threads)
         caches: object = kv_caches
         if isinstance(caches, torch.Tensor):
             sources = [_cross_layer_source(caches, layout)]
@@ -167,7 +173,11 @@ class DeviceTier(CopierCalls):
         self._block_bytes = layout.block_bytes
         self._num_slots = sources[0].shape[0]
         self._copier: RowCopier | None = RowCopier(
-            sources, tier=name, offload_min_bytes=offload_min_bytes, staging_bytes=staging_bytes
+            sources,
+            tier=name,
+            offload_min_bytes=offload_min_bytes,
+            staging_bytes=staging_bytes,
+            copy_threads=copy_threads,
         )
         self._device = sources[0].device
         _log.info(

@@ -88,12 +88,13 @@ def test_split_parts_cuts_the_batch_into_in_order_runs_of_near_equal_length(
     if n == 0:
         assert runs == []
         return
-    assert len(runs) <= shares
+    assert len(runs) == min(shares, n)
     assert runs[0][0] == 0
     assert runs[-1][1] == n
-    longest = -(-n // shares)
+    lengths = [end - begin for begin, end, _ in runs]
+    assert max(lengths) - min(lengths) <= 1
     for (begin, end, run), following in zip(runs, [*runs[1:], None], strict=True):
-        assert 0 < end - begin <= longest
+        assert end > begin
         assert all(part.shape[0] for part in run)  # no empty parts
         assert torch.equal(torch.cat(run).squeeze(1), torch.arange(begin, end))
         if following is not None:
@@ -149,7 +150,7 @@ def test_a_copy_split_across_threads_moves_the_same_bytes(
             assert torch.equal(torch.cat([*parts, reference[:0]]), reference)
             assert len({thread for thread, _ in spy.calls}) == 3  # three worker threads
             assert sorted(first for _, first in spy.calls) == sorted(slots[i] for i in (0, 30, 60))
-            if spy.staged_rows:  # each share stages a third of the budget at most
+            if spy.staged_rows:  # each run stages a third of the budget at most
                 assert max(spy.staged_rows) <= max(1, staging_bytes // BB // 3)
 
             targets = rng.sample(range(NUM_BLOCKS), 90)
@@ -257,3 +258,53 @@ def test_copy_threads_must_be_a_positive_integer(bad: object) -> None:
         CpuTier(SMALL, 4, copy_threads=bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="copy_threads"):
         DeviceTier(cross_layer_cache(num_blocks=4), SMALL, copy_threads=bad)  # type: ignore[arg-type]
+
+
+def test_a_thread_that_cannot_start_is_a_typed_error(small_shares: None) -> None:
+    real = anyio.to_thread.run_sync
+    calls: list[int] = []
+
+    async def second_fails(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("can't start new thread")
+        return await real(*args, **kwargs)
+
+    async def main() -> None:
+        tier, cache = _tier("cross-layer", 2, 64 << 20)
+        async with tier:
+            slots = list(range(20))
+            out = torch.zeros(20, BB, dtype=torch.uint8)
+            with (
+                mock.patch.object(anyio.to_thread, "run_sync", second_fails),
+                pytest.raises(TierIOError, match="can't start new thread"),
+            ):
+                await tier.read_into(slots, keys_for(slots), out)
+            await tier.read_into(slots, keys_for(slots), out)
+            assert torch.equal(out, canonical(cache, slots))
+
+    anyio.run(main)
+
+
+def test_runs_take_threads_from_the_copiers_own_limiter(small_shares: None) -> None:
+    seen: list[int] = []
+    real = SegmentRows.copy
+
+    def copy(rows: SegmentRows, slots: list[int], *args: Any, **kwargs: Any) -> None:
+        borrowed = anyio.from_thread.run_sync(
+            lambda: anyio.to_thread.current_default_thread_limiter().borrowed_tokens
+        )
+        seen.append(borrowed)
+        real(rows, slots, *args, **kwargs)
+
+    async def main() -> None:
+        tier, cache = _tier("per-layer", 4, 64 << 20)
+        async with tier:
+            slots = list(range(40))
+            out = torch.zeros(40, BB, dtype=torch.uint8)
+            with mock.patch.object(SegmentRows, "copy", autospec=True, side_effect=copy):
+                await tier.read_into(slots, keys_for(slots), out)
+            assert torch.equal(out, canonical(cache, slots))
+
+    anyio.run(main)
+    assert seen == [0, 0, 0, 0]  # four runs, none holding a token of the default limiter

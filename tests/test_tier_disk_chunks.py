@@ -117,7 +117,8 @@ def test_a_file_cut_short_between_two_chunks_is_a_miss_and_the_tier_serves_on(
                 pytest.raises(BlockMissingError),
             ):
                 await tier.read_into([0], [KEY], out)
-            assert len(calls) == 2  # the second chunk came back short: no further reads
+            # The second chunk came back short, its rest at end of file: no further reads.
+            assert calls == [0, 64, 100]
             await tier.read_into([1], [b"\x01" * 32], out)
             assert torch.equal(out, data)
 
@@ -193,4 +194,68 @@ def test_a_short_write_in_a_middle_chunk_is_finished_at_its_offset(tmp_path: Pat
         out = anyio.run(main)
     assert offsets[:4] == [0, 100, 110, 200]  # the rest of the short chunk, then on
     assert out is not None
+    assert torch.equal(out, data)
+
+
+@pytest.mark.parametrize("chunk", [64, 1 << 20])
+def test_short_reads_are_finished_not_taken_for_damage(tmp_path: Path, chunk: int) -> None:
+    data = _payload(SMALL, 11)
+    real_preadv = os.preadv
+    sizes: list[int] = []
+
+    def half_each_time(fd: int, buffers: list[memoryview], offset: int) -> int:
+        first = buffers[0]
+        if len(first) > 1:  # as a FUSE file system may: half of what was asked
+            moved = real_preadv(fd, [first[: len(first) // 2]], offset)
+        else:
+            moved = real_preadv(fd, buffers, offset)
+        sizes.append(moved)
+        return moved
+
+    async def main() -> torch.Tensor:
+        async with DiskTier(tmp_path / "tier", SMALL, DiskTier.bytes_per_block(SMALL)) as tier:
+            await tier.write_from([0], [KEY], data)
+            out = torch.zeros_like(data)
+            with mock.patch.object(_disk_io.os, "preadv", half_each_time):
+                await tier.read_into([0], [KEY], out)
+            return out
+
+    with mock.patch.object(_disk_io, "HASH_CHUNK", chunk):
+        out = anyio.run(main)
+    assert torch.equal(out, data)
+    assert len(sizes) > 2  # the short reads were taken up again
+
+
+def test_batches_spread_over_threads_move_each_block_in_one_call(tmp_path: Path) -> None:
+    data = torch.cat([_payload(SMALL, 12), _payload(SMALL, 13)])
+    keys = [KEY, b"\x02" * 32]
+    real_preadv, real_pwritev = os.preadv, os.pwritev
+    reads: list[int] = []
+    writes: list[int] = []
+
+    def counted_preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        reads.append(offset)
+        return real_preadv(fd, buffers, offset)
+
+    def counted_pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
+        writes.append(offset)
+        return real_pwritev(fd, buffers, offset)
+
+    async def main() -> torch.Tensor:
+        async with DiskTier(tmp_path / "tier", SMALL, 2 * DiskTier.bytes_per_block(SMALL)) as tier:
+            out = torch.zeros_like(data)
+            with (
+                mock.patch.object(_disk_io.os, "preadv", counted_preadv),
+                mock.patch.object(_disk_io.os, "pwritev", counted_pwritev),
+            ):
+                await tier.write_from([0, 1], keys, data)  # two threads, one block each
+                await tier.read_into([0, 1], keys, out)
+                assert reads == [0, 0]
+                assert writes == [0, 0]
+                await tier.read_into([1], keys[1:], out[1:])  # alone: chunked
+                assert reads[2:] == list(range(0, SMALL.block_bytes, 64))
+            return out
+
+    with mock.patch.object(_disk_io, "HASH_CHUNK", 64):
+        out = anyio.run(main)
     assert torch.equal(out, data)

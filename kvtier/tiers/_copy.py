@@ -9,7 +9,7 @@ scattered the other tier's slots are.
 
 Where a copy runs: CPU only, on the event loop below ``offload_min_bytes``,
 else in worker threads: the batch is cut into up to ``copy_threads`` runs of
-at least :data:`SHARE_MIN_BYTES`, one thread each (by default as many as
+about :data:`SHARE_MIN_BYTES` or more, one thread each (by default as many as
 torch's intra-op pool, which a plain multi-threaded ``copy_`` would use).
 CUDA, with same-device or pinned contiguous host buffers: queued on the
 copier's stream for that direction (after the caller's current stream),
@@ -50,8 +50,9 @@ OFFLOAD_MIN_BYTES: Final = 4 << 20
 a thread round trip costs 50-200 µs, about what copying 1-4 MiB does)."""
 
 SHARE_MIN_BYTES: Final = 2 << 20
-"""A CPU copy run off the event loop is split across ``copy_threads`` worker
-threads in shares of at least this many bytes (one 8B-class block)."""
+"""A CPU copy run off the event loop is split across at most ``copy_threads``
+worker threads, and into at most ``bytes // SHARE_MIN_BYTES`` runs (one
+8B-class block each at least, give or take a row)."""
 
 STAGING_BYTES: Final = 64 << 20
 """Most bytes of device (or host) staging memory one transfer uses at a time."""
@@ -101,6 +102,7 @@ class RowCopier:
     ) -> None:
         self.tier = tier
         self.copy_threads = copy_threads
+        self._limiter: anyio.CapacityLimiter | None = None  # made in the event loop
         self.rows = SegmentRows(sources, staging_bytes=staging_bytes)
         self.device = self.rows.device
         self.row_bytes = self.rows.row_bytes
@@ -247,26 +249,43 @@ class RowCopier:
         """A CPU copy cut into ``shares`` runs of the batch, each in its own worker thread.
 
         NumPy and torch release the GIL while they copy, so the runs use as
-        many cores as a multi-threaded torch ``copy_`` would. Every run
-        finishes (a worker thread cannot be interrupted) before this returns
-        or raises, so the caller's buffers are settled either way; the first
-        failure is raised.
+        many cores as a multi-threaded torch ``copy_`` would. The threads
+        come from the copier's own limiter, not anyio's default one, so a
+        large copy never holds up other ``to_thread`` calls. Every run that
+        started finishes (a worker thread cannot be interrupted) before this
+        returns or raises; a run not yet started when the caller is
+        cancelled is skipped, so a cancelled copy leaves its destination
+        rows undefined, as a failed one does. The first failure is raised,
+        whether of a copy or of starting its thread.
         """
+        runs = split_parts(parts, shares)
+        limiter = self._share_limiter(len(runs))
         failures: list[Exception] = []
 
         def share(begin: int, end: int, run: list[torch.Tensor]) -> None:
+            self.rows.copy(
+                slots[begin:end], run, read=read, non_blocking=False, staging_share=len(runs)
+            )
+
+        async def in_thread(begin: int, end: int, run: list[torch.Tensor]) -> None:
             try:
-                self.rows.copy(
-                    slots[begin:end], run, read=read, non_blocking=False, staging_share=shares
-                )
-            except Exception as exc:  # raised below, after every run has settled
+                await anyio.to_thread.run_sync(partial(share, begin, end, run), limiter=limiter)
+            except Exception as exc:  # raised below, once every run has settled
                 failures.append(exc)
 
         async with anyio.create_task_group() as group:
-            for begin, end, run in split_parts(parts, shares):
-                group.start_soon(anyio.to_thread.run_sync, partial(share, begin, end, run))
+            for begin, end, run in runs:
+                group.start_soon(in_thread, begin, end, run)
         if failures:
             raise failures[0]
+
+    def _share_limiter(self, threads: int) -> anyio.CapacityLimiter:
+        """The copier's worker-thread limiter, with room for ``threads`` at least."""
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(threads)
+        elif self._limiter.total_tokens < threads:
+            self._limiter.total_tokens = threads
+        return self._limiter
 
     def _work(
         self,

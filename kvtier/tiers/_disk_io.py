@@ -263,8 +263,8 @@ class BlockFiles:
             slot: The slot the block was written to.
             key: The block's key.
             row: Its destination: host bytes (read in place unless
-                ``O_DIRECT``), or a tensor of any device or layout (filled
-                from a page-aligned buffer).
+                ``O_DIRECT``), or a host row tensor that is not contiguous
+                (filled from a page-aligned buffer).
             alone: No other thread reads for this batch: a buffered read
                 into host memory then hashes :data:`HASH_CHUNK`-byte chunks
                 as they land (see :meth:`_read_in_place`).
@@ -290,7 +290,7 @@ class BlockFiles:
     def _read_in_place(
         self, fd: int, size: int, slot: int, key: BlockKey, payload: memoryview, chunk: int
     ) -> bool:
-        """``preadv`` into ``row`` ``chunk`` bytes at a time, hashing each chunk as it lands.
+        """``preadv`` into ``payload`` ``chunk`` bytes at a time, hashing each chunk as it lands.
 
         One ``preadv`` of the whole payload and a checksum pass afterwards
         read the payload back from memory a second time; a chunk of 256 KiB
@@ -302,6 +302,17 @@ class BlockFiles:
         loads fell from 1.0-1.2 to 0.8-0.96 of raw), so batches spread over
         threads read each block whole (``chunk`` = the payload). The last
         chunk's ``preadv`` also fills the trailer.
+
+        Args:
+            fd: The open block file.
+            size: Its size in bytes (payload and trailer).
+            slot: The slot the block must have been written to.
+            key: The key the block must carry.
+            payload: The destination row's bytes.
+            chunk: Bytes per system call (the payload's length: one call).
+
+        Returns:
+            Whether the whole file was read and verified.
         """
         trailer = bytearray(size - self.block_bytes)
         digest = checksum_stream()
@@ -310,7 +321,7 @@ class BlockFiles:
             piece = payload[start : start + chunk]
             last = start == starts[-1]
             wanted = len(piece) + (len(trailer) if last else 0)
-            if os.preadv(fd, [piece, trailer] if last else [piece], start) != wanted:
+            if not _read_all(fd, [piece, memoryview(trailer)] if last else [piece], wanted, start):
                 return False
             digest.update(piece)
         return self._valid(decode_trailer(trailer), payload, slot, key, digest=digest.digest())
@@ -321,7 +332,7 @@ class BlockFiles:
         buffer = self._buffer()
         try:
             view = memoryview(buffer)
-            complete = os.preadv(fd, [view[:size]], 0) == size
+            complete = _read_all(fd, [view[:size]], size, 0, align=ALIGN if self.direct else 1)
             trailer = decode_trailer(view[self.block_bytes : size]) if complete else None
             if not self._valid(trailer, view[: self.block_bytes], slot, key):
                 return False
@@ -414,6 +425,28 @@ def _write_all(
         if moved <= 0:
             raise OSError(errno.EIO, "a write moved no bytes")
         written += moved
+
+
+def _read_all(fd: int, parts: list[memoryview], size: int, offset: int, *, align: int = 1) -> bool:
+    """``preadv`` ``size`` bytes at ``offset`` into the parts, finishing short reads.
+
+    A short read (legitimate on FUSE or network file systems) goes on from
+    the last ``align``-byte boundary read, as :func:`_write_all` does.
+
+    Returns:
+        False if the file ended first.
+
+    Raises:
+        OSError: The read failed.
+    """
+    done = os.preadv(fd, parts, offset)
+    while done < size:
+        done -= done % align
+        moved = os.preadv(fd, _from(parts, done), offset + done)
+        if moved <= 0:
+            return False
+        done += moved
+    return True
 
 
 def _from(parts: list[memoryview], offset: int) -> list[memoryview]:

@@ -21,6 +21,7 @@ stream, queues); :class:`~kvtier.tiers._copy.RowCopier` decides where it runs.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from itertools import pairwise
 from typing import Final
 
 import numpy as np
@@ -161,8 +162,15 @@ class SegmentRows:
         """Move every part's rows: in place where it can, else through staging.
 
         Blocking on CPU; on CUDA, queued on the current stream (``non_blocking``
-        copies when every part allows it). ``staging_share`` copies run at
-        once, so each stages at most its share of ``staging_bytes``.
+        copies when every part allows it).
+
+        Args:
+            slots: The tier's rows, one per row of the parts.
+            parts: The caller's buffers, taken in order.
+            read: Copy from the tier into the parts (else the other way).
+            non_blocking: Let CUDA copies to or from pinned memory queue.
+            staging_share: How many copies run at once: each stages at most
+                its share of ``staging_bytes``.
         """
         staged: list[_Piece] = []
         for begin, end, part in _pieces(parts):
@@ -236,7 +244,9 @@ def _pieces(parts: Sequence[torch.Tensor]) -> Iterator[_Piece]:
 def split_parts(
     parts: Sequence[torch.Tensor], shares: int
 ) -> list[tuple[int, int, list[torch.Tensor]]]:
-    """A batch held in ``parts`` cut into at most ``shares`` runs of near-equal length.
+    """A batch held in ``parts`` cut into ``min(shares, rows)`` runs of near-equal length.
+
+    Run lengths differ by one row at most.
 
     Each run is ``(begin, end, its parts)``: batch positions ``begin:end``
     and the rows of the parts that hold them, in order (a part may be split
@@ -245,11 +255,18 @@ def split_parts(
     pieces = list(_pieces(parts))
     if not pieces:
         return []
-    size = -(-pieces[-1][1] // max(1, shares))
-    return [
-        (chunk[0][0], chunk[-1][1], [rows for _, _, rows in chunk])
-        for chunk in _chunked(pieces, size)
-    ]
+    total = pieces[-1][1]
+    count = max(1, min(shares, total))
+    bounds = [total * index // count for index in range(count + 1)]
+    runs: list[tuple[int, int, list[torch.Tensor]]] = []
+    for begin, end in pairwise(bounds):
+        rows = [
+            part[max(begin, first) - first : min(end, last) - first]
+            for first, last, part in pieces
+            if first < end and last > begin
+        ]
+        runs.append((begin, end, rows))
+    return runs
 
 
 def _chunked(pieces: list[_Piece], size: int) -> Iterator[list[_Piece]]:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 import anyio
+import attrs
 import torch
 
 from kvtier.errors import BlockMissingError, TierIOError
@@ -56,14 +57,26 @@ def row_access(parts: Sequence[torch.Tensor]) -> RowAt:
     indexing a tensor and wrapping its memory took 40 µs here, a fifth of
     the copy). Otherwise each row is the row tensor.
 
-    The caller keeps the parts alive while the rows are in use.
+    The function returned holds the parts, so the memory its views alias
+    lives as long as it does.
     """
     if all(part.device.type == "cpu" for part in parts) and all(
         part.shape[0] == 0 or part[0].is_contiguous() for part in parts
     ):
-        return part_row_views(parts)
+        return _HostRows(tuple(parts), part_row_views(parts))
     rows = [row for part in parts for row in part.unbind(0)]
     return rows.__getitem__
+
+
+@attrs.frozen
+class _HostRows:
+    """Row views of host parts, holding the parts their memory belongs to."""
+
+    parts: tuple[torch.Tensor, ...]
+    view: Callable[[int], memoryview]
+
+    def __call__(self, index: int) -> memoryview:
+        return self.view(index)
 
 
 class DiskBatches:
@@ -128,6 +141,11 @@ class DiskBatches:
         row: RowAt,
     ) -> None:
         """Write each block from its host row (``row(i)`` for block ``i``), atomically per block.
+
+        Args:
+            slot_list: The blocks' slots.
+            keys: Their keys.
+            row: Block ``i``'s source row (see :func:`row_access`).
 
         Raises:
             TierIOError: A block could not be written (the others were), or
@@ -204,6 +222,11 @@ class DiskBatches:
         row: RowAt,
     ) -> None:
         """Read and verify each block into its row (``row(i)`` for block ``i``).
+
+        Args:
+            slot_list: The blocks' slots.
+            keys: Their keys.
+            row: Block ``i``'s destination row (see :func:`row_access`).
 
         Raises:
             BlockMissingError: Blocks absent, failing verification or whose

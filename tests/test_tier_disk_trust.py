@@ -231,15 +231,15 @@ async def test_a_recycled_file_that_cannot_be_opened_leaves_no_temp_file(
 ) -> None:
     async with tier_at(tmp_path, slots=1) as tier:
         await tier.write_from([0], [key(0)], blocks(1))
-        real = _disk_io._open_trusted
+        real = _disk_io.open_trusted
 
         def no_fds(path: Path, flags: int) -> int:
             raise OSError(errno.EMFILE, "Too many open files")
 
-        monkeypatch.setattr(_disk_io, "_open_trusted", no_fds)
+        monkeypatch.setattr(_disk_io, "open_trusted", no_fds)
         with pytest.raises(TierIOError, match="Too many open files"):
             await tier.write_from([0], [key(1)], blocks(1, seed=1))
-        monkeypatch.setattr(_disk_io, "_open_trusted", real)
+        monkeypatch.setattr(_disk_io, "open_trusted", real)
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
         await tier.write_from([0], [key(2)], blocks(1, seed=2))
         assert torch.equal(await read(tier, [0], [key(2)]), blocks(1, seed=2))

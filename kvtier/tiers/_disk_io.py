@@ -28,7 +28,6 @@ import errno
 import mmap
 import os
 import secrets
-import stat
 from collections import deque
 from pathlib import Path
 from typing import Final
@@ -36,6 +35,13 @@ from typing import Final
 import torch
 
 from kvtier.log import get_logger
+from kvtier.tiers._file_io import (
+    O_SAFE,
+    UntrustedFileError,
+    open_trusted,
+    read_all,
+    write_all,
+)
 from kvtier.tiers.base import BlockKey
 from kvtier.tiers.disk_format import (
     ALIGN,
@@ -48,7 +54,7 @@ from kvtier.tiers.disk_format import (
     file_bytes,
 )
 
-__all__ = ["SUFFIX", "TMP_PREFIX", "BlockFiles", "UntrustedFileError"]
+__all__ = ["HASH_CHUNK", "SUFFIX", "TMP_PREFIX", "BlockFiles"]
 
 SUFFIX: Final = ".kvb"
 TMP_PREFIX: Final = ".tmp-"
@@ -56,43 +62,11 @@ HASH_CHUNK: Final = 256 * 1024
 """Bytes per system call of a buffered block read or write by a batch's only
 thread: each chunk is hashed while it is still in the core's cache."""
 _O_DIRECT: Final = getattr(os, "O_DIRECT", 0)
-_O_SAFE: Final = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 _NO_DIRECTORY_SYNC: Final = frozenset(
     getattr(errno, name) for name in ("EINVAL", "EBADF", "ENOTSUP") if hasattr(errno, name)
 )
 """``fsync`` errors of a file system that cannot sync a directory."""
 _log = get_logger("kvtier.tiers.disk")
-
-
-class UntrustedFileError(OSError):
-    """A directory entry that is not a block file this user wrote (link, FIFO, foreign owner)."""
-
-
-def _open_trusted(path: Path, flags: int) -> int:
-    """``os.open`` without following links, then check the file is ours.
-
-    Raises:
-        FileNotFoundError: No such file.
-        UntrustedFileError: A symlink, not a regular file, more than one
-            link, another owner, or group/other permission bits.
-        OSError: Any other error of the open.
-    """
-    try:
-        fd = os.open(path, flags | _O_SAFE)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UntrustedFileError(errno.ELOOP, "a symbolic link", str(path)) from exc
-        raise
-    info = os.fstat(fd)
-    if (
-        not stat.S_ISREG(info.st_mode)
-        or info.st_nlink != 1
-        or info.st_uid != os.geteuid()
-        or info.st_mode & 0o077
-    ):
-        os.close(fd)
-        raise UntrustedFileError(errno.EPERM, "not a private regular file", str(path))
-    return fd
 
 
 class BlockFiles:
@@ -171,7 +145,7 @@ class BlockFiles:
             if recycle is not None:
                 try:
                     os.rename(self.file(recycle), tmp)
-                    fd = _open_trusted(tmp, os.O_WRONLY | self._flags)
+                    fd = open_trusted(tmp, os.O_WRONLY | self._flags)
                 except UntrustedFileError:
                     tmp.unlink(missing_ok=True)  # never write through a link or a foreign file
                 except FileNotFoundError:
@@ -211,7 +185,7 @@ class BlockFiles:
                 view = memoryview(buffer)
                 view[: len(payload)] = payload
                 view[len(payload) : size] = trailer
-                _write_all(fd, [view[:size]], size, align=ALIGN)
+                write_all(fd, [view[:size]], size, align=ALIGN)
             finally:
                 self._buffers.append(buffer)
             return
@@ -221,11 +195,11 @@ class BlockFiles:
         for start in starts[:-1]:
             piece = payload[start : start + chunk]
             digest.update(piece)
-            _write_all(fd, [piece], len(piece), offset=start)
+            write_all(fd, [piece], len(piece), offset=start)
         last = payload[starts[-1] :]
         digest.update(last)
         trailer = encode_trailer(slot, key, self.fingerprint, payload, digest=digest.digest())
-        _write_all(fd, [last, memoryview(trailer)], size - starts[-1], offset=starts[-1])
+        write_all(fd, [last, memoryview(trailer)], size - starts[-1], offset=starts[-1])
 
     def sync_directory(self) -> None:
         """``fsync`` the directory, so the renames of written blocks survive a crash.
@@ -236,7 +210,7 @@ class BlockFiles:
         Raises:
             OSError: Any other failure.
         """
-        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_SAFE)
+        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | O_SAFE)
         try:
             os.fsync(fd)
         except OSError as exc:
@@ -273,7 +247,7 @@ class BlockFiles:
             OSError: An I/O error other than a missing file.
         """
         try:
-            fd = _open_trusted(self.file(key), os.O_RDONLY | self._flags)
+            fd = open_trusted(self.file(key), os.O_RDONLY | self._flags)
         except (FileNotFoundError, UntrustedFileError):
             return False
         try:
@@ -321,7 +295,7 @@ class BlockFiles:
             piece = payload[start : start + chunk]
             last = start == starts[-1]
             wanted = len(piece) + (len(trailer) if last else 0)
-            if not _read_all(fd, [piece, memoryview(trailer)] if last else [piece], wanted, start):
+            if not read_all(fd, [piece, memoryview(trailer)] if last else [piece], wanted, start):
                 return False
             digest.update(piece)
         return self._valid(decode_trailer(trailer), payload, slot, key, digest=digest.digest())
@@ -332,7 +306,7 @@ class BlockFiles:
         buffer = self._buffer()
         try:
             view = memoryview(buffer)
-            complete = _read_all(fd, [view[:size]], size, 0, align=ALIGN if self.direct else 1)
+            complete = read_all(fd, [view[:size]], size, 0, align=ALIGN if self.direct else 1)
             trailer = decode_trailer(view[self.block_bytes : size]) if complete else None
             if not self._valid(trailer, view[: self.block_bytes], slot, key):
                 return False
@@ -353,7 +327,7 @@ class BlockFiles:
         """
         buffer = self._buffer()
         try:
-            fd = _open_trusted(path, os.O_RDONLY | self._flags)
+            fd = open_trusted(path, os.O_RDONLY | self._flags)
         except (FileNotFoundError, UntrustedFileError):
             self._buffers.append(buffer)
             return None
@@ -404,58 +378,3 @@ class BlockFiles:
             return self._buffers.pop()
         except IndexError:
             return mmap.mmap(-1, file_bytes(self.block_bytes, MAX_KEY_BYTES))
-
-
-def _write_all(
-    fd: int, parts: list[memoryview], size: int, *, align: int = 1, offset: int = 0
-) -> None:
-    """``pwritev`` the parts at ``offset``, finishing short writes.
-
-    A retry starts at the last ``align``-byte boundary written (``O_DIRECT``
-    needs aligned offsets and buffers: the parts are then one page-aligned
-    view written at offset 0, so its slices at aligned offsets stay aligned).
-
-    Raises:
-        OSError: A write moved no bytes (``EIO``), or the write failed.
-    """
-    written = os.pwritev(fd, parts, offset)
-    while written < size:
-        written -= written % align
-        moved = os.pwritev(fd, _from(parts, written), offset + written)
-        if moved <= 0:
-            raise OSError(errno.EIO, "a write moved no bytes")
-        written += moved
-
-
-def _read_all(fd: int, parts: list[memoryview], size: int, offset: int, *, align: int = 1) -> bool:
-    """``preadv`` ``size`` bytes at ``offset`` into the parts, finishing short reads.
-
-    A short read (legitimate on FUSE or network file systems) goes on from
-    the last ``align``-byte boundary read, as :func:`_write_all` does.
-
-    Returns:
-        False if the file ended first.
-
-    Raises:
-        OSError: The read failed.
-    """
-    done = os.preadv(fd, parts, offset)
-    while done < size:
-        done -= done % align
-        moved = os.preadv(fd, _from(parts, done), offset + done)
-        if moved <= 0:
-            return False
-        done += moved
-    return True
-
-
-def _from(parts: list[memoryview], offset: int) -> list[memoryview]:
-    """The parts' bytes from ``offset`` on, as views (no copy)."""
-    rest: list[memoryview] = []
-    for part in parts:
-        if offset >= len(part):
-            offset -= len(part)
-            continue
-        rest.append(part[offset:])
-        offset = 0
-    return rest

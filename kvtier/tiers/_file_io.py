@@ -1,0 +1,109 @@
+"""Positional file I/O for block files: trusted opens, whole reads and writes.
+
+:func:`open_trusted` opens a file only if this user could have written it
+as a block file: never through a symbolic link (``O_NOFOLLOW``), never
+blocking on a FIFO (``O_NONBLOCK``), and only a regular file with one link,
+owned by the effective user, with no group or other permission bits.
+:func:`read_all` and :func:`write_all` finish the short transfers that
+``preadv`` / ``pwritev`` may return (FUSE and network file systems do),
+restarting at an aligned offset for ``O_DIRECT``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+from typing import Final
+
+__all__ = ["O_SAFE", "UntrustedFileError", "open_trusted", "read_all", "write_all"]
+
+O_SAFE: Final = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+"""Flags of every open of a block file or directory: no link followed, no FIFO waited on."""
+
+
+class UntrustedFileError(OSError):
+    """A directory entry that is not a block file this user wrote (link, FIFO, foreign owner)."""
+
+
+def open_trusted(path: Path, flags: int) -> int:
+    """``os.open`` without following links, then check the file is ours.
+
+    Raises:
+        FileNotFoundError: No such file.
+        UntrustedFileError: A symlink, not a regular file, more than one
+            link, another owner, or group/other permission bits.
+        OSError: Any other error of the open.
+    """
+    try:
+        fd = os.open(path, flags | O_SAFE)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UntrustedFileError(errno.ELOOP, "a symbolic link", str(path)) from exc
+        raise
+    info = os.fstat(fd)
+    if (
+        not stat.S_ISREG(info.st_mode)
+        or info.st_nlink != 1
+        or info.st_uid != os.geteuid()
+        or info.st_mode & 0o077
+    ):
+        os.close(fd)
+        raise UntrustedFileError(errno.EPERM, "not a private regular file", str(path))
+    return fd
+
+
+def write_all(
+    fd: int, parts: list[memoryview], size: int, *, align: int = 1, offset: int = 0
+) -> None:
+    """``pwritev`` the parts at ``offset``, finishing short writes.
+
+    A retry starts at the last ``align``-byte boundary written (``O_DIRECT``
+    needs aligned offsets and buffers: the parts are then one page-aligned
+    view written at offset 0, so its slices at aligned offsets stay aligned).
+
+    Raises:
+        OSError: A write moved no bytes (``EIO``), or the write failed.
+    """
+    written = os.pwritev(fd, parts, offset)
+    while written < size:
+        written -= written % align
+        moved = os.pwritev(fd, _rest(parts, written), offset + written)
+        if moved <= 0:
+            raise OSError(errno.EIO, "a write moved no bytes")
+        written += moved
+
+
+def read_all(fd: int, parts: list[memoryview], size: int, offset: int, *, align: int = 1) -> bool:
+    """``preadv`` ``size`` bytes at ``offset`` into the parts, finishing short reads.
+
+    A short read (legitimate on FUSE or network file systems) goes on from
+    the last ``align``-byte boundary read, as :func:`write_all` does.
+
+    Returns:
+        False if the file ended first.
+
+    Raises:
+        OSError: The read failed.
+    """
+    done = os.preadv(fd, parts, offset)
+    while done < size:
+        done -= done % align
+        moved = os.preadv(fd, _rest(parts, done), offset + done)
+        if moved <= 0:
+            return False
+        done += moved
+    return True
+
+
+def _rest(parts: list[memoryview], offset: int) -> list[memoryview]:
+    """The parts' bytes from ``offset`` on, as views (no copy)."""
+    rest: list[memoryview] = []
+    for part in parts:
+        if offset >= len(part):
+            offset -= len(part)
+            continue
+        rest.append(part[offset:])
+        offset = 0
+    return rest

@@ -196,7 +196,7 @@ def test_shares_follow_copy_threads_or_torchs_thread_count(
         torch.set_num_threads(before)
 
 
-def _slow_copy(done: list[int], fail_first: int | None) -> Any:
+def _slow_copy(done: list[int], fail_first: int) -> Any:
     real = SegmentRows.copy
 
     def copy(rows: SegmentRows, slots: list[int], *args: Any, **kwargs: Any) -> None:
@@ -234,19 +234,32 @@ def test_a_failed_share_fails_the_call_after_the_others_settle(small_shares: Non
 
 def test_a_cancelled_caller_returns_only_after_every_share_settled(small_shares: None) -> None:
     done: list[int] = []
+    started: list[int] = []
+    lock = threading.Lock()
+    scopes: list[anyio.CancelScope] = []
+    real = SegmentRows.copy
+
+    def copy(rows: SegmentRows, slots: list[int], *args: Any, **kwargs: Any) -> None:
+        with lock:
+            started.append(slots[0])
+            both = len(started) == 2
+        if both:  # cancel the caller while both runs are in their threads
+            anyio.from_thread.run_sync(scopes[0].cancel)
+        time.sleep(0.2)
+        real(rows, slots, *args, **kwargs)
+        done.append(slots[0])
 
     async def main() -> None:
         tier, cache = _tier("per-layer", 2, 64 << 20)
         async with tier:
             slots = list(range(100, 140))
             out = torch.zeros(40, BB, dtype=torch.uint8)
-            with mock.patch.object(
-                SegmentRows, "copy", autospec=True, side_effect=_slow_copy(done, fail_first=None)
-            ):
-                with anyio.move_on_after(0.05) as scope:
+            with mock.patch.object(SegmentRows, "copy", autospec=True, side_effect=copy):
+                with anyio.CancelScope() as scope:
+                    scopes.append(scope)
                     await tier.read_into(slots, keys_for(slots), out)
                 assert scope.cancelled_caught
-                assert sorted(done) == [100, 120]  # both shares had finished copying
+                assert sorted(done) == [100, 120]  # both runs had finished copying
             assert torch.equal(out, canonical(cache, slots))
 
     anyio.run(main)

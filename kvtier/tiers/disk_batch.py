@@ -68,7 +68,7 @@ def row_access(parts: Sequence[torch.Tensor]) -> RowAt:
     return rows.__getitem__
 
 
-@attrs.frozen
+@attrs.frozen(eq=False)
 class _HostRows:
     """Row views of host parts, holding the parts their memory belongs to."""
 

@@ -14,6 +14,7 @@ import itertools
 import operator
 from collections.abc import Callable, Sequence
 
+import attrs
 import torch
 
 from kvtier.errors import ConfigError, InvalidRequestError
@@ -27,6 +28,7 @@ __all__ = [
     "check_buffers",
     "check_parts",
     "check_slots",
+    "host_rows",
     "part_row_views",
     "row_views",
     "slot_index",
@@ -258,22 +260,41 @@ def tensor_bytes(row: torch.Tensor) -> memoryview:
     return memoryview(buffer).cast("B")
 
 
+def host_rows(rows: torch.Tensor) -> bool:
+    """Whether ``rows`` (``[n, …]``) is host memory whose rows are each contiguous."""
+    return rows.device.type == "cpu" and (rows.shape[0] == 0 or rows[0].is_contiguous())
+
+
+@attrs.frozen(eq=False)
+class _RowSlices:
+    """Row ``index`` of a contiguous tensor as a slice of one view of its bytes.
+
+    Holds the tensor, so the memory the view aliases lives as long as this does.
+    """
+
+    owner: torch.Tensor
+    whole: memoryview
+    size: int
+
+    def __call__(self, index: int) -> memoryview:
+        return self.whole[index * self.size : (index + 1) * self.size]
+
+
 def row_views(rows: torch.Tensor) -> Callable[[int], memoryview]:
     """``index -> the bytes of rows[index]``: slices of one view when ``rows`` is contiguous.
 
-    ``rows`` is a CPU tensor ``[n, …]`` whose rows are each contiguous; the
-    caller keeps it alive while the views are in use.
+    ``rows`` is a CPU tensor ``[n, …]`` whose rows are each contiguous. The
+    function returned holds ``rows``, so the views stay valid while it lives.
 
     Raises:
         InvalidRequestError: ``rows`` is not host memory with contiguous rows
             (a view would cover other bytes than the row's).
     """
-    if rows.device.type != "cpu" or (rows.shape[0] and not rows[0].is_contiguous()):
+    if not host_rows(rows):
         raise InvalidRequestError("row views need host memory whose rows are each contiguous")
     if rows.is_contiguous() and rows.shape[0]:
         whole = tensor_bytes(rows)
-        size = len(whole) // rows.shape[0]
-        return lambda index: whole[index * size : (index + 1) * size]
+        return _RowSlices(rows, whole, len(whole) // rows.shape[0])
     return lambda index: tensor_bytes(rows[index])
 
 
@@ -281,7 +302,7 @@ def part_row_views(parts: Sequence[torch.Tensor]) -> Callable[[int], memoryview]
     """``index -> the bytes of row index`` of consecutive CPU parts taken in order.
 
     Each part is a CPU tensor ``[rows, …]`` whose rows are each contiguous;
-    the caller keeps the parts alive while the views are in use.
+    the function returned holds the parts (see :func:`row_views`).
     """
     if len(parts) == 1:
         return row_views(parts[0])

@@ -7,9 +7,10 @@ segment tensor one ``index_select`` (reads) or ``index_copy_`` (writes), or one
 slice copy when the slots are an ascending run. On CPU an ascending run moves
 with NumPy (:func:`~kvtier.tiers._memory.host_views`): one ``np.concatenate``
 over the segments, or one ``memcpy`` for a single source; scattered rows of
-a single source move with one ``np.take`` or indexed assignment. Bytes move as the
-widest word dividing the segment and every stride (``complex128``: 16 bytes,
-only copied, so every bit pattern survives), keeping elementwise kernels fast.
+a single source move with one ``np.take`` or indexed assignment. Bytes move
+as the widest word dividing the segment and every stride (``complex128``: 16
+bytes, only copied, so every bit pattern survives), keeping elementwise
+kernels fast.
 
 A batch may land in (or come from) several buffers, *parts*, taken in order.
 A part on the tier's device with contiguous rows is copied in place; one that
@@ -131,18 +132,20 @@ class SegmentRows:
         return self._host[0]
 
     def _scatter(self, rows: Rows, data: torch.Tensor) -> None:
-        if isinstance(rows, slice) and self._host is not None and data.device.type == "cpu":
-            if len(self._host) == 1:
-                np.copyto(self._host[0][rows], data.detach().numpy())
+        if isinstance(rows, slice):
+            if self._host is not None and data.device.type == "cpu":
+                if len(self._host) == 1:
+                    np.copyto(self._host[0][rows], data.detach().numpy())
+                    return
+                arrays = data.detach().view(data.shape[0], len(self._host), -1).numpy()
+                for index, host in enumerate(self._host):
+                    host[rows] = arrays[:, index]
                 return
-            arrays = data.detach().view(data.shape[0], len(self._host), -1).numpy()
-            for index, host in enumerate(self._host):
-                host[rows] = arrays[:, index]
-            return
-        single = None if isinstance(rows, slice) else self._one_host(data)
-        if single is not None and not isinstance(rows, slice):
-            single[rows.numpy()] = data.detach().numpy()
-            return
+        else:
+            single = self._one_host(data)
+            if single is not None:
+                single[rows.numpy()] = data.detach().numpy()
+                return
         sources, parts = self._split(data)
         if isinstance(rows, slice):
             _copy_all([source[rows] for source in sources], parts)

@@ -16,12 +16,11 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 import anyio
-import attrs
 import torch
 
 from kvtier.errors import BlockMissingError, TierIOError
 from kvtier.log import get_logger
-from kvtier.tiers._checks import part_row_views, tensor_bytes
+from kvtier.tiers._checks import host_rows, part_row_views, tensor_bytes
 from kvtier.tiers._disk_io import BlockFiles
 from kvtier.tiers.base import BlockKey
 from kvtier.tiers.disk_map import DiskMap
@@ -60,23 +59,10 @@ def row_access(parts: Sequence[torch.Tensor]) -> RowAt:
     The function returned holds the parts, so the memory its views alias
     lives as long as it does.
     """
-    if all(part.device.type == "cpu" for part in parts) and all(
-        part.shape[0] == 0 or part[0].is_contiguous() for part in parts
-    ):
-        return _HostRows(tuple(parts), part_row_views(parts))
+    if all(host_rows(part) for part in parts):
+        return part_row_views(parts)
     rows = [row for part in parts for row in part.unbind(0)]
     return rows.__getitem__
-
-
-@attrs.frozen(eq=False)
-class _HostRows:
-    """Row views of host parts, holding the parts their memory belongs to."""
-
-    parts: tuple[torch.Tensor, ...]
-    view: Callable[[int], memoryview]
-
-    def __call__(self, index: int) -> memoryview:
-        return self.view(index)
 
 
 class DiskBatches:
@@ -107,8 +93,12 @@ class DiskBatches:
         self._call_blocks = max(1, call_bytes // files.block_bytes)
 
     def _call_size(self, n: int) -> int:
-        """Blocks per worker-thread call for a batch of ``n``: ``>= n`` means one call."""
+        """Blocks per worker-thread call for a batch of ``n``."""
         return max(1, min(-(-n // self._workers), self._call_blocks))
+
+    def _one_call(self, n: int) -> bool:
+        """Whether a batch of ``n`` blocks runs in one worker-thread call (no other thread)."""
+        return self._call_size(n) >= n
 
     async def _in_workers(self, work: Callable[[range], None], n: int) -> None:
         """Run ``work`` over ``range(n)`` in worker-thread calls of bounded size.
@@ -120,10 +110,10 @@ class DiskBatches:
         large store) gets a thread after one call, and a cancellation takes
         effect between calls.
         """
-        size = self._call_size(n)
-        if size >= n:  # one thread call: no task group to pay for
+        if self._one_call(n):  # no task group to pay for
             await anyio.to_thread.run_sync(work, range(n), limiter=self._limiter)
             return
+        size = self._call_size(n)
         ranges = iter([range(begin, min(n, begin + size)) for begin in range(0, n, size)])
 
         async def worker() -> None:
@@ -154,7 +144,7 @@ class DiskBatches:
         recycle, candidates = self._map.plan_write(slot_list, keys)
         done: list[int] = []
         errors: list[TierIOError] = []
-        alone = self._call_size(len(slot_list)) >= len(slot_list)
+        alone = self._one_call(len(slot_list))
 
         def work(part: range) -> None:
             for index in part:
@@ -235,7 +225,7 @@ class DiskBatches:
         """
         missing: list[int] = []
         errors: list[TierIOError] = []
-        alone = self._call_size(len(slot_list)) >= len(slot_list)
+        alone = self._one_call(len(slot_list))
 
         def work(part: range) -> None:
             for index in part:

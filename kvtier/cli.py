@@ -175,7 +175,7 @@ def _workload(args: argparse.Namespace) -> Workload:
     else:
         workload = WORKLOADS[name]()
     if args.limit is not None:
-        workload = Workload(workload.name, workload.prompts[: args.limit])
+        workload = workload.head(args.limit)
     return workload
 
 

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from kvtier import cli
 from kvtier.cli import main
+from kvtier.replay.workloads import sample_workload
 
 SMALL_TOML = """
 [layout]
@@ -216,3 +218,13 @@ def test_a_signal_removes_the_temporary_tiers_and_exits_130(tmp_path: Path, sign
     assert process.returncode == 130
     assert err.decode().strip().splitlines() == ["kvtier: interrupted"]
     assert list(temp.iterdir()) == []
+
+
+@pytest.mark.parametrize("workload", ["sample", "mooncake"])
+def test_limit_keeps_each_requests_tag(workload: str) -> None:
+    args = cli._parser().parse_args(["replay", "--workload", workload, "--limit", "5"])
+    limited = cli._workload(args)
+    expected = sample_workload(limit=5)  # the bundled trace's first requests either way
+    assert limited.prompts == expected.prompts
+    assert expected.tags is not None
+    assert list(limited.tags or ()) == list(expected.tags)

@@ -60,6 +60,11 @@ class Workload:
         """Request ``index``'s tag (None when the workload is untagged)."""
         return None if self.tags is None else self.tags[index]
 
+    def head(self, count: int) -> Workload:
+        """The first ``count`` requests, with their tags."""
+        tags = None if self.tags is None else self.tags[:count]
+        return Workload(self.name, self.prompts[:count], tags=tags)
+
     @property
     def num_tokens(self) -> int:
         """Prompt tokens over all requests."""

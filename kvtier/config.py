@@ -150,7 +150,7 @@ class TierConfig:
     """One tier of the stack.
 
     Attributes:
-        kind: ``"device"``, ``"cpu"`` or ``"disk"``.
+        kind: ``"device"``, ``"cpu"``, ``"disk"`` or ``"redis"``.
         capacity_bytes: The tier's budget.
         eviction: Eviction policy name (lower tiers).
         path: Directory of a disk tier (``None``: ``kvtier replay`` uses a
@@ -178,6 +178,11 @@ class OffloadConfig:
     Attributes:
         write_mode: ``"eager"``, ``"lazy"`` or ``"selective"``.
         hash: Block hash algorithm.
+        hash_seed: The root hash's seed (see :func:`kvtier.hashing.root_hash`):
+            processes with the same algorithm and seed compute the same block
+            hashes. None: a fixed default seed, except for ``xxhash``, whose
+            root is then drawn at random per process, so blocks kept on disk
+            or in Redis are never found by another process.
         prefetch: ``"best_effort"``, ``"wait_complete"`` or ``"timeout"``.
         prefetch_timeout: Timeout policy: base budget in seconds.
         prefetch_timeout_per_1k_tokens: Timeout policy: seconds added per
@@ -190,6 +195,7 @@ class OffloadConfig:
 
     write_mode: str = "eager"
     hash: str = "sha256"
+    hash_seed: str | None = None
     prefetch: str = "best_effort"
     prefetch_timeout: float = 0.05
     prefetch_timeout_per_1k_tokens: float = 0.005
@@ -254,6 +260,12 @@ def _boolean(table: Mapping[str, Any], name: str, default: bool | None, key: str
     return value
 
 
+def _seed(value: object) -> str | None:
+    if value is None or (isinstance(value, str) and value):
+        return value
+    raise ConfigError(f"offload.hash_seed: {value!r} is not a non-empty string")
+
+
 def _layout(table: Mapping[str, Any]) -> BlockLayout:
     fields = ("num_layers", "block_size", "num_kv_heads", "head_size", "dtype")
     _check_keys(table, fields, "layout")
@@ -305,6 +317,7 @@ def _offload(table: Mapping[str, Any]) -> OffloadConfig:
     allowed = (
         "write_mode",
         "hash",
+        "hash_seed",
         "prefetch",
         "prefetch_timeout",
         "prefetch_timeout_per_1k_tokens",
@@ -316,6 +329,7 @@ def _offload(table: Mapping[str, Any]) -> OffloadConfig:
     return OffloadConfig(
         _choice(table, "write_mode", WRITE_MODES, "eager", "offload"),
         _choice(table, "hash", tuple(sorted(HASH_ALGORITHMS)), "sha256", "offload"),
+        _seed(table.get("hash_seed")),
         _choice(table, "prefetch", tuple(PREFETCH_POLICIES), "best_effort", "offload"),
         parse_duration(table.get("prefetch_timeout", 0.05), key="offload.prefetch_timeout"),
         parse_duration(

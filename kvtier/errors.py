@@ -3,8 +3,11 @@
 Every error kvtier raises on purpose derives from :class:`KVTierError`, so an
 engine can catch the whole family in one place. Errors caused by bad input also
 derive from :class:`ValueError`, so code written against vLLM (which raises
-``ValueError``) keeps working. An operation that raises one of these errors has
-changed no state.
+``ValueError``) keeps working. An operation that raises an error for bad input
+(:class:`ConfigError`, :class:`InvalidRequestError` and the other ``ValueError``
+kinds) has changed no state; an I/O error (:class:`TierIOError`,
+:class:`BlockMissingError`) may leave part of a batch done, as each method
+documents.
 """
 
 from __future__ import annotations

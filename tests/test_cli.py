@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -228,3 +229,24 @@ def test_limit_keeps_each_requests_tag(workload: str) -> None:
     assert limited.prompts == expected.prompts
     assert expected.tags is not None
     assert list(limited.tags or ()) == list(expected.tags)
+
+
+def _replay_json(config: Path, workdir: Path) -> dict[str, Any]:
+    command = [sys.executable, "-m", "kvtier", "replay", str(config), *CHAT, "--json"]
+    done = subprocess.run(
+        [*command, "--workdir", str(workdir)],
+        capture_output=True,
+        check=True,
+        timeout=300,
+    )
+    return dict(json.loads(done.stdout))
+
+
+def test_a_hash_seed_lets_another_process_hit_xxhash_blocks_on_disk(tmp_path: Path) -> None:
+    config = tmp_path / "xxhash.toml"  # a CPU tier of 32 blocks: the chat spills to disk
+    seeded = '[offload]\nhash = "xxhash"\nhash_seed = "team-a"\nprefetch = "wait_complete"\n'
+    config.write_text(seeded + SMALL_TOML.replace('"96KiB"', '"16KiB"'))
+    cold = _replay_json(config, tmp_path / "w")
+    warm = _replay_json(config, tmp_path / "w")  # a new process: a new random root without a seed
+    assert warm["tiers"][1]["restored_blocks"] > 0
+    assert warm["saved_tokens"] > cold["saved_tokens"]  # the restored blocks are found

@@ -40,7 +40,13 @@ def test_examples_exist() -> None:
 def test_a_full_stack_is_parsed() -> None:
     config = parse_config(
         base(
-            offload={"write_mode": "lazy", "prefetch": "timeout", "prefetch_timeout": "20ms"},
+            offload={
+                "write_mode": "lazy",
+                "prefetch": "timeout",
+                "prefetch_timeout": "20ms",
+                "hash": "xxhash",
+                "hash_seed": "team-a",
+            },
             tiers=[
                 {"kind": "device", "capacity": "2MiB"},
                 {"kind": "cpu", "capacity": "4MiB", "eviction": "arc", "pin_memory": False},
@@ -54,6 +60,8 @@ def test_a_full_stack_is_parsed() -> None:
     assert config.tiers[2].capacity_bytes == 10**9
     assert config.tiers[2].path == Path("/tmp/x")
     assert config.offload.prefetch_timeout == pytest.approx(0.02)
+    assert (config.offload.hash, config.offload.hash_seed) == ("xxhash", "team-a")
+    assert parse_config(base()).offload.hash_seed is None
     assert config.blocks_of(config.tiers[0]) == (2 << 20) // config.layout.block_bytes
 
 
@@ -151,6 +159,8 @@ def test_durations(text: str, expected: float) -> None:
         (base(offload={"write_mode": "sometimes"}), r"offload\.write_mode: 'sometimes'"),
         (base(offload={"prefetch_timeout": "soon"}), r"offload\.prefetch_timeout: 'soon'"),
         (base(offload={"hash": "md5"}), r"offload\.hash: 'md5'"),
+        (base(offload={"hash_seed": 3}), r"offload\.hash_seed: 3 is not a non-empty string"),
+        (base(offload={"hash_seed": ""}), r"offload\.hash_seed: '' is not a non-empty string"),
         (base(offload={"lazy_free_target": 0}), r"lazy_free_target: 0 is not an integer >= 1"),
         (base(layout={"num_layers": 2}), r"layout: missing key\(s\) block_size"),
         (

@@ -105,9 +105,10 @@ class StepPlan:
     Attributes:
         step_id: Increases by one per step.
         loads: Loads started this step, one per request.
-        stores: Stores planned this step. Eager and selective ones start
-            when the engine calls ``step_computed(step_id)``; lazy ones (of
-            freed blocks, whose bytes exist) start at once.
+        stores: Stores planned this step. Every mode's stores start when the
+            engine calls ``step_computed(step_id)`` (a lazy store's freed
+            blocks may still be written by a forward pass under asynchronous
+            scheduling).
     """
 
     step_id: int

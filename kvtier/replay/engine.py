@@ -354,7 +354,7 @@ async def replay(
             selective_min_hits=config.offload.selective_min_hits,
             max_probe_blocks=config.offload.max_probe_blocks,
         )
-        hasher = BlockHasher(layout.block_size, config.offload.hash)
+        hasher = BlockHasher(layout.block_size, config.offload.hash, seed=config.offload.hash_seed)
         engine = _Engine(config, kvm, offload, cache, hasher)
         engine.waiting = [
             Request(f"req-{i}", prompt, hasher, tag=workload.tag(i))

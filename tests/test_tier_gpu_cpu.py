@@ -476,6 +476,38 @@ def test_device_tier_constructor_validation() -> None:
     DeviceTier(torch.zeros(4, 3, 2, 4, 2, 8).half(), three)  # canonical: accepted
 
 
+def test_device_tiers_whose_blocks_share_memory_are_refused() -> None:
+    pool = per_layer_cache(num_blocks=5)[0]  # [5, tokens, heads, d]
+    good = per_layer_cache(num_blocks=4)
+    with pytest.raises(ConfigError, match="share memory without being the same tensor"):
+        DeviceTier([pool[:4], pool[1:], *good[2:]], SMALL)  # V0 is K0 one block on
+    flat = cross_layer_cache(num_blocks=4).view(-1)
+    squeezed = flat.as_strided((4, 2, 2, 4, 2, 8), (BB // 4, 128, 64, 16, 8, 1))
+    with pytest.raises(
+        ConfigError, match=r"its blocks share memory \(512 bytes each, one every 256"
+    ):
+        DeviceTier(squeezed, SMALL)
+
+
+@pytest.mark.asyncio
+async def test_a_tensor_listed_twice_and_interleaved_k_v_views_are_accepted() -> None:
+    # Layers 0 and 1 share one KV cache (one K and one V tensor listed twice).
+    shared = per_layer_cache(num_blocks=4)[:2]
+    sharing = DeviceTier([*shared, *shared], SMALL)
+    block = torch.cat([page.reshape(4, -1).view(torch.uint8)[2] for page in shared]).repeat(2)
+    await sharing.write_from([1], keys_for([1]), block[None])
+    out = torch.empty(1, BB, dtype=torch.uint8)
+    await sharing.read_into([1], keys_for([1]), out)
+    assert torch.equal(out[0], block)
+    # K and V of each layer interleaved in one [blocks, 2, tokens, heads, d] tensor.
+    layers = [torch.randn(4, 2, 4, 2, 8).half() for _ in range(2)]
+    views = [layer[:, half] for layer in layers for half in (0, 1)]
+    tier = DeviceTier(views, SMALL)
+    rows = torch.empty(4, BB, dtype=torch.uint8)
+    await tier.read_into([0, 1, 2, 3], keys_for(range(4)), rows)
+    assert torch.equal(rows, canonical(views, range(4)))
+
+
 def test_cpu_tier_constructor_validation() -> None:
     with pytest.raises(ConfigError, match="num_slots"):
         CpuTier(SMALL, 0)

@@ -249,10 +249,66 @@ def test_row_slices_of_one_buffer_are_told_apart_exactly() -> None:
     assert any_overlap([by_column[:5], by_column[4:]])
     assert any_overlap([by_column[:3], by_column[3:6], by_column[2:4]])
     assert any_overlap([rows[:5], rows[4:6]])
-    # Interleaved views share no byte but are refused (conservative).
-    assert any_overlap([rows[0::2], rows[1::2]])
+    # Interleaved views on one row grid share no byte: told apart exactly.
+    assert not any_overlap([rows[0::2], rows[1::2]])
+    assert not any_overlap([rows[:, : BB // 2], rows[:, BB // 2 :]])  # K and V halves
+    assert any_overlap([rows[:, : BB // 2 + 1], rows[:, BB // 2 :]])
+    straddling = rows.view(-1).as_strided((4, BB), (2 * BB, 1), BB + BB // 2)
+    assert any_overlap([rows[0::2], straddling])  # each of its rows runs into the next
     # Tensors on different devices never overlap; ``meta`` stands in for one here.
     assert not any_overlap([rows, torch.empty(10, BB, dtype=torch.uint8, device="meta")])
+
+
+_VIEW = st.tuples(
+    st.integers(1, 4), st.integers(1, 5), st.integers(0, 12), st.integers(0, 3), st.integers(0, 60)
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_VIEW, min_size=2, max_size=3))
+def test_views_that_share_a_byte_are_always_found(
+    views: list[tuple[int, int, int, int, int]],
+) -> None:
+    storage = torch.zeros(128, dtype=torch.uint8)
+    tensors, addresses = [], []
+    for rows, cols, row_stride, col_stride, offset in views:
+        places = [
+            offset + i * row_stride + j * col_stride for i in range(rows) for j in range(cols)
+        ]
+        if len(set(places)) != len(places):
+            continue  # a view that overlaps itself is refused before this check
+        tensors.append(storage.as_strided((rows, cols), (row_stride, col_stride), offset))
+        addresses.append(set(places))
+    shared = any(a & b for i, a in enumerate(addresses) for b in addresses[i + 1 :])
+    if shared:
+        assert any_overlap(tensors)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 6),
+    st.integers(1, 12),
+    st.lists(st.tuples(st.integers(1, 4), st.integers(0, 40)), min_size=2, max_size=3),
+)
+def test_views_on_one_row_grid_are_told_apart_exactly(
+    cols: int, extra: int, views: list[tuple[int, int]]
+) -> None:
+    row_stride = cols + extra  # contiguous rows, apart: the grid never overlaps itself
+    storage = torch.zeros(256, dtype=torch.uint8)
+    tensors = [storage.as_strided((rows, cols), (row_stride, 1), at) for rows, at in views]
+    addresses = [
+        {at + i * row_stride + j for i in range(rows) for j in range(cols)} for rows, at in views
+    ]
+    shared = any(a & b for i, a in enumerate(addresses) for b in addresses[i + 1 :])
+    phases = [at % row_stride for _, at in views]
+    interleaved = all(  # no row of one starts within ``cols`` of a row of another
+        min((p - q) % row_stride, (q - p) % row_stride) >= cols
+        for i, p in enumerate(phases)
+        for q in phases[i + 1 :]
+    )
+    assert any_overlap(tensors) == shared or (not shared and not interleaved)
+    if interleaved:
+        assert not any_overlap(tensors)
 
 
 @pytest.mark.asyncio

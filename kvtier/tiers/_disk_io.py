@@ -337,8 +337,11 @@ class BlockFiles:
         try:
             size = os.fstat(fd).st_size
             view = memoryview(buffer)
-            complete = self.block_bytes < size <= len(buffer)
-            complete = complete and os.preadv(fd, [view[:size]], 0) == size
+            # Every file this tier writes is padded to ALIGN bytes: an unaligned
+            # size is a torn file (and an O_DIRECT read of it would fail).
+            complete = self.block_bytes < size <= len(buffer) and size % ALIGN == 0
+            align = ALIGN if self.direct else 1
+            complete = complete and read_all(fd, [view[:size]], size, 0, align=align)
             trailer = decode_trailer(view[self.block_bytes : size]) if complete else None
             if trailer is None or path.name != trailer.key.hex() + SUFFIX:
                 return None

@@ -64,15 +64,18 @@ def write_all(
     view written at offset 0, so its slices at aligned offsets stay aligned).
 
     Raises:
-        OSError: A write moved no bytes (``EIO``), or the write failed.
+        OSError: A write moved no bytes, or a retry did not get past the next
+            ``align`` boundary (``EIO`` both: retrying again could loop for
+            ever), or the write failed.
     """
     written = os.pwritev(fd, parts, offset)
+    floor = -1
     while written < size:
-        written -= written % align
-        moved = os.pwritev(fd, _rest(parts, written), offset + written)
+        floor = _resume_at(written, align, floor, "write")
+        moved = os.pwritev(fd, _rest(parts, floor), offset + floor)
         if moved <= 0:
             raise OSError(errno.EIO, "a write moved no bytes")
-        written += moved
+        written = floor + moved
 
 
 def read_all(fd: int, parts: list[memoryview], size: int, offset: int, *, align: int = 1) -> bool:
@@ -85,16 +88,31 @@ def read_all(fd: int, parts: list[memoryview], size: int, offset: int, *, align:
         False if the file ended first.
 
     Raises:
-        OSError: The read failed.
+        OSError: The read failed, or a retry did not get past the next
+            ``align`` boundary (``EIO``).
     """
     done = os.preadv(fd, parts, offset)
+    floor = -1
     while done < size:
-        done -= done % align
-        moved = os.preadv(fd, _rest(parts, done), offset + done)
+        floor = _resume_at(done, align, floor, "read")
+        moved = os.preadv(fd, _rest(parts, floor), offset + floor)
         if moved <= 0:
             return False
-        done += moved
+        done = floor + moved
     return True
+
+
+def _resume_at(done: int, align: int, floor: int, what: str) -> int:
+    """The ``align`` boundary a retry starts at, past the previous retry's ``floor``.
+
+    Raises:
+        OSError: ``EIO``: the last call did not cross the next boundary, so
+            each retry would start over from the same place.
+    """
+    resume = done - done % align
+    if resume <= floor:
+        raise OSError(errno.EIO, f"a {what} made no progress past byte {resume}")
+    return resume
 
 
 def _rest(parts: list[memoryview], offset: int) -> list[memoryview]:

@@ -57,10 +57,10 @@ def any_overlap(tensors: Iterable[torch.Tensor]) -> bool:
 
     Only tensors on the same device are compared, and only pairs whose address
     ranges intersect are looked at closely: row slices of one tensor (the
-    parts of a column-major buffer, say) are told apart exactly; any other
-    pair whose ranges intersect counts as overlapping (conservative: two
-    views that interleave, ``x[0::2]`` and ``x[1::2]``, are refused although
-    they share no byte).
+    parts of a column-major buffer, say) are told apart exactly, and so are
+    views with contiguous rows on one row grid that interleave (``x[0::2]``
+    and ``x[1::2]``; a K and a V view of ``[num_blocks, 2, …]``); any other
+    pair whose ranges intersect counts as overlapping (conservative).
     """
     by_device: dict[torch.device, list[tuple[int, int, int, torch.Tensor]]] = {}
     for index, tensor in enumerate(tensors):
@@ -86,8 +86,17 @@ def _may_share(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
     row_stride, col_stride = a.stride()
     shift = b.storage_offset() - a.storage_offset()
-    if not same_grid or row_stride == 0 or shift % row_stride:
+    if not same_grid or row_stride <= 0:
         return True
+    cols = a.shape[1]
+    if shift % row_stride:
+        if col_stride != 1 or row_stride < cols:
+            return True
+        # Rows of ``cols`` elements every ``row_stride``: b's rows start ``phase``
+        # elements into a's period, so they meet a row of a only if they begin
+        # inside one or run into the next.
+        phase = shift % row_stride
+        return phase < cols or phase > row_stride - cols
     first = shift // row_stride  # b's first row, counted in a's rows
     low, high = min(0, first), max(a.shape[0], first + b.shape[0])
     if grid_overlaps_itself(high - low, a.shape[1], row_stride, col_stride):

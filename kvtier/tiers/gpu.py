@@ -11,7 +11,12 @@ Two layouts of the engine's cache are understood:
   head_size]``.
 
 Each block's bytes (each page, per layer) must be contiguous; the stride
-between blocks may be anything. Slot ``i`` is the engine's block ``i``; keys
+between blocks may be anything that keeps blocks apart. Blocks that share
+memory are refused (a ``ConfigError``): those of one tensor (a block stride
+shorter than a block), or of two tensors that partly overlap. The same
+tensor may appear more than once (layers that share one KV cache); K and V
+views interleaved in one ``[num_blocks, 2, …]`` tensor are apart and
+accepted. Slot ``i`` is the engine's block ``i``; keys
 are ignored here (the device prefix cache tracks them). On CUDA, copies run on
 streams the tier owns (one per direction), ordered after the calling thread's
 current stream; the event loop awaits a CUDA event from a worker thread (see
@@ -33,6 +38,7 @@ from kvtier.log import get_logger
 from kvtier.tiers._checks import byte_rows
 from kvtier.tiers._copier_calls import CopierCalls
 from kvtier.tiers._copy import OFFLOAD_MIN_BYTES, STAGING_BYTES, RowCopier, check_copy_threads
+from kvtier.tiers._memory import any_overlap, grid_overlaps_itself
 from kvtier.tiers.base import BlockKey, BlockLayout
 
 __all__ = ["DeviceTier"]
@@ -106,6 +112,27 @@ def _cross_layer_source(tensor: torch.Tensor, layout: BlockLayout) -> torch.Tens
     return byte_rows(tensor, num_blocks, layout.block_bytes, what=what)
 
 
+def _refuse_shared_blocks(sources: Sequence[torch.Tensor], *, cross_layer: bool) -> None:
+    """Raise ``ConfigError`` when two blocks' bytes may share memory.
+
+    One tensor listed twice is the same memory, not an overlap: a copy moves
+    the same bytes through both (layers sharing a KV cache).
+    """
+    for index, source in enumerate(sources):
+        (rows, cols), (row_stride, col_stride) = source.shape, source.stride()
+        if grid_overlaps_itself(rows, cols, row_stride, col_stride):
+            what = "cross-layer kv_caches" if cross_layer else f"kv_caches[{index}]"
+            raise ConfigError(
+                f"{what}: its blocks share memory ({cols} bytes each, one every {row_stride} bytes)"
+            )
+    distinct = {(s.data_ptr(), s.stride(), tuple(s.shape)): s for s in sources}
+    if any_overlap(distinct.values()):
+        raise ConfigError(
+            "kv_caches: two tensors share memory without being the same tensor "
+            "(their blocks would overwrite each other)"
+        )
+
+
 class DeviceTier(CopierCalls):
     """An engine's KV cache tensors as a tier (slot ``i`` = engine block ``i``).
 
@@ -129,7 +156,7 @@ class DeviceTier(CopierCalls):
 
     Raises:
         ConfigError: A tensor has the wrong shape, dtype, device or memory
-            layout, or an argument is out of range.
+            layout, blocks share memory, or an argument is out of range.
     """
 
     in_memory: ClassVar[bool] = True
@@ -168,6 +195,7 @@ class DeviceTier(CopierCalls):
                 "kv_caches must be a tensor (cross-layer) or a sequence of tensors (per-layer), "
                 f"got {type(kv_caches).__name__}"
             )
+        _refuse_shared_blocks(sources, cross_layer=self._cross_layer)
         self._name = name
         self._layout = layout
         self._block_bytes = layout.block_bytes

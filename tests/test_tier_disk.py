@@ -323,6 +323,47 @@ async def test_a_batch_may_not_repeat_a_slot_or_a_key(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
+async def test_calls_on_a_slot_or_key_being_written_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import anyio
+
+    entered, release = threading.Event(), threading.Event()
+    real_pwritev = os.pwritev
+
+    def held(fd: int, buffers: list[memoryview], offset: int) -> int:
+        entered.set()
+        release.wait(timeout=30)
+        return real_pwritev(fd, buffers, offset)
+
+    data = blocks(3, 10)
+    async with tier_at(tmp_path) as tier:
+        await tier.write_from([2], [key(2)], data[2:])
+        monkeypatch.setattr(os, "pwritev", held)
+        async with anyio.create_task_group() as group:
+            group.start_soon(tier.write_from, [1], [key(1)], data[:1])
+            await anyio.to_thread.run_sync(entered.wait, 30)  # the write is in its thread
+            with pytest.raises(InvalidRequestError, match=r"slot\(s\) \[1\] being written"):
+                await tier.write_from([1], [key(9)], data[1:2])
+            with pytest.raises(InvalidRequestError, match=r"1 key\(s\) being written"):
+                await tier.write_from([3], [key(1)], data[1:2])
+            with pytest.raises(InvalidRequestError, match="being written"):
+                await tier.discard([1, 2])
+            release.set()
+        monkeypatch.undo()
+        assert torch.equal(await read(tier, [1, 2], [key(1), key(2)]), data[[0, 2]])
+        with pytest.raises(BlockMissingError):
+            await read(tier, [1], [key(9)])
+        assert tier._map.slot_keys == {1: key(1), 2: key(2)}
+        await tier.write_from([3], [key(1)], data[1:2])  # free again: the key moves
+        await tier.discard([1, 2])
+        assert tier._map.slot_keys == {3: key(1)}
+        assert [p.name for p in tmp_path.iterdir()] == [block_file(tmp_path, 1).name]
+
+
+@pytest.mark.asyncio
 async def test_large_batches_split_across_workers_round_trip(tmp_path: Path) -> None:
     data = blocks(13, 6)
     slots = [15, 0, 7, 3, 9, 1, 12, 4, 11, 2, 14, 5, 8]

@@ -260,7 +260,8 @@ class DiskTier:
         """Write ``data`` rows as the blocks ``keys`` into ``slots``, atomically per block.
 
         Raises:
-            InvalidRequestError: Bad slots, keys or buffer, or a repeated slot or key.
+            InvalidRequestError: Bad slots, keys or buffer, a repeated slot or
+                key, or a slot or key that another call is writing.
             TierIOError: A block could not be written (the others were).
         """
         self._check_open()
@@ -278,7 +279,8 @@ class DiskTier:
 
         Raises:
             InvalidRequestError: Bad slots, keys or parts (rows not adding up to
-                ``len(slots)``), or a repeated slot or key.
+                ``len(slots)``), a repeated slot or key, or a slot or key that
+                another call is writing.
             TierIOError: A block could not be written (the others were).
         """
         self._check_open()
@@ -328,10 +330,14 @@ class DiskTier:
         """Delete the blocks in ``slots``.
 
         Raises:
+            InvalidRequestError: Bad slots, or a slot being written (nothing
+                deleted).
             TierIOError: A file could not be deleted (it is forgotten all the same).
         """
         self._check_open()
-        doomed = self._map.forget(check_slots(slots, self._num_slots, tier=self._name))
+        slot_list = check_slots(slots, self._num_slots, tier=self._name)
+        self._batches.check_not_writing(slot_list)
+        doomed = self._map.forget(slot_list)
         if doomed:
             await self._batches.delete(doomed)
 

@@ -12,13 +12,13 @@ on disk are the blocks the tier serves, whatever fails or is cancelled.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
 import anyio
 import torch
 
-from kvtier.errors import BlockMissingError, TierIOError
+from kvtier.errors import BlockMissingError, InvalidRequestError, TierIOError
 from kvtier.log import get_logger
 from kvtier.tiers._checks import host_rows, part_row_views, tensor_bytes
 from kvtier.tiers._disk_io import BlockFiles
@@ -91,6 +91,27 @@ class DiskBatches:
         self._workers = max_workers
         self._limiter = anyio.CapacityLimiter(max_workers)
         self._call_blocks = max(1, call_bytes // files.block_bytes)
+        self._writing_slots: set[int] = set()
+        self._writing_keys: set[BlockKey] = set()
+
+    def check_not_writing(self, slots: Iterable[int], keys: Iterable[BlockKey] = ()) -> None:
+        """Refuse slots or keys that a write in flight holds.
+
+        A write unmaps the slots it overwrites when it starts and maps them
+        when it ends, so a second call on the same slot or key in between
+        would act on a map about to change (a :class:`TierIndex` never
+        makes one: its reservations are exclusive).
+
+        Raises:
+            InvalidRequestError: A slot or key is being written.
+        """
+        slots_busy = sorted(self._writing_slots.intersection(slots))
+        keys_busy = len(self._writing_keys.intersection(keys))
+        if slots_busy or keys_busy:
+            what = f"slot(s) {slots_busy}" if slots_busy else f"{keys_busy} key(s)"
+            raise InvalidRequestError(
+                f"tier {self._name}: {what} being written by another call; wait for it to finish"
+            )
 
     def _call_size(self, n: int) -> int:
         """Blocks per worker-thread call for a batch of ``n``."""
@@ -138,9 +159,21 @@ class DiskBatches:
             row: Block ``i``'s source row (see :func:`row_access`).
 
         Raises:
+            InvalidRequestError: A slot or key is being written by another
+                call (nothing done).
             TierIOError: A block could not be written (the others were), or
                 (``fsync``) the directory could not be synced (none counts).
         """
+        self.check_not_writing(slot_list, keys)
+        self._writing_slots.update(slot_list)
+        self._writing_keys.update(keys)
+        try:
+            await self._write(slot_list, keys, row)
+        finally:
+            self._writing_slots.difference_update(slot_list)
+            self._writing_keys.difference_update(keys)
+
+    async def _write(self, slot_list: list[int], keys: Sequence[BlockKey], row: RowAt) -> None:
         recycle, candidates = self._map.plan_write(slot_list, keys)
         done: list[int] = []
         errors: list[TierIOError] = []

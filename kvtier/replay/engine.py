@@ -34,6 +34,7 @@ from kvtier.replay.report import ReplayReport, tier_report
 from kvtier.replay.workloads import Workload
 from kvtier.request import Request
 from kvtier.spec import KVCacheConfig
+from kvtier.tiers._host import host_shortfall
 from kvtier.tiers.base import BlockLayout, BlockStore
 from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.disk import DiskTier
@@ -328,11 +329,19 @@ async def replay(
     layout = config.layout
     device_blocks = _device_blocks(config, workload)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    what = (
+        "tiers[0].capacity"
+        if config.tiers[0].kind == "device"
+        else "the device cache (no device tier in the config: sized for the largest prompt)"
+    )
+    shortfall = host_shortfall(device_blocks * layout.block_bytes) if device.type == "cpu" else None
+    if shortfall is not None:
+        raise ConfigError(f"{what}: {device_blocks} device blocks: {shortfall}")
     try:
         cache = torch.zeros((device_blocks, layout.block_bytes), dtype=torch.uint8, device=device)
     except (RuntimeError, MemoryError) as exc:  # torch's allocators raise RuntimeError
         raise ConfigError(
-            f"tiers[0].capacity: cannot allocate {device_blocks} device blocks of "
+            f"{what}: cannot allocate {device_blocks} device blocks of "
             f"{layout.block_bytes} bytes on {device}: {exc}".splitlines()[0]
         ) from exc
     kvm = KVCacheManager(KVCacheConfig.full_attention(device_blocks, layout.block_size), 1 << 30)

@@ -28,6 +28,7 @@ from kvtier.log import get_logger
 from kvtier.tiers._checks import ascending_run, check_slots
 from kvtier.tiers._copier_calls import CopierCalls
 from kvtier.tiers._copy import OFFLOAD_MIN_BYTES, STAGING_BYTES, RowCopier, check_copy_threads
+from kvtier.tiers._host import host_shortfall
 from kvtier.tiers.base import BlockKey, BlockLayout
 
 __all__ = ["CpuTier"]
@@ -175,6 +176,9 @@ class CpuTier(CopierCalls):
     def _allocate(self) -> tuple[torch.Tensor, bool]:
         """Zeroed storage and whether it is page-locked (blocking)."""
         nbytes = self._num_slots * self._block_bytes
+        shortfall = host_shortfall(nbytes)
+        if shortfall is not None:
+            raise TierIOError(shortfall)
         # Its own allocation, registered from its first byte: ``is_pinned()`` checks
         # the storage's base pointer, so views of it report pinned too.
         storage = torch.zeros((self._num_slots, self._block_bytes), dtype=torch.uint8)
@@ -194,7 +198,9 @@ class CpuTier(CopierCalls):
 
         Raises:
             ClosedError: The tier was closed.
-            TierIOError: Host memory could not be allocated or pinned.
+            TierIOError: Host memory could not be allocated or pinned, or
+                the capacity is more than the machine (or its container) has
+                available (refused before allocating).
         """
         if self._closed:
             raise ClosedError(f"tier {self._name} is closed")

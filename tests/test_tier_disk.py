@@ -83,6 +83,13 @@ async def test_permissions_and_names(tmp_path: Path) -> None:
     async with tier_at(fresh):
         pass
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
+    # Group and other bits go; the owner's are never added.
+    for before, after in ((0o750, 0o700), (0o555, 0o500), (0o500, 0o500), (0o300, 0o300)):
+        os.chmod(loose, before)
+        async with tier_at(loose) as tier:
+            assert torch.equal(await read(tier, [0], [key(1)]), blocks(2)[:1])
+        assert stat.S_IMODE(loose.stat().st_mode) == after, oct(before)
+        os.chmod(loose, 0o700)
 
 
 def _flip_payload(path: Path) -> None:

@@ -3,7 +3,9 @@
 A :class:`~kvtier.tiers.disk.DiskTier` trusts the files of a directory only
 when no one else could have put them there: the directory must be a real
 directory (not a symlink) owned by this process's user, is tightened to
-``0700``, and is locked with ``flock`` so that a second open tier cannot
+the owner's bits (``0700`` when created; group and other bits are removed,
+the owner's are never added, so a directory made read-only stays so), and
+is locked with ``flock`` so that a second open tier cannot
 delete the first one's temp files. The scan then verifies every block file
 and offers the valid ones back; torn, corrupt, foreign and stray temp files
 are deleted, and files it cannot read are left alone.
@@ -30,7 +32,7 @@ _O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 
 
 def claim_directory(path: Path, name: str) -> int:
-    """Create or check the directory (ours, 0700, not a link) and lock it.
+    """Create or check the directory (ours, private, not a link) and lock it.
 
     Args:
         path: The directory.
@@ -56,8 +58,9 @@ def claim_directory(path: Path, name: str) -> int:
             f"tier {name}: {path} belongs to uid {info.st_uid}, not to this "
             f"process (uid {os.geteuid()}): its files could have been planted"
         )
-    if stat.S_IMODE(info.st_mode) != 0o700:
-        path.chmod(0o700)
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & ~0o700:
+        path.chmod(mode & 0o700)  # never adds a bit: a read-only directory stays read-only
     # The lock is on the directory itself: no extra file in it.
     lock = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_NOFOLLOW)
     try:

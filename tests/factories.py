@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from kvtier import BlockHasher, KVCacheConfig, KVCacheManager, MultiModalFeature, Request
+from kvtier.tiers.disk_dir import LAYOUT_SUFFIX
 
 
 def make_manager(
@@ -52,3 +55,8 @@ def schedule(manager: KVCacheManager, request: Request, num_tokens: int | None =
     computed, num_computed = manager.get_computed_blocks(request)
     total = request.num_tokens if num_tokens is None else num_tokens
     return manager.allocate_slots(request, total - num_computed, num_computed, computed)
+
+
+def entries(root: Path) -> list[Path]:
+    """A disk tier directory's entries but its layout mark (blocks, temp files, strays)."""
+    return [path for path in root.iterdir() if path.suffix != LAYOUT_SUFFIX]

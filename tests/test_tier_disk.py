@@ -24,6 +24,7 @@ from kvtier.tiers.disk_format import (
     file_bytes,
 )
 from kvtier.tiers.index import TierIndex
+from tests.factories import entries
 
 LAYOUT = BlockLayout(num_layers=2, block_size=4, num_kv_heads=2, head_size=8, dtype="float16")
 PER_BLOCK = DiskTier.bytes_per_block(LAYOUT)
@@ -75,7 +76,7 @@ async def test_permissions_and_names(tmp_path: Path) -> None:
     async with tier_at(loose) as tier:
         await tier.write_from([0, 1], [key(1), key(2)], blocks(2))
     assert stat.S_IMODE(loose.stat().st_mode) == 0o700
-    names = sorted(p.name for p in loose.iterdir())
+    names = sorted(p.name for p in entries(loose))
     assert names == sorted(k.hex() + ".kvb" for k in (key(1), key(2)))
     for path in loose.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -137,13 +138,38 @@ async def test_wrong_key_or_slot_is_a_miss(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_another_layout_never_reads_the_blocks(tmp_path: Path) -> None:
+async def test_another_layout_refuses_the_directory_and_its_blocks_survive(
+    tmp_path: Path,
+) -> None:
     async with tier_at(tmp_path) as tier:
         await tier.write_from([0], [key(0)], blocks(1))
     other = BlockLayout(num_layers=2, block_size=4, num_kv_heads=2, head_size=8, dtype="bfloat16")
+    marks = {p.name for p in tmp_path.iterdir()} - {p.name for p in entries(tmp_path)}
+    assert marks == {LAYOUT.fingerprint().hex() + ".layout"}
+    assert stat.S_IMODE((tmp_path / marks.pop()).stat().st_mode) == 0o600
+    with pytest.raises(ConfigError, match="holds the blocks of another block layout"):
+        async with tier_at(tmp_path, layout=other):
+            pass
+    async with tier_at(tmp_path / "other", layout=other):  # its own directory: fine
+        pass
+    async with tier_at(tmp_path) as tier:  # nothing was lost
+        assert list(await tier.recover()) == [(0, key(0))]
+        assert torch.equal(await read(tier, [0], [key(0)]), blocks(1))
+
+
+@pytest.mark.asyncio
+async def test_an_unmarked_directory_is_marked_and_foreign_blocks_are_dropped(
+    tmp_path: Path,
+) -> None:
+    async with tier_at(tmp_path) as tier:
+        await tier.write_from([0], [key(0)], blocks(1))
+    for mark in set(tmp_path.iterdir()) - set(entries(tmp_path)):
+        mark.unlink()  # as an older kvtier left it
+    other = BlockLayout(num_layers=2, block_size=4, num_kv_heads=2, head_size=8, dtype="bfloat16")
     async with tier_at(tmp_path, layout=other) as tier:
-        assert list(await tier.recover()) == []  # foreign blocks were dropped
-    assert not any(tmp_path.iterdir())
+        assert list(await tier.recover()) == []  # blocks of another layout never verify
+    assert not any(entries(tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == [other.fingerprint().hex() + ".layout"]
 
 
 @pytest.mark.asyncio
@@ -155,7 +181,7 @@ async def test_overwriting_a_slot_replaces_its_block(tmp_path: Path) -> None:
         assert not block_file(tmp_path, 0).exists()
         assert torch.equal(await read(tier, [0], [key(9)]), new)
         await tier.discard([0])
-        assert not any(tmp_path.iterdir())
+        assert not any(entries(tmp_path))
 
 
 @pytest.mark.asyncio
@@ -174,7 +200,7 @@ async def test_warm_restart_recovers_valid_blocks_and_drops_the_rest(tmp_path: P
         index.restore(recovered)
         slots = index.pin([key(2), key(5), key(9)])
         assert torch.equal(await read(tier, slots, [key(2), key(5), key(9)]), data[[0, 1, 3]])
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+    assert sorted(p.name for p in entries(tmp_path)) == sorted(
         block_file(tmp_path, i).name for i in (2, 5, 9)
     )
 
@@ -310,7 +336,7 @@ async def test_a_key_written_to_another_slot_moves_there(tmp_path: Path) -> None
         # A batch that writes a slot's old key into another slot keeps that block.
         await tier.write_from([2, 3], [key(7), key(5)], blocks(2, 5))
         assert torch.equal(await read(tier, [3], [key(5)]), blocks(2, 5)[1:])
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        assert sorted(p.name for p in entries(tmp_path)) == sorted(
             block_file(tmp_path, i).name for i in (5, 6, 7)
         )
 
@@ -326,7 +352,7 @@ async def test_a_batch_may_not_repeat_a_slot_or_a_key(tmp_path: Path) -> None:
             await tier.write_from([1], [b""], blocks(1))
         with pytest.raises(InvalidRequestError, match="keys must be"):
             await tier.write_from([1], [b"x" * (MAX_KEY_BYTES + 1)], blocks(1))
-        assert not any(tmp_path.iterdir())
+        assert not any(entries(tmp_path))
 
 
 @pytest.mark.asyncio
@@ -367,7 +393,7 @@ async def test_calls_on_a_slot_or_key_being_written_are_refused(
         await tier.write_from([3], [key(1)], data[1:2])  # free again: the key moves
         await tier.discard([1, 2])
         assert tier._map.slot_keys == {3: key(1)}
-        assert [p.name for p in tmp_path.iterdir()] == [block_file(tmp_path, 1).name]
+        assert [p.name for p in entries(tmp_path)] == [block_file(tmp_path, 1).name]
 
 
 @pytest.mark.asyncio
@@ -397,7 +423,7 @@ async def test_cancelled_writes_leave_files_and_index_in_step(tmp_path: Path) ->
             with anyio.move_on_after(delay):
                 await tier.write_from(list(range(16)), new_keys, blocks(16, 9))
             mapped = dict(tier._map.slot_keys)  # what the tier serves
-            files = {p.name for p in tmp_path.iterdir()}
+            files = {p.name for p in entries(tmp_path)}
             assert files == {k.hex() + ".kvb" for k in mapped.values()}
             for slot, block_key in mapped.items():
                 expected = blocks(16, 9) if block_key in new_keys else data
@@ -439,9 +465,9 @@ async def test_disk_full_fails_the_write_and_the_tier_keeps_serving(small_tmpfs:
             await tier.write_from(list(range(4, 40)), [key(i) for i in range(4, 40)], data[4:])
         assert isinstance(info.value.__cause__, OSError)
         root = small_tmpfs / "blocks"
-        assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
+        assert not [p for p in entries(root) if p.name.startswith(".tmp-")]
         served = dict(tier._map.slot_keys)
-        assert {p.name for p in root.iterdir()} == {k.hex() + ".kvb" for k in served.values()}
+        assert {p.name for p in entries(root)} == {k.hex() + ".kvb" for k in served.values()}
         out = torch.empty((4, layout.block_bytes), dtype=torch.uint8)
         await tier.read_into(list(range(4)), [key(i) for i in range(4)], out)
         assert torch.equal(out, data[:4])
@@ -572,7 +598,7 @@ async def test_a_failed_write_that_moved_a_key_leaves_no_file_behind(
         monkeypatch.setattr(os, "pwritev", real_pwritev)
         # key 5 was unmapped from slot 1 by the first write: its old file is gone too.
         mapped = dict(tier._map.slot_keys)
-        assert {p.name for p in tmp_path.iterdir()} == {k.hex() + ".kvb" for k in mapped.values()}
+        assert {p.name for p in entries(tmp_path)} == {k.hex() + ".kvb" for k in mapped.values()}
         assert key(5) not in mapped.values()
         with pytest.raises(BlockMissingError):
             await read(tier, [1], [key(5)])
@@ -606,7 +632,7 @@ async def test_a_key_moved_within_a_batch_whose_write_fails_leaves_no_file_behin
             await tier.write_from([0, 1], [b, a], new)
         monkeypatch.setattr(os, "pwritev", real_pwritev)
         assert dict(tier._map.slot_keys) == {0: b}
-        assert {p.name for p in tmp_path.iterdir()} == {b.hex() + ".kvb"}
+        assert {p.name for p in entries(tmp_path)} == {b.hex() + ".kvb"}
     async with DiskTier(tmp_path, LAYOUT, 16 * PER_BLOCK) as tier:
         assert await tier.recover() == [(0, b)]
         assert torch.equal(await read(tier, [0], [b]), new[:1])
@@ -633,7 +659,7 @@ async def test_a_failed_directory_sync_fails_the_batch_and_serves_none_of_it(
         with pytest.raises(TierIOError, match="syncing the directory"):
             await tier.write_from([1, 2], [key(1), key(2)], data[1:])
         assert dict(tier._map.slot_keys) == {0: key(0)}
-        assert {p.name for p in tmp_path.iterdir()} == {key(0).hex() + ".kvb"}
+        assert {p.name for p in entries(tmp_path)} == {key(0).hex() + ".kvb"}
         # A file system that cannot sync directories at all: skipped, the write counts.
         failure = errno.EINVAL
         await tier.write_from([1, 2], [key(1), key(2)], data[1:])

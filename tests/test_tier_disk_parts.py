@@ -23,6 +23,7 @@ from kvtier.errors import (
 from kvtier.mover import BlockMover
 from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.disk import DiskTier
+from tests.factories import entries
 from tests.test_tier_disk import (
     LAYOUT,
     PER_BLOCK,
@@ -190,7 +191,7 @@ async def test_an_unexpected_failure_in_a_worker_is_a_tier_error(
             await tier.write_from_parts([2, 3], [key(2), key(3)], out)
         monkeypatch.undo()
     # The failed writes left no file behind (no block, no temp file).
-    names = {path.name for path in tmp_path.iterdir()}
+    names = {path.name for path in entries(tmp_path)}
     assert names == {block_file(tmp_path, 0).name, block_file(tmp_path, 1).name}
 
 

@@ -21,6 +21,7 @@ from kvtier.tiers import _disk_io
 from kvtier.tiers._disk_io import BlockFiles
 from kvtier.tiers.base import BlockLayout
 from kvtier.tiers.disk import DiskTier
+from tests.factories import entries
 
 LAYOUT = BlockLayout(num_layers=2, block_size=4, num_kv_heads=2, head_size=8, dtype="float16")
 PER_BLOCK = DiskTier.bytes_per_block(LAYOUT)
@@ -69,7 +70,7 @@ async def test_links_into_another_directory_are_dropped_and_never_written_throug
     os.link(golden / name(1), mine / name(1))  # a hard link: a `cp -al` snapshot
     async with tier_at(mine) as tier:
         assert await tier.recover() == []
-        assert sorted(p.name for p in mine.iterdir()) == []  # our names gone, targets kept
+        assert sorted(p.name for p in entries(mine)) == []  # our names gone, targets kept
         # A link that appears while the tier serves is a miss, and a write over it
         # (recycling the slot's file) replaces the link, never its target.
         await tier.write_from([0], [key(0)], data[:1])
@@ -197,7 +198,7 @@ async def test_a_failing_delete_does_not_stop_the_others(
         monkeypatch.setattr(BlockFiles, "unlink", flaky)
         with pytest.raises(TierIOError, match="discard failed"):
             await tier.discard([0, 1, 2])
-    assert sorted(p.name for p in tmp_path.iterdir()) == [name(0)]
+    assert sorted(p.name for p in entries(tmp_path)) == [name(0)]
 
 
 @pytest.mark.asyncio
@@ -222,7 +223,7 @@ async def test_short_writes_are_finished_and_a_stalled_write_fails(
         monkeypatch.setattr(_disk_io.os, "pwritev", lambda fd, buffers, offset: 0)
         with pytest.raises(TierIOError, match="moved no bytes"):
             await tier.write_from([1], [key(1)], data)
-        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+        assert not [p for p in entries(tmp_path) if p.name.startswith(".tmp-")]
 
 
 @pytest.mark.asyncio
@@ -240,6 +241,6 @@ async def test_a_recycled_file_that_cannot_be_opened_leaves_no_temp_file(
         with pytest.raises(TierIOError, match="Too many open files"):
             await tier.write_from([0], [key(1)], blocks(1, seed=1))
         monkeypatch.setattr(_disk_io, "open_trusted", real)
-        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+        assert not [p for p in entries(tmp_path) if p.name.startswith(".tmp-")]
         await tier.write_from([0], [key(2)], blocks(1, seed=2))
         assert torch.equal(await read(tier, [0], [key(2)]), blocks(1, seed=2))

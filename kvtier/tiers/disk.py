@@ -58,7 +58,7 @@ from kvtier.tiers._checks import check_batch, check_slots
 from kvtier.tiers._disk_io import BlockFiles
 from kvtier.tiers.base import BlockKey, BlockLayout
 from kvtier.tiers.disk_batch import CALL_BYTES, DiskBatches, row_access
-from kvtier.tiers.disk_dir import check_direct_io, claim_directory, scan
+from kvtier.tiers.disk_dir import check_direct_io, claim_directory, claim_layout, scan
 from kvtier.tiers.disk_format import MAX_KEY_BYTES, file_bytes
 from kvtier.tiers.disk_map import DiskMap
 
@@ -220,6 +220,7 @@ class DiskTier:
         try:
             if self._files.direct:
                 check_direct_io(self._files, self._name)
+            claim_layout(self.path, self._files.fingerprint, self._name)
             return scan(self._files, self._num_slots, self._name)
         except BaseException:
             self._unlock()

@@ -6,13 +6,18 @@ directory (not a symlink) owned by this process's user, is tightened to
 the owner's bits (``0700`` when created; group and other bits are removed,
 the owner's are never added, so a directory made read-only stays so), and
 is locked with ``flock`` so that a second open tier cannot
-delete the first one's temp files. The scan then verifies every block file
-and offers the valid ones back; torn, corrupt, foreign and stray temp files
-are deleted, and files it cannot read are left alone.
+delete the first one's temp files. An empty file named after the layout's
+fingerprint (``<hex>.layout``) marks whose blocks the directory holds: a
+tier of another layout refuses the directory instead of deleting its blocks
+(a changed dtype in a config would otherwise wipe a persistent cache). The
+scan then verifies every block file and offers the valid ones back; torn,
+corrupt, foreign and stray temp files are deleted, and files it cannot read
+are left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -25,10 +30,11 @@ from kvtier.log import get_logger
 from kvtier.tiers._disk_io import SUFFIX, TMP_PREFIX, BlockFiles
 from kvtier.tiers.base import BlockKey
 
-__all__ = ["check_direct_io", "claim_directory", "scan"]
+__all__ = ["LAYOUT_SUFFIX", "check_direct_io", "claim_directory", "claim_layout", "scan"]
 
 _log = get_logger("kvtier.tiers.disk")
 _O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
+LAYOUT_SUFFIX: Final = ".layout"
 
 
 def claim_directory(path: Path, name: str) -> int:
@@ -72,6 +78,34 @@ def claim_directory(path: Path, name: str) -> int:
         os.close(lock)
         raise
     return lock
+
+
+def claim_layout(path: Path, fingerprint: bytes, name: str) -> None:
+    """Mark the (claimed) directory with this layout; refuse one marked with another.
+
+    A directory without any mark (made by an older kvtier) is marked now;
+    its blocks of other layouts are dropped by the scan as before.
+
+    Raises:
+        ConfigError: The directory is marked with another layout.
+        OSError: The mark cannot be created.
+    """
+    ours = fingerprint.hex() + LAYOUT_SUFFIX
+    others = sorted(
+        entry.name
+        for entry in path.iterdir()
+        if entry.name.endswith(LAYOUT_SUFFIX) and entry.name != ours
+    )
+    if others:
+        raise ConfigError(
+            f"tier {name}: {path} holds the blocks of another block layout "
+            f"({others[0].removesuffix(LAYOUT_SUFFIX)[:16]}…, this one is "
+            f"{fingerprint.hex()[:16]}…): give this layout its own directory, or "
+            "delete that directory's files to reuse it"
+        )
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path / ours, flags, 0o600))
 
 
 def check_direct_io(files: BlockFiles, name: str) -> None:

@@ -16,7 +16,9 @@ import argparse
 import json
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -164,7 +166,10 @@ def _check_options(args: argparse.Namespace) -> None:
 
 def _workload(args: argparse.Namespace) -> Workload:
     if args.trace is not None:
-        return trace_workload(args.trace, limit=args.limit)
+        try:
+            return trace_workload(args.trace, limit=args.limit)
+        except OSError as exc:
+            raise _named("--trace", args.trace, exc) from exc
     name = args.workload or "mooncake"
     if name == "chat":
         options = {
@@ -244,7 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     err = Console(stderr=True, soft_wrap=True)  # one line per error, whatever the width
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return _run(args, out, err)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = partial(_show_warning, err)
+            return _run(args, out, err)
     except KeyboardInterrupt:
         err.print("kvtier: interrupted", markup=False, highlight=False)
         return EXIT_INTERRUPTED
@@ -252,10 +260,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _show_warning(err: Console, message: Warning | str, *_: object, **__: object) -> None:
+    """A warning as one line on stderr, without Python's file and line."""
+    err.print(f"[yellow]kvtier: warning:[/] {escape(str(message))}", highlight=False)
+
+
+def _named(option: str, path: object, exc: OSError) -> KVTierError:
+    """An unreadable input file as an error that names the option it came from."""
+    return KVTierError(f"{option} {path}: {exc.strerror or exc}")
+
+
 def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     try:
         _check_options(args)
-        config = load_config(args.config) if args.config is not None else default_config()
+        try:
+            config = load_config(args.config) if args.config is not None else default_config()
+        except OSError as exc:
+            raise _named("CONFIG", args.config, exc) from exc
         workload = _workload(args)
         if args.sweep or args.plot is not None:
             _run_sweep(config, workload, args, out)

@@ -137,6 +137,35 @@ def test_bad_input_exits_2_with_a_message(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--trace", "{tmp}/nope.jsonl"], "--trace {tmp}/nope.jsonl: No such file or directory"),
+        (["--trace", "{tmp}"], "--trace {tmp}: Is a directory"),
+        (["{tmp}/nope.toml"], "CONFIG {tmp}/nope.toml: No such file or directory"),
+        (["{tmp}"], "CONFIG {tmp}: Is a directory"),
+    ],
+)
+def test_an_unreadable_input_file_is_named_by_its_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    argv = [arg.format(tmp=tmp_path) for arg in args]
+    assert main(["replay", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"kvtier: error: {message.format(tmp=tmp_path)}"
+
+
+def test_warnings_are_one_line_on_stderr(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "xxhash.toml"
+    config.write_text('[offload]\nhash = "xxhash"\n' + SMALL_TOML)
+    assert main(["replay", str(config), *CHAT, "--no-progress", "--json"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("kvtier: warning: hash algorithm 'xxhash' without a seed")
+
+
 def test_bad_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(SMALL_TOML.replace('kind = "cpu"', 'kind = "cpu"\neviction = "mru"'))

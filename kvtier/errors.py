@@ -12,6 +12,8 @@ documents.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 __all__ = [
     "BlockMissingError",
     "ClosedError",
@@ -114,6 +116,17 @@ class BlockMissingError(TierError):
     ) -> None:
         super().__init__(message, tier=tier)
         self.slots = slots
+
+    @classmethod
+    def of_slots(cls, tier: str, slots: Iterable[int]) -> BlockMissingError:
+        """The error for ``slots`` of ``tier``, its message naming them (the first 8)."""
+        found = tuple(sorted(set(slots)))
+        shown = ", ".join(map(str, found[:8])) + (", …" if len(found) > 8 else "")
+        return cls(
+            f"tier {tier}: {len(found)} block(s) missing or failed verification (slots {shown})",
+            tier=tier,
+            slots=found,
+        )
 
 
 class TierFullError(TierError):

@@ -159,11 +159,7 @@ class BlockMover:
             missing,
         )
         if missing:
-            raise BlockMissingError(
-                f"tier {src.name}: {len(missing)} block(s) missing or failed verification",
-                tier=src.name,
-                slots=tuple(sorted(set(missing))),
-            )
+            raise BlockMissingError.of_slots(src.name, missing)
 
     async def _direct_runs(
         self,

@@ -173,3 +173,14 @@ def test_evict_blocks_rejects_out_of_range_ids() -> None:
         with pytest.raises(InvalidRequestError, match="out of range"):
             manager.block_pool.evict_blocks([1, bad])
     assert len(manager.block_pool.cached_block_hash_to_block) == 2
+
+
+def test_a_missing_block_error_names_its_slots() -> None:
+    from kvtier.errors import BlockMissingError
+
+    error = BlockMissingError.of_slots("disk", [7, 3, 7])
+    assert (error.tier, error.slots) == ("disk", (3, 7))
+    assert str(error) == "tier disk: 2 block(s) missing or failed verification (slots 3, 7)"
+    many = BlockMissingError.of_slots("cpu", range(20, 0, -1))
+    assert many.slots == tuple(range(1, 21))
+    assert str(many).endswith("(slots 1, 2, 3, 4, 5, 6, 7, 8, …)")

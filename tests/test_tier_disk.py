@@ -124,6 +124,7 @@ async def test_damaged_blocks_are_misses_and_the_rest_still_serve(tmp_path: Path
         with pytest.raises(BlockMissingError) as info:
             await tier.read_into([0, 1, 2], [key(0), key(1), key(2)], out)
         assert info.value.slots == (1,)
+        assert "(slots 1)" in str(info.value)
         assert torch.equal(await read(tier, [0, 2], [key(0), key(2)]), data[[0, 2]])
 
 

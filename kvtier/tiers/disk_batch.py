@@ -281,11 +281,7 @@ class DiskBatches:
         if errors:
             raise errors[0]
         if missing:
-            raise BlockMissingError(
-                f"tier {self._name}: {len(missing)} block(s) missing or failed verification",
-                tier=self._name,
-                slots=tuple(sorted(missing)),
-            )
+            raise BlockMissingError.of_slots(self._name, missing)
 
     async def delete(self, keys: list[BlockKey]) -> None:
         """Delete the files of ``keys`` (all tried).

@@ -164,11 +164,7 @@ class RedisBatches:
         await self._commands.chunks(len(keys), work)
         if missing:
             _log.debug("tier_miss", tier=self._name, n_blocks=len(missing))
-            raise BlockMissingError(
-                f"tier {self._name}: {len(missing)} block(s) missing or failed verification",
-                tier=self._name,
-                slots=tuple(sorted(missing)),
-            )
+            raise BlockMissingError.of_slots(self._name, missing)
 
 
 def _on_host(part: torch.Tensor) -> bool:

@@ -349,8 +349,10 @@ async def test_a_batch_may_not_repeat_a_slot_or_a_key(tmp_path: Path) -> None:
             await tier.write_from([1, 1], [key(1), key(2)], blocks(2))
         with pytest.raises(InvalidRequestError, match="repeats"):
             await tier.write_from([1, 2], [key(1), key(1)], blocks(2))
-        with pytest.raises(InvalidRequestError, match="keys must be"):
+        with pytest.raises(InvalidRequestError, match=r"keys must be 1\.\.64 bytes, got 0 bytes"):
             await tier.write_from([1], [b""], blocks(1))
+        with pytest.raises(InvalidRequestError, match=r"keys must be 1\.\.64 bytes, got str"):
+            await tier.write_from([1], ["a"], blocks(1))  # type: ignore[list-item]
         with pytest.raises(InvalidRequestError, match="keys must be"):
             await tier.write_from([1], [b"x" * (MAX_KEY_BYTES + 1)], blocks(1))
         assert not any(entries(tmp_path))

@@ -179,7 +179,10 @@ def check_batch(
     parts = check_buffers(buffers, slot_list, keys, row_bytes, tier=tier, one=one, written=written)
     for key in keys:
         if not isinstance(key, bytes) or not 0 < len(key) <= max_key_bytes:
-            raise InvalidRequestError(f"tier {tier}: keys must be 1..{max_key_bytes} bytes")
+            got = f"{len(key)} bytes" if isinstance(key, bytes) else type(key).__name__
+            raise InvalidRequestError(
+                f"tier {tier}: keys must be 1..{max_key_bytes} bytes, got {got}"
+            )
     if unique and (len(set(slot_list)) != len(slot_list) or len(set(keys)) != len(keys)):
         raise InvalidRequestError(f"tier {tier}: a batch repeats a slot or a key")
     return slot_list, parts

@@ -129,6 +129,20 @@ def test_public_api_is_sorted_and_complete() -> None:
         assert hasattr(kvtier, name), name
 
 
+def test_the_tiers_package_names_what_an_engine_plugs_in_with() -> None:
+    import importlib
+
+    from kvtier import tiers
+
+    assert tiers.__all__ == sorted(tiers.__all__)
+    for name in tiers.__all__:
+        value = getattr(tiers, name)
+        module = importlib.import_module(f"kvtier.tiers.{tiers._MODULES[name]}")
+        assert value is getattr(module, name), name
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        tiers.Nope  # noqa: B018
+
+
 def test_cache_blocks_rejects_unknown_requests_and_overreach() -> None:
     manager = make_manager(11, block_size=4)
     req = make_request("0", list(range(12)), 4)

@@ -25,7 +25,15 @@ Direction = Literal["store", "load"]
 
 
 class SlotLedger(Protocol):
-    """The slot bookkeeping a task settles when it ends (a ``TierIndex``)."""
+    """The slot bookkeeping a task settles when it ends (a ``TierIndex``).
+
+    A ledger may also offer ``check_task_slots(keys, slots, *, written)``
+    (``TierIndex`` does): the pipeline then calls it before queuing a task,
+    for the source (``written=False``: each key pinned at its slot) and the
+    destination (``written=True``: each key reserved at its slot), so a
+    task posted without them fails at once with ``InvalidRequestError``
+    instead of copying into slots it does not own.
+    """
 
     def commit(self, keys: Sequence[BlockKey]) -> object:
         """Make the written blocks visible."""

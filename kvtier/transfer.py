@@ -182,6 +182,8 @@ class TransferPipeline:
     def _prepare(self, task: TransferTask) -> tuple[MemoryObjectSendStream[_Item], _Item]:
         if self._closed or not self._started:
             raise ClosedError("the transfer pipeline is not running")
+        _check_ledger(task.src_ledger, task.keys, task.src_slots, written=False)
+        _check_ledger(task.dst_ledger, task.keys, task.dst_slots, written=True)
         name = f"{task.direction}-{next(self._ids)}"
         return self._send[task.direction], (task, Completion[TransferResult](name))
 
@@ -190,6 +192,9 @@ class TransferPipeline:
 
         Raises:
             ClosedError: The pipeline is not running.
+            InvalidRequestError: A ledger that can check slots (a
+                ``TierIndex``) holds no reservation (destination) or pin
+                (source) of a key at its slot; nothing queued.
         """
         send, item = self._prepare(task)
         try:
@@ -204,6 +209,7 @@ class TransferPipeline:
         Raises:
             anyio.WouldBlock: The direction's queue is full (nothing queued).
             ClosedError: The pipeline is not running.
+            InvalidRequestError: As for :meth:`submit`; nothing queued.
         """
         send, item = self._prepare(task)
         try:
@@ -349,6 +355,15 @@ class TransferPipeline:
             [k for t in tasks for k in t.keys],
         )
         return time.perf_counter() - start
+
+
+def _check_ledger(
+    ledger: SlotLedger | None, keys: Sequence[BlockKey], slots: Sequence[int], *, written: bool
+) -> None:
+    """Ask a ledger that can check slots (``check_task_slots``) whether the task may run."""
+    check = getattr(ledger, "check_task_slots", None)
+    if check is not None:
+        check(keys, slots, written=written)
 
 
 def _settle(task: TransferTask, *, ok: bool) -> Exception | None:

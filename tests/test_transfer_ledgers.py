@@ -99,3 +99,41 @@ def test_task_slots_must_be_integers_not_floats_or_booleans() -> None:
         with pytest.raises(InvalidRequestError, match="slots must be integers"):
             StoreTask(dev, [1], cpu, bad, keys_for(1))  # type: ignore[arg-type]
     assert StoreTask(dev, range(2), cpu, [3, 4], keys_for(1, 2)).src_slots == (0, 1)
+
+
+@pytest.mark.asyncio
+async def test_a_task_without_its_reservation_or_pin_is_refused_before_it_copies() -> None:
+    from kvtier.tasks import LoadTask
+    from kvtier.tiers.index import TierIndex
+
+    dev, cpu = MemoryStore(8, name="gpu"), MemoryStore(8, name="cpu")
+    fill(dev, [1, 2], keys_for(1, 2))
+    index = TierIndex("cpu", 8)
+    resident = index.reserve(keys_for(7)).slots  # a block another request stored
+    index.commit(keys_for(7))
+    fill(cpu, list(resident), keys_for(7))
+    before = cpu.data.clone()
+    async with TransferPipeline() as pipeline:
+        # Never reserved: it would overwrite the resident block's bytes.
+        unreserved = StoreTask(dev, [1], cpu, list(resident), keys_for(1), None, index)
+        with pytest.raises(InvalidRequestError, match="is not reserved at slot"):
+            await pipeline.submit(unreserved)
+        # Reserved, but at another slot than the task names.
+        slot = index.reserve(keys_for(1)).slots[0]
+        elsewhere = StoreTask(dev, [1], cpu, [slot + 1], keys_for(1), None, index)
+        with pytest.raises(InvalidRequestError, match="is not reserved at slot"):
+            pipeline.submit_nowait(elsewhere)
+        assert torch.equal(cpu.data, before)  # nothing copied
+        # Resident but not pinned: a load must pin its source first.
+        with pytest.raises(InvalidRequestError, match="is not pinned at slot"):
+            await pipeline.submit(LoadTask(cpu, list(resident), dev, [3], keys_for(7), index))
+        # The right calls pass and settle.
+        done = await pipeline.submit(StoreTask(dev, [1], cpu, [slot], keys_for(1), None, index))
+        assert (await done).n_blocks == 1
+        index.pin(keys_for(7))
+        load = LoadTask(cpu, list(resident), dev, [3], keys_for(7), index)
+        assert (await (await pipeline.submit(load))).n_blocks == 1
+    assert index.contains(keys_for(1)[0])
+    assert index.num_pinned == 0
+    assert index.num_reserved == 0
+    assert torch.equal(dev.data[3], cpu.data[resident[0]])

@@ -8,11 +8,16 @@ loops, and the slot counters, with
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from itertools import takewhile
+from typing import TYPE_CHECKING
 
+from kvtier.errors import InvalidRequestError
 from kvtier.tiers.base import BlockKey
+
+if TYPE_CHECKING:
+    from kvtier.tiers.slots import SlotMap
 
 __all__ = ["IndexQueries"]
 
@@ -26,6 +31,7 @@ class IndexQueries:
 
     _name: str
     _num_slots: int
+    _slots: SlotMap
     _free: list[int]
     _slot_of: dict[BlockKey, int]
     _reserved: set[BlockKey]
@@ -119,6 +125,34 @@ class IndexQueries:
     def lookup(self, keys: Iterable[BlockKey]) -> int:
         """How many leading ``keys`` are visible (a prefix hit). Pins nothing."""
         return sum(1 for _ in takewhile(self.contains, keys))
+
+    def check_task_slots(
+        self, keys: Sequence[BlockKey], slots: Sequence[int], *, written: bool
+    ) -> None:
+        """Check that a transfer may touch these slots (the pipeline asks before queuing).
+
+        A task's destination must hold a reservation of each key at its
+        slot (:meth:`~kvtier.tiers.index.TierIndex.reserve`), its source a
+        pin of each key at its slot (:meth:`~kvtier.tiers.index.TierIndex.pin`):
+        otherwise the copy could overwrite a resident block's bytes, or read
+        a slot being reused, before the index could refuse it.
+
+        Raises:
+            InvalidRequestError: The first key that is not reserved (or
+                pinned) at its slot; nothing changed.
+        """
+        if written:
+            self._slots.index_pending()
+            held, state = self._slots.pending, "reserved"
+        else:
+            held, state = self._slot_of, "pinned"
+        pins = self._pins
+        for key, slot in zip(keys, slots, strict=True):
+            if held.get(key) != slot or (not written and key not in pins):
+                raise InvalidRequestError(
+                    f"tier {self._name!r}: key {key.hex()[:16]}… is not {state} at slot "
+                    f"{slot}: {'reserve' if written else 'pin'} it before posting the transfer"
+                )
 
     def blocks(self) -> list[tuple[int, BlockKey]]:
         """``(slot, key)`` of every visible block, by slot."""

@@ -227,6 +227,21 @@ def test_constructor_validation(tmp_path: Path) -> None:
     assert DiskTier(tmp_path, LAYOUT, 3 * PER_BLOCK + 5).num_slots == 3
 
 
+@pytest.mark.asyncio
+async def test_a_relative_path_stays_where_it_was_when_the_working_directory_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    tier = DiskTier("cache", LAYOUT, 4 * PER_BLOCK)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    async with tier:
+        await tier.write_from([0], [key(0)], blocks(1))
+    assert tier.path == tmp_path / "cache"
+    assert [p.name for p in entries(tmp_path / "cache")] == [block_file(tmp_path, 0).name]
+    assert not any((tmp_path / "elsewhere").iterdir())
+
+
 @given(
     slot=st.integers(0, 2**32 - 1),
     block_key=st.binary(min_size=1, max_size=MAX_KEY_BYTES),

@@ -73,7 +73,8 @@ class DiskTier:
     """A persistent tier of block files under ``path``.
 
     Args:
-        path: The directory (created 0700 if missing).
+        path: The directory (created 0700 if missing); a relative path is
+            taken from the working directory at construction.
         layout: The block layout.
         capacity_bytes: Disk budget; ``num_slots`` is how many block files
             (:meth:`bytes_per_block` each) fit in it.
@@ -126,7 +127,11 @@ class DiskTier:
         self._num_slots = capacity_bytes // per_block
         self._lock: int | None = None
         self._files = BlockFiles(
-            Path(path), layout.block_bytes, layout.fingerprint(), direct=direct_io, fsync=fsync
+            Path(path).absolute(),  # a later chdir must not move the tier
+            layout.block_bytes,
+            layout.fingerprint(),
+            direct=direct_io,
+            fsync=fsync,
         )
         self._map = DiskMap()
         self._checked = partial(  # a batch's slots, buffers, then keys (check_batch)
@@ -177,6 +182,16 @@ class DiskTier:
     # -- lifecycle -----------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
+        """Claim the directory, mark its layout and scan it (a warm restart).
+
+        Raises:
+            ClosedError: The tier was closed.
+            ConfigError: The path is a file or a symlink, belongs to another
+                user, is held by another open DiskTier, is marked with
+                another block layout, or refuses ``O_DIRECT`` (``direct_io``).
+            TierIOError: The directory cannot be created, read, locked or
+                marked (an ``OSError`` such as ``EACCES`` or ``EROFS``).
+        """
         if self._closed:
             raise ClosedError(f"tier {self._name} is closed")
         if not self._opened:

@@ -23,8 +23,7 @@ import anyio.lowlevel
 import torch
 
 from kvtier.block_hasher import BlockHasher
-from kvtier.config import KvtierConfig, TierConfig
-from kvtier.config_redis import RedisOptions
+from kvtier.config import KvtierConfig
 from kvtier.errors import ConfigError, KVTierError
 from kvtier.hashing import make_block_hash_with_group_id
 from kvtier.manager import KVCacheManager
@@ -34,10 +33,9 @@ from kvtier.replay.report import ReplayReport, tier_report
 from kvtier.replay.workloads import Workload
 from kvtier.request import Request
 from kvtier.spec import KVCacheConfig
+from kvtier.stack import lower_tiers, offload_manager
 from kvtier.tiers._host import host_shortfall
 from kvtier.tiers.base import BlockLayout, BlockStore
-from kvtier.tiers.cpu import CpuTier
-from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.gpu import DeviceTier
 
 __all__ = ["ReplayIntegrityError", "block_bytes", "replay"]
@@ -71,71 +69,6 @@ def _device_blocks(config: KvtierConfig, workload: Workload) -> int:
             )
         return blocks
     return max(256, 2 * needed + 1)
-
-
-def _lower_tiers(config: KvtierConfig, workdir: Path) -> list[BlockStore]:
-    """The lower tiers, named by kind (``cpu``, ``disk``; ``disk2``… for repeats)."""
-    layout = config.layout
-    seen: dict[str, int] = {}
-    tiers: list[BlockStore] = []
-    for tier in config.tiers:
-        if tier.kind == "device":
-            continue
-        seen[tier.kind] = seen.get(tier.kind, 0) + 1
-        name = tier.kind if seen[tier.kind] == 1 else f"{tier.kind}{seen[tier.kind]}"
-        if tier.kind == "cpu":
-            tiers.append(
-                CpuTier(layout, config.blocks_of(tier), name=name, pin_memory=tier.pin_memory)
-            )
-            continue
-        if tier.kind == "redis":
-            tiers.append(_redis_tier(config, tier, name))
-            continue
-        tiers.append(
-            DiskTier(
-                tier.path if tier.path is not None else workdir / name,
-                layout,
-                tier.capacity_bytes,
-                name=name,
-                direct_io=tier.direct_io,
-                max_workers=tier.max_workers,
-            )
-        )
-    return tiers
-
-
-def _redis_tier(config: KvtierConfig, tier: TierConfig, name: str) -> BlockStore:
-    """A :class:`~kvtier.tiers.redis.RedisTier` (needs ``pip install 'kvtier[redis]'``)."""
-    try:
-        from kvtier.tiers.redis import RedisTier  # noqa: PLC0415 - an optional dependency
-    except ImportError as exc:
-        raise ConfigError(
-            f"tier {name}: a redis tier needs redis-py: pip install 'kvtier[redis]'"
-        ) from exc
-    options = tier.redis if tier.redis is not None else RedisOptions()
-    return RedisTier(
-        config.layout,
-        config.blocks_of(tier),
-        url=options.url,
-        name=name,
-        prefix=options.prefix,
-        model=options.model,
-        rank=options.rank,
-        world_size=options.world_size,
-        ttl=options.ttl,
-        batch_size=options.batch_size,
-        connect_timeout=options.connect_timeout,
-        timeout=options.timeout,
-        username=options.username,
-        password=options.password(),
-        tls=options.tls,
-        tls_ca_file=options.tls_ca_file,
-        tls_cert_file=options.tls_cert_file,
-        tls_key_file=options.tls_key_file,
-        tls_verify=options.tls_verify,
-        cluster=options.cluster,
-        scan_on_open=options.scan_on_open,
-    )
 
 
 class _Engine:
@@ -348,21 +281,10 @@ async def replay(
     with ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvtier-")))
-        lower = [t for t in config.tiers if t.kind != "device"]
-        tiers = _lower_tiers(config, workdir)
+        tiers = lower_tiers(config, workdir=workdir)
         if wrap_tier is not None:
             tiers = [wrap_tier(tier) for tier in tiers]
-        offload = OffloadManager(
-            kvm.block_pool,
-            DeviceTier(cache, layout),
-            tiers,
-            block_size=layout.block_size,
-            mode=config.offload.write_mode,  # type: ignore[arg-type]
-            eviction_policy=[t.eviction for t in lower],
-            lazy_free_target=config.offload.lazy_free_target,
-            selective_min_hits=config.offload.selective_min_hits,
-            max_probe_blocks=config.offload.max_probe_blocks,
-        )
+        offload = offload_manager(config, kvm.block_pool, DeviceTier(cache, layout), tiers=tiers)
         hasher = BlockHasher(layout.block_size, config.offload.hash, seed=config.offload.hash_seed)
         engine = _Engine(config, kvm, offload, cache, hasher)
         engine.waiting = [

@@ -1,0 +1,172 @@
+"""A tier stack from a TOML configuration: the lower tiers and the offload manager.
+
+What ``kvtier replay`` builds from a config, for an engine to build too::
+
+    config = load_config("stack.toml")
+    device = DeviceTier(kv_caches, config.layout)       # the engine's own cache
+    manager = offload_manager(config, kv_cache_manager.block_pool, device,
+                              workdir=Path("/var/cache/kvtier"))
+    async with manager:
+        ...
+
+The tiers are returned unopened: the offload manager opens them on entry
+(a disk tier restores what it finds, a Redis tier connects). Settings the
+manager does not take (``hash``, ``hash_seed``, ``prefetch``) stay with the
+engine (see the Configuration page).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from kvtier.config import KvtierConfig, TierConfig
+from kvtier.config_redis import RedisOptions
+from kvtier.errors import ConfigError
+from kvtier.offload import OffloadManager
+from kvtier.pool import BlockPool
+from kvtier.tiers.base import BlockStore
+from kvtier.tiers.cpu import CpuTier
+from kvtier.tiers.disk import DiskTier
+from kvtier.transfer import TransferPipeline
+
+__all__ = ["lower_tiers", "offload_manager"]
+
+
+def lower_tiers(config: KvtierConfig, *, workdir: Path | None = None) -> list[BlockStore]:
+    """The config's lower tiers, fastest first, unopened.
+
+    Tiers are named by kind (``cpu``, ``disk``, ``redis``; ``disk2``… for a
+    kind's second tier and on): the names of events and statistics.
+
+    Args:
+        config: A validated configuration (:func:`~kvtier.config.load_config`).
+        workdir: Where a disk tier without ``path`` keeps its directory
+            (``workdir / name``).
+
+    Raises:
+        ConfigError: A disk tier has no ``path`` and no ``workdir`` was
+            given, or a redis tier is configured without redis-py installed.
+    """
+    layout = config.layout
+    seen: dict[str, int] = {}
+    tiers: list[BlockStore] = []
+    for index, tier in enumerate(config.tiers):
+        if tier.kind == "device":
+            continue
+        seen[tier.kind] = seen.get(tier.kind, 0) + 1
+        name = tier.kind if seen[tier.kind] == 1 else f"{tier.kind}{seen[tier.kind]}"
+        if tier.kind == "cpu":
+            tiers.append(
+                CpuTier(layout, config.blocks_of(tier), name=name, pin_memory=tier.pin_memory)
+            )
+        elif tier.kind == "redis":
+            tiers.append(_redis_tier(config, tier, name))
+        else:
+            if tier.path is None and workdir is None:
+                raise ConfigError(
+                    f"tiers[{index}].path: a disk tier needs a path (or pass workdir=)"
+                )
+            path = tier.path if tier.path is not None else Path(str(workdir)) / name
+            tiers.append(
+                DiskTier(
+                    path,
+                    layout,
+                    tier.capacity_bytes,
+                    name=name,
+                    direct_io=tier.direct_io,
+                    max_workers=tier.max_workers,
+                )
+            )
+    return tiers
+
+
+def offload_manager(
+    config: KvtierConfig,
+    block_pool: BlockPool,
+    device: BlockStore,
+    *,
+    workdir: Path | None = None,
+    tiers: Sequence[BlockStore] | None = None,
+    num_groups: int = 1,
+    world_size: int = 1,
+    pipeline: TransferPipeline | None = None,
+) -> OffloadManager:
+    """An :class:`~kvtier.offload.OffloadManager` over the config's lower tiers.
+
+    Takes the lower tiers (:func:`lower_tiers`) with their eviction
+    policies, the write mode and its knobs, and ``max_probe_blocks``.
+
+    Args:
+        config: A validated configuration.
+        block_pool: The device prefix cache's pool (``KVCacheManager.block_pool``).
+        device: The engine's KV cache as a tier (a
+            :class:`~kvtier.tiers.gpu.DeviceTier` of ``config.layout``).
+        workdir: Where disk tiers without ``path`` live.
+        tiers: The lower tiers to use instead of building them (say, the
+            built ones wrapped for fault injection), one per lower tier of
+            the config, in its order.
+        num_groups: KV cache groups of the engine (see ``OffloadManager``).
+        world_size: Tensor-parallel workers reporting store completions.
+        pipeline: The transfer pipeline (default: a new one).
+
+    Raises:
+        ConfigError: As :func:`lower_tiers`, the device's layout is not the
+            config's, or ``tiers`` is not one per lower tier.
+    """
+    if device.layout != config.layout:
+        raise ConfigError(
+            f"the device tier's layout {device.layout} is not the config's {config.layout}"
+        )
+    policies = [tier.eviction for tier in config.tiers if tier.kind != "device"]
+    stores = lower_tiers(config, workdir=workdir) if tiers is None else list(tiers)
+    if len(stores) != len(policies):
+        raise ConfigError(f"{len(stores)} tiers given for the config's {len(policies)} lower tiers")
+    return OffloadManager(
+        block_pool,
+        device,
+        stores,
+        block_size=config.layout.block_size,
+        mode=config.offload.write_mode,  # type: ignore[arg-type]
+        eviction_policy=policies,
+        lazy_free_target=config.offload.lazy_free_target,
+        selective_min_hits=config.offload.selective_min_hits,
+        num_groups=num_groups,
+        world_size=world_size,
+        pipeline=pipeline,
+        max_probe_blocks=config.offload.max_probe_blocks,
+    )
+
+
+def _redis_tier(config: KvtierConfig, tier: TierConfig, name: str) -> BlockStore:
+    """A :class:`~kvtier.tiers.redis.RedisTier` (needs ``pip install 'kvtier[redis]'``)."""
+    try:
+        from kvtier.tiers.redis import RedisTier  # noqa: PLC0415 - an optional dependency
+    except ImportError as exc:
+        raise ConfigError(
+            f"tier {name}: a redis tier needs redis-py: pip install 'kvtier[redis]'"
+        ) from exc
+    options = tier.redis if tier.redis is not None else RedisOptions()
+    return RedisTier(
+        config.layout,
+        config.blocks_of(tier),
+        url=options.url,
+        name=name,
+        prefix=options.prefix,
+        model=options.model,
+        rank=options.rank,
+        world_size=options.world_size,
+        ttl=options.ttl,
+        batch_size=options.batch_size,
+        connect_timeout=options.connect_timeout,
+        timeout=options.timeout,
+        username=options.username,
+        password=options.password(),
+        tls=options.tls,
+        tls_ca_file=options.tls_ca_file,
+        tls_cert_file=options.tls_cert_file,
+        tls_key_file=options.tls_key_file,
+        tls_verify=options.tls_verify,
+        cluster=options.cluster,
+        scan_on_open=options.scan_on_open,
+    )

@@ -1,0 +1,79 @@
+"""kvtier.stack: a tier stack and an offload manager built from a TOML configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvtier import KVCacheConfig, KVCacheManager
+from kvtier.config import KvtierConfig, load_config, parse_config
+from kvtier.errors import ConfigError
+from kvtier.stack import lower_tiers, offload_manager
+from kvtier.tiers import BlockLayout, CpuTier, DeviceTier, DiskTier
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "configs"
+SMALL = {"num_layers": 1, "block_size": 16, "num_kv_heads": 1, "head_size": 8}
+
+
+def _config(*tiers: dict[str, object], offload: dict[str, object] | None = None) -> KvtierConfig:
+    return parse_config({"layout": SMALL, "offload": offload or {}, "tiers": list(tiers)})
+
+
+def test_the_bundled_examples_build_their_lower_tiers_unopened(tmp_path: Path) -> None:
+    tiers = lower_tiers(load_config(EXAMPLES / "device-cpu-disk.toml"), workdir=tmp_path)
+    assert [(type(t).__name__, t.name) for t in tiers] == [("CpuTier", "cpu"), ("DiskTier", "disk")]
+    cpu, disk = tiers
+    assert isinstance(cpu, CpuTier)
+    assert isinstance(disk, DiskTier)
+    assert cpu.num_slots == (16 << 30) // cpu.layout.block_bytes
+    assert disk.path == Path("/var/cache/kvtier")  # the config's path wins over workdir
+    for name in ("cpu-only.toml", "device-cpu.toml", "device-cpu-redis.toml"):
+        assert lower_tiers(load_config(EXAMPLES / name), workdir=tmp_path)
+
+
+def test_repeated_kinds_are_numbered_and_pathless_disks_live_in_the_workdir(
+    tmp_path: Path,
+) -> None:
+    config = _config(
+        {"kind": "cpu", "capacity": "1MiB"},
+        {"kind": "disk", "capacity": "1MiB"},
+        {"kind": "disk", "capacity": "2MiB", "path": str(tmp_path / "fixed")},
+    )
+    tiers = lower_tiers(config, workdir=tmp_path / "work")
+    assert [t.name for t in tiers] == ["cpu", "disk", "disk2"]
+    disks = [t for t in tiers if isinstance(t, DiskTier)]
+    assert [d.path for d in disks] == [tmp_path / "work" / "disk", tmp_path / "fixed"]
+    with pytest.raises(ConfigError, match=r"tiers\[1\]\.path: a disk tier needs a path"):
+        lower_tiers(config)
+
+
+@pytest.mark.asyncio
+async def test_an_offload_manager_from_a_config_uses_its_policies_and_mode(
+    tmp_path: Path,
+) -> None:
+    config = _config(
+        {"kind": "device", "capacity": "64KiB"},
+        {"kind": "cpu", "capacity": "32KiB", "eviction": "arc"},
+        {"kind": "disk", "capacity": "1MiB", "eviction": "s3fifo"},
+        offload={"write_mode": "lazy", "lazy_free_target": 3, "max_probe_blocks": 0},
+    )
+    layout = config.layout
+    kv = KVCacheManager(KVCacheConfig.full_attention(8, 16), 1024)
+    device = DeviceTier(torch.zeros(8, layout.block_bytes, dtype=torch.uint8), layout)
+    manager = offload_manager(config, kv.block_pool, device, workdir=tmp_path)
+    assert manager.mode == "lazy"
+    assert manager.lazy_free_target == 3
+    assert [type(index.policy).__name__ for index in manager.indexes] == [
+        "ARCPolicy",
+        "S3FIFOPolicy",
+    ]
+    async with manager:
+        assert [t.name for t in manager.tiers] == ["cpu", "disk"]
+    other = BlockLayout(num_layers=2, block_size=16, num_kv_heads=1, head_size=8)
+    wrong = DeviceTier(torch.zeros(8, other.block_bytes, dtype=torch.uint8), other)
+    with pytest.raises(ConfigError, match="layout"):
+        offload_manager(config, kv.block_pool, wrong, workdir=tmp_path)
+    with pytest.raises(ConfigError, match="1 tiers given for the config's 2 lower tiers"):
+        offload_manager(config, kv.block_pool, device, tiers=manager.tiers[:1])

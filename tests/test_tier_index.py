@@ -680,3 +680,15 @@ def test_a_chain_pinned_for_a_load_keeps_its_head_longest() -> None:
     index.unpin(chain)
     evicted = index.reserve(ks(8, 9, 10)).evicted
     assert [key for _, key in evicted] == [k(7), k(3), k(2)]
+
+
+def test_pin_and_unpin_errors_name_the_keys_by_their_first_hex_digits() -> None:
+    index = TierIndex("cpu", 8)
+    missing = [bytes([i]) * 32 for i in range(6)]
+    with pytest.raises(InvalidRequestError) as pinned:
+        index.pin(missing)
+    message = str(pinned.value)
+    assert "cannot pin blocks it does not hold, 6 key(s): 0000000000000000…" in message
+    assert message.endswith("0303030303030303… and 2 more")
+    with pytest.raises(InvalidRequestError, match=r"zero pins, 1 key\(s\): 0505050505050505…$"):
+        index.unpin(missing[5:])

@@ -21,10 +21,17 @@ import torch
 from kvtier.errors import ConfigError
 from kvtier.spec import DTYPE_SIZES, FullAttentionSpec
 
-__all__ = ["BlockKey", "BlockLayout", "BlockStore", "ProbingStore"]
+__all__ = ["BlockKey", "BlockLayout", "BlockStore", "ProbingStore", "keys_text"]
 
 BlockKey = bytes
 """What a tier stores a block under: its prefix-cache hash (group id included)."""
+
+
+def keys_text(keys: Sequence[BlockKey], limit: int = 4) -> str:
+    """Keys for a message or a log line: a count and the first hex digits of a few."""
+    shown = ", ".join(f"{key.hex()[:16]}…" for key in keys[:limit])
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"{len(keys)} key(s): {shown}{more}"
 
 
 def _positive(_: object, attribute: attrs.Attribute[int], value: int) -> None:

@@ -36,7 +36,7 @@ from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEv
 from kvtier.hashing import BlockHash
 from kvtier.policies.base import EvictionPolicy, make_eviction_policy
 from kvtier.policies.hints import BlockHint
-from kvtier.tiers.base import BlockKey
+from kvtier.tiers.base import BlockKey, keys_text
 from kvtier.tiers.index_hints import (
     HintMemory,
     Hints,
@@ -284,7 +284,9 @@ class TierIndex(IndexQueries):
         self._require_bytes(items)
         missing = [key for key in items if not self.contains(key)]
         if missing:
-            raise InvalidRequestError(f"tier {self._name!r}: cannot pin absent {missing!r}")
+            raise InvalidRequestError(
+                f"tier {self._name!r}: cannot pin blocks it does not hold, {keys_text(missing)}"
+            )
         check_hints(self._name, items, hints)
         pins = self._pins
         for key in items:
@@ -308,7 +310,9 @@ class TierIndex(IndexQueries):
         counts = Counter(items)
         short = [key for key, n in counts.items() if self._pins.get(key, 0) < n]
         if short:
-            raise InvalidRequestError(f"tier {self._name!r}: unpin below zero pins: {short!r}")
+            raise InvalidRequestError(
+                f"tier {self._name!r}: unpin below zero pins, {keys_text(short)}"
+            )
         left = []
         for key, n in counts.items():
             remaining = self._pins[key] - n

@@ -249,8 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     err = Console(stderr=True, soft_wrap=True)  # one line per error, whatever the width
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")
+        with warnings.catch_warnings():  # the filters stay the user's (-W, PYTHONWARNINGS)
             warnings.showwarning = partial(_show_warning, err)
             return _run(args, out, err)
     except KeyboardInterrupt:

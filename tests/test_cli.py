@@ -155,6 +155,7 @@ def test_an_unreadable_input_file_is_named_by_its_option(
     assert err == f"kvtier: error: {message.format(tmp=tmp_path)}"
 
 
+@pytest.mark.filterwarnings("default")  # as Python runs the command (pytest makes them errors)
 def test_warnings_are_one_line_on_stderr(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -141,6 +141,24 @@ def test_the_tiers_package_names_what_an_engine_plugs_in_with() -> None:
         assert value is getattr(module, name), name
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         tiers.Nope  # noqa: B018
+    assert {"RedisTier", *tiers.__all__} <= set(dir(tiers))
+
+
+def test_redis_tier_without_redis_py_is_an_import_error_naming_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    from kvtier import tiers
+
+    namespace: dict[str, object] = {}
+    monkeypatch.delitem(sys.modules, "kvtier.tiers.redis", raising=False)
+    monkeypatch.setitem(sys.modules, "redis", None)  # as when redis-py is not installed
+    exec("from kvtier.tiers import *", namespace)  # works without the extra
+    assert "RedisTier" not in namespace
+    assert "DiskTier" in namespace
+    with pytest.raises(ImportError, match=r"pip install 'kvtier\[redis\]'"):
+        tiers.RedisTier  # noqa: B018
 
 
 def test_cache_blocks_rejects_unknown_requests_and_overreach() -> None:

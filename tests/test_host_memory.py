@@ -22,35 +22,58 @@ MiB = 1 << 20
 
 @pytest.fixture
 def machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A machine with 64 MiB available and no cgroup limit (until a test writes one)."""
+    """A machine with 64 MiB available and no cgroup limit (until a test writes one).
+
+    The process runs in cgroup ``/app/job``, below the cgroup root.
+    """
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:  1000000 kB\nMemFree:  1000 kB\nMemAvailable:  65536 kB\n")
     cgroup = tmp_path / "cgroup"
-    cgroup.mkdir()
+    (cgroup / "app" / "job").mkdir(parents=True)
+    own = tmp_path / "self-cgroup"
+    own.write_text("0::/app/job\n")
     monkeypatch.setattr(_host, "MEMINFO", meminfo)
     monkeypatch.setattr(_host, "CGROUP", cgroup)
+    monkeypatch.setattr(_host, "SELF_CGROUP", own)
     return tmp_path
 
 
-def test_available_memory_is_the_smaller_of_meminfo_and_the_cgroup_room(machine: Path) -> None:
+def _limit(directory: Path, limit: str, current: int, inactive_file: int | None = None) -> None:
+    (directory / "memory.max").write_text(f"{limit}\n")
+    (directory / "memory.current").write_text(f"{current}\n")
+    if inactive_file is not None:
+        (directory / "memory.stat").write_text(f"anon 5\ninactive_file {inactive_file}\n")
+
+
+def test_available_memory_is_the_least_of_meminfo_and_every_cgroup_room(machine: Path) -> None:
+    root = machine / "cgroup"
+    app, job = root / "app", root / "app" / "job"
     assert _host.available_host_bytes() == 64 * MiB
-    (machine / "cgroup" / "memory.max").write_text("max\n")
-    (machine / "cgroup" / "memory.current").write_text(f"{10 * MiB}\n")
-    assert _host.available_host_bytes() == 64 * MiB  # no limit
-    (machine / "cgroup" / "memory.max").write_text(f"{40 * MiB}\n")
-    assert _host.available_host_bytes() == 30 * MiB
+    _limit(root, "max", 10 * MiB)
+    assert _host.available_host_bytes() == 64 * MiB  # no limit anywhere
+    _limit(job, str(40 * MiB), 10 * MiB)
+    assert _host.available_host_bytes() == 30 * MiB  # the process's own cgroup
+    _limit(job, str(40 * MiB), 10 * MiB, inactive_file=4 * MiB)
+    assert _host.available_host_bytes() == 34 * MiB  # inactive page cache is reclaimable
+    _limit(app, str(20 * MiB), 0)
+    assert _host.available_host_bytes() == 20 * MiB  # a parent's tighter limit
     (machine / "meminfo").write_text("MemTotal: 5 kB\n")  # no MemAvailable line
-    assert _host.available_host_bytes() == 30 * MiB
-    (machine / "cgroup" / "memory.max").write_text("lots\n")
+    assert _host.available_host_bytes() == 20 * MiB
+    _limit(app, "lots", 0)
+    _limit(job, "lots", 0)
     assert _host.available_host_bytes() is None  # nothing readable: nothing refused
     assert _host.host_shortfall(1 << 50) is None
+    (machine / "self-cgroup").write_text("12:memory:/v1-only\n")  # no v2 line: the root
+    _limit(root, str(8 * MiB), MiB)
+    assert _host.available_host_bytes() == 7 * MiB
 
 
 def test_a_shortfall_names_what_was_asked_and_what_is_left(machine: Path) -> None:
     assert _host.host_shortfall(64 * MiB) is None
     message = _host.host_shortfall(64 * MiB + 1)
     assert message is not None
-    assert "0.06 GiB of host memory asked, 0.06 GiB available" in message
+    assert "64.0 MiB of host memory asked, 64.0 MiB available" in message
+    assert _host.format_bytes(3 << 30) == "3.00 GiB"
 
 
 @pytest.mark.asyncio
@@ -59,7 +82,7 @@ async def test_a_cpu_tier_larger_than_the_memory_left_fails_to_open(machine: Pat
     async with CpuTier(LAYOUT, blocks, pin_memory=False) as fits:
         assert fits.slot_view([0]).shape == (1, LAYOUT.block_bytes)
     tier = CpuTier(LAYOUT, blocks + 1, pin_memory=False)
-    with pytest.raises(TierIOError, match=r"tier cpu: .* GiB of host memory asked"):
+    with pytest.raises(TierIOError, match=r"tier cpu: 64\.0 MiB of host memory asked, 64\.0 MiB"):
         await tier.__aenter__()
     assert not tier.pinned
     async with CpuTier(LAYOUT, 4, pin_memory=False) as small:  # the tier class still serves
@@ -89,7 +112,8 @@ def test_replay_refuses_a_stack_larger_than_the_memory_left(
         main(["replay", str(config), "--workload", "sample", "--limit", "2", "--no-progress"]) == 2
     )
     err = capsys.readouterr().err
-    assert "tier cpu: 1.00 GiB of host memory asked, 0.06 GiB available" in err
+    assert "tier cpu: 1.00 GiB of host memory asked, 64.0 MiB available" in err
+    assert err.strip().endswith("lower the tier's capacity")
     assert len(err.strip().splitlines()) == 1
 
 
@@ -103,4 +127,5 @@ def test_replay_names_the_implicit_device_cache_when_it_does_not_fit(
     )
     err = capsys.readouterr().err
     assert "the device cache (no device tier in the config" in err
+    assert 'add a [[tiers]] kind = "device" with a capacity that fits' in err
     assert "tiers[0]" not in err

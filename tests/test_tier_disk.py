@@ -85,7 +85,7 @@ async def test_permissions_and_names(tmp_path: Path) -> None:
         pass
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
     # Group and other bits go; the owner's are never added.
-    for before, after in ((0o750, 0o700), (0o555, 0o500), (0o500, 0o500), (0o300, 0o300)):
+    for before, after in ((0o750, 0o700), (0o555, 0o500), (0o500, 0o500)):
         os.chmod(loose, before)
         async with tier_at(loose) as tier:
             assert torch.equal(await read(tier, [0], [key(1)]), blocks(2)[:1])
@@ -403,6 +403,19 @@ async def test_calls_on_a_slot_or_key_being_written_are_refused(
             with pytest.raises(InvalidRequestError, match="being written"):
                 await tier.discard([1, 2])
             release.set()
+        # A key that a write in flight replaces (its file is reused) is refused too.
+        release.clear()
+        entered.clear()
+        monkeypatch.setattr(os, "pwritev", held)
+        async with anyio.create_task_group() as group:
+            group.start_soon(tier.write_from, [2], [key(5)], data[1:2])  # slot 2 held key(2)
+            await anyio.to_thread.run_sync(entered.wait, 30)
+            with pytest.raises(InvalidRequestError, match=r"1 key\(s\) being written"):
+                await tier.write_from([4], [key(2)], data[2:])
+            release.set()
+        await tier.write_from([4], [key(2)], data[2:])  # once it ended: stored again
+        assert torch.equal(await read(tier, [2, 4], [key(5), key(2)]), data[1:3])
+        await tier.write_from([2], [key(2)], data[2:])  # back where the test expects it
         monkeypatch.undo()
         assert torch.equal(await read(tier, [1, 2], [key(1), key(2)]), data[[0, 2]])
         with pytest.raises(BlockMissingError):
@@ -532,6 +545,17 @@ async def test_an_immutable_directory_fails_writes_and_still_serves_reads(tmp_pa
             subprocess.run(["chattr", "-i", str(root)], check=True)
         await tier.write_from([1], [key(1)], data[1:])
         assert torch.equal(await read(tier, [0, 1], [key(0), key(1)]), data)
+    # Unmarked (as an older kvtier left it) and immutable: opened unmarked, reads served.
+    for mark in set(root.iterdir()) - set(entries(root)):
+        mark.unlink()
+    subprocess.run(["chattr", "+i", str(root)], check=True)
+    try:
+        async with tier_at(root) as tier:
+            assert sorted(await tier.recover()) == [(0, key(0)), (1, key(1))]
+            assert torch.equal(await read(tier, [0, 1], [key(0), key(1)]), data)
+    finally:
+        subprocess.run(["chattr", "-i", str(root)], check=True)
+    assert set(root.iterdir()) == set(entries(root))  # still unmarked
 
 
 @pytest.mark.asyncio

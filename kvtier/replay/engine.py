@@ -269,7 +269,12 @@ async def replay(
     )
     shortfall = host_shortfall(device_blocks * layout.block_bytes) if device.type == "cpu" else None
     if shortfall is not None:
-        raise ConfigError(f"{what}: {device_blocks} device blocks: {shortfall}")
+        advice = (
+            "lower it"
+            if config.tiers[0].kind == "device"
+            else 'add a [[tiers]] kind = "device" with a capacity that fits'
+        )
+        raise ConfigError(f"{what}: {device_blocks} device blocks: {shortfall}: {advice}")
     try:
         cache = torch.zeros((device_blocks, layout.block_bytes), dtype=torch.uint8, device=device)
     except (RuntimeError, MemoryError) as exc:  # torch's allocators raise RuntimeError

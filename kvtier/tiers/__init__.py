@@ -6,8 +6,10 @@ The names an engine plugs in with are importable from here::
 
 Each is imported from its module on first use, so importing one tier (or
 ``kvtier`` itself, whose policies use :mod:`kvtier.tiers.base`) loads no
-other; ``RedisTier`` needs the ``redis`` extra (``pip install
-'kvtier[redis]'``).
+other. ``RedisTier`` needs the ``redis`` extra (``pip install
+'kvtier[redis]'``): it is left out of ``__all__``, so ``import *`` works
+without it, and asking for it without redis-py raises an ``ImportError``
+that says so.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
     from kvtier.tiers.disk import DiskTier
     from kvtier.tiers.gpu import DeviceTier
     from kvtier.tiers.index import TierIndex
-    from kvtier.tiers.redis import RedisTier
+    from kvtier.tiers.redis import RedisTier as RedisTier
     from kvtier.tiers.slots import Reservation
 
 _MODULES: Final = {
@@ -43,7 +45,6 @@ __all__ = [
     "CpuTier",
     "DeviceTier",
     "DiskTier",
-    "RedisTier",
     "Reservation",
     "TierIndex",
 ]
@@ -54,4 +55,17 @@ def __getattr__(name: str) -> Any:
     module = _MODULES.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    try:
+        loaded = importlib.import_module(f"{__name__}.{module}")
+    except ModuleNotFoundError as exc:
+        if name != "RedisTier" or exc.name is None or not exc.name.startswith("redis"):
+            raise
+        raise ImportError(
+            "kvtier.tiers.RedisTier needs redis-py: pip install 'kvtier[redis]'",
+            name=exc.name,
+        ) from exc
+    return getattr(loaded, name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_MODULES})

@@ -178,7 +178,7 @@ class CpuTier(CopierCalls):
         nbytes = self._num_slots * self._block_bytes
         shortfall = host_shortfall(nbytes)
         if shortfall is not None:
-            raise TierIOError(shortfall)
+            raise TierIOError(f"{shortfall}: lower the tier's capacity")
         # Its own allocation, registered from its first byte: ``is_pinned()`` checks
         # the storage's base pointer, so views of it report pinned too.
         storage = torch.zeros((self._num_slots, self._block_bytes), dtype=torch.uint8)

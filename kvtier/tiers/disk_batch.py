@@ -98,9 +98,10 @@ class DiskBatches:
         """Refuse slots or keys that a write in flight holds.
 
         A write unmaps the slots it overwrites when it starts and maps them
-        when it ends, so a second call on the same slot or key in between
-        would act on a map about to change (a :class:`TierIndex` never
-        makes one: its reservations are exclusive).
+        when it ends, and reuses or deletes the files of the keys those
+        slots held, so a second call on the same slot, key or replaced key
+        in between would act on a map and files about to change (a
+        :class:`TierIndex` never makes one: its reservations are exclusive).
 
         Raises:
             InvalidRequestError: A slot or key is being written.
@@ -164,14 +165,17 @@ class DiskBatches:
             TierIOError: A block could not be written (the others were), or
                 (``fsync``) the directory could not be synced (none counts).
         """
-        self.check_not_writing(slot_list, keys)
+        # The keys the slots hold now: the write reuses or deletes their files.
+        held = self._map.slot_keys
+        touched = {*keys, *(held[slot] for slot in slot_list if slot in held)}
+        self.check_not_writing(slot_list, touched)
         self._writing_slots.update(slot_list)
-        self._writing_keys.update(keys)
+        self._writing_keys.update(touched)
         try:
             await self._write(slot_list, keys, row)
         finally:
             self._writing_slots.difference_update(slot_list)
-            self._writing_keys.difference_update(keys)
+            self._writing_keys.difference_update(touched)
 
     async def _write(self, slot_list: list[int], keys: Sequence[BlockKey], row: RowAt) -> None:
         recycle, candidates = self._map.plan_write(slot_list, keys)

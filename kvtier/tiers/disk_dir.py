@@ -17,7 +17,6 @@ are left alone.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
@@ -84,11 +83,13 @@ def claim_layout(path: Path, fingerprint: bytes, name: str) -> None:
     """Mark the (claimed) directory with this layout; refuse one marked with another.
 
     A directory without any mark (made by an older kvtier) is marked now;
-    its blocks of other layouts are dropped by the scan as before.
+    its blocks of other layouts are dropped by the scan as before. One
+    that cannot be marked (made read-only by its owner) is used unmarked,
+    with a warning: it can serve reads, and its writes fail anyway.
 
     Raises:
         ConfigError: The directory is marked with another layout.
-        OSError: The mark cannot be created.
+        OSError: The directory cannot be listed.
     """
     ours = fingerprint.hex() + LAYOUT_SUFFIX
     others = sorted(
@@ -104,8 +105,12 @@ def claim_layout(path: Path, fingerprint: bytes, name: str) -> None:
             "delete that directory's files to reuse it"
         )
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW
-    with contextlib.suppress(FileExistsError):
+    try:
         os.close(os.open(path / ours, flags, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as exc:  # EACCES, EROFS: a directory kept read-only on purpose
+        _log.warning("tier_layout_unmarked", tier=name, error=str(exc))
 
 
 def check_direct_io(files: BlockFiles, name: str) -> None:

@@ -138,9 +138,14 @@ class IndexQueries:
         a slot being reused, before the index could refuse it.
 
         Raises:
-            InvalidRequestError: The first key that is not reserved (or
-                pinned) at its slot; nothing changed.
+            InvalidRequestError: A key is not ``bytes``, or the first key
+                that is not reserved (or pinned) at its slot; nothing changed.
         """
+        for key in keys:
+            if not isinstance(key, bytes):
+                raise InvalidRequestError(
+                    f"tier {self._name!r}: a block key must be bytes, got {type(key).__name__}"
+                )
         if written:
             self._slots.index_pending()
             held, state = self._slots.pending, "reserved"

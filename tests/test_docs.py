@@ -1,6 +1,6 @@
-"""The docs' griffe extension turns Sphinx roles into optional autorefs links (mkdocs only).
+"""The docs' build helpers: Sphinx roles become autorefs links; examples are included whole.
 
-Skipped where griffe (a docs dependency) is not installed.
+The griffe test is skipped where griffe (a docs dependency) is not installed.
 """
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-griffe = pytest.importorskip("griffe")
-
-EXTENSION = Path(__file__).resolve().parents[1] / "docs" / "griffe_sphinx_roles.py"
+ROOT = Path(__file__).resolve().parents[1]
+EXTENSION = ROOT / "docs" / "griffe_sphinx_roles.py"
 MODULES = {
     "__init__.py": '"""Package."""',
     "index.py": '''
@@ -50,7 +49,16 @@ def _link(identifier: str, title: str) -> str:
     return f'<autoref identifier="{identifier}" optional><code>{title}</code></autoref>'
 
 
+def test_the_data_plane_page_includes_the_runnable_example() -> None:
+    # A formatter once rewrote the include line as Python ("--8 < --..."), and
+    # the page then showed that line instead of the example.
+    lines = (ROOT / "docs" / "data-plane.md").read_text().splitlines()
+    assert '--8<-- "examples/tiers_pipeline.py"' in lines
+    assert (ROOT / "examples" / "tiers_pipeline.py").is_file()
+
+
 def test_roles_become_optional_links_resolved_from_the_docstrings_object() -> None:
+    griffe = pytest.importorskip("griffe")
     extensions = griffe.load_extensions(f"{EXTENSION}:SphinxRoles")
     with griffe.temporary_visited_package("pkg", MODULES, extensions=extensions) as package:
         module = package["index"]

@@ -93,6 +93,10 @@ class Completion(Generic[T]):
         await self._event.wait()
         return self.result()
 
+    async def settled(self) -> None:
+        """Wait until resolved, whichever way, without raising its error."""
+        await self._event.wait()
+
     def __await__(self) -> Generator[Any, None, T]:
         return self.wait().__await__()
 

@@ -389,6 +389,70 @@ async def test_stores_wait_for_every_tensor_parallel_worker() -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_local_store_failure_still_waits_for_the_other_workers() -> None:
+    from kvtier.errors import TierIOError
+    from tests.tier_doubles import FaultInjectingStore, MemoryStore
+
+    cpu = FaultInjectingStore(MemoryStore(4, LAYOUT, name="cpu"))
+    env = Env(tiers=[cpu], world_size=2)
+    async with env.manager as manager:
+        req = env.request(2)
+        blocks = env.alloc(req, 2)
+        manager.update_state_after_alloc(req, blocks, 0)
+        plan = manager.build_step(scheduled(new={req.request_id: blocks}))
+        spec = plan.stores[0]
+        cpu.write_error = TierIOError("injected", tier="cpu")
+        manager.step_computed(plan.step_id)
+        await manager.wait_idle()
+        # The other worker may still be copying these blocks into these slots.
+        assert manager.indexes[0].num_reserved == 2
+        assert [env.pool.blocks[i].ref_cnt for i in spec.device_block_ids] == [2, 2]
+        assert set(spec.device_block_ids) <= manager.in_flight_store_blocks
+        manager.report_store_done(spec.event_id)
+        assert manager.indexes[0].num_reserved == 0  # then aborted: nothing was stored
+        assert env.cpu_keys() == set()
+        assert [env.pool.blocks[i].ref_cnt for i in spec.device_block_ids] == [1, 1]
+        assert manager.stats().tiers["cpu"].failed_transfers == 2
+
+
+@pytest.mark.asyncio
+async def test_a_load_whose_sources_went_away_before_allocation_is_reported_and_counted() -> None:
+    env = Env()
+    async with env.manager as manager:
+        req = env.request(2)
+        await store(env, req, env.alloc(req, 2))
+        again = env.request(2, like=req)
+        assert manager.get_num_new_matched_tokens(again, 0) == (2 * BS, True)
+        manager.indexes[0].remove([key(req, 0), key(req, 1)])  # e.g. found corrupt meanwhile
+        targets = env.fresh(2)
+        manager.update_state_after_alloc(again, KVCacheBlocks((targets,)), 2 * BS)
+        finished = manager.take_finished()
+        assert [(f.request_id, f.ok) for f in finished] == [(again.request_id, False)]
+        assert sorted(finished[0].failed_block_ids) == sorted(b.block_id for b in targets)
+        stats = manager.stats()
+        assert (stats.loads_finished, stats.loads_failed) == (1, 1)
+
+
+@pytest.mark.asyncio
+async def test_blocking_waits_under_async_with_raise_instead_of_stalling_the_loop() -> None:
+    from kvtier.errors import ClosedError
+
+    env = Env()
+    async with env.manager as manager:
+        assert manager.wait_idle_blocking(0.1)  # nothing in flight: nothing to wait for
+        req = env.request(2)
+        blocks = env.alloc(req, 2)
+        manager.update_state_after_alloc(req, blocks, 0)
+        plan = manager.build_step(scheduled(new={req.request_id: blocks}))
+        manager.step_computed(plan.step_id)  # the store job runs only when this loop does
+        with pytest.raises(ClosedError, match="await wait_for_loads"):
+            manager.wait_idle_blocking(0.1)
+        await manager.wait_idle()
+        assert manager.wait_idle_blocking(0.1)
+        assert env.cpu_keys() == {key(req, 0), key(req, 1)}
+
+
+@pytest.mark.asyncio
 async def test_selective_mode_stores_blocks_after_enough_hits() -> None:
     env = Env(mode="selective", selective_min_hits=2)
     async with env.manager as manager:

@@ -3,23 +3,44 @@
 A job moves bytes through the :class:`~kvtier.transfer.TransferPipeline` and
 reports one outcome, whatever happens (success, failure or cancellation); it
 touches no bookkeeping. The manager applies the outcome on the engine's
-thread.
+thread. A job cancelled while a copy it posted is queued or running reports
+only once that copy has ended (:func:`_transfer`): the outcome frees device
+blocks and slots, which the copy must be done with.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import anyio
 import attrs
 
 from kvtier.errors import BlockMissingError, TransferCancelledError
 from kvtier.offload._state import Demotion, LoadEvent, LoadOutcome, StoreEvent, StoreOutcome
+from kvtier.tasks import TransferResult, TransferTask
 from kvtier.tiers.base import BlockKey, BlockStore
 from kvtier.transfer import LoadTask, StoreTask, TransferPipeline
 
 __all__ = ["run_load", "run_store"]
 
 Push = Callable[[StoreOutcome | LoadOutcome], None]
+
+
+async def _transfer(pipeline: TransferPipeline, task: TransferTask) -> TransferResult:
+    """Post ``task`` and await it; when cancelled, first wait for the copy to end.
+
+    Cancelling the job does not cancel the pipeline's copy (it runs in the
+    pipeline's task group, maybe in a worker thread): waiting for its
+    completion, shielded, keeps the job's outcome from releasing memory the
+    copy still reads or writes. The wait is bounded by the copy itself.
+    """
+    completion = await pipeline.submit(task)
+    try:
+        return await completion
+    except anyio.get_cancelled_exc_class():
+        with anyio.CancelScope(shield=True):
+            await completion.settled()
+        raise
 
 
 async def _demote(
@@ -33,7 +54,7 @@ async def _demote(
         demotion.keys,
     )
     try:
-        await (await pipeline.submit(task))
+        await _transfer(pipeline, task)
     except Exception:  # the evicted blocks are lost, as without a lower tier
         return False
     return True
@@ -54,7 +75,7 @@ async def run_store(
         for demotion in event.demotions:
             demoted.append(await _demote(pipeline, tiers, demotion))
         task = StoreTask(device, event.block_ids, tiers[0], event.slots, event.keys)
-        seconds = (await (await pipeline.submit(task))).seconds
+        seconds = (await _transfer(pipeline, task)).seconds
         error = None
     except Exception as exc:
         error = exc
@@ -130,7 +151,7 @@ async def run_load(
         for leg in _legs(event):
             dst = device if leg.to_device else tiers[0]
             task = LoadTask(tiers[leg.level], leg.src_slots, dst, leg.dst_slots, leg.keys)
-            took = (await (await pipeline.submit(task))).seconds
+            took = (await _transfer(pipeline, task)).seconds
             seconds[leg.level] = seconds.get(leg.level, 0.0) + took
         error = None
     except BlockMissingError as exc:

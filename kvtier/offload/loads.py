@@ -18,7 +18,7 @@ from kvtier.hashing import BlockHash, make_block_hash_with_group_id
 from kvtier.manager import KVCacheBlocks
 from kvtier.offload._state import LoadEvent, RequestState, Stage
 from kvtier.offload.candidates import HitCounter
-from kvtier.offload.plan import FinishedLoad, HitInfo
+from kvtier.offload.plan import HitInfo
 from kvtier.offload.transfers import Transfers
 from kvtier.policies.base import PrefixAwarePolicy
 from kvtier.policies.hints import BlockHint
@@ -195,9 +195,7 @@ class LoadPlanner:
         if not event.targets:
             self.transfers.unpin(event)
             if failed:  # nothing left to load: report the failure now
-                self.transfers.finished.append(
-                    FinishedLoad(request.request_id, False, tuple(failed))
-                )
+                self.transfers.report_load(request.request_id, failed)
             return None
         self.block_pool.touch(event.targets)
         self.transfers.loads[event.event_id] = event

@@ -405,6 +405,8 @@ class OffloadManager:
 
         Raises:
             InvalidRequestError: As :meth:`wait_for_loads`.
+            ClosedError: The loads have not ended and the manager is not
+                entered with ``with`` (see :meth:`wait_idle_blocking`).
         """
         loads = self._transfers.started_loads(request_ids)
         return self._transfers.wait_blocking(
@@ -423,6 +425,11 @@ class OffloadManager:
 
         Returns:
             False when ``timeout`` seconds passed first.
+
+        Raises:
+            ClosedError: Transfers are in flight and the manager is not
+                entered with ``with``: under ``async with`` the jobs run on
+                the caller's loop, which a blocking wait would stall for good.
         """
         return self._transfers.wait_blocking(lambda: not self._transfers.busy(), timeout)
 

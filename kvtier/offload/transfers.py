@@ -12,7 +12,7 @@ import functools
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from kvtier.errors import InvalidRequestError
+from kvtier.errors import ClosedError, InvalidRequestError
 from kvtier.log import get_logger
 from kvtier.offload import jobs, placement
 from kvtier.offload._state import (
@@ -178,9 +178,20 @@ class Transfers:
 
         Returns:
             False when ``timeout`` seconds (in all) passed first.
+
+        Raises:
+            ClosedError: Not done, and no background loop runs the jobs (the
+                manager is entered with ``async with``, or not at all): they
+                start only when the caller's own loop runs, so blocking here
+                could never end.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         self.drain()
+        if not done() and not self.runtime.thread_mode:
+            raise ClosedError(
+                "blocking waits need the manager entered with `with`; under `async with`, "
+                "await wait_for_loads() or wait_idle()"
+            )
         while not done():
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not self.runtime.wait_blocking(left):
@@ -206,13 +217,12 @@ class Transfers:
         event.demotions = []
         event.local_done = True
         event.seconds = outcome.seconds
-        if outcome.error is not None:
-            event.error = outcome.error
-            self.end_store(event, ok=False)
-            return
+        event.error = outcome.error
         event.reports += 1
+        # Even after a local failure the event waits for the other workers: until
+        # they report, they may still be copying into its slots from its blocks.
         if event.reports >= self.world_size:
-            self.end_store(event, ok=True)
+            self.end_store(event, ok=event.error is None)
 
     def _settle_demotions(self, demotions: list[Demotion], ok: Sequence[bool]) -> None:
         for demotion, done in zip(demotions, ok, strict=True):
@@ -232,7 +242,7 @@ class Transfers:
             return
         event.reports += workers
         if event.reports >= self.world_size and event.local_done:
-            self.end_store(event, ok=True)
+            self.end_store(event, ok=event.error is None)
 
     def end_store(self, event: StoreEvent, *, ok: bool) -> None:
         """Settle a store: commit or abort its slots, release its device blocks."""
@@ -320,13 +330,17 @@ class Transfers:
         self.block_pool.free_blocks(event.targets)
         ids = [block.block_id for block in event.targets] if error else []
         ids.extend(event.failed)  # positions already gone when the load was planned
-        self.finished.append(FinishedLoad(event.request_id, not ids, tuple(ids)))
-        self.stats.loads_finished += 1
-        self.stats.loads_failed += int(bool(ids))
+        self.report_load(event.request_id, ids)
         state = self.requests.get(event.request_id)
         if state is not None and state.load is event:
             state.load = None
             self.forget_if_idle(state)
+
+    def report_load(self, request_id: str, failed: Sequence[int]) -> None:
+        """Tell the engine a request's load ended (``failed``: device blocks to recompute)."""
+        self.finished.append(FinishedLoad(request_id, not failed, tuple(failed)))
+        self.stats.loads_finished += 1
+        self.stats.loads_failed += int(bool(failed))
 
     def forget_if_idle(self, state: RequestState) -> None:
         """Forget a finished request once none of its transfers is in flight."""

@@ -73,7 +73,7 @@ DEFAULT_URL: Final = "redis://127.0.0.1:6379/0"
 """A server on this host's default port."""
 
 
-_QUERY_SECRET: Final = re.compile(r"(?i)([?&;](?:password|passwd|pass|pwd)=)[^&;#]*")
+_QUERY: Final = re.compile(r"\?[^#]*")
 
 
 def redact_url(url: str) -> str:
@@ -81,8 +81,9 @@ def redact_url(url: str) -> str:
 
     Works on malformed URLs too (it does not parse them): everything between
     the first ``:`` of the user part and the last ``@`` goes, and so does the
-    value of a ``password=`` query parameter (redis-py reads one). When in
-    doubt it hides too much, never too little.
+    whole query string (redis-py reads a ``password`` parameter there, also
+    under a percent-encoded name). When in doubt it hides too much, never too
+    little.
     """
     scheme, sep, rest = url.partition("://")
     if sep:
@@ -91,7 +92,7 @@ def redact_url(url: str) -> str:
             user = rest[:at].split(":", 1)[0]
             rest = f"{user}:***@{rest[at + 1 :]}"
         url = f"{scheme}{sep}{rest}"
-    return _QUERY_SECRET.sub(r"\1***", url)
+    return _QUERY.sub("?***", url)
 
 
 @attrs.frozen
@@ -200,8 +201,13 @@ def parse_redis_options(table: Mapping[str, Any], key: str) -> RedisOptions:
         )
     try:
         urlsplit(url).port  # noqa: B018 - parses the host and port
-    except ValueError as exc:
-        raise ConfigError(f"{key}.url: {redact_url(url)!r} is not a valid URL: {exc}") from exc
+    except ValueError:
+        # Not the parser's text: a password holding '/', '?' or '#' ends up in
+        # what it takes for the port, and its message would quote it.
+        raise ConfigError(
+            f"{key}.url: {redact_url(url)!r} is not a valid URL (a password with "
+            "'/', '?', '#' or '@' must be percent-encoded)"
+        ) from None
     ints: dict[str, int] = {}
     for name, fallback, least in (("batch_size", 32, 1), ("rank", 0, 0), ("world_size", 1, 1)):
         value = table.get(name, fallback)

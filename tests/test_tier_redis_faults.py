@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import anyio
@@ -26,8 +26,10 @@ __all__ = ["redis_server", "shared_redis"]
         ("redis://u:pw@h:1/0", "redis://u:***@h:1/0"),
         ("redis://:S3c?r3t@h/0", "redis://:***@h/0"),  # a '?' in the password
         ("redis://u:p/w@h:1/0", "redis://u:***@h:1/0"),  # a '/' in the password
-        ("redis://h/0?password=S3cr3t", "redis://h/0?password=***"),  # redis-py reads it
-        ("redis://h/0?db=1&Password=S3cr3t&x=2", "redis://h/0?db=1&Password=***&x=2"),
+        ("redis://h/0?password=S3cr3t", "redis://h/0?***"),  # redis-py reads it
+        ("redis://h/0?db=1&Password=S3cr3t&x=2", "redis://h/0?***"),
+        ("redis://h/0?pass%77ord=S3cr3t", "redis://h/0?***"),  # decoded by redis-py too
+        ("redis://u:pw@h/0?a=1#frag", "redis://u:***@h/0?***#frag"),
         ("redis://u:pw@[::1:6379/0", "redis://u:***@[::1:6379/0"),  # unparsable
         ("redis://h:1/0", "redis://h:1/0"),
         ("unix:///run/redis.sock", "unix:///run/redis.sock"),
@@ -60,6 +62,21 @@ def test_no_password_in_the_connections_repr_or_errors() -> None:
     for ttl in (float("inf"), 1e20):
         with pytest.raises(ConfigError, match="ttl"):
             RedisTier(LAYOUT, 8, ttl=ttl)
+    for name in ("timeout", "connect_timeout"):  # a deadline must end
+        for seconds in (float("inf"), float("nan"), 1e9):
+            with pytest.raises(ConfigError, match=name):
+                RedisTier(LAYOUT, 8, **{name: seconds})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("url", ["redis://app:Xy7Qsecret/9@h/0", "redis://:Xy7Qsecret#x@h:1/0"])
+def test_a_password_that_breaks_the_url_is_never_quoted(url: str) -> None:
+    from kvtier.config_redis import parse_redis_options
+
+    with pytest.raises(ConfigError) as info:
+        parse_redis_options({"kind": "redis", "url": url}, "tiers[0]")
+    assert "Xy7Q" not in str(info.value)
+    assert "percent-encoded" in str(info.value)
+    assert info.value.__cause__ is None
 
 
 @pytest.mark.asyncio
@@ -132,9 +149,24 @@ async def test_scan_on_open_maps_each_block_once_and_ignores_names_it_never_writ
         assert len({slot for slot, _ in recovered}) == 2
 
 
+@pytest.mark.asyncio
+async def test_scan_on_open_finds_its_blocks_among_many_keys_of_other_applications(
+    redis_server: RedisServer,
+) -> None:
+    async with tier(redis_server) as store:
+        await store.write_from([0, 1, 2], [key(1), key(2), key(3)], blocks(3, 6))
+    with redis_server.client() as admin:  # 1.5 M keys that are not kvtier's
+        admin.eval("for i = 1, ARGV[1] do redis.call('SET', 'app:' .. i, 'x') end", 0, 1_500_000)
+    # The whole scan (1,500 replies) takes far longer than one 0.1 s deadline, each
+    # reply far less: only a scan without progress counts as an unreachable server.
+    async with tier(redis_server, scan_on_open=True, timeout=0.05, connect_timeout=0.05) as store:
+        assert sorted(key for _, key in await store.recover()) == [key(1), key(2), key(3)]
+
+
 @asynccontextmanager
-async def fake_server(reply: bytes) -> AsyncIterator[str]:
-    """A RESP server that answers PING with PONG, MGET with ``reply``, anything else +OK."""
+async def fake_server(reply: bytes | Callable[[list[bytes]], bytes]) -> AsyncIterator[str]:
+    """A RESP2 server: PING gets PONG, MGET ``reply`` (or ``reply(its parts)``), HELLO an
+    error (so redis-py speaks RESP2, as to an old server), anything else +OK."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -148,8 +180,10 @@ async def fake_server(reply: bytes) -> AsyncIterator[str]:
                     parts.append((await reader.readexactly(size + 2))[:-2].upper())
                 if parts[0] == b"PING":
                     writer.write(b"+PONG\r\n")
+                elif parts[0] == b"HELLO":
+                    writer.write(b"-ERR unknown command 'HELLO'\r\n")
                 elif parts[0] == b"MGET":
-                    writer.write(reply)
+                    writer.write(reply if isinstance(reply, bytes) else reply(parts))
                 else:
                     writer.write(b"+OK\r\n")
                 await writer.drain()
@@ -172,6 +206,16 @@ async def fake_server(reply: bytes) -> AsyncIterator[str]:
     ids=["an integer", "too few values", "a status"],
 )
 async def test_a_reply_of_the_wrong_shape_is_a_tier_error(reply: bytes) -> None:
+    def absent(parts: list[bytes]) -> bytes:  # a well-formed reply: every name absent
+        return f"*{len(parts) - 1}\r\n".encode() + b"$-1\r\n" * (len(parts) - 1)
+
+    async with (
+        fake_server(absent) as url,
+        RedisTier(LAYOUT, 64, url=url, batch_size=4, timeout=2.0) as store,
+    ):  # the control: the conversation works, and absent blocks are misses
+        for n in (2, 12):
+            with anyio.fail_after(10), pytest.raises(BlockMissingError):
+                await read(store, list(range(n)), [key(i) for i in range(n)])
     async with (
         fake_server(reply) as url,
         RedisTier(LAYOUT, 64, url=url, batch_size=4, timeout=2.0) as store,
@@ -200,3 +244,58 @@ async def test_tensor_parallel_ranks_never_read_each_others_shards(
     for bad in ({"rank": 2, "world_size": 2}, {"rank": -1}, {"world_size": 0}, {"rank": True}):
         with pytest.raises(ConfigError):
             RedisTier(LAYOUT, 8, **bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_a_least_privilege_acl_user_can_use_the_tier(redis_server: RedisServer) -> None:
+    admin = redis_server.client()
+    admin.execute_command(
+        "ACL",
+        "SETUSER",
+        "engine",
+        "on",
+        ">engine-pw",
+        "~kvtier:*",
+        "resetchannels",
+        "-@all",
+        "+ping",
+        "+get",
+        "+mget",
+        "+set",
+        "+exists",
+        "+unlink",
+        "+scan",
+        "+hello",
+        "+auth",
+    )
+    data, keys = blocks(3, 5), [key(i) for i in range(3)]
+    async with RedisTier(
+        LAYOUT, 8, url=redis_server.url, username="engine", password="engine-pw"
+    ) as store:
+        await store.write_from([0, 1, 2], keys, data)
+        assert torch.equal(await read(store, [0, 1, 2], keys), data)
+        assert await store.contains(keys) == [True, True, True]
+
+
+@pytest.mark.asyncio
+async def test_a_call_runs_at_most_concurrency_chunks_at_once() -> None:
+    from kvtier.tiers.redis_io import RedisCommands
+
+    commands = RedisCommands(
+        "redis", deadline=1.0, batch_size=16, concurrency=2, cluster=True, ttl_ms=None
+    )
+    running: list[int] = []
+    peak = 0
+    spans: list[tuple[int, int]] = []
+
+    async def work(begin: int, end: int) -> None:  # builds its values, then one round trip
+        nonlocal peak
+        running.append(begin)
+        peak = max(peak, len(running))
+        await asyncio.sleep(0.001)
+        spans.append((begin, end))
+        running.remove(begin)
+
+    await commands.chunks(1024, work)
+    assert peak == 2  # not 64: each chunk's values exist only while it runs
+    assert sorted(spans) == [(b, b + 16) for b in range(0, 1024, 16)]

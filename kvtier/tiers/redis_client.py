@@ -9,7 +9,7 @@ client's options: :func:`redact_url` is what logs and reprs show.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import attrs
@@ -35,6 +35,10 @@ RedisClient = aioredis.Redis | RedisCluster
 """The client types a tier talks through."""
 
 _SCHEMES = ("redis", "rediss", "unix")
+
+
+_MAX_TIMEOUT: Final = 86_400.0
+"""Longest round-trip or connect timeout accepted (a day): a deadline must end."""
 
 
 def positive_number(label: str, value: object, *, allow_none: bool = False) -> None:
@@ -99,8 +103,10 @@ class RedisConnection:
             raise ConfigError(
                 f"max_connections={max_connections} is less than concurrency={concurrency}"
             )
-        positive_number("connect_timeout", connect_timeout)
-        positive_number("timeout", timeout)
+        for label, seconds in (("connect_timeout", connect_timeout), ("timeout", timeout)):
+            positive_number(label, seconds)
+            if not seconds <= _MAX_TIMEOUT:  # also refuses inf and nan: a deadline must end
+                raise ConfigError(f"{label} must be at most {_MAX_TIMEOUT:g} s, got {seconds!r}")
         if not isinstance(url, str) or urlsplit(url).scheme not in _SCHEMES:
             shown = redact_url(url) if isinstance(url, str) else url
             raise ConfigError(f"url must start with redis://, rediss:// or unix://, got {shown!r}")
@@ -119,7 +125,8 @@ class RedisConnection:
             # One retry on a dropped connection (a restarted server): the pool's
             # dead connection fails once, the retry connects afresh.
             "retry": Retry(NoBackoff(), 1, (redis.exceptions.ConnectionError,)),
-            "client_name": "kvtier",
+            # No client_name: CLIENT SETNAME on every connection would need an ACL
+            # permission that a least-privilege user for the block keys lacks.
         }
         if username is not None:
             options["username"] = username
@@ -150,8 +157,15 @@ class RedisConnection:
             if self.cluster:
                 return RedisCluster.from_url(self.url, **self.options)
             return aioredis.Redis.from_url(self.url, **self.options)
-        except (ValueError, TypeError, redis.exceptions.RedisError) as exc:
-            raise ConfigError(f"bad Redis options: {exc}") from exc
+        except ValueError:
+            # Not the parser's text: a password holding '/', '?' or '#' ends up in
+            # what it takes for the port or path, and its message would quote it.
+            raise ConfigError(
+                f"bad Redis URL {redact_url(self.url)!r} (a password with '/', '?', '#' "
+                "or '@' must be percent-encoded)"
+            ) from None
+        except (TypeError, redis.exceptions.RedisError) as exc:
+            raise ConfigError(f"bad Redis options: {type(exc).__name__}") from None
 
 
 async def close_client(client: RedisClient) -> None:

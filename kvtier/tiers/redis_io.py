@@ -14,12 +14,13 @@ call within one deadline, not one per chunk.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Final, TypeVar, cast
 
 import anyio
 import redis.exceptions
 from anyio.abc import TaskGroup
+from redis.asyncio.cluster import RedisCluster
 
 from kvtier.errors import TierIOError
 from kvtier.tiers.redis_client import RedisClient
@@ -58,6 +59,7 @@ class RedisCommands:
         self.batch_size = batch_size
         self.cluster = cluster
         self.ttl_ms = ttl_ms
+        self.concurrency = concurrency
         # asyncio's semaphore: no checkpoint when a place is free (anyio's
         # CapacityLimiter yields to the loop twice: 5 points of a 64 KiB read).
         self._places = asyncio.Semaphore(concurrency)
@@ -104,20 +106,21 @@ class RedisCommands:
     async def scan(self, client: RedisClient, pattern: bytes, limit: int) -> list[bytes]:
         """Up to ``limit`` distinct names matching ``pattern`` (every node of a cluster).
 
-        The deadline bounds each stretch without progress, not the whole
-        scan: a healthy server with millions of keys is not a dead one.
+        The deadline bounds each SCAN reply, not the whole scan: a healthy
+        server with millions of keys (most of them other applications') is
+        not a dead one.
         """
         found: dict[bytes, None] = {}  # SCAN may return a name twice
 
         async def scan() -> None:
             loop = asyncio.get_running_loop()
             async with asyncio.timeout(self.deadline) as deadline:
-                async for name in client.scan_iter(match=pattern, count=1000):
-                    found[bytes(name)] = None
-                    if len(found) >= limit:
-                        return
-                    if len(found) % 1000 == 0:
-                        deadline.reschedule(loop.time() + self.deadline)
+                async for page in _scan_pages(client, pattern):
+                    deadline.reschedule(loop.time() + self.deadline)
+                    for name in page:
+                        found[bytes(name)] = None
+                        if len(found) >= limit:
+                            return
 
         await self.round_trip("scan", scan, bounded=False)
         return list(found)
@@ -127,7 +130,10 @@ class RedisCommands:
 
         async def get() -> list[Any]:
             if not self.cluster:
-                values = list(await client.mget(names))
+                reply = await client.mget(names)
+                if not isinstance(reply, list | tuple):  # a status or a number, not an array
+                    raise TypeError(f"MGET answered {type(reply).__name__}, not an array")
+                values = list(reply)
             else:
                 pipe = client.pipeline()
                 for name in names:
@@ -187,8 +193,10 @@ class RedisCommands:
         """Run ``work(begin, end)`` over ``range(n)`` in ``batch_size`` chunks.
 
         ``work`` makes its round trips through :meth:`round_trip` (which
-        bounds how many are in flight). The first failure cancels the chunks
-        still running or waiting.
+        bounds how many are in flight). At most ``concurrency`` chunks run at
+        once, so the values a chunk builds before its round trip (copies, on
+        a cluster) exist for those chunks only, not for the whole batch. The
+        first failure cancels the chunks still running or waiting.
 
         Raises:
             TierIOError: The first chunk's error.
@@ -197,10 +205,12 @@ class RedisCommands:
             await work(0, n)
             return
         errors: list[TierIOError] = []
+        running = asyncio.Semaphore(self.concurrency)
 
         async def run(begin: int, end: int, group: TaskGroup) -> None:
             try:
-                await work(begin, end)
+                async with running:
+                    await work(begin, end)
             except TierIOError as exc:
                 errors.append(exc)
                 group.cancel_scope.cancel()
@@ -210,3 +220,32 @@ class RedisCommands:
                 group.start_soon(run, begin, min(n, begin + self.batch_size), group)
         if errors:
             raise errors[0]
+
+
+_SCAN_COUNT: Final = 1000
+"""Names a SCAN reply covers (a hint to the server)."""
+
+
+async def _scan_pages(client: RedisClient, pattern: bytes) -> AsyncIterator[list[Any]]:
+    """The names matching ``pattern`` of each SCAN reply, one reply at a time (every node)."""
+    if not isinstance(client, RedisCluster):
+        cursor = 0
+        while True:
+            cursor, names = await client.scan(cursor=cursor, match=pattern, count=_SCAN_COUNT)
+            yield list(names)
+            if not cursor:
+                return
+    # A cluster's SCAN answers per node: {node name: cursor} (typed as a plain int).
+    first, names = await client.scan(match=pattern, count=_SCAN_COUNT)  # each primary, once
+    yield list(names)
+    cursors = cast(dict[str, int], first)
+    nodes = {node: client.get_node(node_name=node) for node, cursor in cursors.items() if cursor}
+    while nodes:
+        for node, target in list(nodes.items()):
+            reply, names = await client.scan(
+                cursor=cursors[node], match=pattern, count=_SCAN_COUNT, target_nodes=target
+            )
+            yield list(names)
+            cursors[node] = cast(dict[str, int], reply)[node]
+            if not cursors[node]:
+                del nodes[node]

@@ -158,6 +158,8 @@ class TierConfig:
         direct_io: Disk tier: ``O_DIRECT``.
         pin_memory: CPU tier: pinned host memory (``None``: when CUDA is present).
         max_workers: Disk tier: worker threads.
+        model: Disk tier: separates models of equal layouts (see
+            :class:`~kvtier.tiers.disk.DiskTier`).
         redis: Redis tier: connection and key options.
     """
 
@@ -169,6 +171,7 @@ class TierConfig:
     pin_memory: bool | None = None
     max_workers: int = 4
     redis: RedisOptions | None = None
+    model: str = ""
 
 
 @attrs.frozen
@@ -260,6 +263,12 @@ def _boolean(table: Mapping[str, Any], name: str, default: bool | None, key: str
     return value
 
 
+def _model(value: object, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}.model: {value!r} is not a string")
+    return value
+
+
 def _seed(value: object) -> str | None:
     if value is None or (isinstance(value, str) and value):
         return value
@@ -282,7 +291,7 @@ def _layout(table: Mapping[str, Any]) -> BlockLayout:
 _TIER_KEYS: Final[dict[str, tuple[str, ...]]] = {
     "device": ("kind", "capacity"),
     "cpu": ("kind", "capacity", "eviction", "pin_memory"),
-    "disk": ("kind", "capacity", "eviction", "path", "direct_io", "max_workers"),
+    "disk": ("kind", "capacity", "eviction", "path", "direct_io", "max_workers", "model"),
     "redis": ("kind", "capacity", "eviction", *REDIS_KEYS),
 }
 """The keys each kind of tier takes (a key another kind takes would be ignored)."""
@@ -310,6 +319,7 @@ def _tier(table: Mapping[str, Any], index: int) -> TierConfig:
         _boolean(table, "pin_memory", None, key),
         _integer(table, "max_workers", 4, key),
         parse_redis_options(table, key) if kind == "redis" else None,
+        _model(table.get("model", ""), key) if kind == "disk" else "",
     )
 
 

@@ -76,6 +76,7 @@ def lower_tiers(config: KvtierConfig, *, workdir: Path | None = None) -> list[Bl
                     name=name,
                     direct_io=tier.direct_io,
                     max_workers=tier.max_workers,
+                    model=tier.model,
                 )
             )
     return tiers

@@ -38,15 +38,20 @@ def test_repeated_kinds_are_numbered_and_pathless_disks_live_in_the_workdir(
 ) -> None:
     config = _config(
         {"kind": "cpu", "capacity": "1MiB"},
-        {"kind": "disk", "capacity": "1MiB"},
+        {"kind": "disk", "capacity": "1MiB", "model": "llama-3-8b"},
         {"kind": "disk", "capacity": "2MiB", "path": str(tmp_path / "fixed")},
     )
+    assert [t.model for t in config.tiers] == ["", "llama-3-8b", ""]
     tiers = lower_tiers(config, workdir=tmp_path / "work")
     assert [t.name for t in tiers] == ["cpu", "disk", "disk2"]
     disks = [t for t in tiers if isinstance(t, DiskTier)]
     assert [d.path for d in disks] == [tmp_path / "work" / "disk", tmp_path / "fixed"]
     with pytest.raises(ConfigError, match=r"tiers\[1\]\.path: a disk tier needs a path"):
         lower_tiers(config)
+    with pytest.raises(ConfigError, match=r"tiers\[0\]\.model: 3 is not a string"):
+        _config({"kind": "disk", "capacity": "1MiB", "model": 3})
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) model"):
+        _config({"kind": "cpu", "capacity": "1MiB", "model": "x"})
 
 
 @pytest.mark.asyncio
@@ -77,3 +82,14 @@ async def test_an_offload_manager_from_a_config_uses_its_policies_and_mode(
         offload_manager(config, kv.block_pool, wrong, workdir=tmp_path)
     with pytest.raises(ConfigError, match="1 tiers given for the config's 2 lower tiers"):
         offload_manager(config, kv.block_pool, device, tiers=manager.tiers[:1])
+
+
+@pytest.mark.asyncio
+async def test_a_disk_tier_built_from_a_config_keeps_its_model_apart(tmp_path: Path) -> None:
+    config = _config({"kind": "disk", "capacity": "1MiB", "model": "llama-3-8b"})
+    (disk,) = lower_tiers(config, workdir=tmp_path)
+    async with disk:
+        pass
+    with pytest.raises(ConfigError, match="another block layout or model"):
+        async with DiskTier(tmp_path / "disk", config.layout, 1 << 20, model="qwen"):
+            pass

@@ -148,7 +148,7 @@ async def test_another_layout_refuses_the_directory_and_its_blocks_survive(
     marks = {p.name for p in tmp_path.iterdir()} - {p.name for p in entries(tmp_path)}
     assert marks == {LAYOUT.fingerprint().hex() + ".layout"}
     assert stat.S_IMODE((tmp_path / marks.pop()).stat().st_mode) == 0o600
-    with pytest.raises(ConfigError, match="holds the blocks of another block layout"):
+    with pytest.raises(ConfigError, match="holds the blocks of another block layout or model"):
         async with tier_at(tmp_path, layout=other):
             pass
     async with tier_at(tmp_path / "other", layout=other):  # its own directory: fine
@@ -156,6 +156,31 @@ async def test_another_layout_refuses_the_directory_and_its_blocks_survive(
     async with tier_at(tmp_path) as tier:  # nothing was lost
         assert list(await tier.recover()) == [(0, key(0))]
         assert torch.equal(await read(tier, [0], [key(0)]), blocks(1))
+
+
+@pytest.mark.asyncio
+async def test_a_model_name_separates_directories_and_blocks_of_equal_layouts(
+    tmp_path: Path,
+) -> None:
+    from kvtier.tiers.disk import namespace_fingerprint
+
+    def tier(model: str) -> DiskTier:
+        return DiskTier(tmp_path, LAYOUT, 4 * PER_BLOCK, model=model)
+
+    async with tier("llama-3-8b") as base:
+        await base.write_from([0], [key(0)], blocks(1))
+    marks = {p.name for p in tmp_path.iterdir()} - {p.name for p in entries(tmp_path)}
+    assert marks == {namespace_fingerprint(LAYOUT, "llama-3-8b").hex() + ".layout"}
+    for other in ("llama-3-8b-finetune", ""):  # same layout, another model (or none)
+        with pytest.raises(ConfigError, match="another block layout or model"):
+            async with tier(other):
+                pass
+    async with tier("llama-3-8b") as again:
+        assert list(await again.recover()) == [(0, key(0))]
+        assert torch.equal(await read(again, [0], [key(0)]), blocks(1))
+    assert namespace_fingerprint(LAYOUT, "") == LAYOUT.fingerprint()  # older directories
+    with pytest.raises(ConfigError, match="model must be a string"):
+        DiskTier(tmp_path, LAYOUT, PER_BLOCK, model=3)  # type: ignore[arg-type]
 
 
 @pytest.mark.asyncio

@@ -37,6 +37,7 @@ and stray temp files are deleted.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from functools import partial
@@ -45,6 +46,7 @@ from types import TracebackType
 from typing import Final, Self
 
 import anyio
+import cbor2
 import torch
 
 from kvtier.errors import (
@@ -62,11 +64,19 @@ from kvtier.tiers.disk_dir import check_direct_io, claim_directory, claim_layout
 from kvtier.tiers.disk_format import MAX_KEY_BYTES, file_bytes
 from kvtier.tiers.disk_map import DiskMap
 
-__all__ = ["DiskTier"]
+__all__ = ["DiskTier", "namespace_fingerprint"]
 
 _log = get_logger("kvtier.tiers.disk")
 _MAX_SLOTS: Final = 1 << 32
 """Slots a directory may hold: the trailer records a block's slot as a u32."""
+
+
+def namespace_fingerprint(layout: BlockLayout, model: str) -> bytes:
+    """The 16 bytes a disk tier's blocks and directory mark carry: layout, and model if any."""
+    if not model:
+        return layout.fingerprint()
+    fields = ["kvtier.disk.namespace.v1", model, layout.fingerprint()]
+    return hashlib.sha256(cbor2.dumps(fields, canonical=True)).digest()[:16]
 
 
 class DiskTier:
@@ -86,6 +96,11 @@ class DiskTier:
         fsync: ``fsync`` each block before it replaces the old one, and the
             directory after a batch's renames.
         direct_io: Open block files with ``O_DIRECT`` (bypassing the page cache).
+        model: Separates models (or deployments) whose layouts are equal: it
+            joins the layout in the fingerprint every block carries and the
+            directory's mark, so a directory holding another model's blocks
+            is refused and its blocks never verify. ``""`` (the default):
+            the layout alone, as directories written before it existed.
 
     Raises:
         ConfigError: The budget holds no block, or ``max_workers`` or
@@ -103,7 +118,10 @@ class DiskTier:
         call_bytes: int = CALL_BYTES,
         fsync: bool = False,
         direct_io: bool = False,
+        model: str = "",
     ) -> None:
+        if not isinstance(model, str):
+            raise ConfigError(f"model must be a string, got {model!r}")
         per_block = self.bytes_per_block(layout)
         if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int):
             raise ConfigError(f"capacity_bytes must be an integer, got {capacity_bytes!r}")
@@ -129,7 +147,7 @@ class DiskTier:
         self._files = BlockFiles(
             Path(path).absolute(),  # a later chdir must not move the tier
             layout.block_bytes,
-            layout.fingerprint(),
+            namespace_fingerprint(layout, model),
             direct=direct_io,
             fsync=fsync,
         )

@@ -99,7 +99,7 @@ def claim_layout(path: Path, fingerprint: bytes, name: str) -> None:
     )
     if others:
         raise ConfigError(
-            f"tier {name}: {path} holds the blocks of another block layout "
+            f"tier {name}: {path} holds the blocks of another block layout or model "
             f"({others[0].removesuffix(LAYOUT_SUFFIX)[:16]}…, this one is "
             f"{fingerprint.hex()[:16]}…): give this layout its own directory, or "
             "delete that directory's files to reuse it"

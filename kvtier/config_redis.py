@@ -73,7 +73,7 @@ DEFAULT_URL: Final = "redis://127.0.0.1:6379/0"
 """A server on this host's default port."""
 
 
-_QUERY: Final = re.compile(r"\?[^#]*")
+_QUERY: Final = re.compile(r"[?#].*", flags=re.DOTALL)
 
 
 def redact_url(url: str) -> str:
@@ -81,9 +81,9 @@ def redact_url(url: str) -> str:
 
     Works on malformed URLs too (it does not parse them): everything between
     the first ``:`` of the user part and the last ``@`` goes, and so does the
-    whole query string (redis-py reads a ``password`` parameter there, also
-    under a percent-encoded name). When in doubt it hides too much, never too
-    little.
+    whole query string and fragment (redis-py reads a ``password`` parameter
+    there, also under a percent-encoded name). When in doubt it hides too
+    much, never too little.
     """
     scheme, sep, rest = url.partition("://")
     if sep:
@@ -92,7 +92,7 @@ def redact_url(url: str) -> str:
             user = rest[:at].split(":", 1)[0]
             rest = f"{user}:***@{rest[at + 1 :]}"
         url = f"{scheme}{sep}{rest}"
-    return _QUERY.sub("?***", url)
+    return _QUERY.sub(lambda found: found[0][0] + "***", url)
 
 
 @attrs.frozen

@@ -447,6 +447,7 @@ async def test_blocking_waits_under_async_with_raise_instead_of_stalling_the_loo
         manager.step_computed(plan.step_id)  # the store job runs only when this loop does
         with pytest.raises(ClosedError, match="await wait_for_loads"):
             manager.wait_idle_blocking(0.1)
+        assert manager.wait_idle_blocking(0) is False  # a poll: it cannot stall the loop
         await manager.wait_idle()
         assert manager.wait_idle_blocking(0.1)
         assert env.cpu_keys() == {key(req, 0), key(req, 1)}

@@ -29,7 +29,9 @@ __all__ = ["redis_server", "shared_redis"]
         ("redis://h/0?password=S3cr3t", "redis://h/0?***"),  # redis-py reads it
         ("redis://h/0?db=1&Password=S3cr3t&x=2", "redis://h/0?***"),
         ("redis://h/0?pass%77ord=S3cr3t", "redis://h/0?***"),  # decoded by redis-py too
-        ("redis://u:pw@h/0?a=1#frag", "redis://u:***@h/0?***#frag"),
+        ("redis://u:pw@h/0?a=1#frag", "redis://u:***@h/0?***"),
+        ("redis://h/0#&password=S3cr3t", "redis://h/0#***"),  # after a fragment too
+        ("redis://h/0?db=1#;pwd=S3cr3t", "redis://h/0?***"),
         ("redis://u:pw@[::1:6379/0", "redis://u:***@[::1:6379/0"),  # unparsable
         ("redis://h:1/0", "redis://h:1/0"),
         ("unix:///run/redis.sock", "unix:///run/redis.sock"),
@@ -157,16 +159,19 @@ async def test_scan_on_open_finds_its_blocks_among_many_keys_of_other_applicatio
         await store.write_from([0, 1, 2], [key(1), key(2), key(3)], blocks(3, 6))
     with redis_server.client() as admin:  # 1.5 M keys that are not kvtier's
         admin.eval("for i = 1, ARGV[1] do redis.call('SET', 'app:' .. i, 'x') end", 0, 1_500_000)
-    # The whole scan (1,500 replies) takes far longer than one 0.1 s deadline, each
+    # The whole scan (1,500 replies, ~1.8 s) takes far longer than one 0.5 s deadline, each
     # reply far less: only a scan without progress counts as an unreachable server.
-    async with tier(redis_server, scan_on_open=True, timeout=0.05, connect_timeout=0.05) as store:
+    async with tier(redis_server, scan_on_open=True, timeout=0.25, connect_timeout=0.25) as store:
         assert sorted(key for _, key in await store.recover()) == [key(1), key(2), key(3)]
 
 
 @asynccontextmanager
-async def fake_server(reply: bytes | Callable[[list[bytes]], bytes]) -> AsyncIterator[str]:
-    """A RESP2 server: PING gets PONG, MGET ``reply`` (or ``reply(its parts)``), HELLO an
-    error (so redis-py speaks RESP2, as to an old server), anything else +OK."""
+async def fake_server(
+    reply: bytes | Callable[[list[bytes]], bytes], scan: bytes = b"*2\r\n$1\r\n0\r\n*0\r\n"
+) -> AsyncIterator[str]:
+    """A RESP2 server: PING gets PONG, MGET ``reply`` (or ``reply(its parts)``), SCAN
+    ``scan``, HELLO an error (so redis-py speaks RESP2, as to an old server), anything
+    else +OK."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -182,6 +187,8 @@ async def fake_server(reply: bytes | Callable[[list[bytes]], bytes]) -> AsyncIte
                     writer.write(b"+PONG\r\n")
                 elif parts[0] == b"HELLO":
                     writer.write(b"-ERR unknown command 'HELLO'\r\n")
+                elif parts[0] == b"SCAN":
+                    writer.write(scan)
                 elif parts[0] == b"MGET":
                     writer.write(reply if isinstance(reply, bytes) else reply(parts))
                 else:
@@ -299,3 +306,14 @@ async def test_a_call_runs_at_most_concurrency_chunks_at_once() -> None:
     await commands.chunks(1024, work)
     assert peak == 2  # not 64: each chunk's values exist only while it runs
     assert sorted(spans) == [(b, b + 16) for b in range(0, 1024, 16)]
+
+
+@pytest.mark.asyncio
+async def test_a_scan_whose_cursor_comes_back_fails_the_scan_and_the_tier_opens() -> None:
+    cycling = b"*2\r\n$1\r\n7\r\n*0\r\n"  # always cursor 7: a scan that would never end
+    with anyio.fail_after(3):  # found at the second reply, not at a 5 s deadline (or never)
+        async with (
+            fake_server(b"*0\r\n", scan=cycling) as url,
+            RedisTier(LAYOUT, 8, url=url, scan_on_open=True, timeout=5.0) as store,
+        ):
+            assert list(await store.recover()) == []  # logged as unreachable; it serves on

@@ -180,14 +180,16 @@ class Transfers:
             False when ``timeout`` seconds (in all) passed first.
 
         Raises:
-            ClosedError: Not done, and no background loop runs the jobs (the
-                manager is entered with ``async with``, or not at all): they
-                start only when the caller's own loop runs, so blocking here
-                could never end.
+            ClosedError: Not done, a positive or no ``timeout``, and no
+                background loop runs the jobs (the manager is entered with
+                ``async with``, or not at all): they start only when the
+                caller's own loop runs, so blocking here could never end. A
+                ``timeout`` of 0 only polls.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         self.drain()
-        if not done() and not self.runtime.thread_mode:
+        polls = timeout is not None and timeout <= 0
+        if not done() and not self.runtime.thread_mode and not polls:
             raise ClosedError(
                 "blocking waits need the manager entered with `with`; under `async with`, "
                 "await wait_for_loads() or wait_idle()"

@@ -101,7 +101,7 @@ def claim_layout(path: Path, fingerprint: bytes, name: str) -> None:
         raise ConfigError(
             f"tier {name}: {path} holds the blocks of another block layout or model "
             f"({others[0].removesuffix(LAYOUT_SUFFIX)[:16]}…, this one is "
-            f"{fingerprint.hex()[:16]}…): give this layout its own directory, or "
+            f"{fingerprint.hex()[:16]}…): give this layout and model their own directory, or "
             "delete that directory's files to reuse it"
         )
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW

@@ -116,6 +116,8 @@ class RedisCommands:
             loop = asyncio.get_running_loop()
             async with asyncio.timeout(self.deadline) as deadline:
                 async for page in _scan_pages(client, pattern):
+                    if deadline.expired():  # it fired while the reply came in
+                        raise TimeoutError
                     deadline.reschedule(loop.time() + self.deadline)
                     for name in page:
                         found[bytes(name)] = None
@@ -228,18 +230,31 @@ _SCAN_COUNT: Final = 1000
 
 async def _scan_pages(client: RedisClient, pattern: bytes) -> AsyncIterator[list[Any]]:
     """The names matching ``pattern`` of each SCAN reply, one reply at a time (every node)."""
+    seen: set[tuple[str, int]] = set()
+
+    def fresh(node: str, cursor: int) -> bool:
+        """False when a cursor comes back: a broken server or proxy, not a scan that ends."""
+        if (node, cursor) in seen:
+            raise ValueError(f"SCAN returned cursor {cursor} twice")
+        seen.add((node, cursor))
+        return bool(cursor)
+
     if not isinstance(client, RedisCluster):
         cursor = 0
         while True:
             cursor, names = await client.scan(cursor=cursor, match=pattern, count=_SCAN_COUNT)
             yield list(names)
-            if not cursor:
+            if not fresh("", cursor):
                 return
     # A cluster's SCAN answers per node: {node name: cursor} (typed as a plain int).
     first, names = await client.scan(match=pattern, count=_SCAN_COUNT)  # each primary, once
     yield list(names)
     cursors = cast(dict[str, int], first)
-    nodes = {node: client.get_node(node_name=node) for node, cursor in cursors.items() if cursor}
+    nodes = {
+        node: client.get_node(node_name=node)
+        for node, cursor in cursors.items()
+        if fresh(node, cursor)
+    }
     while nodes:
         for node, target in list(nodes.items()):
             reply, names = await client.scan(
@@ -247,5 +262,5 @@ async def _scan_pages(client: RedisClient, pattern: bytes) -> AsyncIterator[list
             )
             yield list(names)
             cursors[node] = cast(dict[str, int], reply)[node]
-            if not cursors[node]:
+            if not fresh(node, cursors[node]):
                 del nodes[node]

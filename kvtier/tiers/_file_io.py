@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -68,14 +69,8 @@ def write_all(
             ``align`` boundary (``EIO`` both: retrying again could loop for
             ever), or the write failed.
     """
-    written = os.pwritev(fd, parts, offset)
-    floor = -1
-    while written < size:
-        floor = _resume_at(written, align, floor, "write")
-        moved = os.pwritev(fd, _rest(parts, floor), offset + floor)
-        if moved <= 0:
-            raise OSError(errno.EIO, "a write moved no bytes")
-        written = floor + moved
+    if not _all(os.pwritev, fd, parts, size, offset, align, "write"):
+        raise OSError(errno.EIO, "a write moved no bytes")
 
 
 def read_all(fd: int, parts: list[memoryview], size: int, offset: int, *, align: int = 1) -> bool:
@@ -91,11 +86,28 @@ def read_all(fd: int, parts: list[memoryview], size: int, offset: int, *, align:
         OSError: The read failed, or a retry did not get past the next
             ``align`` boundary (``EIO``).
     """
-    done = os.preadv(fd, parts, offset)
+    return _all(os.preadv, fd, parts, size, offset, align, "read")
+
+
+def _all(
+    move: Callable[[int, list[memoryview], int], int],
+    fd: int,
+    parts: list[memoryview],
+    size: int,
+    offset: int,
+    align: int,
+    what: str,
+) -> bool:
+    """``move`` (``os.preadv`` or ``os.pwritev``) ``size`` bytes, short calls taken up again.
+
+    Returns:
+        False when a call moved no bytes (a read: the file ended).
+    """
+    done = move(fd, parts, offset)
     floor = -1
     while done < size:
-        floor = _resume_at(done, align, floor, "read")
-        moved = os.preadv(fd, _rest(parts, floor), offset + floor)
+        floor = _resume_at(done, align, floor, what)
+        moved = move(fd, _rest(parts, floor), offset + floor)
         if moved <= 0:
             return False
         done = floor + moved

@@ -391,14 +391,6 @@ class TierIndex(IndexQueries):
 
     # -- internals ---------------------------------------------------------------
 
-    def _require_bytes(self, keys: Sequence[object]) -> None:
-        for bad in keys:
-            if isinstance(bad, bytes):
-                continue
-            raise InvalidRequestError(
-                f"tier {self._name!r}: a block key must be bytes, got {type(bad).__name__} {bad!r}"
-            )
-
     def _release(self, key: BlockKey) -> None:
         """Forget a resident block (no event: the caller records it)."""
         self._doomed.discard(key)

@@ -14,7 +14,7 @@ from itertools import takewhile
 from typing import TYPE_CHECKING
 
 from kvtier.errors import InvalidRequestError
-from kvtier.tiers.base import BlockKey
+from kvtier.tiers.base import BlockKey, keys_text
 
 if TYPE_CHECKING:
     from kvtier.tiers.slots import SlotMap
@@ -141,11 +141,7 @@ class IndexQueries:
             InvalidRequestError: A key is not ``bytes``, or the first key
                 that is not reserved (or pinned) at its slot; nothing changed.
         """
-        for key in keys:
-            if not isinstance(key, bytes):
-                raise InvalidRequestError(
-                    f"tier {self._name!r}: a block key must be bytes, got {type(key).__name__}"
-                )
+        self._require_bytes(keys)
         if written:
             self._slots.index_pending()
             held, state = self._slots.pending, "reserved"
@@ -155,9 +151,17 @@ class IndexQueries:
         for key, slot in zip(keys, slots, strict=True):
             if held.get(key) != slot or (not written and key not in pins):
                 raise InvalidRequestError(
-                    f"tier {self._name!r}: key {key.hex()[:16]}… is not {state} at slot "
+                    f"tier {self._name!r}: {keys_text([key])} is not {state} at slot "
                     f"{slot}: {'reserve' if written else 'pin'} it before posting the transfer"
                 )
+
+    def _require_bytes(self, keys: Sequence[object]) -> None:
+        for bad in keys:
+            if isinstance(bad, bytes):
+                continue
+            raise InvalidRequestError(
+                f"tier {self._name!r}: a block key must be bytes, got {type(bad).__name__} {bad!r}"
+            )
 
     def blocks(self) -> list[tuple[int, BlockKey]]:
         """``(slot, key)`` of every visible block, by slot."""

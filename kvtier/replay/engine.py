@@ -262,18 +262,13 @@ async def replay(
     layout = config.layout
     device_blocks = _device_blocks(config, workload)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    what = (
-        "tiers[0].capacity"
-        if config.tiers[0].kind == "device"
-        else "the device cache (no device tier in the config: sized for the largest prompt)"
-    )
+    if config.tiers[0].kind == "device":
+        what, advice = "tiers[0].capacity", "lower it"
+    else:
+        what = "the device cache (no device tier in the config: sized for the largest prompt)"
+        advice = 'add a [[tiers]] kind = "device" with a capacity that fits'
     shortfall = host_shortfall(device_blocks * layout.block_bytes) if device.type == "cpu" else None
     if shortfall is not None:
-        advice = (
-            "lower it"
-            if config.tiers[0].kind == "device"
-            else 'add a [[tiers]] kind = "device" with a capacity that fits'
-        )
         raise ConfigError(f"{what}: {device_blocks} device blocks: {shortfall}: {advice}")
     try:
         cache = torch.zeros((device_blocks, layout.block_bytes), dtype=torch.uint8, device=device)

@@ -27,7 +27,7 @@ calls have the same names and meaning):
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Self
@@ -54,6 +54,7 @@ from kvtier.offload.remote import ProbePlan, RemoteProbe
 from kvtier.offload.stats import OffloadStats, TierStats
 from kvtier.offload.stores import StorePlanner
 from kvtier.offload.transfers import Transfers
+from kvtier.offload.waits import TransferWaits
 from kvtier.offload.writeback import WriteBack
 from kvtier.pool import BlockPool
 from kvtier.request import KVCacheRequest
@@ -73,8 +74,12 @@ def _positive(name: str, value: object, minimum: int = 1) -> int:
     return value
 
 
-class OffloadManager:
+class OffloadManager(TransferWaits):
     """Plans and runs the copies between the device and the lower tiers.
+
+    The waits (``wait_for_loads``, ``wait_idle`` and their ``_blocking``
+    forms, ``load_in_flight``) come from
+    :class:`~kvtier.offload.waits.TransferWaits`.
 
     Args:
         block_pool: The device block pool.
@@ -373,65 +378,6 @@ class OffloadManager:
         self._transfers.drain()
         finished, self._transfers.finished = self._transfers.finished, []
         return finished
-
-    def load_in_flight(self, request_id: str) -> bool:
-        """The request has a load planned or running."""
-        state = self._requests.get(request_id)
-        return state is not None and state.load is not None
-
-    async def wait_for_loads(self, request_ids: Iterable[str]) -> None:
-        """Wait (async engines) until the requests' started loads ended.
-
-        Requests without a load, or unknown ones, are not waited for.
-
-        Raises:
-            InvalidRequestError: A request's load is planned but not started
-                (it starts at the next :meth:`build_step`): it would never end.
-        """
-        loads = self._transfers.started_loads(request_ids)
-        await self._transfers.wait_async(lambda: loads.isdisjoint(self._transfers.loads))
-
-    def wait_for_loads_blocking(
-        self, request_ids: Iterable[str], timeout: float | None = None
-    ) -> bool:
-        """Block (synchronous engines) until the requests' started loads ended.
-
-        Args:
-            request_ids: The requests to wait for (as :meth:`wait_for_loads`).
-            timeout: Most seconds to wait in all; ``None`` waits as long as it takes.
-
-        Returns:
-            False when ``timeout`` seconds passed first.
-
-        Raises:
-            InvalidRequestError: As :meth:`wait_for_loads`.
-            ClosedError: The loads have not ended and the manager is not
-                entered with ``with`` (see :meth:`wait_idle_blocking`).
-        """
-        loads = self._transfers.started_loads(request_ids)
-        return self._transfers.wait_blocking(
-            lambda: loads.isdisjoint(self._transfers.loads), timeout
-        )
-
-    async def wait_idle(self) -> None:
-        """Wait (async engines) until every started store and load ended locally."""
-        await self._transfers.wait_async(lambda: not self._transfers.busy())
-
-    def wait_idle_blocking(self, timeout: float | None = None) -> bool:
-        """Block (synchronous engines) until every started transfer ended locally.
-
-        Args:
-            timeout: Most seconds to wait in all; ``None`` waits as long as it takes.
-
-        Returns:
-            False when ``timeout`` seconds passed first.
-
-        Raises:
-            ClosedError: Transfers are in flight and the manager is not
-                entered with ``with``: under ``async with`` the jobs run on
-                the caller's loop, which a blocking wait would stall for good.
-        """
-        return self._transfers.wait_blocking(lambda: not self._transfers.busy(), timeout)
 
     def request_finished(self, request: KVCacheRequest) -> bool:
         """The request ended (finished, aborted or preempted for good).

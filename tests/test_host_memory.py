@@ -1,7 +1,7 @@
 """Memory tiers larger than the host memory left are refused before anything is allocated.
 
 The machine's memory is faked the way Linux reports it: a ``meminfo`` file
-and a cgroup v2 directory in ``tmp_path``.
+and cgroup v2 / v1 directories in ``tmp_path``.
 """
 
 from __future__ import annotations
@@ -63,9 +63,49 @@ def test_available_memory_is_the_least_of_meminfo_and_every_cgroup_room(machine:
     _limit(job, "lots", 0)
     assert _host.available_host_bytes() is None  # nothing readable: nothing refused
     assert _host.host_shortfall(1 << 50) is None
-    (machine / "self-cgroup").write_text("12:memory:/v1-only\n")  # no v2 line: the root
+    (machine / "self-cgroup").write_text("12:pids:/x\n")  # no memory cgroup named: v2 root
     _limit(root, str(8 * MiB), MiB)
     assert _host.available_host_bytes() == 7 * MiB
+
+
+def _v1_limit(directory: Path, limit: int, usage: int, inactive_file: int = 0) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "memory.limit_in_bytes").write_text(f"{limit}\n")
+    (directory / "memory.usage_in_bytes").write_text(f"{usage}\n")
+    (directory / "memory.stat").write_text(
+        f"cache 9\ninactive_file 1\ntotal_inactive_file {inactive_file}\n"
+    )
+
+
+V1_NO_LIMIT = 9223372036854771712  # what a v1 cgroup without a limit reports
+
+
+def test_cgroup_v1_memory_limits_count_too(machine: Path) -> None:
+    """A v1 ``memory`` controller (hybrid or v1-only hosts) limits like a v2 cgroup."""
+    v1 = machine / "cgroup" / "memory"
+    job = v1 / "app" / "job"
+    (machine / "self-cgroup").write_text("12:pids:/app\n4:memory:/app/job\n1:cpu,cpuacct:/\n")
+    _v1_limit(v1, V1_NO_LIMIT, 5 * MiB)
+    _v1_limit(job, V1_NO_LIMIT, MiB)
+    assert _host.available_host_bytes() == 64 * MiB  # no limit: MemAvailable decides
+    _v1_limit(job, 40 * MiB, 10 * MiB, inactive_file=2 * MiB)
+    assert _host.available_host_bytes() == 32 * MiB
+    _v1_limit(v1 / "app", 20 * MiB, 15 * MiB)
+    assert _host.available_host_bytes() == 5 * MiB  # a parent's tighter room
+    # Hybrid hosts name both hierarchies: every limit counts.
+    (machine / "self-cgroup").write_text("4:memory:/app/job\n0::/app/job\n")
+    _limit(machine / "cgroup" / "app" / "job", str(3 * MiB), 0)
+    assert _host.available_host_bytes() == 3 * MiB
+
+
+def test_a_v1_path_missing_from_the_mount_falls_back_to_what_exists(machine: Path) -> None:
+    """In a container, /proc/self/cgroup may name the host's path; the mount's root is ours."""
+    v1 = machine / "cgroup" / "memory"
+    (machine / "self-cgroup").write_text("4:memory:/host/slice/container-1\n")
+    _v1_limit(v1, 24 * MiB, 4 * MiB)
+    assert _host.available_host_bytes() == 20 * MiB
+    (v1 / "memory.limit_in_bytes").write_text("garbage\n")
+    assert _host.available_host_bytes() == 64 * MiB  # unreadable: MemAvailable alone
 
 
 def test_a_shortfall_names_what_was_asked_and_what_is_left(machine: Path) -> None:

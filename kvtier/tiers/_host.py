@@ -4,15 +4,18 @@ A CPU tier fills its whole storage when it opens (zeroed, then pinned on
 CUDA machines), so a capacity larger than the memory left would page the
 machine into the OOM killer instead of failing. :func:`host_shortfall` lets
 the tier refuse first, from what Linux reports: ``MemAvailable`` in
-``/proc/meminfo``, and the room left under every cgroup v2 memory limit
-from this process's cgroup up to the root (a limit's usage counts the
-inactive page cache as reclaimable, as ``MemAvailable`` does). Where none
-of it can be read (another OS) nothing is refused.
+``/proc/meminfo``, and the room left under every cgroup memory limit
+from this process's cgroup up to the root, in the v2 hierarchy and in the
+v1 ``memory`` controller's (a limit's usage counts the inactive page cache
+as reclaimable, as ``MemAvailable`` does). Where none of it can be read
+(another OS) nothing is refused.
 """
 
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
+
+import attrs
 
 __all__ = ["available_host_bytes", "format_bytes", "host_shortfall"]
 
@@ -32,35 +35,73 @@ def _mem_available() -> int | None:
     return None
 
 
-def _own_cgroup() -> PurePosixPath:
-    """This process's cgroup v2 path (``/`` when unknown or in a namespace's root)."""
+@attrs.frozen
+class _Hierarchy:
+    """Where one cgroup version keeps its memory limits, and how it spells them."""
+
+    mount: PurePosixPath
+    """The hierarchy's mount, relative to :data:`CGROUP`."""
+    limit: str
+    usage: str
+    inactive: str
+    """The ``memory.stat`` line of reclaimable (inactive) page cache."""
+
+    def no_limit(self, text: str) -> bool:
+        # v1 reports "no limit" as the largest page-aligned counter (about 2**63).
+        return text == "max" or (text.isdigit() and int(text) >= _V1_UNLIMITED)
+
+
+_V1_UNLIMITED = 1 << 62
+_V2 = _Hierarchy(PurePosixPath("."), "memory.max", "memory.current", "inactive_file")
+_V1 = _Hierarchy(
+    PurePosixPath("memory"),
+    "memory.limit_in_bytes",
+    "memory.usage_in_bytes",
+    "total_inactive_file",
+)
+
+
+def _own_cgroups() -> list[tuple[_Hierarchy, PurePosixPath]]:
+    """This process's memory cgroups: the v2 one and the v1 ``memory`` controller's.
+
+    A hierarchy that ``/proc/self/cgroup`` does not name is left out; either
+    path may be ``/`` (unknown, or the root of a cgroup namespace).
+    """
+    own: list[tuple[_Hierarchy, PurePosixPath]] = []
     try:
-        for line in SELF_CGROUP.read_text(encoding="ascii").splitlines():
-            if line.startswith("0::"):
-                return PurePosixPath(line[3:] or "/")
+        lines = SELF_CGROUP.read_text(encoding="ascii").splitlines()
     except OSError:
-        pass
-    return PurePosixPath("/")
+        lines = []
+    for line in lines:
+        number, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if number == "0" and not controllers:
+            own.append((_V2, PurePosixPath(path or "/")))
+        elif "memory" in controllers.split(","):
+            own.append((_V1, PurePosixPath(path or "/")))
+    if not own:
+        own.append((_V2, PurePosixPath("/")))
+    return own
 
 
-def _room(directory: Path) -> int | None:
-    """Bytes left under one cgroup's ``memory.max``; None without a limit (or unreadable)."""
+def _room(hierarchy: _Hierarchy, directory: Path) -> int | None:
+    """Bytes left under one cgroup's limit; None without a limit (or unreadable)."""
     try:
-        limit = (directory / "memory.max").read_text(encoding="ascii").strip()
-        if limit == "max":
+        limit = (directory / hierarchy.limit).read_text(encoding="ascii").strip()
+        if hierarchy.no_limit(limit):
             return None
-        used = int((directory / "memory.current").read_text(encoding="ascii"))
-        return max(0, int(limit) - used + _inactive_file(directory))
+        used = int((directory / hierarchy.usage).read_text(encoding="ascii"))
+        return max(0, int(limit) - used + _inactive_file(directory, hierarchy.inactive))
     except (OSError, ValueError):
         return None
 
 
-def _inactive_file(directory: Path) -> int:
+def _inactive_file(directory: Path, name: str) -> int:
     """The cgroup's inactive page cache (reclaimable without swapping); 0 if unknown."""
     try:
         for line in (directory / "memory.stat").read_text(encoding="ascii").splitlines():
-            name, _, value = line.partition(" ")
-            if name == "inactive_file":
+            key, _, value = line.partition(" ")
+            if key == name:
                 return int(value)
     except (OSError, ValueError):
         pass
@@ -68,13 +109,19 @@ def _inactive_file(directory: Path) -> int:
 
 
 def _cgroup_room() -> int | None:
-    """The least room under the memory limits of this process's cgroup and its ancestors."""
-    own = _own_cgroup()
+    """The least room under the memory limits of this process's cgroups and their ancestors.
+
+    Inside a container the path ``/proc/self/cgroup`` names may be the
+    host's, absent from the container's mount; the walk up then finds the
+    levels that exist (the mount's root is the container's own cgroup).
+    """
     rooms = []
-    for level in (own, *own.parents):
-        room = _room(CGROUP / level.relative_to("/"))
-        if room is not None:
-            rooms.append(room)
+    for hierarchy, own in _own_cgroups():
+        mount = CGROUP / hierarchy.mount
+        for level in (own, *own.parents):
+            room = _room(hierarchy, mount / level.relative_to("/"))
+            if room is not None:
+                rooms.append(room)
     return min(rooms) if rooms else None
 
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import pytest
 import redis.crc
+import redis.exceptions
 import torch
+from redis.asyncio.client import Pipeline
 
 from kvtier.block_hasher import BlockHasher
 from kvtier.errors import BlockMissingError, ClosedError, ConfigError, TierIOError
 from kvtier.request import Request
+from kvtier.tiers import redis_io
 from kvtier.tiers.base import BlockLayout
 from kvtier.tiers.redis import RedisTier, redact_url
 from kvtier.tiers.redis_format import KeyFormat, hash_slot, slot_groups
@@ -51,6 +56,59 @@ async def test_round_trip_is_batched(redis_server: RedisServer) -> None:
         stats = admin.info("commandstats")
     assert stats["cmdstat_mget"]["calls"] == 4  # ceil(10 / 3) round trips
     assert stats["cmdstat_set"]["calls"] == 10
+
+
+def count_pipelines(monkeypatch: pytest.MonkeyPatch, *, fail: int = 0) -> list[int]:
+    """The number of commands of each pipeline a (standalone) tier executes, in order.
+
+    The ``fail``-th pipeline executed from now (from 1; 0: none) fails as a
+    dropped connection would, sending nothing.
+    """
+    sizes: list[int] = []
+    count = 0
+    execute = Pipeline.execute
+
+    async def counted(self: Pipeline, raise_on_error: bool = True) -> list[Any]:
+        nonlocal count
+        count += 1
+        sizes.append(len(self))
+        if count == fail:
+            raise redis.exceptions.ConnectionError("injected: the connection dropped")
+        return await execute(self, raise_on_error)
+
+    monkeypatch.setattr(Pipeline, "execute", counted)
+    return sizes
+
+
+@pytest.mark.asyncio
+async def test_contains_and_discard_are_batched(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = [key(i) for i in range(10)]
+    async with tier(redis_server, batch_size=3, concurrency=2) as store:
+        await store.write_from(list(range(5)), keys[::2], blocks(5))  # the even keys
+        sizes = count_pipelines(monkeypatch)
+        assert await store.contains([]) == []
+        await store.discard([])
+        await store.discard([5, 6, 7])  # slots of no block it knows
+        assert sizes == []  # no round trip for nothing to ask or delete
+        # names alone are cheap: a chunk holds NAMES_PER_ROUND_TRIP, not batch_size
+        assert await store.contains(keys) == [True, False] * 5
+        assert sizes == [10]
+        sizes.clear()
+        monkeypatch.setattr(redis_io, "NAMES_PER_ROUND_TRIP", 3)
+        # 4 chunks, 2 in flight at a time; the answers in the order of the keys
+        assert await store.contains(keys) == [True, False] * 5
+        assert sorted(sizes) == [1, 3, 3, 3]
+        sizes.clear()
+        await store.discard(list(range(5)))
+        assert sorted(sizes) == [2, 3]
+        assert await store.contains(keys) == [False] * 10
+    with redis_server.client() as admin:
+        stats = admin.info("commandstats")
+        assert admin.dbsize() == 0
+    assert stats["cmdstat_exists"]["calls"] == 30
+    assert stats["cmdstat_unlink"]["calls"] == 5
 
 
 @pytest.mark.asyncio

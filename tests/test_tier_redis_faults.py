@@ -12,10 +12,11 @@ import torch
 
 from kvtier.config_redis import redact_url
 from kvtier.errors import BlockMissingError, ConfigError, TierIOError
+from kvtier.tiers import redis_io
 from kvtier.tiers.redis import RedisTier
 from kvtier.tiers.redis_client import RedisConnection
 from tests.redis_server import RedisServer, redis_server, shared_redis
-from tests.test_tier_redis import LAYOUT, blocks, key, read, tier
+from tests.test_tier_redis import LAYOUT, blocks, count_pipelines, key, read, tier
 
 __all__ = ["redis_server", "shared_redis"]
 
@@ -101,6 +102,48 @@ async def test_a_stalled_server_fails_a_call_of_many_chunks_within_one_deadline(
             finally:
                 admin.execute_command("CLIENT", "UNPAUSE")
         assert torch.equal(await read(store, [0], keys[:1]), data[:1])
+
+
+@pytest.mark.asyncio
+async def test_a_contains_and_a_discard_of_many_blocks_on_a_healthy_server_do_not_time_out(
+    redis_server: RedisServer,
+) -> None:
+    n = 100_000  # one pipeline of them all took 1.5 s here: three deadlines of 0.5 s
+    keys = [i.to_bytes(36, "big") for i in range(n)]
+    chunk = redis_io.NAMES_PER_ROUND_TRIP
+    held = [0, chunk - 1, chunk, n // 2, n - 1]  # across chunk boundaries
+    async with RedisTier(
+        LAYOUT, n, url=redis_server.url, timeout=0.25, connect_timeout=0.25
+    ) as store:
+        await store.write_from(list(range(len(held))), [keys[i] for i in held], blocks(len(held)))
+        found = await store.contains(keys)
+        assert [i for i, there in enumerate(found) if there] == held
+        store.adopt(list(range(len(held), n)), [k for i, k in enumerate(keys) if i not in held])
+        await store.discard(list(range(n)))
+    with redis_server.client() as admin:
+        assert admin.dbsize() == 0
+        assert admin.info("commandstats")["cmdstat_unlink"]["calls"] == n
+
+
+@pytest.mark.asyncio
+async def test_a_failed_chunk_of_a_discard_forgets_every_block_and_raises(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = [key(i) for i in range(12)]
+    monkeypatch.setattr(redis_io, "NAMES_PER_ROUND_TRIP", 4)
+    async with tier(redis_server, batch_size=4, concurrency=1) as store:
+        await store.write_from(list(range(12)), keys, blocks(12))
+        sizes = count_pipelines(monkeypatch, fail=2)
+        with pytest.raises(TierIOError, match="discard failed"):
+            await store.discard(list(range(12)))
+        assert sizes[:2] == [4, 4]  # the first chunk deleted its blocks, the second failed
+        left = await store.contains(keys)  # (the third may have started as it failed)
+        assert left[:8] == [False] * 4 + [True] * 4
+        sizes.clear()
+        await store.discard(list(range(12)))  # every slot was forgotten: nothing to delete
+        assert sizes == []
+        assert await store.contains(keys) == left
+        assert sizes == [4, 4, 4]  # the tier serves on (a contains of 3 chunks)
 
 
 @pytest.mark.asyncio

@@ -4,12 +4,13 @@ A shared tier (Redis) is written by every engine that uses it. Its index in
 this process knows only what this process stored there, or found when it
 opened (``scan_on_open``). :class:`RemoteProbe` closes the gap at lookup time:
 before the engine's lookup it asks each *probing* tier (one that implements
-:class:`~kvtier.tiers.base.ProbingStore`), in one round trip per tier, which
-of the blocks after those the tiers already know of it holds now, and enters
-the longest held prefix into that tier's index as resident. The lookup that
-follows counts them as hits; the load reads and verifies each block as any
-other, so a block gone since the probe (Redis evicted it) is a failed load,
-recomputed by the engine, never wrong bytes.
+:class:`~kvtier.tiers.base.ProbingStore`), in one call per tier (Redis: a
+round trip per 1,024 blocks), which of the blocks after those the tiers
+already know of it holds now, and enters the longest held prefix into that
+tier's index as resident. The lookup that follows counts them as hits; the
+load reads and verifies each block as any other, so a block gone since the
+probe (Redis evicted it) is a failed load, recomputed by the engine, never
+wrong bytes.
 
 The probe is split so that bookkeeping stays on the engine's thread: the
 engine's thread plans (:meth:`RemoteProbe.plan`) and adopts

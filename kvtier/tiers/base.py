@@ -217,7 +217,7 @@ class ProbingStore(Protocol):
     """
 
     async def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
-        """Whether each block is stored now (one round trip; it may go at any time).
+        """Whether each block is stored now (it may go at any time).
 
         Raises:
             TierIOError: The backend failed or timed out.

@@ -27,8 +27,11 @@ reconnects by itself on the next call once the server is back; a server
 absent when the tier opens is logged, not fatal.
 
 Batches: one pipeline (``MGET`` for standalone reads) per ``batch_size``
-blocks; up to ``concurrency`` such round trips in flight, each on its own
-pooled connection. On a Cluster the pipeline sends one round trip per node.
+blocks for reads and writes (per
+:data:`~kvtier.tiers.redis_io.NAMES_PER_ROUND_TRIP` names for
+:meth:`RedisTier.contains` and :meth:`RedisTier.discard`); up to ``concurrency`` such round trips in
+flight, each on its own pooled connection. On a Cluster the pipeline sends
+one round trip per node.
 """
 
 from __future__ import annotations
@@ -413,7 +416,10 @@ class RedisTier:
         await self._batches.load_parts(client, slot_list, keys, checked)
 
     async def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
-        """Whether each block is in Redis now (one round trip; it may go at any time).
+        """Whether each block is in Redis now (it may go at any time), in the order of ``keys``.
+
+        One ``EXISTS`` pipeline per 1,024 keys, at most ``concurrency``
+        in flight, each under its own deadline; none for no keys.
 
         Raises:
             ClosedError: The tier is not open.
@@ -440,10 +446,15 @@ class RedisTier:
     async def discard(self, slots: Sequence[int]) -> None:
         """Forget the blocks in ``slots`` and, with ``discard_deletes``, delete them.
 
+        The delete is one ``UNLINK`` pipeline per 1,024 blocks, at
+        most ``concurrency`` in flight, each under its own deadline; none when
+        no slot holds a block this process knows.
+
         Raises:
             ClosedError: The tier is not open.
             InvalidRequestError: A slot is out of range.
-            TierIOError: The delete failed (the blocks are forgotten all the same).
+            TierIOError: A chunk of the delete failed (every block is forgotten
+                all the same; those of other chunks may be deleted or not).
         """
         client = self._open()
         doomed = [

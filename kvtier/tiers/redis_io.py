@@ -1,9 +1,12 @@
 """The round trips a :class:`~kvtier.tiers.redis.RedisTier` makes, bounded and batched.
 
-:class:`RedisCommands` owns nothing but the client it is given: each method
-is one round trip (a pipeline, or ``MGET`` for standalone reads) under
+:class:`RedisCommands` owns nothing but the client it is given: each round
+trip (a pipeline, or ``MGET`` for standalone reads) runs under
 ``asyncio.timeout(deadline)``, with redis-py's errors, time-outs and replies
-of the wrong shape turned into :class:`~kvtier.errors.TierIOError`. At most
+of the wrong shape turned into :class:`~kvtier.errors.TierIOError`.
+:meth:`RedisCommands.get` and :meth:`RedisCommands.set` are one round trip
+each (their caller chunks the batch); :meth:`RedisCommands.exists` and
+:meth:`RedisCommands.unlink` chunk their names themselves. At most
 ``concurrency`` round trips of the tier are in flight at once (so the
 connection pool is never exhausted: redis-py's async pool raises rather than
 waits); :meth:`RedisCommands.chunks` splits a batch into ``batch_size``
@@ -165,34 +168,62 @@ class RedisCommands:
         return await self.round_trip("write", set_all)
 
     async def exists(self, client: RedisClient, names: list[bytes]) -> list[bool]:
-        """Whether each name exists now."""
+        """Whether each name exists now, in the order of ``names``.
 
-        async def exists() -> list[Any]:
-            pipe = client.pipeline(transaction=False)
-            for name in names:
-                pipe.exists(name)
-            return list(await pipe.execute(raise_on_error=True))
+        One ``EXISTS`` pipeline per :data:`NAMES_PER_ROUND_TRIP` names
+        (:meth:`chunks`); none for no names.
 
-        if not names:
-            return []
-        return [bool(n) for n in await self.round_trip("exists", exists)]
+        Raises:
+            TierIOError: A chunk's round trip failed, took longer than the
+                deadline, or its reply was not one answer per name.
+        """
+        found = [False] * len(names)
+
+        async def work(begin: int, end: int) -> None:
+            async def exists() -> list[Any]:
+                pipe = client.pipeline(transaction=False)
+                for name in names[begin:end]:
+                    pipe.exists(name)
+                replies = list(await pipe.execute(raise_on_error=True))
+                if len(replies) != end - begin:
+                    raise ValueError(f"{len(replies)} replies for {end - begin} names")
+                return replies
+
+            found[begin:end] = [bool(n) for n in await self.round_trip("exists", exists)]
+
+        if names:
+            await self.chunks(len(names), work, size=NAMES_PER_ROUND_TRIP)
+        return found
 
     async def unlink(self, client: RedisClient, names: list[bytes]) -> None:
-        """UNLINK every name."""
+        """UNLINK every name: a pipeline per :data:`NAMES_PER_ROUND_TRIP` names (:meth:`chunks`).
 
-        async def unlink() -> None:
-            pipe = client.pipeline(transaction=False)
-            for name in names:
-                # Not pipe.unlink(): on a cluster pipeline that is a coroutine
-                # that must be awaited to queue the command (redis-py 8), so an
-                # unawaited call deleted nothing.
-                pipe.execute_command("UNLINK", name)
-            await pipe.execute(raise_on_error=True)
+        No round trip for no names.
 
-        await self.round_trip("discard", unlink)
+        Raises:
+            TierIOError: A chunk's round trip failed or took longer than the
+                deadline (the names of other chunks may be deleted or not).
+        """
 
-    async def chunks(self, n: int, work: Callable[[int, int], Awaitable[None]]) -> None:
-        """Run ``work(begin, end)`` over ``range(n)`` in ``batch_size`` chunks.
+        async def work(begin: int, end: int) -> None:
+            async def unlink() -> None:
+                pipe = client.pipeline(transaction=False)
+                for name in names[begin:end]:
+                    # Not pipe.unlink(): on a cluster pipeline that is a coroutine
+                    # that must be awaited to queue the command (redis-py 8), so an
+                    # unawaited call deleted nothing.
+                    pipe.execute_command("UNLINK", name)
+                await pipe.execute(raise_on_error=True)
+
+            await self.round_trip("discard", unlink)
+
+        if names:
+            await self.chunks(len(names), work, size=NAMES_PER_ROUND_TRIP)
+
+    async def chunks(
+        self, n: int, work: Callable[[int, int], Awaitable[None]], *, size: int | None = None
+    ) -> None:
+        """Run ``work(begin, end)`` over ``range(n)`` in chunks of ``size`` (``batch_size``).
 
         ``work`` makes its round trips through :meth:`round_trip` (which
         bounds how many are in flight). At most ``concurrency`` chunks run at
@@ -203,7 +234,8 @@ class RedisCommands:
         Raises:
             TierIOError: The first chunk's error.
         """
-        if n <= self.batch_size:
+        size = size or self.batch_size
+        if n <= size:
             await work(0, n)
             return
         errors: list[TierIOError] = []
@@ -218,11 +250,18 @@ class RedisCommands:
                 group.cancel_scope.cancel()
 
         async with anyio.create_task_group() as group:
-            for begin in range(0, n, self.batch_size):
-                group.start_soon(run, begin, min(n, begin + self.batch_size), group)
+            for begin in range(0, n, size):
+                group.start_soon(run, begin, min(n, begin + size), group)
         if errors:
             raise errors[0]
 
+
+NAMES_PER_ROUND_TRIP: Final = 1024
+"""Names one ``EXISTS`` or ``UNLINK`` pipeline carries (no values: far more than ``batch_size``).
+
+A probe of the offload manager's default 256 blocks stays one round trip,
+while 100,000 names no longer make one pipeline that outlasts the deadline.
+"""
 
 _SCAN_COUNT: Final = 1000
 """Names a SCAN reply covers (a hint to the server)."""

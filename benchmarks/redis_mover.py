@@ -51,7 +51,10 @@ async def measure(url: str, batch: int, repeat: int, seed: int) -> dict[str, flo
         "mover_load": [],
         "staged_load": [],
     }
-    async with RedisTier(LAYOUT, CPU_SLOTS, url=url) as redis, CpuTier(LAYOUT, CPU_SLOTS) as cpu:
+    async with (
+        RedisTier(LAYOUT, CPU_SLOTS, model="benchmark", url=url) as redis,
+        CpuTier(LAYOUT, CPU_SLOTS) as cpu,
+    ):
         rows = cpu.slot_view(range(CPU_SLOTS))
         if rows is None:
             raise SystemExit("expected a view of the CPU tier")

@@ -37,7 +37,9 @@ async def bench(url: str, layout: BlockLayout, batch: int, repeats: int) -> list
     values = [bytes(bytearray(data[i].tolist())) for i in range(batch)]
     raw = aioredis.Redis.from_url(url)
     times: dict[str, list[float]] = {"raw store": [], "raw load": [], "kv store": [], "kv load": []}
-    async with RedisTier(layout, max(batch, 1), url=url, batch_size=batch) as tier:
+    async with RedisTier(
+        layout, max(batch, 1), model="benchmark", url=url, batch_size=batch
+    ) as tier:
         out = torch.empty_like(data)
         slots = list(range(batch))
 

@@ -7,7 +7,7 @@
     capacity = "64GiB"              # blocks this process tracks in Redis
     url = "redis://127.0.0.1:6379/0" # rediss:// for TLS, unix:///path.sock
     prefix = "kvtier:"
-    model = "llama-3-8b"            # separates models with equal layouts
+    model = "llama-3-8b"            # required: separates models with equal layouts
     rank = 0                        # this worker's tensor/pipeline-parallel rank
     world_size = 1                  # how many such workers hold shards of a block
     ttl = "3600s"                   # optional; else Redis's maxmemory policy evicts
@@ -102,7 +102,8 @@ class RedisOptions:
     Attributes:
         url: The server (``redis://``, ``rediss://`` or ``unix://``).
         prefix: Put in front of every key.
-        model: Separates models whose layouts are equal.
+        model: Separates models whose layouts are equal (required in a
+            config; empty only before parsing).
         rank: This worker's tensor- or pipeline-parallel rank.
         world_size: Workers that hold shards of every block (names carry the
             rank when more than 1).
@@ -163,6 +164,18 @@ def _text(table: Mapping[str, Any], name: str, key: str, default: str | None) ->
     if value is not None and not isinstance(value, str):
         raise ConfigError(f"{key}.{name}: {value!r} is not a string")
     return value
+
+
+def _model(table: Mapping[str, Any], key: str) -> str:
+    """The required ``model``: a shared store's names must say whose blocks they are."""
+    model = _text(table, "model", key, None)
+    if not model:
+        raise ConfigError(
+            f'{key}.model: a redis tier needs the model\'s name (model = "llama-3-8b"): two '
+            "models of one layout (a base model and its fine-tune) hash equal prompts to "
+            "equal block keys and would read each other's KV bytes"
+        )
+    return model
 
 
 def _flag(table: Mapping[str, Any], name: str, key: str, default: bool) -> bool:
@@ -230,7 +243,7 @@ def parse_redis_options(table: Mapping[str, Any], key: str) -> RedisOptions:
     return RedisOptions(
         url=url,
         prefix=_text(table, "prefix", key, "kvtier:") or "",
-        model=_text(table, "model", key, "") or "",
+        model=_model(table, key),
         ttl=ttl_seconds,
         timeout=durations["timeout"],
         connect_timeout=durations["connect_timeout"],

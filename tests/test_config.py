@@ -203,7 +203,7 @@ def test_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
 
 
 def _redis(**extra: object) -> dict[str, object]:
-    table: dict[str, object] = {"kind": "redis", "capacity": "1GiB"}
+    table: dict[str, object] = {"kind": "redis", "capacity": "1GiB", "model": "m"}
     table.update(extra)
     return {
         "layout": {"num_layers": 1, "block_size": 16, "num_kv_heads": 1, "head_size": 8},
@@ -240,6 +240,15 @@ def test_redis_tier_options() -> None:
     assert defaults.url == "redis://127.0.0.1:6379/0"
 
 
+def test_a_redis_tier_without_a_model_is_refused() -> None:
+    table = _redis()
+    tiers = table["tiers"]
+    assert isinstance(tiers, list)
+    del tiers[1]["model"]
+    with pytest.raises(ConfigError, match="would read each other's KV bytes"):
+        parse_config(table)
+
+
 def test_redis_password_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     options = parse_config(_redis(password_env="KVTIER_TEST_PW")).tiers[1].redis
     assert options is not None
@@ -262,6 +271,8 @@ def test_redis_password_comes_from_the_environment(monkeypatch: pytest.MonkeyPat
         ({"path": "/x"}, r"unknown key\(s\) path"),
         ({"rank": 2, "world_size": 2}, r"tiers\[1\].rank: 2 is not below world_size=2"),
         ({"world_size": 0}, r"tiers\[1\].world_size: 0 is not an integer >= 1"),
+        ({"model": ""}, r"tiers\[1\].model: a redis tier needs the model's name"),
+        ({"model": 3}, r"tiers\[1\].model: 3 is not a string"),
         (
             {"url": "redis://u:pw@[::1:6379/0"},
             r"url: 'redis://u:\*\*\*@\[::1:6379/0' is not a valid",

@@ -25,6 +25,8 @@ from kvtier.tiers.redis import RedisTier
 from tests.offload_env import BS, LAYOUT, Env, pattern, scheduled
 from tests.redis_server import RedisServer, redis_server, shared_redis
 
+MODEL = "test-model"  # a redis tier names its model
+
 __all__ = ["redis_server", "shared_redis"]
 
 _prefixes = itertools.count()
@@ -35,6 +37,7 @@ def key(request: Request, position: int) -> bytes:
 
 
 def redis_tier(server: RedisServer, prefix: str, **options: object) -> RedisTier:
+    options.setdefault("model", MODEL)
     return RedisTier(LAYOUT, 64, url=server.url, prefix=prefix, timeout=2.0, **options)  # type: ignore[arg-type]
 
 
@@ -72,7 +75,7 @@ async def engine_b(server: RedisServer, prefix: str) -> AsyncIterator[Env]:
 
 
 def test_a_redis_tier_is_a_probing_store_and_the_cpu_tier_is_not() -> None:
-    assert isinstance(RedisTier(LAYOUT, 4), ProbingStore)
+    assert isinstance(RedisTier(LAYOUT, 4, model=MODEL), ProbingStore)
     assert not isinstance(CpuTier(LAYOUT, 4), ProbingStore)
     env = Env()
     assert not env.manager.probes
@@ -191,7 +194,7 @@ async def test_probing_is_off_with_max_probe_blocks_zero_and_bounded_otherwise(
 async def test_a_full_index_of_pinned_blocks_adopts_nothing(
     shared_redis: RedisServer, prefix: str
 ) -> None:
-    tier = RedisTier(LAYOUT, 2, url=shared_redis.url, prefix=prefix)
+    tier = RedisTier(LAYOUT, 2, model=MODEL, url=shared_redis.url, prefix=prefix)
     env = Env(gpu_blocks=32, tiers=[tier])
     async with env.manager as manager:
         index = manager.indexes[0]
@@ -209,7 +212,7 @@ async def test_a_full_index_of_pinned_blocks_adopts_nothing(
 async def test_adopting_never_evicts_the_prefix_the_request_already_hits(
     shared_redis: RedisServer, prefix: str
 ) -> None:
-    tier = RedisTier(LAYOUT, 4, url=shared_redis.url, prefix=prefix)
+    tier = RedisTier(LAYOUT, 4, model=MODEL, url=shared_redis.url, prefix=prefix)
     env = Env(gpu_blocks=32, tiers=[tier])
     async with env.manager as manager:
         request = env.request(6)

@@ -17,6 +17,7 @@ from tests.redis_server import RedisServer, redis_server, shared_redis
 __all__ = ["redis_server", "shared_redis", "shared_redis_cluster"]
 
 LAYOUT = BlockLayout(num_layers=1, block_size=16, num_kv_heads=1, head_size=8)
+MODEL = "test-model"  # a redis tier names its model
 FP = b"f" * 16
 
 
@@ -77,7 +78,9 @@ async def test_a_cluster_tier_reuses_buffers_and_every_store_reads_back_its_own_
     shared_redis_cluster: RedisClusterServers,
 ) -> None:
     url = shared_redis_cluster.nodes[0].url
-    async with RedisTier(LAYOUT, 8, url=url, cluster=True, prefix="pool1:", batch_size=4) as tier:
+    async with RedisTier(
+        LAYOUT, 8, model=MODEL, url=url, cluster=True, prefix="pool1:", batch_size=4
+    ) as tier:
         # The default budget covers one call's values in flight.
         assert tier._values.max_bytes == 4 * 2 * max_value_bytes(LAYOUT.block_bytes)
         await store_and_read_back(tier)  # each store reuses the last one's buffers
@@ -88,7 +91,9 @@ async def test_a_cluster_tier_reuses_buffers_and_every_store_reads_back_its_own_
 async def test_a_standalone_tier_sends_framed_values_without_a_copy(
     shared_redis: RedisServer,
 ) -> None:
-    async with RedisTier(LAYOUT, 8, url=shared_redis.url, prefix="pool3:", batch_size=4) as tier:
+    async with RedisTier(
+        LAYOUT, 8, model=MODEL, url=shared_redis.url, prefix="pool3:", batch_size=4
+    ) as tier:
         await store_and_read_back(tier)
         assert tier._values.kept_bytes == 0  # no value buffers: header and payload sent apart
         with shared_redis.client() as admin:  # the server holds exactly header | key | payload
@@ -101,7 +106,9 @@ async def test_a_standalone_tier_sends_framed_values_without_a_copy(
 
 @pytest.mark.asyncio
 async def test_buffers_of_a_failed_store_are_dropped(redis_server: RedisServer) -> None:
-    tier = RedisTier(LAYOUT, 4, url=redis_server.url, prefix="pool2:", connect_timeout=0.5)
+    tier = RedisTier(
+        LAYOUT, 4, model=MODEL, url=redis_server.url, prefix="pool2:", connect_timeout=0.5
+    )
     async with tier:
         tier._framed = False  # the pooled path, as a Cluster client's
         data = torch.ones((2, LAYOUT.block_bytes), dtype=torch.uint8)

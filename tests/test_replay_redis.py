@@ -25,7 +25,12 @@ async def test_replay_loads_verified_blocks_back_from_redis(redis_server: RedisS
             "tiers": [
                 {"kind": "device", "capacity": 64 * BLOCK_BYTES},
                 {"kind": "cpu", "capacity": 48 * BLOCK_BYTES},
-                {"kind": "redis", "capacity": 4096 * BLOCK_BYTES, "url": redis_server.url},
+                {
+                    "kind": "redis",
+                    "capacity": 4096 * BLOCK_BYTES,
+                    "url": redis_server.url,
+                    "model": "m",
+                },
             ],
         }
     )
@@ -67,7 +72,13 @@ def _shared_config(
         "offload": {"prefetch": "wait_complete", "max_probe_blocks": 256 if probe else 0},
         "tiers": [
             {"kind": "device", "capacity": 64 * block},
-            {"kind": "redis", "capacity": 4096 * block, "url": url, "scan_on_open": scan},
+            {
+                "kind": "redis",
+                "capacity": 4096 * block,
+                "url": url,
+                "scan_on_open": scan,
+                "model": "m",
+            },
         ],
     }
 

@@ -26,6 +26,7 @@ from tests.redis_server import RedisServer, shared_redis
 __all__ = ["shared_redis", "shared_redis_cluster"]
 
 LAYOUT = BlockLayout(num_layers=2, block_size=4, num_kv_heads=2, head_size=8, dtype="float16")
+MODEL = "test-model"  # a redis tier names its model
 SLOTS = 512
 
 
@@ -51,13 +52,13 @@ def _redis(_: Path, request: pytest.FixtureRequest) -> BlockStore:
     server: RedisServer = request.getfixturevalue("shared_redis")  # skips without the binary
     with server.client() as admin:
         admin.flushall()
-    return RedisTier(LAYOUT, SLOTS, url=server.url, batch_size=64)
+    return RedisTier(LAYOUT, SLOTS, model=MODEL, url=server.url, batch_size=64)
 
 
 def _redis_cluster(_: Path, request: pytest.FixtureRequest) -> BlockStore:
     cluster: RedisClusterServers = request.getfixturevalue("shared_redis_cluster")
     cluster.flushall()
-    return RedisTier(LAYOUT, SLOTS, url=cluster.url, batch_size=64, cluster=True)
+    return RedisTier(LAYOUT, SLOTS, model=MODEL, url=cluster.url, batch_size=64, cluster=True)
 
 
 TIERS: dict[str, Callable[[Path, pytest.FixtureRequest], BlockStore]] = {

@@ -23,6 +23,7 @@ from tests.redis_server import RedisServer, redis_server, shared_redis
 __all__ = ["redis_server", "shared_redis"]
 
 LAYOUT = BlockLayout(num_layers=2, block_size=4, num_kv_heads=2, head_size=8, dtype="float16")
+MODEL = "test-model"  # a redis tier names its model
 
 
 def blocks(n: int, seed: int = 0) -> torch.Tensor:
@@ -35,6 +36,7 @@ def key(i: int) -> bytes:
 
 
 def tier(server: RedisServer, **options: object) -> RedisTier:
+    options.setdefault("model", MODEL)
     return RedisTier(LAYOUT, 64, url=server.url, **options)  # type: ignore[arg-type]
 
 
@@ -126,7 +128,7 @@ async def test_layouts_models_and_salts_never_share_a_key(redis_server: RedisSer
     bf16 = BlockLayout(2, 4, 2, 8, dtype="bfloat16")  # same bytes per block
     async with (
         tier(redis_server) as a,
-        RedisTier(bf16, 64, url=redis_server.url) as b,
+        RedisTier(bf16, 64, model=MODEL, url=redis_server.url) as b,
         tier(redis_server, model="other") as c,
     ):
         await a.write_from([0], [key(1)], blocks(1))
@@ -235,7 +237,7 @@ async def test_maxmemory(redis_server: RedisServer) -> None:
     with redis_server.client() as admin:
         admin.config_set("maxmemory", str(2 << 20))
         admin.config_set("maxmemory-policy", "allkeys-lru")
-    async with RedisTier(big, 64, url=redis_server.url, batch_size=8) as store:
+    async with RedisTier(big, 64, model=MODEL, url=redis_server.url, batch_size=8) as store:
         await store.write_from(list(range(64)), keys, data)
         out = torch.empty_like(data)
         with pytest.raises(BlockMissingError) as info:
@@ -263,12 +265,12 @@ async def test_secrets_are_redacted(redis_server: RedisServer) -> None:
     with redis_server.client() as admin:
         admin.config_set("requirepass", "s3cret")
     url = redis_server.url.replace("redis://", "redis://default:s3cret@")
-    async with RedisTier(LAYOUT, 8, url=url) as store:
+    async with RedisTier(LAYOUT, 8, model=MODEL, url=url) as store:
         await store.write_from([0], [key(1)], blocks(1))
         assert "s3cret" not in repr(store)
         assert "s3cret" not in store.url
     assert redact_url("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
-    async with RedisTier(LAYOUT, 8, url=redis_server.url, password="wrong") as bad:
+    async with RedisTier(LAYOUT, 8, model=MODEL, url=redis_server.url, password="wrong") as bad:
         with pytest.raises(TierIOError):
             await read(bad, [0], [key(1)])
         assert "wrong" not in repr(bad)
@@ -276,7 +278,7 @@ async def test_secrets_are_redacted(redis_server: RedisServer) -> None:
 
 @pytest.mark.asyncio
 async def test_closed_and_config_errors(shared_redis: RedisServer) -> None:
-    store = RedisTier(LAYOUT, 8, url=shared_redis.url)
+    store = RedisTier(LAYOUT, 8, model=MODEL, url=shared_redis.url)
     with pytest.raises(ClosedError):
         await read(store, [0], [key(1)])
     async with store:
@@ -285,14 +287,17 @@ async def test_closed_and_config_errors(shared_redis: RedisServer) -> None:
         await store.write_from([0], [key(1)], blocks(1))
     for bad in ({"prefix": "a{b}"}, {"url": "http://x"}, {"ttl": 0}, {"batch_size": 0}):
         with pytest.raises(ConfigError):
-            RedisTier(LAYOUT, 8, **bad)  # type: ignore[arg-type]
+            RedisTier(LAYOUT, 8, model=MODEL, **bad)  # type: ignore[arg-type]
+    for model in ("", None, b"m"):  # a shared store's names must say whose blocks they are
+        with pytest.raises(ConfigError, match="model must name the model"):
+            RedisTier(LAYOUT, 8, model=model)  # type: ignore[arg-type]
 
 
 def test_cluster_slots() -> None:
     assert hash_slot(b"123456789") == 12739
     assert hash_slot(b"{user1000}.following") == hash_slot(b"{user1000}.followers")
     assert hash_slot(b"foo{}{bar}") == redis.crc.key_slot(b"foo{}{bar}")
-    names = [KeyFormat("kv:", LAYOUT).name(key(i)) for i in range(200)]
+    names = [KeyFormat("kv:", LAYOUT, MODEL).name(key(i)) for i in range(200)]
     assert all(hash_slot(n) == redis.crc.key_slot(n) for n in names)
     groups = slot_groups(names)
     assert len(groups) > 150  # no hash tag: blocks spread over the cluster

@@ -40,6 +40,7 @@ from tests.redis_tls import Certificates, tls_certificates, tls_redis
 __all__ = ["redis_cluster", "shared_redis_cluster", "tls_certificates", "tls_redis"]
 
 LAYOUT = BlockLayout(num_layers=2, block_size=4, num_kv_heads=2, head_size=8, dtype="float16")
+MODEL = "test-model"  # a redis tier names its model
 
 
 def blocks(n: int, seed: int = 0) -> torch.Tensor:
@@ -76,7 +77,9 @@ async def test_a_batch_is_split_per_node_and_reads_back(
     cluster.flushall()
     n = 512
     data, names = blocks(n, 1), keys(n)
-    async with RedisTier(LAYOUT, n, url=cluster.url, cluster=True, batch_size=n) as store:
+    async with RedisTier(
+        LAYOUT, n, model=MODEL, url=cluster.url, cluster=True, batch_size=n
+    ) as store:
         await store.write_from(list(range(n)), names, data)  # one batch, one pipeline
         where = owners(cluster, store, names)
         # Every node holds exactly the blocks kvtier's slot logic assigns it.
@@ -86,7 +89,7 @@ async def test_a_batch_is_split_per_node_and_reads_back(
         odd = list(range(1, n, 2))
         assert torch.equal(await read(store, odd, [names[i] for i in odd]), data[odd])
     # Any node is an entry point: a client given the third node reads the same bytes.
-    async with RedisTier(LAYOUT, n, url=cluster.nodes[2].url, cluster=True) as other:
+    async with RedisTier(LAYOUT, n, model=MODEL, url=cluster.nodes[2].url, cluster=True) as other:
         assert torch.equal(await read(other, list(range(n)), names), data)
 
 
@@ -99,7 +102,9 @@ async def test_contains_discard_and_recover_across_nodes(
     n, prefix = 300, "cd:"
     data, names = blocks(n, 2), keys(n)
     url = cluster.url
-    async with RedisTier(LAYOUT, n, url=url, cluster=True, prefix=prefix, batch_size=40) as store:
+    async with RedisTier(
+        LAYOUT, n, model=MODEL, url=url, cluster=True, prefix=prefix, batch_size=40
+    ) as store:
         await store.write_from(list(range(n)), names, data)
         assert await store.contains([*names, b"absent"]) == [True] * n + [False]
         doomed = list(range(0, n, 3))
@@ -113,19 +118,23 @@ async def test_contains_discard_and_recover_across_nodes(
             await read(store, [0, 1, 3], [names[0], names[1], names[3]])
         assert info.value.slots == (0, 3)
     async with RedisTier(
-        LAYOUT, n, url=url, cluster=True, prefix="keep:", discard_deletes=False
+        LAYOUT, n, model=MODEL, url=url, cluster=True, prefix="keep:", discard_deletes=False
     ) as forgetful:
         await forgetful.write_from([0], [b"kept"], blocks(1))
         await forgetful.discard([0])  # forgets the slot, leaves the block to Redis
         assert await forgetful.contains([b"kept"]) == [True]
     assert sum(cluster.dbsizes()) == len(kept) + 1
     # A new process finds what is left on all three nodes (SCAN on each primary).
-    async with RedisTier(LAYOUT, n, url=url, cluster=True, prefix=prefix, scan_on_open=True) as b:
+    async with RedisTier(
+        LAYOUT, n, model=MODEL, url=url, cluster=True, prefix=prefix, scan_on_open=True
+    ) as b:
         recovered = await b.recover()
         assert sorted(key for _, key in recovered) == sorted(names[i] for i in kept)
         assert sorted(slot for slot, _ in recovered) == list(range(len(kept)))
         assert torch.equal(await read(b, kept, [names[i] for i in kept]), data[kept])
-    async with RedisTier(LAYOUT, 50, url=url, cluster=True, prefix=prefix, scan_on_open=True) as c:
+    async with RedisTier(
+        LAYOUT, 50, model=MODEL, url=url, cluster=True, prefix=prefix, scan_on_open=True
+    ) as c:
         assert len(await c.recover()) == 50  # at most num_slots
 
 
@@ -145,7 +154,14 @@ async def test_a_killed_node(redis_cluster: RedisClusterServers) -> None:
     n = 120
     data, names = blocks(n, 3), keys(n)
     async with RedisTier(
-        LAYOUT, n, url=cluster.url, cluster=True, batch_size=16, timeout=1.0, connect_timeout=0.5
+        LAYOUT,
+        n,
+        model=MODEL,
+        url=cluster.url,
+        cluster=True,
+        batch_size=16,
+        timeout=1.0,
+        connect_timeout=0.5,
     ) as store:
         await store.write_from(list(range(n)), names, data)
         where = owners(cluster, store, names)
@@ -178,7 +194,7 @@ async def test_a_killed_node(redis_cluster: RedisClusterServers) -> None:
         await expect_io_error(dead)
         # A new tier opens (logged as unreachable) with nothing recovered.
         async with RedisTier(
-            LAYOUT, n, url=cluster.url, cluster=True, scan_on_open=True, timeout=1.0
+            LAYOUT, n, model=MODEL, url=cluster.url, cluster=True, scan_on_open=True, timeout=1.0
         ) as late:
             assert list(await late.recover()) == []
 
@@ -196,6 +212,7 @@ async def test_a_killed_node(redis_cluster: RedisClusterServers) -> None:
 
 
 def tls_tier(url: str, **options: object) -> RedisTier:
+    options.setdefault("model", MODEL)
     return RedisTier(LAYOUT, 8, url=url, connect_timeout=1.0, timeout=1.0, **options)  # type: ignore[arg-type]
 
 
@@ -212,10 +229,13 @@ def test_tls_options_are_checked() -> None:
         {"url": "unix:///tmp/redis.sock", "tls_ca_file": "ca.crt"},
     ):
         with pytest.raises(ConfigError):
-            RedisTier(LAYOUT, 8, **bad)  # type: ignore[arg-type]
+            RedisTier(LAYOUT, 8, model=MODEL, **bad)  # type: ignore[arg-type]
     # Any TLS option makes a redis:// URL a rediss:// one (what the client is given).
-    assert RedisTier(LAYOUT, 8, url="redis://h:1/0", tls_ca_file="ca.crt").url == "rediss://h:1/0"
-    assert RedisTier(LAYOUT, 8, url="redis://h:1/0").url == "redis://h:1/0"
+    assert (
+        RedisTier(LAYOUT, 8, model=MODEL, url="redis://h:1/0", tls_ca_file="ca.crt").url
+        == "rediss://h:1/0"
+    )
+    assert RedisTier(LAYOUT, 8, model=MODEL, url="redis://h:1/0").url == "redis://h:1/0"
 
 
 @pytest.mark.asyncio
@@ -338,6 +358,7 @@ capacity = "32KiB"
 [[tiers]]
 kind = "redis"
 capacity = "2MiB"
+model = "m"
 timeout = "2s"
 connect_timeout = "1s"
 """
@@ -420,7 +441,7 @@ async def test_a_value_of_another_type_on_a_cluster_is_a_miss_not_a_node_failure
     cluster.flushall()
     n = 8
     data, names = blocks(n, 7), keys(n, "wrongtype")
-    async with RedisTier(LAYOUT, n, url=cluster.url, cluster=True) as store:
+    async with RedisTier(LAYOUT, n, model=MODEL, url=cluster.url, cluster=True) as store:
         await store.write_from(list(range(n)), names, data)
         admin = redis.RedisCluster.from_url(cluster.url)
         try:

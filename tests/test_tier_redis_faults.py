@@ -16,7 +16,7 @@ from kvtier.tiers import redis_io
 from kvtier.tiers.redis import RedisTier
 from kvtier.tiers.redis_client import RedisConnection
 from tests.redis_server import RedisServer, redis_server, shared_redis
-from tests.test_tier_redis import LAYOUT, blocks, count_pipelines, key, read, tier
+from tests.test_tier_redis import LAYOUT, MODEL, blocks, count_pipelines, key, read, tier
 
 __all__ = ["redis_server", "shared_redis"]
 
@@ -64,11 +64,11 @@ def test_no_password_in_the_connections_repr_or_errors() -> None:
     assert "S3cr3t" not in str(info.value)
     for ttl in (float("inf"), 1e20):
         with pytest.raises(ConfigError, match="ttl"):
-            RedisTier(LAYOUT, 8, ttl=ttl)
+            RedisTier(LAYOUT, 8, model=MODEL, ttl=ttl)
     for name in ("timeout", "connect_timeout"):  # a deadline must end
         for seconds in (float("inf"), float("nan"), 1e9):
             with pytest.raises(ConfigError, match=name):
-                RedisTier(LAYOUT, 8, **{name: seconds})  # type: ignore[arg-type]
+                RedisTier(LAYOUT, 8, model=MODEL, **{name: seconds})  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("url", ["redis://app:Xy7Qsecret/9@h/0", "redis://:Xy7Qsecret#x@h:1/0"])
@@ -89,7 +89,13 @@ async def test_a_stalled_server_fails_a_call_of_many_chunks_within_one_deadline(
     n = 256  # 16 chunks: 8 waves at concurrency 2 when each waited its own deadline
     data, keys = blocks(n, 2), [key(i % 250) + bytes([i // 250]) for i in range(n)]
     async with RedisTier(
-        LAYOUT, n, url=redis_server.url, batch_size=16, timeout=0.3, connect_timeout=0.2
+        LAYOUT,
+        n,
+        model=MODEL,
+        url=redis_server.url,
+        batch_size=16,
+        timeout=0.3,
+        connect_timeout=0.2,
     ) as store:
         await store.write_from(list(range(n)), keys, data[: n // 4].repeat(4, 1))
         with redis_server.client() as admin:
@@ -113,7 +119,7 @@ async def test_a_contains_and_a_discard_of_many_blocks_on_a_healthy_server_do_no
     chunk = redis_io.NAMES_PER_ROUND_TRIP
     held = [0, chunk - 1, chunk, n // 2, n - 1]  # across chunk boundaries
     async with RedisTier(
-        LAYOUT, n, url=redis_server.url, timeout=0.25, connect_timeout=0.25
+        LAYOUT, n, model=MODEL, url=redis_server.url, timeout=0.25, connect_timeout=0.25
     ) as store:
         await store.write_from(list(range(len(held))), [keys[i] for i in held], blocks(len(held)))
         found = await store.contains(keys)
@@ -261,14 +267,14 @@ async def test_a_reply_of_the_wrong_shape_is_a_tier_error(reply: bytes) -> None:
 
     async with (
         fake_server(absent) as url,
-        RedisTier(LAYOUT, 64, url=url, batch_size=4, timeout=2.0) as store,
+        RedisTier(LAYOUT, 64, model=MODEL, url=url, batch_size=4, timeout=2.0) as store,
     ):  # the control: the conversation works, and absent blocks are misses
         for n in (2, 12):
             with anyio.fail_after(10), pytest.raises(BlockMissingError):
                 await read(store, list(range(n)), [key(i) for i in range(n)])
     async with (
         fake_server(reply) as url,
-        RedisTier(LAYOUT, 64, url=url, batch_size=4, timeout=2.0) as store,
+        RedisTier(LAYOUT, 64, model=MODEL, url=url, batch_size=4, timeout=2.0) as store,
     ):
         for n in (2, 12):  # one chunk, and several
             with anyio.fail_after(10), pytest.raises(TierIOError, match="malformed"):
@@ -293,7 +299,7 @@ async def test_tensor_parallel_ranks_never_read_each_others_shards(
             await read(single, [0], [key(9)])
     for bad in ({"rank": 2, "world_size": 2}, {"rank": -1}, {"world_size": 0}, {"rank": True}):
         with pytest.raises(ConfigError):
-            RedisTier(LAYOUT, 8, **bad)  # type: ignore[arg-type]
+            RedisTier(LAYOUT, 8, model=MODEL, **bad)  # type: ignore[arg-type]
 
 
 @pytest.mark.asyncio
@@ -320,7 +326,7 @@ async def test_a_least_privilege_acl_user_can_use_the_tier(redis_server: RedisSe
     )
     data, keys = blocks(3, 5), [key(i) for i in range(3)]
     async with RedisTier(
-        LAYOUT, 8, url=redis_server.url, username="engine", password="engine-pw"
+        LAYOUT, 8, model=MODEL, url=redis_server.url, username="engine", password="engine-pw"
     ) as store:
         await store.write_from([0, 1, 2], keys, data)
         assert torch.equal(await read(store, [0, 1, 2], keys), data)
@@ -357,6 +363,6 @@ async def test_a_scan_whose_cursor_comes_back_fails_the_scan_and_the_tier_opens(
     with anyio.fail_after(3):  # found at the second reply, not at a 5 s deadline (or never)
         async with (
             fake_server(b"*0\r\n", scan=cycling) as url,
-            RedisTier(LAYOUT, 8, url=url, scan_on_open=True, timeout=5.0) as store,
+            RedisTier(LAYOUT, 8, model=MODEL, url=url, scan_on_open=True, timeout=5.0) as store,
         ):
             assert list(await store.recover()) == []  # logged as unreachable; it serves on

@@ -12,7 +12,7 @@ from kvtier.mover import BlockMover
 from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.redis import RedisTier
 from tests.redis_server import RedisServer, shared_redis
-from tests.test_tier_redis import LAYOUT, blocks, key, read
+from tests.test_tier_redis import LAYOUT, MODEL, blocks, key, read
 
 __all__ = ["shared_redis"]
 
@@ -20,6 +20,7 @@ BB = LAYOUT.block_bytes
 
 
 def tier(server: RedisServer, prefix: str, **options: object) -> RedisTier:
+    options.setdefault("model", MODEL)
     return RedisTier(LAYOUT, 64, url=server.url, prefix=prefix, **options)  # type: ignore[arg-type]
 
 

@@ -90,7 +90,9 @@ class RedisTier:
             A password in the URL is used but never logged.
         name: The tier's name (``medium`` of its events).
         prefix: Put in front of every key (no braces).
-        model: Separates models whose layouts are equal (part of every key).
+        model: The model's name, required and non-empty: part of every key,
+            so models whose layouts are equal (a base model and its
+            fine-tune) never read each other's blocks.
         rank: This worker's tensor- or pipeline-parallel rank; with
             ``world_size`` > 1 part of every key, so workers that hold
             different shards of the same block never read each other's.
@@ -130,8 +132,8 @@ class RedisTier:
         *,
         url: str = "redis://127.0.0.1:6379/0",
         name: str = "redis",
+        model: str,
         prefix: str = "kvtier:",
-        model: str = "",
         rank: int = 0,
         world_size: int = 1,
         ttl: float | None = None,

@@ -36,6 +36,7 @@ from kvtier.tiers.disk_format import checksum
 __all__ = [
     "HEADER",
     "MAGIC",
+    "MODEL_WHY",
     "MAX_KEY_BYTES",
     "NUM_CLUSTER_SLOTS",
     "VERSION",
@@ -54,6 +55,13 @@ HEADER: Final = struct.Struct("<4sHHIQ16s16s")
 MAX_KEY_BYTES: Final = 64
 NUM_CLUSTER_SLOTS: Final = 16384
 
+MODEL_WHY: Final = (
+    "a shared store's names must say whose blocks they are: two models of one "
+    "layout (a base model and its fine-tune) hash equal prompts to equal block "
+    "keys and would read each other's KV bytes"
+)
+"""Why a Redis tier needs its model's name (error messages and docs)."""
+
 
 class KeyFormat:
     """Builds the Redis names of one model and layout.
@@ -61,7 +69,8 @@ class KeyFormat:
     Args:
         prefix: Put in front of every name (for example ``"kvtier:"``); no braces.
         layout: The block layout.
-        model: The model's name (or any string that separates deployments).
+        model: The model's name (or any non-empty string that separates
+            deployments): see :data:`MODEL_WHY`.
         rank: This worker's rank among ``world_size`` tensor- or
             pipeline-parallel workers: each holds its own shard of every
             block, under its own names.
@@ -69,19 +78,21 @@ class KeyFormat:
 
     Raises:
         ConfigError: The prefix contains ``{`` or ``}`` (a hash tag would put
-            every block on one cluster node) or is not a string; ``rank`` is
-            not in ``[0, world_size)``.
+            every block on one cluster node) or is not a string; ``model`` is
+            empty or not a string; ``rank`` is not in ``[0, world_size)``.
     """
 
     __slots__ = ("_head", "fingerprint", "namespace", "prefix")
 
     def __init__(
-        self, prefix: str, layout: BlockLayout, model: str = "", rank: int = 0, world_size: int = 1
+        self, prefix: str, layout: BlockLayout, model: str, rank: int = 0, world_size: int = 1
     ) -> None:
         if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
             raise ConfigError(f"prefix must be a string without braces, got {prefix!r}")
-        if not isinstance(model, str):
-            raise ConfigError(f"model must be a string, got {model!r}")
+        if not isinstance(model, str) or not model:
+            raise ConfigError(
+                f"model must name the model (a non-empty string), got {model!r}; {MODEL_WHY}"
+            )
         for label, value in (("rank", rank), ("world_size", world_size)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{label} must be an integer, got {value!r}")

@@ -21,6 +21,7 @@ from kvtier.block import KVCacheBlock
 from kvtier.errors import ConfigError, InvalidRequestError
 from kvtier.events import KVCacheEvent
 from kvtier.groups import GroupManager, make_group_manager
+from kvtier.hashing import BlockHash
 from kvtier.pool import BlockPool
 from kvtier.request import KVCacheRequest
 from kvtier.spec import KVCacheConfig
@@ -140,6 +141,24 @@ class KVCacheManager:
         self._prefix_cache_stats = PrefixCacheStats()
         return stats
 
+    def _check_hashes(self, request: KVCacheRequest) -> Sequence[BlockHash]:
+        """The request's block hashes, checked to be one per full block of this cache.
+
+        Hashes of another block size would give a block the hash of other
+        tokens: a smaller hasher's hash of block 0 covers only its first
+        tokens, so another prompt sharing them would hit it (wrong KV).
+        """
+        hashes = request.block_hashes
+        hasher = getattr(request, "block_hasher", None)
+        size = getattr(hasher, "block_size", self.block_size)
+        if size != self.block_size or len(hashes) > request.num_tokens // self.block_size:
+            raise InvalidRequestError(
+                f"request {request.request_id!r}: {len(hashes)} block hashes for "
+                f"{request.num_tokens} tokens (hasher block size {size}); this cache "
+                f"needs one hash per full block of {self.block_size} tokens"
+            )
+        return hashes
+
     def empty_blocks(self) -> KVCacheBlocks:
         """A :class:`KVCacheBlocks` with an empty list per group."""
         return KVCacheBlocks(tuple([] for _ in range(self.num_groups)))
@@ -159,11 +178,16 @@ class KVCacheManager:
         Returns:
             The hit blocks (not yet referenced: pass them to
             :meth:`allocate_slots`) and the number of hit tokens.
+
+        Raises:
+            InvalidRequestError: The request's block hashes are not one per
+                full block of this cache's block size (a hasher of another
+                block size would hit blocks of other tokens).
         """
         if not self.enable_caching or request.skip_reading_prefix_cache:
             return self.empty_blocks(), 0
         max_num_blocks = max(request.num_tokens - 1, 0) // self.block_size
-        hashes = request.block_hashes
+        hashes = self._check_hashes(request)
         managers = self.group_managers
         if len(managers) == 1:
             hit = managers[0].find_longest_cache_hit(hashes, max_num_blocks)
@@ -217,8 +241,10 @@ class KVCacheManager:
         Raises:
             InvalidRequestError: A negative count, no tokens at all, blocks for
                 the wrong number of groups, hit blocks that disagree with
-                ``num_new_computed_tokens``, or hit blocks for a request
-                already running or with caching off. Nothing is changed.
+                ``num_new_computed_tokens``, hit blocks for a request
+                already running or with caching off, more tokens than
+                ``max_model_len``, or block hashes of another block size.
+                Nothing is changed.
         """
         computed = self._check_allocation(
             request,
@@ -283,6 +309,14 @@ class KVCacheManager:
                 f"request {request_id!r}: allocate_slots needs new tokens or new computed "
                 "tokens, got neither"
             )
+        num_tokens = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
+        if num_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"request {request_id!r}: {num_tokens} tokens computed and to compute, "
+                f"more than max_model_len={self.max_model_len}"
+            )
+        if self.enable_caching:
+            self._check_hashes(request)
         if has_computed:
             num_hit_tokens = len(computed[0]) * self.block_size
             if num_new_computed_tokens != num_hit_tokens or any(

@@ -269,13 +269,18 @@ class BlockPool:
             How many of them were cached.
 
         Raises:
-            InvalidRequestError: An id is out of range; nothing is evicted.
+            InvalidRequestError: An id is not an integer or is out of range;
+                nothing is evicted.
         """
         ids = list(block_ids)
         for block_id in ids:
-            if isinstance(block_id, bool) or not 0 <= block_id < self.num_gpu_blocks:
+            if (
+                isinstance(block_id, bool)
+                or not isinstance(block_id, int)
+                or not 0 <= block_id < self.num_gpu_blocks
+            ):
                 raise InvalidRequestError(
-                    f"block id {block_id!r} is out of range [0, {self.num_gpu_blocks})"
+                    f"block id {block_id!r} is not an integer in [0, {self.num_gpu_blocks})"
                 )
         return sum(self.maybe_evict_cached_block(self.blocks[i]) for i in ids)
 

@@ -198,13 +198,48 @@ def test_hit_blocks_must_match_the_hit_token_count() -> None:
     assert snapshot(manager) == before
 
 
-def test_evict_blocks_rejects_out_of_range_ids() -> None:
+def test_evict_blocks_rejects_ids_out_of_range_or_not_integers() -> None:
     manager = make_manager(5)
     schedule(manager, make_request("0", list(range(40))))
-    for bad in (-1, 5):
-        with pytest.raises(InvalidRequestError, match="out of range"):
-            manager.block_pool.evict_blocks([1, bad])
+    for bad in (-1, 5, 2.0, "2", None, True):  # checked before block 1 is evicted
+        with pytest.raises(InvalidRequestError, match=r"is not an integer in \[0, 5\)"):
+            manager.block_pool.evict_blocks([1, bad])  # type: ignore[list-item]
     assert len(manager.block_pool.cached_block_hash_to_block) == 2
+
+
+def test_hashes_of_another_block_size_are_refused_not_hit() -> None:
+    """A hasher of 8 tokens gives block 0 a hash of its first 8 tokens only.
+
+    Another prompt sharing those 8 tokens would hit block 0 and read the KV of
+    tokens it does not have.
+    """
+    manager = make_manager(11)
+    a = [1] * 8 + [2] * 8 + [9] * 5
+    b = [1] * 8 + [7] * 8 + [9] * 5  # block 0 differs from a's in its last 8 tokens
+    before = snapshot(manager)
+    for call in (
+        lambda: manager.get_computed_blocks(make_request("a", a, 8)),
+        lambda: manager.allocate_slots(make_request("a", a, 8), 21),
+    ):
+        with pytest.raises(InvalidRequestError, match="hasher block size 8"):
+            call()
+        assert snapshot(manager) == before
+    schedule(manager, make_request("a", a))  # the cache's own block size works
+    assert manager.get_computed_blocks(make_request("b", b))[1] == 0
+    off = make_manager(11, enable_caching=False)  # hashes unused: nothing to refuse
+    assert off.allocate_slots(make_request("a", a, 8), 21) is not None
+
+
+def test_more_tokens_than_max_model_len_are_refused_before_any_block_is_taken() -> None:
+    manager = make_manager(11, max_model_len=32)
+    before = snapshot(manager)
+    req = make_request("r", list(range(64)))
+    with pytest.raises(InvalidRequestError, match=r"64 tokens .* more than max_model_len=32"):
+        manager.allocate_slots(req, 64)
+    assert snapshot(manager) == before
+    blocks = manager.allocate_slots(req, 32)  # up to the limit
+    assert blocks is not None
+    assert blocks.get_block_ids() == ([1, 2],)
 
 
 def test_a_missing_block_error_names_its_slots() -> None:

@@ -30,6 +30,12 @@ class BlockStored:
         lora_name: The LoRA adapter the blocks were computed with, if any.
         medium: The tier that stored the blocks.
         group_idx: The KV cache group the blocks belong to.
+        lora_id: The LoRA adapter's integer id (vLLM's ``lora_int_id``), if
+            the request has one.
+        kv_cache_spec_kind: The group's attention kind (``"full_attention"``)
+            for blocks of the device prefix cache; None for lower tiers.
+        kv_cache_spec_sliding_window: The group's sliding window in tokens;
+            None for full attention.
     """
 
     block_hashes: Sequence[BlockHash]
@@ -39,6 +45,9 @@ class BlockStored:
     lora_name: str | None
     medium: str
     group_idx: int
+    lora_id: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
 
 
 @attrs.frozen

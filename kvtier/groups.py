@@ -159,6 +159,7 @@ class FullAttentionManager:
             num_full,
             self.block_size,
             self.group_id,
+            kv_cache_spec_kind=FullAttentionSpec.kind,
         )
         self.num_cached_block[request_id] = num_full
 

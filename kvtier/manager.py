@@ -23,7 +23,7 @@ from kvtier.events import KVCacheEvent
 from kvtier.groups import GroupManager, make_group_manager
 from kvtier.hashing import BlockHash
 from kvtier.pool import BlockPool
-from kvtier.request import KVCacheRequest
+from kvtier.request import KVCacheRequest, request_lora_id
 from kvtier.spec import KVCacheConfig
 from kvtier.stats import PrefixCacheStats
 
@@ -317,6 +317,7 @@ class KVCacheManager:
             )
         if self.enable_caching:
             self._check_hashes(request)
+            request_lora_id(request)  # events carry it: a bad one fails before any change
         if has_computed:
             num_hit_tokens = len(computed[0]) * self.block_size
             if num_new_computed_tokens != num_hit_tokens or any(

@@ -28,7 +28,7 @@ from kvtier.hashing import (
     make_block_hash_with_group_id,
 )
 from kvtier.log import get_logger
-from kvtier.request import KVCacheRequest
+from kvtier.request import KVCacheRequest, request_lora_id
 
 __all__ = ["MEDIUM_GPU", "BlockPool"]
 
@@ -112,6 +112,8 @@ class BlockPool:
         num_full_blocks: int,
         block_size: int,
         kv_cache_group_id: int,
+        *,
+        kv_cache_spec_kind: str | None = None,
     ) -> None:
         """Enter a request's newly full blocks into the prefix cache.
 
@@ -127,6 +129,12 @@ class BlockPool:
             num_full_blocks: Blocks full now.
             block_size: Tokens per block in this group.
             kv_cache_group_id: The group.
+            kv_cache_spec_kind: The group's attention kind, for events.
+
+        Raises:
+            KVTierError: The request has fewer hashes than full blocks.
+            InvalidRequestError: With events on, the request's ``lora_id``
+                is not a positive integer or None. Nothing is changed.
         """
         if num_cached_blocks >= num_full_blocks:
             return
@@ -140,7 +148,9 @@ class BlockPool:
         suffix = kv_cache_group_id.to_bytes(4, "big")
         cache = self.cached_block_hash_to_block._cache
         insert = self.cached_block_hash_to_block.insert
-        stored: list[BlockHash] | None = [] if self.enable_kv_cache_events else None
+        events = self.enable_kv_cache_events
+        lora_id = request_lora_id(request) if events else None  # checked before any change
+        stored: list[BlockHash] | None = [] if events else None
         for index in range(num_cached_blocks, num_full_blocks):
             block = blocks[index]
             if block.is_null or block.block_hash is not None:
@@ -168,6 +178,8 @@ class BlockPool:
                     lora_name=request.lora_name,
                     medium=self.medium,
                     group_idx=kv_cache_group_id,
+                    lora_id=lora_id,
+                    kv_cache_spec_kind=kv_cache_spec_kind,
                 )
             )
 

@@ -17,7 +17,7 @@ from kvtier.extra_keys import MultiModalFeature
 from kvtier.hashing import BlockHash
 from kvtier.policies.hints import is_tag
 
-__all__ = ["KVCacheRequest", "Request", "request_tag"]
+__all__ = ["KVCacheRequest", "Request", "request_lora_id", "request_tag"]
 
 
 class KVCacheRequest(Protocol):
@@ -88,6 +88,28 @@ def _check_tag(instance: Request, _: attrs.Attribute[int | str | None], __: obje
     request_tag(instance)
 
 
+def _check_lora_id(instance: Request, _: attrs.Attribute[int | None], __: object) -> None:
+    request_lora_id(instance)
+
+
+def request_lora_id(request: KVCacheRequest) -> int | None:
+    """A request's optional ``lora_id`` attribute (None when it has none).
+
+    :class:`KVCacheRequest` does not require one: an engine's own request
+    class opts in by having a ``lora_id`` (vLLM's ``lora_int_id``), which
+    :class:`~kvtier.events.BlockStored` events then carry.
+
+    Raises:
+        InvalidRequestError: The id is not a positive integer or None.
+    """
+    lora_id = getattr(request, "lora_id", None)
+    if lora_id is not None and (
+        isinstance(lora_id, bool) or not isinstance(lora_id, int) or lora_id <= 0
+    ):
+        raise InvalidRequestError(f"lora_id must be a positive integer or None, got {lora_id!r}")
+    return lora_id
+
+
 def request_tag(request: KVCacheRequest) -> int | str | None:
     """A request's optional ``tag`` attribute (None when it has none).
 
@@ -130,6 +152,9 @@ class Request:
         cache_salt: Separates tenants: requests with different salts never
             share cached blocks.
         lora_name: The LoRA adapter, if any; part of every block's hash.
+        lora_id: The adapter's integer id (vLLM's ``lora_int_id``), reported
+            in :class:`~kvtier.events.BlockStored` events; never part of a
+            hash (``lora_name`` is).
         mm_features: Multimodal features, sorted by offset.
         skip_reading_prefix_cache: Never take prefix-cache hits (for example
             when prompt logprobs are wanted). Blocks are still cached.
@@ -158,6 +183,7 @@ class Request:
     )
     skip_reading_prefix_cache: bool = False
     tag: int | str | None = attrs.field(default=None, validator=_check_tag, kw_only=True)
+    lora_id: int | None = attrs.field(default=None, validator=_check_lora_id, kw_only=True)
     num_computed_tokens: int = attrs.field(default=0, validator=_check_non_negative)
     num_preemptions: int = 0
     output_token_ids: list[int] = attrs.field(init=False, factory=list)

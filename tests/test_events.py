@@ -13,6 +13,8 @@ from kvtier import (
     KVCacheGroupSpec,
     KVCacheManager,
 )
+from kvtier.errors import InvalidRequestError
+from kvtier.request import Request
 from tests.factories import make_manager, make_request, schedule
 
 
@@ -37,6 +39,11 @@ def test_stored_removed_and_cleared(blocks_to_cache: int, lora_name: str | None)
         "gpu",
         0,
     )
+    assert (stored.kv_cache_spec_kind, stored.kv_cache_spec_sliding_window) == (
+        "full_attention",
+        None,
+    )
+    assert stored.lora_id is None  # the request has no integer adapter id
     assert manager.take_events() == []
 
     # Same tokens without looking up hits: every cached block is evicted (tail
@@ -99,3 +106,43 @@ def test_events_name_their_group(group_id: int) -> None:
     removed = [e for e in manager.take_events() if isinstance(e, BlockRemoved)]
     assert {e.group_idx for e in removed} == {0, 1, 2}
     assert sum(e.group_idx == group_id for e in removed) == 2
+
+
+@pytest.mark.parametrize("blocks_to_cache", [2, 10])
+def test_stored_events_carry_the_lora_id(blocks_to_cache: int) -> None:
+    """vLLM's consumers read ``lora_id`` (the adapter's ``lora_int_id``) from BlockStored."""
+    manager = make_manager(blocks_to_cache + 1, events=True)
+    tokens = list(range(16 * blocks_to_cache))
+    hasher = make_request("x", []).block_hasher
+    lora = Request("lora", tokens, hasher, lora_name="test_lora", lora_id=42)
+    manager.allocate_slots(lora, len(tokens))
+    (stored,) = manager.take_events()
+    assert isinstance(stored, BlockStored)
+    assert (stored.lora_id, stored.lora_name, len(stored.block_hashes)) == (
+        42,
+        "test_lora",
+        blocks_to_cache,
+    )
+    manager.free(lora)
+    plain = Request("plain", tokens, hasher)
+    manager.allocate_slots(plain, len(tokens))
+    stored = manager.take_events()[-1]
+    assert isinstance(stored, BlockStored)
+    assert stored.lora_id is None
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "42", True])
+def test_a_bad_lora_id_is_refused(bad: object) -> None:
+    with pytest.raises(InvalidRequestError, match="lora_id must be a positive integer"):
+        Request("r", [1, 2], lora_id=bad)  # type: ignore[arg-type]
+
+
+def test_an_engine_request_with_a_bad_lora_id_changes_nothing() -> None:
+    """An engine's own request type is checked when events would carry its id."""
+    manager = make_manager(5, events=True)
+    req = make_request("r", list(range(32)))
+    object.__setattr__(req, "lora_id", "adapter-7")  # as a foreign request type might
+    with pytest.raises(InvalidRequestError, match="'adapter-7'"):
+        manager.allocate_slots(req, 32)
+    assert manager.block_pool.get_num_free_blocks() == 4
+    assert manager.take_events() == []

@@ -70,8 +70,10 @@ class InvalidRequestError(KVTierError, ValueError):
     """
 
 
-class NoFreeBlocksError(KVTierError):
+class NoFreeBlocksError(KVTierError, ValueError):
     """More blocks were asked of the pool than it has free.
+
+    A ``ValueError`` too, as vLLM's ``BlockPool.get_new_blocks`` raises.
 
     ``KVCacheManager.allocate_slots`` never raises this: it checks first and
     returns ``None``. Only direct callers of ``BlockPool.get_new_blocks`` see it.

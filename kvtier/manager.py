@@ -15,9 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import attrs
-
 from kvtier.block import KVCacheBlock
+from kvtier.cache_blocks import KVCacheBlocks
 from kvtier.errors import ConfigError, InvalidRequestError
 from kvtier.events import KVCacheEvent
 from kvtier.groups import GroupManager, make_group_manager
@@ -28,41 +27,6 @@ from kvtier.spec import KVCacheConfig
 from kvtier.stats import PrefixCacheStats
 
 __all__ = ["KVCacheBlocks", "KVCacheManager"]
-
-
-@attrs.frozen
-class KVCacheBlocks:
-    """Blocks of one request, one sequence per KV cache group.
-
-    Attributes:
-        blocks: ``blocks[group_id]`` is the group's block list.
-    """
-
-    blocks: tuple[Sequence[KVCacheBlock], ...]
-
-    def __add__(self, other: KVCacheBlocks) -> KVCacheBlocks:
-        """Concatenate group by group."""
-        return KVCacheBlocks(
-            tuple([*a, *b] for a, b in zip(self.blocks, other.blocks, strict=True))
-        )
-
-    def get_block_ids(self) -> tuple[list[int], ...]:
-        """Block ids, one list per group."""
-        return tuple([block.block_id for block in group] for group in self.blocks)
-
-    def get_unhashed_block_ids(self) -> list[int]:
-        """Ids of the blocks (single group) that carry no hash yet.
-
-        Raises:
-            InvalidRequestError: There is more than one group.
-        """
-        if len(self.blocks) != 1:
-            raise InvalidRequestError("get_unhashed_block_ids needs exactly one KV cache group")
-        return [block.block_id for block in self.blocks[0] if block.block_hash is None]
-
-    def new_empty(self) -> KVCacheBlocks:
-        """Blocks with the same number of groups, all empty."""
-        return KVCacheBlocks(tuple([] for _ in self.blocks))
 
 
 def _check_count(name: str, value: int) -> None:
@@ -81,6 +45,9 @@ class KVCacheManager:
         log_stats: Keep :class:`~kvtier.stats.PrefixCacheStats`; when off,
             :attr:`prefix_cache_stats` is ``None``.
         enable_kv_cache_events: Record events for :meth:`take_events`.
+        use_eagle: The engine drafts with EAGLE, whose draft model needs the
+            hidden states of the last hit block: a hit drops its last block,
+            so that block is recomputed.
 
     Raises:
         ConfigError: ``max_model_len`` is not positive.
@@ -94,6 +61,7 @@ class KVCacheManager:
         enable_caching: bool = True,
         log_stats: bool = False,
         enable_kv_cache_events: bool = False,
+        use_eagle: bool = False,
     ) -> None:
         if (
             isinstance(max_model_len, bool)
@@ -104,6 +72,7 @@ class KVCacheManager:
         self.kv_cache_config = kv_cache_config
         self.max_model_len = max_model_len
         self.enable_caching = enable_caching
+        self.use_eagle = use_eagle
         self.block_size = kv_cache_config.block_size
         self.block_pool = BlockPool(
             kv_cache_config.num_blocks,
@@ -170,7 +139,8 @@ class KVCacheManager:
 
         At most ``request.num_tokens - 1`` tokens hit, so when the whole prompt
         is cached its last block is recomputed (the model needs at least one
-        token to produce logits from).
+        token to produce logits from). With ``use_eagle`` the hit's last block
+        is dropped too.
 
         Args:
             request: The request, with its block hashes.
@@ -197,6 +167,9 @@ class KVCacheManager:
             hits = [manager.find_longest_cache_hit(hashes, max_num_blocks) for manager in managers]
             num_hit_blocks = min(len(hit) for hit in hits)
             blocks = tuple(hit[:num_hit_blocks] for hit in hits)
+        if self.use_eagle and num_hit_blocks:
+            num_hit_blocks -= 1
+            blocks = tuple(hit[:num_hit_blocks] for hit in blocks)
         num_hit_tokens = num_hit_blocks * self.block_size
         if self._prefix_cache_stats is not None:
             self._prefix_cache_stats.record(
@@ -381,6 +354,31 @@ class KVCacheManager:
     def get_block_ids(self, request_id: str) -> tuple[list[int], ...]:
         """The ids of the blocks a request holds, per group."""
         return self.get_blocks(request_id).get_block_ids()
+
+    def get_num_common_prefix_blocks(self, running_request_id: str) -> list[int]:
+        """Per group, how many leading blocks every request holding blocks shares.
+
+        A block counts while its ref count equals the number of requests that
+        hold blocks (vLLM's scheduler uses this for cascade attention).
+        Requests that hold blocks but are not scheduled this step make the
+        count an underestimate, never an overestimate.
+
+        Args:
+            running_request_id: Any request that holds blocks.
+
+        Raises:
+            InvalidRequestError: The request holds no blocks.
+        """
+        counts = []
+        for manager in self.group_managers:
+            blocks = manager.req_to_blocks.get(running_request_id)
+            if blocks is None:
+                raise InvalidRequestError(f"request {running_request_id!r} holds no blocks")
+            holders = len(manager.req_to_blocks)
+            counts.append(
+                next((i for i, b in enumerate(blocks) if b.ref_cnt != holders), len(blocks))
+            )
+        return counts
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block, if no request holds blocks.

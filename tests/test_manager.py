@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import pytest
 
-from kvtier import KVCacheBlocks, PrefixCacheStats
+from kvtier import (
+    InvalidRequestError,
+    KVCacheBlocks,
+    KVCacheConfig,
+    KVCacheManager,
+    PrefixCacheStats,
+)
 from tests.factories import free_ids, make_manager, make_request, schedule
 
 COMMON = [i for i in range(3) for _ in range(16)]  # three full blocks
@@ -350,3 +356,44 @@ def test_kv_cache_blocks_helpers() -> None:
     assert (blocks + blocks.new_empty()).get_block_ids() == blocks.get_block_ids()
     assert isinstance(manager.empty_blocks(), KVCacheBlocks)
     assert manager.empty_blocks().get_block_ids() == ([],)
+
+
+@pytest.mark.parametrize(("num_tokens", "hit_blocks"), [(48, 1), (37, 1), (16, 0), (80, 3)])
+def test_eagle_drops_the_last_hit_block(num_tokens: int, hit_blocks: int) -> None:
+    """Seed test_eagle_*: the lookup's own cap, then one block fewer for EAGLE."""
+    manager = KVCacheManager(KVCacheConfig.full_attention(10, 16), 8192, use_eagle=True)
+    plain = make_manager(10)
+    tokens = [0] * num_tokens
+    for cache in (manager, plain):
+        schedule(cache, make_request("prime", tokens))
+        cache.free(make_request("prime", tokens))
+    computed, num_computed = manager.get_computed_blocks(make_request("eagle", tokens))
+    assert (len(computed.blocks[0]), num_computed) == (hit_blocks, 16 * hit_blocks)
+    without = plain.get_computed_blocks(make_request("plain", tokens))[1]
+    assert without == (16 * (hit_blocks + 1) if num_tokens > 16 else 0)  # EAGLE's one block
+
+
+def test_get_block_ids_allow_none() -> None:
+    manager = make_manager(5)
+    empty = manager.empty_blocks()
+    assert empty.get_block_ids() == ([],)
+    assert empty.get_block_ids(allow_none=True) is None
+    blocks = schedule(manager, make_request("0", list(range(20))))
+    assert blocks is not None
+    assert blocks.get_block_ids(allow_none=True) == ([1, 2],)
+
+
+def test_common_prefix_blocks_are_those_every_holder_shares() -> None:
+    manager = make_manager(20)
+    shared = list(range(48))  # three full blocks
+    schedule(manager, make_request("a", [*shared, 1, 2]))
+    assert manager.get_num_common_prefix_blocks("a") == [4]  # alone: all its blocks
+    schedule(manager, make_request("b", [*shared, 7, 8, 9]))
+    assert manager.get_num_common_prefix_blocks("a") == [3]
+    assert manager.get_num_common_prefix_blocks("b") == [3]
+    schedule(manager, make_request("c", [*shared[:16], 5]))
+    assert manager.get_num_common_prefix_blocks("b") == [1]
+    manager.free(make_request("c", []))
+    assert manager.get_num_common_prefix_blocks("b") == [3]
+    with pytest.raises(InvalidRequestError, match="'c' holds no blocks"):
+        manager.get_num_common_prefix_blocks("c")

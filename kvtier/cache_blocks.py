@@ -10,7 +10,7 @@ import attrs
 from kvtier.block import KVCacheBlock
 from kvtier.errors import InvalidRequestError
 
-__all__ = ["KVCacheBlocks"]
+__all__ = ["KVCacheBlocks", "require_blocks"]
 
 
 @attrs.frozen
@@ -59,3 +59,14 @@ class KVCacheBlocks:
     def new_empty(self) -> KVCacheBlocks:
         """Blocks with the same number of groups, all empty."""
         return KVCacheBlocks(tuple([] for _ in self.blocks))
+
+
+def require_blocks(value: object, name: str) -> KVCacheBlocks:
+    """``value`` if it is a :class:`KVCacheBlocks`.
+
+    Raises:
+        InvalidRequestError: It is not (a list of lists, say), naming ``name``.
+    """
+    if not isinstance(value, KVCacheBlocks):
+        raise InvalidRequestError(f"{name} must be KVCacheBlocks, got {type(value).__name__}")
+    return value

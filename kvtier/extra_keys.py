@@ -21,17 +21,18 @@ import attrs
 
 from kvtier.errors import InvalidRequestError
 
-__all__ = ["ExtraKeys", "MultiModalFeature", "block_extra_keys"]
+__all__ = ["ExtraKeys", "MultiModalFeature", "block_extra_keys", "non_negative"]
 
 
-def _non_negative(_: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if value < 0:
-        raise InvalidRequestError(f"{attribute.name} must be >= 0, got {value!r}")
+def non_negative(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+    """Validate (for attrs) an ``int`` (not a bool) >= 0, else :class:`InvalidRequestError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequestError(f"{attribute.name} must be an integer >= 0, got {value!r}")
 
 
 def _positive(_: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if value <= 0:
-        raise InvalidRequestError(f"{attribute.name} must be > 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidRequestError(f"{attribute.name} must be an integer > 0, got {value!r}")
 
 
 @attrs.frozen
@@ -46,7 +47,7 @@ class MultiModalFeature:
     """
 
     identifier: str
-    offset: int = attrs.field(validator=_non_negative)
+    offset: int = attrs.field(validator=non_negative)
     length: int = attrs.field(validator=_positive)
 
     @property

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kvtier.block import KVCacheBlock
-from kvtier.cache_blocks import KVCacheBlocks
+from kvtier.cache_blocks import KVCacheBlocks, require_blocks
 from kvtier.errors import ConfigError, InvalidRequestError
 from kvtier.events import KVCacheEvent
 from kvtier.groups import GroupManager, make_group_manager
@@ -270,7 +270,7 @@ class KVCacheManager:
             computed: tuple[Sequence[KVCacheBlock], ...] = ((),) * self.num_groups
             has_computed = False
         else:
-            computed = new_computed_blocks.blocks
+            computed = require_blocks(new_computed_blocks, "new_computed_blocks").blocks
             if len(computed) != self.num_groups:
                 raise InvalidRequestError(
                     f"new_computed_blocks has {len(computed)} groups, "

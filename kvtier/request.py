@@ -13,7 +13,7 @@ import attrs
 
 from kvtier.block_hasher import BlockHasher
 from kvtier.errors import InvalidRequestError
-from kvtier.extra_keys import MultiModalFeature
+from kvtier.extra_keys import MultiModalFeature, non_negative
 from kvtier.hashing import BlockHash
 from kvtier.policies.hints import is_tag
 
@@ -71,6 +71,11 @@ def _check_features(
 ) -> None:
     last = -1
     for feature in value:
+        if not isinstance(feature, MultiModalFeature):
+            raise InvalidRequestError(
+                f"request {instance.request_id!r}: mm_features must be MultiModalFeature, "
+                f"got {type(feature).__name__}"
+            )
         if feature.offset < last:
             raise InvalidRequestError(
                 f"request {instance.request_id!r}: mm_features must be sorted by offset, "
@@ -127,13 +132,13 @@ def request_tag(request: KVCacheRequest) -> int | str | None:
     return value
 
 
-def _check_non_negative(_: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if value < 0:
-        raise InvalidRequestError(f"{attribute.name} must be >= 0, got {value!r}")
-
-
 def _int_list(tokens: Iterable[int]) -> list[int]:
-    return list(tokens)
+    try:
+        return list(tokens)
+    except TypeError:
+        raise InvalidRequestError(
+            f"token ids must be an iterable of integers, got {type(tokens).__name__}"
+        ) from None
 
 
 @attrs.define(eq=False)
@@ -184,8 +189,8 @@ class Request:
     skip_reading_prefix_cache: bool = False
     tag: int | str | None = attrs.field(default=None, validator=_check_tag, kw_only=True)
     lora_id: int | None = attrs.field(default=None, validator=_check_lora_id, kw_only=True)
-    num_computed_tokens: int = attrs.field(default=0, validator=_check_non_negative)
-    num_preemptions: int = 0
+    num_computed_tokens: int = attrs.field(default=0, validator=non_negative)
+    num_preemptions: int = attrs.field(default=0, validator=non_negative)
     output_token_ids: list[int] = attrs.field(init=False, factory=list)
     all_token_ids: list[int] = attrs.field(init=False)
     block_hashes: list[BlockHash] = attrs.field(init=False, factory=list)
@@ -215,10 +220,11 @@ class Request:
             token_ids: One token id or several.
 
         Raises:
-            InvalidRequestError: A token id is not a 64-bit integer; the
-                request is left as it was.
+            InvalidRequestError: A token id is not a 64-bit integer, or
+                ``token_ids`` is neither an int nor an iterable; the request
+                is left as it was.
         """
-        new = [token_ids] if isinstance(token_ids, int) else list(token_ids)
+        new = [token_ids] if isinstance(token_ids, int) else _int_list(token_ids)
         self.all_token_ids.extend(new)
         if self.block_hasher is not None:
             try:

@@ -196,6 +196,9 @@ def test_hit_blocks_must_match_the_hit_token_count() -> None:
     with pytest.raises(InvalidRequestError, match="does not match"):
         manager.allocate_slots(req, 40, 0, computed)
     assert snapshot(manager) == before
+    with pytest.raises(InvalidRequestError, match="must be KVCacheBlocks, got list"):
+        manager.allocate_slots(req, 8, 32, [list(computed.blocks[0])])  # type: ignore[arg-type]
+    assert snapshot(manager) == before
 
 
 def test_evict_blocks_rejects_ids_out_of_range_or_not_integers() -> None:

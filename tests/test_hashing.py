@@ -255,6 +255,27 @@ def test_bad_multimodal_features_are_rejected() -> None:
         MultiModalFeature("x", -1, 2)
     with pytest.raises(InvalidRequestError, match="length"):
         MultiModalFeature("x", 0, 0)
+    for offset in (1.5, "a", True, None):  # not a token index: refused, never hashed
+        with pytest.raises(InvalidRequestError, match="offset must be an integer >= 0"):
+            MultiModalFeature("x", offset, 2)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="mm_features must be MultiModalFeature"):
+        make_request("a", [0] * 20, mm_features=((1, 2),))  # type: ignore[arg-type]
+
+
+def test_wrongly_typed_request_input_is_a_typed_error_and_changes_nothing() -> None:
+    hasher = make_request("x", []).block_hasher
+    with pytest.raises(InvalidRequestError, match="iterable of integers, got NoneType"):
+        Request("r", None, hasher)  # type: ignore[arg-type]
+    for name in ("num_computed_tokens", "num_preemptions"):
+        with pytest.raises(InvalidRequestError, match=f"{name} must be an integer >= 0"):
+            Request("r", [1] * 16, hasher, **{name: "x"})  # type: ignore[arg-type]
+    req = make_request("r", [1] * 15, 16)
+    for bad in (2.0, None):
+        with pytest.raises(InvalidRequestError, match="iterable of integers"):
+            req.append_output_token_ids(bad)  # type: ignore[arg-type]
+    assert (req.all_token_ids, req.output_token_ids, req.block_hashes) == ([1] * 15, [], [])
+    req.append_output_token_ids(7)
+    assert len(req.block_hashes) == 1
 
 
 def test_group_id_is_part_of_the_key() -> None:

@@ -27,11 +27,11 @@ reconnects by itself on the next call once the server is back; a server
 absent when the tier opens is logged, not fatal.
 
 Batches: one pipeline (``MGET`` for standalone reads) per ``batch_size``
-blocks for reads and writes (per
+blocks for reads and writes, and per
 :data:`~kvtier.tiers.redis_io.NAMES_PER_ROUND_TRIP` names for
-:meth:`RedisTier.contains` and :meth:`RedisTier.discard`); up to ``concurrency`` such round trips in
-flight, each on its own pooled connection. On a Cluster the pipeline sends
-one round trip per node.
+:meth:`RedisTier.contains` and :meth:`RedisTier.discard`; up to
+``concurrency`` such round trips in flight, each on its own pooled
+connection. On a Cluster the pipeline sends one round trip per node.
 """
 
 from __future__ import annotations
@@ -435,7 +435,8 @@ class RedisTier:
 
         Raises:
             ClosedError: The tier is not open.
-            InvalidRequestError: A slot is out of range, or as many keys as slots.
+            InvalidRequestError: A slot is out of range, or the keys are not
+                as many as the slots.
         """
         self._open()
         slot_list = check_slots(slots, self._num_slots, tier=self._name)

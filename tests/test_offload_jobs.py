@@ -1,19 +1,23 @@
-"""Offload jobs cancelled mid-copy report only once the copy has ended.
+"""Offload jobs: what they do before they report.
 
 Seen in review: a cancelled job pushed its outcome at once, while the copy it
 had posted kept running in the pipeline's task group; the manager then freed
-the device blocks and slots the copy was still reading or writing.
+the device blocks and slots the copy was still reading or writing. And a load
+that found blocks corrupt left them in their tier (only the index forgot them).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import anyio
 import pytest
 import torch
 
-from kvtier.errors import TransferCancelledError
-from kvtier.offload._state import LoadOutcome, StoreEvent, StoreOutcome
-from kvtier.offload.jobs import run_store
+from kvtier.block import KVCacheBlock
+from kvtier.errors import BlockMissingError, TierIOError, TransferCancelledError
+from kvtier.offload._state import LoadEvent, LoadOutcome, StoreEvent, StoreOutcome
+from kvtier.offload.jobs import run_load, run_store
 from kvtier.transfer import TransferPipeline
 from tests.tier_doubles import GatedStore, MemoryStore
 
@@ -51,3 +55,40 @@ async def test_a_cancelled_store_reports_after_its_copy_ends() -> None:
     assert isinstance(outcome, StoreOutcome)
     assert isinstance(outcome.error, TransferCancelledError)
     assert torch.equal(lower.data[:2], device.data[1:3])  # the copy ran to its end
+
+
+class DiscardingStore(MemoryStore):
+    """Records the slots it was told to discard, and what it held then; may fail."""
+
+    def __init__(self, num_slots: int, name: str, *, fail: bool = False) -> None:
+        super().__init__(num_slots, name=name)
+        self.fail = fail
+        self.discarded: list[tuple[list[int], list[bytes | None]]] = []
+
+    async def discard(self, slots: Sequence[int]) -> None:
+        self.discarded.append((list(slots), [self.keys[s] for s in slots]))
+        if self.fail:
+            raise TierIOError("injected", tier=self.name)
+        await super().discard(slots)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+@pytest.mark.asyncio
+async def test_a_load_discards_the_blocks_it_found_corrupt_before_it_reports(fail: bool) -> None:
+    device, lower = MemoryStore(4, name="gpu"), DiscardingStore(4, "cpu", fail=fail)
+    keys = [bytes([i]) * 32 for i in (1, 2)]
+    lower.keys[:2] = [keys[0], b"garbled" * 4]  # slot 1 fails verification
+    event = LoadEvent(3, "r", [KVCacheBlock(1), KVCacheBlock(2)], keys, [], first_slots=[0, 1])
+    seen: list[tuple[int, StoreOutcome | LoadOutcome]] = []
+
+    def push(outcome: StoreOutcome | LoadOutcome) -> None:
+        seen.append((len(lower.discarded), outcome))  # discarded before reporting?
+
+    async with TransferPipeline() as pipeline:
+        await run_load(pipeline, device, [lower], push, event)
+    [(discards, outcome)] = seen
+    assert discards == 1
+    assert lower.discarded == [([1], [b"garbled" * 4])]  # only the bad block, while held
+    assert isinstance(outcome, LoadOutcome)
+    assert isinstance(outcome.error, BlockMissingError)  # a failed discard changes nothing
+    assert outcome.missing == ((0, keys[1]),)

@@ -122,9 +122,49 @@ async def test_a_corrupt_block_read_straight_from_disk_is_a_miss_and_never_reach
         assert [f.ok for f in finished] == [False, False]
         assert key(a, 1) not in manager.indexes[1]
         assert key(a, 1) not in manager.indexes[0]
+        assert not victim.exists()  # discarded once, though both loads found it bad
         for index in manager.indexes:
             assert index.num_pinned == index.num_reserved == 0
             index.check_invariants()
+
+
+def corrupt(path: Path, offset: int) -> None:
+    """Flip one byte of a block file (a payload byte for a small offset)."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.asyncio
+async def test_a_block_found_corrupt_on_load_is_discarded_from_the_disk_tier(
+    tmp_path: Path,
+) -> None:
+    """Not only forgotten by the index: the tier deletes its file before the slot is reused."""
+    directory = tmp_path / "disk"
+    env = Env(gpu_blocks=32, cpu_blocks=2, disk=directory)
+    async with env.manager as manager:
+        a, _ = await disk_only(env)
+        disk = manager.indexes[1]
+        slot = disk.slot_of(key(a, 1))
+        victim = directory / (key(a, 1).hex() + ".kvb")
+        corrupt(victim, 7)
+        request, _ = plan_load(env, a, 2)
+        manager.build_step(SchedulerOutput())
+        with anyio.fail_after(DEADLINE):
+            await manager.wait_for_loads([request.request_id])
+        [finished] = manager.take_finished()
+        assert not finished.ok
+        assert key(a, 1) not in disk
+        assert slot not in {s for s, _ in disk.blocks()}  # its slot is free again
+        assert not victim.exists()  # and its bytes left the tier: no capacity, no re-read
+        assert (directory / (key(a, 0).hex() + ".kvb")).exists()  # the sound block stays
+        assert disk.num_pinned == disk.num_reserved == 0
+        disk.check_invariants()
+    restarted = Env(gpu_blocks=32, cpu_blocks=2, disk=directory)
+    async with restarted.manager as manager:  # a warm restart knows nothing of it
+        restored = {k for _, k in manager.indexes[1].blocks()}
+        assert key(a, 0) in restored
+        assert key(a, 1) not in restored
 
 
 @pytest.mark.asyncio

@@ -6,6 +6,12 @@ touches no bookkeeping. The manager applies the outcome on the engine's
 thread. A job cancelled while a copy it posted is queued or running reports
 only once that copy has ended (:func:`_transfer`): the outcome frees device
 blocks and slots, which the copy must be done with.
+
+A load whose source blocks prove missing or corrupt (``BlockMissingError``)
+discards them from their tier before it reports (:func:`_discard`): their
+slots are still pinned then, so no store can have been given them yet, and
+the outcome that frees them in the index finds the tier rid of them (a disk
+tier's file deleted, instead of lingering until the slot is rewritten).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import anyio
 import attrs
 
 from kvtier.errors import BlockMissingError, TransferCancelledError
+from kvtier.log import get_logger
 from kvtier.offload._state import Demotion, LoadEvent, LoadOutcome, StoreEvent, StoreOutcome
 from kvtier.tasks import TransferResult, TransferTask
 from kvtier.tiers.base import BlockKey, BlockStore
@@ -24,6 +31,8 @@ from kvtier.transfer import LoadTask, StoreTask, TransferPipeline
 __all__ = ["run_load", "run_store"]
 
 Push = Callable[[StoreOutcome | LoadOutcome], None]
+
+_log = get_logger("kvtier.offload")
 
 
 async def _transfer(pipeline: TransferPipeline, task: TransferTask) -> TransferResult:
@@ -58,6 +67,21 @@ async def _demote(
     except Exception:  # the evicted blocks are lost, as without a lower tier
         return False
     return True
+
+
+async def _discard(tier: BlockStore, slots: list[int]) -> None:
+    """Discard blocks a load found missing or corrupt; a failure is only logged.
+
+    Shielded: a cancelled load still finishes the discard (bounded by the
+    tier's own call) before it reports, and so before their slots are freed.
+    """
+    if not slots:
+        return
+    with anyio.CancelScope(shield=True):
+        try:
+            await tier.discard(slots)
+        except Exception as exc:  # the index forgets them all the same
+            _log.warning("discard_failed", tier=tier.name, slots=slots, error=repr(exc))
 
 
 async def run_store(
@@ -158,8 +182,9 @@ async def run_load(
         error = exc
         if leg is not None:  # the copy that failed: its source blocks proved bad
             by_slot = dict(zip(leg.src_slots, leg.keys, strict=True))
-            slots = exc.slots or leg.src_slots
-            missing = tuple((leg.level, by_slot[slot]) for slot in slots if slot in by_slot)
+            bad = [slot for slot in dict.fromkeys(exc.slots or leg.src_slots) if slot in by_slot]
+            missing = tuple((leg.level, by_slot[slot]) for slot in bad)
+            await _discard(tiers[leg.level], bad)  # still pinned: no store can reuse them yet
     except Exception as exc:
         error = exc
     finally:

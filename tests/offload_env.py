@@ -70,16 +70,17 @@ class Env:
         extra: int = 3,
         like: Request | None = None,
         tag: int | str | None = None,
+        request_id: str | None = None,
     ) -> Request:
         """A request of ``num_blocks`` full blocks plus ``extra`` tokens (a fresh prompt,
-        or ``like``'s), tagged ``tag``."""
+        or ``like``'s), tagged ``tag``, named ``request_id`` (default: a fresh id)."""
         self._count += 1
         if like is not None:
             tokens = list(like.all_token_ids)
         else:
             start = self._count * 100_000
             tokens = list(range(start, start + num_blocks * BS + extra))
-        return Request(f"req-{self._count}", tokens, _HASHER, tag=tag)
+        return Request(request_id or f"req-{self._count}", tokens, _HASHER, tag=tag)
 
     def compute(self, request: Request, blocks: list[KVCacheBlock], first: int = 0) -> None:
         """Hash ``blocks`` (positions ``first``…) into the prefix cache and write their bytes."""

@@ -1,14 +1,16 @@
 """A hypothesis state machine over an engine driving the OffloadManager.
 
-Random steps: new requests (sharing prefixes, so lower tiers hit), a step
-(compute, plan, store), finishing or preempting requests, transfers held back
-and released late, and injected transfer failures. Real KVCacheManager, real
-tiers and pipeline (synchronous mode: a background event loop). Checked after
-every step: no lower-tier slot both free and pinned, no device block stored
-twice while in flight, loads only into blocks without a computed hash, every
-loaded block's bytes are the bytes its hash was computed with, the engine is
-told about each load at most once (exactly once for the requests it keeps);
-at the end, nothing leaks in any tier or in the device pool.
+Random steps: new requests (sharing prefixes, so lower tiers hit, and
+sometimes reusing the id of a request that ended, whose transfers may still
+run), a step (compute, plan, store), finishing or preempting requests,
+transfers held back and released late, and injected transfer failures. Real
+KVCacheManager, real tiers and pipeline (synchronous mode: a background event
+loop). Checked after every step: no lower-tier slot both free and pinned, no
+device block stored twice while in flight, loads only into blocks without a
+computed hash, every loaded block's bytes are the bytes its hash was computed
+with, the engine is told about each load at most once (exactly once for the
+requests it keeps), never about an ended request's load once a new request
+took its id; at the end, nothing leaks in any tier or in the device pool.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class OffloadMachine(RuleBasedStateMachine):
         self.load_specs: dict[str, tuple[tuple[int, ...], int]] = {}
         self.expect_report: set[str] = set()
         self.reports: Counter[str] = Counter()
+        self.ended: list[str] = []  # ids of requests that ended, to reuse
 
     # -- helpers -------------------------------------------------------------------
 
@@ -87,16 +90,22 @@ class OffloadMachine(RuleBasedStateMachine):
         self.expect_report.discard(rid)
         self.om.request_finished(request)
         self.kvm.free(request)
+        self.ended.append(rid)
 
     @rule(
         prefix=st.integers(0, 1),
         shared=st.integers(1, 6),
         tail=st.integers(0, 2),
         run=st.booleans(),
+        reuse=st.integers(-1, 63),
     )
-    def new_request(self, prefix: int, shared: int, tail: int, run: bool) -> None:
+    def new_request(self, prefix: int, shared: int, tail: int, run: bool, reuse: int) -> None:
         self.count += 1
         rid = f"r{self.count}"
+        if reuse >= 0 and self.ended:  # an ended request's id (its transfers may still run)
+            rid = self.ended.pop(reuse % len(self.ended))
+            self.reports[rid] = 0  # counted from now on: the new request's
+            self.load_specs.pop(rid, None)
         tokens = PREFIXES[prefix][: shared * BS] + list(
             range(10**6 + self.count * 1000, 10**6 + self.count * 1000 + tail * BS + 5)
         )
@@ -139,12 +148,18 @@ class OffloadMachine(RuleBasedStateMachine):
             num_scheduled_tokens=dict.fromkeys(ready, BS),
             new_requests={rid: self.kvm.get_block_ids(rid) for rid in ready},
         )
-        before = self.om.in_flight_store_blocks
         plan = self.om.build_step(out)
         for spec in plan.stores:
             ids = spec.device_block_ids
             assert len(set(ids)) == len(ids)
-            assert not set(ids) & before, "a device block stored twice while in flight"
+        # No device block in two stores at once. (Checked on the live events,
+        # not against in_flight_store_blocks read before build_step: a store
+        # that ends in between is applied by build_step, which may then store
+        # its blocks again, rightly.)
+        live = [set(event.block_ids) for event in self.om._transfers.stores.values()]
+        assert sum(map(len, live)) == len(set().union(*live)), (
+            "a device block stored twice while in flight"
+        )
         for spec in plan.loads:
             self.load_specs[spec.request_id] = (spec.device_block_ids, spec.first_block)
         for rid in ready:  # the forward pass writes every full block's bytes

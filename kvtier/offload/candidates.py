@@ -16,6 +16,7 @@ from kvtier.block import KVCacheBlock
 from kvtier.hashing import BlockHash
 from kvtier.offload._state import RequestState
 from kvtier.offload.plan import SchedulerOutput
+from kvtier.offload.transfers import Transfers
 from kvtier.pool import BlockPool
 
 __all__ = ["Column", "HitCounter", "eager", "selective", "track_blocks"]
@@ -24,25 +25,23 @@ Column = tuple[list[KVCacheBlock], str, int]
 
 
 def track_blocks(
-    requests: dict[str, RequestState], out: SchedulerOutput, num_groups: int, *, live: bool = True
+    transfers: Transfers, out: SchedulerOutput, num_groups: int, *, live: bool = True
 ) -> None:
     """Update the requests' live block ids from the step's scheduler output.
 
-    With ``live`` False (only eager stores read the ids), the blocks added to
+    A new request whose id a finished one still holds gets a state of its
+    own (see :meth:`~kvtier.offload.transfers.Transfers.track`). With
+    ``live`` False (only eager stores read the ids), the blocks added to
     running requests are not followed: only new and preempted requests are.
     """
+    requests = transfers.requests
     for rid in out.preempted:
         state = requests.get(rid)
         if state is not None:
             state.block_ids = [[] for _ in range(num_groups)]
             state.stored_upto = 0
     for rid, ids in out.new_requests.items():
-        state = requests.get(rid)
-        fresh = [list(group) for group in ids]
-        if state is None:
-            requests[rid] = RequestState(rid, fresh)
-        else:
-            state.block_ids, state.stored_upto = fresh, 0
+        transfers.track(rid, [list(group) for group in ids]).stored_upto = 0
     if not live:
         return
     for rid, added in out.cached_requests.items():

@@ -16,7 +16,7 @@ from kvtier.block import KVCacheBlock
 from kvtier.errors import InvalidRequestError
 from kvtier.hashing import BlockHash, make_block_hash_with_group_id
 from kvtier.manager import KVCacheBlocks
-from kvtier.offload._state import LoadEvent, RequestState, Stage
+from kvtier.offload._state import LoadEvent, Stage
 from kvtier.offload.candidates import HitCounter
 from kvtier.offload.plan import HitInfo
 from kvtier.offload.transfers import Transfers
@@ -118,9 +118,11 @@ class LoadPlanner:
                 f"got {num_external_tokens}"
             )
         rid = request.request_id
-        requests = self.transfers.requests
-        state = requests.get(rid)
-        if num_external_tokens and state is not None and state.load is not None:
+        state = self.transfers.requests.get(rid)
+        # A finished request's load is its own: a new request may reuse its id
+        # (see Transfers.track).
+        load = None if state is None or state.finished else state.load
+        if num_external_tokens and load is not None:
             # Its load still writes the blocks of the earlier allocation: a new
             # one would be reported loaded when the old load ends, unwritten.
             raise InvalidRequestError(
@@ -128,10 +130,7 @@ class LoadPlanner:
                 "FinishedLoad before allocating external tokens again)"
             )
         ids = [[block.block_id for block in group] for group in blocks.blocks]
-        if state is None:
-            state = requests[rid] = RequestState(rid, ids)
-        else:
-            state.block_ids = ids
+        state = self.transfers.track(rid, ids)
         state.tag = request_tag(request)
         if num_external_tokens:
             state.load = self.plan_load(request, blocks, num_external_tokens // self.block_size)

@@ -36,12 +36,9 @@ import attrs
 
 from kvtier.errors import ConfigError, InvalidRequestError
 from kvtier.events import KVCacheEvent
-from kvtier.log import get_logger
 from kvtier.manager import KVCacheBlocks
 from kvtier.offload import candidates, session
-from kvtier.offload._state import (
-    RequestState,
-)
+from kvtier.offload._state import RequestState
 from kvtier.offload.loads import LoadPlanner
 from kvtier.offload.plan import (
     FinishedLoad,
@@ -64,7 +61,6 @@ from kvtier.transfer import TransferPipeline
 
 __all__ = ["OffloadManager"]
 
-_log = get_logger("kvtier.offload")
 _MODES: tuple[WriteMode, ...] = ("eager", "lazy", "selective")
 
 
@@ -318,7 +314,7 @@ class OffloadManager(TransferWaits):
         Raises:
             InvalidRequestError: ``num_external_tokens`` is not a multiple of
                 the block size, the groups do not match, or external tokens
-                come for a request whose earlier load has not finished.
+                come for a running request whose earlier load has not finished.
         """
         self._transfers.drain()
         self._loads.after_alloc(request, blocks, num_external_tokens)
@@ -336,7 +332,7 @@ class OffloadManager(TransferWaits):
         step_id = next(self._step_ids)
         loads = self._transfers.dispatch_planned_loads()
         candidates.track_blocks(
-            self._requests, scheduler_output, self.num_groups, live=self.mode == "eager"
+            self._transfers, scheduler_output, self.num_groups, live=self.mode == "eager"
         )
         if self.mode == "lazy":
             stores = self._stores.plan_lazy(step_id)
@@ -382,6 +378,9 @@ class OffloadManager(TransferWaits):
     def request_finished(self, request: KVCacheRequest) -> bool:
         """The request ended (finished, aborted or preempted for good).
 
+        Its id is free at once: a new request of that id gets its own state,
+        untouched by this one's transfers (whose load is then not reported).
+
         Returns:
             True when a load or store of it is still in flight: its state is
             kept until they end (the device blocks involved stay referenced
@@ -420,5 +419,9 @@ class OffloadManager(TransferWaits):
 
     @property
     def in_flight_store_blocks(self) -> frozenset[int]:
-        """Device block ids whose store has not ended."""
+        """Device block ids whose store has not ended, as of the manager's last call.
+
+        Stores that end meanwhile are applied at the start of the next call
+        (which may then store those blocks again).
+        """
         return self._transfers.in_flight_ids()

@@ -74,7 +74,8 @@ class OffloadStats:
         lookups: Requests looked up.
         device_hit_blocks: Blocks the device prefix cache held at lookup.
         tokens_to_compute: Prompt tokens the lookups left to compute.
-        loads_finished: Request loads reported to the engine.
+        loads_finished: Request loads that ended (each reported to the engine,
+            unless its request finished and a new one took its id first).
         loads_failed: Of those, loads that failed (in whole or in part).
     """
 

@@ -273,8 +273,8 @@ class Transfers:
             writeback.returned(self.block_pool, blocks)
         for rid in event.request_ids:
             state = self.requests.get(rid)
-            if state is not None:
-                state.store_events.discard(event.event_id)
+            if state is not None and event.event_id in state.store_events:
+                state.store_events.discard(event.event_id)  # (not a new request of that id)
                 self.forget_if_idle(state)
 
     def _on_load(self, outcome: LoadOutcome) -> None:
@@ -332,22 +332,48 @@ class Transfers:
         self.block_pool.free_blocks(event.targets)
         ids = [block.block_id for block in event.targets] if error else []
         ids.extend(event.failed)  # positions already gone when the load was planned
-        self.report_load(event.request_id, ids)
         state = self.requests.get(event.request_id)
-        if state is not None and state.load is event:
-            state.load = None
-            self.forget_if_idle(state)
+        # A state that does not hold this load is a new request's: the load's
+        # request finished, and the new one would take this report for its own.
+        owner = state if state is not None and state.load is event else None
+        self.report_load(event.request_id, ids, tell=owner is not None)
+        if owner is not None:
+            owner.load = None
+            self.forget_if_idle(owner)
 
-    def report_load(self, request_id: str, failed: Sequence[int]) -> None:
-        """Tell the engine a request's load ended (``failed``: device blocks to recompute)."""
-        self.finished.append(FinishedLoad(request_id, not failed, tuple(failed)))
+    def report_load(self, request_id: str, failed: Sequence[int], *, tell: bool = True) -> None:
+        """Count a request's load that ended and, if ``tell``, report it to the engine.
+
+        ``failed``: the device blocks to recompute.
+        """
+        if tell:
+            self.finished.append(FinishedLoad(request_id, not failed, tuple(failed)))
         self.stats.loads_finished += 1
         self.stats.loads_failed += int(bool(failed))
 
+    def track(self, request_id: str, block_ids: list[list[int]]) -> RequestState:
+        """The state of a request given device blocks: its own, or a fresh one.
+
+        A request that finished keeps its state while its transfers run; a new
+        request reusing its id gets a state of its own instead, so the old
+        transfers, as they end, settle only the old state (which nothing else
+        holds) and never the new request's. Load reports of an earlier request
+        of that id not taken yet are dropped: the engine would read them as
+        the new request's.
+        """
+        state = self.requests.get(request_id)
+        if state is not None and not state.finished:
+            state.block_ids = block_ids
+            return state
+        if self.finished:
+            self.finished = [done for done in self.finished if done.request_id != request_id]
+        state = self.requests[request_id] = RequestState(request_id, block_ids)
+        return state
+
     def forget_if_idle(self, state: RequestState) -> None:
         """Forget a finished request once none of its transfers is in flight."""
-        if state.finished and not state.busy:
-            self.requests.pop(state.request_id, None)
+        if state.finished and not state.busy and self.requests.get(state.request_id) is state:
+            del self.requests[state.request_id]
 
     def finish_request(self, request_id: str) -> bool:
         """The request ended: drop its unstarted load; True while a transfer is in flight."""

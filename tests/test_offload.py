@@ -7,7 +7,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from kvtier import KVCacheBlocks
+from kvtier import KVCacheBlocks, Request
 from kvtier.errors import ConfigError, InvalidRequestError
 from kvtier.hashing import make_block_hash_with_group_id
 from kvtier.offload import FinishedLoad, SchedulerOutput
@@ -62,6 +62,33 @@ async def test_eager_store_then_load_round_trip_with_verified_bytes() -> None:
         assert cpu.load_seconds > 0
         assert cpu.store_gbps > 0
         assert cpu.load_gbps > 0
+
+
+@pytest.mark.asyncio
+async def test_a_lookup_counts_once_when_its_request_is_admitted() -> None:
+    """An engine looks a request up again each step it fails to allocate: one lookup."""
+    env = Env()
+    async with env.manager as manager:
+        req = env.request(2)
+        blocks = env.alloc(req, 2)
+        manager.update_state_after_alloc(req, blocks, 0)
+        manager.step_computed(manager.build_step(scheduled(new={req.request_id: blocks})).step_id)
+        await manager.wait_idle()
+        before = manager.stats()
+        # 2 blocks held below, a third no tier holds
+        again = Request("again", [*req.all_token_ids[: 2 * BS], *range(BS + 3)], req.block_hasher)
+        for _ in range(3):
+            assert manager.get_num_new_matched_tokens(again, 0) == (2 * BS, True)
+        gone = env.request(2, like=req)  # looked up, then finished unallocated: not counted
+        manager.get_num_new_matched_tokens(gone, 0)
+        manager.request_finished(gone)
+        assert manager.stats() == before  # nothing counted before an allocation
+        manager.update_state_after_alloc(again, KVCacheBlocks((env.fresh(3),)), 2 * BS)
+        after = manager.stats()
+        cpu, was = after.tiers["cpu"], before.tiers["cpu"]
+        assert (after.lookups - before.lookups, cpu.hits - was.hits) == (1, 2)
+        assert cpu.queries - was.queries == 3  # two hits and the block that missed
+        assert after.tokens_to_compute - before.tokens_to_compute == BS + 3
 
 
 @pytest.mark.asyncio
@@ -458,10 +485,14 @@ async def test_selective_mode_stores_blocks_after_enough_hits() -> None:
     env = Env(mode="selective", selective_min_hits=2)
     async with env.manager as manager:
         req = env.request(2)
-        env.alloc(req, 2)
+        blocks = env.alloc(req, 2)
         for round_ in range(2):
             reader = env.request(2, like=req)
-            manager.get_num_new_matched_tokens(reader, 2 * BS)  # a device hit of 2 blocks
+            for _ in range(3):  # looked up again each step it fails to allocate: one hit
+                manager.get_num_new_matched_tokens(reader, 2 * BS)  # a device hit of 2 blocks
+                plan = manager.build_step(SchedulerOutput())
+                assert plan.num_store_blocks == 0
+            manager.update_state_after_alloc(reader, blocks, 0)  # admitted: its hit counts
             plan = manager.build_step(SchedulerOutput())
             assert plan.num_store_blocks == (0 if round_ == 0 else 2)
         # A hit block may not be computed yet (hits count from allocation on):

@@ -10,7 +10,9 @@ and references the target device blocks until the load ends.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+
+import attrs
 
 from kvtier.block import KVCacheBlock
 from kvtier.errors import InvalidRequestError
@@ -26,6 +28,19 @@ from kvtier.request import KVCacheRequest, request_tag
 from kvtier.tiers.base import BlockKey
 
 __all__ = ["LoadPlanner"]
+
+
+@attrs.frozen
+class _Lookup:
+    """One lookup of a request, kept until its allocation counts it."""
+
+    info: HitInfo
+    levels: list[int]
+    """The tier each found block came from, in order."""
+    missed: bool
+    """The lookup stopped at a block no tier holds (before the prompt's end)."""
+    device_hashes: Sequence[BlockHash]
+    """The hashes of the device hit (selective mode's popularity counter)."""
 
 
 class LoadPlanner:
@@ -59,20 +74,19 @@ class LoadPlanner:
         self.num_groups = num_groups
         self.hit_counter = hit_counter
         self.hits: dict[str, HitInfo] = {}
+        # The latest lookup of each request not yet allocated: counted once
+        # it is (an engine asks again each step it fails to allocate).
+        self.lookups: dict[str, _Lookup] = {}
         # Hints cost an object per block: built only when some policy reads them.
         self.hinted = any(isinstance(i.policy, PrefixAwarePolicy) for i in self.indexes)
 
     def _keys(self, block_hash: BlockHash) -> list[BlockKey]:
         return [make_block_hash_with_group_id(block_hash, g) for g in range(self.num_groups)]
 
-    def _holder(self, keys: list[BlockKey], stats: bool = False) -> int | None:
+    def _holder(self, keys: list[BlockKey]) -> int | None:
         """The first tier holding every key, or None."""
         for level, index in enumerate(self.indexes):
-            if stats:
-                self.tier_stats[level].queries += 1
             if all(index.contains(key) for key in keys):
-                if stats:
-                    self.tier_stats[level].hits += 1
                 return level
         return None
 
@@ -87,22 +101,38 @@ class LoadPlanner:
         start = num_computed_tokens // self.block_size
         limit = min(len(hashes), max(0, request.num_tokens - 1) // self.block_size)
         found: dict[str, int] = {tier.name: 0 for tier in self.tiers}
-        hit = 0
+        levels: list[int] = []
         for position in range(start, limit):
-            level = self._holder(self._keys(hashes[position]), stats=True)
+            level = self._holder(self._keys(hashes[position]))
             if level is None:
                 break
             found[self.tiers[level].name] += 1
-            hit += 1
-        if self.hit_counter is not None:
-            self.hit_counter.record(hashes[:start])
-        tokens = hit * self.block_size
+            levels.append(level)
+        missed = len(levels) < limit - start  # one more block was asked of every tier
+        tokens = len(levels) * self.block_size
         info = HitInfo(start, found, max(0, request.num_tokens - num_computed_tokens - tokens))
         self.hits[request.request_id] = info
+        self.lookups[request.request_id] = _Lookup(info, levels, missed, hashes[:start])
+        return tokens, bool(levels)
+
+    def _count(self, lookup: _Lookup) -> None:
+        """Add an admitted request's lookup to the counters (once, however often it was asked).
+
+        A block found in tier ``level`` was asked of every tier down to it;
+        the first block no tier holds, of every tier.
+        """
+        for level in lookup.levels:
+            for stats in self.tier_stats[: level + 1]:
+                stats.queries += 1
+            self.tier_stats[level].hits += 1
+        if lookup.missed:
+            for stats in self.tier_stats:
+                stats.queries += 1
+        if self.hit_counter is not None:
+            self.hit_counter.record(lookup.device_hashes)
         self.stats.lookups += 1
-        self.stats.device_hit_blocks += start
-        self.stats.tokens_to_compute += info.tokens_to_compute
-        return tokens, hit > 0
+        self.stats.device_hit_blocks += lookup.info.device_blocks
+        self.stats.tokens_to_compute += lookup.info.tokens_to_compute
 
     def after_alloc(
         self, request: KVCacheRequest, blocks: KVCacheBlocks, num_external_tokens: int
@@ -118,6 +148,9 @@ class LoadPlanner:
                 f"got {num_external_tokens}"
             )
         rid = request.request_id
+        lookup = self.lookups.pop(rid, None)
+        if lookup is not None:
+            self._count(lookup)
         state = self.transfers.requests.get(rid)
         # A finished request's load is its own: a new request may reuse its id
         # (see Transfers.track).

@@ -388,6 +388,7 @@ class OffloadManager(TransferWaits):
         """
         self._transfers.drain()
         self._loads.hits.pop(request.request_id, None)
+        self._loads.lookups.pop(request.request_id, None)
         return self._transfers.finish_request(request.request_id)
 
     def has_request(self, request_id: str) -> bool:

@@ -12,7 +12,11 @@ class TierStats:
     """Counters of one lower tier, in blocks, since the manager started.
 
     Attributes:
-        queries: Blocks looked up in this tier (those the tiers above missed).
+        queries: Blocks looked up in this tier (those the tiers above missed),
+            for requests the engine admitted: a request's lookup counts once,
+            when :meth:`~kvtier.offload.manager.OffloadManager.update_state_after_alloc`
+            records its allocation (its latest lookup), however often the
+            engine asked while it could not allocate.
         hits: Of those, blocks this tier held.
         stores: Blocks written to this tier (completed).
         loads: Blocks read from this tier toward the device (completed).
@@ -71,7 +75,8 @@ class OffloadStats:
 
     Attributes:
         tiers: One :class:`TierStats` per lower tier, in stack order.
-        lookups: Requests looked up.
+        lookups: Requests looked up and then allocated (each once; see
+            :attr:`TierStats.queries`).
         device_hit_blocks: Blocks the device prefix cache held at lookup.
         tokens_to_compute: Prompt tokens the lookups left to compute.
         loads_finished: Request loads that ended (each reported to the engine,

@@ -177,11 +177,9 @@ def _workload(args: argparse.Namespace) -> Workload:
             for name, default in _CHAT_OPTIONS.items()
         }
         workload = chat_workload(**options)
-    else:
-        workload = WORKLOADS[name]()
-    if args.limit is not None:
-        workload = workload.head(args.limit)
-    return workload
+        return workload if args.limit is None else workload.head(args.limit)
+    # A trace is read only as far as the limit (the whole one expands 61 M tokens).
+    return WORKLOADS[name](limit=args.limit)
 
 
 def _replay(

@@ -15,6 +15,7 @@ import pytest
 
 from kvtier import cli
 from kvtier.cli import main
+from kvtier.replay import workloads
 from kvtier.replay.workloads import sample_workload
 
 SMALL_TOML = """
@@ -259,6 +260,23 @@ def test_limit_keeps_each_requests_tag(workload: str) -> None:
     assert limited.prompts == expected.prompts
     assert expected.tags is not None
     assert list(limited.tags or ()) == list(expected.tags)
+
+
+@pytest.mark.parametrize("workload", ["sample", "mooncake"])
+def test_limit_reads_the_trace_no_further(workload: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--limit 5 of the 3,993-request trace read 5 requests, not all (2.7 GB peak)."""
+    read: list[int] = []
+    real = workloads.read_mooncake_trace
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        rows = real(*args, **kwargs)
+        read.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(workloads, "read_mooncake_trace", counting)
+    args = cli._parser().parse_args(["replay", "--workload", workload, "--limit", "5"])
+    assert len(cli._workload(args).prompts) == 5
+    assert read == [5]
 
 
 def _replay_json(config: Path, workdir: Path) -> dict[str, Any]:

@@ -131,9 +131,12 @@ def chat_workload(
     return Workload(f"chat-{users}x{rounds}", prompts)
 
 
-WORKLOADS: dict[str, Callable[[], Workload]] = {
+WORKLOADS: dict[str, Callable[..., Workload]] = {
     "mooncake": trace_workload,
     "sample": sample_workload,
     "chat": chat_workload,
 }
-"""Built-in workloads by name (``--workload``), each with its default parameters."""
+"""Built-in workloads by name (``--workload``), each with its default parameters.
+
+The trace ones (``mooncake``, ``sample``) take ``limit=`` and read no further.
+"""

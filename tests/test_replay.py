@@ -245,3 +245,14 @@ async def test_prefetch_policy_decides_what_is_staged_from_disk(
         assert report.declined_tokens > 0
     else:
         assert report.declined_tokens > 0
+
+
+@pytest.mark.asyncio
+async def test_the_smallest_device_that_holds_the_largest_prompt_is_accepted() -> None:
+    """A prompt of 5 blocks needs 5 device blocks beside the pool's null block: 6."""
+    prompt = list(range(5 * 16))
+    workload = Workload("five-blocks", [prompt, prompt])
+    report = await replay(small_config(device_blocks=6, disk_blocks=None), workload)
+    assert report.device_hit_tokens + report.loaded_tokens == 4 * 16  # the last block recomputed
+    with pytest.raises(ConfigError, match=r"5 device blocks .* \(5 blocks, plus the pool's null"):
+        await replay(small_config(device_blocks=5, disk_blocks=None), workload)

@@ -59,13 +59,13 @@ def _device_blocks(config: KvtierConfig, workload: Workload) -> int:
     first = config.tiers[0]
     block_size = config.layout.block_size
     largest = max((len(p) for p in workload.prompts), default=1)
-    needed = -(-largest // block_size) + 1
+    needed = -(-largest // block_size) + 1  # the pool's null block holds no tokens
     if first.kind == "device":
         blocks = config.blocks_of(first)
-        if blocks < needed + 1:
+        if blocks < needed:
             raise ConfigError(
                 f"tiers[0].capacity: {blocks} device blocks cannot hold the workload's "
-                f"largest prompt ({needed} blocks)"
+                f"largest prompt ({needed - 1} blocks, plus the pool's null block)"
             )
         return blocks
     return max(256, 2 * needed + 1)

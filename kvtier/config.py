@@ -57,6 +57,7 @@ from kvtier.hashing import HASH_ALGORITHMS
 from kvtier.policies.base import EVICTION_POLICIES
 from kvtier.policies.prefetch import PREFETCH_POLICIES
 from kvtier.tiers.base import BlockLayout
+from kvtier.tiers.disk import DiskTier
 
 __all__ = [
     "KvtierConfig",
@@ -223,7 +224,14 @@ class KvtierConfig:
 
     def blocks_of(self, tier: TierConfig) -> int:
         """How many blocks of this layout fit in ``tier``'s capacity."""
-        return tier.capacity_bytes // self.layout.block_bytes
+        return tier.capacity_bytes // _bytes_per_block(self.layout, tier.kind)
+
+
+def _bytes_per_block(layout: BlockLayout, kind: str) -> int:
+    """The room one block takes in a tier: a disk block's file adds a trailer and padding."""
+    if kind == "disk":
+        return DiskTier.bytes_per_block(layout)
+    return layout.block_bytes
 
 
 def _table(value: object, key: str) -> Mapping[str, Any]:
@@ -373,10 +381,12 @@ def parse_config(data: Mapping[str, Any]) -> KvtierConfig:
     if not lower:
         raise ConfigError("tiers: needs at least one lower tier (cpu, disk or redis)")
     for index, tier in enumerate(tiers):
-        if tier.capacity_bytes < layout.block_bytes:
+        room = _bytes_per_block(layout, tier.kind)
+        if tier.capacity_bytes < room:
+            what = "block file" if tier.kind == "disk" else "block"
             raise ConfigError(
-                f"tiers[{index}].capacity: {tier.capacity_bytes} bytes hold no block of "
-                f"{layout.block_bytes} bytes"
+                f"tiers[{index}].capacity: {tier.capacity_bytes} bytes hold no {what} of "
+                f"{room} bytes"
             )
     offload = _offload(_table(data.get("offload", {}), "offload"))
     return KvtierConfig(layout, tiers, offload)

@@ -148,6 +148,10 @@ def test_durations(text: str, expected: float) -> None:
         ),
         (base(tiers=[{"kind": "cpu"}]), r"tiers\[0\]: missing key\(s\) capacity"),
         (base(tiers=[{"kind": "cpu", "capacity": "10B"}]), r"hold no block"),
+        (  # 2 KiB hold two 1 KiB blocks, but not one 4 KiB block file
+            base(tiers=[{"kind": "disk", "capacity": "2KiB", "path": "/x"}]),
+            r"tiers\[0\]\.capacity: 2048 bytes hold no block file of 4096 bytes",
+        ),
         (base(tiers=[{"kind": "device", "capacity": "1GiB"}]), r"at least one lower tier"),
         (
             base(
@@ -305,3 +309,10 @@ def test_the_options_repr_redacts_the_url() -> None:
     assert options.url == "redis://user:hunter2@cache:6379/0"  # the client still gets it
     assert "hunter2" not in repr(options)
     assert "redis://user:***@cache:6379/0" in repr(options)
+
+
+def test_a_disk_tier_counts_blocks_by_their_files() -> None:
+    config = parse_config(base(tiers=[{"kind": "disk", "capacity": "16KiB", "path": "/x"}]))
+    assert config.blocks_of(config.tiers[0]) == 4  # 4 KiB files, not 1 KiB blocks
+    cpu = parse_config(base())
+    assert cpu.blocks_of(cpu.tiers[0]) == 1024

@@ -354,6 +354,9 @@ async def test_disk_hits_are_staged_through_cpu_and_cpu_evictions_demote_to_disk
         stats = manager.stats()
         assert stats.tiers["cpu"].evictions == 2
         assert stats.tiers["disk"].demotions == 2
+        disk = stats.tiers["disk"]  # the demotions' writes are the disk's stored traffic
+        assert (disk.stores, disk.bytes_stored) == (0, 2 * LAYOUT.block_bytes)
+        assert disk.store_seconds > 0
         assert {k for _, k in manager.indexes[1].blocks()} == {key(a, 0), key(a, 1)}
 
         again = env.request(2, like=a)

@@ -92,6 +92,7 @@ async def test_hits_spill_to_disk_when_cpu_is_small(tmp_path: Path) -> None:
     report = await replay(small_config(cpu_blocks=48), small_chat(), workdir=tmp_path)
     disk = report.tiers[1]
     assert disk.demotions > 0  # CPU evictions are demoted, not dropped
+    assert disk.bytes_stored == disk.demotions * BLOCK_BYTES  # the disk's writes, shown
     assert disk.hits > 0
     assert disk.loaded_blocks > 0
     assert report.verified_blocks == (report.device_hit_tokens + report.loaded_tokens) // 16

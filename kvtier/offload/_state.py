@@ -122,7 +122,8 @@ class StoreOutcome:
 
     event_id: int
     error: BaseException | None
-    demotions_ok: tuple[bool, ...]
+    demotions: tuple[float | None, ...]
+    """Per demotion, the seconds its copy took, or None where it failed or never ran."""
     seconds: float = 0.0
 
 
@@ -137,5 +138,5 @@ class LoadOutcome:
     request_id: str
     error: BaseException | None
     missing: tuple[tuple[int, BlockKey], ...] = ()
-    demotions_ok: tuple[bool, ...] = ()
+    demotions: tuple[float | None, ...] = ()
     seconds: tuple[tuple[int, float], ...] = ()

@@ -54,7 +54,8 @@ async def _transfer(pipeline: TransferPipeline, task: TransferTask) -> TransferR
 
 async def _demote(
     pipeline: TransferPipeline, tiers: Sequence[BlockStore], demotion: Demotion
-) -> bool:
+) -> float | None:
+    """Copy evicted blocks one tier down; the copy's seconds, or None if it failed."""
     task = StoreTask(
         tiers[demotion.level],
         demotion.src_slots,
@@ -63,10 +64,9 @@ async def _demote(
         demotion.keys,
     )
     try:
-        await _transfer(pipeline, task)
+        return (await _transfer(pipeline, task)).seconds
     except Exception:  # the evicted blocks are lost, as without a lower tier
-        return False
-    return True
+        return None
 
 
 async def _discard(tier: BlockStore, slots: list[int]) -> None:
@@ -92,7 +92,7 @@ async def run_store(
     event: StoreEvent,
 ) -> None:
     """Demote what the event's slots held, then copy its device blocks down."""
-    demoted: list[bool] = []
+    demoted: list[float | None] = []
     error: BaseException | None = TransferCancelledError(f"store event {event.event_id} cancelled")
     seconds = 0.0
     try:
@@ -105,7 +105,7 @@ async def run_store(
         error = exc
     finally:
         missing = len(event.demotions) - len(demoted)
-        push(StoreOutcome(event.event_id, error, (*demoted, *([False] * missing)), seconds))
+        push(StoreOutcome(event.event_id, error, (*demoted, *([None] * missing)), seconds))
 
 
 @attrs.frozen
@@ -166,7 +166,7 @@ async def run_load(
     """Stage blocks held only by slower tiers into the first, then load them all."""
     error: BaseException | None = TransferCancelledError(f"load event {event.event_id} cancelled")
     missing: tuple[tuple[int, BlockKey], ...] = ()
-    demoted: list[bool] = []
+    demoted: list[float | None] = []
     seconds: dict[int, float] = {}  # per source tier level
     leg: _Leg | None = None
     try:
@@ -188,7 +188,7 @@ async def run_load(
     except Exception as exc:
         error = exc
     finally:
-        unrun = [False] * (len(event.demotions) - len(demoted))
+        unrun = [None] * (len(event.demotions) - len(demoted))
         outcome = LoadOutcome(
             event.event_id,
             event.request_id,

@@ -25,9 +25,10 @@ class TierStats:
         failed_transfers: Blocks of transfers to or from this tier that failed.
         dropped_stores: Blocks not stored because the tier was full of pinned
             or reserved blocks.
-        bytes_stored: Bytes written to this tier by completed stores.
+        bytes_stored: Bytes written to this tier by completed stores and by
+            demotions into it (``stores`` counts only the former).
         bytes_loaded: Bytes loaded toward the device from this tier.
-        store_seconds: Time the pipeline spent on those stores.
+        store_seconds: Time the pipeline spent on those writes.
         load_seconds: Time the pipeline spent on those loads (staging included).
         probed_blocks: Blocks a lookup-time probe found in this (shared) tier
             and entered into its index (see :mod:`kvtier.offload.remote`).

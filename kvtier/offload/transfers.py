@@ -215,7 +215,7 @@ class Transfers:
         event = self.stores.get(outcome.event_id)
         if event is None:
             return
-        self._settle_demotions(event.demotions, outcome.demotions_ok)
+        self._settle_demotions(event.demotions, outcome.demotions)
         event.demotions = []
         event.local_done = True
         event.seconds = outcome.seconds
@@ -226,15 +226,19 @@ class Transfers:
         if event.reports >= self.world_size:
             self.end_store(event, ok=event.error is None)
 
-    def _settle_demotions(self, demotions: list[Demotion], ok: Sequence[bool]) -> None:
-        for demotion, done in zip(demotions, ok, strict=True):
+    def _settle_demotions(self, demotions: list[Demotion], seconds: Sequence[float | None]) -> None:
+        """Commit the demotions that copied (their bytes and time count as the tier's stores)."""
+        for demotion, took in zip(demotions, seconds, strict=True):
             below = self.indexes[demotion.level + 1]
-            if done:
+            stats = self.tier_stats[demotion.level + 1]
+            if took is not None:
                 below.commit(demotion.keys, demotion.hints)
-                self.tier_stats[demotion.level + 1].demotions += len(demotion.keys)
+                stats.demotions += len(demotion.keys)
+                stats.bytes_stored += len(demotion.keys) * self.device.layout.block_bytes
+                stats.store_seconds += took
             else:  # the evicted blocks are lost, as without a tier below
                 below.abort(demotion.keys)
-                self.tier_stats[demotion.level + 1].failed_transfers += len(demotion.keys)
+                stats.failed_transfers += len(demotion.keys)
 
     def report(self, event_id: int, workers: int) -> None:
         """Count store completions reported by other workers."""
@@ -281,7 +285,7 @@ class Transfers:
         event = self.loads.get(outcome.event_id)
         if event is None:
             return
-        self._settle_demotions(event.demotions, outcome.demotions_ok)
+        self._settle_demotions(event.demotions, outcome.demotions)
         event.demotions = []
         self.end_load(
             event,

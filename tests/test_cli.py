@@ -298,3 +298,13 @@ def test_a_hash_seed_lets_another_process_hit_xxhash_blocks_on_disk(tmp_path: Pa
     warm = _replay_json(config, tmp_path / "w")  # a new process: a new random root without a seed
     assert warm["tiers"][1]["restored_blocks"] > 0
     assert warm["saved_tokens"] > cold["saved_tokens"]  # the restored blocks are found
+
+
+def test_sweep_labels_keep_fractional_capacities_apart(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["replay", "--sweep", "--workload", "sample", "--policies", "lru"]
+    assert main([*args, "--capacities", "1.5,2.5,10"]) == 0
+    out = capsys.readouterr().out
+    for label in ("1.5% (", "2.5% (", "10% ("):  # both were "2%"
+        assert label in out

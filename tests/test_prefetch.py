@@ -66,7 +66,16 @@ def test_cost_model_is_an_exponentially_weighted_mean_per_level() -> None:
     assert model.seconds_per_block(2) == 0.0
 
 
-@pytest.mark.parametrize("kwargs", [{"weight": 0.0}, {"weight": 1.5}, {"prior": -1.0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"weight": 0.0},
+        {"weight": 1.5},
+        {"prior": -1.0},
+        {"prior": float("nan")},
+        {"prior": float("inf")},
+    ],
+)
 def test_cost_model_rejects_bad_parameters(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         StagingCostModel(**kwargs)
@@ -82,6 +91,10 @@ def test_registry_builds_by_name_and_lists_names_on_error() -> None:
         make_prefetch_policy("eventually")
     with pytest.raises(ConfigError, match="timeout"):
         make_prefetch_policy("timeout", timeout=-1.0)
+    for bad in (float("nan"), float("inf")):  # NaN compared false: everything was loaded
+        for name in ("timeout", "timeout_per_1k_tokens"):
+            with pytest.raises(ConfigError, match=f"{name} must be finite seconds"):
+                make_prefetch_policy("timeout", **{name: bad})
 
 
 @given(

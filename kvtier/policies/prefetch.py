@@ -21,6 +21,7 @@ request holding half-written blocks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -70,14 +71,15 @@ class StagingCostModel:
         prior: Seconds per block before any observation.
 
     Raises:
-        ConfigError: ``weight`` outside (0, 1] or a negative ``prior``.
+        ConfigError: ``weight`` outside (0, 1], or a ``prior`` that is
+            negative, infinite or NaN.
     """
 
     def __init__(self, *, weight: float = 0.2, prior: float = 0.0) -> None:
         if not 0.0 < weight <= 1.0:
             raise ConfigError(f"staging cost weight must be in (0, 1], got {weight!r}")
-        if prior < 0.0:
-            raise ConfigError(f"staging cost prior must be >= 0, got {prior!r}")
+        if not 0.0 <= prior < math.inf:  # NaN fails too
+            raise ConfigError(f"staging cost prior must be finite seconds >= 0, got {prior!r}")
         self.weight = weight
         self.prior = prior
         self._per_block: dict[int, float] = {}
@@ -125,8 +127,8 @@ class WaitComplete:
 
 
 def _non_negative(_: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ConfigError(f"prefetch {attribute.name} must be seconds >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise ConfigError(f"prefetch {attribute.name} must be finite seconds >= 0, got {value!r}")
 
 
 @attrs.frozen

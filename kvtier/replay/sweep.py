@@ -104,7 +104,7 @@ def render_sweep(rows: Sequence[SweepRow], *, title: str) -> Table:
     for name in names:
         table.add_column(name, justify="right")
     for row in rows:
-        cells = [f"{row.fraction:.0%} ({row.capacity:,})", f"{row.belady:.2%}"]
+        cells = [f"{row.fraction * 100:g}% ({row.capacity:,})", f"{row.belady:.2%}"]
         for name in names:
             closed = row.gap_closed(name) if name != "lru" else None
             extra = f" ({closed:+.0%})" if closed is not None else ""

@@ -274,6 +274,12 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
             config = load_config(args.config) if args.config is not None else default_config()
         except OSError as exc:
             raise _named("CONFIG", args.config, exc) from exc
+        if args.workdir is not None and not any(
+            tier.kind == "disk" and tier.path is None for tier in config.tiers
+        ):
+            raise KVTierError(
+                "--workdir holds the disk tiers without a path, and this config has none"
+            )
         workload = _workload(args)
         if args.sweep or args.plot is not None:
             _run_sweep(config, workload, args, out)

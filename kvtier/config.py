@@ -331,6 +331,15 @@ def _tier(table: Mapping[str, Any], index: int) -> TierConfig:
     )
 
 
+_READ_ONLY_BY: Final = {
+    "prefetch_timeout": ("prefetch", "timeout", "best_effort"),
+    "prefetch_timeout_per_1k_tokens": ("prefetch", "timeout", "best_effort"),
+    "lazy_free_target": ("write_mode", "lazy", "eager"),
+    "selective_min_hits": ("write_mode", "selective", "eager"),
+}
+"""``[offload]`` keys that one choice of another key alone reads: ``(key, choice, default)``."""
+
+
 def _offload(table: Mapping[str, Any]) -> OffloadConfig:
     allowed = (
         "write_mode",
@@ -344,7 +353,7 @@ def _offload(table: Mapping[str, Any]) -> OffloadConfig:
         "max_probe_blocks",
     )
     _check_keys(table, allowed, "offload")
-    return OffloadConfig(
+    offload = OffloadConfig(
         _choice(table, "write_mode", WRITE_MODES, "eager", "offload"),
         _choice(table, "hash", tuple(sorted(HASH_ALGORITHMS)), "sha256", "offload"),
         _seed(table.get("hash_seed")),
@@ -358,6 +367,14 @@ def _offload(table: Mapping[str, Any]) -> OffloadConfig:
         _integer(table, "selective_min_hits", 2, "offload"),
         _integer(table, "max_probe_blocks", 256, "offload", minimum=0),
     )
+    for name, (option, value, default) in _READ_ONLY_BY.items():
+        chosen = table.get(option, default)
+        if name in table and chosen != value:
+            raise ConfigError(
+                f"offload.{name}: only {option} = {value!r} reads it, and {option} is "
+                f"{chosen!r}" + ("" if option in table else " (the default)")
+            )
+    return offload
 
 
 def parse_config(data: Mapping[str, Any]) -> KvtierConfig:

@@ -308,3 +308,17 @@ def test_sweep_labels_keep_fractional_capacities_apart(
     out = capsys.readouterr().out
     for label in ("1.5% (", "2.5% (", "10% ("):  # both were "2%"
         assert label in out
+
+
+def test_workdir_without_a_disk_tier_to_hold_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "cpu.toml"
+    config.write_text(
+        "[layout]\nnum_layers = 1\nblock_size = 16\nnum_kv_heads = 1\nhead_size = 8\n"
+        '[[tiers]]\nkind = "cpu"\ncapacity = "1MiB"\n'
+    )
+    args = ["replay", str(config), "--workload", "sample", "--limit", "2", "--no-progress"]
+    assert main([*args, "--workdir", str(tmp_path / "w")]) == 2
+    assert "--workdir holds the disk tiers without a path" in capsys.readouterr().err
+    assert main(args) == 0

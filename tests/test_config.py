@@ -316,3 +316,31 @@ def test_a_disk_tier_counts_blocks_by_their_files() -> None:
     assert config.blocks_of(config.tiers[0]) == 4  # 4 KiB files, not 1 KiB blocks
     cpu = parse_config(base())
     assert cpu.blocks_of(cpu.tiers[0]) == 1024
+
+
+@pytest.mark.parametrize(
+    ("offload", "message"),
+    [
+        ({"prefetch_timeout": "1s"}, r"only prefetch = 'timeout' reads it, .* 'best_effort' \(the"),
+        (
+            {"prefetch": "wait_complete", "prefetch_timeout_per_1k_tokens": "1ms"},
+            r"prefetch_timeout_per_1k_tokens: only prefetch = 'timeout' .* 'wait_complete'$",
+        ),
+        ({"lazy_free_target": 8}, r"lazy_free_target: only write_mode = 'lazy' reads it"),
+        (
+            {"write_mode": "lazy", "selective_min_hits": 3},
+            r"selective_min_hits: only write_mode = 'selective' reads it, .* 'lazy'$",
+        ),
+    ],
+)
+def test_a_key_its_mode_does_not_read_is_refused(offload: dict[str, object], message: str) -> None:
+    """A setting that would do nothing is an error, not silence (a mode switched, a typo)."""
+    with pytest.raises(ConfigError, match=message):
+        parse_config(base(offload=offload))
+
+
+def test_keys_of_the_chosen_mode_are_read() -> None:
+    offload = parse_config(
+        base(offload={"write_mode": "selective", "selective_min_hits": 5})
+    ).offload
+    assert offload.selective_min_hits == 5

@@ -155,6 +155,8 @@ async def test_the_example_redis_config_replays_against_a_real_server(
     device["capacity"], cpu["capacity"] = 64 * BLOCK_BYTES, 48 * BLOCK_BYTES
     remote["capacity"], remote["url"] = 4096 * BLOCK_BYTES, redis_server.url
     data["offload"]["prefetch"] = "wait_complete"  # every hit loaded, whatever this VM's speed
+    for unread in ("prefetch_timeout", "prefetch_timeout_per_1k_tokens"):
+        del data["offload"][unread]
     workload = chat_workload(users=6, rounds=4, system_prompt=256, question=32, answer=64)
     report = await replay(parse_config(data), workload)
     tier = report.tiers[-1]

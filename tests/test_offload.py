@@ -579,6 +579,10 @@ async def test_bad_arguments_are_typed_errors() -> None:
     other = CpuTier(LAYOUT.__class__(1, BS, 1, 8, "float16"), 4)
     with pytest.raises(ConfigError, match="layout"):
         Env(tiers=[other])
+    with pytest.raises(ConfigError, match="lazy_free_target=16 > the 15 device blocks"):
+        Env(gpu_blocks=16, mode="lazy", lazy_free_target=16)  # it could never be met
+    Env(gpu_blocks=16, mode="lazy", lazy_free_target=15)
+    Env(gpu_blocks=16, mode="eager", lazy_free_target=99)  # not read outside lazy mode
     async with env.manager as manager:
         req = env.request(2)
         with pytest.raises(InvalidRequestError, match="multiple of 16"):

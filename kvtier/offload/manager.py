@@ -137,6 +137,9 @@ class OffloadManager(TransferWaits):
         self.block_size = _positive("block_size", block_size)
         self.mode: WriteMode = mode
         self.lazy_free_target = _positive("lazy_free_target", lazy_free_target)
+        usable = block_pool.num_gpu_blocks - 1  # the null block aside
+        if mode == "lazy" and lazy_free_target > usable:
+            raise ConfigError(f"lazy_free_target={lazy_free_target} > the {usable} device blocks")
         self.selective_min_hits = _positive("selective_min_hits", selective_min_hits)
         self.num_groups = _positive("num_groups", num_groups)
         self.world_size = _positive("world_size", world_size)

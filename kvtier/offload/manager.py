@@ -34,12 +34,13 @@ from typing import Self
 
 import attrs
 
-from kvtier.errors import ConfigError, InvalidRequestError
+from kvtier.errors import InvalidRequestError
 from kvtier.events import KVCacheEvent
 from kvtier.manager import KVCacheBlocks
 from kvtier.offload import candidates, session
 from kvtier.offload._state import RequestState
 from kvtier.offload.loads import LoadPlanner
+from kvtier.offload.options import check_stack, positive, tier_policies
 from kvtier.offload.plan import (
     FinishedLoad,
     HitInfo,
@@ -60,14 +61,6 @@ from kvtier.tiers.index import TierIndex
 from kvtier.transfer import TransferPipeline
 
 __all__ = ["OffloadManager"]
-
-_MODES: tuple[WriteMode, ...] = ("eager", "lazy", "selective")
-
-
-def _positive(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 class OffloadManager(TransferWaits):
@@ -121,35 +114,18 @@ class OffloadManager(TransferWaits):
         pipeline: TransferPipeline | None = None,
         max_probe_blocks: int = 256,
     ) -> None:
-        if not tiers:
-            raise ConfigError("an offload manager needs at least one lower tier")
-        if mode not in _MODES:
-            raise ConfigError(f"mode must be one of {', '.join(_MODES)}, got {mode!r}")
-        for tier in tiers:
-            if tier.layout != device.layout:
-                raise ConfigError(f"tier {tier.name!r} has another block layout than the device")
+        check_stack(block_pool, device, tiers, mode, lazy_free_target)
         names = [tier.name for tier in tiers]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"tier names must be unique, got {names}")
         self.block_pool = block_pool
         self.device = device
         self.tiers = list(tiers)
-        self.block_size = _positive("block_size", block_size)
+        self.block_size = positive("block_size", block_size)
         self.mode: WriteMode = mode
-        self.lazy_free_target = _positive("lazy_free_target", lazy_free_target)
-        usable = block_pool.num_gpu_blocks - 1  # the null block aside
-        if mode == "lazy" and lazy_free_target > usable:
-            raise ConfigError(f"lazy_free_target={lazy_free_target} > the {usable} device blocks")
-        self.selective_min_hits = _positive("selective_min_hits", selective_min_hits)
-        self.num_groups = _positive("num_groups", num_groups)
-        self.world_size = _positive("world_size", world_size)
-        policies = (
-            [eviction_policy] * len(tiers)
-            if isinstance(eviction_policy, str)
-            else list(eviction_policy)
-        )
-        if len(policies) != len(tiers):
-            raise ConfigError(f"{len(policies)} eviction policies for {len(tiers)} tiers")
+        self.lazy_free_target = positive("lazy_free_target", lazy_free_target)
+        self.selective_min_hits = positive("selective_min_hits", selective_min_hits)
+        self.num_groups = positive("num_groups", num_groups)
+        self.world_size = positive("world_size", world_size)
+        policies = tier_policies(eviction_policy, len(tiers))
         self.indexes = [
             TierIndex(t.name, t.num_slots, policy, block_size=block_size)
             for t, policy in zip(tiers, policies, strict=True)
@@ -187,7 +163,7 @@ class OffloadManager(TransferWaits):
             self._tier_stats,
             block_size=self.block_size,
             num_groups=self.num_groups,
-            max_blocks=_positive("max_probe_blocks", max_probe_blocks, minimum=0),
+            max_blocks=positive("max_probe_blocks", max_probe_blocks, minimum=0),
         )
         self._step_ids = itertools.count(1)
         self._entered = False

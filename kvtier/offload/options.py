@@ -1,0 +1,65 @@
+"""Checks of an :class:`~kvtier.offload.manager.OffloadManager`'s arguments.
+
+Everything here raises :class:`~kvtier.errors.ConfigError` naming the bad
+setting, before the manager builds anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+from kvtier.errors import ConfigError
+from kvtier.offload.plan import WriteMode
+from kvtier.pool import BlockPool
+from kvtier.tiers.base import BlockStore
+
+__all__ = ["MODES", "check_stack", "positive", "tier_policies"]
+
+MODES: Final[tuple[WriteMode, ...]] = ("eager", "lazy", "selective")
+
+
+def positive(name: str, value: object, minimum: int = 1) -> int:
+    """``value`` if it is an integer (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_stack(
+    block_pool: BlockPool,
+    device: BlockStore,
+    tiers: Sequence[BlockStore],
+    mode: str,
+    lazy_free_target: int,
+) -> None:
+    """The lower tiers, the write mode and its target fit together and the device.
+
+    Raises:
+        ConfigError: No lower tier, an unknown mode, a tier of another layout,
+            two tiers of one name, or (lazy mode) a ``lazy_free_target``
+            above the device's usable blocks.
+    """
+    if not tiers:
+        raise ConfigError("an offload manager needs at least one lower tier")
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    for tier in tiers:
+        if tier.layout != device.layout:
+            raise ConfigError(f"tier {tier.name!r} has another block layout than the device")
+    names = [tier.name for tier in tiers]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"tier names must be unique, got {names}")
+    usable = block_pool.num_gpu_blocks - 1  # the null block aside
+    if mode == "lazy" and positive("lazy_free_target", lazy_free_target) > usable:
+        raise ConfigError(f"lazy_free_target={lazy_free_target} > the {usable} device blocks")
+
+
+def tier_policies(eviction_policy: str | Sequence[str], num_tiers: int) -> list[str]:
+    """One eviction policy name per lower tier (one name: the same for all)."""
+    if isinstance(eviction_policy, str):
+        return [eviction_policy] * num_tiers
+    policies = list(eviction_policy)
+    if len(policies) != num_tiers:
+        raise ConfigError(f"{len(policies)} eviction policies for {num_tiers} tiers")
+    return policies

@@ -416,23 +416,3 @@ class TierIndex(IndexQueries):
         """Events recorded since the last call, oldest first."""
         events, self._events = self._events, []
         return events
-
-    def check_invariants(self) -> None:
-        """Verify the bookkeeping (for tests and debugging). O(num_slots).
-
-        Raises:
-            KVTierError: Naming every broken invariant.
-        """
-        problems = self._slots.problems()
-        resident = self._slot_of.keys()
-        if not self._pins.keys() <= resident:
-            problems.append("a pinned key is not resident")
-        if any(n <= 0 for n in self._pins.values()):
-            problems.append("a pin count is not positive")
-        if not self._doomed <= self._pins.keys():
-            problems.append("a removed key awaiting release is not pinned")
-        visible = resident - self._doomed
-        if len(self.policy) != len(visible) or any(key not in self.policy for key in visible):
-            problems.append("the policy does not track exactly the visible resident keys")
-        if problems:
-            raise KVTierError(f"tier index {self._name!r}: " + "; ".join(problems))

@@ -2,8 +2,9 @@
 
 Pure queries over the index's state (no method here changes anything):
 visibility and slot lookups, the prefix-hit count, live key views for hot
-loops, and the slot counters, with
-``num_free + num_reserved + num_resident == num_slots``.
+loops, the slot counters, with
+``num_free + num_reserved + num_resident == num_slots``, and the check of
+every invariant (for tests and debugging).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from collections.abc import Set as AbstractSet
 from itertools import takewhile
 from typing import TYPE_CHECKING
 
-from kvtier.errors import InvalidRequestError
+from kvtier.errors import InvalidRequestError, KVTierError
 from kvtier.tiers.base import BlockKey, keys_text
 
 if TYPE_CHECKING:
+    from kvtier.policies.base import EvictionPolicy
     from kvtier.tiers.slots import SlotMap
 
 __all__ = ["IndexQueries"]
@@ -38,6 +40,7 @@ class IndexQueries:
     _pins: dict[BlockKey, int]
     _doomed: set[BlockKey]
     _drops: int
+    policy: EvictionPolicy
 
     # -- queries -----------------------------------------------------------------
 
@@ -166,3 +169,23 @@ class IndexQueries:
     def blocks(self) -> list[tuple[int, BlockKey]]:
         """``(slot, key)`` of every visible block, by slot."""
         return sorted((slot, key) for key, slot in self._slot_of.items() if self.contains(key))
+
+    def check_invariants(self) -> None:
+        """Verify the bookkeeping (for tests and debugging). O(num_slots).
+
+        Raises:
+            KVTierError: Naming every broken invariant.
+        """
+        problems = self._slots.problems()
+        resident = self._slot_of.keys()
+        if not self._pins.keys() <= resident:
+            problems.append("a pinned key is not resident")
+        if any(n <= 0 for n in self._pins.values()):
+            problems.append("a pin count is not positive")
+        if not self._doomed <= self._pins.keys():
+            problems.append("a removed key awaiting release is not pinned")
+        visible = resident - self._doomed
+        if len(self.policy) != len(visible) or any(key not in self.policy for key in visible):
+            problems.append("the policy does not track exactly the visible resident keys")
+        if problems:
+            raise KVTierError(f"tier index {self._name!r}: " + "; ".join(problems))

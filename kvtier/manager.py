@@ -290,7 +290,8 @@ class KVCacheManager:
             )
         if self.enable_caching:
             self._check_hashes(request)
-            request_lora_id(request)  # events carry it: a bad one fails before any change
+            if self.block_pool.enable_kv_cache_events:  # events carry it: checked first
+                request_lora_id(request)
         if has_computed:
             num_hit_tokens = len(computed[0]) * self.block_size
             if num_new_computed_tokens != num_hit_tokens or any(
@@ -358,10 +359,11 @@ class KVCacheManager:
     def get_num_common_prefix_blocks(self, running_request_id: str) -> list[int]:
         """Per group, how many leading blocks every request holding blocks shares.
 
-        A block counts while its ref count equals the number of requests that
-        hold blocks (vLLM's scheduler uses this for cascade attention).
-        Requests that hold blocks but are not scheduled this step make the
-        count an underestimate, never an overestimate.
+        Counted from the requests' own block lists, not from ref counts, which
+        the offload manager's in-flight copies raise too (vLLM's scheduler
+        uses this for cascade attention). Requests that hold blocks but are
+        not scheduled this step make the count an underestimate, never an
+        overestimate.
 
         Args:
             running_request_id: Any request that holds blocks.
@@ -374,10 +376,12 @@ class KVCacheManager:
             blocks = manager.req_to_blocks.get(running_request_id)
             if blocks is None:
                 raise InvalidRequestError(f"request {running_request_id!r} holds no blocks")
-            holders = len(manager.req_to_blocks)
-            counts.append(
-                next((i for i, b in enumerate(blocks) if b.ref_cnt != holders), len(blocks))
-            )
+            common = len(blocks)
+            for other in manager.req_to_blocks.values():
+                pairs = zip(blocks[:common], other, strict=False)
+                common = next((i for i, (a, b) in enumerate(pairs) if a is not b), common)
+                common = min(common, len(other))
+            counts.append(common)
         return counts
 
     def reset_prefix_cache(self) -> bool:

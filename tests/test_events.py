@@ -137,6 +137,14 @@ def test_a_bad_lora_id_is_refused(bad: object) -> None:
         Request("r", [1, 2], lora_id=bad)  # type: ignore[arg-type]
 
 
+def test_an_engine_request_of_its_own_lora_id_type_allocates_without_events() -> None:
+    """SGLang's requests carry a string ``lora_id``: only events read it."""
+    manager = make_manager(5)
+    req = make_request("r", list(range(32)))
+    object.__setattr__(req, "lora_id", "my-adapter")
+    assert manager.allocate_slots(req, 32) is not None
+
+
 def test_an_engine_request_with_a_bad_lora_id_changes_nothing() -> None:
     """An engine's own request type is checked when events would carry its id."""
     manager = make_manager(5, events=True)

@@ -390,6 +390,12 @@ def test_common_prefix_blocks_are_those_every_holder_shares() -> None:
     assert manager.get_num_common_prefix_blocks("a") == [4]  # alone: all its blocks
     schedule(manager, make_request("b", [*shared, 7, 8, 9]))
     assert manager.get_num_common_prefix_blocks("a") == [3]
+    # An offload store references a's private block too: still not shared by b.
+    private = manager.get_blocks("a").blocks[0][3]
+    manager.block_pool.touch([private])
+    assert private.ref_cnt == 2
+    assert manager.get_num_common_prefix_blocks("a") == [3]
+    manager.block_pool.free_blocks([private])
     assert manager.get_num_common_prefix_blocks("b") == [3]
     schedule(manager, make_request("c", [*shared[:16], 5]))
     assert manager.get_num_common_prefix_blocks("b") == [1]

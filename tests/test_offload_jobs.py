@@ -18,6 +18,7 @@ from kvtier.block import KVCacheBlock
 from kvtier.errors import BlockMissingError, TierIOError, TransferCancelledError
 from kvtier.offload._state import LoadEvent, LoadOutcome, StoreEvent, StoreOutcome
 from kvtier.offload.jobs import run_load, run_store
+from kvtier.tiers.base import ProbingStore
 from kvtier.transfer import TransferPipeline
 from tests.tier_doubles import GatedStore, MemoryStore
 
@@ -92,3 +93,31 @@ async def test_a_load_discards_the_blocks_it_found_corrupt_before_it_reports(fai
     assert isinstance(outcome, LoadOutcome)
     assert isinstance(outcome.error, BlockMissingError)  # a failed discard changes nothing
     assert outcome.missing == ((0, keys[1]),)
+
+
+class SharedStore(DiscardingStore):
+    """A discarding store that other engines write too (it answers ``contains``)."""
+
+    async def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        return [key in self.keys for key in keys]
+
+    def adopt(self, slots: Sequence[int], keys: Sequence[bytes]) -> None:
+        for slot, key in zip(slots, keys, strict=True):
+            self.keys[slot] = key
+
+
+@pytest.mark.asyncio
+async def test_a_load_miss_on_a_shared_tier_deletes_nothing() -> None:
+    """Another engine may have stored the missing block afresh since: keep its name."""
+    device, shared = MemoryStore(4, name="gpu"), SharedStore(4, "redis")
+    assert isinstance(shared, ProbingStore)
+    keys = [bytes([i]) * 32 for i in (1, 2)]
+    shared.keys[:2] = [keys[0], None]  # slot 1 is gone (evicted)
+    event = LoadEvent(3, "r", [KVCacheBlock(1), KVCacheBlock(2)], keys, [], first_slots=[0, 1])
+    seen: list[StoreOutcome | LoadOutcome] = []
+    async with TransferPipeline() as pipeline:
+        await run_load(pipeline, device, [shared], seen.append, event)
+    [outcome] = seen
+    assert isinstance(outcome, LoadOutcome)
+    assert outcome.missing == ((0, keys[1]),)  # the index forgets it, as before
+    assert shared.discarded == []

@@ -9,9 +9,10 @@ blocks and slots, which the copy must be done with.
 
 A load whose source blocks prove missing or corrupt (``BlockMissingError``)
 discards them from their tier before it reports (:func:`_discard`): their
-slots are still pinned then, so no store can have been given them yet, and
-the outcome that frees them in the index finds the tier rid of them (a disk
-tier's file deleted, instead of lingering until the slot is rewritten).
+slots are still pinned then, so no store of this process can have been given
+them yet, and the outcome that frees them in the index finds the tier rid of
+them (a disk tier's file deleted, instead of lingering until the slot is
+rewritten). A shared tier (Redis) is left alone: other engines write there.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from kvtier.errors import BlockMissingError, TransferCancelledError
 from kvtier.log import get_logger
 from kvtier.offload._state import Demotion, LoadEvent, LoadOutcome, StoreEvent, StoreOutcome
 from kvtier.tasks import TransferResult, TransferTask
-from kvtier.tiers.base import BlockKey, BlockStore
+from kvtier.tiers.base import BlockKey, BlockStore, ProbingStore
 from kvtier.transfer import LoadTask, StoreTask, TransferPipeline
 
 __all__ = ["run_load", "run_store"]
@@ -74,8 +75,11 @@ async def _discard(tier: BlockStore, slots: list[int]) -> None:
 
     Shielded: a cancelled load still finishes the discard (bounded by the
     tier's own call) before it reports, and so before their slots are freed.
+    Not on a shared tier (a :class:`~kvtier.tiers.base.ProbingStore`): its
+    names are the blocks' keys, which another engine may have stored afresh
+    since this load missed; deleting them would delete its block.
     """
-    if not slots:
+    if not slots or isinstance(tier, ProbingStore):
         return
     with anyio.CancelScope(shield=True):
         try:

@@ -331,13 +331,16 @@ def _tier(table: Mapping[str, Any], index: int) -> TierConfig:
     )
 
 
-_READ_ONLY_BY: Final = {
-    "prefetch_timeout": ("prefetch", "timeout", "best_effort"),
-    "prefetch_timeout_per_1k_tokens": ("prefetch", "timeout", "best_effort"),
-    "lazy_free_target": ("write_mode", "lazy", "eager"),
-    "selective_min_hits": ("write_mode", "selective", "eager"),
+_IGNORED_BY: Final = {
+    "prefetch_timeout": ("prefetch", ("best_effort", "wait_complete"), "best_effort"),
+    "prefetch_timeout_per_1k_tokens": ("prefetch", ("best_effort", "wait_complete"), "best_effort"),
+    "lazy_free_target": ("write_mode", ("eager", "selective"), "eager"),
+    "selective_min_hits": ("write_mode", ("eager", "lazy"), "eager"),
 }
-"""``[offload]`` keys that one choice of another key alone reads: ``(key, choice, default)``."""
+"""``[offload]`` keys that some choices of another key never read: ``(key, choices, default)``.
+
+(A prefetch policy registered by a plug-in is given the timeout keys.)
+"""
 
 
 def _offload(table: Mapping[str, Any]) -> OffloadConfig:
@@ -367,12 +370,13 @@ def _offload(table: Mapping[str, Any]) -> OffloadConfig:
         _integer(table, "selective_min_hits", 2, "offload"),
         _integer(table, "max_probe_blocks", 256, "offload", minimum=0),
     )
-    for name, (option, value, default) in _READ_ONLY_BY.items():
+    for name, (option, ignoring, default) in _IGNORED_BY.items():
         chosen = table.get(option, default)
-        if name in table and chosen != value:
+        if name in table and chosen in ignoring:
             raise ConfigError(
-                f"offload.{name}: only {option} = {value!r} reads it, and {option} is "
-                f"{chosen!r}" + ("" if option in table else " (the default)")
+                f"offload.{name}: {option} = {chosen!r}"
+                + ("" if option in table else " (the default)")
+                + " never reads it"
             )
     return offload
 

@@ -9,6 +9,7 @@ import pytest
 
 from kvtier.config import load_config, parse_config, parse_duration, parse_size
 from kvtier.errors import ConfigError
+from kvtier.policies.prefetch import PREFETCH_POLICIES
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples" / "configs").glob("*.toml"))
 
@@ -321,15 +322,15 @@ def test_a_disk_tier_counts_blocks_by_their_files() -> None:
 @pytest.mark.parametrize(
     ("offload", "message"),
     [
-        ({"prefetch_timeout": "1s"}, r"only prefetch = 'timeout' reads it, .* 'best_effort' \(the"),
+        ({"prefetch_timeout": "1s"}, r"prefetch = 'best_effort' \(the default\) never reads it"),
         (
             {"prefetch": "wait_complete", "prefetch_timeout_per_1k_tokens": "1ms"},
-            r"prefetch_timeout_per_1k_tokens: only prefetch = 'timeout' .* 'wait_complete'$",
+            r"prefetch_timeout_per_1k_tokens: prefetch = 'wait_complete' never reads it",
         ),
-        ({"lazy_free_target": 8}, r"lazy_free_target: only write_mode = 'lazy' reads it"),
+        ({"lazy_free_target": 8}, r"lazy_free_target: write_mode = 'eager' \(the default\)"),
         (
             {"write_mode": "lazy", "selective_min_hits": 3},
-            r"selective_min_hits: only write_mode = 'selective' reads it, .* 'lazy'$",
+            r"selective_min_hits: write_mode = 'lazy' never reads it",
         ),
     ],
 )
@@ -344,3 +345,14 @@ def test_keys_of_the_chosen_mode_are_read() -> None:
         base(offload={"write_mode": "selective", "selective_min_hits": 5})
     ).offload
     assert offload.selective_min_hits == 5
+
+
+def test_a_registered_prefetch_policy_is_given_the_timeout_keys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PrefetchFactory takes (timeout, timeout_per_1k_tokens): a plug-in may read them."""
+    monkeypatch.setitem(PREFETCH_POLICIES, "my_timeout", PREFETCH_POLICIES["timeout"])
+    offload = parse_config(
+        base(offload={"prefetch": "my_timeout", "prefetch_timeout": "200ms"})
+    ).offload
+    assert offload.prefetch_timeout == pytest.approx(0.2)

@@ -14,6 +14,7 @@ Those inputs become a block's *extra keys* and are folded into its hash:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +22,21 @@ import attrs
 
 from kvtier.errors import InvalidRequestError
 
-__all__ = ["ExtraKeys", "MultiModalFeature", "block_extra_keys", "non_negative"]
+__all__ = ["ExtraKeys", "MultiModalFeature", "as_int", "block_extra_keys", "non_negative"]
+
+
+def as_int(value: object) -> object:
+    """Convert (for attrs) an integral value (a NumPy integer, say) to ``int``; others as given.
+
+    Bools and non-integral values pass through unchanged, for the validator
+    to refuse with a typed error.
+    """
+    if isinstance(value, bool):
+        return value
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return value
 
 
 def non_negative(_: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -47,8 +62,8 @@ class MultiModalFeature:
     """
 
     identifier: str
-    offset: int = attrs.field(validator=non_negative)
-    length: int = attrs.field(validator=_positive)
+    offset: int = attrs.field(converter=as_int, validator=non_negative)
+    length: int = attrs.field(converter=as_int, validator=_positive)
 
     @property
     def end(self) -> int:

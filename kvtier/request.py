@@ -13,7 +13,7 @@ import attrs
 
 from kvtier.block_hasher import BlockHasher
 from kvtier.errors import InvalidRequestError
-from kvtier.extra_keys import MultiModalFeature, non_negative
+from kvtier.extra_keys import MultiModalFeature, as_int, non_negative
 from kvtier.hashing import BlockHash
 from kvtier.policies.hints import is_tag
 
@@ -189,8 +189,8 @@ class Request:
     skip_reading_prefix_cache: bool = False
     tag: int | str | None = attrs.field(default=None, validator=_check_tag, kw_only=True)
     lora_id: int | None = attrs.field(default=None, validator=_check_lora_id, kw_only=True)
-    num_computed_tokens: int = attrs.field(default=0, validator=non_negative)
-    num_preemptions: int = attrs.field(default=0, validator=non_negative)
+    num_computed_tokens: int = attrs.field(default=0, converter=as_int, validator=non_negative)
+    num_preemptions: int = attrs.field(default=0, converter=as_int, validator=non_negative)
     output_token_ids: list[int] = attrs.field(init=False, factory=list)
     all_token_ids: list[int] = attrs.field(init=False)
     block_hashes: list[BlockHash] = attrs.field(init=False, factory=list)

@@ -278,6 +278,18 @@ def test_wrongly_typed_request_input_is_a_typed_error_and_changes_nothing() -> N
     assert len(req.block_hashes) == 1
 
 
+def test_numpy_integers_are_taken_as_ints() -> None:
+    np = pytest.importorskip("numpy")
+    feature = MultiModalFeature("img", np.int64(3), np.int32(8))
+    assert (type(feature.offset), type(feature.length)) == (int, int)
+    assert feature == MultiModalFeature("img", 3, 8)  # hashed alike
+    req = make_request("r", [1] * 20)
+    req.num_computed_tokens = np.int64(16)  # type: ignore[assignment]
+    assert type(req.num_computed_tokens) is int
+    with pytest.raises(InvalidRequestError, match="num_computed_tokens must be an integer"):
+        req.num_computed_tokens = np.float64(16.0)  # type: ignore[assignment]
+
+
 def test_group_id_is_part_of_the_key() -> None:
     block_hash = hash_block_tokens("sha256", None, [1])
     key0 = make_block_hash_with_group_id(block_hash, 0)

@@ -92,6 +92,28 @@ async def test_a_lookup_counts_once_when_its_request_is_admitted() -> None:
 
 
 @pytest.mark.asyncio
+async def test_load_targets_cached_at_allocation_are_refused_not_skipped() -> None:
+    """Without delay_cache_blocks the targets hold hashes: no load would run, no report come.
+
+    The engine would wait for a FinishedLoad for ever, and the prefix cache
+    would serve the targets' unwritten bytes.
+    """
+    env = Env()
+    async with env.manager as manager:
+        req = env.request(2)
+        await store(env, req, env.alloc(req, 2))
+        again = env.request(2, like=req)
+        assert manager.get_num_new_matched_tokens(again, 0) == (2 * BS, True)
+        cached = env.alloc(again, 2)  # hashed at allocation, as delay_cache_blocks=False does
+        with pytest.raises(InvalidRequestError, match=r"positions 0\.\.1 already hold hashes"):
+            manager.update_state_after_alloc(again, cached, 2 * BS)
+        assert not manager.load_in_flight(again.request_id)
+        targets = KVCacheBlocks((env.fresh(2),))  # allocated as it should be: loads
+        manager.update_state_after_alloc(again, targets, 2 * BS)
+        assert manager.load_in_flight(again.request_id)
+
+
+@pytest.mark.asyncio
 async def test_the_last_full_block_is_not_a_hit_when_the_whole_prompt_hits() -> None:
     env = Env()
     async with env.manager as manager:
@@ -362,6 +384,7 @@ async def test_disk_hits_are_staged_through_cpu_and_cpu_evictions_demote_to_disk
         again = env.request(2, like=a)
         assert manager.get_num_new_matched_tokens(again, 0) == (2 * BS, True)
         assert manager.hit_info(again.request_id).tier_blocks == {"cpu": 0, "disk": 2}  # type: ignore[union-attr]
+        assert manager.hit_info(again.request_id).levels == (1, 1)  # type: ignore[union-attr]
         targets = env.fresh(2)
         manager.update_state_after_alloc(again, KVCacheBlocks((targets,)), 2 * BS)
         plan = manager.build_step(SchedulerOutput())

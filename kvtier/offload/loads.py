@@ -30,13 +30,35 @@ from kvtier.tiers.base import BlockKey
 __all__ = ["LoadPlanner"]
 
 
+def _check_targets(rid: str, blocks: KVCacheBlocks, first: int, count: int) -> None:
+    """The load's target positions, after the device hit, hold no hash yet.
+
+    Blocks cached at allocation (``allocate_slots`` without
+    ``delay_cache_blocks=True``) hold hashes already: the load would skip
+    them, and the prefix cache would serve their unwritten bytes.
+
+    Raises:
+        InvalidRequestError: A target block already holds a hash.
+    """
+    group0 = blocks.blocks[0]
+    hashed = [
+        position
+        for position in range(first, min(first + count, len(group0)))
+        if not group0[position].is_null and group0[position].block_hash is not None
+    ]
+    if hashed:
+        raise InvalidRequestError(
+            f"request {rid!r}: the load's target blocks at positions {hashed[0]}..{hashed[-1]} "
+            "already hold hashes: allocate a request with external tokens with "
+            "allocate_slots(..., delay_cache_blocks=True), and cache_blocks once it is loaded"
+        )
+
+
 @attrs.frozen
 class _Lookup:
     """One lookup of a request, kept until its allocation counts it."""
 
     info: HitInfo
-    levels: list[int]
-    """The tier each found block came from, in order."""
     missed: bool
     """The lookup stopped at a block no tier holds (before the prompt's end)."""
     device_hashes: Sequence[BlockHash]
@@ -110,9 +132,11 @@ class LoadPlanner:
             levels.append(level)
         missed = len(levels) < limit - start  # one more block was asked of every tier
         tokens = len(levels) * self.block_size
-        info = HitInfo(start, found, max(0, request.num_tokens - num_computed_tokens - tokens))
+        info = HitInfo(
+            start, found, max(0, request.num_tokens - num_computed_tokens - tokens), tuple(levels)
+        )
         self.hits[request.request_id] = info
-        self.lookups[request.request_id] = _Lookup(info, levels, missed, hashes[:start])
+        self.lookups[request.request_id] = _Lookup(info, missed, hashes[:start])
         return tokens, bool(levels)
 
     def _count(self, lookup: _Lookup) -> None:
@@ -121,7 +145,7 @@ class LoadPlanner:
         A block found in tier ``level`` was asked of every tier down to it;
         the first block no tier holds, of every tier.
         """
-        for level in lookup.levels:
+        for level in lookup.info.levels:
             for stats in self.tier_stats[: level + 1]:
                 stats.queries += 1
             self.tier_stats[level].hits += 1
@@ -148,8 +172,13 @@ class LoadPlanner:
                 f"got {num_external_tokens}"
             )
         rid = request.request_id
-        lookup = self.lookups.pop(rid, None)
+        lookup = self.lookups.get(rid)
+        if num_external_tokens and lookup is not None:
+            _check_targets(
+                rid, blocks, lookup.info.device_blocks, num_external_tokens // self.block_size
+            )
         if lookup is not None:
+            del self.lookups[rid]
             self._count(lookup)
         state = self.transfers.requests.get(rid)
         # A finished request's load is its own: a new request may reuse its id

@@ -151,8 +151,12 @@ class HitInfo:
         tier_blocks: Blocks found in each lower tier (by tier name), beyond
             the device hit, in the order of the stack.
         tokens_to_compute: Prompt tokens left to compute.
+        levels: The lower tier (its index in the stack) holding each block
+            found beyond the device hit, in order: what a
+            :class:`~kvtier.policies.prefetch.PrefetchPolicy` decides on.
     """
 
     device_blocks: int
     tier_blocks: Mapping[str, int]
     tokens_to_compute: int
+    levels: tuple[int, ...] = ()

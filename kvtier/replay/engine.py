@@ -107,15 +107,6 @@ class _Engine:
         key = make_block_hash_with_group_id(request.block_hashes[position], 0)
         return block_bytes(self.config.layout, key).to(self.cache.device)
 
-    def _levels(self, request: Request, first: int, count: int) -> list[int]:
-        """The lower tier holding each of the ``count`` hit blocks from ``first``."""
-        levels = []
-        for position in range(first, first + count):
-            key = make_block_hash_with_group_id(request.block_hashes[position], 0)
-            level = next((i for i, idx in enumerate(self.offload.indexes) if idx.contains(key)), 0)
-            levels.append(level)
-        return levels
-
     def _verify(self, request: Request, position: int, block_id: int, what: str) -> None:
         if not torch.equal(self.cache[block_id], self._bytes(request, position)):
             raise ReplayIntegrityError(
@@ -134,7 +125,8 @@ class _Engine:
                 await self.offload.probe(request, num_computed)
             found, _ = self.offload.get_num_new_matched_tokens(request, num_computed)
             first = num_computed // self.block_size
-            levels = self._levels(request, first, found // self.block_size)
+            info = self.offload.hit_info(request.request_id)
+            levels = list(info.levels) if info is not None else []
             accepted = self.prefetch.loadable(levels, request.num_tokens, self.costs)
             external = accepted * self.block_size
             blocks = self.kvm.allocate_slots(

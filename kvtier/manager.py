@@ -13,25 +13,18 @@ Names and semantics follow vLLM v1's ``KVCacheManager``. Per request and step:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
+from kvtier.allocation import Counts, check_allocation, check_count, check_hashes
 from kvtier.block import KVCacheBlock
-from kvtier.cache_blocks import KVCacheBlocks, require_blocks
+from kvtier.cache_blocks import KVCacheBlocks
 from kvtier.errors import ConfigError, InvalidRequestError
 from kvtier.events import KVCacheEvent
 from kvtier.groups import GroupManager, make_group_manager
-from kvtier.hashing import BlockHash
 from kvtier.pool import BlockPool
-from kvtier.request import KVCacheRequest, request_lora_id
+from kvtier.request import KVCacheRequest
 from kvtier.spec import KVCacheConfig
 from kvtier.stats import PrefixCacheStats
 
 __all__ = ["KVCacheBlocks", "KVCacheManager"]
-
-
-def _check_count(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidRequestError(f"{name} must be a non-negative integer, got {value!r}")
 
 
 class KVCacheManager:
@@ -110,24 +103,6 @@ class KVCacheManager:
         self._prefix_cache_stats = PrefixCacheStats()
         return stats
 
-    def _check_hashes(self, request: KVCacheRequest) -> Sequence[BlockHash]:
-        """The request's block hashes, checked to be one per full block of this cache.
-
-        Hashes of another block size would give a block the hash of other
-        tokens: a smaller hasher's hash of block 0 covers only its first
-        tokens, so another prompt sharing them would hit it (wrong KV).
-        """
-        hashes = request.block_hashes
-        hasher = getattr(request, "block_hasher", None)
-        size = getattr(hasher, "block_size", self.block_size)
-        if size != self.block_size or len(hashes) > request.num_tokens // self.block_size:
-            raise InvalidRequestError(
-                f"request {request.request_id!r}: {len(hashes)} block hashes for "
-                f"{request.num_tokens} tokens (hasher block size {size}); this cache "
-                f"needs one hash per full block of {self.block_size} tokens"
-            )
-        return hashes
-
     def empty_blocks(self) -> KVCacheBlocks:
         """A :class:`KVCacheBlocks` with an empty list per group."""
         return KVCacheBlocks(tuple([] for _ in range(self.num_groups)))
@@ -157,7 +132,7 @@ class KVCacheManager:
         if not self.enable_caching or request.skip_reading_prefix_cache:
             return self.empty_blocks(), 0
         max_num_blocks = max(request.num_tokens - 1, 0) // self.block_size
-        hashes = self._check_hashes(request)
+        hashes = check_hashes(request, self.block_size)
         managers = self.group_managers
         if len(managers) == 1:
             hit = managers[0].find_longest_cache_hit(hashes, max_num_blocks)
@@ -185,15 +160,20 @@ class KVCacheManager:
         new_computed_blocks: KVCacheBlocks | None = None,
         num_lookahead_tokens: int = 0,
         *,
+        num_external_computed_tokens: int = 0,
         delay_cache_blocks: bool = False,
+        num_encoder_tokens: int = 0,
     ) -> KVCacheBlocks | None:
         """Reference the hit blocks and allocate blocks for new tokens.
 
-        The request's blocks are laid out ``| computed | new computed | new |``:
+        The request's blocks are laid out
+        ``| computed | new computed | external | new |``:
         ``request.num_computed_tokens`` tokens already held, then
         ``num_new_computed_tokens`` prefix-hit tokens in ``new_computed_blocks``,
+        then ``num_external_computed_tokens`` tokens a lower tier will load,
         then ``num_new_tokens`` (+ ``num_lookahead_tokens`` speculative) tokens
-        to compute, capped at ``max_model_len``.
+        to compute, capped at ``max_model_len``. The keywords are vLLM's, so
+        its scheduler's call works unchanged.
 
         Args:
             request: The request.
@@ -203,8 +183,13 @@ class KVCacheManager:
             new_computed_blocks: The prefix-hit blocks, ``None`` for none.
             num_lookahead_tokens: Speculative tokens to reserve slots for
                 (never cached).
+            num_external_computed_tokens: Tokens a lower tier will load (the
+                offload manager's ``get_num_new_matched_tokens``), before the
+                new ones; allocate them with ``delay_cache_blocks=True``.
             delay_cache_blocks: Do not cache the newly full blocks now (the
                 engine calls :meth:`cache_blocks` once their KV is present).
+            num_encoder_tokens: Cross-attention encoder tokens: must be 0
+                (no cross-attention groups).
 
         Returns:
             The newly allocated blocks, or ``None`` when there are not enough
@@ -219,16 +204,23 @@ class KVCacheManager:
                 ``max_model_len``, or block hashes of another block size.
                 Nothing is changed.
         """
-        computed = self._check_allocation(
+        computed = check_allocation(
+            self,
             request,
-            num_new_tokens,
-            num_new_computed_tokens,
+            Counts(
+                num_new_tokens,
+                num_new_computed_tokens,
+                num_lookahead_tokens,
+                num_external_computed_tokens,
+                num_encoder_tokens,
+            ),
             new_computed_blocks,
-            num_lookahead_tokens,
         )
         managers = self.group_managers
         request_id = request.request_id
-        num_computed_tokens = request.num_computed_tokens + num_new_computed_tokens
+        num_computed_tokens = (
+            request.num_computed_tokens + num_new_computed_tokens + num_external_computed_tokens
+        )
         num_tokens_need_slot = min(
             num_computed_tokens + num_new_tokens + num_lookahead_tokens, self.max_model_len
         )
@@ -253,63 +245,6 @@ class KVCacheManager:
                 manager.cache_blocks(request, num_tokens_to_cache)
         return KVCacheBlocks(tuple(new_blocks))
 
-    def _check_allocation(
-        self,
-        request: KVCacheRequest,
-        num_new_tokens: int,
-        num_new_computed_tokens: int,
-        new_computed_blocks: KVCacheBlocks | None,
-        num_lookahead_tokens: int,
-    ) -> tuple[Sequence[KVCacheBlock], ...]:
-        """Validate ``allocate_slots``' arguments; return the hit blocks per group."""
-        _check_count("num_new_tokens", num_new_tokens)
-        _check_count("num_new_computed_tokens", num_new_computed_tokens)
-        _check_count("num_lookahead_tokens", num_lookahead_tokens)
-        request_id = request.request_id
-        if new_computed_blocks is None:
-            computed: tuple[Sequence[KVCacheBlock], ...] = ((),) * self.num_groups
-            has_computed = False
-        else:
-            computed = require_blocks(new_computed_blocks, "new_computed_blocks").blocks
-            if len(computed) != self.num_groups:
-                raise InvalidRequestError(
-                    f"new_computed_blocks has {len(computed)} groups, "
-                    f"the cache has {self.num_groups}"
-                )
-            has_computed = any(computed)
-        if num_new_tokens == 0 and num_new_computed_tokens == 0:
-            raise InvalidRequestError(
-                f"request {request_id!r}: allocate_slots needs new tokens or new computed "
-                "tokens, got neither"
-            )
-        num_tokens = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
-        if num_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                f"request {request_id!r}: {num_tokens} tokens computed and to compute, "
-                f"more than max_model_len={self.max_model_len}"
-            )
-        if self.enable_caching:
-            self._check_hashes(request)
-            if self.block_pool.enable_kv_cache_events:  # events carry it: checked first
-                request_lora_id(request)
-        if has_computed:
-            num_hit_tokens = len(computed[0]) * self.block_size
-            if num_new_computed_tokens != num_hit_tokens or any(
-                len(blocks) != len(computed[0]) for blocks in computed
-            ):
-                raise InvalidRequestError(
-                    f"num_new_computed_tokens={num_new_computed_tokens} does not match the "
-                    f"{len(computed[0])} hit blocks ({num_hit_tokens} tokens) in every group"
-                )
-            if not self.enable_caching:
-                raise InvalidRequestError("new_computed_blocks given while prefix caching is off")
-            if request_id in self.group_managers[0].num_cached_block:
-                raise InvalidRequestError(
-                    f"request {request_id!r} already holds blocks; prefix hits are only "
-                    "taken when a request is first scheduled"
-                )
-        return computed
-
     def cache_blocks(self, request: KVCacheRequest, num_computed_tokens: int) -> None:
         """Cache the request's blocks that are full within ``num_computed_tokens``.
 
@@ -319,7 +254,7 @@ class KVCacheManager:
             InvalidRequestError: The request holds no blocks, or fewer than
                 ``num_computed_tokens`` needs. Nothing is changed.
         """
-        _check_count("num_computed_tokens", num_computed_tokens)
+        check_count("num_computed_tokens", num_computed_tokens)
         if not self.enable_caching:
             return
         num_full = num_computed_tokens // self.block_size

@@ -403,3 +403,33 @@ def test_common_prefix_blocks_are_those_every_holder_shares() -> None:
     assert manager.get_num_common_prefix_blocks("b") == [3]
     with pytest.raises(InvalidRequestError, match="'c' holds no blocks"):
         manager.get_num_common_prefix_blocks("c")
+
+
+def test_vllm_schedulers_allocate_call_with_external_tokens() -> None:
+    """vLLM's keywords: external (loaded) tokens sit between the hit and the new tokens."""
+    manager = make_manager(20)
+    shared = list(range(32))
+    schedule(manager, make_request("a", [*shared, 1]))
+    req = make_request("b", [*shared, *range(100, 164), 7])  # 2 hit + 4 external + 1 new
+    computed, num_computed = manager.get_computed_blocks(req)
+    assert num_computed == 32
+    blocks = manager.allocate_slots(
+        req,
+        1,
+        num_new_computed_tokens=num_computed,
+        new_computed_blocks=computed,
+        num_lookahead_tokens=0,
+        num_external_computed_tokens=64,
+        delay_cache_blocks=True,
+        num_encoder_tokens=0,
+    )
+    assert blocks is not None
+    assert len(blocks.blocks[0]) == 5  # the 4 external blocks and the new one
+    assert all(block.block_hash is None for block in blocks.blocks[0])  # loaded later
+    assert len(manager.get_block_ids("b")[0]) == 7
+    manager.cache_blocks(req, 96)  # once the load is reported
+    assert sum(b.block_hash is not None for b in manager.get_blocks("b").blocks[0]) == 6
+    with pytest.raises(InvalidRequestError, match="no cross-attention"):
+        manager.allocate_slots(make_request("c", [1] * 8), 8, num_encoder_tokens=4)
+    with pytest.raises(InvalidRequestError, match="num_external_computed_tokens must be"):
+        manager.allocate_slots(make_request("c", [1] * 8), 8, num_external_computed_tokens=-1)

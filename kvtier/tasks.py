@@ -138,7 +138,8 @@ class TransferResult:
         direction: ``"store"`` or ``"load"``.
         n_blocks: Blocks moved.
         bytes: Bytes moved.
-        seconds: Wall time of the copy (shared by tasks batched together).
+        seconds: Wall time of the copy; for tasks batched into one copy, this
+            task's share of it, by blocks (so that summed times add up).
     """
 
     task: str

@@ -294,8 +294,9 @@ class TransferPipeline:
             for task, completion in batch:  # isolate the failing task
                 await self._run_one(direction, task, completion)
             return
-        for task, completion in batch:
-            self._finish(task, completion, seconds)
+        blocks = sum(task.num_blocks for task, _ in batch)
+        for task, completion in batch:  # each its share, so that summed times add up
+            self._finish(task, completion, seconds * task.num_blocks / blocks)
 
     async def _run_one(
         self, direction: Direction, task: TransferTask, completion: Completion[TransferResult]

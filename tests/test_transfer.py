@@ -109,6 +109,26 @@ async def test_small_tasks_are_batched_into_one_copy() -> None:
 
 
 @pytest.mark.asyncio
+async def test_batched_tasks_share_the_copys_time_by_blocks() -> None:
+    """Summed over tasks (as the offload stats do), seconds add up to the copies' time."""
+    device = FaultInjectingStore(MemoryStore(64, name="gpu"))
+    cpu = MemoryStore(64, name="cpu")
+    inner = device.inner
+    assert isinstance(inner, MemoryStore)
+    all_keys = keys_for(*range(4))
+    fill(inner, list(range(4)), all_keys)
+    async with TransferPipeline() as pipeline:
+        one = pipeline.submit_nowait(StoreTask(device, [0], cpu, [10], all_keys[:1]))
+        three = pipeline.submit_nowait(
+            StoreTask(device, [1, 2, 3], cpu, [11, 12, 13], all_keys[1:])
+        )
+        first, second = await one, await three
+    assert device.reads == 1  # one copy for both
+    assert first.seconds > 0
+    assert second.seconds == pytest.approx(3 * first.seconds)
+
+
+@pytest.mark.asyncio
 async def test_slot_view_fast_path_gathers_straight_into_the_destination() -> None:
     device, cpu = MemoryStore(16, name="gpu"), ViewStore(16, name="cpu")
     keys = keys_for(1, 2, 3, 4)

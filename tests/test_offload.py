@@ -105,7 +105,10 @@ async def test_load_targets_cached_at_allocation_are_refused_not_skipped() -> No
         again = env.request(2, like=req)
         assert manager.get_num_new_matched_tokens(again, 0) == (2 * BS, True)
         cached = env.alloc(again, 2)  # hashed at allocation, as delay_cache_blocks=False does
-        with pytest.raises(InvalidRequestError, match=r"positions 0\.\.1 already hold hashes"):
+        with pytest.raises(
+            InvalidRequestError,
+            match=r"positions 0\.\.1 \(after the 0 device-hit blocks .*\) already hold hashes",
+        ):
             manager.update_state_after_alloc(again, cached, 2 * BS)
         assert not manager.load_in_flight(again.request_id)
         targets = KVCacheBlocks((env.fresh(2),))  # allocated as it should be: loads

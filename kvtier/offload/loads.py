@@ -49,8 +49,10 @@ def _check_targets(rid: str, blocks: KVCacheBlocks, first: int, count: int) -> N
     if hashed:
         raise InvalidRequestError(
             f"request {rid!r}: the load's target blocks at positions {hashed[0]}..{hashed[-1]} "
-            "already hold hashes: allocate a request with external tokens with "
-            "allocate_slots(..., delay_cache_blocks=True), and cache_blocks once it is loaded"
+            f"(after the {first} device-hit blocks of its last lookup) already hold hashes: "
+            "allocate a request with external tokens with allocate_slots(..., "
+            "delay_cache_blocks=True) and cache_blocks once it is loaded, and look it up "
+            "again (get_num_new_matched_tokens) after each get_computed_blocks"
         )
 
 

@@ -13,7 +13,7 @@ Names and semantics follow vLLM v1's ``KVCacheManager``. Per request and step:
 
 from __future__ import annotations
 
-from kvtier.allocation import Counts, check_allocation, check_count, check_hashes
+from kvtier.allocation import check_allocation, check_count, check_counts, check_hashes
 from kvtier.block import KVCacheBlock
 from kvtier.cache_blocks import KVCacheBlocks
 from kvtier.errors import ConfigError, InvalidRequestError
@@ -204,17 +204,20 @@ class KVCacheManager:
                 ``max_model_len``, or block hashes of another block size.
                 Nothing is changed.
         """
+        check_counts(
+            num_new_tokens,
+            num_new_computed_tokens,
+            num_lookahead_tokens,
+            num_external_computed_tokens,
+            num_encoder_tokens,
+        )
         computed = check_allocation(
             self,
             request,
-            Counts(
-                num_new_tokens,
-                num_new_computed_tokens,
-                num_lookahead_tokens,
-                num_external_computed_tokens,
-                num_encoder_tokens,
-            ),
             new_computed_blocks,
+            num_new_tokens,
+            num_new_computed_tokens,
+            num_external_computed_tokens,
         )
         managers = self.group_managers
         request_id = request.request_id

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from kvtier.config_units import parse_duration
 from kvtier.errors import ConfigError
 
 __all__ = [
@@ -204,8 +205,6 @@ def parse_redis_options(table: Mapping[str, Any], key: str) -> RedisOptions:
     Raises:
         ConfigError: A bad value; the message names the key.
     """
-    from kvtier.config import parse_duration  # noqa: PLC0415 - config imports this module
-
     reject_password(table, key)
     url = _text(table, "url", key, DEFAULT_URL)
     if not url or not url.startswith(("redis://", "rediss://", "unix://")):

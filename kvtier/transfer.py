@@ -40,6 +40,7 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from kvtier.claims import Claims
 from kvtier.completion import Completion
 from kvtier.errors import BlockMissingError, ClosedError, ConfigError, LedgerError
 from kvtier.log import get_logger
@@ -111,6 +112,7 @@ class TransferPipeline:
             for direction in ("store", "load")
         }
         self._ids = itertools.count(1)
+        self._claims = Claims()
         self._send: dict[Direction, MemoryObjectSendStream[_Item]] = {}
         self._task_group: TaskGroup | None = None
         self._closed = False
@@ -184,6 +186,7 @@ class TransferPipeline:
             raise ClosedError("the transfer pipeline is not running")
         _check_ledger(task.src_ledger, task.keys, task.src_slots, written=False)
         _check_ledger(task.dst_ledger, task.keys, task.dst_slots, written=True)
+        self._claims.take(task)
         name = f"{task.direction}-{next(self._ids)}"
         return self._send[task.direction], (task, Completion[TransferResult](name))
 
@@ -199,8 +202,11 @@ class TransferPipeline:
         send, item = self._prepare(task)
         try:
             await send.send(item)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError) as exc:
-            raise ClosedError("the transfer pipeline is closed") from exc
+        except BaseException as exc:
+            self._claims.release(item[0])  # never queued
+            if isinstance(exc, anyio.ClosedResourceError | anyio.BrokenResourceError):
+                raise ClosedError("the transfer pipeline is closed") from exc
+            raise
         return item[1]
 
     def submit_nowait(self, task: TransferTask) -> Completion[TransferResult]:
@@ -214,8 +220,11 @@ class TransferPipeline:
         send, item = self._prepare(task)
         try:
             send.send_nowait(item)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError) as exc:
-            raise ClosedError("the transfer pipeline is closed") from exc
+        except BaseException as exc:
+            self._claims.release(item[0])  # never queued
+            if isinstance(exc, anyio.ClosedResourceError | anyio.BrokenResourceError):
+                raise ClosedError("the transfer pipeline is closed") from exc
+            raise
         return item[1]
 
     # -- the workers -----------------------------------------------------------------
@@ -248,7 +257,7 @@ class TransferPipeline:
             for task, completion in leftovers:
                 if not completion.done():
                     completion.set_cancelled()  # first: a bad ledger strands nobody
-                    _settle(task, ok=False)
+                    self._settle(task, ok=False)
             self._workers -= 1
             if not self._workers:
                 self._stopped.set()
@@ -310,7 +319,7 @@ class TransferPipeline:
                     task.src_ledger.remove,
                     [k for k, s in zip(task.keys, task.src_slots, strict=True) if s in missing],
                 )
-            _settle(task, ok=False)
+            self._settle(task, ok=False)
             completion.set_error(exc)
             _log.warning(
                 "transfer_failed",
@@ -325,7 +334,7 @@ class TransferPipeline:
     def _finish(
         self, task: TransferTask, completion: Completion[TransferResult], seconds: float
     ) -> None:
-        refused = _settle(task, ok=True)
+        refused = self._settle(task, ok=True)
         if refused is not None:
             # The bytes moved but an index would not record it: the transfer failed.
             error = LedgerError(f"transfer {completion.name}: an index refused it: {refused!r}")
@@ -344,6 +353,11 @@ class TransferPipeline:
             bytes=size,
             seconds=seconds,
         )
+
+    def _settle(self, task: TransferTask, *, ok: bool) -> Exception | None:
+        """Settle the task's ledgers (:func:`_settle`) and forget its claims."""
+        self._claims.release(task)
+        return _settle(task, ok=ok)
 
     async def _move(self, direction: Direction, tasks: list[TransferTask]) -> float:
         """Copy the tasks' blocks (same source and destination tiers); seconds taken."""

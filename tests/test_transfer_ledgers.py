@@ -141,3 +141,49 @@ async def test_a_task_without_its_reservation_or_pin_is_refused_before_it_copies
     assert index.num_pinned == 0
     assert index.num_reserved == 0
     assert torch.equal(dev.data[3], cpu.data[resident[0]])
+
+
+@pytest.mark.asyncio
+async def test_a_reservation_or_pin_named_by_two_queued_transfers_is_refused() -> None:
+    """Review repro: the second task's commit was refused whole, stranding k3 for good."""
+    from kvtier.tasks import LoadTask
+    from kvtier.tiers.index import TierIndex
+
+    device, cpu = MemoryStore(8, name="gpu"), MemoryStore(4, name="cpu")
+    index = TierIndex("cpu", 4)
+    k1, k2, k3 = keys_for(1, 2, 3)
+    fill(device, [0, 1, 2], [k1, k2, k3])
+    async with TransferPipeline() as pipeline:
+        reservation = index.reserve([k1, k2, k3])
+        slot = dict(zip(reservation.keys, reservation.slots, strict=True))
+        first = pipeline.submit_nowait(
+            StoreTask(device, [0, 1], cpu, [slot[k1], slot[k2]], [k1, k2], dst_ledger=index)
+        )
+        with pytest.raises(InvalidRequestError, match="reservation is named by another queued"):
+            pipeline.submit_nowait(
+                StoreTask(device, [0, 2], cpu, [slot[k1], slot[k3]], [k1, k3], dst_ledger=index)
+            )
+        await first
+        third = pipeline.submit_nowait(  # k3's reservation was never spent: still usable
+            StoreTask(device, [2], cpu, [slot[k3]], [k3], dst_ledger=index)
+        )
+        await third
+        assert index.num_reserved == 0
+        # Pins: a key pinned once serves one load, pinned twice two.
+        (source,) = index.pin([k1])
+        load = LoadTask(cpu, [source], device, [5], [k1], src_ledger=index)
+        done = pipeline.submit_nowait(load)
+        with pytest.raises(InvalidRequestError, match=r"its 1 pin\(s\) are named by more queued"):
+            pipeline.submit_nowait(LoadTask(cpu, [source], device, [6], [k1], src_ledger=index))
+        await done
+        index.pin([k1])
+        index.pin([k1])
+        both = [
+            pipeline.submit_nowait(LoadTask(cpu, [source], device, [d], [k1], src_ledger=index))
+            for d in (6, 7)
+        ]
+        for completion in both:
+            await completion
+    assert index.num_pinned == 0
+    assert index.clear()
+    index.check_invariants()

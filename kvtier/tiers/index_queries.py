@@ -77,6 +77,10 @@ class IndexQueries:
         """Resident blocks pinned by loads in flight."""
         return len(self._pins)
 
+    def pin_count(self, key: BlockKey) -> int:
+        """How many pins hold ``key`` (0: none)."""
+        return self._pins.get(key, 0)
+
     @property
     def num_evictable(self) -> int:
         """Resident blocks that a reservation may evict (those not pinned)."""

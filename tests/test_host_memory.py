@@ -108,21 +108,29 @@ def test_a_v1_path_missing_from_the_mount_falls_back_to_what_exists(machine: Pat
     assert _host.available_host_bytes() == 64 * MiB  # unreadable: MemAvailable alone
 
 
+USABLE = 64 * MiB - 64 * MiB // 10  # a tenth of what is available is kept free
+
+
 def test_a_shortfall_names_what_was_asked_and_what_is_left(machine: Path) -> None:
-    assert _host.host_shortfall(64 * MiB) is None
-    message = _host.host_shortfall(64 * MiB + 1)
+    assert _host.host_shortfall(USABLE) is None
+    message = _host.host_shortfall(USABLE + 1)
     assert message is not None
-    assert "64.0 MiB of host memory asked, 64.0 MiB available" in message
+    assert "57.6 MiB of host memory asked, 64.0 MiB available on this machine, 6.4 MiB" in message
     assert _host.format_bytes(3 << 30) == "3.00 GiB"
+
+
+def test_the_headroom_is_a_tenth_of_what_is_available_and_4_gib_at_most() -> None:
+    assert _host.headroom(10 << 30) == 1 << 30
+    assert _host.headroom(400 << 30) == 4 << 30
 
 
 @pytest.mark.asyncio
 async def test_a_cpu_tier_larger_than_the_memory_left_fails_to_open(machine: Path) -> None:
-    blocks = (64 * MiB) // LAYOUT.block_bytes
+    blocks = USABLE // LAYOUT.block_bytes
     async with CpuTier(LAYOUT, blocks, pin_memory=False) as fits:
         assert fits.slot_view([0]).shape == (1, LAYOUT.block_bytes)
     tier = CpuTier(LAYOUT, blocks + 1, pin_memory=False)
-    with pytest.raises(TierIOError, match=r"tier cpu: 64\.0 MiB of host memory asked, 64\.0 MiB"):
+    with pytest.raises(TierIOError, match=r"tier cpu: 57\.6 MiB of host memory asked, 64\.0 MiB"):
         await tier.__aenter__()
     assert not tier.pinned
     async with CpuTier(LAYOUT, 4, pin_memory=False) as small:  # the tier class still serves

@@ -14,10 +14,11 @@ as reclaimable, as ``MemAvailable`` does). Where none of it can be read
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
+from typing import Final
 
 import attrs
 
-__all__ = ["available_host_bytes", "format_bytes", "host_shortfall"]
+__all__ = ["available_host_bytes", "format_bytes", "headroom", "host_shortfall"]
 
 MEMINFO = Path("/proc/meminfo")
 CGROUP = Path("/sys/fs/cgroup")
@@ -138,12 +139,25 @@ def format_bytes(count: int) -> str:
     return f"{count / 2**20:.1f} MiB"
 
 
+HEADROOM_MAX: Final = 4 << 30
+
+
+def headroom(available: int) -> int:
+    """Bytes kept free for the rest of the process: a tenth of what is available, 4 GiB at most.
+
+    A tier that took every available byte passed the check and then got the
+    process OOM-killed (a 16 GiB CPU tier beside a 6 GiB device cache on a
+    23 GiB machine): the process, its allocator and the page cache need room.
+    """
+    return min(available // 10, HEADROOM_MAX)
+
+
 def host_shortfall(nbytes: int) -> str | None:
     """Why ``nbytes`` of host memory cannot be allocated now, or None if they can (or unknown)."""
     available = available_host_bytes()
-    if available is None or nbytes <= available:
+    if available is None or nbytes <= available - headroom(available):
         return None
     return (
         f"{format_bytes(nbytes)} of host memory asked, {format_bytes(available)} "
-        "available on this machine"
+        f"available on this machine, {format_bytes(headroom(available))} of it kept free"
     )

@@ -40,6 +40,7 @@ from kvtier.errors import ConfigError
 
 __all__ = [
     "DEFAULT_URL",
+    "MAX_TIMEOUT",
     "REDIS_KEYS",
     "RedisOptions",
     "parse_redis_options",
@@ -199,6 +200,10 @@ def reject_password(table: Mapping[str, Any], key: str) -> None:
         )
 
 
+MAX_TIMEOUT: Final = 86_400.0
+"""The longest ``timeout`` / ``connect_timeout`` a redis tier takes (a day): a deadline must end."""
+
+
 def parse_redis_options(table: Mapping[str, Any], key: str) -> RedisOptions:
     """Validate a redis tier's options (the table's other keys are checked by the caller).
 
@@ -235,6 +240,8 @@ def parse_redis_options(table: Mapping[str, Any], key: str) -> RedisOptions:
         durations[name] = parse_duration(table.get(name, default), key=f"{key}.{name}")
         if durations[name] <= 0:
             raise ConfigError(f"{key}.{name}: must be more than 0, got {durations[name]!r}")
+        if durations[name] > MAX_TIMEOUT:  # the tier's own limit, named here by its key
+            raise ConfigError(f"{key}.{name}: must be at most a day (86400s)")
     ttl = table.get("ttl")
     ttl_seconds = None if ttl is None else parse_duration(ttl, key=f"{key}.ttl")
     if ttl_seconds is not None and ttl_seconds <= 0:

@@ -271,6 +271,7 @@ def test_redis_password_comes_from_the_environment(monkeypatch: pytest.MonkeyPat
         ({"url": "http://x"}, r"tiers\[1\].url: 'http://x' is not a redis://"),
         ({"batch_size": 0}, r"tiers\[1\].batch_size: 0 is not an integer >= 1"),
         ({"timeout": "0s"}, r"tiers\[1\].timeout: must be more than 0"),
+        ({"connect_timeout": "100000s"}, r"tiers\[1\].connect_timeout: must be at most a day"),
         ({"ttl": "soon"}, r"tiers\[1\].ttl: 'soon' is not a duration"),
         ({"cluster": "yes"}, r"tiers\[1\].cluster: 'yes' is not true or false"),
         ({"path": "/x"}, r"unknown key\(s\) path"),

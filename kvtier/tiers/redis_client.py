@@ -9,7 +9,7 @@ client's options: :func:`redact_url` is what logs and reprs show.
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
@@ -19,7 +19,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from kvtier.config_redis import redact_url
+from kvtier.config_redis import MAX_TIMEOUT, redact_url
 from kvtier.errors import ConfigError
 
 __all__ = [
@@ -37,7 +37,6 @@ RedisClient = aioredis.Redis | RedisCluster
 _SCHEMES = ("redis", "rediss", "unix")
 
 
-_MAX_TIMEOUT: Final = 86_400.0
 """Longest round-trip or connect timeout accepted (a day): a deadline must end."""
 
 
@@ -105,8 +104,8 @@ class RedisConnection:
             )
         for label, seconds in (("connect_timeout", connect_timeout), ("timeout", timeout)):
             positive_number(label, seconds)
-            if not seconds <= _MAX_TIMEOUT:  # also refuses inf and nan: a deadline must end
-                raise ConfigError(f"{label} must be at most {_MAX_TIMEOUT:g} s, got {seconds!r}")
+            if not seconds <= MAX_TIMEOUT:  # also refuses inf and nan: a deadline must end
+                raise ConfigError(f"{label} must be at most {MAX_TIMEOUT:g} s, got {seconds!r}")
         if not isinstance(url, str) or urlsplit(url).scheme not in _SCHEMES:
             shown = redact_url(url) if isinstance(url, str) else url
             raise ConfigError(f"url must start with redis://, rediss:// or unix://, got {shown!r}")

@@ -51,7 +51,10 @@ def check_counts(new: int, new_computed: int, lookahead: int, external: int, enc
 
 
 def check_hashes(request: KVCacheRequest, block_size: int) -> Sequence[BlockHash]:
-    """The request's block hashes, checked to be one per full block of ``block_size``.
+    """The request's block hashes, refused when more than its full blocks of ``block_size``.
+
+    (Or when its ``block_hasher`` has another block size. Fewer hashes than
+    full blocks, or none, are fine: those blocks are not cached.)
 
     Hashes of another block size would give a block the hash of other
     tokens: a smaller hasher's hash of block 0 covers only its first

@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=sorted(WORKLOADS),
         help="a built-in workload (default: mooncake, the bundled trace)",
     )
-    run.add_argument("--limit", type=int, help="replay only the first N requests of a trace")
+    run.add_argument("--limit", type=int, help="replay only the first N requests of the workload")
     chat = run.add_argument_group("chat workload (--workload chat)")
     chat.add_argument("--users", type=int, help="conversations (default 16)")
     chat.add_argument("--rounds", type=int, help="turns per conversation (default 6)")

@@ -1,6 +1,6 @@
 """TOML configuration: the tier stack, its policies and the block layout.
 
-A file looks like ``examples/configs/device-cpu-disk.toml``::
+A file looks like this (``examples/configs/`` holds complete templates)::
 
     [layout]
     num_layers = 32

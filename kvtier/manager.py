@@ -125,9 +125,9 @@ class KVCacheManager:
             :meth:`allocate_slots`) and the number of hit tokens.
 
         Raises:
-            InvalidRequestError: The request's block hashes are not one per
-                full block of this cache's block size (a hasher of another
-                block size would hit blocks of other tokens).
+            InvalidRequestError: The request has more block hashes than full
+                blocks of this cache's block size, or a ``block_hasher`` of
+                another block size (it would hit blocks of other tokens).
         """
         if not self.enable_caching or request.skip_reading_prefix_cache:
             return self.empty_blocks(), 0
@@ -172,8 +172,9 @@ class KVCacheManager:
         ``num_new_computed_tokens`` prefix-hit tokens in ``new_computed_blocks``,
         then ``num_external_computed_tokens`` tokens a lower tier will load,
         then ``num_new_tokens`` (+ ``num_lookahead_tokens`` speculative) tokens
-        to compute, capped at ``max_model_len``. The keywords are vLLM's, so
-        its scheduler's call works unchanged.
+        to compute. Slots stop at ``max_model_len`` (lookahead slots beyond
+        it are not allocated); more tokens than that to compute are refused.
+        The keywords are vLLM's, so its scheduler's call works unchanged.
 
         Args:
             request: The request.

@@ -175,7 +175,11 @@ class Request:
         block_hashes: Hashes of the full blocks.
 
     Raises:
-        InvalidRequestError: Features unsorted or past the prompt.
+        InvalidRequestError: Token ids that are not an iterable of 64-bit
+            integers; ``mm_features`` that are not ``MultiModalFeature``,
+            unsorted or past the prompt; a ``num_computed_tokens`` or
+            ``num_preemptions`` that is not an integer >= 0 (NumPy integers
+            are converted to ``int``); a bad ``tag`` or ``lora_id``.
     """
 
     request_id: str

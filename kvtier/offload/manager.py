@@ -292,8 +292,12 @@ class OffloadManager(TransferWaits):
 
         Raises:
             InvalidRequestError: ``num_external_tokens`` is not a multiple of
-                the block size, the groups do not match, or external tokens
-                come for a running request whose earlier load has not finished.
+                the block size, the groups do not match, external tokens
+                come for a running request whose earlier load has not finished,
+                or a load target already holds a hash (allocate requests with
+                external tokens with ``delay_cache_blocks=True``).
+
+        The request's latest lookup is counted in :meth:`stats` here.
         """
         self._transfers.drain()
         self._loads.after_alloc(request, blocks, num_external_tokens)

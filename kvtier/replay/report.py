@@ -20,14 +20,15 @@ class TierReport:
         name: The tier.
         hits: Blocks found there by lookups / blocks looked up there.
         queries: Blocks looked up there.
-        stored_blocks: Blocks written to it.
+        stored_blocks: Blocks the offload manager's stores wrote to it
+            (demotions into it are counted in ``demotions``).
         loaded_blocks: Blocks loaded from it toward the device.
         evictions: Blocks evicted from it.
         demotions: Blocks demoted into it from the tier above.
         store_gbps: Store throughput of the pipeline into it.
         load_gbps: Load throughput of the pipeline out of it.
         failed_transfers: Blocks of failed transfers.
-        bytes_stored: Bytes written to it.
+        bytes_stored: Bytes written to it, by stores and by demotions.
         bytes_loaded: Bytes loaded from it toward the device.
         probed_blocks: Blocks found by lookup-time probes of this shared tier
             (stored by another engine after this one opened).

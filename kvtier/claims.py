@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 from kvtier.errors import InvalidRequestError
-from kvtier.tasks import SlotLedger, TransferTask
+from kvtier.tasks import TransferTask
 from kvtier.tiers.base import BlockKey, keys_text
 
 __all__ = ["Claims"]
@@ -29,8 +29,10 @@ class Claims:
     """
 
     def __init__(self) -> None:
-        self._reserved: dict[SlotLedger, set[BlockKey]] = {}
-        self._pinned: dict[SlotLedger, Counter[BlockKey]] = {}
+        # By the ledger's id: a ledger need not be hashable (an attrs class
+        # with ``eq=True`` is not); queued tasks keep their ledgers alive.
+        self._reserved: dict[int, set[BlockKey]] = {}
+        self._pinned: dict[int, Counter[BlockKey]] = {}
 
     def take(self, task: TransferTask) -> None:
         """Record the task's claims.
@@ -44,7 +46,7 @@ class Claims:
         dst, src = task.dst_ledger, task.src_ledger
         pin_count: Callable[[BlockKey], int] | None = getattr(src, "pin_count", None)
         if dst is not None:
-            claimed = self._reserved.get(dst, set())
+            claimed = self._reserved.get(id(dst), set())
             if len(set(keys)) != len(keys) or not claimed.isdisjoint(keys):
                 taken = [key for key in keys if key in claimed] or _repeated(keys)
                 raise InvalidRequestError(
@@ -52,7 +54,7 @@ class Claims:
                     "transfer (each transfer needs its own reservation)"
                 )
         if src is not None and pin_count is not None:
-            named = self._pinned.get(src, Counter())
+            named = self._pinned.get(id(src), Counter())
             # Each key is pinned at least once (the ledger's check_task_slots):
             # only a key named twice needs its count.
             if len(set(keys)) != len(keys) or not named.keys().isdisjoint(keys):
@@ -62,20 +64,20 @@ class Claims:
                             f"{keys_text([key])}: its {pin_count(key)} pin(s) are named by "
                             "more queued transfers (each transfer needs its own pin)"
                         )
-            self._pinned.setdefault(src, Counter()).update(keys)
+            self._pinned.setdefault(id(src), Counter()).update(keys)
         if dst is not None:
-            self._reserved.setdefault(dst, set()).update(keys)
+            self._reserved.setdefault(id(dst), set()).update(keys)
 
     def release(self, task: TransferTask) -> None:
         """Forget the task's claims (it was settled, or never queued)."""
         dst, src = task.dst_ledger, task.src_ledger
-        if dst is not None and dst in self._reserved:
-            claimed = self._reserved[dst]
+        if dst is not None and id(dst) in self._reserved:
+            claimed = self._reserved[id(dst)]
             claimed.difference_update(task.keys)
             if not claimed:
-                del self._reserved[dst]
-        if src is not None and src in self._pinned:
-            named = self._pinned[src]
+                del self._reserved[id(dst)]
+        if src is not None and id(src) in self._pinned:
+            named = self._pinned[id(src)]
             for key in task.keys:
                 left = named[key] - 1
                 if left > 0:
@@ -83,7 +85,7 @@ class Claims:
                 else:
                     named.pop(key, None)
             if not named:
-                del self._pinned[src]
+                del self._pinned[id(src)]
 
 
 def _repeated(keys: Sequence[BlockKey]) -> list[BlockKey]:

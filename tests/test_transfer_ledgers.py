@@ -187,3 +187,25 @@ async def test_a_reservation_or_pin_named_by_two_queued_transfers_is_refused() -
     assert index.num_pinned == 0
     assert index.clear()
     index.check_invariants()
+
+
+class ValueLedger(Ledger):
+    """A ledger that compares by value, and so is not hashable (as an attrs class)."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ValueLedger)
+
+
+@pytest.mark.asyncio
+async def test_an_unhashable_ledger_is_fine() -> None:
+    dev, cpu = MemoryStore(8, name="gpu"), MemoryStore(8, name="cpu")
+    fill(dev, [1, 2], keys_for(1, 2))
+    first, second = ValueLedger(), ValueLedger()  # equal, yet two ledgers
+    async with TransferPipeline() as pipeline:
+        a = pipeline.submit_nowait(StoreTask(dev, [1], cpu, [1], keys_for(1), None, first))
+        b = pipeline.submit_nowait(StoreTask(dev, [1], cpu, [2], keys_for(1), None, second))
+        await a
+        await b
+    assert first.calls == second.calls == ["commit"]

@@ -546,9 +546,13 @@ async def test_a_second_allocation_during_a_load_is_refused_not_credited() -> No
         manager.get_num_new_matched_tokens(again, 0)
         targets = env.fresh(2)
         manager.update_state_after_alloc(again, KVCacheBlocks((targets,)), 2 * BS)
-        # The old load would end "ok" for blocks it never wrote: refused.
+        # The old load would end "ok" for blocks it never wrote: refused,
+        # and its lookup is not counted (nothing changed).
+        manager.get_num_new_matched_tokens(again, 0)
+        before = manager.stats()
         with pytest.raises(InvalidRequestError, match="already has a load in flight"):
             manager.update_state_after_alloc(again, KVCacheBlocks((env.fresh(2),)), 2 * BS)
+        assert manager.stats() == before
         manager.build_step(SchedulerOutput())
         await manager.wait_idle()
         assert manager.take_finished() == [FinishedLoad(again.request_id, True)]

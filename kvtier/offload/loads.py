@@ -174,14 +174,6 @@ class LoadPlanner:
                 f"got {num_external_tokens}"
             )
         rid = request.request_id
-        lookup = self.lookups.get(rid)
-        if num_external_tokens and lookup is not None:
-            _check_targets(
-                rid, blocks, lookup.info.device_blocks, num_external_tokens // self.block_size
-            )
-        if lookup is not None:
-            del self.lookups[rid]
-            self._count(lookup)
         state = self.transfers.requests.get(rid)
         # A finished request's load is its own: a new request may reuse its id
         # (see Transfers.track).
@@ -193,6 +185,14 @@ class LoadPlanner:
                 f"request {rid!r} already has a load in flight (wait for its "
                 "FinishedLoad before allocating external tokens again)"
             )
+        lookup = self.lookups.get(rid)
+        if num_external_tokens and lookup is not None:
+            _check_targets(
+                rid, blocks, lookup.info.device_blocks, num_external_tokens // self.block_size
+            )
+        if lookup is not None:  # every check passed: the lookup counts now
+            del self.lookups[rid]
+            self._count(lookup)
         ids = [[block.block_id for block in group] for group in blocks.blocks]
         state = self.transfers.track(rid, ids)
         state.tag = request_tag(request)

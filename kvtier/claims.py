@@ -1,4 +1,10 @@
-"""Which reservations and pins the tasks queued in a pipeline have named.
+"""A pipeline's dealings with the tiers' ledgers (the indexes' reservations and pins).
+
+:func:`check_ledger` asks a ledger, before a task is queued, whether the
+task's slots are reserved or pinned; :class:`Claims` keeps two queued tasks
+from spending one reservation or pin; :func:`settle` commits, aborts and
+unpins when a task ends, each call on its own so that one ledger that raises
+strands nothing.
 
 A reservation is spent by one commit or abort, a pin by one unpin. Two tasks
 naming one reserved key would both copy into its slot, and when the first
@@ -13,10 +19,13 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 from kvtier.errors import InvalidRequestError
-from kvtier.tasks import TransferTask
+from kvtier.log import get_logger
+from kvtier.tasks import SlotLedger, TransferTask
 from kvtier.tiers.base import BlockKey, keys_text
 
-__all__ = ["Claims"]
+__all__ = ["Claims", "check_ledger", "ledger_call", "settle"]
+
+_log = get_logger("kvtier.transfer")
 
 
 class Claims:
@@ -92,3 +101,40 @@ def _repeated(keys: Sequence[BlockKey]) -> list[BlockKey]:
     """The keys that occur more than once, in order."""
     counts = Counter(keys)
     return [key for key in keys if counts[key] > 1]
+
+
+def check_ledger(
+    ledger: SlotLedger | None, keys: Sequence[BlockKey], slots: Sequence[int], *, written: bool
+) -> None:
+    """Ask a ledger that can check slots (``check_task_slots``) whether the task may run."""
+    check = getattr(ledger, "check_task_slots", None)
+    if check is not None:
+        check(keys, slots, written=written)
+
+
+def settle(task: TransferTask, *, ok: bool) -> Exception | None:
+    """Release the task's pins and reservations; the first ledger error, never raised.
+
+    Each ledger call is tried on its own, so one that raises cannot keep the
+    others from releasing, stop a worker, or strand the tasks queued behind.
+    """
+    refused: Exception | None = None
+    if task.dst_ledger is not None:
+        settle = task.dst_ledger.commit if ok else task.dst_ledger.abort
+        refused = ledger_call(settle, task.keys)
+    if task.src_ledger is not None:
+        unpinned = ledger_call(task.src_ledger.unpin, task.keys)
+        refused = refused or unpinned
+    return refused
+
+
+def ledger_call(
+    call: Callable[[Sequence[BlockKey]], object], keys: Sequence[BlockKey]
+) -> Exception | None:
+    """``call(keys)``; the exception it raised (logged), never raised, else None."""
+    try:
+        call(keys)
+    except Exception as exc:  # a ledger's bug or a caller's slip: logged, reported
+        _log.error("transfer_ledger_failed", call=getattr(call, "__name__", "?"), error=repr(exc))
+        return exc
+    return None

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Self
 
@@ -40,7 +39,7 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from kvtier.claims import Claims
+from kvtier.claims import Claims, check_ledger, ledger_call, settle
 from kvtier.completion import Completion
 from kvtier.errors import BlockMissingError, ClosedError, ConfigError, LedgerError
 from kvtier.log import get_logger
@@ -184,8 +183,8 @@ class TransferPipeline:
     def _prepare(self, task: TransferTask) -> tuple[MemoryObjectSendStream[_Item], _Item]:
         if self._closed or not self._started:
             raise ClosedError("the transfer pipeline is not running")
-        _check_ledger(task.src_ledger, task.keys, task.src_slots, written=False)
-        _check_ledger(task.dst_ledger, task.keys, task.dst_slots, written=True)
+        check_ledger(task.src_ledger, task.keys, task.src_slots, written=False)
+        check_ledger(task.dst_ledger, task.keys, task.dst_slots, written=True)
         self._claims.take(task)
         name = f"{task.direction}-{next(self._ids)}"
         return self._send[task.direction], (task, Completion[TransferResult](name))
@@ -315,7 +314,7 @@ class TransferPipeline:
         except Exception as exc:
             if isinstance(exc, BlockMissingError) and task.src_ledger is not None:
                 missing = set(exc.slots) or set(task.src_slots)
-                _ledger_call(
+                ledger_call(
                     task.src_ledger.remove,
                     [k for k, s in zip(task.keys, task.src_slots, strict=True) if s in missing],
                 )
@@ -355,9 +354,9 @@ class TransferPipeline:
         )
 
     def _settle(self, task: TransferTask, *, ok: bool) -> Exception | None:
-        """Settle the task's ledgers (:func:`_settle`) and forget its claims."""
+        """Settle the task's ledgers (:func:`~kvtier.claims.settle`) and forget its claims."""
         self._claims.release(task)
-        return _settle(task, ok=ok)
+        return settle(task, ok=ok)
 
     async def _move(self, direction: Direction, tasks: list[TransferTask]) -> float:
         """Copy the tasks' blocks (same source and destination tiers); seconds taken."""
@@ -370,39 +369,3 @@ class TransferPipeline:
             [k for t in tasks for k in t.keys],
         )
         return time.perf_counter() - start
-
-
-def _check_ledger(
-    ledger: SlotLedger | None, keys: Sequence[BlockKey], slots: Sequence[int], *, written: bool
-) -> None:
-    """Ask a ledger that can check slots (``check_task_slots``) whether the task may run."""
-    check = getattr(ledger, "check_task_slots", None)
-    if check is not None:
-        check(keys, slots, written=written)
-
-
-def _settle(task: TransferTask, *, ok: bool) -> Exception | None:
-    """Release the task's pins and reservations; the first ledger error, never raised.
-
-    Each ledger call is tried on its own, so one that raises cannot keep the
-    others from releasing, stop a worker, or strand the tasks queued behind.
-    """
-    refused: Exception | None = None
-    if task.dst_ledger is not None:
-        settle = task.dst_ledger.commit if ok else task.dst_ledger.abort
-        refused = _ledger_call(settle, task.keys)
-    if task.src_ledger is not None:
-        unpinned = _ledger_call(task.src_ledger.unpin, task.keys)
-        refused = refused or unpinned
-    return refused
-
-
-def _ledger_call(
-    call: Callable[[Sequence[BlockKey]], object], keys: Sequence[BlockKey]
-) -> Exception | None:
-    try:
-        call(keys)
-    except Exception as exc:  # a ledger's bug or a caller's slip: logged, reported
-        _log.error("transfer_ledger_failed", call=getattr(call, "__name__", "?"), error=repr(exc))
-        return exc
-    return None

@@ -32,10 +32,7 @@ from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Self
 
-import attrs
-
 from kvtier.errors import InvalidRequestError
-from kvtier.events import KVCacheEvent
 from kvtier.manager import KVCacheBlocks
 from kvtier.offload import candidates, session
 from kvtier.offload._state import RequestState
@@ -43,7 +40,6 @@ from kvtier.offload.loads import LoadPlanner
 from kvtier.offload.options import check_stack, positive, tier_policies
 from kvtier.offload.plan import (
     FinishedLoad,
-    HitInfo,
     SchedulerOutput,
     StepPlan,
     WriteMode,
@@ -52,6 +48,7 @@ from kvtier.offload.remote import ProbePlan, RemoteProbe
 from kvtier.offload.stats import OffloadStats, TierStats
 from kvtier.offload.stores import StorePlanner
 from kvtier.offload.transfers import Transfers
+from kvtier.offload.views import ManagerViews
 from kvtier.offload.waits import TransferWaits
 from kvtier.offload.writeback import WriteBack
 from kvtier.pool import BlockPool
@@ -63,12 +60,15 @@ from kvtier.transfer import TransferPipeline
 __all__ = ["OffloadManager"]
 
 
-class OffloadManager(TransferWaits):
+class OffloadManager(TransferWaits, ManagerViews):
     """Plans and runs the copies between the device and the lower tiers.
 
     The waits (``wait_for_loads``, ``wait_idle`` and their ``_blocking``
     forms, ``load_in_flight``) come from
-    :class:`~kvtier.offload.waits.TransferWaits`.
+    :class:`~kvtier.offload.waits.TransferWaits`, the read-only views
+    (``hit_info``, ``has_request``, ``stats``, ``take_events``,
+    ``lazy_store_budget``, ``in_flight_store_blocks``) from
+    :class:`~kvtier.offload.views.ManagerViews`.
 
     Args:
         block_pool: The device block pool.
@@ -274,10 +274,6 @@ class OffloadManager(TransferWaits):
         self._transfers.drain()  # outcomes first: a store that ended holds its blocks now
         return self._probe.plan(request, num_computed_tokens)
 
-    def hit_info(self, request_id: str) -> HitInfo | None:
-        """Where the request's blocks were found at its last lookup."""
-        return self._loads.hits.get(request_id)
-
     # -- after allocation --------------------------------------------------------------
 
     def update_state_after_alloc(
@@ -373,39 +369,3 @@ class OffloadManager(TransferWaits):
         self._loads.hits.pop(request.request_id, None)
         self._loads.lookups.pop(request.request_id, None)
         return self._transfers.finish_request(request.request_id)
-
-    def has_request(self, request_id: str) -> bool:
-        """The manager still tracks the request."""
-        return request_id in self._requests
-
-    # -- stats and events ----------------------------------------------------------------
-
-    def stats(self) -> OffloadStats:
-        """A snapshot of the cumulative counters."""
-        self._transfers.drain()
-        tiers = {name: attrs.evolve(stats) for name, stats in self._stats.tiers.items()}
-        return attrs.evolve(self._stats, tiers=tiers)
-
-    def take_events(self) -> list[KVCacheEvent]:
-        """Lower tiers' ``BlockStored`` / ``BlockRemoved`` events since the last call."""
-        self._transfers.drain()
-        return [event for index in self.indexes for event in index.take_events()]
-
-    @property
-    def lazy_store_budget(self) -> int:
-        """Lazy mode: the stores the last step could plan past what safety needed.
-
-        ``max(lazy_free_target, 2 x rate)``, where rate is a moving average of
-        the blocks joining the device free queue per step (see
-        :mod:`kvtier.offload.writeback`).
-        """
-        return self._lazy.budget
-
-    @property
-    def in_flight_store_blocks(self) -> frozenset[int]:
-        """Device block ids whose store has not ended, as of the manager's last call.
-
-        Stores that end meanwhile are applied at the start of the next call
-        (which may then store those blocks again).
-        """
-        return self._transfers.in_flight_ids()

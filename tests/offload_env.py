@@ -13,6 +13,7 @@ import torch
 
 from kvtier import BlockHasher, BlockPool, KVCacheBlocks, Request
 from kvtier.block import KVCacheBlock
+from kvtier.hashing import make_block_hash_with_group_id
 from kvtier.offload import OffloadManager, SchedulerOutput, WriteMode
 from kvtier.tiers.base import BlockLayout, BlockStore
 from kvtier.tiers.cpu import CpuTier
@@ -22,6 +23,8 @@ from kvtier.tiers.gpu import DeviceTier
 BS = 16
 LAYOUT = BlockLayout(num_layers=2, block_size=BS, num_kv_heads=1, head_size=8, dtype="float16")
 _HASHER = BlockHasher(BS, "sha256", seed="offload-tests")
+DEADLINE = 10.0
+"""Seconds a test waits for transfers: a hang fails it instead of stalling the suite."""
 
 
 def pattern(key: bytes) -> torch.Tensor:
@@ -131,3 +134,25 @@ def scheduled(
         new_requests={rid: tuple(blocks.get_block_ids()) for rid, blocks in new.items()},
         cached_requests={rid: (ids,) for rid, ids in cached.items()},
     )
+
+
+def key(request: Request, position: int) -> bytes:
+    """The lower tiers' key of the request's block ``position`` (group 0)."""
+    return make_block_hash_with_group_id(request.block_hashes[position], 0)
+
+
+async def store(
+    env: Env, request: Request, blocks: KVCacheBlocks | int, *, release: bool = False
+) -> KVCacheBlocks:
+    """Schedule ``request`` with its computed ``blocks`` (or that many new ones) and let the
+    eager store land; with ``release``, the request then finishes and frees its blocks."""
+    if isinstance(blocks, int):
+        blocks = env.alloc(request, blocks)
+    env.manager.update_state_after_alloc(request, blocks, 0)
+    plan = env.manager.build_step(scheduled(new={request.request_id: blocks}))
+    env.manager.step_computed(plan.step_id)
+    await env.manager.wait_idle()
+    if release:
+        env.manager.request_finished(request)
+        env.pool.free_blocks(reversed(blocks.blocks[0]))
+    return blocks

@@ -9,22 +9,9 @@ import pytest
 
 from kvtier import KVCacheBlocks, Request
 from kvtier.errors import ConfigError, InvalidRequestError
-from kvtier.hashing import make_block_hash_with_group_id
 from kvtier.offload import FinishedLoad, SchedulerOutput
 from kvtier.tiers.cpu import CpuTier
-from tests.offload_env import BS, LAYOUT, Env, scheduled
-
-
-def key(request, position: int) -> bytes:  # type: ignore[no-untyped-def]
-    return make_block_hash_with_group_id(request.block_hashes[position], 0)
-
-
-async def store(env: Env, request, blocks: KVCacheBlocks) -> None:  # type: ignore[no-untyped-def]
-    """Schedule ``request`` with its computed ``blocks`` and let the eager store land."""
-    env.manager.update_state_after_alloc(request, blocks, 0)
-    plan = env.manager.build_step(scheduled(new={request.request_id: blocks}))
-    env.manager.step_computed(plan.step_id)
-    await env.manager.wait_idle()
+from tests.offload_env import BS, LAYOUT, Env, key, scheduled, store
 
 
 @pytest.mark.asyncio

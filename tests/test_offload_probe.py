@@ -17,12 +17,11 @@ import torch
 
 from kvtier import KVCacheBlocks, Request
 from kvtier.errors import ConfigError
-from kvtier.hashing import make_block_hash_with_group_id
 from kvtier.offload import FinishedLoad
 from kvtier.tiers.base import BlockStore, ProbingStore
 from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.redis import RedisTier
-from tests.offload_env import BS, LAYOUT, Env, pattern, scheduled
+from tests.offload_env import BS, LAYOUT, Env, key, pattern, scheduled
 from tests.redis_server import RedisServer, redis_server, shared_redis
 
 MODEL = "test-model"  # a redis tier names its model
@@ -30,10 +29,6 @@ MODEL = "test-model"  # a redis tier names its model
 __all__ = ["redis_server", "shared_redis"]
 
 _prefixes = itertools.count()
-
-
-def key(request: Request, position: int) -> bytes:
-    return make_block_hash_with_group_id(request.block_hashes[position], 0)
 
 
 def redis_tier(server: RedisServer, prefix: str, **options: object) -> RedisTier:

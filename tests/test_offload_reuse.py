@@ -13,26 +13,9 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from kvtier import KVCacheBlocks
-from kvtier.hashing import make_block_hash_with_group_id
+from kvtier import KVCacheBlocks, Request
 from kvtier.offload import FinishedLoad, SchedulerOutput
-from tests.offload_env import BS, Env, scheduled
-
-DEADLINE = 10.0
-
-
-def key(request, position: int) -> bytes:  # type: ignore[no-untyped-def]
-    return make_block_hash_with_group_id(request.block_hashes[position], 0)
-
-
-async def store(env: Env, request, num_blocks: int) -> None:  # type: ignore[no-untyped-def]
-    blocks = env.alloc(request, num_blocks)
-    env.manager.update_state_after_alloc(request, blocks, 0)
-    plan = env.manager.build_step(scheduled(new={request.request_id: blocks}))
-    env.manager.step_computed(plan.step_id)
-    await env.manager.wait_idle()
-    env.manager.request_finished(request)
-    env.pool.free_blocks(reversed(blocks.blocks[0]))
+from tests.offload_env import BS, DEADLINE, Env, key, scheduled, store
 
 
 def check_released(env: Env) -> None:
@@ -41,6 +24,19 @@ def check_released(env: Env) -> None:
     for index in env.manager.indexes:
         assert index.num_pinned == index.num_reserved == 0
         index.check_invariants()
+
+
+def finished_while_loading(env: Env, like: Request) -> Request:
+    """A request whose load of ``like``'s two blocks started, then it finished (aborted)."""
+    manager = env.manager
+    old = env.request(2, like=like)
+    assert manager.get_num_new_matched_tokens(old, 0) == (2 * BS, True)
+    old_targets = env.fresh(2)
+    manager.update_state_after_alloc(old, KVCacheBlocks((old_targets,)), 2 * BS)
+    assert len(manager.build_step(SchedulerOutput()).loads) == 1  # started, not run yet
+    assert manager.request_finished(old) is True  # its load is in flight
+    env.pool.free_blocks(old_targets)
+    return old
 
 
 @pytest.mark.parametrize("told", [True, False], ids=["after-alloc", "scheduler-output-only"])
@@ -91,16 +87,10 @@ async def test_a_new_request_may_load_while_the_old_ones_load_of_that_id_runs() 
     env = Env(gpu_blocks=16, cpu_blocks=8)
     async with env.manager as manager:
         a, b = env.request(2), env.request(2)
-        await store(env, a, 2)
-        await store(env, b, 2)
+        await store(env, a, 2, release=True)
+        await store(env, b, 2, release=True)
 
-        old = env.request(2, like=a)
-        assert manager.get_num_new_matched_tokens(old, 0) == (2 * BS, True)
-        old_targets = env.fresh(2)
-        manager.update_state_after_alloc(old, KVCacheBlocks((old_targets,)), 2 * BS)
-        assert len(manager.build_step(SchedulerOutput()).loads) == 1  # started, not run yet
-        assert manager.request_finished(old) is True  # aborted while loading
-        env.pool.free_blocks(old_targets)
+        old = finished_while_loading(env, a)
 
         new = env.request(2, like=b, request_id=old.request_id)
         assert manager.get_num_new_matched_tokens(new, 0) == (2 * BS, True)
@@ -129,14 +119,8 @@ async def test_the_old_load_ending_neither_reports_to_nor_forgets_the_new_reques
     env = Env(gpu_blocks=16, cpu_blocks=8)
     async with env.manager as manager:
         a = env.request(2)
-        await store(env, a, 2)
-        old = env.request(2, like=a)
-        manager.get_num_new_matched_tokens(old, 0)
-        old_targets = env.fresh(2)
-        manager.update_state_after_alloc(old, KVCacheBlocks((old_targets,)), 2 * BS)
-        manager.build_step(SchedulerOutput())
-        assert manager.request_finished(old) is True
-        env.pool.free_blocks(old_targets)
+        await store(env, a, 2, release=True)
+        old = finished_while_loading(env, a)
 
         new = env.request(1, request_id=old.request_id)  # nothing to load
         assert manager.get_num_new_matched_tokens(new, 0) == (0, False)
@@ -163,14 +147,8 @@ async def test_a_finished_requests_unread_load_report_goes_when_its_id_is_reused
     env = Env(gpu_blocks=16, cpu_blocks=8)
     async with env.manager as manager:
         a = env.request(2)
-        await store(env, a, 2)
-        old = env.request(2, like=a)
-        manager.get_num_new_matched_tokens(old, 0)
-        old_targets = env.fresh(2)
-        manager.update_state_after_alloc(old, KVCacheBlocks((old_targets,)), 2 * BS)
-        manager.build_step(SchedulerOutput())
-        assert manager.request_finished(old) is True
-        env.pool.free_blocks(old_targets)
+        await store(env, a, 2, release=True)
+        old = finished_while_loading(env, a)
         with anyio.fail_after(DEADLINE):
             await manager.wait_idle()  # the old load ended; its report is not taken yet
         assert not manager.has_request(old.request_id)

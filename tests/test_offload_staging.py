@@ -8,24 +8,9 @@ import anyio
 import pytest
 
 from kvtier import KVCacheBlocks
-from kvtier.hashing import make_block_hash_with_group_id
 from kvtier.offload import FinishedLoad, SchedulerOutput
 from kvtier.offload.stats import TierStats
-from tests.offload_env import BS, Env, pattern, scheduled
-
-DEADLINE = 10.0
-
-
-def key(request, position: int) -> bytes:  # type: ignore[no-untyped-def]
-    return make_block_hash_with_group_id(request.block_hashes[position], 0)
-
-
-async def store(env: Env, request, num_blocks: int) -> None:  # type: ignore[no-untyped-def]
-    blocks = env.alloc(request, num_blocks)
-    env.manager.update_state_after_alloc(request, blocks, 0)
-    plan = env.manager.build_step(scheduled(new={request.request_id: blocks}))
-    env.manager.step_computed(plan.step_id)
-    await env.manager.wait_idle()
+from tests.offload_env import BS, DEADLINE, Env, key, pattern, store
 
 
 async def disk_only(env: Env):  # type: ignore[no-untyped-def]

@@ -10,10 +10,8 @@ from kvtier.errors import ClosedError, InvalidRequestError
 from kvtier.offload import FinishedLoad, SchedulerOutput
 from kvtier.tiers.cpu import CpuTier
 from kvtier.transfer import TransferPipeline
-from tests.offload_env import BS, LAYOUT, Env, scheduled
+from tests.offload_env import BS, DEADLINE, LAYOUT, Env, scheduled
 from tests.tier_doubles import GatedStore
-
-DEADLINE = 10.0  # a hang fails the test instead of stalling the suite
 
 
 async def _stored(env: Env, num_blocks: int = 2):  # type: ignore[no-untyped-def]

@@ -63,8 +63,9 @@ class _Lookup:
     info: HitInfo
     missed: bool
     """The lookup stopped at a block no tier holds (before the prompt's end)."""
-    device_hashes: Sequence[BlockHash]
-    """The hashes of the device hit (selective mode's popularity counter)."""
+    hashes: Sequence[BlockHash]
+    """The request's block hashes; the first ``info.device_blocks`` were the device hit
+    (selective mode's popularity counter reads them, once the lookup counts)."""
 
 
 class LoadPlanner:
@@ -138,7 +139,7 @@ class LoadPlanner:
             start, found, max(0, request.num_tokens - num_computed_tokens - tokens), tuple(levels)
         )
         self.hits[request.request_id] = info
-        self.lookups[request.request_id] = _Lookup(info, missed, hashes[:start])
+        self.lookups[request.request_id] = _Lookup(info, missed, hashes)
         return tokens, bool(levels)
 
     def _count(self, lookup: _Lookup) -> None:
@@ -155,7 +156,7 @@ class LoadPlanner:
             for stats in self.tier_stats:
                 stats.queries += 1
         if self.hit_counter is not None:
-            self.hit_counter.record(lookup.device_hashes)
+            self.hit_counter.record(lookup.hashes[: lookup.info.device_blocks])
         self.stats.lookups += 1
         self.stats.device_hit_blocks += lookup.info.device_blocks
         self.stats.tokens_to_compute += lookup.info.tokens_to_compute

@@ -103,7 +103,11 @@ class Completion(Generic[T]):
     def add_done_callback(self, callback: Callable[[Completion[T]], object]) -> None:
         """Call ``callback(self)`` when resolved (now, if it already is).
 
-        A callback that raises is logged and does not stop the others.
+        A callback that raises an ``Exception`` is logged and does not stop
+        the others. One that raises another ``BaseException`` (such as
+        ``KeyboardInterrupt``) does not stop them either: the first such
+        error is raised again once every callback has run, so no cleanup
+        is skipped on the way out.
         """
         if self.done():
             self._run(callback)
@@ -136,8 +140,14 @@ class Completion(Generic[T]):
         self._state = state
         self._event.set()
         callbacks, self._callbacks = self._callbacks, []
+        interrupt: BaseException | None = None
         for callback in callbacks:
-            self._run(callback)
+            try:
+                self._run(callback)
+            except BaseException as exc:  # KeyboardInterrupt and kin: after the rest
+                interrupt = interrupt or exc
+        if interrupt is not None:
+            raise interrupt
         return True
 
     def _run(self, callback: Callable[[Completion[T]], object]) -> None:

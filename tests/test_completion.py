@@ -72,3 +72,19 @@ async def test_callbacks_run_once_in_order_even_when_one_raises(
     assert calls == ["first:ok", "second", "late"]
     assert any("completion_callback_failed" in r.getMessage() for r in caplog.records)
     structlog.reset_defaults()
+
+
+def test_a_keyboard_interrupt_in_a_callback_is_raised_after_the_others_ran() -> None:
+    completion: Completion[str] = Completion("cb")
+    calls: list[str] = []
+
+    def interrupt(_: Completion[str]) -> None:
+        calls.append("interrupt")
+        raise KeyboardInterrupt
+
+    completion.add_done_callback(interrupt)
+    completion.add_done_callback(lambda c: calls.append(f"cleanup:{c.result()}"))
+    with pytest.raises(KeyboardInterrupt):
+        completion.set_result("ok")
+    assert calls == ["interrupt", "cleanup:ok"]
+    assert completion.result() == "ok"

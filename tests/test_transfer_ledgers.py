@@ -209,3 +209,40 @@ async def test_an_unhashable_ledger_is_fine() -> None:
         await a
         await b
     assert first.calls == second.calls == ["commit"]
+
+
+@pytest.mark.asyncio
+async def test_a_base_exception_in_a_callback_runs_the_other_callbacks_and_settles_all() -> None:
+    """A ``BaseException`` from a callback ends the pipeline, but skips no cleanup.
+
+    The interrupted completion's later callbacks still run (they release a
+    request's blocks), and the tasks behind it are cancelled and aborted.
+    (Not ``KeyboardInterrupt`` itself: asyncio lets that one out of the event
+    loop from any task, past the test.)
+    """
+    dev, cpu = MemoryStore(8, name="gpu"), MemoryStore(8, name="cpu")
+    fill(dev, [1, 2], keys_for(1, 2))
+    first_ledger, second_ledger = Ledger(), Ledger()
+    ran: list[str] = []
+
+    class Interrupt(BaseException):
+        pass
+
+    def interrupt(_: Completion[TransferResult]) -> None:
+        raise Interrupt
+
+    with pytest.RaisesGroup(Interrupt, flatten_subgroups=True, allow_unwrapped=True):
+        async with TransferPipeline(max_batch_blocks=1) as pipeline:
+            first = pipeline.submit_nowait(
+                StoreTask(dev, [1], cpu, [1], keys_for(1), None, first_ledger)
+            )
+            second = pipeline.submit_nowait(
+                StoreTask(dev, [2], cpu, [2], keys_for(2), None, second_ledger)
+            )
+            first.add_done_callback(interrupt)
+            first.add_done_callback(lambda c: ran.append(c.state.value))
+            second.add_done_callback(lambda c: ran.append(c.state.value))
+            await anyio.sleep_forever()
+    assert ran == ["done", "cancelled"]
+    assert first_ledger.calls == ["commit"]
+    assert second_ledger.calls == ["abort"]

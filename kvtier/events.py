@@ -2,8 +2,8 @@
 
 Events use vLLM's names and fields so that routers and indexers that consume
 vLLM's KV events (for example for KV-aware routing) can consume kvtier's.
-Every event names its ``medium`` (the tier: ``"gpu"`` for the device prefix
-cache, ``"cpu"``, ``"disk"``… for lower tiers).
+Every event names its ``medium``: ``"GPU"`` for the device prefix cache (vLLM's
+value), the tier's name (``"cpu"``, ``"disk"``…) for lower tiers.
 """
 
 from __future__ import annotations

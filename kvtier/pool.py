@@ -32,8 +32,8 @@ from kvtier.request import KVCacheRequest, request_lora_id
 
 __all__ = ["MEDIUM_GPU", "BlockPool"]
 
-MEDIUM_GPU = "gpu"
-"""The ``medium`` of events from the device prefix cache."""
+MEDIUM_GPU = "GPU"
+"""The ``medium`` of events from the device prefix cache: ``"GPU"``, vLLM's value."""
 
 _log = get_logger("kvtier.pool")
 

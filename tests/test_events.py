@@ -36,7 +36,7 @@ def test_stored_removed_and_cleared(blocks_to_cache: int, lora_name: str | None)
     assert (stored.block_size, stored.lora_name, stored.medium, stored.group_idx) == (
         16,
         lora_name,
-        "gpu",
+        "GPU",
         0,
     )
     assert (stored.kv_cache_spec_kind, stored.kv_cache_spec_sliding_window) == (
@@ -54,14 +54,14 @@ def test_stored_removed_and_cleared(blocks_to_cache: int, lora_name: str | None)
     events = manager.take_events()
     assert len(events) == blocks_to_cache + 1
     removed = events[:-1]
-    assert all(isinstance(e, BlockRemoved) and e.medium == "gpu" for e in removed)
+    assert all(isinstance(e, BlockRemoved) and e.medium == "GPU" for e in removed)
     assert [e.block_hashes[0] for e in removed] == req0.block_hashes[::-1]  # type: ignore[union-attr]
     assert isinstance(events[-1], BlockStored)
     assert len(events[-1].block_hashes) == blocks_to_cache
 
     manager.free(req1)
     assert manager.reset_prefix_cache()
-    assert manager.take_events() == [AllBlocksCleared(medium="gpu")]
+    assert manager.take_events() == [AllBlocksCleared(medium="GPU")]
     assert len(manager.block_pool.cached_block_hash_to_block) == 0
 
 

@@ -85,7 +85,7 @@ def test_null_parent_block_hash_in_events() -> None:
             token_ids=[12, 13],
             block_size=1,
             lora_name=None,
-            medium="gpu",
+            medium="GPU",
             group_idx=0,
         )
     ]

@@ -121,6 +121,9 @@ class OffloadConfig:
         selective_min_hits: Selective mode: hits before a block is stored.
         max_probe_blocks: Most blocks a lookup asks shared tiers (Redis) about,
             for blocks other engines stored; 0 turns the probes off.
+        flush_on_close: Copy the CPU tier's blocks into the tier below when
+            the offload manager closes cleanly (see
+            :mod:`kvtier.offload.flush`).
     """
 
     write_mode: str = "eager"
@@ -132,6 +135,7 @@ class OffloadConfig:
     lazy_free_target: int = 32
     selective_min_hits: int = 2
     max_probe_blocks: int = 256
+    flush_on_close: bool = False
 
 
 @attrs.frozen
@@ -280,6 +284,7 @@ def _offload(table: Mapping[str, Any]) -> OffloadConfig:
         "lazy_free_target",
         "selective_min_hits",
         "max_probe_blocks",
+        "flush_on_close",
     )
     _check_keys(table, allowed, "offload")
     offload = OffloadConfig(
@@ -295,6 +300,7 @@ def _offload(table: Mapping[str, Any]) -> OffloadConfig:
         _integer(table, "lazy_free_target", 32, "offload"),
         _integer(table, "selective_min_hits", 2, "offload"),
         _integer(table, "max_probe_blocks", 256, "offload", minimum=0),
+        bool(_boolean(table, "flush_on_close", False, "offload")),
     )
     for name, (option, ignoring, default) in _IGNORED_BY.items():
         chosen = table.get(option, default)
@@ -336,6 +342,8 @@ def parse_config(data: Mapping[str, Any]) -> KvtierConfig:
                 f"{room} bytes"
             )
     offload = _offload(_table(data.get("offload", {}), "offload"))
+    if offload.flush_on_close and "cpu" not in [tier.kind for tier in lower[:-1]]:
+        raise ConfigError("offload.flush_on_close: no cpu tier has a tier below it to flush into")
     return KvtierConfig(layout, tiers, offload)
 
 

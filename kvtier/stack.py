@@ -96,7 +96,8 @@ def offload_manager(
     """An :class:`~kvtier.offload.OffloadManager` over the config's lower tiers.
 
     Takes the lower tiers (:func:`lower_tiers`) with their eviction
-    policies, the write mode and its knobs, and ``max_probe_blocks``.
+    policies, the write mode and its knobs, ``max_probe_blocks`` and
+    ``flush_on_close``.
 
     Args:
         config: A validated configuration.
@@ -136,6 +137,7 @@ def offload_manager(
         world_size=world_size,
         pipeline=pipeline,
         max_probe_blocks=config.offload.max_probe_blocks,
+        flush_on_close=config.offload.flush_on_close,
     )
 
 

@@ -86,6 +86,26 @@ def test_replay_on_a_reused_workdir_shows_restored_blocks(
     assert "restored" in capsys.readouterr().out
 
 
+def test_replay_with_flush_on_close_leaves_the_cpu_blocks_for_the_next_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "flush.toml"
+    config.write_text(SMALL_TOML + "\n[offload]\nflush_on_close = true\n")
+    workdir = ["--workdir", str(tmp_path / "w")]
+    assert main(["replay", str(config), *CHAT, "--json", *workdir]) == 0
+    cold = json.loads(capsys.readouterr().out)
+    assert cold["tiers"][0]["flushed_blocks"] == 0  # nothing above the CPU tier
+    assert cold["tiers"][1]["flushed_blocks"] > 0
+    assert main(["replay", str(config), *CHAT, "--json", *workdir]) == 0
+    warm = json.loads(capsys.readouterr().out)
+    on_disk = cold["tiers"][1]["flushed_blocks"] + cold["tiers"][1]["demotions"]
+    assert warm["tiers"][1]["restored_blocks"] == on_disk
+    assert (
+        main(["replay", str(config), *CHAT, "--no-progress", "--workdir", str(tmp_path / "t")]) == 0
+    )
+    assert "flushed" in capsys.readouterr().out  # the column shows when a tier was flushed
+
+
 def test_replay_trace_with_limit(small: Path, capsys: pytest.CaptureFixture[str]) -> None:
     trace = Path(__file__).resolve().parents[1] / "kvtier" / "data" / "mooncake_sample.jsonl"
     big_device = small.read_text().replace('"32KiB"', '"2MiB"')

@@ -357,3 +357,14 @@ def test_a_registered_prefetch_policy_is_given_the_timeout_keys(
         base(offload={"prefetch": "my_timeout", "prefetch_timeout": "200ms"})
     ).offload
     assert offload.prefetch_timeout == pytest.approx(0.2)
+
+
+def test_flush_on_close_is_read_and_needs_a_tier_below_a_cpu_tier() -> None:
+    assert parse_config(base()).offload.flush_on_close is False
+    two = [{"kind": "cpu", "capacity": "1MiB"}, {"kind": "disk", "capacity": "1MiB", "path": "/x"}]
+    config = parse_config(base(tiers=two, offload={"flush_on_close": True}))
+    assert config.offload.flush_on_close is True
+    with pytest.raises(ConfigError, match="flush_on_close: no cpu tier has a tier below it"):
+        parse_config(base(offload={"flush_on_close": True}))  # a CPU tier alone
+    with pytest.raises(ConfigError, match=r"offload.flush_on_close: 'yes' is not true or false"):
+        parse_config(base(tiers=two, offload={"flush_on_close": "yes"}))

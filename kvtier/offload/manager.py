@@ -32,7 +32,7 @@ from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Self
 
-from kvtier.errors import InvalidRequestError
+from kvtier.errors import ConfigError, InvalidRequestError
 from kvtier.manager import KVCacheBlocks
 from kvtier.offload import candidates, session
 from kvtier.offload._state import RequestState
@@ -93,6 +93,10 @@ class OffloadManager(TransferWaits, ManagerViews):
             manager); ``None`` for the defaults.
         max_probe_blocks: Most blocks one :meth:`probe` asks the shared tiers
             about; 0 turns probing off.
+        flush_on_close: On a clean exit, once the jobs ended, copy the
+            blocks of every tier held in memory (the CPU tier)
+            into the tier below (see :mod:`kvtier.offload.flush`), so a warm
+            restart on a disk tier finds them.
 
     Raises:
         ConfigError: No lower tier, mismatched layouts, or a bad setting.
@@ -113,6 +117,7 @@ class OffloadManager(TransferWaits, ManagerViews):
         world_size: int = 1,
         pipeline: TransferPipeline | None = None,
         max_probe_blocks: int = 256,
+        flush_on_close: bool = False,
     ) -> None:
         check_stack(block_pool, device, tiers, mode, lazy_free_target)
         names = [tier.name for tier in tiers]
@@ -166,12 +171,22 @@ class OffloadManager(TransferWaits, ManagerViews):
             max_blocks=positive("max_probe_blocks", max_probe_blocks, minimum=0),
         )
         self._step_ids = itertools.count(1)
+        if not isinstance(flush_on_close, bool):
+            raise ConfigError(f"flush_on_close must be true or false, got {flush_on_close!r}")
+        self.flush_on_close = flush_on_close
         self._entered = False
 
     # -- lifecycle -------------------------------------------------------------------
 
     def _serve(self) -> AbstractAsyncContextManager[None]:
-        return session.serve(self.device, self.tiers, self.indexes, self._pipeline, self._transfers)
+        return session.serve(
+            self.device,
+            self.tiers,
+            self.indexes,
+            self._pipeline,
+            self._transfers,
+            flush_on_close=self.flush_on_close,
+        )
 
     def _enter(self) -> None:
         if self._entered:

@@ -3,18 +3,22 @@
 :func:`serve` opens the device tier, every lower tier (entering the blocks a
 persistent tier recovers into its index and counting them in the tier's
 ``restored_blocks``), the transfer pipeline and the task
-group the jobs run in; :func:`release_all` settles, once the jobs ended, the
-events that never finished.
+group the jobs run in; on a clean exit with ``flush_on_close`` it flushes the
+volatile tiers down (:mod:`kvtier.offload.flush`) once the jobs ended, before
+the pipeline and the tiers close; :func:`release_all` settles, once the jobs
+ended, the events that never finished.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from types import TracebackType
 from typing import Any, cast
 
 import anyio
 
+from kvtier.offload import flush
 from kvtier.offload.transfers import Transfers
 from kvtier.tiers.base import BlockStore
 from kvtier.tiers.index import TierIndex
@@ -30,6 +34,8 @@ async def serve(
     indexes: Sequence[TierIndex],
     pipeline: TransferPipeline,
     transfers: Transfers,
+    *,
+    flush_on_close: bool = False,
 ) -> AsyncIterator[None]:
     """Open everything the manager owns; jobs start in its task group meanwhile."""
     async with AsyncExitStack() as stack:
@@ -42,6 +48,25 @@ async def serve(
                 index.restore(found)
                 transfers.tier_stats[level].restored_blocks += len(found)
         await stack.enter_async_context(pipeline)
+        if flush_on_close:
+
+            async def flush_down(
+                exc_type: type[BaseException] | None,
+                exc: BaseException | None,
+                tb: TracebackType | None,
+            ) -> bool:
+                if exc_type is None:  # the jobs ended: their outcomes first
+                    transfers.drain()
+                    await flush.flush(
+                        pipeline,
+                        tiers,
+                        indexes,
+                        transfers.tier_stats,
+                        batch_blocks=pipeline.max_batch_blocks,
+                    )
+                return False
+
+            stack.push_async_exit(flush_down)  # after the task group, before the pipeline
         group = await stack.enter_async_context(anyio.create_task_group())
         transfers.runtime.bind(group)
         try:

@@ -25,8 +25,11 @@ class TierStats:
         failed_transfers: Blocks of transfers to or from this tier that failed.
         dropped_stores: Blocks not stored because the tier was full of pinned
             or reserved blocks.
+        flushed: Blocks copied into this tier from the volatile tier above
+            when the manager closed (``flush_on_close``, see
+            :mod:`kvtier.offload.flush`).
         bytes_stored: Bytes written to this tier by completed stores and by
-            demotions into it (``stores`` counts only the former).
+            demotions and flushes into it (``stores`` counts only the former).
         bytes_loaded: Bytes loaded toward the device from this tier.
         store_seconds: Time the pipeline spent on those writes.
         load_seconds: Time the pipeline spent on those loads (staging included).
@@ -46,6 +49,7 @@ class TierStats:
     demotions: int = 0
     failed_transfers: int = 0
     dropped_stores: int = 0
+    flushed: int = 0
     bytes_stored: int = 0
     bytes_loaded: int = 0
     store_seconds: float = 0.0

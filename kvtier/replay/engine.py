@@ -287,10 +287,10 @@ async def replay(
         try:
             async with offload:
                 await engine.run(progress or (lambda _: None))
-                stats = offload.stats()
         except BaseExceptionGroup as group:
             raise _single_error(group) from None
         seconds = time.perf_counter() - start
+        stats = offload.stats()  # after closing: a flush_on_close counts too
     return ReplayReport(
         workload=workload.name,
         requests=len(workload.prompts),

@@ -28,13 +28,16 @@ class TierReport:
         store_gbps: Store throughput of the pipeline into it.
         load_gbps: Load throughput of the pipeline out of it.
         failed_transfers: Blocks of failed transfers.
-        bytes_stored: Bytes written to it, by stores and by demotions.
+        bytes_stored: Bytes written to it, by stores, demotions and flushes.
         bytes_loaded: Bytes loaded from it toward the device.
         probed_blocks: Blocks found by lookup-time probes of this shared tier
             (stored by another engine after this one opened).
         restored_blocks: Blocks the tier held when the replay opened it (a
             disk tier reopened on an earlier run's ``--workdir``): loads of
             them count as hits like any other.
+        flushed_blocks: Blocks copied into it from the tier above when the
+            replay closed the stack (``[offload] flush_on_close``), for the
+            next run on the same ``--workdir``.
     """
 
     name: str
@@ -51,6 +54,7 @@ class TierReport:
     bytes_loaded: int = 0
     probed_blocks: int = 0
     restored_blocks: int = 0
+    flushed_blocks: int = 0
 
 
 def tier_report(name: str, stats: TierStats) -> TierReport:
@@ -70,6 +74,7 @@ def tier_report(name: str, stats: TierStats) -> TierReport:
         stats.bytes_loaded,
         stats.probed_blocks,
         stats.restored_blocks,
+        stats.flushed,
     )
 
 
@@ -149,6 +154,9 @@ def render(report: ReplayReport) -> list[Table]:
     warm = any(tier.restored_blocks for tier in report.tiers)
     if warm:  # only a warm start shows the column
         columns.insert(1, "restored")
+    flushed = any(tier.flushed_blocks for tier in report.tiers)
+    if flushed:  # only flush_on_close shows the column
+        columns.insert(len(columns) - 1, "flushed in")
     for column in columns:
         tiers.add_column(column, justify="right")
     traffic = Table(title="traffic (pipeline time per direction)")
@@ -165,6 +173,7 @@ def render(report: ReplayReport) -> list[Table]:
             f"{tier.loaded_blocks:,}",
             f"{tier.evictions:,}",
             f"{tier.demotions:,}",
+            *([f"{tier.flushed_blocks:,}"] if flushed else []),
             f"{tier.failed_transfers:,}",
         )
         traffic.add_row(

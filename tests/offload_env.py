@@ -35,7 +35,10 @@ def pattern(key: bytes) -> torch.Tensor:
 
 
 class Env:
-    """A device pool of ``gpu_blocks`` (block 0 is the null block) over real tiers."""
+    """A device pool of ``gpu_blocks`` (block 0 is the null block) over real tiers.
+
+    The KV cache lives on ``device`` (a CUDA one for the tests that need it).
+    """
 
     def __init__(
         self,
@@ -46,10 +49,11 @@ class Env:
         disk: Path | None = None,
         disk_blocks: int = 16,
         tiers: list[BlockStore] | None = None,
+        device: str = "cpu",
         **options: object,
     ) -> None:
         self.pool = BlockPool(gpu_blocks)
-        self.cache = torch.zeros((gpu_blocks, LAYOUT.block_bytes), dtype=torch.uint8)
+        self.cache = torch.zeros((gpu_blocks, LAYOUT.block_bytes), dtype=torch.uint8, device=device)
         self.device = DeviceTier(self.cache, LAYOUT)
         if tiers is None:
             tiers = [CpuTier(LAYOUT, cpu_blocks)]
@@ -112,7 +116,7 @@ class Env:
         from kvtier.hashing import make_block_hash_with_group_id
 
         key = make_block_hash_with_group_id(request.block_hashes[position], 0)
-        return torch.equal(self.cache[block.block_id], pattern(key))
+        return torch.equal(self.cache[block.block_id].cpu(), pattern(key))
 
     def cpu_keys(self) -> set[bytes]:
         return {key for _, key in self.manager.indexes[0].blocks()}

@@ -45,6 +45,7 @@ from kvtier.offload.plan import (
     WriteMode,
 )
 from kvtier.offload.remote import ProbePlan, RemoteProbe
+from kvtier.offload.runtime import current_streams
 from kvtier.offload.stats import OffloadStats, TierStats
 from kvtier.offload.stores import StorePlanner
 from kvtier.offload.transfers import Transfers
@@ -212,7 +213,8 @@ class OffloadManager(TransferWaits, ManagerViews):
 
     def __enter__(self) -> Self:
         self._enter()
-        self._transfers.runtime.start_thread(self._serve)
+        streams = current_streams([self.device, *self.tiers])  # the engine thread's
+        self._transfers.runtime.start_thread(self._serve, streams)
         return self
 
     def __exit__(

@@ -17,22 +17,45 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any
 
 import anyio
 import anyio.from_thread
+import torch
 from anyio.abc import TaskGroup
 
 from kvtier.errors import ClosedError
 from kvtier.offload._state import LoadOutcome, StoreOutcome
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "current_streams"]
 
 Outcome = StoreOutcome | LoadOutcome
 Job = Callable[..., Coroutine[Any, Any, None]]
 _NOT_RUNNING = "the offload manager is not running: enter it first"
+
+
+def current_streams(tiers: Iterable[object]) -> list[torch.cuda.Stream]:
+    """The calling thread's current CUDA stream on each GPU the tiers live on.
+
+    A tier lives on a GPU when its ``device`` attribute is a CUDA
+    ``torch.device`` (the device tier over a CUDA KV cache).
+    """
+    streams: dict[int, torch.cuda.Stream] = {}
+    for tier in tiers:
+        device = getattr(tier, "device", None)
+        if isinstance(device, torch.device) and device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            if index not in streams:
+                streams[index] = torch.cuda.current_stream(index)
+    return list(streams.values())
+
+
+def _make_current(streams: Sequence[torch.cuda.Stream]) -> None:
+    """Make ``streams`` the current ones of the calling thread (per GPU)."""
+    for stream in streams:
+        torch.cuda.set_stream(stream)
 
 
 class Runtime:
@@ -95,12 +118,27 @@ class Runtime:
 
     # -- thread mode -------------------------------------------------------------------
 
-    def start_thread(self, session: Callable[[], AbstractAsyncContextManager[Any]]) -> None:
-        """Run ``session()`` in a new background event loop until :meth:`stop_thread`."""
+    def start_thread(
+        self,
+        session: Callable[[], AbstractAsyncContextManager[Any]],
+        streams: Sequence[torch.cuda.Stream] = (),
+    ) -> None:
+        """Run ``session()`` in a new background event loop until :meth:`stop_thread`.
+
+        ``streams`` (the engine thread's current CUDA streams, see
+        :func:`current_streams`) become the loop thread's current streams
+        first. A copy is ordered after its thread's current stream, and CUDA
+        keeps one per thread: without them the loop's thread would have the
+        legacy default stream, which does not wait for the engine's own
+        stream (vLLM computes on one), so a store could read blocks its
+        forward pass is still writing.
+        """
         self._portal_cm = anyio.from_thread.start_blocking_portal()
         self._portal = self._portal_cm.__enter__()
         self.thread_mode = True
         try:
+            if streams:
+                self._portal.call(_make_current, streams)
             self._session_cm = self._portal.wrap_async_context_manager(session())
             self._session_cm.__enter__()
         except BaseException:

@@ -18,9 +18,11 @@ tensor may appear more than once (layers that share one KV cache); K and V
 views interleaved in one ``[num_blocks, 2, …]`` tensor are apart and
 accepted. Slot ``i`` is the engine's block ``i``; keys
 are ignored here (the device prefix cache tracks them). On CUDA, copies run on
-streams the tier owns (one per direction), ordered after the calling thread's
-current stream; the event loop awaits a CUDA event from a worker thread (see
-:mod:`kvtier.tiers._copy`). The engine must not touch the blocks of a transfer
+streams the tier owns (one per direction), ordered after the current stream
+of the thread that calls the tier (the event loop's: an async engine's own
+thread, or the background loop of a synchronous engine's offload manager,
+which is given the engine thread's current stream when entered); the event
+loop awaits a CUDA event from a worker thread (see :mod:`kvtier.tiers._copy`). The engine must not touch the blocks of a transfer
 until it completes.
 """
 

@@ -1,0 +1,78 @@
+"""The offload manager on a real GPU: stream ordering and CUDA contexts (skipped without one).
+
+Found by review, never run on a GPU when written: a synchronous engine's
+copies ran on the manager's background thread, whose current stream is the
+legacy default one, which does not wait for an engine computing on a stream
+of its own (vLLM does); and pinning from a worker thread, whose current
+device is GPU 0, created a CUDA context there for every rank.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from kvtier.tiers.cpu import CpuTier
+from tests.offload_env import DEADLINE, LAYOUT, Env, key, pattern, scheduled
+
+CUDA = torch.cuda.is_available()
+SLEEP_CYCLES = 1 << 29  # a "forward pass" of a few hundred milliseconds
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_a_sync_engine_on_its_own_stream_stores_what_its_forward_pass_wrote() -> None:
+    engine = torch.cuda.Stream()
+    with torch.cuda.stream(engine):
+        env = Env(gpu_blocks=16, device="cuda", tiers=[CpuTier(LAYOUT, 8)])
+        with env.manager:
+            request = env.request(2)
+            blocks = env.alloc(request, 2)
+            ids = blocks.get_block_ids()[0]
+            written = env.cache[ids].clone()
+            env.cache[ids] = 0
+            torch.cuda.synchronize()
+            # The "forward pass", queued on the engine's stream: slow, then the KV.
+            torch.cuda._sleep(SLEEP_CYCLES)
+            env.cache[ids] = written
+            env.manager.update_state_after_alloc(request, blocks, 0)
+            plan = env.manager.build_step(scheduled(new={request.request_id: blocks}))
+            env.manager.step_computed(plan.step_id)
+            assert env.manager.wait_idle_blocking(DEADLINE)
+            cpu = env.tiers[0]
+            assert isinstance(cpu, CpuTier)
+            for position in (0, 1):
+                slot = env.manager.indexes[0].slot_of(key(request, position))
+                assert slot is not None
+                row = cpu.slot_view([slot])
+                assert row is not None
+                assert torch.equal(row[0], pattern(key(request, position)))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_cpu_tier_of_gpu_1_creates_no_context_on_gpu_0() -> None:
+    script = textwrap.dedent(
+        """
+        import anyio, torch
+        from kvtier.tiers.base import BlockLayout
+        from kvtier.tiers.cpu import CpuTier
+
+        async def main():
+            layout = BlockLayout(num_layers=1, block_size=16, num_kv_heads=1, head_size=8)
+            torch.cuda.set_device(1)
+            async with CpuTier(layout, 4, device="cuda:1") as tier:
+                assert tier.pinned
+            print(torch._C._cuda_hasPrimaryContext(0), torch._C._cuda_hasPrimaryContext(1))
+
+        anyio.run(main)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.split() == ["False", "True"]

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 from typing import Final
 
@@ -60,9 +61,47 @@ STAGING_BYTES: Final = 64 << 20
 _LOGGER = "kvtier.tiers"
 _log = get_logger(_LOGGER)
 _stdlib_log = logging.getLogger(_LOGGER)
+# Typed handles on torch's untyped CUDA constructors and query.
 _new_stream: Callable[..., torch.cuda.Stream] = torch.cuda.Stream
-_new_event: Callable[[], torch.cuda.Event] = torch.cuda.Event
+_new_event: Callable[..., torch.cuda.Event] = torch.cuda.Event
 _event_done: Callable[[torch.cuda.Event], bool] = torch.cuda.Event.query
+
+
+@contextmanager
+def _on(stream: torch.cuda.Stream) -> Iterator[None]:
+    """Make ``stream`` current, with its device current around it.
+
+    ``torch.cuda.stream`` alone, in a thread whose current device is another
+    one (a fresh worker thread's is device 0), restores that device's stream
+    on exit, which selects the device and, from CUDA 12 on, creates its
+    context: 300-500 MiB on a GPU another process may have filled.
+    """
+    with torch.cuda.device(stream.device), torch.cuda.stream(stream):
+        yield
+
+
+def _mark(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    """An event recorded on ``stream`` now; waiting for it sleeps instead of spinning.
+
+    (A default event, like ``Stream.synchronize``, spin-waits: a worker
+    thread waiting for a copy queued behind the engine's forward pass would
+    burn a core the whole time.)
+    """
+    with torch.cuda.device(stream.device):
+        done = _new_event(blocking=True)
+        done.record(stream)
+    return done
+
+
+def _wait(done: torch.cuda.Event, device: torch.device) -> None:
+    """Block the calling thread until ``done`` happened (on ``device``)."""
+    with torch.cuda.device(device):
+        done.synchronize()
+
+
+def _drain(stream: torch.cuda.Stream) -> None:
+    """Block until every copy queued on ``stream`` so far is done, without spinning."""
+    _wait(_mark(stream), stream.device)
 
 
 def check_copy_threads(copy_threads: object) -> None:
@@ -144,7 +183,7 @@ class RowCopier:
     async def sync_streams(self) -> None:
         """Wait (off the event loop) until every copy queued on the copier's streams is done."""
         for stream in list(self._streams.values()):
-            await anyio.to_thread.run_sync(stream.synchronize)
+            await anyio.to_thread.run_sync(_drain, stream)
 
     # -- the operations --
 
@@ -209,10 +248,12 @@ class RowCopier:
             queue = stream is not None and all(self._async_ok(part) for part in parts)
             if stream is not None and queue and nbytes < self.offload_min_bytes:
                 done = self._enqueue(stream, slots, parts, read=read)
-                if not _event_done(done):  # checked: a tiny copy may be done already
+                with torch.cuda.device(stream.device):
+                    finished = _event_done(done)  # a tiny copy may be done already
+                if not finished:
                     # Shielded: the caller's buffer is settled before we return.
                     with anyio.CancelScope(shield=True):
-                        await anyio.to_thread.run_sync(done.synchronize)
+                        await anyio.to_thread.run_sync(_wait, done, stream.device)
             elif stream is None and nbytes >= self.offload_min_bytes and self._shares(nbytes) > 1:
                 await self._in_threads(slots, parts, read=read, shares=self._shares(nbytes))
             else:
@@ -306,12 +347,12 @@ class RowCopier:
                 if queue:  # large: even queueing the kernels would hold up the loop
                     self._enqueue(stream, slots, parts, read=read)
                 else:
-                    with torch.cuda.stream(stream):
+                    with _on(stream):
                         self.rows.copy(slots, parts, read=read, non_blocking=False)
             finally:
                 # Also on failure: kernels queued before it may still use the
                 # caller's buffers, which must be settled when we return.
-                stream.synchronize()
+                _drain(stream)
 
         return work
 
@@ -328,13 +369,11 @@ class RowCopier:
         Every part is on the tier's device, or pinned and contiguous on the host.
         """
         try:
-            with torch.cuda.stream(stream):
+            with _on(stream):
                 self.rows.copy(slots, parts, read=read, non_blocking=True)
-                done = _new_event()
-                done.record(stream)
-            return done
+            return _mark(stream)
         except BaseException:
             # Kernels queued before the failure may still use the caller's
             # buffer: let them finish before the caller sees the error.
-            stream.synchronize()
+            _drain(stream)
             raise

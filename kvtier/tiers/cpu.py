@@ -38,20 +38,40 @@ _HOST_REGISTER_PORTABLE = 1
 _cudart: Callable[[], Any] = torch.cuda.cudart
 
 
-def _register(tensor: torch.Tensor) -> None:
-    """Page-lock ``tensor``'s memory (exactly its bytes) for every CUDA context."""
+def _register(tensor: torch.Tensor, device: int) -> None:
+    """Page-lock ``tensor``'s memory (exactly its bytes) for every CUDA context.
+
+    Called from a worker thread, whose current device is 0 whatever the
+    engine's: made on ``device`` (the tier's GPU), the call binds that GPU's
+    context, never creates one on GPU 0.
+    """
     nbytes = tensor.numel() * tensor.element_size()
-    error = _cudart().cudaHostRegister(tensor.data_ptr(), nbytes, _HOST_REGISTER_PORTABLE)
+    with torch.cuda.device(device):
+        error = _cudart().cudaHostRegister(tensor.data_ptr(), nbytes, _HOST_REGISTER_PORTABLE)
     if int(error) != 0:
         raise TierIOError(f"cudaHostRegister of {nbytes} bytes failed with CUDA error {int(error)}")
 
 
-def _unregister(tensor: torch.Tensor) -> None:
-    for device in range(torch.cuda.device_count()):
-        torch.cuda.synchronize(device)
-    error = _cudart().cudaHostUnregister(tensor.data_ptr())
+def _unregister(tensor: torch.Tensor, device: int) -> None:
+    """Unpin, once every GPU with a context has finished what it had queued.
+
+    Only GPUs that have a context are synchronised: selecting one that has
+    none would create it (from CUDA 12 on).
+    """
+    for index in _with_context(device):
+        torch.cuda.synchronize(index)
+    with torch.cuda.device(device):
+        error = _cudart().cudaHostUnregister(tensor.data_ptr())
     if int(error) != 0:
         raise TierIOError(f"cudaHostUnregister failed with CUDA error {int(error)}")
+
+
+def _with_context(device: int) -> list[int]:
+    """The GPUs whose primary context exists (``device`` at least)."""
+    has_context: Callable[[int], bool] | None = getattr(torch._C, "_cuda_hasPrimaryContext", None)
+    if has_context is None:
+        return [device]
+    return [i for i in range(torch.cuda.device_count()) if i == device or has_context(i)]
 
 
 class CpuTier(CopierCalls):
@@ -70,8 +90,10 @@ class CpuTier(CopierCalls):
             ``None`` pins when CUDA is available and ``device`` is a CUDA device
             (or not given), and falls back to pageable memory (with a warning
             log) if pinning fails; ``True`` requires CUDA and pinning.
-        device: The accelerator the tier exchanges blocks with; only decides
-            automatic pinning (pinned memory serves every CUDA device).
+        device: The accelerator the tier exchanges blocks with: decides
+            automatic pinning, and a CUDA device with an index is the GPU
+            whose context pins the memory (default: the current device of
+            the thread that opens the tier). Pinned memory serves every GPU.
         offload_min_bytes: Copies of at least this many bytes run in a worker
             thread instead of on the event loop.
         staging_bytes: Most bytes of staging memory a copy to or from another
@@ -126,6 +148,8 @@ class CpuTier(CopierCalls):
         self._block_bytes = layout.block_bytes
         self._num_slots = num_slots
         self._pin = bool(pin_memory)
+        self._target = target
+        self._gpu = 0  # the GPU that pins and unpins the storage (chosen on opening)
         self._offload_min_bytes = offload_min_bytes
         self._staging_bytes = staging_bytes
         self._copy_threads = copy_threads
@@ -173,6 +197,18 @@ class CpuTier(CopierCalls):
         """Whether the tier is closed or already holds its storage."""
         return self._closed or self._storage is not None
 
+    def _pinning_gpu(self) -> int:
+        """The GPU whose context pins the storage: ``device``'s, else the caller's current one.
+
+        Read on the event loop's thread (the engine's, or the thread a
+        synchronous engine's offload manager copied its CUDA stream to), not
+        in the worker thread that pins, whose current device is always 0.
+        """
+        target = self._target
+        if target is not None and target.type == "cuda" and target.index is not None:
+            return target.index
+        return torch.cuda.current_device()
+
     def _allocate(self) -> tuple[torch.Tensor, bool]:
         """Zeroed storage and whether it is page-locked (blocking)."""
         nbytes = self._num_slots * self._block_bytes
@@ -184,7 +220,7 @@ class CpuTier(CopierCalls):
         storage = torch.zeros((self._num_slots, self._block_bytes), dtype=torch.uint8)
         if self._pin:
             try:
-                _register(storage)
+                _register(storage, self._gpu)
             except TierIOError as exc:
                 if self._pin_required:
                     raise
@@ -207,6 +243,8 @@ class CpuTier(CopierCalls):
         if self._storage is not None:
             return self
         start = time.perf_counter()
+        if self._pin:
+            self._gpu = self._pinning_gpu()
         try:
             storage, pinned = await anyio.to_thread.run_sync(self._allocate)
         except TierIOError as exc:
@@ -217,7 +255,7 @@ class CpuTier(CopierCalls):
             ) from exc
         if self._settled():  # closed, or opened by a concurrent ``__aenter__``, meanwhile
             if pinned:
-                await anyio.to_thread.run_sync(_unregister, storage)
+                await anyio.to_thread.run_sync(_unregister, storage, self._gpu)
             if self._closed:
                 raise ClosedError(f"tier {self._name} was closed while opening")
             return self
@@ -260,7 +298,7 @@ class CpuTier(CopierCalls):
         await copier.sync_streams()
         if self._pinned:
             self._pinned = False
-            await anyio.to_thread.run_sync(_unregister, storage)
+            await anyio.to_thread.run_sync(_unregister, storage, self._gpu)
         _log.info("tier_close", tier=self._name, n_blocks=self._num_slots, bytes=storage.numel())
 
     def slot_view(self, slots: Sequence[int]) -> torch.Tensor | None:

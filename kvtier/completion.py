@@ -145,7 +145,10 @@ class Completion(Generic[T]):
             try:
                 self._run(callback)
             except BaseException as exc:  # KeyboardInterrupt and kin: after the rest
-                interrupt = interrupt or exc
+                if interrupt is None:
+                    interrupt = exc
+                else:  # only the first is raised: the others are logged
+                    _log.error("completion_callback_failed", completion=self.name, error=repr(exc))
         if interrupt is not None:
             raise interrupt
         return True

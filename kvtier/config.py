@@ -342,8 +342,13 @@ def parse_config(data: Mapping[str, Any]) -> KvtierConfig:
                 f"{room} bytes"
             )
     offload = _offload(_table(data.get("offload", {}), "offload"))
-    if offload.flush_on_close and "cpu" not in [tier.kind for tier in lower[:-1]]:
-        raise ConfigError("offload.flush_on_close: no cpu tier has a tier below it to flush into")
+    kinds = [tier.kind for tier in lower]
+    if offload.flush_on_close and not any(
+        kind == "cpu" and set(kinds[index + 1 :]) - {"cpu"} for index, kind in enumerate(kinds)
+    ):
+        raise ConfigError(
+            "offload.flush_on_close: no cpu tier has a disk or redis tier below it to flush into"
+        )
     return KvtierConfig(layout, tiers, offload)
 
 

@@ -88,3 +88,23 @@ def test_a_keyboard_interrupt_in_a_callback_is_raised_after_the_others_ran() -> 
         completion.set_result("ok")
     assert calls == ["interrupt", "cleanup:ok"]
     assert completion.result() == "ok"
+
+
+def test_a_second_base_exception_from_the_callbacks_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    structlog.reset_defaults()
+    completion: Completion[str] = Completion("cb")
+
+    def interrupt(_: Completion[str]) -> None:
+        raise KeyboardInterrupt("first")
+
+    def exit_(_: Completion[str]) -> None:
+        raise SystemExit("second")
+
+    completion.add_done_callback(interrupt)
+    completion.add_done_callback(exit_)
+    with caplog.at_level(logging.ERROR, logger="kvtier"), pytest.raises(KeyboardInterrupt):
+        completion.set_result("ok")
+    assert any("second" in r.getMessage() for r in caplog.records)
+    structlog.reset_defaults()

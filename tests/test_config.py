@@ -364,7 +364,11 @@ def test_flush_on_close_is_read_and_needs_a_tier_below_a_cpu_tier() -> None:
     two = [{"kind": "cpu", "capacity": "1MiB"}, {"kind": "disk", "capacity": "1MiB", "path": "/x"}]
     config = parse_config(base(tiers=two, offload={"flush_on_close": True}))
     assert config.offload.flush_on_close is True
-    with pytest.raises(ConfigError, match="flush_on_close: no cpu tier has a tier below it"):
+    below = "flush_on_close: no cpu tier has a disk or redis tier below it"
+    with pytest.raises(ConfigError, match=below):
         parse_config(base(offload={"flush_on_close": True}))  # a CPU tier alone
+    cpus = [{"kind": "cpu", "capacity": "1MiB"}] * 2
+    with pytest.raises(ConfigError, match=below):
+        parse_config(base(tiers=cpus, offload={"flush_on_close": True}))
     with pytest.raises(ConfigError, match=r"offload.flush_on_close: 'yes' is not true or false"):
         parse_config(base(tiers=two, offload={"flush_on_close": "yes"}))

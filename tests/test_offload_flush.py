@@ -156,16 +156,104 @@ async def test_a_sync_engine_flushes_too(tmp_path: Path) -> None:
     assert set(await recovered(tmp_path / "disk", 16)) == {key(a, 0), key(a, 1)}
 
 
-def test_flush_order_is_the_reverse_of_the_eviction_order_and_fits_the_room() -> None:
-    upper, lower = TierIndex("cpu", 8), TierIndex("disk", 2)
-    keys = [bytes([i]) * 32 for i in range(4)]
-    for k in keys:  # committed oldest first: keys[3] is the most recent
+def test_flush_order_takes_upper_tiers_first_most_valuable_first_within_the_room() -> None:
+    upper, middle, lower = TierIndex("cpu", 8), TierIndex("cpu2", 8), TierIndex("disk", 3)
+    keys = [bytes([i]) * 32 for i in range(6)]
+    for k in keys[:4]:  # committed oldest first: keys[3] is the most recent
         upper.commit(upper.reserve([k]).keys)
+    for k in (keys[4], keys[5], keys[2]):  # keys[2] is in both volatile tiers
+        middle.commit(middle.reserve([k]).keys)
     lower.commit(lower.reserve([keys[3]]).keys)  # held below already
+    lower.pin([keys[3]])  # as the flush protects it: room for two
     upper.pin([keys[0]])  # a read makes it the most recent; pinned blocks are flushed too
-    assert flush_order(upper, lower) == [keys[0], keys[2]]
+    assert flush_order([upper, middle], lower) == [(0, keys[0]), (0, keys[2])]
+    roomy = TierIndex("disk", 8)
+    assert flush_order([upper, middle], roomy) == [
+        (0, keys[0]),
+        (0, keys[3]),
+        (0, keys[2]),
+        (0, keys[1]),
+        (1, keys[5]),
+        (1, keys[4]),
+    ]
 
 
-def test_flush_on_close_must_be_a_bool() -> None:
+def test_flush_on_close_must_be_a_bool_and_have_somewhere_to_flush(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="flush_on_close"):
         Env(flush_on_close="yes")
+    with pytest.raises(ConfigError, match="no tier held in memory has a tier below it that lasts"):
+        Env(flush_on_close=True)  # a CPU tier alone
+    two_cpu = [CpuTier(LAYOUT, 2), CpuTier(LAYOUT, 2, name="cpu2")]
+    with pytest.raises(ConfigError, match="no tier held in memory"):
+        Env(tiers=two_cpu, flush_on_close=True)
+    assert Env(disk=tmp_path / "disk", flush_on_close=True).manager.flush_on_close
+
+
+def test_a_sync_engine_left_by_an_error_does_not_flush(tmp_path: Path) -> None:
+    """The background loop sees every exit as a clean one; the manager tells it apart."""
+    env = Env(gpu_blocks=32, cpu_blocks=4, disk=tmp_path / "disk", flush_on_close=True)
+    a = env.request(2)
+
+    def crash_after_a_store() -> None:
+        with env.manager:
+            blocks = env.alloc(a, 2)
+            env.manager.update_state_after_alloc(a, blocks, 0)
+            plan = env.manager.build_step(scheduled(new={a.request_id: blocks}))
+            env.manager.step_computed(plan.step_id)
+            assert env.manager.wait_idle_blocking(DEADLINE)
+            raise RuntimeError("engine crashed")
+
+    with pytest.raises(RuntimeError, match="engine crashed"):
+        crash_after_a_store()
+    assert env.manager.stats().tiers["disk"].flushed == 0
+    assert anyio.run(recovered, tmp_path / "disk", 16) == {}
+
+
+@pytest.mark.asyncio
+async def test_the_disk_keeps_its_copies_of_blocks_the_cpu_tier_holds_too(tmp_path: Path) -> None:
+    """A block loaded back from disk is in both tiers: the flush must not evict its disk copy."""
+    env = Env(
+        gpu_blocks=32, cpu_blocks=3, disk=tmp_path / "disk", disk_blocks=2, flush_on_close=True
+    )
+    manager = env.manager
+    with anyio.fail_after(DEADLINE):
+        async with manager:
+            a, b, c = env.request(2), env.request(1), env.request(2)
+            for request, count in ((a, 2), (b, 1), (c, 2)):
+                await store(env, request, count, release=True)  # c's store demotes a to disk
+            again = env.request(2, like=a)
+            assert manager.get_num_new_matched_tokens(again, 0) == (2 * BS, True)
+            targets = KVCacheBlocks((env.fresh(2),))
+            manager.update_state_after_alloc(again, targets, 2 * BS)
+            manager.build_step(scheduled(new={again.request_id: targets}))
+            await manager.wait_for_loads([again.request_id])
+            manager.request_finished(again)
+            env.pool.free_blocks(reversed(targets.blocks[0]))
+            await manager.wait_idle()
+            a_keys = {key(a, 0), key(a, 1)}
+            assert a_keys <= env.cpu_keys()  # staged back through the CPU tier
+            assert a_keys == {k for _, k in manager.indexes[1].blocks()}
+    # The disk was full of a's blocks, which the CPU tier holds too: nothing to flush.
+    assert manager.stats().tiers["disk"].flushed == 0
+    assert set(await recovered(tmp_path / "disk", 2)) == a_keys
+
+
+@pytest.mark.asyncio
+async def test_two_cpu_tiers_both_flush_into_the_disk(tmp_path: Path) -> None:
+    tiers = [
+        CpuTier(LAYOUT, 2),
+        CpuTier(LAYOUT, 2, name="cpu2"),
+        disk_tier(tmp_path / "disk", 16),
+    ]
+    env = Env(gpu_blocks=32, tiers=tiers, flush_on_close=True)
+    with anyio.fail_after(DEADLINE):
+        async with env.manager:
+            requests = [env.request(2) for _ in range(3)]
+            for request in requests:  # a is demoted twice and dropped; b ends in cpu2, c in cpu
+                await store(env, request, 2, release=True)
+    stats = env.manager.stats().tiers
+    assert (stats["cpu2"].flushed, stats["disk"].flushed) == (0, 4)
+    _, b, c = requests
+    assert set(await recovered(tmp_path / "disk", 16)) == {
+        key(r, i) for r in (b, c) for i in (0, 1)
+    }

@@ -4,18 +4,24 @@ Blocks reach a tier below only when the tier above evicts them (demotion), so
 without a flush the blocks a CPU tier holds when the engine stops are lost,
 and a warm restart on the same disk directory finds only what had been
 evicted: the older blocks. With ``flush_on_close`` the manager copies, once
-its jobs have ended and before the tiers close, every block of a tier held
-in memory (one that declares ``in_memory = True``, see
+its jobs have ended and before the tiers close, the blocks of the tiers held
+in memory (those that declare ``in_memory = True``, see
 :class:`~kvtier.tiers.base.BlockStore`: the CPU tier), whose blocks die with
-the process, into the tier below it, unless that tier holds it already.
+the process, into the first tier below them that is not (a disk or Redis
+tier), unless that tier holds them already.
 
-What does not fit in the tier below (its free slots plus the blocks it may
-evict) is left, most valuable first kept: the blocks are taken in the reverse
-of the upper tier's eviction order. The copies go through the transfer
-pipeline with the two indexes as ledgers (pinned above, reserved below): a
-failed copy aborts its reservation and is counted in ``failed_transfers``,
-and the flush of that tier stops there (a full or failing disk fails every
-copy after the first).
+Which blocks: those of the upper tier first, each tier's in the reverse of
+its eviction order (most valuable first), as many as the tier below has free
+or evictable slots. The tier below keeps its copies of blocks the flushed
+tiers hold too (they are pinned while the room is reserved, so the flush
+cannot evict the disk copy of a block it does not write), and one
+reservation is made for all, so the flush never evicts what it wrote.
+
+The copies go through the transfer pipeline in batches with the indexes as
+ledgers (pinned above, reserved below): a failed batch aborts its
+reservation and is counted in ``failed_transfers``, and the flush into that
+tier stops there (a full or failing disk fails every batch after the
+first); what was not copied is released.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from kvtier.tiers.base import BlockKey, BlockStore
 from kvtier.tiers.index import TierIndex
 from kvtier.transfer import StoreTask, TransferPipeline
 
-__all__ = ["flush", "flush_order", "volatile"]
+__all__ = ["flush", "flush_order", "flush_targets", "volatile"]
 
 _log = get_logger("kvtier.offload")
 
@@ -38,19 +44,42 @@ def volatile(tier: BlockStore) -> bool:
     return getattr(tier, "in_memory", False) is True
 
 
-def flush_order(index: TierIndex, below: TierIndex) -> list[BlockKey]:
-    """The blocks of ``index`` that ``below`` does not hold, most valuable first, as many as fit.
+def flush_targets(tiers: Sequence[BlockStore]) -> list[tuple[list[int], int]]:
+    """``(source levels, target level)`` for each run of volatile tiers above a lasting one."""
+    targets: list[tuple[list[int], int]] = []
+    sources: list[int] = []
+    for level, tier in enumerate(tiers):
+        if volatile(tier):
+            sources.append(level)
+        elif sources:
+            targets.append((sources, level))
+            sources = []
+    return targets
 
-    "Fit" counts the free slots of ``below`` and the blocks it may evict.
+
+def flush_order(uppers: Sequence[TierIndex], below: TierIndex) -> list[tuple[int, BlockKey]]:
+    """``(position in uppers, key)`` of the blocks to flush into ``below``, in order.
+
+    The first index's blocks first, each index's most valuable first (the
+    reverse of its policy's eviction order), each key once, none that
+    ``below`` holds, as many as ``below`` has free plus evictable slots
+    (counted as they are: the caller protects ``below``'s copies first).
     """
     room = below.num_free + below.num_evictable
-    if room <= 0:
-        return []
-    wanted = index.policy.victims(
-        len(index.policy), lambda key: index.contains(key) and not below.holds(key)
-    )
-    wanted.reverse()  # the last victim is the most valuable block
-    return wanted[:room]
+    chosen: list[tuple[int, BlockKey]] = []
+    seen: set[BlockKey] = set()
+    for position, index in enumerate(uppers):
+        if len(chosen) >= room:
+            break
+
+        def wanted(key: BlockKey, index: TierIndex = index) -> bool:
+            return index.contains(key) and not below.holds(key) and key not in seen
+
+        keys = index.policy.victims(len(index.policy), wanted)
+        for key in reversed(keys):  # the last victim is the most valuable block
+            chosen.append((position, key))
+            seen.add(key)
+    return chosen[:room]
 
 
 async def flush(
@@ -61,69 +90,94 @@ async def flush(
     *,
     batch_blocks: int,
 ) -> int:
-    """Copy each volatile tier's blocks into the tier below; how many blocks landed.
-
-    Tiers are flushed top down, so a chain of volatile tiers ends in the
-    first persistent one.
-    """
+    """Copy the volatile tiers' blocks into the lasting tiers below them; how many landed."""
     total = 0
-    for level in range(len(tiers) - 1):
-        if volatile(tiers[level]):
-            total += await _flush_level(pipeline, tiers, indexes, stats, level, batch_blocks)
+    for sources, target in flush_targets(tiers):
+        total += await _flush_into(pipeline, tiers, indexes, stats, sources, target, batch_blocks)
     return total
 
 
-async def _flush_level(
+def _protect(uppers: Sequence[TierIndex], below: TierIndex) -> list[BlockKey]:
+    """Pin ``below``'s copies of blocks ``uppers`` hold (so no reservation evicts them)."""
+    shared = {key for index in uppers for _, key in index.blocks() if below.contains(key)}
+    keys = list(shared)
+    if keys:
+        below.pin(keys)
+    return keys
+
+
+async def _flush_into(
     pipeline: TransferPipeline,
     tiers: Sequence[BlockStore],
     indexes: Sequence[TierIndex],
     stats: Sequence[TierStats],
-    level: int,
+    sources: list[int],
+    target: int,
     batch_blocks: int,
 ) -> int:
-    index, below = indexes[level], indexes[level + 1]
-    keys = flush_order(index, below)
-    if not keys:
-        return 0
-    # One reservation for all: the evictions below are chosen once, so a later
-    # chunk can never evict what an earlier one just wrote.
-    src_slots = index.pin(keys)
-    reservation = below.reserve_new(keys)
-    below_stats = stats[level + 1]
-    below_stats.evictions += len(reservation.evicted)
-    block_bytes = tiers[level].layout.block_bytes
-    route = f"{tiers[level].name}->{tiers[level + 1].name}"
-    landed = submitted = 0
+    below = indexes[target]
+    uppers = [indexes[level] for level in sources]
+    protected = _protect(uppers, below)
     try:
-        for start in range(0, len(keys), batch_blocks):
-            end = start + batch_blocks
+        order = flush_order(uppers, below)
+        if not order:
+            return 0
+        keys = [key for _, key in order]
+        reservation = below.reserve_new(keys)  # one for all: never evicts what it wrote
+    finally:
+        if protected:
+            below.unpin(protected)
+    slots = dict(zip(keys, reservation.slots, strict=True))
+    below_stats = stats[target]
+    below_stats.evictions += len(reservation.evicted)
+    runs = [  # each source tier's blocks, in batches
+        (sources[position], chunk)
+        for position in range(len(sources))
+        for chunk in _chunks([k for p, k in order if p == position], batch_blocks)
+    ]
+    pending = list(runs)
+    landed = 0
+    try:
+        while pending:
+            level, chunk = pending[0]
+            index = indexes[level]
             task = StoreTask(
                 tiers[level],
-                src_slots[start:end],
-                tiers[level + 1],
-                list(reservation.slots[start:end]),
-                keys[start:end],
+                index.pin(chunk),
+                tiers[target],
+                [slots[key] for key in chunk],
+                chunk,
                 src_ledger=index,
                 dst_ledger=below,
             )
-            completion = await pipeline.submit(task)
-            submitted = start + task.num_blocks  # the pipeline settles its ledgers now
+            try:
+                completion = await pipeline.submit(task)
+            except BaseException:
+                index.unpin(chunk)  # never queued: its reservation is released below
+                raise
+            pending.pop(0)  # queued: the pipeline settles its pins and slots
             try:
                 result = await completion
             except Exception as exc:  # aborted and unpinned by the pipeline
                 below_stats.failed_transfers += task.num_blocks
                 _log.warning(
-                    "flush_failed", tier=route, n_blocks=len(keys) - landed, error=repr(exc)
+                    "flush_failed",
+                    tier=f"{tiers[level].name}->{tiers[target].name}",
+                    n_blocks=len(keys) - landed,
+                    error=repr(exc),
                 )
                 break
             landed += task.num_blocks
             below_stats.flushed += task.num_blocks
-            below_stats.bytes_stored += task.num_blocks * block_bytes
+            below_stats.bytes_stored += task.num_blocks * tiers[level].layout.block_bytes
             below_stats.store_seconds += result.seconds
     finally:
-        rest = keys[submitted:]  # never posted: release them here
+        rest = [key for _, chunk in pending for key in chunk]  # never posted
         if rest:
             below.abort(rest)
-            index.unpin(rest)
-    _log.info("flushed", tier=route, n_blocks=landed, bytes=landed * block_bytes)
+    _log.info("flushed", tier=tiers[target].name, n_blocks=landed, of=len(keys))
     return landed
+
+
+def _chunks(keys: list[BlockKey], size: int) -> list[list[BlockKey]]:
+    return [keys[start : start + size] for start in range(0, len(keys), size)]

@@ -36,6 +36,7 @@ from kvtier.errors import ConfigError, InvalidRequestError
 from kvtier.manager import KVCacheBlocks
 from kvtier.offload import candidates, session
 from kvtier.offload._state import RequestState
+from kvtier.offload.flush import flush_targets
 from kvtier.offload.loads import LoadPlanner
 from kvtier.offload.options import check_stack, positive, tier_policies
 from kvtier.offload.plan import (
@@ -95,9 +96,10 @@ class OffloadManager(TransferWaits, ManagerViews):
         max_probe_blocks: Most blocks one :meth:`probe` asks the shared tiers
             about; 0 turns probing off.
         flush_on_close: On a clean exit, once the jobs ended, copy the
-            blocks of every tier held in memory (the CPU tier)
-            into the tier below (see :mod:`kvtier.offload.flush`), so a warm
-            restart on a disk tier finds them.
+            blocks of the tiers held in memory (the CPU tier) into the first
+            lasting tier below them (disk or Redis; see
+            :mod:`kvtier.offload.flush`), so a warm restart on a disk tier
+            finds them.
 
     Raises:
         ConfigError: No lower tier, mismatched layouts, or a bad setting.
@@ -174,7 +176,13 @@ class OffloadManager(TransferWaits, ManagerViews):
         self._step_ids = itertools.count(1)
         if not isinstance(flush_on_close, bool):
             raise ConfigError(f"flush_on_close must be true or false, got {flush_on_close!r}")
+        if flush_on_close and not flush_targets(self.tiers):
+            raise ConfigError(
+                "flush_on_close: no tier held in memory has a tier below it that lasts "
+                "(disk or redis) to flush into"
+            )
         self.flush_on_close = flush_on_close
+        self._failed = False  # a synchronous engine left by an error: no flush
         self._entered = False
 
     # -- lifecycle -------------------------------------------------------------------
@@ -186,7 +194,7 @@ class OffloadManager(TransferWaits, ManagerViews):
             self.indexes,
             self._pipeline,
             self._transfers,
-            flush_on_close=self.flush_on_close,
+            flush_on_close=lambda: self.flush_on_close and not self._failed,
         )
 
     def _enter(self) -> None:
@@ -223,6 +231,7 @@ class OffloadManager(TransferWaits, ManagerViews):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._failed = exc_type is not None  # the background loop only sees a clean exit
         try:
             self._transfers.runtime.stop_thread()
         finally:

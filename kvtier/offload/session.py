@@ -11,7 +11,7 @@ ended, the events that never finished.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
 from typing import Any, cast
@@ -35,9 +35,14 @@ async def serve(
     pipeline: TransferPipeline,
     transfers: Transfers,
     *,
-    flush_on_close: bool = False,
+    flush_on_close: Callable[[], bool] = lambda: False,
 ) -> AsyncIterator[None]:
-    """Open everything the manager owns; jobs start in its task group meanwhile."""
+    """Open everything the manager owns; jobs start in its task group meanwhile.
+
+    ``flush_on_close()`` is asked at exit, once the jobs ended: whether to
+    flush (a synchronous engine's exit by an error reaches here as a clean
+    one, so the manager answers False then).
+    """
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(cast(Any, device))
         for level, (tier, index) in enumerate(zip(tiers, indexes, strict=True)):
@@ -48,25 +53,24 @@ async def serve(
                 index.restore(found)
                 transfers.tier_stats[level].restored_blocks += len(found)
         await stack.enter_async_context(pipeline)
-        if flush_on_close:
 
-            async def flush_down(
-                exc_type: type[BaseException] | None,
-                exc: BaseException | None,
-                tb: TracebackType | None,
-            ) -> bool:
-                if exc_type is None:  # the jobs ended: their outcomes first
-                    transfers.drain()
-                    await flush.flush(
-                        pipeline,
-                        tiers,
-                        indexes,
-                        transfers.tier_stats,
-                        batch_blocks=pipeline.max_batch_blocks,
-                    )
-                return False
+        async def flush_down(
+            exc_type: type[BaseException] | None,
+            exc: BaseException | None,
+            tb: TracebackType | None,
+        ) -> bool:
+            if exc_type is None and flush_on_close():
+                transfers.drain()  # the jobs ended: their outcomes first
+                await flush.flush(
+                    pipeline,
+                    tiers,
+                    indexes,
+                    transfers.tier_stats,
+                    batch_blocks=pipeline.max_batch_blocks,
+                )
+            return False
 
-            stack.push_async_exit(flush_down)  # after the task group, before the pipeline
+        stack.push_async_exit(flush_down)  # after the task group, before the pipeline
         group = await stack.enter_async_context(anyio.create_task_group())
         transfers.runtime.bind(group)
         try:

@@ -16,6 +16,7 @@ import textwrap
 import pytest
 import torch
 
+from kvtier import KVCacheBlocks
 from kvtier.tiers.cpu import CpuTier
 from tests.offload_env import DEADLINE, LAYOUT, Env, key, pattern, scheduled
 
@@ -54,13 +55,43 @@ def test_a_sync_engine_on_its_own_stream_stores_what_its_forward_pass_wrote() ->
 
 
 @pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_a_sync_engine_s_loads_land_after_its_queued_work_on_the_target_blocks() -> None:
+    """Loads start at ``build_step``, while the previous forward pass may still run."""
+    engine = torch.cuda.Stream()
+    with torch.cuda.stream(engine):
+        env = Env(gpu_blocks=16, device="cuda", tiers=[CpuTier(LAYOUT, 8)])
+        with env.manager:
+            a = env.request(2)
+            blocks = env.alloc(a, 2)
+            env.manager.update_state_after_alloc(a, blocks, 0)
+            plan = env.manager.build_step(scheduled(new={a.request_id: blocks}))
+            env.manager.step_computed(plan.step_id)
+            assert env.manager.wait_idle_blocking(DEADLINE)
+            again = env.request(2, like=a)
+            assert env.manager.get_num_new_matched_tokens(again, 0) == (2 * LAYOUT.block_size, True)
+            targets = KVCacheBlocks((env.fresh(2),))
+            ids = targets.get_block_ids()[0]
+            torch.cuda.synchronize()
+            # The previous step's forward pass, still writing these (freed) blocks.
+            torch.cuda._sleep(SLEEP_CYCLES)
+            env.cache[ids] = 0x11
+            env.manager.update_state_after_alloc(again, targets, 2 * LAYOUT.block_size)
+            env.manager.build_step(scheduled(new={again.request_id: targets}))
+            assert env.manager.wait_for_loads_blocking([again.request_id], DEADLINE)
+            torch.cuda.synchronize()
+            assert all(env.holds(block, again, i) for i, block in enumerate(targets.blocks[0]))
+
+
+@pytest.mark.cuda
 @pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_a_cpu_tier_of_gpu_1_creates_no_context_on_gpu_0() -> None:
     script = textwrap.dedent(
         """
         import anyio, torch
         from kvtier.tiers.base import BlockLayout
-        from kvtier.tiers.cpu import CpuTier
+        from kvtier import KVCacheBlocks
+from kvtier.tiers.cpu import CpuTier
 
         async def main():
             layout = BlockLayout(num_layers=1, block_size=16, num_kv_heads=1, head_size=8)

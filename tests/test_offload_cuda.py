@@ -9,6 +9,7 @@ device is GPU 0, created a CUDA context there for every rank.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -26,32 +27,39 @@ SLEEP_CYCLES = 1 << 29  # a "forward pass" of a few hundred milliseconds
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_a_sync_engine_on_its_own_stream_stores_what_its_forward_pass_wrote() -> None:
+@pytest.mark.parametrize("entered", ["on the engine's stream", "before the engine's stream"])
+def test_a_sync_engine_on_its_own_stream_stores_what_its_forward_pass_wrote(entered: str) -> None:
+    """The engine's current stream is passed on when entering and with every job it plans."""
     engine = torch.cuda.Stream()
-    with torch.cuda.stream(engine):
-        env = Env(gpu_blocks=16, device="cuda", tiers=[CpuTier(LAYOUT, 8)])
-        with env.manager:
-            request = env.request(2)
-            blocks = env.alloc(request, 2)
-            ids = blocks.get_block_ids()[0]
-            written = env.cache[ids].clone()
-            env.cache[ids] = 0
-            torch.cuda.synchronize()
-            # The "forward pass", queued on the engine's stream: slow, then the KV.
-            torch.cuda._sleep(SLEEP_CYCLES)
-            env.cache[ids] = written
-            env.manager.update_state_after_alloc(request, blocks, 0)
-            plan = env.manager.build_step(scheduled(new={request.request_id: blocks}))
-            env.manager.step_computed(plan.step_id)
-            assert env.manager.wait_idle_blocking(DEADLINE)
-            cpu = env.tiers[0]
-            assert isinstance(cpu, CpuTier)
-            for position in (0, 1):
-                slot = env.manager.indexes[0].slot_of(key(request, position))
-                assert slot is not None
-                row = cpu.slot_view([slot])
-                assert row is not None
-                assert torch.equal(row[0], pattern(key(request, position)))
+    env = Env(gpu_blocks=16, device="cuda", tiers=[CpuTier(LAYOUT, 8)])
+    with contextlib.ExitStack() as stack:
+        if entered == "on the engine's stream":
+            stack.enter_context(torch.cuda.stream(engine))
+            stack.enter_context(env.manager)
+        else:  # an engine that switches streams after entering
+            stack.enter_context(env.manager)
+            stack.enter_context(torch.cuda.stream(engine))
+        request = env.request(2)
+        blocks = env.alloc(request, 2)
+        ids = blocks.get_block_ids()[0]
+        written = env.cache[ids].clone()
+        env.cache[ids] = 0
+        torch.cuda.synchronize()
+        # The "forward pass", queued on the engine's stream: slow, then the KV.
+        torch.cuda._sleep(SLEEP_CYCLES)
+        env.cache[ids] = written
+        env.manager.update_state_after_alloc(request, blocks, 0)
+        plan = env.manager.build_step(scheduled(new={request.request_id: blocks}))
+        env.manager.step_computed(plan.step_id)
+        assert env.manager.wait_idle_blocking(DEADLINE)
+        cpu = env.tiers[0]
+        assert isinstance(cpu, CpuTier)
+        for position in (0, 1):
+            slot = env.manager.indexes[0].slot_of(key(request, position))
+            assert slot is not None
+            row = cpu.slot_view([slot])
+            assert row is not None
+            assert torch.equal(row[0], pattern(key(request, position)))
 
 
 @pytest.mark.cuda

@@ -221,8 +221,8 @@ class OffloadManager(TransferWaits, ManagerViews):
 
     def __enter__(self) -> Self:
         self._enter()
-        streams = current_streams([self.device, *self.tiers])  # the engine thread's
-        self._transfers.runtime.start_thread(self._serve, streams)
+        tiers = [self.device, *self.tiers]
+        self._transfers.runtime.start_thread(self._serve, lambda: current_streams(tiers))
         return self
 
     def __exit__(

@@ -73,6 +73,7 @@ class Runtime:
         self._portal: anyio.from_thread.BlockingPortal | None = None
         self._portal_cm: AbstractContextManager[anyio.from_thread.BlockingPortal] | None = None
         self._session_cm: AbstractContextManager[Any] | None = None
+        self._streams: Callable[[], Sequence[torch.cuda.Stream]] | None = None
         self.thread_mode = False
 
     @property
@@ -121,24 +122,27 @@ class Runtime:
     def start_thread(
         self,
         session: Callable[[], AbstractAsyncContextManager[Any]],
-        streams: Sequence[torch.cuda.Stream] = (),
+        streams: Callable[[], Sequence[torch.cuda.Stream]] = lambda: (),
     ) -> None:
         """Run ``session()`` in a new background event loop until :meth:`stop_thread`.
 
-        ``streams`` (the engine thread's current CUDA streams, see
-        :func:`current_streams`) become the loop thread's current streams
-        first. A copy is ordered after its thread's current stream, and CUDA
-        keeps one per thread: without them the loop's thread would have the
-        legacy default stream, which does not wait for the engine's own
-        stream (vLLM computes on one), so a store could read blocks its
-        forward pass is still writing.
+        ``streams()``, called on the engine's thread (when entering and at
+        each :meth:`spawn`; see :func:`current_streams`), gives the CUDA
+        streams the loop thread makes current before it opens the session
+        and before it starts each job. A copy is ordered after its thread's
+        current stream, and CUDA keeps one per thread: without them the
+        loop's thread would have the legacy default stream, which does not
+        wait for the engine's own stream (vLLM computes on one), so a store
+        could read blocks its forward pass is still writing.
         """
         self._portal_cm = anyio.from_thread.start_blocking_portal()
         self._portal = self._portal_cm.__enter__()
         self.thread_mode = True
         try:
-            if streams:
-                self._portal.call(_make_current, streams)
+            first = streams()
+            if first:
+                self._streams = streams  # no CUDA tier: never asked again
+                self._portal.call(_make_current, first)
             self._session_cm = self._portal.wrap_async_context_manager(session())
             self._session_cm.__enter__()
         except BaseException:
@@ -196,7 +200,10 @@ class Runtime:
             self._wake_dispatcher()
             return
 
+        streams = self._streams() if self._streams is not None else ()
+
         def start() -> None:  # runs on the background loop's thread
+            _make_current(streams)  # the engine's, as it plans this job
             group.start_soon(job, *args)
 
         self._portal.call(start)

@@ -21,7 +21,7 @@ are ignored here (the device prefix cache tracks them). On CUDA, copies run on
 streams the tier owns (one per direction), ordered after the current stream
 of the thread that calls the tier (the event loop's: an async engine's own
 thread, or the background loop of a synchronous engine's offload manager,
-which is given the engine thread's current stream when entered); the event
+which is given the engine thread's current stream with each job); the event
 loop awaits a CUDA event from a worker thread (see :mod:`kvtier.tiers._copy`).
 The engine must not touch the blocks of a transfer until it completes.
 """

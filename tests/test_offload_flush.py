@@ -9,7 +9,8 @@ import pytest
 
 from kvtier import KVCacheBlocks
 from kvtier.errors import ConfigError, TierIOError
-from kvtier.offload.flush import flush_order
+from kvtier.offload.flush import flush_order, flush_targets
+from kvtier.offload.runtime import current_streams
 from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.index import TierIndex
@@ -257,3 +258,20 @@ async def test_two_cpu_tiers_both_flush_into_the_disk(tmp_path: Path) -> None:
     assert set(await recovered(tmp_path / "disk", 16)) == {
         key(r, i) for r in (b, c) for i in (0, 1)
     }
+
+
+def test_flush_targets_pair_each_run_of_memory_tiers_with_the_lasting_tier_below(
+    tmp_path: Path,
+) -> None:
+    cpu, cpu2 = CpuTier(LAYOUT, 2), CpuTier(LAYOUT, 2, name="cpu2")
+    disk, disk2 = disk_tier(tmp_path / "a", 4), disk_tier(tmp_path / "b", 4)
+    assert flush_targets([cpu, disk]) == [([0], 1)]
+    assert flush_targets([cpu, cpu2, disk]) == [([0, 1], 2)]
+    assert flush_targets([cpu, disk, cpu2, disk2]) == [([0], 1), ([2], 3)]
+    assert flush_targets([disk, cpu]) == []
+    assert flush_targets([cpu]) == []
+
+
+def test_current_streams_names_none_without_a_cuda_tier() -> None:
+    env = Env()
+    assert current_streams([env.device, *env.tiers]) == []

@@ -160,3 +160,13 @@ async def store(
         env.manager.request_finished(request)
         env.pool.free_blocks(reversed(blocks.blocks[0]))
     return blocks
+
+
+def store_blocking(env: Env, request: Request, num_blocks: int) -> KVCacheBlocks:
+    """:func:`store` for a manager entered with ``with`` (a synchronous engine)."""
+    blocks = env.alloc(request, num_blocks)
+    env.manager.update_state_after_alloc(request, blocks, 0)
+    plan = env.manager.build_step(scheduled(new={request.request_id: blocks}))
+    env.manager.step_computed(plan.step_id)
+    assert env.manager.wait_idle_blocking(DEADLINE)
+    return blocks

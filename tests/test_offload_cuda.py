@@ -19,7 +19,7 @@ import torch
 
 from kvtier import KVCacheBlocks
 from kvtier.tiers.cpu import CpuTier
-from tests.offload_env import DEADLINE, LAYOUT, Env, key, pattern, scheduled
+from tests.offload_env import DEADLINE, LAYOUT, Env, key, pattern, scheduled, store_blocking
 
 CUDA = torch.cuda.is_available()
 SLEEP_CYCLES = 1 << 29  # a "forward pass" of a few hundred milliseconds
@@ -71,11 +71,7 @@ def test_a_sync_engine_s_loads_land_after_its_queued_work_on_the_target_blocks()
         env = Env(gpu_blocks=16, device="cuda", tiers=[CpuTier(LAYOUT, 8)])
         with env.manager:
             a = env.request(2)
-            blocks = env.alloc(a, 2)
-            env.manager.update_state_after_alloc(a, blocks, 0)
-            plan = env.manager.build_step(scheduled(new={a.request_id: blocks}))
-            env.manager.step_computed(plan.step_id)
-            assert env.manager.wait_idle_blocking(DEADLINE)
+            store_blocking(env, a, 2)
             again = env.request(2, like=a)
             assert env.manager.get_num_new_matched_tokens(again, 0) == (2 * LAYOUT.block_size, True)
             targets = KVCacheBlocks((env.fresh(2),))

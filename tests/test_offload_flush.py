@@ -15,7 +15,7 @@ from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.index import TierIndex
 from kvtier.transfer import TransferPipeline
-from tests.offload_env import BS, DEADLINE, LAYOUT, Env, key, scheduled, store
+from tests.offload_env import BS, DEADLINE, LAYOUT, Env, key, scheduled, store, store_blocking
 from tests.tier_doubles import FaultInjectingStore
 
 
@@ -148,11 +148,7 @@ async def test_a_sync_engine_flushes_too(tmp_path: Path) -> None:
     env = Env(gpu_blocks=32, cpu_blocks=4, disk=tmp_path / "disk", flush_on_close=True)
     a = env.request(2)
     with env.manager:
-        blocks = env.alloc(a, 2)
-        env.manager.update_state_after_alloc(a, blocks, 0)
-        plan = env.manager.build_step(scheduled(new={a.request_id: blocks}))
-        env.manager.step_computed(plan.step_id)
-        assert env.manager.wait_idle_blocking(DEADLINE)
+        store_blocking(env, a, 2)
     assert env.manager.stats().tiers["disk"].flushed == 2
     assert set(await recovered(tmp_path / "disk", 16)) == {key(a, 0), key(a, 1)}
 
@@ -197,11 +193,7 @@ def test_a_sync_engine_left_by_an_error_does_not_flush(tmp_path: Path) -> None:
 
     def crash_after_a_store() -> None:
         with env.manager:
-            blocks = env.alloc(a, 2)
-            env.manager.update_state_after_alloc(a, blocks, 0)
-            plan = env.manager.build_step(scheduled(new={a.request_id: blocks}))
-            env.manager.step_computed(plan.step_id)
-            assert env.manager.wait_idle_blocking(DEADLINE)
+            store_blocking(env, a, 2)
             raise RuntimeError("engine crashed")
 
     with pytest.raises(RuntimeError, match="engine crashed"):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+import torch
 
 from kvtier import KVCacheBlocks
 from kvtier.errors import ConfigError, TierIOError
@@ -14,9 +15,23 @@ from kvtier.offload.runtime import current_streams
 from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.index import TierIndex
+from kvtier.tiers.redis import RedisTier
 from kvtier.transfer import TransferPipeline
-from tests.offload_env import BS, DEADLINE, LAYOUT, Env, key, scheduled, store, store_blocking
+from tests.offload_env import (
+    BS,
+    DEADLINE,
+    LAYOUT,
+    Env,
+    key,
+    pattern,
+    scheduled,
+    store,
+    store_blocking,
+)
+from tests.redis_server import RedisServer, shared_redis
 from tests.tier_doubles import FaultInjectingStore
+
+__all__ = ["shared_redis"]  # the fixture
 
 
 def disk_tier(path: Path, blocks: int) -> DiskTier:
@@ -267,3 +282,27 @@ def test_flush_targets_pair_each_run_of_memory_tiers_with_the_lasting_tier_below
 def test_current_streams_names_none_without_a_cuda_tier() -> None:
     env = Env()
     assert current_streams([env.device, *env.tiers]) == []
+
+
+@pytest.mark.asyncio
+async def test_a_cpu_tier_flushes_into_a_shared_redis_tier_another_engine_reads(
+    shared_redis: RedisServer,
+) -> None:
+    def redis(name: str = "redis") -> RedisTier:
+        return RedisTier(
+            LAYOUT, 64, url=shared_redis.url, prefix="flush:", model="flush-test", name=name
+        )
+
+    env = Env(gpu_blocks=32, tiers=[CpuTier(LAYOUT, 4), redis()], flush_on_close=True)
+    with anyio.fail_after(DEADLINE):
+        async with env.manager:
+            a = env.request(2)
+            await store(env, a, 2, release=True)
+        assert env.manager.stats().tiers["redis"].flushed == 2
+        keys = [key(a, 0), key(a, 1)]
+        out = torch.zeros((2, LAYOUT.block_bytes), dtype=torch.uint8)
+        async with redis("reader") as other:  # another engine, same model and layout
+            assert await other.contains(keys) == [True, True]
+            await other.read_into([0, 1], keys, out)
+    assert torch.equal(out[0], pattern(keys[0]))
+    assert torch.equal(out[1], pattern(keys[1]))

@@ -9,10 +9,9 @@ records finished loads for the engine.
 from __future__ import annotations
 
 import functools
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
-from kvtier.errors import ClosedError, InvalidRequestError
+from kvtier.errors import InvalidRequestError
 from kvtier.log import get_logger
 from kvtier.offload import jobs, placement
 from kvtier.offload._state import (
@@ -165,41 +164,6 @@ class Transfers:
                 )
             events.add(load.event_id)
         return events
-
-    async def wait_async(self, done: Callable[[], bool]) -> None:
-        """Apply outcomes as they come (async engines) until ``done()``."""
-        self.drain()
-        while not done():
-            await self.runtime.wait_async()
-            self.drain()
-
-    def wait_blocking(self, done: Callable[[], bool], timeout: float | None) -> bool:
-        """Apply outcomes as they come (synchronous engines) until ``done()``.
-
-        Returns:
-            False when ``timeout`` seconds (in all) passed first.
-
-        Raises:
-            ClosedError: Not done, a positive or no ``timeout``, and no
-                background loop runs the jobs (the manager is entered with
-                ``async with``, or not at all): they start only when the
-                caller's own loop runs, so blocking here could never end. A
-                ``timeout`` of 0 only polls.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self.drain()
-        polls = timeout is not None and timeout <= 0
-        if not done() and not self.runtime.thread_mode and not polls:
-            raise ClosedError(
-                "blocking waits need the manager entered with `with`; under `async with`, "
-                "await wait_for_loads() or wait_idle()"
-            )
-        while not done():
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not self.runtime.wait_blocking(left):
-                return False
-            self.drain()
-        return True
 
     def drain(self) -> None:
         """Apply the outcomes the jobs reported since the last call."""

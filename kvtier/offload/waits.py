@@ -1,17 +1,58 @@
 """The offload manager's waits: until a request's loads, or every transfer, ended.
 
 A base of :class:`~kvtier.offload.manager.OffloadManager` (its engine-facing
-waits, async and blocking), apart from the planning.
+waits, async and blocking), apart from the planning, and the two loops they
+run (:func:`wait_async`, :func:`wait_blocking`): apply the jobs' outcomes as
+they come until a condition holds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
+from kvtier.errors import ClosedError
 from kvtier.offload._state import RequestState
 from kvtier.offload.transfers import Transfers
 
-__all__ = ["TransferWaits"]
+__all__ = ["TransferWaits", "wait_async", "wait_blocking"]
+
+
+async def wait_async(transfers: Transfers, done: Callable[[], bool]) -> None:
+    """Apply outcomes as they come (async engines) until ``done()``."""
+    transfers.drain()
+    while not done():
+        await transfers.runtime.wait_async()
+        transfers.drain()
+
+
+def wait_blocking(transfers: Transfers, done: Callable[[], bool], timeout: float | None) -> bool:
+    """Apply outcomes as they come (synchronous engines) until ``done()``.
+
+    Returns:
+        False when ``timeout`` seconds (in all) passed first.
+
+    Raises:
+        ClosedError: Not done, a positive or no ``timeout``, and no
+            background loop runs the jobs (the manager is entered with
+            ``async with``, or not at all): they start only when the
+            caller's own loop runs, so blocking here could never end. A
+            ``timeout`` of 0 only polls.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    transfers.drain()
+    polls = timeout is not None and timeout <= 0
+    if not done() and not transfers.runtime.thread_mode and not polls:
+        raise ClosedError(
+            "blocking waits need the manager entered with `with`; under `async with`, "
+            "await wait_for_loads() or wait_idle()"
+        )
+    while not done():
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not transfers.runtime.wait_blocking(left):
+            return False
+        transfers.drain()
+    return True
 
 
 class TransferWaits:
@@ -38,7 +79,7 @@ class TransferWaits:
                 (it starts at the next :meth:`build_step`): it would never end.
         """
         loads = self._transfers.started_loads(request_ids)
-        await self._transfers.wait_async(lambda: loads.isdisjoint(self._transfers.loads))
+        await wait_async(self._transfers, lambda: loads.isdisjoint(self._transfers.loads))
 
     def wait_for_loads_blocking(
         self, request_ids: Iterable[str], timeout: float | None = None
@@ -58,13 +99,13 @@ class TransferWaits:
                 entered with ``with`` (see :meth:`wait_idle_blocking`).
         """
         loads = self._transfers.started_loads(request_ids)
-        return self._transfers.wait_blocking(
-            lambda: loads.isdisjoint(self._transfers.loads), timeout
+        return wait_blocking(
+            self._transfers, lambda: loads.isdisjoint(self._transfers.loads), timeout
         )
 
     async def wait_idle(self) -> None:
         """Wait (async engines) until every started store and load ended locally."""
-        await self._transfers.wait_async(lambda: not self._transfers.busy())
+        await wait_async(self._transfers, lambda: not self._transfers.busy())
 
     def wait_idle_blocking(self, timeout: float | None = None) -> bool:
         """Block (synchronous engines) until every started transfer ended locally.
@@ -80,4 +121,4 @@ class TransferWaits:
                 entered with ``with``: under ``async with`` the jobs run on
                 the caller's loop, which a blocking wait would stall for good.
         """
-        return self._transfers.wait_blocking(lambda: not self._transfers.busy(), timeout)
+        return wait_blocking(self._transfers, lambda: not self._transfers.busy(), timeout)

@@ -28,15 +28,15 @@ invisible (eviction by :meth:`reserve`, or :meth:`remove`).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable
 from typing import TypeGuard
 
 from kvtier.errors import ConfigError, InvalidRequestError, KVTierError, TierFullError
-from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
-from kvtier.hashing import BlockHash
+from kvtier.events import KVCacheEvent
 from kvtier.policies.base import EvictionPolicy, make_eviction_policy
 from kvtier.policies.hints import BlockHint
 from kvtier.tiers.base import BlockKey, keys_text
+from kvtier.tiers.index_events import IndexEvents
 from kvtier.tiers.index_hints import (
     HintMemory,
     Hints,
@@ -60,7 +60,7 @@ def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class TierIndex(IndexQueries):
+class TierIndex(IndexQueries, IndexEvents):
     """Key → slot bookkeeping, pins and eviction for one tier.
 
     Chain order: the keys of one :meth:`commit` or :meth:`pin` call are taken
@@ -75,7 +75,8 @@ class TierIndex(IndexQueries):
 
     The queries (:meth:`contains`, :meth:`holds`, :meth:`lookup`, the
     counters…) are inherited from
-    :class:`~kvtier.tiers.index_queries.IndexQueries`.
+    :class:`~kvtier.tiers.index_queries.IndexQueries`, :meth:`take_events`
+    from :class:`~kvtier.tiers.index_events.IndexEvents`.
 
     Args:
         name: The tier's name, reported as ``medium`` in events.
@@ -385,8 +386,7 @@ class TierIndex(IndexQueries):
         self._hints.clear()
         self._slots.clear()
         self._doomed.clear()
-        if self.enable_events:
-            self._events.append(AllBlocksCleared(medium=self._name))
+        self._emit_cleared()
         return True
 
     # -- internals ---------------------------------------------------------------
@@ -397,22 +397,3 @@ class TierIndex(IndexQueries):
         self.policy.remove(key)
         self._hints.forget(key)
         self._slots.release(key)
-
-    def _emit_stored(self, keys: Sequence[BlockKey]) -> None:
-        if self.enable_events and keys:
-            hashes = [BlockHash(key) for key in keys]
-            size = self.block_size
-            self._events.append(BlockStored(hashes, None, [], size, None, self._name, 0))
-
-    def _emit_removed(self, keys: Sequence[BlockKey]) -> None:
-        self._drops += len(keys)
-        if self.enable_events and keys:
-            hashes = [BlockHash(key) for key in keys]
-            self._events.append(BlockRemoved(hashes, medium=self._name, group_idx=0))
-
-    # -- events and checks ---------------------------------------------------------
-
-    def take_events(self) -> list[KVCacheEvent]:
-        """Events recorded since the last call, oldest first."""
-        events, self._events = self._events, []
-        return events

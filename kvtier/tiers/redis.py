@@ -44,7 +44,6 @@ from typing import Self
 
 import anyio
 import redis.exceptions
-import torch
 
 from kvtier.errors import (
     ClosedError,
@@ -57,6 +56,7 @@ from kvtier.tiers import redis_framing as framing
 from kvtier.tiers._checks import check_batch, check_slots
 from kvtier.tiers.base import BlockKey, BlockLayout
 from kvtier.tiers.redis_batch import RedisBatches
+from kvtier.tiers.redis_calls import RedisCalls
 from kvtier.tiers.redis_client import (
     RedisClient,
     RedisConnection,
@@ -80,8 +80,10 @@ _log = get_logger("kvtier.tiers.redis")
 _MAX_TTL = 365 * 86_400.0
 
 
-class RedisTier:
+class RedisTier(RedisCalls):
     """A shared tier in Redis / Valkey; see the module docstring for the model.
+
+    Its reads and writes come from :class:`~kvtier.tiers.redis_calls.RedisCalls`.
 
     Args:
         layout: The block layout.
@@ -336,86 +338,7 @@ class RedisTier:
         keys = dict.fromkeys(key for key in map(self._keys.key_of, names) if key is not None)
         return list(enumerate(keys))
 
-    # -- I/O ---------------------------------------------------------------------------
-
-    async def _store(
-        self, slot_list: list[int], keys: Sequence[BlockKey], parts: list[torch.Tensor]
-    ) -> None:
-        client = self._open()
-        for slot, key in zip(slot_list, keys, strict=True):
-            self._slot_keys[slot] = key
-        await self._batches.store_parts(client, keys, parts, framed=self._framed)
-
-    async def write_from(
-        self, slots: Sequence[int], keys: Sequence[BlockKey], data: torch.Tensor
-    ) -> None:
-        """Store ``data``'s rows as the blocks ``keys`` (``slots`` are remembered).
-
-        Raises:
-            ClosedError: The tier is not open.
-            InvalidRequestError: Bad slots, keys or buffer.
-            TierIOError: The server failed, timed out or refused a block (for
-                example out of memory); blocks of other chunks may be stored.
-        """
-        self._open()
-        slot_list, parts = self._checked(slots, keys, data, one=True, written=False)
-        await self._store(slot_list, keys, parts)
-
-    async def write_from_parts(
-        self, slots: Sequence[int], keys: Sequence[BlockKey], parts: Sequence[torch.Tensor]
-    ) -> None:
-        """Store several buffers' rows, taken in order, as the blocks ``keys``, in one call.
-
-        Each row is framed straight from its part (the pipeline's mover
-        passes the CPU tier's runs this way: no staging copy).
-
-        Raises:
-            ClosedError: The tier is not open.
-            InvalidRequestError: Bad slots, keys or parts (rows not adding up
-                to ``len(slots)``).
-            TierIOError: As for :meth:`write_from`.
-        """
-        self._open()
-        slot_list, checked = self._checked(slots, keys, parts, one=False, written=False)
-        await self._store(slot_list, keys, checked)
-
-    async def read_into(
-        self, slots: Sequence[int], keys: Sequence[BlockKey], out: torch.Tensor
-    ) -> None:
-        """Read and verify the blocks ``keys`` into ``out``'s rows.
-
-        On any error ``out``'s rows hold undefined bytes.
-
-        Raises:
-            ClosedError: The tier is not open.
-            InvalidRequestError: Bad slots, keys or buffer.
-            BlockMissingError: Blocks absent (evicted, expired, never stored
-                or lost with a restarted server) or failing verification.
-            TierIOError: The server failed or timed out.
-        """
-        client = self._open()
-        slot_list, parts = self._checked(slots, keys, out, one=True, written=True)
-        await self._batches.load_parts(client, slot_list, keys, parts)
-
-    async def read_into_parts(
-        self, slots: Sequence[int], keys: Sequence[BlockKey], parts: Sequence[torch.Tensor]
-    ) -> None:
-        """Read and verify the blocks ``keys`` into several buffers' rows, taken in order.
-
-        One call; each payload is copied straight into its part's row when
-        the part is host memory with contiguous rows (the CPU tier's runs).
-        When blocks are missing, the others are filled before the error.
-
-        Raises:
-            ClosedError: The tier is not open.
-            InvalidRequestError: Bad slots, keys or parts (rows not adding up
-                to ``len(slots)``, or parts sharing memory).
-            BlockMissingError: As for :meth:`read_into`.
-            TierIOError: The server failed or timed out.
-        """
-        client = self._open()
-        slot_list, checked = self._checked(slots, keys, parts, one=False, written=True)
-        await self._batches.load_parts(client, slot_list, keys, checked)
+    # -- shared-tier calls ---------------------------------------------------------------
 
     async def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
         """Whether each block is in Redis now (it may go at any time), in the order of ``keys``.

@@ -130,12 +130,11 @@ async def _flush_into(
     slots = dict(zip(keys, reservation.slots, strict=True))
     below_stats = stats[target]
     below_stats.evictions += len(reservation.evicted)
-    runs = [  # each source tier's blocks, in batches
+    pending = [  # each source tier's blocks, in batches: popped as they are posted
         (sources[position], chunk)
         for position in range(len(sources))
         for chunk in _chunks([k for p, k in order if p == position], batch_blocks)
     ]
-    pending = list(runs)
     landed = 0
     try:
         while pending:

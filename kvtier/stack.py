@@ -11,8 +11,8 @@ What ``kvtier replay`` builds from a config, for an engine to build too::
 
 The tiers are returned unopened: the offload manager opens them on entry
 (a disk tier restores what it finds, a Redis tier connects). Settings the
-manager does not take (``hash``, ``hash_seed``, ``prefetch``) stay with the
-engine (see the Configuration page).
+manager does not take (``hash``, ``hash_seed``) stay with the engine (see
+the Configuration page).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from kvtier.config import KvtierConfig, TierConfig
 from kvtier.config_redis import RedisOptions
 from kvtier.errors import ConfigError
 from kvtier.offload import OffloadManager
+from kvtier.policies.prefetch import make_prefetch_policy
 from kvtier.pool import BlockPool
 from kvtier.tiers.base import BlockStore
 from kvtier.tiers.cpu import CpuTier
@@ -96,8 +97,8 @@ def offload_manager(
     """An :class:`~kvtier.offload.OffloadManager` over the config's lower tiers.
 
     Takes the lower tiers (:func:`lower_tiers`) with their eviction
-    policies, the write mode and its knobs, ``max_probe_blocks`` and
-    ``flush_on_close``.
+    policies, the write mode and its knobs, ``max_probe_blocks``,
+    ``flush_on_close`` and the prefetch policy with its budget.
 
     Args:
         config: A validated configuration.
@@ -138,6 +139,11 @@ def offload_manager(
         pipeline=pipeline,
         max_probe_blocks=config.offload.max_probe_blocks,
         flush_on_close=config.offload.flush_on_close,
+        prefetch=make_prefetch_policy(
+            config.offload.prefetch,
+            timeout=config.offload.prefetch_timeout,
+            timeout_per_1k_tokens=config.offload.prefetch_timeout_per_1k_tokens,
+        ),
     )
 
 

@@ -135,9 +135,7 @@ async def test_an_exit_by_error_does_not_flush(tmp_path: Path) -> None:
 async def test_a_failing_disk_stops_the_flush_and_releases_every_pin_and_reservation(
     tmp_path: Path,
 ) -> None:
-    inner = disk_tier(tmp_path / "disk", 16)
-    await inner.__aenter__()  # the wrapper does not open what it wraps
-    disk = FaultInjectingStore(inner)
+    disk = FaultInjectingStore(disk_tier(tmp_path / "disk", 16))
     env = Env(
         gpu_blocks=32,
         tiers=[CpuTier(LAYOUT, 8), disk],

@@ -10,6 +10,7 @@ import torch
 from kvtier import KVCacheConfig, KVCacheManager
 from kvtier.config import KvtierConfig, load_config, parse_config
 from kvtier.errors import ConfigError
+from kvtier.policies.prefetch import BestEffort, Timeout, WaitComplete
 from kvtier.stack import lower_tiers, offload_manager
 from kvtier.tiers import BlockLayout, CpuTier, DeviceTier, DiskTier
 
@@ -82,6 +83,33 @@ async def test_an_offload_manager_from_a_config_uses_its_policies_and_mode(
         offload_manager(config, kv.block_pool, wrong, workdir=tmp_path)
     with pytest.raises(ConfigError, match="1 tiers given for the config's 2 lower tiers"):
         offload_manager(config, kv.block_pool, device, tiers=manager.tiers[:1])
+
+
+@pytest.mark.parametrize(
+    ("offload", "policy"),
+    [
+        ({}, BestEffort()),  # the config's default
+        ({"prefetch": "wait_complete"}, WaitComplete()),
+        (
+            {"prefetch": "timeout", "prefetch_timeout": "20ms"},
+            Timeout(timeout=0.02, timeout_per_1k_tokens=0.005),
+        ),
+        (
+            {"prefetch": "timeout", "prefetch_timeout_per_1k_tokens": "1ms"},
+            Timeout(timeout=0.05, timeout_per_1k_tokens=0.001),
+        ),
+    ],
+)
+def test_an_offload_manager_from_a_config_applies_its_prefetch_policy(
+    offload: dict[str, object], policy: object, tmp_path: Path
+) -> None:
+    config = _config(
+        {"kind": "cpu", "capacity": "32KiB"}, {"kind": "disk", "capacity": "1MiB"}, offload=offload
+    )
+    kv = KVCacheManager(KVCacheConfig.full_attention(8, 16), 1024)
+    device = DeviceTier(torch.zeros(8, config.layout.block_bytes, dtype=torch.uint8), config.layout)
+    manager = offload_manager(config, kv.block_pool, device, workdir=tmp_path)
+    assert manager.prefetch == policy
 
 
 @pytest.mark.asyncio

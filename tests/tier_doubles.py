@@ -150,6 +150,7 @@ class FaultInjectingStore:
         await self.inner.aclose()
 
     async def __aenter__(self) -> Self:
+        await self.inner.__aenter__()  # type: ignore[attr-defined]
         return self
 
     async def __aexit__(

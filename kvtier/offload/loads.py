@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import attrs
 
 from kvtier.block import KVCacheBlock
-from kvtier.errors import InvalidRequestError
+from kvtier.errors import ConfigError, InvalidRequestError
 from kvtier.hashing import BlockHash, make_block_hash_with_group_id
 from kvtier.manager import KVCacheBlocks
 from kvtier.offload._state import LoadEvent, Stage
@@ -24,6 +24,7 @@ from kvtier.offload.plan import HitInfo
 from kvtier.offload.transfers import Transfers
 from kvtier.policies.base import PrefixAwarePolicy
 from kvtier.policies.hints import BlockHint
+from kvtier.policies.prefetch import PrefetchPolicy
 from kvtier.request import KVCacheRequest, request_tag
 from kvtier.tiers.base import BlockKey
 
@@ -78,6 +79,9 @@ class LoadPlanner:
         block_size: Tokens per block.
         num_groups: KV cache groups.
         hit_counter: Selective mode's device-hit counter, else ``None``.
+        prefetch: Decides how much of each lookup's lower-tier hit is loaded
+            (the rest is left to compute), from the staging costs the
+            transfers measure (``transfers.staging_costs``).
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class LoadPlanner:
         block_size: int,
         num_groups: int,
         hit_counter: HitCounter | None,
+        prefetch: PrefetchPolicy,
     ) -> None:
         self.block_pool = transfers.block_pool
         self.tiers = transfers.tiers
@@ -98,6 +103,7 @@ class LoadPlanner:
         self.block_size = block_size
         self.num_groups = num_groups
         self.hit_counter = hit_counter
+        self.prefetch = prefetch
         self.hits: dict[str, HitInfo] = {}
         # The latest lookup of each request not yet allocated: counted once
         # it is (an engine asks again each step it fails to allocate).
@@ -134,13 +140,33 @@ class LoadPlanner:
             found[self.tiers[level].name] += 1
             levels.append(level)
         missed = len(levels) < limit - start  # one more block was asked of every tier
-        tokens = len(levels) * self.block_size
+        loaded = self._loadable(levels, request.num_tokens) if levels else 0
+        tokens = loaded * self.block_size
         info = HitInfo(
-            start, found, max(0, request.num_tokens - num_computed_tokens - tokens), tuple(levels)
+            start,
+            found,
+            max(0, request.num_tokens - num_computed_tokens - tokens),
+            tuple(levels),
+            loaded,
         )
         self.hits[request.request_id] = info
         self.lookups[request.request_id] = _Lookup(info, missed, hashes)
-        return tokens, bool(levels)
+        return tokens, bool(loaded)
+
+    def _loadable(self, levels: list[int], num_tokens: int) -> int:
+        """How many leading hit blocks the prefetch policy loads.
+
+        Raises:
+            ConfigError: The policy answered something other than an integer
+                in ``[0, len(levels)]``.
+        """
+        count = self.prefetch.loadable(levels, num_tokens, self.transfers.staging_costs)
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= len(levels):
+            raise ConfigError(
+                f"prefetch policy {self.prefetch!r} must return an integer in "
+                f"[0, {len(levels)}] for {len(levels)} hit blocks, got {count!r}"
+            )
+        return count
 
     def _count(self, lookup: _Lookup) -> None:
         """Add an admitted request's lookup to the counters (once, however often it was asked).
@@ -152,6 +178,8 @@ class LoadPlanner:
             for stats in self.tier_stats[: level + 1]:
                 stats.queries += 1
             self.tier_stats[level].hits += 1
+        for level in lookup.info.levels[lookup.info.loaded_blocks :]:
+            self.tier_stats[level].declined += 1
         if lookup.missed:
             for stats in self.tier_stats:
                 stats.queries += 1

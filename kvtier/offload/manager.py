@@ -28,17 +28,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
-from types import TracebackType
-from typing import Self
 
-from kvtier.errors import ConfigError, InvalidRequestError
 from kvtier.manager import KVCacheBlocks
-from kvtier.offload import candidates, session
+from kvtier.offload import candidates, options
 from kvtier.offload._state import RequestState
-from kvtier.offload.flush import flush_targets
+from kvtier.offload.lifecycle import ManagerLifecycle
 from kvtier.offload.loads import LoadPlanner
-from kvtier.offload.options import check_stack, positive, tier_policies
+from kvtier.offload.options import check_flush, check_stack, positive, prefetch_policy
 from kvtier.offload.plan import (
     FinishedLoad,
     SchedulerOutput,
@@ -46,13 +42,13 @@ from kvtier.offload.plan import (
     WriteMode,
 )
 from kvtier.offload.remote import ProbePlan, RemoteProbe
-from kvtier.offload.runtime import current_streams
 from kvtier.offload.stats import OffloadStats, TierStats
 from kvtier.offload.stores import StorePlanner
 from kvtier.offload.transfers import Transfers
 from kvtier.offload.views import ManagerViews
 from kvtier.offload.waits import TransferWaits
 from kvtier.offload.writeback import WriteBack
+from kvtier.policies.prefetch import PrefetchPolicy
 from kvtier.pool import BlockPool
 from kvtier.request import KVCacheRequest
 from kvtier.tiers.base import BlockStore
@@ -62,14 +58,16 @@ from kvtier.transfer import TransferPipeline
 __all__ = ["OffloadManager"]
 
 
-class OffloadManager(TransferWaits, ManagerViews):
+class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews):
     """Plans and runs the copies between the device and the lower tiers.
 
+    Entered once, with ``async with`` (async engines) or ``with``
+    (synchronous ones; see :class:`~kvtier.offload.lifecycle.ManagerLifecycle`).
     The waits (``wait_for_loads``, ``wait_idle`` and their ``_blocking``
     forms, ``load_in_flight``) come from
     :class:`~kvtier.offload.waits.TransferWaits`, the read-only views
     (``hit_info``, ``has_request``, ``stats``, ``take_events``,
-    ``lazy_store_budget``, ``in_flight_store_blocks``) from
+    ``lazy_store_budget``, ``in_flight_store_blocks``, ``staging_costs``) from
     :class:`~kvtier.offload.views.ManagerViews`.
 
     Args:
@@ -100,6 +98,11 @@ class OffloadManager(TransferWaits, ManagerViews):
             lasting tier below them (disk or Redis; see
             :mod:`kvtier.offload.flush`), so a warm restart on a disk tier
             finds them.
+        prefetch: How much of a lower-tier hit a lookup loads: a policy of
+            :mod:`kvtier.policies.prefetch` or its name (``"wait_complete"``,
+            every hit; ``"best_effort"``, only the first tier's prefix;
+            ``"timeout"``, staging that fits a budget, weighed with
+            :attr:`staging_costs`). The rest of the hit is left to compute.
 
     Raises:
         ConfigError: No lower tier, mismatched layouts, or a bad setting.
@@ -121,6 +124,7 @@ class OffloadManager(TransferWaits, ManagerViews):
         pipeline: TransferPipeline | None = None,
         max_probe_blocks: int = 256,
         flush_on_close: bool = False,
+        prefetch: PrefetchPolicy | str = "wait_complete",
     ) -> None:
         check_stack(block_pool, device, tiers, mode, lazy_free_target)
         names = [tier.name for tier in tiers]
@@ -133,7 +137,7 @@ class OffloadManager(TransferWaits, ManagerViews):
         self.selective_min_hits = positive("selective_min_hits", selective_min_hits)
         self.num_groups = positive("num_groups", num_groups)
         self.world_size = positive("world_size", world_size)
-        policies = tier_policies(eviction_policy, len(tiers))
+        policies = options.tier_policies(eviction_policy, len(tiers))
         self.indexes = [
             TierIndex(t.name, t.num_slots, policy, block_size=block_size)
             for t, policy in zip(tiers, policies, strict=True)
@@ -162,7 +166,12 @@ class OffloadManager(TransferWaits, ManagerViews):
         event_ids = itertools.count(1)  # shared by loads and stores
         selective = self._hit_counter if mode == "selective" else None
         self._loads = LoadPlanner(
-            self._transfers, event_ids, self.block_size, num_groups, selective
+            self._transfers,
+            event_ids,
+            self.block_size,
+            num_groups,
+            selective,
+            prefetch_policy(prefetch),
         )
         self._stores = StorePlanner(self._transfers, event_ids, mode, self._lazy)
         self._probe = RemoteProbe(
@@ -174,82 +183,44 @@ class OffloadManager(TransferWaits, ManagerViews):
             max_blocks=positive("max_probe_blocks", max_probe_blocks, minimum=0),
         )
         self._step_ids = itertools.count(1)
-        if not isinstance(flush_on_close, bool):
-            raise ConfigError(f"flush_on_close must be true or false, got {flush_on_close!r}")
-        if flush_on_close and not flush_targets(self.tiers):
-            raise ConfigError(
-                "flush_on_close: no tier held in memory has a tier below it that lasts "
-                "(disk or redis) to flush into"
-            )
-        self.flush_on_close = flush_on_close
+        self.flush_on_close = check_flush(flush_on_close, self.tiers)
         self._failed = False  # a synchronous engine left by an error: no flush
         self._entered = False
 
-    # -- lifecycle -------------------------------------------------------------------
+    @property
+    def prefetch(self) -> PrefetchPolicy:
+        """The prefetch policy lookups apply; an engine may set another between lookups.
 
-    def _serve(self) -> AbstractAsyncContextManager[None]:
-        return session.serve(
-            self.device,
-            self.tiers,
-            self.indexes,
-            self._pipeline,
-            self._transfers,
-            flush_on_close=lambda: self.flush_on_close and not self._failed,
-        )
+        Raises:
+            UnknownNameError: Set to a name no policy has.
+            ConfigError: Set to something that is neither a name nor a policy.
+        """
+        return self._loads.prefetch
 
-    def _enter(self) -> None:
-        if self._entered:
-            raise InvalidRequestError("an OffloadManager can be entered once")
-        self._entered = True
-
-    async def __aenter__(self) -> Self:
-        self._enter()
-        self._session = self._serve()
-        await self._session.__aenter__()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            await self._session.__aexit__(exc_type, exc, tb)
-        finally:
-            session.release_all(self._transfers)
-
-    def __enter__(self) -> Self:
-        self._enter()
-        tiers = [self.device, *self.tiers]
-        self._transfers.runtime.start_thread(self._serve, lambda: current_streams(tiers))
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._failed = exc_type is not None  # the background loop only sees a clean exit
-        try:
-            self._transfers.runtime.stop_thread()
-        finally:
-            session.release_all(self._transfers)
+    @prefetch.setter
+    def prefetch(self, prefetch: PrefetchPolicy | str) -> None:
+        self._loads.prefetch = prefetch_policy(prefetch)
 
     # -- lookups -----------------------------------------------------------------------
 
     def get_num_new_matched_tokens(
         self, request: KVCacheRequest, num_computed_tokens: int
     ) -> tuple[int, bool]:
-        """Tokens beyond the device hit that the lower tiers hold, as a prefix.
+        """Tokens beyond the device hit to load from the lower tiers, as a prefix.
 
-        At least one prompt token is always left to compute: when the whole
-        prompt would hit, the last full block is dropped.
+        Of the prefix the lower tiers hold, the manager's ``prefetch`` policy
+        decides how much is worth waiting for (:meth:`hit_info` tells what
+        was found and declined). At least one prompt token is always left to
+        compute: when the whole prompt would hit, the last full block is dropped.
 
         Returns:
             ``(num_tokens, is_async)``: ``is_async`` is True when blocks must
             be loaded (the request waits for :meth:`take_finished`).
+
+        Raises:
+            InvalidRequestError: ``num_computed_tokens`` is not a multiple of
+                the block size >= 0.
+            ConfigError: The prefetch policy answered a count outside the hit.
         """
         self._transfers.drain()
         return self._loads.matched_tokens(request, num_computed_tokens)

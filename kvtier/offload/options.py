@@ -10,11 +10,13 @@ from collections.abc import Sequence
 from typing import Final
 
 from kvtier.errors import ConfigError
+from kvtier.offload.flush import flush_targets
 from kvtier.offload.plan import WriteMode
+from kvtier.policies.prefetch import PrefetchPolicy, make_prefetch_policy
 from kvtier.pool import BlockPool
 from kvtier.tiers.base import BlockStore
 
-__all__ = ["MODES", "check_stack", "positive", "tier_policies"]
+__all__ = ["MODES", "check_flush", "check_stack", "positive", "prefetch_policy", "tier_policies"]
 
 MODES: Final[tuple[WriteMode, ...]] = ("eager", "lazy", "selective")
 
@@ -63,3 +65,34 @@ def tier_policies(eviction_policy: str | Sequence[str], num_tiers: int) -> list[
     if len(policies) != num_tiers:
         raise ConfigError(f"{len(policies)} eviction policies for {num_tiers} tiers")
     return policies
+
+
+def prefetch_policy(prefetch: PrefetchPolicy | str) -> PrefetchPolicy:
+    """A prefetch policy object, or one built by name with its default budget.
+
+    Raises:
+        UnknownNameError: No prefetch policy has that name.
+        ConfigError: ``prefetch`` is neither a name nor a policy.
+    """
+    if isinstance(prefetch, str):
+        return make_prefetch_policy(prefetch)
+    if not isinstance(prefetch, PrefetchPolicy):
+        raise ConfigError(f"prefetch must be a policy name or a PrefetchPolicy, got {prefetch!r}")
+    return prefetch
+
+
+def check_flush(flush_on_close: object, tiers: Sequence[BlockStore]) -> bool:
+    """``flush_on_close`` if it is a bool and, when true, the stack has somewhere to flush.
+
+    Raises:
+        ConfigError: Not a bool, or no tier held in memory has a lasting tier
+            (disk or Redis) below it.
+    """
+    if not isinstance(flush_on_close, bool):
+        raise ConfigError(f"flush_on_close must be true or false, got {flush_on_close!r}")
+    if flush_on_close and not flush_targets(tiers):
+        raise ConfigError(
+            "flush_on_close: no tier held in memory has a tier below it that lasts "
+            "(disk or redis) to flush into"
+        )
+    return flush_on_close

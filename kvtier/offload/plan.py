@@ -154,9 +154,21 @@ class HitInfo:
         levels: The lower tier (its index in the stack) holding each block
             found beyond the device hit, in order: what a
             :class:`~kvtier.policies.prefetch.PrefetchPolicy` decides on.
+        loaded_blocks: How many of those, from the first, the manager's
+            prefetch policy loads (the lookup's answer); the rest were
+            declined and are counted in ``tokens_to_compute``. Defaults to
+            every block found.
     """
 
     device_blocks: int
     tier_blocks: Mapping[str, int]
     tokens_to_compute: int
     levels: tuple[int, ...] = ()
+    loaded_blocks: int = attrs.field(
+        default=attrs.Factory(lambda self: len(self.levels), takes_self=True)
+    )
+
+    @property
+    def declined_blocks(self) -> int:
+        """Blocks found below that the prefetch policy left to compute."""
+        return len(self.levels) - self.loaded_blocks

@@ -18,6 +18,9 @@ class TierStats:
             records its allocation (its latest lookup), however often the
             engine asked while it could not allocate.
         hits: Of those, blocks this tier held.
+        declined: Of those, blocks the manager's prefetch policy left to
+            compute rather than wait for this tier (see
+            :mod:`kvtier.policies.prefetch`).
         stores: Blocks written to this tier (completed).
         loads: Blocks read from this tier toward the device (completed).
         evictions: Blocks evicted from this tier to make room.
@@ -43,6 +46,7 @@ class TierStats:
 
     queries: int = 0
     hits: int = 0
+    declined: int = 0
     stores: int = 0
     loads: int = 0
     evictions: int = 0

@@ -26,6 +26,7 @@ from kvtier.offload.plan import FinishedLoad, LoadSpec
 from kvtier.offload.runtime import Runtime
 from kvtier.offload.stats import OffloadStats, TierStats
 from kvtier.offload.writeback import WriteBack
+from kvtier.policies.prefetch import StagingCostModel
 from kvtier.pool import BlockPool
 from kvtier.tiers.base import BlockKey, BlockStore
 from kvtier.tiers.index import TierIndex
@@ -73,6 +74,9 @@ class Transfers:
         self.in_flight: set[int] = set()
         self.finished: list[FinishedLoad] = []
         self.writeback: WriteBack | None = None  # lazy mode: told of written blocks freed
+        # Seconds per block of staging from each slow tier, from finished loads'
+        # copies: what the prefetch policy weighs at lookup.
+        self.staging_costs = StagingCostModel()
 
     def in_flight_ids(self) -> frozenset[int]:
         """Device block ids whose store has not ended, whatever the mode."""
@@ -289,6 +293,8 @@ class Transfers:
         counts[0] = sum(slot >= 0 for slot in event.first_slots)  # read from the first tier
         for stage in event.stages:
             counts[stage.level] += len(stage.keys)
+            if not error and seconds and stage.level in seconds:
+                self.staging_costs.observe(stage.level, len(stage.keys), seconds[stage.level])
         for level, n in counts.items():
             stats = self.tier_stats[level]
             if error:

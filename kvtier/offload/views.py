@@ -15,6 +15,7 @@ from kvtier.offload.plan import HitInfo
 from kvtier.offload.stats import OffloadStats
 from kvtier.offload.transfers import Transfers
 from kvtier.offload.writeback import WriteBack
+from kvtier.policies.prefetch import StagingCostModel
 from kvtier.tiers.index import TierIndex
 
 __all__ = ["ManagerViews"]
@@ -36,6 +37,15 @@ class ManagerViews:
     def hit_info(self, request_id: str) -> HitInfo | None:
         """Where the request's blocks were found at its last lookup."""
         return self._loads.hits.get(request_id)
+
+    @property
+    def staging_costs(self) -> StagingCostModel:
+        """Seconds per block of staging from each slow tier, learned from finished loads.
+
+        What the prefetch policy weighs at each lookup (it is updated as
+        loads end; read it, do not feed it).
+        """
+        return self._transfers.staging_costs
 
     def has_request(self, request_id: str) -> bool:
         """The manager still tracks the request."""

@@ -28,7 +28,6 @@ from kvtier.errors import ConfigError, KVTierError
 from kvtier.hashing import make_block_hash_with_group_id
 from kvtier.manager import KVCacheManager
 from kvtier.offload import OffloadManager, SchedulerOutput
-from kvtier.policies.prefetch import StagingCostModel, make_prefetch_policy
 from kvtier.replay.report import ReplayReport, tier_report
 from kvtier.replay.workloads import Workload
 from kvtier.request import Request
@@ -92,14 +91,6 @@ class _Engine:
         self.device_hit_tokens = 0
         self.loaded_tokens = 0
         self.failed_loads = 0
-        self.declined_tokens = 0
-        self.prefetch = make_prefetch_policy(
-            config.offload.prefetch,
-            timeout=config.offload.prefetch_timeout,
-            timeout_per_1k_tokens=config.offload.prefetch_timeout_per_1k_tokens,
-        )
-        self.costs = StagingCostModel()
-        self.staging: dict[str, tuple[float, list[int]]] = {}
         self.finished = 0
         self.probed: set[str] = set()  # requests whose shared tiers were asked already
 
@@ -123,12 +114,10 @@ class _Engine:
                 # Once per request: blocks other engines stored in a shared tier.
                 self.probed.add(request.request_id)
                 await self.offload.probe(request, num_computed)
-            found, _ = self.offload.get_num_new_matched_tokens(request, num_computed)
+            # The manager's prefetch policy ([offload] prefetch) decided how much
+            # of the lower tiers' hit to load; the rest is computed.
+            external, _ = self.offload.get_num_new_matched_tokens(request, num_computed)
             first = num_computed // self.block_size
-            info = self.offload.hit_info(request.request_id)
-            levels = list(info.levels) if info is not None else []
-            accepted = self.prefetch.loadable(levels, request.num_tokens, self.costs)
-            external = accepted * self.block_size
             blocks = self.kvm.allocate_slots(
                 request,
                 request.num_tokens - num_computed,
@@ -141,15 +130,12 @@ class _Engine:
             self.waiting.pop(0)
             self.probed.discard(request.request_id)
             self.device_hit_tokens += num_computed
-            self.declined_tokens += found - external
             held = self.kvm.get_blocks(request.request_id)
             for position in range(num_computed // self.block_size):
                 self._verify(request, position, held.blocks[0][position].block_id, "device hit")
             self.offload.update_state_after_alloc(request, held, external)
             if external:
-                self.loading[request.request_id] = (request, first, accepted)
-                staged = [level for level in levels[:accepted] if level]
-                self.staging[request.request_id] = (time.perf_counter(), staged)
+                self.loading[request.request_id] = (request, first, external // self.block_size)
             else:
                 self.ready.append(request)
 
@@ -177,9 +163,6 @@ class _Engine:
     def collect(self) -> None:
         for finished in self.offload.take_finished():
             request, first, count = self.loading.pop(finished.request_id)
-            started, staged = self.staging.pop(finished.request_id)
-            if staged and finished.ok:
-                self.costs.observe(max(staged), len(staged), time.perf_counter() - started)
             ids = self.kvm.get_block_ids(request.request_id)[0]
             failed = set(finished.failed_block_ids)
             self.failed_loads += int(bool(failed))
@@ -297,7 +280,7 @@ async def replay(
         prompt_tokens=workload.num_tokens,
         device_hit_tokens=engine.device_hit_tokens,
         loaded_tokens=engine.loaded_tokens,
-        declined_tokens=engine.declined_tokens,
+        declined_tokens=sum(s.declined for s in stats.tiers.values()) * layout.block_size,
         prefetch=config.offload.prefetch,
         verified_blocks=engine.verified,
         failed_loads=engine.failed_loads,

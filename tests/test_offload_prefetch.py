@@ -1,0 +1,197 @@
+"""The manager's prefetch policy: how much of a lower-tier hit a lookup loads.
+
+Real CPU and disk tiers; the staging costs the timeout policy weighs are
+learned from the disk reads of finished loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+import pytest
+
+from kvtier import KVCacheBlocks, Request
+from kvtier.errors import ConfigError, UnknownNameError
+from kvtier.offload import FinishedLoad, SchedulerOutput
+from kvtier.policies.prefetch import BestEffort, StagingCostModel, Timeout, WaitComplete
+from kvtier.tiers.cpu import CpuTier
+from kvtier.tiers.disk import DiskTier
+from tests.offload_env import BS, DEADLINE, LAYOUT, Env, store
+from tests.tier_doubles import FaultInjectingStore
+
+
+async def half_on_disk(env: Env) -> Request:
+    """A request of four blocks whose first two stay in the CPU tier, the last two on disk.
+
+    Four CPU slots: storing two more blocks evicts the tail of the first
+    request (the index keeps a chain's head) down to disk.
+    """
+    first = env.request(4)
+    await store(env, first, 4, release=True)
+    await store(env, env.request(2), 2, release=True)
+    return first
+
+
+async def load(env: Env, like: Request, tokens: int) -> tuple[Request, list[object]]:
+    """Look ``like`` up again, allocate ``tokens``' blocks and load them; the request
+    and its targets."""
+    again = env.request(len(like.block_hashes), like=like)
+    found, _ = env.manager.get_num_new_matched_tokens(again, 0)
+    assert found == tokens
+    targets = env.fresh(tokens // BS)
+    env.manager.update_state_after_alloc(again, KVCacheBlocks((targets,)), tokens)
+    env.manager.build_step(SchedulerOutput())
+    with anyio.fail_after(DEADLINE):
+        await env.manager.wait_for_loads([again.request_id])
+    return again, list(targets)
+
+
+def disk_env(tmp_path: Path, **options: object) -> Env:
+    return Env(gpu_blocks=32, cpu_blocks=4, disk=tmp_path / "disk", **options)
+
+
+@pytest.mark.asyncio
+async def test_best_effort_loads_the_first_tiers_prefix_and_leaves_the_disk_hit_to_compute(
+    tmp_path: Path,
+) -> None:
+    env = disk_env(tmp_path, prefetch="best_effort")
+    assert env.manager.prefetch == BestEffort()
+    async with env.manager as manager:
+        first = await half_on_disk(env)
+        again = env.request(4, like=first)
+        assert manager.get_num_new_matched_tokens(again, 0) == (2 * BS, True)
+        info = manager.hit_info(again.request_id)
+        assert info is not None
+        assert info.levels == (0, 0, 1, 1)  # found: two in CPU, two on disk
+        assert (info.loaded_blocks, info.declined_blocks) == (2, 2)
+        assert info.tokens_to_compute == 2 * BS + 3  # the declined blocks and the tail
+        targets = env.fresh(2)
+        manager.update_state_after_alloc(again, KVCacheBlocks((targets,)), 2 * BS)
+        plan = manager.build_step(SchedulerOutput())
+        assert [name for name, _ in plan.loads[0].sources] == ["cpu", "cpu"]
+        with anyio.fail_after(DEADLINE):
+            await manager.wait_for_loads([again.request_id])
+        assert manager.take_finished() == [FinishedLoad(again.request_id, True)]
+        assert env.holds(targets[0], again, 0)
+        assert env.holds(targets[1], again, 1)
+        stats = manager.stats()
+        assert (stats.tiers["disk"].hits, stats.tiers["disk"].declined) == (2, 2)
+        assert stats.tiers["disk"].loads == 0
+        assert stats.tiers["cpu"].declined == 0
+        assert stats.tokens_to_compute == info.tokens_to_compute
+
+
+@pytest.mark.asyncio
+async def test_a_hit_held_only_on_disk_is_no_load_at_all_under_best_effort(
+    tmp_path: Path,
+) -> None:
+    env = disk_env(tmp_path, prefetch="best_effort")
+    async with env.manager as manager:
+        first = await half_on_disk(env)
+        await store(env, env.request(2), 2, release=True)  # the first's head goes down too
+        again = env.request(4, like=first)
+        assert manager.get_num_new_matched_tokens(again, 0) == (0, False)
+        info = manager.hit_info(again.request_id)
+        assert info is not None
+        assert info.levels == (1, 1, 1, 1)
+        assert info.declined_blocks == 4
+        manager.update_state_after_alloc(again, KVCacheBlocks((env.fresh(5),)), 0)
+        assert manager.stats().tiers["disk"].declined == 4
+        assert manager.build_step(SchedulerOutput()).loads == ()
+
+
+@pytest.mark.asyncio
+async def test_the_default_policy_loads_every_hit_however_deep(tmp_path: Path) -> None:
+    env = disk_env(tmp_path)
+    assert env.manager.prefetch == WaitComplete()
+    async with env.manager as manager:
+        first = await half_on_disk(env)
+        again, targets = await load(env, first, 4 * BS)
+        assert manager.take_finished() == [FinishedLoad(again.request_id, True)]
+        assert all(env.holds(block, again, i) for i, block in enumerate(targets))  # type: ignore[arg-type]
+        stats = manager.stats().tiers
+        assert (stats["cpu"].loads, stats["disk"].loads) == (4, 2)  # staged up through the CPU
+        assert stats["disk"].declined == 0
+
+
+@pytest.mark.asyncio
+async def test_the_timeout_policy_learns_the_disk_cost_from_finished_loads(
+    tmp_path: Path,
+) -> None:
+    """The first staged load is free (nothing measured yet); once its disk read is
+    measured, a zero budget declines every disk block, and a large one loads them."""
+    env = disk_env(tmp_path, prefetch=Timeout(timeout=0.0, timeout_per_1k_tokens=0.0))
+    async with env.manager as manager:
+        assert manager.staging_costs.seconds_per_block(1) == 0.0
+        first = await half_on_disk(env)
+        await load(env, first, 4 * BS)
+        learned = manager.staging_costs.seconds_per_block(1)
+        assert learned > 0.0
+        disk_seconds = manager.stats().tiers["disk"].load_seconds
+        assert learned == pytest.approx(disk_seconds / 2)  # two blocks read from disk
+
+        second = await half_on_disk(env)
+        again = env.request(4, like=second)
+        assert manager.get_num_new_matched_tokens(again, 0) == (2 * BS, True)
+        assert manager.hit_info(again.request_id).declined_blocks == 2  # type: ignore[union-attr]
+        manager.prefetch = Timeout(timeout=1000.0)  # an engine may swap the policy between steps
+        assert manager.get_num_new_matched_tokens(again, 0) == (4 * BS, True)
+
+
+@pytest.mark.asyncio
+async def test_a_failed_disk_read_teaches_the_cost_model_nothing(tmp_path: Path) -> None:
+    disk = FaultInjectingStore(
+        DiskTier(tmp_path / "disk", LAYOUT, 16 * DiskTier.bytes_per_block(LAYOUT))
+    )
+    env = Env(gpu_blocks=32, tiers=[CpuTier(LAYOUT, 4), disk])  # type: ignore[list-item]
+    async with env.manager as manager:
+        first = await half_on_disk(env)
+        disk.read_error = OSError(5, "injected EIO")
+        again, _ = await load(env, first, 4 * BS)
+        [finished] = manager.take_finished()
+        assert finished.request_id == again.request_id
+        assert not finished.ok
+        assert manager.staging_costs.seconds_per_block(1) == 0.0  # still the prior
+
+
+class _FirstBlockOnly:
+    """A plug-in policy (not registered): loads at most one block."""
+
+    def loadable(self, levels: Sequence[int], num_tokens: int, costs: StagingCostModel) -> int:
+        return min(1, len(levels))
+
+
+class _Overreaching:
+    def loadable(self, levels: Sequence[int], num_tokens: int, costs: StagingCostModel) -> int:
+        return len(levels) + 1
+
+
+@pytest.mark.asyncio
+async def test_a_policy_object_is_used_as_given(tmp_path: Path) -> None:
+    env = disk_env(tmp_path, prefetch=_FirstBlockOnly())
+    async with env.manager as manager:
+        first = await half_on_disk(env)
+        again, targets = await load(env, first, BS)
+        assert env.holds(targets[0], again, 0)  # type: ignore[arg-type]
+        assert manager.stats().tiers["cpu"].declined == 1
+        assert manager.stats().tiers["disk"].declined == 2
+
+
+@pytest.mark.asyncio
+async def test_a_policy_answering_outside_the_hit_is_a_config_error(tmp_path: Path) -> None:
+    env = disk_env(tmp_path, prefetch=_Overreaching())
+    async with env.manager as manager:
+        first = await half_on_disk(env)
+        with pytest.raises(ConfigError, match=r"integer in \[0, 4\] for 4 hit blocks, got 5"):
+            manager.get_num_new_matched_tokens(env.request(4, like=first), 0)
+        # a lookup with nothing found never asks the policy
+        assert manager.get_num_new_matched_tokens(env.request(2), 0) == (0, False)
+
+
+def test_bad_prefetch_arguments_are_typed_errors(tmp_path: Path) -> None:
+    with pytest.raises(UnknownNameError, match="eventually"):
+        disk_env(tmp_path, prefetch="eventually")
+    with pytest.raises(ConfigError, match="prefetch must be a policy name or a PrefetchPolicy"):
+        disk_env(tmp_path, prefetch=42)

@@ -6,14 +6,16 @@ learned from the disk reads of finished loads.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
+import numpy as np
 import pytest
 
 from kvtier import KVCacheBlocks, Request
-from kvtier.errors import ConfigError, UnknownNameError
+from kvtier.errors import ConfigError, InvalidRequestError, UnknownNameError
 from kvtier.offload import FinishedLoad, SchedulerOutput
 from kvtier.policies.prefetch import BestEffort, StagingCostModel, Timeout, WaitComplete
 from kvtier.tiers.cpu import CpuTier
@@ -122,15 +124,25 @@ async def test_the_timeout_policy_learns_the_disk_cost_from_finished_loads(
 ) -> None:
     """The first staged load is free (nothing measured yet); once its disk read is
     measured, a zero budget declines every disk block, and a large one loads them."""
-    env = disk_env(tmp_path, prefetch=Timeout(timeout=0.0, timeout_per_1k_tokens=0.0))
+    env = disk_env(
+        tmp_path,
+        prefetch=Timeout(timeout=0.0, timeout_per_1k_tokens=0.0),
+        staging_costs=StagingCostModel(half_life=math.inf),
+    )
     async with env.manager as manager:
         assert manager.staging_costs.seconds_per_block(1) == 0.0
         first = await half_on_disk(env)
+        before = manager.stats().tiers["disk"]
         await load(env, first, 4 * BS)
         learned = manager.staging_costs.seconds_per_block(1)
         assert learned > 0.0
-        disk_seconds = manager.stats().tiers["disk"].load_seconds
-        assert learned == pytest.approx(disk_seconds / 2)  # two blocks read from disk
+        after = manager.stats().tiers["disk"]
+        # The CPU tier was full: making room for the two staged blocks demoted
+        # two others to disk first, and the request waited for that too.
+        assert after.demotions == before.demotions + 2
+        demoted = after.store_seconds - before.store_seconds
+        assert demoted > 0.0
+        assert learned == pytest.approx((after.load_seconds + demoted) / 2)
 
         second = await half_on_disk(env)
         again = env.request(4, like=second)
@@ -190,8 +202,92 @@ async def test_a_policy_answering_outside_the_hit_is_a_config_error(tmp_path: Pa
         assert manager.get_num_new_matched_tokens(env.request(2), 0) == (0, False)
 
 
-def test_bad_prefetch_arguments_are_typed_errors(tmp_path: Path) -> None:
+class _NotCallable:
+    loadable = 3
+
+
+@pytest.mark.parametrize("bad", [42, BestEffort, _NotCallable()])
+def test_bad_prefetch_arguments_are_typed_errors(bad: object, tmp_path: Path) -> None:
     with pytest.raises(UnknownNameError, match="eventually"):
         disk_env(tmp_path, prefetch="eventually")
     with pytest.raises(ConfigError, match="prefetch must be a policy name or a PrefetchPolicy"):
-        disk_env(tmp_path, prefetch=42)
+        disk_env(tmp_path, prefetch=bad)
+    manager = disk_env(tmp_path).manager
+    with pytest.raises(ConfigError, match="prefetch must be"):
+        manager.prefetch = bad  # type: ignore[assignment]
+    assert manager.prefetch == WaitComplete()  # unchanged
+    with pytest.raises(ConfigError, match="staging_costs must be a StagingCostModel"):
+        disk_env(tmp_path, staging_costs=0.01)
+
+
+class _FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.asyncio
+async def test_a_tier_declined_after_one_slow_read_is_measured_again_once_it_relaxes(
+    tmp_path: Path,
+) -> None:
+    clock = _FakeClock()
+    costs = StagingCostModel(weight=1.0, half_life=10.0, clock=clock)
+    env = disk_env(
+        tmp_path, prefetch=Timeout(timeout=1.0, timeout_per_1k_tokens=0.0), staging_costs=costs
+    )
+    async with env.manager as manager:
+        first = await half_on_disk(env)
+        costs.observe(1, 1, 8.0)  # one stalled read: 8 s a block, far over the 1 s budget
+        again = env.request(4, like=first)
+        assert manager.get_num_new_matched_tokens(again, 0) == (2 * BS, True)
+        clock.now += 40.0  # four half-lives: 0.5 s a block, both fit the budget again
+        again, _ = await load(env, first, 4 * BS)
+        assert manager.take_finished() == [FinishedLoad(again.request_id, True)]
+        assert costs.seconds_per_block(1) < 1.0  # measured anew: a healthy disk
+        assert manager.stats().tiers["disk"].loads == 2
+
+
+class _NumpyCount:
+    def loadable(self, levels: Sequence[int], num_tokens: int, costs: StagingCostModel) -> int:
+        return np.int64(len(levels))  # type: ignore[return-value]
+
+
+@pytest.mark.asyncio
+async def test_an_integer_of_another_type_is_taken_as_the_count(tmp_path: Path) -> None:
+    env = disk_env(tmp_path, prefetch=_NumpyCount())
+    async with env.manager as manager:
+        first = await half_on_disk(env)
+        found = manager.get_num_new_matched_tokens(env.request(4, like=first), 0)
+        assert found == (4 * BS, True)
+        assert type(found[0]) is int
+
+
+@pytest.mark.asyncio
+async def test_allocating_more_external_tokens_than_answered_is_refused(tmp_path: Path) -> None:
+    env = disk_env(tmp_path, prefetch="best_effort")
+    async with env.manager as manager:
+        first = await half_on_disk(env)
+        again = env.request(4, like=first)
+        assert manager.get_num_new_matched_tokens(again, 0) == (2 * BS, True)
+        targets = KVCacheBlocks((env.fresh(4),))
+        with pytest.raises(InvalidRequestError, match="more than the 32 its last lookup answered"):
+            manager.update_state_after_alloc(again, targets, 4 * BS)
+        assert manager.stats().lookups == 0  # refused: not counted, nothing planned
+        assert manager.indexes[1].num_pinned == 0
+        manager.update_state_after_alloc(again, targets, 2 * BS)  # the answer is accepted
+        assert manager.stats().lookups == 1
+
+
+@pytest.mark.asyncio
+async def test_allocating_fewer_external_tokens_leaves_the_rest_to_compute(
+    tmp_path: Path,
+) -> None:
+    env = disk_env(tmp_path)
+    async with env.manager as manager:
+        first = await half_on_disk(env)
+        again = env.request(4, like=first)
+        assert manager.get_num_new_matched_tokens(again, 0) == (4 * BS, True)
+        manager.update_state_after_alloc(again, KVCacheBlocks((env.fresh(5),)), 1 * BS)
+        assert manager.stats().tokens_to_compute == 3 * BS + 3

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -19,7 +21,7 @@ from kvtier.policies.prefetch import (
 
 
 def costs(**per_level: float) -> StagingCostModel:
-    model = StagingCostModel(weight=1.0)
+    model = StagingCostModel(weight=1.0, half_life=math.inf)
     for name, seconds in per_level.items():
         model.observe(int(name.removeprefix("l")), 1, seconds)
     return model
@@ -54,7 +56,7 @@ def test_unmeasured_tiers_cost_the_prior() -> None:
 
 
 def test_cost_model_is_an_exponentially_weighted_mean_per_level() -> None:
-    model = StagingCostModel(weight=0.5)
+    model = StagingCostModel(weight=0.5, half_life=math.inf)
     model.observe(1, 10, 1.0)  # 0.1 s per block
     assert model.seconds_per_block(1) == pytest.approx(0.1)
     model.observe(1, 10, 3.0)  # 0.3 s per block
@@ -66,6 +68,56 @@ def test_cost_model_is_an_exponentially_weighted_mean_per_level() -> None:
     assert model.seconds_per_block(2) == 0.0
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_estimate_relaxes_toward_the_prior_with_its_half_life() -> None:
+    """A stalled read must not keep a timeout policy off a tier forever: only an
+    accepted load measures it again."""
+    clock = FakeClock()
+    model = StagingCostModel(weight=0.5, half_life=10.0, clock=clock)
+    model.observe(1, 1, 0.4)
+    assert model.seconds_per_block(1) == pytest.approx(0.4)
+    clock.now += 10.0
+    assert model.seconds_per_block(1) == pytest.approx(0.2)
+    clock.now += 20.0
+    assert model.seconds_per_block(1) == pytest.approx(0.05)
+    policy = Timeout(timeout=0.1, timeout_per_1k_tokens=0.0)
+    assert policy.loadable([1, 1, 1], 0, model) == 2  # it fits again: a load re-measures
+    model.observe(1, 2, 0.5)  # still slow: blended with the relaxed estimate
+    assert model.seconds_per_block(1) == pytest.approx(0.05 + 0.5 * (0.25 - 0.05))
+    assert policy.loadable([1, 1, 1], 0, model) == 0
+
+
+def test_a_relaxed_estimate_approaches_a_pessimistic_prior_from_below() -> None:
+    clock = FakeClock()
+    model = StagingCostModel(weight=1.0, prior=1.0, half_life=5.0, clock=clock)
+    model.observe(1, 1, 0.2)
+    clock.now += 5.0
+    assert model.seconds_per_block(1) == pytest.approx(0.6)
+
+
+def test_an_infinite_half_life_never_relaxes() -> None:
+    clock = FakeClock()
+    model = StagingCostModel(weight=1.0, half_life=float("inf"), clock=clock)
+    model.observe(2, 4, 2.0)
+    clock.now += 1e9
+    assert model.seconds_per_block(2) == pytest.approx(0.5)
+
+
+def test_non_finite_observations_are_ignored() -> None:
+    model = StagingCostModel(weight=1.0, half_life=math.inf)
+    model.observe(1, 1, 0.1)
+    model.observe(1, 1, float("nan"))
+    model.observe(1, 1, float("inf"))
+    assert model.seconds_per_block(1) == pytest.approx(0.1)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -74,6 +126,9 @@ def test_cost_model_is_an_exponentially_weighted_mean_per_level() -> None:
         {"prior": -1.0},
         {"prior": float("nan")},
         {"prior": float("inf")},
+        {"half_life": 0.0},
+        {"half_life": -1.0},
+        {"half_life": float("nan")},
     ],
 )
 def test_cost_model_rejects_bad_parameters(kwargs: dict[str, float]) -> None:
@@ -106,7 +161,7 @@ def test_registry_builds_by_name_and_lists_names_on_error() -> None:
 def test_every_policy_returns_a_prefix_length_and_they_are_ordered(
     levels: list[int], tokens: int, seconds: list[float], budget: float
 ) -> None:
-    model = StagingCostModel(weight=1.0)
+    model = StagingCostModel(weight=1.0, half_life=math.inf)
     for level, value in enumerate(seconds, 1):
         model.observe(level, 1, value)
     best = BestEffort().loadable(levels, tokens, model)

@@ -10,6 +10,7 @@ and references the target device blocks until the load ends.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Sequence
 
 import attrs
@@ -160,19 +161,25 @@ class LoadPlanner:
             ConfigError: The policy answered something other than an integer
                 in ``[0, len(levels)]``.
         """
-        count = self.prefetch.loadable(levels, num_tokens, self.transfers.staging_costs)
-        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= len(levels):
+        answer = self.prefetch.loadable(levels, num_tokens, self.transfers.staging_costs)
+        try:
+            count = operator.index(answer)  # an int, or an integer type such as NumPy's
+        except TypeError:
+            count = -1
+        if isinstance(answer, bool) or not 0 <= count <= len(levels):
             raise ConfigError(
                 f"prefetch policy {self.prefetch!r} must return an integer in "
-                f"[0, {len(levels)}] for {len(levels)} hit blocks, got {count!r}"
+                f"[0, {len(levels)}] for {len(levels)} hit blocks, got {answer!r}"
             )
         return count
 
-    def _count(self, lookup: _Lookup) -> None:
+    def _count(self, lookup: _Lookup, external: int) -> None:
         """Add an admitted request's lookup to the counters (once, however often it was asked).
 
         A block found in tier ``level`` was asked of every tier down to it;
-        the first block no tier holds, of every tier.
+        the first block no tier holds, of every tier. ``external``: the
+        blocks the engine allocated for loading (at most the lookup's
+        answer; fewer leave more tokens to compute).
         """
         for level in lookup.info.levels:
             for stats in self.tier_stats[: level + 1]:
@@ -187,7 +194,8 @@ class LoadPlanner:
             self.hit_counter.record(lookup.hashes[: lookup.info.device_blocks])
         self.stats.lookups += 1
         self.stats.device_hit_blocks += lookup.info.device_blocks
-        self.stats.tokens_to_compute += lookup.info.tokens_to_compute
+        unloaded = (lookup.info.loaded_blocks - external) * self.block_size
+        self.stats.tokens_to_compute += lookup.info.tokens_to_compute + unloaded
 
     def after_alloc(
         self, request: KVCacheRequest, blocks: KVCacheBlocks, num_external_tokens: int
@@ -215,13 +223,18 @@ class LoadPlanner:
                 "FinishedLoad before allocating external tokens again)"
             )
         lookup = self.lookups.get(rid)
-        if num_external_tokens and lookup is not None:
-            _check_targets(
-                rid, blocks, lookup.info.device_blocks, num_external_tokens // self.block_size
+        external = num_external_tokens // self.block_size
+        if lookup is not None and external > lookup.info.loaded_blocks:
+            raise InvalidRequestError(
+                f"request {rid!r}: {num_external_tokens} external tokens, more than the "
+                f"{lookup.info.loaded_blocks * self.block_size} its last lookup answered "
+                "(get_num_new_matched_tokens, after the prefetch policy)"
             )
+        if external and lookup is not None:
+            _check_targets(rid, blocks, lookup.info.device_blocks, external)
         if lookup is not None:  # every check passed: the lookup counts now
             del self.lookups[rid]
-            self._count(lookup)
+            self._count(lookup, external)
         ids = [[block.block_id for block in group] for group in blocks.blocks]
         state = self.transfers.track(rid, ids)
         state.tag = request_tag(request)

@@ -48,7 +48,7 @@ from kvtier.offload.transfers import Transfers
 from kvtier.offload.views import ManagerViews
 from kvtier.offload.waits import TransferWaits
 from kvtier.offload.writeback import WriteBack
-from kvtier.policies.prefetch import PrefetchPolicy
+from kvtier.policies.prefetch import PrefetchPolicy, StagingCostModel
 from kvtier.pool import BlockPool
 from kvtier.request import KVCacheRequest
 from kvtier.tiers.base import BlockStore
@@ -103,6 +103,8 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews):
             every hit; ``"best_effort"``, only the first tier's prefix;
             ``"timeout"``, staging that fits a budget, weighed with
             :attr:`staging_costs`). The rest of the hit is left to compute.
+        staging_costs: The cost model the timeout policy weighs (its weight,
+            prior and half-life); a new default one when ``None``.
 
     Raises:
         ConfigError: No lower tier, mismatched layouts, or a bad setting.
@@ -125,6 +127,7 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews):
         max_probe_blocks: int = 256,
         flush_on_close: bool = False,
         prefetch: PrefetchPolicy | str = "wait_complete",
+        staging_costs: StagingCostModel | None = None,
     ) -> None:
         check_stack(block_pool, device, tiers, mode, lazy_free_target)
         names = [tier.name for tier in tiers]
@@ -161,6 +164,7 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews):
             self.world_size,
             self._requests,
         )
+        self._transfers.staging_costs = options.staging_cost_model(staging_costs)
         if mode == "lazy":
             self._transfers.writeback = self._lazy
         event_ids = itertools.count(1)  # shared by loads and stores

@@ -12,11 +12,19 @@ from typing import Final
 from kvtier.errors import ConfigError
 from kvtier.offload.flush import flush_targets
 from kvtier.offload.plan import WriteMode
-from kvtier.policies.prefetch import PrefetchPolicy, make_prefetch_policy
+from kvtier.policies.prefetch import PrefetchPolicy, StagingCostModel, make_prefetch_policy
 from kvtier.pool import BlockPool
 from kvtier.tiers.base import BlockStore
 
-__all__ = ["MODES", "check_flush", "check_stack", "positive", "prefetch_policy", "tier_policies"]
+__all__ = [
+    "MODES",
+    "check_flush",
+    "check_stack",
+    "positive",
+    "prefetch_policy",
+    "staging_cost_model",
+    "tier_policies",
+]
 
 MODES: Final[tuple[WriteMode, ...]] = ("eager", "lazy", "selective")
 
@@ -70,14 +78,20 @@ def tier_policies(eviction_policy: str | Sequence[str], num_tiers: int) -> list[
 def prefetch_policy(prefetch: PrefetchPolicy | str) -> PrefetchPolicy:
     """A prefetch policy object, or one built by name with its default budget.
 
+    Checked for a callable ``loadable`` (a runtime-checkable protocol would
+    accept a policy class, or any object with a ``loadable`` attribute).
+
     Raises:
         UnknownNameError: No prefetch policy has that name.
         ConfigError: ``prefetch`` is neither a name nor a policy.
     """
     if isinstance(prefetch, str):
         return make_prefetch_policy(prefetch)
-    if not isinstance(prefetch, PrefetchPolicy):
-        raise ConfigError(f"prefetch must be a policy name or a PrefetchPolicy, got {prefetch!r}")
+    if isinstance(prefetch, type) or not callable(getattr(prefetch, "loadable", None)):
+        raise ConfigError(
+            "prefetch must be a policy name or a PrefetchPolicy instance (with a "
+            f"loadable(levels, num_tokens, costs) method), got {prefetch!r}"
+        )
     return prefetch
 
 
@@ -96,3 +110,16 @@ def check_flush(flush_on_close: object, tiers: Sequence[BlockStore]) -> bool:
             "(disk or redis) to flush into"
         )
     return flush_on_close
+
+
+def staging_cost_model(costs: StagingCostModel | None) -> StagingCostModel:
+    """``costs``, or a new model with the default settings.
+
+    Raises:
+        ConfigError: ``costs`` is not a :class:`~kvtier.policies.prefetch.StagingCostModel`.
+    """
+    if costs is None:
+        return StagingCostModel()
+    if not isinstance(costs, StagingCostModel):
+        raise ConfigError(f"staging_costs must be a StagingCostModel, got {costs!r}")
+    return costs

@@ -260,6 +260,7 @@ class Transfers:
             error=outcome.error is not None,
             missing=outcome.missing,
             seconds=dict(outcome.seconds),
+            demotion_seconds=sum(took for took in outcome.demotions if took is not None),
         )
         if outcome.error is not None:
             _log.warning("load_failed", task=event.event_id, error=repr(outcome.error))
@@ -271,10 +272,14 @@ class Transfers:
         error: bool,
         missing: tuple[tuple[int, BlockKey], ...],
         seconds: dict[int, float] | None = None,
+        demotion_seconds: float = 0.0,
     ) -> None:
         """Settle a load: release pins and targets, forget missing blocks, report it.
 
-        ``seconds``: time spent reading from each tier level.
+        ``seconds``: time spent reading from each tier level;
+        ``demotion_seconds``: time its demotions (room made in the first tier
+        for the staged blocks) took, charged to the staged blocks in the
+        staging cost model.
         """
         self.loads.pop(event.event_id, None)
         first = self.indexes[0]
@@ -291,10 +296,13 @@ class Transfers:
             self.indexes[level].remove([key])
         counts = dict.fromkeys((0, *(stage.level for stage in event.stages)), 0)
         counts[0] = sum(slot >= 0 for slot in event.first_slots)  # read from the first tier
+        staged_blocks = sum(len(stage.keys) for stage in event.stages)
         for stage in event.stages:
             counts[stage.level] += len(stage.keys)
             if not error and seconds and stage.level in seconds:
-                self.staging_costs.observe(stage.level, len(stage.keys), seconds[stage.level])
+                share = demotion_seconds * len(stage.keys) / staged_blocks
+                took = seconds[stage.level] + share
+                self.staging_costs.observe(stage.level, len(stage.keys), took)
         for level, n in counts.items():
             stats = self.tier_stats[level]
             if error:

@@ -22,6 +22,7 @@ request holding half-written blocks.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -64,39 +65,69 @@ class StagingCostModel:
 
     An exponentially weighted mean per tier level; a level not measured yet
     costs ``prior`` seconds per block (0: optimistic, so the first loads
-    happen and get measured).
+    happen and get measured). An estimate relaxes back toward ``prior`` with
+    a half-life of ``half_life`` seconds since the level's last observation:
+    only a load the policy accepts measures a tier again, so without it one
+    slow read (a stalled disk) could keep a ``timeout`` policy from ever
+    loading from that tier again. As the estimate falls, a prefix fits the
+    budget again, its load measures the tier, and a tier that is still slow
+    is found so once per few half-lives.
 
     Args:
         weight: The weight of each new observation, in (0, 1].
         prior: Seconds per block before any observation.
+        half_life: Seconds over which an estimate's distance to ``prior``
+            halves (``math.inf``: never).
+        clock: Seconds, monotonic (tests pass a fake one).
 
     Raises:
-        ConfigError: ``weight`` outside (0, 1], or a ``prior`` that is
-            negative, infinite or NaN.
+        ConfigError: ``weight`` outside (0, 1], a ``prior`` that is negative,
+            infinite or NaN, or a ``half_life`` that is not > 0.
     """
 
-    def __init__(self, *, weight: float = 0.2, prior: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        weight: float = 0.2,
+        prior: float = 0.0,
+        half_life: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if not 0.0 < weight <= 1.0:
             raise ConfigError(f"staging cost weight must be in (0, 1], got {weight!r}")
         if not 0.0 <= prior < math.inf:  # NaN fails too
             raise ConfigError(f"staging cost prior must be finite seconds >= 0, got {prior!r}")
+        if not half_life > 0.0:  # NaN fails too
+            raise ConfigError(f"staging cost half_life must be seconds > 0, got {half_life!r}")
         self.weight = weight
         self.prior = prior
-        self._per_block: dict[int, float] = {}
+        self.half_life = half_life
+        self._clock = clock
+        self._per_block: dict[int, tuple[float, float]] = {}  # level: (estimate, observed at)
+
+    def _current(self, level: int) -> float | None:
+        entry = self._per_block.get(level)
+        if entry is None:
+            return None
+        estimate, at = entry
+        age = max(0.0, self._clock() - at)
+        return self.prior + (estimate - self.prior) * math.pow(0.5, age / self.half_life)
 
     def observe(self, level: int, blocks: int, seconds: float) -> None:
         """A load staged ``blocks`` blocks from ``level`` and took ``seconds``."""
-        if blocks <= 0 or seconds < 0.0:
+        if blocks <= 0 or not 0.0 <= seconds < math.inf:
             return
         sample = seconds / blocks
-        old = self._per_block.get(level)
-        self._per_block[level] = sample if old is None else old + self.weight * (sample - old)
+        old = self._current(level)
+        estimate = sample if old is None else old + self.weight * (sample - old)
+        self._per_block[level] = (estimate, self._clock())
 
     def seconds_per_block(self, level: int) -> float:
         """The estimate for ``level`` (the first lower tier, level 0, costs nothing)."""
         if level <= 0:
             return 0.0
-        return self._per_block.get(level, self.prior)
+        current = self._current(level)
+        return self.prior if current is None else current
 
 
 def _first_lower_prefix(levels: Sequence[int]) -> int:

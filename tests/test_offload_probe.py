@@ -8,7 +8,6 @@ never saw them.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -19,7 +18,6 @@ import torch
 from kvtier import KVCacheBlocks, Request
 from kvtier.errors import ConfigError
 from kvtier.offload import FinishedLoad
-from kvtier.policies.prefetch import StagingCostModel, Timeout
 from kvtier.tiers.base import BlockStore, ProbingStore
 from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.redis import RedisTier
@@ -260,71 +258,3 @@ async def test_another_tenants_blocks_are_never_found(
         assert await env_b.manager.probe(tenant_y, 0) == 0  # same tokens, other salt
         assert env_b.manager.get_num_new_matched_tokens(tenant_y, 0) == (0, False)
         assert await env_b.manager.probe(tenant_x, 0) == 4
-
-
-def behind_a_cpu_tier(server: RedisServer, prefix: str, **options: object) -> Env:
-    """Engine B with a CPU tier first and Redis second (level 1: staged through the CPU tier)."""
-    return Env(gpu_blocks=32, tiers=[CpuTier(LAYOUT, 8), redis_tier(server, prefix)], **options)
-
-
-@pytest.mark.asyncio
-async def test_best_effort_never_asks_a_shared_tier_it_would_not_load_from(
-    redis_server: RedisServer, prefix: str
-) -> None:
-    env = behind_a_cpu_tier(redis_server, prefix, prefetch="best_effort")
-    async with env.manager as manager:
-        request = env.request(4)
-        redis_server.kill()  # asked, the probe would fail and count it
-        with anyio.fail_after(10):
-            assert await manager.probe(request, 0) == 0
-        assert manager.stats().tiers["redis"].failed_probes == 0
-        manager.prefetch = "wait_complete"  # now Redis hits may load: it is asked
-        with anyio.fail_after(10):
-            assert await manager.probe(request, 0) == 0
-        assert manager.stats().tiers["redis"].failed_probes == 1
-
-
-@pytest.mark.asyncio
-async def test_the_probe_follows_the_policy_set_between_lookups(
-    shared_redis: RedisServer, prefix: str
-) -> None:
-    env = behind_a_cpu_tier(shared_redis, prefix, prefetch="best_effort")
-    async with env.manager as manager:
-        request = env.request(6)
-        await engine_a_stores(shared_redis, prefix, request, [0, 1, 2, 3, 4])
-        assert await manager.probe(request, 0) == 0
-        assert manager.get_num_new_matched_tokens(request, 0) == (0, False)
-        manager.prefetch = "wait_complete"
-        assert await manager.probe(request, 0) == 5
-        assert manager.get_num_new_matched_tokens(request, 0) == (5 * BS, True)
-
-
-@pytest.mark.asyncio
-async def test_best_effort_still_probes_a_shared_first_lower_tier(
-    shared_redis: RedisServer, prefix: str
-) -> None:
-    env = Env(gpu_blocks=32, tiers=[redis_tier(shared_redis, prefix)], prefetch="best_effort")
-    async with env.manager as manager:
-        request = env.request(4)
-        await engine_a_stores(shared_redis, prefix, request, [0, 1, 2])
-        assert await manager.probe(request, 0) == 3  # level 0: best_effort loads it
-        assert manager.get_num_new_matched_tokens(request, 0) == (3 * BS, True)
-
-
-@pytest.mark.asyncio
-async def test_a_timeout_policy_skips_a_tier_too_slow_for_the_budget(
-    shared_redis: RedisServer, prefix: str
-) -> None:
-    env = behind_a_cpu_tier(
-        shared_redis,
-        prefix,
-        prefetch=Timeout(timeout=0.05, timeout_per_1k_tokens=0.0),
-        staging_costs=StagingCostModel(prior=1.0, half_life=math.inf),  # 1 s per block
-    )
-    async with env.manager as manager:
-        request = env.request(6)
-        await engine_a_stores(shared_redis, prefix, request, [0, 1, 2, 3, 4])
-        assert await manager.probe(request, 0) == 0  # no block of it would fit 50 ms
-        manager.prefetch = Timeout(timeout=2.5, timeout_per_1k_tokens=0.0)
-        assert await manager.probe(request, 0) == 5  # one fits: it is asked
-        assert manager.get_num_new_matched_tokens(request, 0) == (2 * BS, True)  # 2 s of 2.5

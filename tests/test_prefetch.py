@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import pytest
 from hypothesis import given
@@ -18,7 +17,6 @@ from kvtier.policies.prefetch import (
     Timeout,
     WaitComplete,
     make_prefetch_policy,
-    reaches,
 )
 
 
@@ -171,61 +169,3 @@ def test_every_policy_returns_a_prefix_length_and_they_are_ordered(
     full = WaitComplete().loadable(levels, tokens, model)
     assert 0 <= best <= timed <= full == len(levels)
     assert all(level == 0 for level in levels[:best])
-
-
-@given(
-    levels=st.lists(st.integers(0, 3), max_size=40),
-    tokens=st.integers(0, 100_000),
-    seconds=st.lists(st.floats(0, 1), min_size=3, max_size=3),
-    budget=st.floats(0, 2),
-    per_1k=st.floats(0, 0.01),
-)
-def test_a_policy_never_loads_a_block_of_a_tier_it_does_not_reach(
-    levels: list[int], tokens: int, seconds: list[float], budget: float, per_1k: float
-) -> None:
-    model = StagingCostModel(weight=1.0, half_life=math.inf)
-    for level, value in enumerate(seconds, 1):
-        model.observe(level, 1, value)
-    for policy in (BestEffort(), WaitComplete(), Timeout(budget, per_1k)):
-        loaded = policy.loadable(levels, tokens, model)
-        assert all(reaches(policy, level, tokens, model) for level in levels[:loaded])
-
-
-def test_which_tiers_each_policy_reaches() -> None:
-    model = costs(l1=0.01, l2=0.5)
-    assert [reaches(BestEffort(), level, 1000, model) for level in range(3)] == [
-        True,
-        False,
-        False,
-    ]
-    assert all(reaches(WaitComplete(), level, 1000, model) for level in range(3))
-    timed = Timeout(0.1, 0.0)
-    assert [reaches(timed, level, 1000, model) for level in range(3)] == [True, True, False]
-    assert reaches(Timeout(0.1, 0.5), 2, 1000, model)  # a long prompt's budget: 0.6 s
-
-
-def test_a_relaxed_estimate_brings_a_skipped_tier_back() -> None:
-    clock = FakeClock()
-    model = StagingCostModel(weight=1.0, prior=0.0, half_life=10.0, clock=clock)
-    model.observe(1, 1, 1.0)  # one stalled read: 1 s per block
-    policy = Timeout(0.1, 0.0)
-    assert not reaches(policy, 1, 1000, model)
-    clock.now += 40.0  # four half-lives: 1/16 s
-    assert reaches(policy, 1, 1000, model)
-
-
-class _NoReach:
-    def loadable(self, levels: Sequence[int], num_tokens: int, costs: StagingCostModel) -> int:
-        return 0
-
-
-class _BadReach(_NoReach):
-    def reaches(self, level: int, num_tokens: int, costs: StagingCostModel) -> object:
-        return 1
-
-
-def test_a_policy_without_reaches_may_load_from_any_tier_and_a_bad_answer_is_refused() -> None:
-    assert isinstance(_NoReach(), PrefetchPolicy)
-    assert reaches(_NoReach(), 3, 10, costs())
-    with pytest.raises(ConfigError, match="reaches must return a bool, got 1"):
-        reaches(_BadReach(), 1, 10, costs())

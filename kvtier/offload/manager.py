@@ -48,7 +48,7 @@ from kvtier.offload.transfers import Transfers
 from kvtier.offload.views import ManagerViews
 from kvtier.offload.waits import TransferWaits
 from kvtier.offload.writeback import WriteBack
-from kvtier.policies.prefetch import PrefetchPolicy, StagingCostModel, reaches
+from kvtier.policies.prefetch import PrefetchPolicy, StagingCostModel
 from kvtier.pool import BlockPool
 from kvtier.request import KVCacheRequest
 from kvtier.tiers.base import BlockStore
@@ -242,12 +242,7 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews):
         such as Redis) is asked once, all at once, which it holds now; the
         longest held prefix enters their indexes, so the next
         :meth:`get_num_new_matched_tokens` counts it. A shared tier that fails
-        answers nothing (counted in ``failed_probes``). A shared tier the
-        :attr:`prefetch` policy would not load from for this request is not
-        asked (``best_effort`` loads only the first lower tier's hits; a
-        ``timeout`` policy skips a tier whose estimated staging time for one
-        block exceeds the request's budget; see
-        :func:`~kvtier.policies.prefetch.reaches`). Async engines only; see
+        answers nothing (counted in ``failed_probes``). Async engines only; see
         :meth:`probe_blocking`.
 
         Returns:
@@ -278,12 +273,7 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews):
 
     def _probe_plan(self, request: KVCacheRequest, num_computed_tokens: int) -> ProbePlan | None:
         self._transfers.drain()  # outcomes first: a store that ended holds its blocks now
-        costs = self._transfers.staging_costs
-
-        def reachable(level: int) -> bool:  # shared tiers the prefetch policy never loads from
-            return reaches(self.prefetch, level, request.num_tokens, costs)
-
-        return self._probe.plan(request, num_computed_tokens, reachable)
+        return self._probe.plan(request, num_computed_tokens)
 
     # -- after allocation --------------------------------------------------------------
 

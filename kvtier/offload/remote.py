@@ -20,7 +20,7 @@ on the loop the tiers run on.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import anyio
 import attrs
@@ -93,19 +93,12 @@ class RemoteProbe:
             if max_blocks and isinstance(tier, ProbingStore)
         )
 
-    def plan(
-        self,
-        request: KVCacheRequest,
-        num_computed_tokens: int,
-        reachable: Callable[[int], bool] = lambda _level: True,
-    ) -> ProbePlan | None:
+    def plan(self, request: KVCacheRequest, num_computed_tokens: int) -> ProbePlan | None:
         """The blocks to ask about, or None when there is nothing to ask.
 
         Positions run from the first block after the device hit that no
         tier's index holds, up to the last block a lookup may hit (one prompt
-        token is always computed), at most ``max_blocks`` of them. Only the
-        probing tiers whose level is ``reachable`` are asked (the prefetch
-        policy may load from them for this request); with none, None.
+        token is always computed), at most ``max_blocks`` of them.
 
         Raises:
             InvalidRequestError: ``num_computed_tokens`` is not a multiple of
@@ -116,8 +109,7 @@ class RemoteProbe:
                 f"num_computed_tokens must be a multiple of {self.block_size} >= 0, "
                 f"got {num_computed_tokens}"
             )
-        levels = tuple(level for level in self.levels if reachable(level))
-        if not levels:
+        if not self.levels:
             return None
         hashes = request.block_hashes
         limit = min(len(hashes), max(0, request.num_tokens - 1) // self.block_size)
@@ -130,7 +122,7 @@ class RemoteProbe:
         if position >= end:
             return None
         keys = tuple(tuple(self._keys(hashes[p])) for p in range(position, end))
-        return ProbePlan(request.request_id, position, keys, levels, tuple(held))
+        return ProbePlan(request.request_id, position, keys, self.levels, tuple(held))
 
     async def ask(self, plan: ProbePlan) -> dict[int, list[bool]]:
         """Ask every probing tier of the plan at once; ``level -> held?`` per position.

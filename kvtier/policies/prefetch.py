@@ -38,7 +38,6 @@ __all__ = [
     "Timeout",
     "WaitComplete",
     "make_prefetch_policy",
-    "reaches",
 ]
 
 
@@ -59,29 +58,6 @@ class PrefetchPolicy(Protocol):
             A count in ``[0, len(levels)]``; the rest of the hit is recomputed.
         """
         ...
-
-
-def reaches(policy: PrefetchPolicy, level: int, num_tokens: int, costs: StagingCostModel) -> bool:
-    """Whether ``policy`` may load a block that only tier ``level`` holds.
-
-    A policy may answer through an optional method ``reaches(level,
-    num_tokens, costs) -> bool``: the offload manager skips probing a shared
-    tier (a network round trip before the lookup) at a level the policy
-    would never load from for this request. A policy without the method
-    may load from any tier. The answer may be optimistic (True when unsure),
-    never pessimistic: a False must mean :meth:`PrefetchPolicy.loadable`
-    would stop before any block of that level.
-
-    Raises:
-        ConfigError: The policy's ``reaches`` answered something other than a bool.
-    """
-    method = getattr(policy, "reaches", None)
-    if method is None:
-        return True
-    answer = method(level, num_tokens, costs)
-    if not isinstance(answer, bool):
-        raise ConfigError(f"prefetch policy {policy!r}: reaches must return a bool, got {answer!r}")
-    return answer
 
 
 class StagingCostModel:
@@ -171,10 +147,6 @@ class BestEffort:
         """The leading blocks held by the first lower tier."""
         return _first_lower_prefix(levels)
 
-    def reaches(self, level: int, num_tokens: int, costs: StagingCostModel) -> bool:
-        """Only the first lower tier (level 0)."""
-        return level == 0
-
 
 @attrs.frozen
 class WaitComplete:
@@ -183,10 +155,6 @@ class WaitComplete:
     def loadable(self, levels: Sequence[int], num_tokens: int, costs: StagingCostModel) -> int:
         """All of them."""
         return len(levels)
-
-    def reaches(self, level: int, num_tokens: int, costs: StagingCostModel) -> bool:
-        """Every tier."""
-        return True
 
 
 def _non_negative(_: object, attribute: attrs.Attribute[float], value: float) -> None:
@@ -219,15 +187,6 @@ class Timeout:
             if left < 0:
                 return count
         return len(levels)
-
-    def reaches(self, level: int, num_tokens: int, costs: StagingCostModel) -> bool:
-        """A tier one of whose blocks, staged alone, fits the budget (as estimated now).
-
-        While a tier's estimate exceeds the budget its probes are skipped; the
-        estimate relaxes toward the prior (see :class:`StagingCostModel`), so
-        the tier is asked again once it may fit.
-        """
-        return costs.seconds_per_block(level) <= self.budget(num_tokens)
 
 
 PrefetchFactory = Callable[[float, float], PrefetchPolicy]

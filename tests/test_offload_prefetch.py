@@ -242,11 +242,14 @@ async def test_a_tier_declined_after_one_slow_read_is_measured_again_once_it_rel
         costs.observe(1, 1, 8.0)  # one stalled read: 8 s a block, far over the 1 s budget
         again = env.request(4, like=first)
         assert manager.get_num_new_matched_tokens(again, 0) == (2 * BS, True)
-        clock.now += 40.0  # four half-lives: 0.5 s a block, both fit the budget again
-        again, _ = await load(env, first, 4 * BS)
+        clock.now += 40.0  # four half-lives: 0.5 s a block relaxed, 8 s as measured
+        # One exploratory disk block, not the whole hit (8 s a block, as last measured).
+        again, _ = await load(env, first, 3 * BS)
         assert manager.take_finished() == [FinishedLoad(again.request_id, True)]
-        assert costs.seconds_per_block(1) < 1.0  # measured anew: a healthy disk
-        assert manager.stats().tiers["disk"].loads == 2
+        assert manager.stats().tiers["disk"].loads == 1
+        assert costs.measured(1) < 1.0  # measured anew: a healthy disk
+        again, _ = await load(env, first, 4 * BS)  # the whole hit fits again
+        assert manager.take_finished() == [FinishedLoad(again.request_id, True)]
 
 
 class _NumpyCount:

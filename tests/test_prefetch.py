@@ -87,10 +87,12 @@ def test_an_estimate_relaxes_toward_the_prior_with_its_half_life() -> None:
     assert model.seconds_per_block(1) == pytest.approx(0.2)
     clock.now += 20.0
     assert model.seconds_per_block(1) == pytest.approx(0.05)
+    assert model.measured(1) == pytest.approx(0.4)  # as the observation left it
     policy = Timeout(timeout=0.1, timeout_per_1k_tokens=0.0)
-    assert policy.loadable([1, 1, 1], 0, model) == 2  # it fits again: a load re-measures
-    model.observe(1, 2, 0.5)  # still slow: blended with the relaxed estimate
-    assert model.seconds_per_block(1) == pytest.approx(0.05 + 0.5 * (0.25 - 0.05))
+    assert policy.loadable([1, 1, 1], 0, model) == 1  # one exploratory block re-measures
+    model.observe(1, 1, 0.25)  # still slow: blended with the relaxed estimate
+    assert model.measured(1) == pytest.approx(0.05 + 0.5 * (0.25 - 0.05))
+    assert model.seconds_per_block(1) == model.measured(1)  # just observed: nothing relaxed
     assert policy.loadable([1, 1, 1], 0, model) == 0
 
 
@@ -129,9 +131,15 @@ def test_non_finite_observations_are_ignored() -> None:
         {"half_life": 0.0},
         {"half_life": -1.0},
         {"half_life": float("nan")},
+        {"weight": True},
+        {"half_life": True},
+        {"prior": False},
+        {"half_life": "30"},
+        {"weight": None},
+        {"clock": 5.0},
     ],
 )
-def test_cost_model_rejects_bad_parameters(kwargs: dict[str, float]) -> None:
+def test_cost_model_rejects_bad_parameters(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         StagingCostModel(**kwargs)
 
@@ -169,3 +177,37 @@ def test_every_policy_returns_a_prefix_length_and_they_are_ordered(
     full = WaitComplete().loadable(levels, tokens, model)
     assert 0 <= best <= timed <= full == len(levels)
     assert all(level == 0 for level in levels[:best])
+
+
+def test_relaxation_buys_one_exploratory_block_never_a_whole_hit() -> None:
+    clock = FakeClock()
+    model = StagingCostModel(clock=clock)  # defaults: weight 0.2, prior 0, half-life 30 s
+    model.observe(1, 4, 4.0)  # the tier really costs 1 s a block
+    policy = Timeout()  # 50 ms + 5 ms per 1k tokens: 70 ms for 4,096 tokens
+    for idle in (0.0, 150.0, 300.0, 600.0):
+        clock.now = 100.0 + idle
+        explored = 1 if idle else 0  # relaxed under the budget only after some idle time
+        assert policy.loadable([1] * 256, 4096, model) == explored
+        assert policy.loadable([0, 0, 1, 1, 1], 4096, model) == 2 + explored
+
+
+def test_an_idle_fast_tier_loads_what_its_measurement_allows_and_one_more() -> None:
+    clock = FakeClock()
+    model = StagingCostModel(clock=clock)
+    model.observe(1, 1, 0.01)  # 10 ms a block
+    policy = Timeout(0.055, 0.0)
+    assert policy.loadable([1] * 20, 0, model) == 5
+    clock.now += 600.0  # relaxed to ~0: the measured cost still counts, plus one block
+    assert policy.loadable([1] * 20, 0, model) == 6
+
+
+class _NaNCosts(StagingCostModel):
+    def measured(self, level: int) -> float:
+        return math.nan if level else 0.0
+
+    def seconds_per_block(self, level: int) -> float:
+        return math.nan if level else 0.0
+
+
+def test_a_cost_model_answering_nan_loads_nothing_from_that_tier() -> None:
+    assert Timeout(1.0, 0.0).loadable([0, 1, 1], 0, _NaNCosts()) == 1

@@ -22,6 +22,7 @@ request holding half-written blocks.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
@@ -69,9 +70,11 @@ class StagingCostModel:
     a half-life of ``half_life`` seconds since the level's last observation:
     only a load the policy accepts measures a tier again, so without it one
     slow read (a stalled disk) could keep a ``timeout`` policy from ever
-    loading from that tier again. As the estimate falls, a prefix fits the
-    budget again, its load measures the tier, and a tier that is still slow
-    is found so once per few half-lives.
+    loading from that tier again. As the estimate falls, :class:`Timeout`
+    lets one block of that tier load again (charging blocks at the
+    :meth:`measured` estimate, it admits one exploratory block once the
+    relaxed one fits), which measures the tier anew: a tier that is still
+    slow costs one block per lookup that finds it relaxed, not a whole hit.
 
     Args:
         weight: The weight of each new observation, in (0, 1].
@@ -82,7 +85,8 @@ class StagingCostModel:
 
     Raises:
         ConfigError: ``weight`` outside (0, 1], a ``prior`` that is negative,
-            infinite or NaN, or a ``half_life`` that is not > 0.
+            infinite or NaN, a ``half_life`` that is not > 0, any of them not a
+            real number (or a bool), or a ``clock`` that is not callable.
     """
 
     def __init__(
@@ -93,12 +97,14 @@ class StagingCostModel:
         half_life: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not 0.0 < weight <= 1.0:
+        if not _real(weight) or not 0.0 < weight <= 1.0:
             raise ConfigError(f"staging cost weight must be in (0, 1], got {weight!r}")
-        if not 0.0 <= prior < math.inf:  # NaN fails too
+        if not _real(prior) or not 0.0 <= prior < math.inf:  # NaN fails too
             raise ConfigError(f"staging cost prior must be finite seconds >= 0, got {prior!r}")
-        if not half_life > 0.0:  # NaN fails too
+        if not _real(half_life) or not half_life > 0.0:  # NaN fails too
             raise ConfigError(f"staging cost half_life must be seconds > 0, got {half_life!r}")
+        if not callable(clock):
+            raise ConfigError(f"staging cost clock must be callable, got {clock!r}")
         self.weight = weight
         self.prior = prior
         self.half_life = half_life
@@ -123,11 +129,26 @@ class StagingCostModel:
         self._per_block[level] = (estimate, self._clock())
 
     def seconds_per_block(self, level: int) -> float:
-        """The estimate for ``level`` (the first lower tier, level 0, costs nothing)."""
+        """The estimate for ``level`` now, relaxed (level 0, the first lower tier, costs 0)."""
         if level <= 0:
             return 0.0
         current = self._current(level)
         return self.prior if current is None else current
+
+    def measured(self, level: int) -> float:
+        """The estimate for ``level`` as its last observation left it (not relaxed).
+
+        A level not measured yet costs ``prior``; level 0 costs nothing.
+        """
+        if level <= 0:
+            return 0.0
+        entry = self._per_block.get(level)
+        return self.prior if entry is None else entry[0]
+
+
+def _real(value: object) -> bool:
+    """A real number, not a bool (``True`` is an ``int``)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _first_lower_prefix(levels: Sequence[int]) -> int:
@@ -180,12 +201,22 @@ class Timeout:
         return self.timeout + self.timeout_per_1k_tokens * num_tokens / 1000
 
     def loadable(self, levels: Sequence[int], num_tokens: int, costs: StagingCostModel) -> int:
-        """The longest prefix whose staging time fits the budget."""
+        """The longest prefix whose staging time fits the budget.
+
+        Each block is charged its tier's estimate as last measured
+        (:meth:`StagingCostModel.measured`). Where that no longer fits but the
+        relaxed estimate does, one more block is loaded, to measure the tier
+        again, and the prefix ends there: relaxation buys one exploratory
+        block per lookup, never a whole hit from a tier last measured slow.
+        """
         left = self.budget(num_tokens)
         for count, level in enumerate(levels):
-            left -= costs.seconds_per_block(level)
-            if left < 0:
-                return count
+            cost = costs.measured(level)
+            if left - cost >= 0:  # NaN fails
+                left -= cost
+                continue
+            relaxed = costs.seconds_per_block(level)
+            return count + 1 if relaxed < cost and left - relaxed >= 0 else count
         return len(levels)
 
 

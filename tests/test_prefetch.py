@@ -211,3 +211,14 @@ class _NaNCosts(StagingCostModel):
 
 def test_a_cost_model_answering_nan_loads_nothing_from_that_tier() -> None:
     assert Timeout(1.0, 0.0).loadable([0, 1, 1], 0, _NaNCosts()) == 1
+
+
+def test_relaxing_toward_a_pessimistic_prior_makes_the_policy_more_careful() -> None:
+    clock = FakeClock()
+    model = StagingCostModel(prior=0.1, half_life=10.0, clock=clock)
+    model.observe(1, 1, 0.01)  # measured fast: 10 ms a block
+    policy = Timeout(0.065, 0.0)
+    assert policy.loadable([1] * 20, 0, model) == 6
+    clock.now += 10.0  # halfway back to 100 ms: 55 ms a block
+    assert model.seconds_per_block(1) == pytest.approx(0.055)
+    assert policy.loadable([1] * 20, 0, model) == 1

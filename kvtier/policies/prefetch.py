@@ -71,10 +71,11 @@ class StagingCostModel:
     only a load the policy accepts measures a tier again, so without it one
     slow read (a stalled disk) could keep a ``timeout`` policy from ever
     loading from that tier again. As the estimate falls, :class:`Timeout`
-    lets one block of that tier load again (charging blocks at the
-    :meth:`measured` estimate, it admits one exploratory block once the
-    relaxed one fits), which measures the tier anew: a tier that is still
-    slow costs one block per lookup that finds it relaxed, not a whole hit.
+    lets one block of that tier load again (charging blocks the higher of
+    the :meth:`measured` and the relaxed estimate, it admits one exploratory
+    block once the relaxed one fits), which measures the tier anew: a tier
+    that is still slow costs one block per lookup that finds it relaxed,
+    not a whole hit.
 
     Args:
         weight: The weight of each new observation, in (0, 1].
@@ -203,19 +204,23 @@ class Timeout:
     def loadable(self, levels: Sequence[int], num_tokens: int, costs: StagingCostModel) -> int:
         """The longest prefix whose staging time fits the budget.
 
-        Each block is charged its tier's estimate as last measured
-        (:meth:`StagingCostModel.measured`). Where that no longer fits but the
-        relaxed estimate does, one more block is loaded, to measure the tier
-        again, and the prefix ends there: relaxation buys one exploratory
-        block per lookup, never a whole hit from a tier last measured slow.
+        Each block is charged the higher of its tier's estimate as last
+        measured (:meth:`StagingCostModel.measured`) and the relaxed one, so
+        relaxing toward a pessimistic prior makes the policy more careful
+        and relaxing toward an optimistic one does not make a slow tier look
+        fast. Where the charge no longer fits but the relaxed estimate does,
+        one more block is loaded, to measure the tier again, and the prefix
+        ends there: relaxation buys one exploratory block per lookup, never
+        a whole hit from a tier last measured slow.
         """
         left = self.budget(num_tokens)
         for count, level in enumerate(levels):
-            cost = costs.measured(level)
+            relaxed = costs.seconds_per_block(level)
+            measured = costs.measured(level)
+            cost = measured if measured > relaxed else relaxed  # NaN: relaxed
             if left - cost >= 0:  # NaN fails
                 left -= cost
                 continue
-            relaxed = costs.seconds_per_block(level)
             return count + 1 if relaxed < cost and left - relaxed >= 0 else count
         return len(levels)
 

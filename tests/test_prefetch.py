@@ -90,8 +90,8 @@ def test_an_estimate_relaxes_toward_the_prior_with_its_half_life() -> None:
     assert model.measured(1) == pytest.approx(0.4)  # as the observation left it
     policy = Timeout(timeout=0.1, timeout_per_1k_tokens=0.0)
     assert policy.loadable([1, 1, 1], 0, model) == 1  # one exploratory block re-measures
-    model.observe(1, 1, 0.25)  # still slow: blended with the relaxed estimate
-    assert model.measured(1) == pytest.approx(0.05 + 0.5 * (0.25 - 0.05))
+    model.observe(1, 1, 0.25)  # still slow: stale by three half-lives, the sample weighs 15/16
+    assert model.measured(1) == pytest.approx(0.4 + (1 - 0.5 * 0.125) * (0.25 - 0.4))
     assert model.seconds_per_block(1) == model.measured(1)  # just observed: nothing relaxed
     assert policy.loadable([1, 1, 1], 0, model) == 0
 
@@ -184,11 +184,40 @@ def test_relaxation_buys_one_exploratory_block_never_a_whole_hit() -> None:
     model = StagingCostModel(clock=clock)  # defaults: weight 0.2, prior 0, half-life 30 s
     model.observe(1, 4, 4.0)  # the tier really costs 1 s a block
     policy = Timeout()  # 50 ms + 5 ms per 1k tokens: 70 ms for 4,096 tokens
-    for idle in (0.0, 150.0, 300.0, 600.0):
-        clock.now = 100.0 + idle
-        explored = 1 if idle else 0  # relaxed under the budget only after some idle time
-        assert policy.loadable([1] * 256, 4096, model) == explored
-        assert policy.loadable([0, 0, 1, 1, 1], 4096, model) == 2 + explored
+    assert policy.loadable([1] * 256, 4096, model) == 0  # fresh: 1 s a block never fits
+    for idle in (150.0, 300.0, 600.0):
+        clock.now += idle  # relaxed under the budget: one exploratory block, not 72 or 256
+        assert policy.loadable([0, 0, 1, 1, 1], 4096, model) == 3
+        # Its load has not ended: no other lookup explores the tier meanwhile.
+        assert policy.loadable([1] * 256, 4096, model) == 0
+        assert policy.loadable([0, 0, 1, 1, 1], 4096, model) == 2
+        model.observe(1, 1, 1.0)  # still 1 s a block: the stale estimate is replaced
+        assert model.measured(1) > 0.9
+        assert policy.loadable([1] * 256, 4096, model) == 0
+
+
+def test_a_stale_slow_estimate_is_replaced_by_one_fast_observation() -> None:
+    clock = FakeClock()
+    model = StagingCostModel(clock=clock)  # weight 0.2: fresh samples move it by a fifth
+    model.observe(1, 1, 1.0)
+    model.observe(1, 1, 0.5)
+    assert model.measured(1) == pytest.approx(0.9)
+    clock.now += 300.0  # ten half-lives: the old estimate keeps ~0.08 % of its weight
+    model.observe(1, 1, 0.01)  # the tier recovered
+    assert model.measured(1) == pytest.approx(0.01, abs=0.001)
+    assert Timeout(0.06, 0.0).loadable([1] * 10, 0, model) == 5
+
+
+def test_an_exploration_claim_lapses_after_a_half_life() -> None:
+    clock = FakeClock()
+    model = StagingCostModel(half_life=10.0, clock=clock)
+    assert model.claim_exploration(1)
+    assert not model.claim_exploration(1)
+    assert model.claim_exploration(2)  # per level
+    clock.now += 10.0  # the load never ran (the engine allocated fewer blocks)
+    assert model.claim_exploration(1)
+    model.observe(1, 1, 0.1)  # an observation ends the claim at once
+    assert model.claim_exploration(1)
 
 
 def test_an_idle_fast_tier_loads_what_its_measurement_allows_and_one_more() -> None:
@@ -201,16 +230,19 @@ def test_an_idle_fast_tier_loads_what_its_measurement_allows_and_one_more() -> N
     assert policy.loadable([1] * 20, 0, model) == 6
 
 
-class _NaNCosts(StagingCostModel):
+class _NaNMeasured(StagingCostModel):
     def measured(self, level: int) -> float:
         return math.nan if level else 0.0
 
+
+class _NaNRelaxed(StagingCostModel):
     def seconds_per_block(self, level: int) -> float:
         return math.nan if level else 0.0
 
 
-def test_a_cost_model_answering_nan_loads_nothing_from_that_tier() -> None:
-    assert Timeout(1.0, 0.0).loadable([0, 1, 1], 0, _NaNCosts()) == 1
+@pytest.mark.parametrize("model", [_NaNMeasured(), _NaNRelaxed()], ids=["measured", "relaxed"])
+def test_a_cost_model_answering_nan_loads_nothing_from_that_tier(model: StagingCostModel) -> None:
+    assert Timeout(1.0, 0.0).loadable([0, 1, 1], 0, model) == 1
 
 
 def test_relaxing_toward_a_pessimistic_prior_makes_the_policy_more_careful() -> None:
@@ -221,4 +253,16 @@ def test_relaxing_toward_a_pessimistic_prior_makes_the_policy_more_careful() -> 
     assert policy.loadable([1] * 20, 0, model) == 6
     clock.now += 10.0  # halfway back to 100 ms: 55 ms a block
     assert model.seconds_per_block(1) == pytest.approx(0.055)
-    assert policy.loadable([1] * 20, 0, model) == 1
+    # One block charged 55 ms; the 10 ms left fit the 10 ms measured: one exploratory block.
+    assert policy.loadable([1] * 20, 0, model) == 2
+
+
+def test_a_prior_above_the_budget_never_locks_out_a_measured_fast_tier() -> None:
+    clock = FakeClock()
+    model = StagingCostModel(prior=0.1, half_life=10.0, clock=clock)
+    model.observe(1, 1, 0.01)
+    policy = Timeout(0.065, 0.0)
+    clock.now += 10_000.0  # relaxed all the way to the 100 ms prior, over the budget
+    assert policy.loadable([1] * 20, 0, model) == 1  # explored: the 10 ms measured fits
+    model.observe(1, 1, 0.01)  # still fast: trusted again at once
+    assert policy.loadable([1] * 20, 0, model) == 6

@@ -70,12 +70,12 @@ class StagingCostModel:
     a half-life of ``half_life`` seconds since the level's last observation:
     only a load the policy accepts measures a tier again, so without it one
     slow read (a stalled disk) could keep a ``timeout`` policy from ever
-    loading from that tier again. As the estimate falls, :class:`Timeout`
-    lets one block of that tier load again (charging blocks the higher of
-    the :meth:`measured` and the relaxed estimate, it admits one exploratory
-    block once the relaxed one fits), which measures the tier anew: a tier
-    that is still slow costs one block per lookup that finds it relaxed,
-    not a whole hit.
+    loading from that tier again. :class:`Timeout` charges blocks the
+    higher of the :meth:`measured` and the relaxed estimate, and once the
+    lower of the two fits it loads one exploratory block (one at a time per
+    tier, :meth:`claim_exploration`), whose observation replaces a stale
+    estimate almost entirely: a tier that is still slow costs one block per
+    exploration, a recovered one is trusted again after one load.
 
     Args:
         weight: The weight of each new observation, in (0, 1].
@@ -111,23 +111,51 @@ class StagingCostModel:
         self.half_life = half_life
         self._clock = clock
         self._per_block: dict[int, tuple[float, float]] = {}  # level: (estimate, observed at)
+        self._exploring: dict[int, float] = {}  # level: when its exploratory load was claimed
+
+    def _freshness(self, at: float) -> float:
+        """How much of an estimate observed at ``at`` still stands: 1 now, halving per half-life."""
+        return math.pow(0.5, max(0.0, self._clock() - at) / self.half_life)
 
     def _current(self, level: int) -> float | None:
         entry = self._per_block.get(level)
         if entry is None:
             return None
         estimate, at = entry
-        age = max(0.0, self._clock() - at)
-        return self.prior + (estimate - self.prior) * math.pow(0.5, age / self.half_life)
+        return self.prior + (estimate - self.prior) * self._freshness(at)
 
     def observe(self, level: int, blocks: int, seconds: float) -> None:
-        """A load staged ``blocks`` blocks from ``level`` and took ``seconds``."""
+        """A load staged ``blocks`` blocks from ``level`` and took ``seconds``.
+
+        The sample is blended with the estimate as last measured, with more
+        weight the staler that estimate is (``weight`` when fresh, all of it
+        after many half-lives): one load after an idle spell says what the
+        tier costs now, and is not averaged with a relaxed guess.
+        """
         if blocks <= 0 or not 0.0 <= seconds < math.inf:
             return
         sample = seconds / blocks
-        old = self._current(level)
-        estimate = sample if old is None else old + self.weight * (sample - old)
+        entry = self._per_block.get(level)
+        if entry is None:
+            estimate = sample
+        else:
+            old, at = entry
+            weight = 1.0 - (1.0 - self.weight) * self._freshness(at)
+            estimate = old + weight * (sample - old)
         self._per_block[level] = (estimate, self._clock())
+        self._exploring.pop(level, None)
+
+    def claim_exploration(self, level: int) -> bool:
+        """Claim the one exploratory load of ``level`` allowed at a time; True if granted.
+
+        Refused while an earlier claim stands: until the level's next
+        observation, or for one half-life at most (a load that never ran).
+        """
+        claimed = self._exploring.get(level)
+        if claimed is not None and self._freshness(claimed) > 0.5:
+            return False
+        self._exploring[level] = self._clock()
+        return True
 
     def seconds_per_block(self, level: int) -> float:
         """The estimate for ``level`` now, relaxed (level 0, the first lower tier, costs 0)."""
@@ -208,20 +236,24 @@ class Timeout:
         measured (:meth:`StagingCostModel.measured`) and the relaxed one, so
         relaxing toward a pessimistic prior makes the policy more careful
         and relaxing toward an optimistic one does not make a slow tier look
-        fast. Where the charge no longer fits but the relaxed estimate does,
-        one more block is loaded, to measure the tier again, and the prefix
-        ends there: relaxation buys one exploratory block per lookup, never
-        a whole hit from a tier last measured slow.
+        fast. Where the charge no longer fits but the lower of the two does
+        (the estimates have drifted apart: the measurement is stale), one
+        more block is loaded to measure the tier again, if no other lookup
+        holds that tier's exploration (:meth:`StagingCostModel.claim_exploration`),
+        and the prefix ends there. A NaN estimate ends the prefix.
         """
         left = self.budget(num_tokens)
         for count, level in enumerate(levels):
             relaxed = costs.seconds_per_block(level)
             measured = costs.measured(level)
-            cost = measured if measured > relaxed else relaxed  # NaN: relaxed
-            if left - cost >= 0:  # NaN fails
-                left -= cost
+            if math.isnan(relaxed) or math.isnan(measured):
+                return count
+            if max(measured, relaxed) <= left:
+                left -= max(measured, relaxed)
                 continue
-            return count + 1 if relaxed < cost and left - relaxed >= 0 else count
+            if min(measured, relaxed) <= left and costs.claim_exploration(level):
+                return count + 1
+            return count
         return len(levels)
 
 

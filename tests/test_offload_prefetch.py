@@ -294,27 +294,3 @@ async def test_allocating_fewer_external_tokens_leaves_the_rest_to_compute(
         assert manager.get_num_new_matched_tokens(again, 0) == (4 * BS, True)
         manager.update_state_after_alloc(again, KVCacheBlocks((env.fresh(5),)), 1 * BS)
         assert manager.stats().tokens_to_compute == 3 * BS + 3
-
-
-@pytest.mark.asyncio
-async def test_an_exploratory_block_stays_its_requests_until_it_is_allocated_fewer(
-    tmp_path: Path,
-) -> None:
-    """An engine looks a waiting request up again each step it fails to allocate."""
-    clock = _FakeClock()
-    costs = StagingCostModel(weight=1.0, half_life=10.0, clock=clock)
-    env = disk_env(
-        tmp_path, prefetch=Timeout(timeout=1.0, timeout_per_1k_tokens=0.0), staging_costs=costs
-    )
-    async with env.manager as manager:
-        first = await half_on_disk(env)
-        costs.observe(1, 1, 8.0)  # 8 s a block as last measured
-        clock.now += 40.0  # relaxed to 0.5 s: one exploratory disk block
-        waiting = env.request(4, like=first)
-        assert manager.get_num_new_matched_tokens(waiting, 0) == (3 * BS, True)
-        assert manager.get_num_new_matched_tokens(waiting, 0) == (3 * BS, True)  # next step
-        other = env.request(4, like=first)
-        assert manager.get_num_new_matched_tokens(other, 0) == (2 * BS, True)  # not its turn
-        # The engine gives the waiting request fewer blocks: its exploration is released.
-        manager.update_state_after_alloc(waiting, KVCacheBlocks((env.fresh(2),)), 2 * BS)
-        assert manager.get_num_new_matched_tokens(other, 0) == (3 * BS, True)

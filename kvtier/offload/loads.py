@@ -141,7 +141,7 @@ class LoadPlanner:
             found[self.tiers[level].name] += 1
             levels.append(level)
         missed = len(levels) < limit - start  # one more block was asked of every tier
-        loaded = self._loadable(request.request_id, levels, request.num_tokens) if levels else 0
+        loaded = self._loadable(levels, request.num_tokens) if levels else 0
         tokens = loaded * self.block_size
         info = HitInfo(
             start,
@@ -154,16 +154,14 @@ class LoadPlanner:
         self.lookups[request.request_id] = _Lookup(info, missed, hashes)
         return tokens, bool(loaded)
 
-    def _loadable(self, rid: str, levels: list[int], num_tokens: int) -> int:
+    def _loadable(self, levels: list[int], num_tokens: int) -> int:
         """How many leading hit blocks the prefetch policy loads.
 
         Raises:
             ConfigError: The policy answered something other than an integer
                 in ``[0, len(levels)]``.
         """
-        costs = self.transfers.staging_costs
-        with costs.on_behalf_of(rid):
-            answer = self.prefetch.loadable(levels, num_tokens, costs)
+        answer = self.prefetch.loadable(levels, num_tokens, self.transfers.staging_costs)
         try:
             count = operator.index(answer)  # an int, or an integer type such as NumPy's
         except TypeError:
@@ -237,8 +235,6 @@ class LoadPlanner:
         if lookup is not None:  # every check passed: the lookup counts now
             del self.lookups[rid]
             self._count(lookup, external)
-            if external < lookup.info.loaded_blocks:  # an exploratory block may be left out
-                self.transfers.staging_costs.release(rid)
         ids = [[block.block_id for block in group] for group in blocks.blocks]
         state = self.transfers.track(rid, ids)
         state.tag = request_tag(request)

@@ -24,8 +24,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import attrs
@@ -58,11 +57,6 @@ class PrefetchPolicy(Protocol):
 
         Returns:
             A count in ``[0, len(levels)]``; the rest of the hit is recomputed.
-
-        A policy may claim a tier's exploratory load on ``costs``
-        (:meth:`StagingCostModel.claim_exploration`); the offload manager
-        makes each lookup's claims its request's and releases them when the
-        engine allocates fewer blocks than answered.
         """
         ...
 
@@ -78,11 +72,10 @@ class StagingCostModel:
     slow read (a stalled disk) could keep a ``timeout`` policy from ever
     loading from that tier again. :class:`Timeout` charges blocks the
     higher of the :meth:`measured` and the relaxed estimate, and once the
-    lower of the two fits it loads one exploratory block (one request at a
-    time per tier, :meth:`claim_exploration`), whose observation replaces
-    the stale estimate: a tier that is still slow costs one block per
-    exploration, a recovered one is trusted again after one load. A routine
-    observation's weight grows with the staleness of the estimate it updates.
+    lower of the two fits it loads one exploratory block (one at a time per
+    tier, :meth:`claim_exploration`), whose observation replaces a stale
+    estimate almost entirely: a tier that is still slow costs one block per
+    exploration, a recovered one is trusted again after one load.
 
     Args:
         weight: The weight of each new observation, in (0, 1].
@@ -118,9 +111,7 @@ class StagingCostModel:
         self.half_life = half_life
         self._clock = clock
         self._per_block: dict[int, tuple[float, float]] = {}  # level: (estimate, observed at)
-        # level: (when its exploratory load was claimed, by whom)
-        self._exploring: dict[int, tuple[float, str | None]] = {}
-        self._owner: str | None = None
+        self._exploring: dict[int, float] = {}  # level: when its exploratory load was claimed
 
     def _freshness(self, at: float) -> float:
         """How much of an estimate observed at ``at`` still stands: 1 now, halving per half-life."""
@@ -145,43 +136,26 @@ class StagingCostModel:
             return
         sample = seconds / blocks
         entry = self._per_block.get(level)
-        exploring = self._exploring.pop(level, None) is not None
-        if entry is None or exploring:  # an exploration replaces the stale estimate
+        if entry is None:
             estimate = sample
         else:
             old, at = entry
             weight = 1.0 - (1.0 - self.weight) * self._freshness(at)
             estimate = old + weight * (sample - old)
         self._per_block[level] = (estimate, self._clock())
-
-    @contextmanager
-    def on_behalf_of(self, owner: str) -> Iterator[None]:
-        """Claims made meanwhile (:meth:`claim_exploration`) belong to ``owner`` (a request id)."""
-        previous, self._owner = self._owner, owner
-        try:
-            yield
-        finally:
-            self._owner = previous
+        self._exploring.pop(level, None)
 
     def claim_exploration(self, level: int) -> bool:
-        """Claim the exploratory load of ``level``, one lookup's at a time; True if granted.
+        """Claim the one exploratory load of ``level`` allowed at a time; True if granted.
 
-        Refused while another owner's claim stands (see :meth:`on_behalf_of`;
-        the same owner, a request looked up again, is granted again): until
-        the level's next observation, :meth:`release` by its owner, or one
-        half-life at most (a load that never ran). The observation that ends
-        a claim replaces the stale estimate outright.
+        Refused while an earlier claim stands: until the level's next
+        observation, or for one half-life at most (a load that never ran).
         """
-        claim = self._exploring.get(level)
-        if claim is not None and claim[1] != self._owner and self._freshness(claim[0]) > 0.5:
+        claimed = self._exploring.get(level)
+        if claimed is not None and self._freshness(claimed) > 0.5:
             return False
-        self._exploring[level] = (self._clock(), self._owner)
+        self._exploring[level] = self._clock()
         return True
-
-    def release(self, owner: str) -> None:
-        """Drop ``owner``'s claims (its exploratory block will not be loaded)."""
-        for level in [lvl for lvl, (_, who) in self._exploring.items() if who == owner]:
-            del self._exploring[level]
 
     def seconds_per_block(self, level: int) -> float:
         """The estimate for ``level`` now, relaxed (level 0, the first lower tier, costs 0)."""
@@ -264,7 +238,7 @@ class Timeout:
         and relaxing toward an optimistic one does not make a slow tier look
         fast. Where the charge no longer fits but the lower of the two does
         (the estimates have drifted apart: the measurement is stale), one
-        more block is loaded to measure the tier again, if no other request
+        more block is loaded to measure the tier again, if no other lookup
         holds that tier's exploration (:meth:`StagingCostModel.claim_exploration`),
         and the prefix ends there. A NaN estimate ends the prefix.
         """

@@ -294,3 +294,27 @@ async def test_allocating_fewer_external_tokens_leaves_the_rest_to_compute(
         assert manager.get_num_new_matched_tokens(again, 0) == (4 * BS, True)
         manager.update_state_after_alloc(again, KVCacheBlocks((env.fresh(5),)), 1 * BS)
         assert manager.stats().tokens_to_compute == 3 * BS + 3
+
+
+@pytest.mark.asyncio
+async def test_every_lookup_that_finds_a_tier_stale_explores_it_by_one_block(
+    tmp_path: Path,
+) -> None:
+    """No lookup leaves state behind: an engine retrying a waiting request gets the same
+    answer, and a request that is dropped blocks no other."""
+    clock = _FakeClock()
+    costs = StagingCostModel(weight=1.0, half_life=10.0, clock=clock)
+    env = disk_env(
+        tmp_path, prefetch=Timeout(timeout=1.0, timeout_per_1k_tokens=0.0), staging_costs=costs
+    )
+    async with env.manager as manager:
+        first = await half_on_disk(env)
+        costs.observe(1, 1, 8.0)  # 8 s a block as last measured
+        clock.now += 40.0  # relaxed to 0.5 s and stale: one exploratory disk block
+        waiting = env.request(4, like=first)
+        assert manager.get_num_new_matched_tokens(waiting, 0) == (3 * BS, True)
+        assert manager.get_num_new_matched_tokens(waiting, 0) == (3 * BS, True)  # next step
+        manager.request_finished(waiting)  # dropped before it was allocated
+        again, _ = await load(env, first, 3 * BS)
+        assert manager.take_finished() == [FinishedLoad(again.request_id, True)]
+        assert costs.measured(1) < 1.0  # the exploration measured a healthy disk

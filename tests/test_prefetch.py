@@ -187,37 +187,42 @@ def test_relaxation_buys_one_exploratory_block_never_a_whole_hit() -> None:
     assert policy.loadable([1] * 256, 4096, model) == 0  # fresh: 1 s a block never fits
     for idle in (150.0, 300.0, 600.0):
         clock.now += idle  # relaxed under the budget: one exploratory block, not 72 or 256
+        assert policy.loadable([1] * 256, 4096, model) == 1
         assert policy.loadable([0, 0, 1, 1, 1], 4096, model) == 3
-        # Its load has not ended: no other lookup explores the tier meanwhile.
-        assert policy.loadable([1] * 256, 4096, model) == 0
-        assert policy.loadable([0, 0, 1, 1, 1], 4096, model) == 2
-        model.observe(1, 1, 1.0)  # still 1 s a block: the stale estimate is replaced
+        model.observe(1, 1, 1.0)  # still 1 s a block: the stale estimate gives way
         assert model.measured(1) > 0.9
         assert policy.loadable([1] * 256, 4096, model) == 0
 
 
-def test_a_stale_slow_estimate_is_replaced_by_one_fast_observation() -> None:
+def test_exploring_needs_a_measurement_a_half_life_old() -> None:
+    clock = FakeClock()
+    model = StagingCostModel(weight=1.0, clock=clock)
+    model.observe(1, 1, 0.01)  # 10 ms a block
+    policy = Timeout(0.0699, 0.0)  # six blocks and 9.9 ms left
+    assert policy.loadable([1] * 20, 0, model) == 6
+    clock.now += 1.0  # relaxed a little: 9.8 ms would fit the 9.9 left, but it is fresh
+    assert not model.stale(1)
+    assert policy.loadable([1] * 20, 0, model) == 6
+    clock.now += 29.0
+    assert model.stale(1)
+    assert policy.loadable([1] * 20, 0, model) == 7
+    assert not StagingCostModel().stale(1)  # never measured: the prior, not stale
+    assert not model.stale(0)
+
+
+def test_a_stale_estimate_gives_a_routine_observation_more_weight() -> None:
     clock = FakeClock()
     model = StagingCostModel(clock=clock)  # weight 0.2: fresh samples move it by a fifth
     model.observe(1, 1, 1.0)
     model.observe(1, 1, 0.5)
     assert model.measured(1) == pytest.approx(0.9)
+    clock.now += 30.0  # one half-life: the sample weighs 1 - 0.8 / 2
+    model.observe(1, 1, 0.1)
+    assert model.measured(1) == pytest.approx(0.9 + 0.6 * (0.1 - 0.9))
     clock.now += 300.0  # ten half-lives: the old estimate keeps ~0.08 % of its weight
     model.observe(1, 1, 0.01)  # the tier recovered
     assert model.measured(1) == pytest.approx(0.01, abs=0.001)
     assert Timeout(0.06, 0.0).loadable([1] * 10, 0, model) == 5
-
-
-def test_an_exploration_claim_lapses_after_a_half_life() -> None:
-    clock = FakeClock()
-    model = StagingCostModel(half_life=10.0, clock=clock)
-    assert model.claim_exploration(1)
-    assert not model.claim_exploration(1)
-    assert model.claim_exploration(2)  # per level
-    clock.now += 10.0  # the load never ran (the engine allocated fewer blocks)
-    assert model.claim_exploration(1)
-    model.observe(1, 1, 0.1)  # an observation ends the claim at once
-    assert model.claim_exploration(1)
 
 
 def test_an_idle_fast_tier_loads_what_its_measurement_allows_and_one_more() -> None:
@@ -253,7 +258,8 @@ def test_relaxing_toward_a_pessimistic_prior_makes_the_policy_more_careful() -> 
     assert policy.loadable([1] * 20, 0, model) == 6
     clock.now += 10.0  # halfway back to 100 ms: 55 ms a block
     assert model.seconds_per_block(1) == pytest.approx(0.055)
-    # One block charged 55 ms; the 10 ms left fit the 10 ms measured: one exploratory block.
+    # One block charged 55 ms; the 10 ms left fit the 10 ms measured, a half-life old:
+    # one exploratory block.
     assert policy.loadable([1] * 20, 0, model) == 2
 
 

@@ -72,10 +72,12 @@ class StagingCostModel:
     slow read (a stalled disk) could keep a ``timeout`` policy from ever
     loading from that tier again. :class:`Timeout` charges blocks the
     higher of the :meth:`measured` and the relaxed estimate, and once the
-    lower of the two fits it loads one exploratory block (one at a time per
-    tier, :meth:`claim_exploration`), whose observation replaces a stale
-    estimate almost entirely: a tier that is still slow costs one block per
-    exploration, a recovered one is trusted again after one load.
+    measurement is :meth:`stale` (a half-life old) and the lower of the two
+    fits, it loads one exploratory block. A new observation weighs more the
+    staler the estimate it updates (at least 1 - (1 - ``weight``) / 2 for an
+    exploration), so a tier that is still slow is declined again after one
+    block and a recovered one is back in use at once, its estimate
+    converging over the next loads.
 
     Args:
         weight: The weight of each new observation, in (0, 1].
@@ -111,7 +113,6 @@ class StagingCostModel:
         self.half_life = half_life
         self._clock = clock
         self._per_block: dict[int, tuple[float, float]] = {}  # level: (estimate, observed at)
-        self._exploring: dict[int, float] = {}  # level: when its exploratory load was claimed
 
     def _freshness(self, at: float) -> float:
         """How much of an estimate observed at ``at`` still stands: 1 now, halving per half-life."""
@@ -143,19 +144,15 @@ class StagingCostModel:
             weight = 1.0 - (1.0 - self.weight) * self._freshness(at)
             estimate = old + weight * (sample - old)
         self._per_block[level] = (estimate, self._clock())
-        self._exploring.pop(level, None)
 
-    def claim_exploration(self, level: int) -> bool:
-        """Claim the one exploratory load of ``level`` allowed at a time; True if granted.
+    def stale(self, level: int) -> bool:
+        """Whether ``level``'s estimate was last observed a half-life ago or more.
 
-        Refused while an earlier claim stands: until the level's next
-        observation, or for one half-life at most (a load that never ran).
+        A tier never measured is not stale (it costs ``prior``); neither is
+        level 0.
         """
-        claimed = self._exploring.get(level)
-        if claimed is not None and self._freshness(claimed) > 0.5:
-            return False
-        self._exploring[level] = self._clock()
-        return True
+        entry = self._per_block.get(level)
+        return level > 0 and entry is not None and self._freshness(entry[1]) <= 0.5
 
     def seconds_per_block(self, level: int) -> float:
         """The estimate for ``level`` now, relaxed (level 0, the first lower tier, costs 0)."""
@@ -236,11 +233,12 @@ class Timeout:
         measured (:meth:`StagingCostModel.measured`) and the relaxed one, so
         relaxing toward a pessimistic prior makes the policy more careful
         and relaxing toward an optimistic one does not make a slow tier look
-        fast. Where the charge no longer fits but the lower of the two does
-        (the estimates have drifted apart: the measurement is stale), one
-        more block is loaded to measure the tier again, if no other lookup
-        holds that tier's exploration (:meth:`StagingCostModel.claim_exploration`),
-        and the prefix ends there. A NaN estimate ends the prefix.
+        fast. Where the charge no longer fits, the tier's measurement is
+        :meth:`~StagingCostModel.stale` and the lower of the two estimates
+        fits, one more block is loaded to measure the tier again, and the
+        prefix ends there. A NaN estimate ends the prefix. No state changes:
+        every lookup that finds a tier stale may explore it (each by one
+        block, so each request overruns its budget by one block at most).
         """
         left = self.budget(num_tokens)
         for count, level in enumerate(levels):
@@ -251,9 +249,8 @@ class Timeout:
             if max(measured, relaxed) <= left:
                 left -= max(measured, relaxed)
                 continue
-            if min(measured, relaxed) <= left and costs.claim_exploration(level):
-                return count + 1
-            return count
+            explore = costs.stale(level) and min(measured, relaxed) <= left
+            return count + 1 if explore else count
         return len(levels)
 
 

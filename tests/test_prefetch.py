@@ -90,8 +90,8 @@ def test_an_estimate_relaxes_toward_the_prior_with_its_half_life() -> None:
     assert model.measured(1) == pytest.approx(0.4)  # as the observation left it
     policy = Timeout(timeout=0.1, timeout_per_1k_tokens=0.0)
     assert policy.loadable([1, 1, 1], 0, model) == 1  # one exploratory block re-measures
-    model.observe(1, 1, 0.25)  # still slow: stale by three half-lives, the sample weighs 15/16
-    assert model.measured(1) == pytest.approx(0.4 + (1 - 0.5 * 0.125) * (0.25 - 0.4))
+    model.observe(1, 1, 0.25)  # still slow: the estimate was stale, the sample replaces it
+    assert model.measured(1) == 0.25
     assert model.seconds_per_block(1) == model.measured(1)  # just observed: nothing relaxed
     assert policy.loadable([1, 1, 1], 0, model) == 0
 
@@ -210,19 +210,32 @@ def test_exploring_needs_a_measurement_a_half_life_old() -> None:
     assert not model.stale(0)
 
 
-def test_a_stale_estimate_gives_a_routine_observation_more_weight() -> None:
+def test_an_ageing_estimate_gives_a_sample_more_weight_and_a_stale_one_gives_way() -> None:
     clock = FakeClock()
     model = StagingCostModel(clock=clock)  # weight 0.2: fresh samples move it by a fifth
     model.observe(1, 1, 1.0)
     model.observe(1, 1, 0.5)
     assert model.measured(1) == pytest.approx(0.9)
-    clock.now += 30.0  # one half-life: the sample weighs 1 - 0.8 / 2
+    clock.now += 15.0  # half a half-life: the sample weighs 1 - 0.8 / sqrt(2)
     model.observe(1, 1, 0.1)
-    assert model.measured(1) == pytest.approx(0.9 + 0.6 * (0.1 - 0.9))
-    clock.now += 300.0  # ten half-lives: the old estimate keeps ~0.08 % of its weight
-    model.observe(1, 1, 0.01)  # the tier recovered
-    assert model.measured(1) == pytest.approx(0.01, abs=0.001)
-    assert Timeout(0.06, 0.0).loadable([1] * 10, 0, model) == 5
+    assert model.measured(1) == pytest.approx(0.9 + (1 - 0.8 * 0.5**0.5) * (0.1 - 0.9))
+    clock.now += 30.0  # stale: the tier recovered, and one sample says so
+    model.observe(1, 1, 0.01)
+    assert model.measured(1) == 0.01
+    assert Timeout(0.055, 0.0).loadable([1] * 10, 0, model) == 5
+
+
+def test_under_steady_lookups_a_recovered_tier_is_back_after_its_exploration() -> None:
+    clock = FakeClock()
+    model = StagingCostModel(clock=clock)  # defaults: weight 0.2, prior 0, half-life 30 s
+    model.observe(1, 1, 1.0)  # a stalled read: 1 s a block
+    policy = Timeout(0.07, 0.0)
+    for _ in range(600):  # a lookup a second
+        clock.now += 1.0
+        if policy.loadable([1] * 10, 0, model):
+            break
+    model.observe(1, 1, 0.03)  # the exploratory block: the disk recovered to 30 ms
+    assert policy.loadable([1] * 10, 0, model) == 2  # in use at once, not a half-life later
 
 
 def test_an_idle_fast_tier_loads_what_its_measurement_allows_and_one_more() -> None:

@@ -73,11 +73,11 @@ class StagingCostModel:
     loading from that tier again. :class:`Timeout` charges blocks the
     higher of the :meth:`measured` and the relaxed estimate, and once the
     measurement is :meth:`stale` (a half-life old) and the lower of the two
-    fits, it loads one exploratory block. A new observation weighs more the
-    staler the estimate it updates (at least 1 - (1 - ``weight``) / 2 for an
-    exploration), so a tier that is still slow is declined again after one
-    block and a recovered one is back in use at once, its estimate
-    converging over the next loads.
+    fits, it loads one exploratory block, whose observation replaces the
+    stale estimate: a tier that is still slow is declined again after one
+    block, a recovered one is back in use at once. (With ``half_life``
+    infinite, or a prior above the budget and a slow measurement, nothing
+    brings a tier measured slow back.)
 
     Args:
         weight: The weight of each new observation, in (0, 1].
@@ -129,20 +129,20 @@ class StagingCostModel:
         """A load staged ``blocks`` blocks from ``level`` and took ``seconds``.
 
         The sample is blended with the estimate as last measured, with more
-        weight the staler that estimate is (``weight`` when fresh, all of it
-        after many half-lives): one load after an idle spell says what the
-        tier costs now, and is not averaged with a relaxed guess.
+        weight the staler that estimate is (``weight`` when fresh), and
+        replaces a :meth:`stale` one: the load that explores a tier after an
+        idle spell says what it costs now, whether it recovered or not.
         """
         if blocks <= 0 or not 0.0 <= seconds < math.inf:
             return
         sample = seconds / blocks
         entry = self._per_block.get(level)
-        if entry is None:
+        freshness = 0.0 if entry is None else self._freshness(entry[1])
+        if entry is None or freshness <= 0.5:
             estimate = sample
         else:
-            old, at = entry
-            weight = 1.0 - (1.0 - self.weight) * self._freshness(at)
-            estimate = old + weight * (sample - old)
+            old = entry[0]
+            estimate = old + (1.0 - (1.0 - self.weight) * freshness) * (sample - old)
         self._per_block[level] = (estimate, self._clock())
 
     def stale(self, level: int) -> bool:
@@ -238,7 +238,9 @@ class Timeout:
         fits, one more block is loaded to measure the tier again, and the
         prefix ends there. A NaN estimate ends the prefix. No state changes:
         every lookup that finds a tier stale may explore it (each by one
-        block, so each request overruns its budget by one block at most).
+        block: by its estimate, a request overruns its budget by one block
+        at most, though concurrent explorations of a stalled tier queue
+        behind each other).
         """
         left = self.budget(num_tokens)
         for count, level in enumerate(levels):

@@ -228,15 +228,22 @@ class _FakeClock:
         return self.now
 
 
-@pytest.mark.asyncio
-async def test_a_tier_declined_after_one_slow_read_is_measured_again_once_it_relaxes(
-    tmp_path: Path,
-) -> None:
+def timed_disk_env(tmp_path: Path) -> tuple[Env, _FakeClock, StagingCostModel]:
+    """A disk stack under a 1 s timeout budget whose cost model (weight 1, half-life
+    10 s) runs on a fake clock."""
     clock = _FakeClock()
     costs = StagingCostModel(weight=1.0, half_life=10.0, clock=clock)
     env = disk_env(
         tmp_path, prefetch=Timeout(timeout=1.0, timeout_per_1k_tokens=0.0), staging_costs=costs
     )
+    return env, clock, costs
+
+
+@pytest.mark.asyncio
+async def test_a_tier_declined_after_one_slow_read_is_measured_again_once_it_relaxes(
+    tmp_path: Path,
+) -> None:
+    env, clock, costs = timed_disk_env(tmp_path)
     async with env.manager as manager:
         first = await half_on_disk(env)
         costs.observe(1, 1, 8.0)  # one stalled read: 8 s a block, far over the 1 s budget
@@ -302,11 +309,7 @@ async def test_every_lookup_that_finds_a_tier_stale_explores_it_by_one_block(
 ) -> None:
     """No lookup leaves state behind: an engine retrying a waiting request gets the same
     answer, and a request that is dropped blocks no other."""
-    clock = _FakeClock()
-    costs = StagingCostModel(weight=1.0, half_life=10.0, clock=clock)
-    env = disk_env(
-        tmp_path, prefetch=Timeout(timeout=1.0, timeout_per_1k_tokens=0.0), staging_costs=costs
-    )
+    env, clock, costs = timed_disk_env(tmp_path)
     async with env.manager as manager:
         first = await half_on_disk(env)
         costs.observe(1, 1, 8.0)  # 8 s a block as last measured

@@ -137,13 +137,16 @@ class StagingCostModel:
             return
         sample = seconds / blocks
         entry = self._per_block.get(level)
-        freshness = 0.0 if entry is None else self._freshness(entry[1])
-        if entry is None or freshness <= 0.5:
+        if entry is None or self._stale_since(entry[1]):
             estimate = sample
         else:
-            old = entry[0]
-            estimate = old + (1.0 - (1.0 - self.weight) * freshness) * (sample - old)
+            old, at = entry
+            estimate = old + (1.0 - (1.0 - self.weight) * self._freshness(at)) * (sample - old)
         self._per_block[level] = (estimate, self._clock())
+
+    def _stale_since(self, at: float) -> bool:
+        """An estimate observed at ``at`` is a half-life old or more."""
+        return self._freshness(at) <= 0.5
 
     def stale(self, level: int) -> bool:
         """Whether ``level``'s estimate was last observed a half-life ago or more.
@@ -152,7 +155,7 @@ class StagingCostModel:
         level 0.
         """
         entry = self._per_block.get(level)
-        return level > 0 and entry is not None and self._freshness(entry[1]) <= 0.5
+        return level > 0 and entry is not None and self._stale_since(entry[1])
 
     def seconds_per_block(self, level: int) -> float:
         """The estimate for ``level`` now, relaxed (level 0, the first lower tier, costs 0)."""
@@ -248,8 +251,9 @@ class Timeout:
             measured = costs.measured(level)
             if math.isnan(relaxed) or math.isnan(measured):
                 return count
-            if max(measured, relaxed) <= left:
-                left -= max(measured, relaxed)
+            charge = max(measured, relaxed)
+            if charge <= left:
+                left -= charge
                 continue
             explore = costs.stale(level) and min(measured, relaxed) <= left
             return count + 1 if explore else count

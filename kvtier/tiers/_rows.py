@@ -38,9 +38,10 @@ _WORDS: Final = {16: torch.complex128, 8: torch.int64, 4: torch.int32, 2: torch.
 
 Rows = torch.Tensor | slice
 """Rows of the segment tensors: a slice for an ascending run, else an index tensor."""
-_Prepared = tuple[Rows | np.ndarray[Any, Any], torch.Tensor, np.ndarray[Any, Any] | None]
-"""``(rows, buffer, NumPy view of buffer)``: rows as a NumPy index exactly when the view is set
-and they are scattered (a single source's ``np.take`` / indexed assignment)."""
+_HostCopy = tuple[slice | np.ndarray[Any, Any], np.ndarray[Any, Any]]
+"""``(rows, NumPy view of the buffer)`` for the NumPy path: a slice, or a NumPy index."""
+_Prepared = tuple[Rows, torch.Tensor, _HostCopy | None]
+"""``(rows, buffer, its NumPy path or None)``."""
 _Piece = tuple[int, int, torch.Tensor]
 """``(begin, end, rows)``: positions ``begin:end`` of a batch and the buffer rows they map to."""
 
@@ -113,24 +114,23 @@ class SegmentRows:
         if not self._host_views or buffer.device.type != "cpu":
             return rows, buffer, None
         if isinstance(rows, slice):
-            return rows, buffer, buffer.detach().numpy()
+            return rows, buffer, (rows, buffer.detach().numpy())
         if len(self._host_views) == 1:
-            return rows.numpy(), buffer, buffer.detach().numpy()
+            return rows, buffer, (rows.numpy(), buffer.detach().numpy())
         return rows, buffer, None
 
     def _gather(self, prepared: _Prepared) -> None:
         """Copy the tier's rows into the buffer."""
-        rows, out, target = prepared
-        if target is not None:
-            if isinstance(rows, np.ndarray):  # ``mode="clip"``: unbuffered; slots were checked
-                np.take(self._host_views[0], rows, axis=0, out=target, mode="clip")
+        rows, out, host_copy = prepared
+        if host_copy is not None:
+            at, target = host_copy
+            if isinstance(at, np.ndarray):  # ``mode="clip"``: unbuffered; slots were checked
+                np.take(self._host_views[0], at, axis=0, out=target, mode="clip")
             elif len(self._host_views) == 1:
-                np.copyto(target, self._host_views[0][rows])
+                np.copyto(target, self._host_views[0][at])
             else:  # one call writes every segment's rows side by side into ``out``
-                np.concatenate([host[rows] for host in self._host_views], axis=1, out=target)
+                np.concatenate([host[at] for host in self._host_views], axis=1, out=target)
             return
-        if isinstance(rows, np.ndarray):  # not made without a NumPy view
-            raise TypeError("NumPy rows need the buffer's NumPy view")
         if isinstance(rows, slice):
             sources, view = self._words(out)
             if len(sources) == 1:
@@ -144,17 +144,16 @@ class SegmentRows:
 
     def _scatter(self, prepared: _Prepared) -> None:
         """Copy the buffer into the tier's rows."""
-        rows, data, array = prepared
-        if array is not None:
-            if isinstance(rows, np.ndarray) or len(self._host_views) == 1:
-                self._host_views[0][rows] = array
+        rows, data, host_copy = prepared
+        if host_copy is not None:
+            at, array = host_copy
+            if isinstance(at, np.ndarray) or len(self._host_views) == 1:
+                self._host_views[0][at] = array
             else:
                 arrays = array.reshape(array.shape[0], len(self._host_views), -1)
                 for index, host in enumerate(self._host_views):
-                    host[rows] = arrays[:, index]
+                    host[at] = arrays[:, index]
             return
-        if isinstance(rows, np.ndarray):
-            raise TypeError("NumPy rows need the buffer's NumPy view")
         sources, parts = self._split(data)
         if isinstance(rows, slice):
             _copy_all([source[rows] for source in sources], parts)

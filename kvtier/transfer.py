@@ -36,6 +36,7 @@ from types import TracebackType
 from typing import Self
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -113,6 +114,11 @@ class TransferPipeline:
         self._ids = itertools.count(1)
         self._claims = Claims()
         self._send: dict[Direction, MemoryObjectSendStream[_Item]] = {}
+        # Set (and replaced) whenever a worker takes from its queue or a queue
+        # closes: what a submit waiting for room waits on (see _put).
+        self._room: dict[Direction, anyio.Event] = {
+            direction: anyio.Event() for direction in ("store", "load")
+        }
         self._task_group: TaskGroup | None = None
         self._closed = False
         self._started = False
@@ -155,8 +161,14 @@ class TransferPipeline:
 
     def _close_queues(self) -> None:
         self._closed = True
-        for send in self._send.values():
+        for direction, send in self._send.items():
             send.close()  # workers drain what is queued, then stop
+            self._made_room(direction)  # waiting submits see the closed queue
+
+    def _made_room(self, direction: Direction) -> None:
+        """Wake the submits waiting for room in ``direction``'s queue."""
+        room, self._room[direction] = self._room[direction], anyio.Event()
+        room.set()
 
     async def _shutdown(
         self,
@@ -200,13 +212,33 @@ class TransferPipeline:
         """
         send, item = self._prepare(task)
         try:
-            await send.send(item)
+            await self._put(task.direction, send, item)
         except BaseException as exc:
-            self._claims.release(item[0])  # never queued
+            self._claims.release(item[0])  # never queued: see _put
             if isinstance(exc, anyio.ClosedResourceError | anyio.BrokenResourceError):
                 raise ClosedError("the transfer pipeline is closed") from exc
             raise
         return item[1]
+
+    async def _put(
+        self, direction: Direction, send: MemoryObjectSendStream[_Item], item: _Item
+    ) -> None:
+        """Queue ``item``, waiting for room; when it raises, nothing was queued.
+
+        Not ``send.send()``: a sender cancelled while it waits for room can be
+        woken by a worker that took its item in the same loop tick and still
+        see the cancellation, so a cancelled submit would say "nothing queued"
+        of a task that runs (its caller then aborts the reservation and
+        reuses the slot the copy writes into). Here the item enters the queue
+        only in ``send_nowait``, after the last await.
+        """
+        await anyio.lowlevel.checkpoint()
+        while True:
+            try:
+                send.send_nowait(item)
+                return
+            except anyio.WouldBlock:
+                await self._room[direction].wait()
 
     def submit_nowait(self, task: TransferTask) -> Completion[TransferResult]:
         """Queue ``task`` or fail at once.
@@ -242,6 +274,7 @@ class TransferPipeline:
                         break
                 batch = [carry]
                 carry = self._take_more(receive, batch)
+                self._made_room(direction)
                 await self._run_batch(direction, batch)
                 batch = []
         finally:
@@ -253,13 +286,23 @@ class TransferPipeline:
                 except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
                     break
             receive.close()
-            for task, completion in leftovers:
-                if not completion.done():
-                    completion.set_cancelled()  # first: a bad ledger strands nobody
-                    self._settle(task, ok=False)
-            self._workers -= 1
-            if not self._workers:
-                self._stopped.set()
+            self._made_room(direction)  # waiting submits see the queue broken
+            interrupt: BaseException | None = None
+            try:
+                for task, completion in leftovers:
+                    if completion.done():
+                        continue
+                    self._settle(task, ok=False)  # never raises an Exception
+                    try:
+                        completion.set_cancelled()
+                    except BaseException as exc:  # a callback's KeyboardInterrupt and kin
+                        interrupt = interrupt or exc  # after every leftover is resolved
+            finally:
+                self._workers -= 1
+                if not self._workers:
+                    self._stopped.set()
+            if interrupt is not None:
+                raise interrupt
 
     def _take_more(
         self, receive: MemoryObjectReceiveStream[_Item], batch: list[_Item]

@@ -11,6 +11,7 @@ import torch
 from kvtier.completion import CompletionState
 from kvtier.errors import ClosedError
 from kvtier.tiers.base import BlockKey
+from kvtier.tiers.index import TierIndex
 from kvtier.transfer import StoreTask, TransferPipeline
 from tests.test_transfer import fill, keys_for
 from tests.tier_doubles import FaultInjectingStore, MemoryStore
@@ -127,3 +128,95 @@ async def test_aclose_by_the_owner_without_a_with_block_closes_everything() -> N
         await pipeline.aclose()
     assert done.state is CompletionState.DONE
     await pipeline.__aexit__(None, None, None)  # after aclose: nothing left to do
+
+
+@pytest.mark.asyncio
+async def test_a_submit_cancelled_as_a_worker_makes_room_queues_nothing_or_returns() -> None:
+    # A submit waits for room in a full queue; the worker takes the queued
+    # task (making room) in the same loop tick as the submitter is cancelled.
+    # If submit raises, its task must not run: its caller aborts the
+    # reservation and may hand the slot to another block at once.
+    inner = MemoryStore(8, name="gpu")
+    device = FaultInjectingStore(inner)
+    keys = keys_for(0, 1, 2, 7)
+    fill(inner, [0, 1, 2], keys[:3])
+    device.read_gate = anyio.Event()
+    cpu = MemoryStore(8, name="cpu")
+    index = TierIndex("cpu", 8)
+    slot = dict(zip(keys[:3], index.reserve(keys[:3]).slots, strict=True))
+
+    def task(i: int) -> StoreTask:
+        return StoreTask(device, [i], cpu, [slot[keys[i]]], [keys[i]], None, index)
+
+    raised: list[BaseException] = []
+    async with TransferPipeline(queue_size=1) as pipeline:
+        await anyio.wait_all_tasks_blocked()
+        first = pipeline.submit_nowait(task(0))  # the worker takes it, waits at the gate
+        await anyio.wait_all_tasks_blocked()
+        second = pipeline.submit_nowait(task(1))  # fills the queue
+        scope = anyio.CancelScope()
+
+        async def submitter() -> None:
+            with scope:
+                try:
+                    await pipeline.submit(task(2))  # waits for room
+                except BaseException as exc:
+                    raised.append(exc)
+                    raise
+
+        async def canceller() -> None:
+            await first.settled()  # resumes in the tick the worker takes the next task
+            scope.cancel()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(submitter)
+            group.start_soon(canceller)
+            await anyio.wait_all_tasks_blocked()
+            device.read_gate.set()
+        await second
+        await anyio.wait_all_tasks_blocked()
+        assert len(raised) == 1  # the race this test is about happened
+        index.abort([keys[2]])  # what a caller told "nothing queued" does
+        new = index.reserve([keys[3]])
+        assert new.slots == (slot[keys[2]],)  # the freed slot goes to another block
+        await anyio.sleep(0.05)
+    assert cpu.keys[slot[keys[2]]] is None  # the cancelled task never ran
+    assert index.num_reserved == 1  # the new block's reservation, untouched
+
+
+@pytest.mark.asyncio
+async def test_a_callback_interrupt_while_the_worker_cancels_leftovers_resolves_them_all() -> None:
+    class Interrupt(BaseException):
+        pass
+
+    inner = MemoryStore(8, name="gpu")
+    device = FaultInjectingStore(inner)
+    keys = keys_for(*range(4))
+    fill(inner, list(range(4)), keys)
+    device.read_gate = anyio.Event()  # never set: the first move hangs
+    cpu = MemoryStore(8, name="cpu")
+    index = TierIndex("cpu", 8)
+    slots = index.reserve(keys).slots
+    pipeline = TransferPipeline(max_batch_blocks=1)
+    completions = []
+
+    def interrupt(_: object) -> None:
+        raise Interrupt
+
+    with pytest.RaisesGroup(Interrupt):
+        with anyio.CancelScope() as scope:
+            async with pipeline:
+                for i in range(4):
+                    completions.append(
+                        pipeline.submit_nowait(
+                            StoreTask(device, [i], cpu, [slots[i]], [keys[i]], None, index)
+                        )
+                    )
+                completions[1].add_done_callback(interrupt)
+                await anyio.wait_all_tasks_blocked()
+                scope.cancel()
+    assert [c.state for c in completions] == [CompletionState.CANCELLED] * 4
+    assert index.num_reserved == 0  # every reservation aborted
+    assert index.num_free == 8
+    with anyio.fail_after(5):
+        await pipeline.aclose()

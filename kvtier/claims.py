@@ -121,10 +121,27 @@ def settle(task: TransferTask, *, ok: bool) -> Exception | None:
     refused: Exception | None = None
     if task.dst_ledger is not None:
         settle = task.dst_ledger.commit if ok else task.dst_ledger.abort
-        refused = ledger_call(settle, task.keys)
+        refused = _settle_keys(settle, task.keys)
     if task.src_ledger is not None:
-        unpinned = ledger_call(task.src_ledger.unpin, task.keys)
+        unpinned = _settle_keys(task.src_ledger.unpin, task.keys)
         refused = refused or unpinned
+    return refused
+
+
+def _settle_keys(
+    call: Callable[[Sequence[BlockKey]], object], keys: Sequence[BlockKey]
+) -> Exception | None:
+    """``call(keys)``; if refused, key by key, so one bad key strands no other.
+
+    A ledger refuses a call as a whole (``TierIndex`` checks every key before
+    changing anything; :class:`~kvtier.tasks.SlotLedger` asks it of every
+    ledger): without the retry, one key a ledger no longer holds would leave
+    the task's other reservations reserved, or its pins pinned, for good.
+    """
+    refused = ledger_call(call, keys)
+    if refused is not None and len(keys) > 1:
+        for key in keys:
+            ledger_call(call, [key])
     return refused
 
 

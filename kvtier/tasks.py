@@ -33,6 +33,10 @@ class SlotLedger(Protocol):
     destination (``written=True``: each key reserved at its slot), so a
     task posted without them fails at once with ``InvalidRequestError``
     instead of copying into slots it does not own.
+
+    A call that raises must have changed nothing (``TierIndex`` checks every
+    key first): the pipeline then makes the call again key by key, so the
+    keys the ledger does hold are settled and only the bad ones are left.
     """
 
     def commit(self, keys: Sequence[BlockKey]) -> object:

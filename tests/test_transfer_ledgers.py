@@ -246,3 +246,40 @@ async def test_a_base_exception_in_a_callback_runs_the_other_callbacks_and_settl
     assert ran == ["done", "cancelled"]
     assert first_ledger.calls == ["commit"]
     assert second_ledger.calls == ["abort"]
+
+
+@pytest.mark.asyncio
+async def test_a_refused_settle_still_settles_the_keys_the_ledger_holds() -> None:
+    """Review: a commit or unpin refused whole left the task's other keys held for good."""
+    from kvtier.tasks import LoadTask
+    from kvtier.tiers.index import TierIndex
+    from tests.tier_doubles import FaultInjectingStore
+
+    inner = MemoryStore(8, name="gpu")
+    device = FaultInjectingStore(inner)
+    cpu = MemoryStore(4, name="cpu")
+    index = TierIndex("cpu", 4)
+    keys = keys_for(1, 2, 3)
+    fill(inner, [0, 1, 2], keys)
+    async with TransferPipeline() as pipeline:
+        slots = list(index.reserve(keys).slots)
+        device.read_gate = anyio.Event()
+        store = pipeline.submit_nowait(StoreTask(device, [0, 1, 2], cpu, slots, keys, None, index))
+        await anyio.wait_all_tasks_blocked()
+        index.abort(keys[2:])  # a caller's slip while the copy runs
+        device.read_gate.set()
+        with pytest.raises(LedgerError):
+            await store
+        assert index.num_reserved == 0
+        assert [index.contains(k) for k in keys] == [True, True, False]
+        pinned = index.pin(keys[:2])
+        cpu_gated = FaultInjectingStore(cpu)
+        cpu_gated.read_gate = anyio.Event()
+        load = pipeline.submit_nowait(LoadTask(cpu_gated, pinned, inner, [5, 6], keys[:2], index))
+        await anyio.wait_all_tasks_blocked()
+        index.unpin(keys[1:2])  # another slip: one pin released twice
+        cpu_gated.read_gate.set()
+        with pytest.raises(LedgerError):
+            await load
+    assert index.num_pinned == 0
+    index.check_invariants()

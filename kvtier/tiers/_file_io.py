@@ -33,7 +33,8 @@ def open_trusted(path: Path, flags: int) -> int:
 
     Raises:
         FileNotFoundError: No such file.
-        UntrustedFileError: A symlink, not a regular file, more than one
+        UntrustedFileError: A symlink, not a regular file (a socket or a
+            device whose open fails with ``ENXIO`` included), more than one
             link, another owner, or group/other permission bits.
         OSError: Any other error of the open.
     """
@@ -42,6 +43,8 @@ def open_trusted(path: Path, flags: int) -> int:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UntrustedFileError(errno.ELOOP, "a symbolic link", str(path)) from exc
+        if exc.errno == errno.ENXIO or _not_regular(path):  # a socket, a device, a directory
+            raise UntrustedFileError(exc.errno, "not a regular file", str(path)) from exc
         raise
     info = os.fstat(fd)
     if (
@@ -53,6 +56,14 @@ def open_trusted(path: Path, flags: int) -> int:
         os.close(fd)
         raise UntrustedFileError(errno.EPERM, "not a private regular file", str(path))
     return fd
+
+
+def _not_regular(path: Path) -> bool:
+    """Whether ``path`` names something other than a regular file (a failed open's cause)."""
+    try:
+        return not stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False  # gone, or unreadable: the open's own error says it
 
 
 def write_all(

@@ -32,7 +32,13 @@ once and skipped).
 
 **Warm restart**: opening scans the directory, verifies every block file and
 offers the valid ones through :meth:`DiskTier.recover`; torn, corrupt, foreign
-and stray temp files are deleted.
+and stray temp files are deleted, and so are all the files claiming one slot
+when there are several (a miss rather than a guess). Blocks of slots beyond
+the capacity (written with a larger one) are kept, unused, for a reopening
+with that capacity.
+
+:meth:`DiskTier.aclose` waits for the batches in flight before it releases
+the directory: their worker threads cannot be interrupted.
 """
 
 from __future__ import annotations
@@ -233,9 +239,21 @@ class DiskTier:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop using the directory (its blocks stay for a warm restart). Idempotent."""
+        """Stop using the directory (its blocks stay for a warm restart). Idempotent.
+
+        Calls made after it starts raise ``ClosedError``; the batches already
+        running are waited for (shielded from cancellation) before the
+        directory's lock is released, since their worker threads cannot be
+        interrupted and would otherwise go on renaming and deleting files in
+        a directory another tier may open. A worker stuck in a system call
+        (a hung network file system) therefore holds ``aclose`` up until it
+        returns. Files whose delete failed are deleted again here.
+        """
         self._closed = True
-        self._unlock()
+        try:
+            await self._batches.close()
+        finally:
+            self._unlock()
 
     def _unlock(self) -> None:
         lock, self._lock = self._lock, None
@@ -366,7 +384,8 @@ class DiskTier:
         Raises:
             InvalidRequestError: Bad slots, or a slot being written (nothing
                 deleted).
-            TierIOError: A file could not be deleted (it is forgotten all the same).
+            TierIOError: A file could not be deleted (it is forgotten all the
+                same, and deleted again at ``aclose``).
         """
         self._check_open()
         slot_list = check_slots(slots, self._num_slots, tier=self._name)

@@ -7,12 +7,19 @@ between its file and its row (a row of the caller's buffer, or of one of
 several parts): reads verify every block and name the bad ones together;
 writes keep the :class:`~kvtier.tiers.disk_map.DiskMap` exact, so the files
 on disk are the blocks the tier serves, whatever fails or is cancelled.
+
+Every batch (read, write or delete) is counted while it runs, and
+:meth:`DiskBatches.close` waits for them: worker threads cannot be
+cancelled, so the tier keeps its directory lock until the last one has
+finished touching files. A file whose delete failed is remembered and
+deleted again at close, when no batch can race it.
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Final
 
 import anyio
@@ -93,6 +100,42 @@ class DiskBatches:
         self._call_blocks = max(1, call_bytes // files.block_bytes)
         self._writing_slots: set[int] = set()
         self._writing_keys: set[BlockKey] = set()
+        self._running = 0  # batches in flight (reads, writes, deletes)
+        self._idle: anyio.Event | None = None  # set when _running drops to 0, if awaited
+        self._undeleted: set[BlockKey] = set()  # stale files whose delete failed
+
+    @contextmanager
+    def _batch(self) -> Iterator[None]:
+        """Count a batch while it runs (its worker threads included: they are never abandoned)."""
+        self._running += 1
+        try:
+            yield
+        finally:
+            self._running -= 1
+            if not self._running and self._idle is not None:
+                self._idle.set()
+                self._idle = None
+
+    async def close(self) -> None:
+        """Wait for every batch in flight, then delete again the files whose delete failed.
+
+        Shielded from cancellation: the caller releases the directory lock
+        after this, and a worker thread still renaming or deleting files
+        then would act on a directory another tier may already hold. Worker
+        threads cannot be interrupted, so a thread stuck in a system call
+        (a hung network file system) holds this up until it returns.
+        Callers refuse new batches first (the tier is marked closed).
+        """
+        with anyio.CancelScope(shield=True):
+            while self._running:
+                if self._idle is None:
+                    self._idle = anyio.Event()
+                await self._idle.wait()
+            # No batch runs now: a key not mapped is stale, its file safe to delete.
+            stale = [key for key in self._undeleted if key not in self._map.key_slots]
+            self._undeleted.clear()
+            for key, exc in await self._unlink(stale) if stale else ():
+                _log.warning("tier_unlink_failed", tier=self._name, file=key.hex(), error=repr(exc))
 
     def check_not_writing(self, slots: Iterable[int], keys: Iterable[BlockKey] = ()) -> None:
         """Refuse slots or keys that a write in flight holds.
@@ -172,7 +215,8 @@ class DiskBatches:
         self._writing_slots.update(slot_list)
         self._writing_keys.update(touched)
         try:
-            await self._write(slot_list, keys, row)
+            with self._batch():
+                await self._write(slot_list, keys, row)
         finally:
             self._writing_slots.difference_update(slot_list)
             self._writing_keys.difference_update(touched)
@@ -237,10 +281,9 @@ class DiskBatches:
         if not stale:
             return
         with anyio.CancelScope(shield=True):
-            try:
-                await anyio.to_thread.run_sync(self._unlink_all, stale, limiter=self._limiter)
-            except OSError as exc:
-                _log.warning("tier_unlink_failed", tier=self._name, error=repr(exc))
+            failed = await self._unlink(stale)
+        for _, exc in failed:
+            _log.warning("tier_unlink_failed", tier=self._name, error=repr(exc))
 
     async def read(
         self,
@@ -260,6 +303,10 @@ class DiskBatches:
                 file cannot be read (named together after the others were read).
             TierIOError: An I/O error that says nothing of the blocks.
         """
+        with self._batch():
+            await self._read(slot_list, keys, row)
+
+    async def _read(self, slot_list: list[int], keys: Sequence[BlockKey], row: RowAt) -> None:
         missing: list[int] = []
         errors: list[TierIOError] = []
         alone = self._one_call(len(slot_list))
@@ -288,26 +335,36 @@ class DiskBatches:
             raise BlockMissingError.of_slots(self._name, missing)
 
     async def delete(self, keys: list[BlockKey]) -> None:
-        """Delete the files of ``keys`` (all tried).
+        """Delete the files of ``keys`` (all tried; one that fails is tried again at close).
 
         Raises:
             TierIOError: A file could not be deleted.
         """
-        try:
-            await anyio.to_thread.run_sync(self._unlink_all, keys, limiter=self._limiter)
-        except OSError as exc:
-            raise self._io_error("discard", exc) from exc
+        with self._batch():
+            failed = await self._unlink(keys)
+        if failed:
+            raise self._io_error("discard", failed[0][1])
 
-    def _unlink_all(self, keys: list[BlockKey]) -> None:
-        """Delete every key's file, trying them all; raise the first error after."""
-        first: OSError | None = None
+    async def _unlink(self, keys: list[BlockKey]) -> list[tuple[BlockKey, OSError]]:
+        """Delete every key's file in a worker thread; the keys that failed, remembered for close.
+
+        A file left behind holds a block the map no longer has; were its slot
+        written again, a warm restart would find two files claiming it (the
+        scan then drops both).
+        """
+        failed = await anyio.to_thread.run_sync(self._unlink_all, keys, limiter=self._limiter)
+        self._undeleted.update(key for key, _ in failed)
+        return failed
+
+    def _unlink_all(self, keys: list[BlockKey]) -> list[tuple[BlockKey, OSError]]:
+        """Delete every key's file, trying them all; the keys whose delete failed."""
+        failed: list[tuple[BlockKey, OSError]] = []
         for key in keys:
             try:
                 self._files.unlink(key)
             except OSError as exc:
-                first = first or exc
-        if first is not None:
-            raise first
+                failed.append((key, exc))
+        return failed
 
     def _io_error(self, what: str, exc: Exception) -> TierIOError:
         error = TierIOError(f"tier {self._name}: {what} failed: {exc}", tier=self._name)

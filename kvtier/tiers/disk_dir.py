@@ -11,8 +11,9 @@ fingerprint (``<hex>.layout``) marks whose blocks the directory holds: a
 tier of another layout refuses the directory instead of deleting its blocks
 (a changed dtype in a config would otherwise wipe a persistent cache). The
 scan then verifies every block file and offers the valid ones back; torn,
-corrupt, foreign and stray temp files are deleted, and files it cannot read
-are left alone.
+corrupt, foreign and stray temp files are deleted, as are all the files
+claiming one slot when there are several; files it cannot read, and blocks
+of slots beyond the capacity (written with a larger one), are left alone.
 """
 
 from __future__ import annotations
@@ -133,11 +134,17 @@ def check_direct_io(files: BlockFiles, name: str) -> None:
 def scan(files: BlockFiles, num_slots: int, name: str) -> list[tuple[int, BlockKey]]:
     """Rebuild the index from the block files, dropping what does not verify.
 
+    A valid block in a slot the tier does not have (it was opened with a
+    larger capacity before) is skipped and kept, as an unreadable file is:
+    reopening with that capacity finds it again, and the smaller tier never
+    writes such a slot. Two files claiming one slot (one left by a delete
+    that failed, or by a crash in the middle of a batch) are both dropped:
+    nothing says which is the block the slot holds, and a miss is safe.
+
     Returns:
-        ``(slot, key)`` of every valid block, by slot; of two files claiming
-        one slot, the first by name is kept.
+        ``(slot, key)`` of every valid block, by slot.
     """
-    found: dict[int, BlockKey] = {}
+    claims: dict[int, list[tuple[Path, BlockKey]]] = {}
     for entry in sorted(files.path.iterdir()):
         if entry.name.startswith(TMP_PREFIX):
             _drop(entry, "tier_temp_removed", name)
@@ -149,11 +156,22 @@ def scan(files: BlockFiles, num_slots: int, name: str) -> list[tuple[int, BlockK
         except OSError as exc:  # unreadable is not invalid: keep the file, skip the block
             _log.warning("tier_block_skipped", tier=name, file=entry.name, error=str(exc))
             continue
-        if valid is None or valid[0] in found or valid[0] >= num_slots:
+        if valid is None:
             _drop(entry, "tier_block_dropped", name)
             continue
-        found[valid[0]] = valid[1]
-    return sorted(found.items())
+        slot, key = valid
+        if slot >= num_slots:  # a larger capacity's block: kept for it, never overwritten here
+            _log.warning("tier_block_out_of_range", tier=name, file=entry.name, slot=slot)
+            continue
+        claims.setdefault(slot, []).append((entry, key))
+    found: list[tuple[int, BlockKey]] = []
+    for slot, claimants in sorted(claims.items()):
+        if len(claimants) == 1:
+            found.append((slot, claimants[0][1]))
+            continue
+        for entry, _ in claimants:  # which one the slot holds is unknown: a miss
+            _drop(entry, "tier_block_dropped_ambiguous", name)
+    return found
 
 
 def _drop(entry: Path, event: str, name: str) -> None:

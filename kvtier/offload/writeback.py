@@ -20,9 +20,10 @@ ahead of the cursor was found safe or being written, or is unhashed. Since
 then the queue can only have lost blocks (taken from the head, or from
 anywhere by a prefix hit) or gained unhashed ones at the head; the queue's
 counters say how many, so the counts ahead of the cursor stay lower bounds.
-The walk starts over from the head when the cursor may have left the queue,
-or when the first lower tier dropped blocks (an eviction or a removal may have
-made a block ahead of the cursor unsafe).
+The walk starts over from the head when the cursor may have left the queue
+(taken, or taken and freed again: then it arrived at the tail since the last
+walk), or when the first lower tier dropped blocks (an eviction or a removal
+may have made a block ahead of the cursor unsafe).
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class WriteBack:
             or cursor.ref_cnt
             or cursor.prev_free_block is None
             or lost >= self._pos  # the cursor may have been taken (and freed again)
+            or (removed and _appended_since(cursor, queue, arrivals))
         ):
             cursor, self._safe, self._pos = head, 0, 0
         else:
@@ -191,3 +193,24 @@ class WriteBack:
         queue = pool.free_block_queue
         self._marks = (queue.popped, queue.prepended, queue.removed, len(queue))
         self._drops = first.drops
+
+
+def _appended_since(block: KVCacheBlock, queue: FreeKVCacheBlockQueue, arrivals: int) -> bool:
+    """Whether ``block`` is among the last ``arrivals`` blocks of the queue.
+
+    A cursor taken from the middle of the queue (a prefix hit) and freed
+    again before the next walk is back in the queue, unreferenced, with a
+    ``prev`` link, and one removal may be fewer than the blocks ahead of it:
+    only its place tells. Freed again it was appended at the tail, after the
+    last walk, so it is among the blocks that arrived since; resuming from it
+    would skip every block between its old place and the old tail.
+    """
+    tail = queue.fake_free_list_tail
+    other = tail.prev_free_block
+    for _ in range(max(0, arrivals)):
+        if other is block:
+            return True
+        if other is None or other is queue.fake_free_list_head:
+            return False
+        other = other.prev_free_block
+    return False

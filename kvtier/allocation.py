@@ -18,13 +18,24 @@ from kvtier.request import KVCacheRequest, request_lora_id
 if TYPE_CHECKING:
     from kvtier.manager import KVCacheManager
 
-__all__ = ["check_allocation", "check_count", "check_counts", "check_hashes"]
+__all__ = ["check_allocation", "check_count", "check_counts", "check_hashes", "check_tokens"]
 
 
 def check_count(name: str, value: int) -> None:
     """``value`` is an integer (not a bool) >= 0."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidRequestError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def check_tokens(name: str, value: int, block_size: int) -> None:
+    """``value`` is an integer (not a bool) >= 0 and a multiple of ``block_size``.
+
+    Raises:
+        InvalidRequestError: It is not (a float or a string too: nothing changes).
+    """
+    check_count(name, value)
+    if value % block_size:
+        raise InvalidRequestError(f"{name} must be a multiple of {block_size}, got {value}")
 
 
 def check_counts(new: int, new_computed: int, lookahead: int, external: int, encoder: int) -> None:

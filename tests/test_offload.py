@@ -9,7 +9,7 @@ import pytest
 
 from kvtier import KVCacheBlocks, Request
 from kvtier.errors import ConfigError, InvalidRequestError
-from kvtier.offload import FinishedLoad, SchedulerOutput
+from kvtier.offload import FinishedLoad, OffloadManager, SchedulerOutput
 from kvtier.tiers.cpu import CpuTier
 from tests.offload_env import BS, LAYOUT, Env, key, scheduled, store
 
@@ -703,3 +703,105 @@ async def test_lazy_mode_writes_what_nears_eviction_whatever_the_budget() -> Non
         assert plan.num_store_blocks == 31  # past the budget of 30
         await manager.wait_idle()
         assert all(block.block_hash in manager.indexes[0] for block in blocks)
+
+
+@pytest.mark.asyncio
+async def test_lazy_mode_restarts_its_walk_when_the_cursor_block_was_taken_and_freed_again() -> (
+    None
+):
+    """A prefix hit on the walk's last block, freed again before the next step, moved the
+    resumed walk to the tail: the unwritten blocks in between reached the eviction end."""
+    env = Env(gpu_blocks=40, cpu_blocks=512, mode="lazy", lazy_free_target=2)
+    async with env.manager as manager:
+        first = manager.indexes[0]
+        written = env.request(3)  # three blocks written below, then freed
+        env.pool.free_blocks(reversed(env.alloc(written, 3).blocks[0]))
+        for _ in range(3):
+            manager.step_computed(manager.build_step(SchedulerOutput()).step_id)
+            await manager.wait_idle()
+        n = len(env.pool.free_block_queue) - 3
+        req = env.request(n)
+        blocks = env.pool.get_new_blocks(n)  # the unhashed ones: the queue is [written…, req…]
+        env.compute(req, blocks)
+        env.pool.free_blocks(reversed(blocks))
+        manager.step_computed(manager.build_step(SchedulerOutput()).step_id)
+        cursor = manager._lazy._cursor  # the last block the walk passed
+        assert cursor is not None
+        assert cursor.block_hash is not None
+        env.pool.touch([cursor])  # another request's prefix hit
+        env.pool.free_blocks([cursor])  # that request ends: the block is at the tail now
+        manager.step_computed(manager.build_step(SchedulerOutput()).step_id)
+        await manager.wait_idle()
+        for step in range(5):
+            env.pool.get_new_blocks(2)  # up to lazy_free_target allocations
+            manager.step_computed(manager.build_step(SchedulerOutput()).step_id)
+            await manager.wait_idle()
+            head = list(env.pool.free_block_queue)[:2]
+            unsafe = [b for b in head if b.block_hash is not None and b.block_hash not in first]
+            assert not unsafe, f"step {step}: unwritten blocks at the eviction end"
+        lost = [
+            i
+            for i in range(n)
+            if key(req, i) not in first
+            and env.pool.get_cached_block(req.block_hashes[i], [0]) is None
+        ]
+        assert lost == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("bad", [16.0, True, 16.5, "16"])
+async def test_token_counts_that_are_not_integers_are_refused_and_change_nothing(
+    bad: object,
+) -> None:
+    env = Env()
+    async with env.manager as manager:
+        req = env.request(3)
+        await store(env, req, 3, release=True)
+        again = env.request(3, like=req)
+        with pytest.raises(InvalidRequestError, match="num_computed_tokens"):
+            manager.get_num_new_matched_tokens(again, bad)  # type: ignore[arg-type]
+        targets = env.fresh(3)
+        with pytest.raises(InvalidRequestError, match="num_external_tokens"):  # no lookup first
+            manager.update_state_after_alloc(again, KVCacheBlocks((targets,)), bad)  # type: ignore[arg-type]
+        assert not manager.has_request(again.request_id)
+        assert manager.indexes[0].num_pinned == 0
+
+
+@pytest.mark.asyncio
+async def test_fewer_blocks_than_the_external_tokens_are_refused() -> None:
+    env = Env()
+    async with env.manager as manager:
+        req = env.request(3)
+        await store(env, req, 3, release=True)
+        again = env.request(3, like=req)
+        assert manager.get_num_new_matched_tokens(again, 0) == (3 * BS, True)
+        short = env.fresh(2)  # one block short of the three external blocks
+        with pytest.raises(InvalidRequestError, match="need 3 blocks"):
+            manager.update_state_after_alloc(again, KVCacheBlocks((short,)), 3 * BS)
+        assert not manager.has_request(again.request_id)
+        assert manager.indexes[0].num_pinned == 0
+        targets = [*short, *env.fresh(1)]  # the engine retries with every block: it loads
+        manager.update_state_after_alloc(again, KVCacheBlocks((targets,)), 3 * BS)
+        manager.build_step(SchedulerOutput())
+        await manager.wait_for_loads([again.request_id])
+        (finished,) = manager.take_finished()
+        assert finished.ok
+
+
+def test_a_block_size_other_than_the_device_layout_is_refused() -> None:
+    env = Env()  # lookups would count two blocks' tokens for each block a tier holds
+    with pytest.raises(
+        ConfigError, match=f"block_size={2 * BS}, but the device's blocks hold {BS}"
+    ):
+        OffloadManager(env.pool, env.device, [CpuTier(LAYOUT, 4)], block_size=2 * BS)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("workers", [0, -1, 0.5, True])
+async def test_report_store_done_refuses_a_worker_count_that_is_not_a_positive_integer(
+    workers: object,
+) -> None:
+    env = Env(world_size=2)
+    async with env.manager as manager:
+        with pytest.raises(InvalidRequestError, match="workers must be an integer >= 1"):
+            manager.report_store_done(1, workers)  # type: ignore[arg-type]

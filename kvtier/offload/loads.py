@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 
 import attrs
 
+from kvtier.allocation import check_hashes, check_tokens
 from kvtier.block import KVCacheBlock
 from kvtier.errors import ConfigError, InvalidRequestError
 from kvtier.hashing import BlockHash, make_block_hash_with_group_id
@@ -30,6 +31,31 @@ from kvtier.request import KVCacheRequest, request_tag
 from kvtier.tiers.base import BlockKey
 
 __all__ = ["LoadPlanner"]
+
+
+def _device_hit(group: Sequence[KVCacheBlock]) -> int:
+    """Leading blocks that are null or hashed: the device hit, before the load's targets."""
+    first = 0
+    while first < len(group) and (group[first].is_null or group[first].block_hash):
+        first += 1
+    return first
+
+
+def _check_cover(request: KVCacheRequest, blocks: KVCacheBlocks, count: int) -> None:
+    """Every group's blocks and the request's hashes reach the load's last position.
+
+    Raises:
+        InvalidRequestError: Fewer blocks (or block hashes) than the device hit
+            plus ``count``: the load would be cut short yet reported whole.
+    """
+    end = _device_hit(blocks.blocks[0]) + count
+    short = min([len(group) for group in blocks.blocks] + [len(request.block_hashes)])
+    if short < end:
+        raise InvalidRequestError(
+            f"request {request.request_id!r}: {count} external blocks after a device hit "
+            f"of {end - count} need {end} blocks and block hashes, got {short} (pass "
+            "every block of the request, as get_blocks returns them)"
+        )
 
 
 def _check_targets(rid: str, blocks: KVCacheBlocks, first: int, count: int) -> None:
@@ -124,12 +150,8 @@ class LoadPlanner:
 
     def matched_tokens(self, request: KVCacheRequest, num_computed_tokens: int) -> tuple[int, bool]:
         """See :meth:`~kvtier.offload.manager.OffloadManager.get_num_new_matched_tokens`."""
-        if num_computed_tokens < 0 or num_computed_tokens % self.block_size:
-            raise InvalidRequestError(
-                f"num_computed_tokens must be a multiple of {self.block_size} >= 0, "
-                f"got {num_computed_tokens}"
-            )
-        hashes = request.block_hashes
+        check_tokens("num_computed_tokens", num_computed_tokens, self.block_size)
+        hashes = check_hashes(request, self.block_size)
         start = num_computed_tokens // self.block_size
         limit = min(len(hashes), max(0, request.num_tokens - 1) // self.block_size)
         found: dict[str, int] = {tier.name: 0 for tier in self.tiers}
@@ -205,11 +227,7 @@ class LoadPlanner:
             raise InvalidRequestError(
                 f"expected {self.num_groups} KV cache group(s), got {len(blocks.blocks)}"
             )
-        if num_external_tokens < 0 or num_external_tokens % self.block_size:
-            raise InvalidRequestError(
-                f"num_external_tokens must be a multiple of {self.block_size} >= 0, "
-                f"got {num_external_tokens}"
-            )
+        check_tokens("num_external_tokens", num_external_tokens, self.block_size)
         rid = request.request_id
         state = self.transfers.requests.get(rid)
         # A finished request's load is its own: a new request may reuse its id
@@ -232,6 +250,8 @@ class LoadPlanner:
             )
         if external and lookup is not None:
             _check_targets(rid, blocks, lookup.info.device_blocks, external)
+        if external:
+            _check_cover(request, blocks, external)
         if lookup is not None:  # every check passed: the lookup counts now
             del self.lookups[rid]
             self._count(lookup, external)
@@ -251,11 +271,9 @@ class LoadPlanner:
         reported at once and None returned.
         """
         group0 = blocks.blocks[0]
-        first = 0
-        while first < len(group0) and (group0[first].is_null or group0[first].block_hash):
-            first += 1
+        first = _device_hit(group0)
         hashes = request.block_hashes
-        end = min(first + count, len(group0), len(hashes))
+        end = first + count  # within the blocks and hashes (_check_cover)
         event = LoadEvent(next(self.event_ids), request.request_id, [], [], [], first_block=first)
         failed: list[int] = []
         planned: list[tuple[int, BlockKey, KVCacheBlock, BlockHint | None]] = []

@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
+from kvtier.errors import InvalidRequestError
 from kvtier.manager import KVCacheBlocks
 from kvtier.offload import candidates, options
 from kvtier.offload._state import RequestState
@@ -129,7 +130,7 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews):
         prefetch: PrefetchPolicy | str = "wait_complete",
         staging_costs: StagingCostModel | None = None,
     ) -> None:
-        check_stack(block_pool, device, tiers, mode, lazy_free_target)
+        check_stack(block_pool, device, tiers, mode, lazy_free_target, block_size)
         names = [tier.name for tier in tiers]
         self.block_pool = block_pool
         self.device = device
@@ -346,7 +347,14 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews):
 
         An event ends when ``world_size`` workers (the local pipeline
         included) reported it. Unknown or ended events are ignored.
+
+        Raises:
+            InvalidRequestError: ``workers`` is not an integer >= 1 (a count
+                of 0 or less, or a fraction, would keep the event, its tier
+                reservation and its device blocks forever).
         """
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise InvalidRequestError(f"workers must be an integer >= 1, got {workers!r}")
         self._transfers.report(event_id, workers)
 
     def take_finished(self) -> list[FinishedLoad]:

@@ -42,14 +42,21 @@ def check_stack(
     tiers: Sequence[BlockStore],
     mode: str,
     lazy_free_target: int,
+    block_size: int,
 ) -> None:
     """The lower tiers, the write mode and its target fit together and the device.
 
     Raises:
         ConfigError: No lower tier, an unknown mode, a tier of another layout,
-            two tiers of one name, or (lazy mode) a ``lazy_free_target``
-            above the device's usable blocks.
+            two tiers of one name, a ``block_size`` other than the device
+            layout's (lookups would count tokens no block holds), or (lazy
+            mode) a ``lazy_free_target`` above the device's usable blocks.
     """
+    if positive("block_size", block_size) != device.layout.block_size:
+        raise ConfigError(
+            f"block_size={block_size}, but the device's blocks hold "
+            f"{device.layout.block_size} tokens"
+        )
     if not tiers:
         raise ConfigError("an offload manager needs at least one lower tier")
     if mode not in MODES:

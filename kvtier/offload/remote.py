@@ -25,7 +25,8 @@ from collections.abc import Sequence
 import anyio
 import attrs
 
-from kvtier.errors import InvalidRequestError, TierFullError
+from kvtier.allocation import check_tokens
+from kvtier.errors import TierFullError
 from kvtier.hashing import BlockHash, make_block_hash_with_group_id
 from kvtier.log import get_logger
 from kvtier.offload.stats import TierStats
@@ -104,11 +105,7 @@ class RemoteProbe:
             InvalidRequestError: ``num_computed_tokens`` is not a multiple of
                 the block size >= 0.
         """
-        if num_computed_tokens < 0 or num_computed_tokens % self.block_size:
-            raise InvalidRequestError(
-                f"num_computed_tokens must be a multiple of {self.block_size} >= 0, "
-                f"got {num_computed_tokens}"
-            )
+        check_tokens("num_computed_tokens", num_computed_tokens, self.block_size)
         if not self.levels:
             return None
         hashes = request.block_hashes

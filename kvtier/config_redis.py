@@ -21,8 +21,9 @@
     tls_ca_file = "/etc/ssl/redis-ca.pem"
 
 A password is never read from the file: ``password_env`` names the
-environment variable that holds it (the URL may carry one too; it is
-redacted wherever kvtier prints the URL).
+environment variable that holds it (the URL may carry one instead, not as
+well; it is redacted wherever kvtier prints the URL). The URL's query may
+only hold ``db``, ``username`` and ``password`` (:data:`URL_QUERY_KEYS`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import os
 import re
 from collections.abc import Mapping
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import attrs
 
@@ -42,10 +43,13 @@ __all__ = [
     "DEFAULT_URL",
     "MAX_TIMEOUT",
     "REDIS_KEYS",
+    "URL_QUERY_KEYS",
+    "URL_SCHEMES",
     "RedisOptions",
     "parse_redis_options",
     "redact_url",
     "reject_password",
+    "url_problem",
 ]
 
 REDIS_KEYS: Final = (
@@ -76,6 +80,19 @@ DEFAULT_URL: Final = "redis://127.0.0.1:6379/0"
 
 
 _QUERY: Final = re.compile(r"[?#].*", flags=re.DOTALL)
+_SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:(//)?")
+_SHOWN_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,40}")
+
+URL_SCHEMES: Final = ("redis://", "rediss://", "unix://")
+"""What a redis tier's URL must start with, literally."""
+
+URL_QUERY_KEYS: Final = frozenset({"db", "username", "password"})
+"""The query parameters a redis tier's URL may have.
+
+redis-py lets a URL's query win over the options kvtier sets (pool size,
+timeouts, retries, TLS verification, reply decoding), so every other
+parameter is refused.
+"""
 
 
 def redact_url(url: str) -> str:
@@ -84,17 +101,61 @@ def redact_url(url: str) -> str:
     Works on malformed URLs too (it does not parse them): everything between
     the first ``:`` of the user part and the last ``@`` goes, and so does the
     whole query string and fragment (redis-py reads a ``password`` parameter
-    there, also under a percent-encoded name). When in doubt it hides too
+    there, also under a percent-encoded name). Without ``//`` after the
+    scheme, or with ``/``, ``?`` or ``#`` in the user part, everything
+    between the scheme and the last ``@`` goes. When in doubt it hides too
     much, never too little.
     """
-    scheme, sep, rest = url.partition("://")
-    if sep:
-        at = rest.rfind("@")
-        if at >= 0 and ":" in rest[:at]:
-            user = rest[:at].split(":", 1)[0]
-            rest = f"{user}:***@{rest[at + 1 :]}"
-        url = f"{scheme}{sep}{rest}"
-    return _QUERY.sub(lambda found: found[0][0] + "***", url)
+    scheme = _SCHEME.match(url)
+    start = scheme.end() if scheme else 0
+    head, rest = url[:start], url[start:]
+    at = rest.rfind("@")
+    if at >= 0:
+        user, colon, _ = rest[:at].partition(":")
+        if scheme is None or scheme[1] is None or any(c in user for c in "/?#"):
+            rest = f"***{rest[at:]}"
+        elif colon:
+            rest = f"{user}:***{rest[at:]}"
+    return head + _QUERY.sub(lambda found: found[0][0] + "***", rest)
+
+
+def url_problem(url: str, *, username: bool = False, password: bool = False) -> str | None:
+    """Why a redis tier refuses ``url``, or None; the reason never quotes the URL.
+
+    Args:
+        url: The URL.
+        username: A user name is also given apart from the URL.
+        password: A password is also given apart from the URL.
+    """
+    if not url.startswith(URL_SCHEMES):
+        return "is not a redis://, rediss:// or unix:// URL"
+    encode = "a password with '/', '?', '#' or '@' must be percent-encoded"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parses the host and port
+    except ValueError:
+        # Not the parser's text: a password holding '/', '?' or '#' ends up in
+        # what it takes for the port, and its message would quote it.
+        return f"is not a valid URL ({encode})"
+    if "@" in parts.path + parts.query + parts.fragment:
+        # A password's '/', '?' or '#' ended the host part early: redis-py
+        # would connect to the user name as a host, and say so in its errors.
+        return f"has an '@' after its host ({encode})"
+    names = [name for name, _ in parse_qsl(parts.query, keep_blank_values=True)]
+    for name in names:
+        if name not in URL_QUERY_KEYS:
+            shown = repr(name) if _SHOWN_NAME.fullmatch(name) else "a parameter"
+            return (
+                f"sets {shown} in its query: only {', '.join(sorted(URL_QUERY_KEYS))} may be "
+                "given there (kvtier sets the other connection options itself)"
+            )
+    for given, name, in_url in (
+        (username, "username", parts.username),
+        (password, "password", parts.password),
+    ):
+        if given and (in_url or name in names):
+            return f"names a {name}, which is given apart from it too (give it once)"
+    return None
 
 
 @attrs.frozen
@@ -211,20 +272,14 @@ def parse_redis_options(table: Mapping[str, Any], key: str) -> RedisOptions:
         ConfigError: A bad value; the message names the key.
     """
     reject_password(table, key)
-    url = _text(table, "url", key, DEFAULT_URL)
-    if not url or not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(
-            f"{key}.url: {redact_url(url or '')!r} is not a redis://, rediss:// or unix:// URL"
-        )
-    try:
-        urlsplit(url).port  # noqa: B018 - parses the host and port
-    except ValueError:
-        # Not the parser's text: a password holding '/', '?' or '#' ends up in
-        # what it takes for the port, and its message would quote it.
-        raise ConfigError(
-            f"{key}.url: {redact_url(url)!r} is not a valid URL (a password with "
-            "'/', '?', '#' or '@' must be percent-encoded)"
-        ) from None
+    url = _text(table, "url", key, DEFAULT_URL) or ""
+    problem = url_problem(
+        url,
+        username=_text(table, "username", key, None) is not None,
+        password=_text(table, "password_env", key, None) is not None,
+    )
+    if problem is not None:
+        raise ConfigError(f"{key}.url: {redact_url(url)!r} {problem}")
     ints: dict[str, int] = {}
     for name, fallback, least in (("batch_size", 32, 1), ("rank", 0, 0), ("world_size", 1, 1)):
         value = table.get(name, fallback)

@@ -37,10 +37,10 @@ connection. On a Cluster the pipeline sends one round trip per node.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 import anyio
 import redis.exceptions
@@ -77,6 +77,8 @@ __all__ = ["RedisTier", "redact_url"]
 
 _log = get_logger("kvtier.tiers.redis")
 
+_T = TypeVar("_T")
+
 _MAX_TTL = 365 * 86_400.0
 
 
@@ -89,7 +91,9 @@ class RedisTier(RedisCalls):
         layout: The block layout.
         num_slots: Capacity in blocks this process tracks (its index's size).
         url: ``redis://host:port/db``, ``rediss://`` (TLS) or ``unix://path``.
-            A password in the URL is used but never logged.
+            A password in the URL is used but never logged; its query may
+            only hold ``db``, ``username`` and ``password`` (redis-py would
+            let any other parameter override the settings below).
         name: The tier's name (``medium`` of its events).
         prefix: Put in front of every key (no braces).
         model: The model's name, required and non-empty: part of every key,
@@ -105,8 +109,9 @@ class RedisTier(RedisCalls):
         max_connections: Size of the connection pool (at least ``concurrency``).
         connect_timeout: Seconds to open a connection.
         timeout: Seconds a round trip may take once connected.
-        username: ACL user name (overrides the URL's).
-        password: Password (overrides the URL's); never logged, redacted in reprs.
+        username: ACL user name (the URL must not name one too).
+        password: Password (the URL must not hold one too); never logged,
+            redacted in reprs.
         tls: Use TLS (also implied by ``rediss://``).
         tls_ca_file: CA bundle that verifies the server.
         tls_cert_file: Client certificate (mutual TLS).
@@ -124,7 +129,8 @@ class RedisTier(RedisCalls):
             128 MiB for 2 MiB blocks at the defaults).
 
     Raises:
-        ConfigError: An argument is out of range.
+        ConfigError: An argument is out of range, or the URL is refused (see
+            :meth:`~kvtier.tiers.redis_client.RedisConnection.build`).
     """
 
     def __init__(
@@ -216,6 +222,8 @@ class RedisTier(RedisCalls):
         self._slot_keys: dict[int, BlockKey] = {}
         self._recovered: list[tuple[int, BlockKey]] = []
         self._closed = False
+        self._calls: set[anyio.CancelScope] = set()  # calls in flight (aclose cancels them)
+        self._idle: anyio.Event | None = None  # set when the last call ends after aclose
 
     # -- properties ----------------------------------------------------------------
 
@@ -262,8 +270,11 @@ class RedisTier(RedisCalls):
     async def __aenter__(self) -> Self:
         """Create the client and check the server (a server that is down is logged).
 
+        Cancelled or failing while it checks, it closes the client again (the
+        tier is then not open, and may be entered again).
+
         Raises:
-            ClosedError: The tier was closed.
+            ClosedError: The tier was closed, before or while opening.
             ConfigError: The client rejected the options.
         """
         if self._closed:
@@ -277,12 +288,15 @@ class RedisTier(RedisCalls):
         self._framed = framing.install(self._client)  # before its first connection
         start = time.perf_counter()
         try:
-            await self._commands.ping(self._client)
-            if self._scan_on_open:
-                self._recovered = await self._scan(self._client)
-                self._slot_keys = dict(self._recovered)
+            await self._run(self._check_server)
         except TierIOError as exc:
             _log.warning("tier_unreachable", tier=self._name, url=self.url, error=str(exc))
+        except BaseException:
+            client, self._client = self._client, None
+            self._recovered, self._slot_keys = [], {}
+            if client is not None:  # else aclose() took it and closes it
+                await self._close_client(client)
+            raise
         else:
             _log.info(
                 "tier_open",
@@ -295,6 +309,12 @@ class RedisTier(RedisCalls):
             )
         return self
 
+    async def _check_server(self, client: RedisClient) -> None:
+        await self._commands.ping(client)
+        if self._scan_on_open:
+            self._recovered = await self._scan(client)
+            self._slot_keys = dict(self._recovered)
+
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
@@ -305,18 +325,36 @@ class RedisTier(RedisCalls):
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the connection pool (the blocks stay in Redis). Idempotent."""
+        """Close the connection pool (the blocks stay in Redis). Idempotent.
+
+        Calls in flight are cancelled (they raise
+        :class:`~kvtier.errors.ClosedError`) and waited for, at most one
+        round trip's deadline, before the pool's connections are closed.
+        """
         if self._closed:
             return
         self._closed = True
-        client, self._client = self._client, None
-        if client is not None:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await close_client(client)
-                except (redis.exceptions.RedisError, OSError) as exc:
-                    _log.warning("tier_close_failed", tier=self._name, error=repr(exc))
+        with anyio.CancelScope(shield=True):
+            if self._calls:
+                self._idle = anyio.Event()
+                for scope in self._calls:
+                    scope.cancel()
+                with anyio.move_on_after(self._connection.deadline):
+                    await self._idle.wait()
+                if self._calls:
+                    _log.warning("tier_close_calls_left", tier=self._name, n_calls=len(self._calls))
+            client, self._client = self._client, None
+            if client is not None:
+                await self._close_client(client)
         _log.info("tier_close", tier=self._name)
+
+    async def _close_client(self, client: RedisClient) -> None:
+        """Close ``client`` and its connections, shielded from cancellation."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await close_client(client)
+            except (redis.exceptions.RedisError, OSError) as exc:
+                _log.warning("tier_close_failed", tier=self._name, error=repr(exc))
 
     def _open(self) -> RedisClient:
         if self._closed:
@@ -324,6 +362,24 @@ class RedisTier(RedisCalls):
         if self._client is None:
             raise ClosedError(f"tier {self._name} is not open: use 'async with'")
         return self._client
+
+    async def _run(self, call: Callable[[RedisClient], Awaitable[_T]]) -> _T:
+        """``call(client)``, as a call in flight that :meth:`aclose` cancels and waits for.
+
+        Raises:
+            ClosedError: The tier is not open, or was closed during the call.
+        """
+        client = self._open()
+        scope = anyio.CancelScope()
+        self._calls.add(scope)
+        try:
+            with scope:
+                return await call(client)
+        finally:
+            self._calls.discard(scope)
+            if not self._calls and self._idle is not None:
+                self._idle.set()
+        raise ClosedError(f"tier {self._name} was closed during the call")
 
     async def recover(self) -> Sequence[tuple[int, BlockKey]]:
         """``(slot, key)`` of the blocks found when opening (``scan_on_open``), else ``[]``.
@@ -347,27 +403,50 @@ class RedisTier(RedisCalls):
         in flight, each under its own deadline; none for no keys.
 
         Raises:
-            ClosedError: The tier is not open.
+            ClosedError: The tier is not open, or was closed during the call.
+            InvalidRequestError: A key is not ``bytes`` of 1..``MAX_KEY_BYTES``.
             TierIOError: The server failed or timed out.
         """
-        client = self._open()
-        return await self._commands.exists(client, [self._keys.name(key) for key in keys])
+        self._open()
+        names = [self._keys.name(key) for key in self._checked_keys(keys)]
+        return await self._run(partial(self._commands.exists, names=names))
 
     def adopt(self, slots: Sequence[int], keys: Sequence[BlockKey]) -> None:
         """Remember that ``slots`` stand for ``keys``, found by :meth:`contains` (for discard).
 
         Raises:
             ClosedError: The tier is not open.
-            InvalidRequestError: A slot is out of range, or the keys are not
-                as many as the slots.
+            InvalidRequestError: A slot is out of range, a key is not
+                ``bytes`` of 1..``MAX_KEY_BYTES``, or the keys are not as many
+                as the slots.
         """
         self._open()
         slot_list = check_slots(slots, self._num_slots, tier=self._name)
-        if len(keys) != len(slot_list):
+        key_list = self._checked_keys(keys)
+        if len(key_list) != len(slot_list):
             raise InvalidRequestError(
-                f"tier {self._name}: {len(slot_list)} slots but {len(keys)} keys"
+                f"tier {self._name}: {len(slot_list)} slots but {len(key_list)} keys"
             )
-        self._slot_keys.update(zip(slot_list, keys, strict=True))
+        self._slot_keys.update(zip(slot_list, key_list, strict=True))
+
+    def _checked_keys(self, keys: Sequence[BlockKey]) -> list[BlockKey]:
+        """``keys`` as a list, each checked as reads and writes check theirs.
+
+        Raises:
+            InvalidRequestError: ``keys`` is not a sequence, or a key is not
+                ``bytes`` of 1..``MAX_KEY_BYTES``.
+        """
+        try:
+            key_list = list(keys)
+        except TypeError as exc:
+            raise InvalidRequestError(f"tier {self._name}: keys must be a sequence") from exc
+        for key in key_list:
+            if not isinstance(key, bytes) or not 0 < len(key) <= MAX_KEY_BYTES:
+                got = f"{len(key)} bytes" if isinstance(key, bytes) else type(key).__name__
+                raise InvalidRequestError(
+                    f"tier {self._name}: keys must be 1..{MAX_KEY_BYTES} bytes, got {got}"
+                )
+        return key_list
 
     async def discard(self, slots: Sequence[int]) -> None:
         """Forget the blocks in ``slots`` and, with ``discard_deletes``, delete them.
@@ -377,17 +456,17 @@ class RedisTier(RedisCalls):
         no slot holds a block this process knows.
 
         Raises:
-            ClosedError: The tier is not open.
+            ClosedError: The tier is not open, or was closed during the call.
             InvalidRequestError: A slot is out of range.
             TierIOError: A chunk of the delete failed (every block is forgotten
                 all the same; those of other chunks may be deleted or not).
         """
-        client = self._open()
-        doomed = [
-            self._keys.name(key)
-            for slot in check_slots(slots, self._num_slots, tier=self._name)
-            if (key := self._slot_keys.pop(slot, None)) is not None
-        ]
+        self._open()
+        slot_list = check_slots(slots, self._num_slots, tier=self._name)
+        known = {slot: key for slot in slot_list if (key := self._slot_keys.get(slot)) is not None}
+        doomed = [self._keys.name(key) for key in known.values()]  # before forgetting any
+        for slot in known:
+            del self._slot_keys[slot]
         if not doomed or not self._discard_deletes:
             return
-        await self._commands.unlink(client, doomed)
+        await self._run(partial(self._commands.unlink, names=doomed))

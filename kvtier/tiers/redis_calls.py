@@ -4,14 +4,16 @@
 ``write_from`` and the *parts* forms): each checks its arguments (slots,
 buffers, then keys) and hands the rows to the tier's
 :class:`~kvtier.tiers.redis_batch.RedisBatches`, which frames, verifies and
-sends them. The tier provides the open client (:meth:`RedisCalls._open`)
-and the state named on the class.
+sends them. The tier provides the open client (:meth:`RedisCalls._open`),
+runs each call as one that closing the tier cancels (:meth:`RedisCalls._run`)
+and holds the state named on the class.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import torch
 
@@ -20,6 +22,8 @@ from kvtier.tiers.redis_batch import RedisBatches
 from kvtier.tiers.redis_client import RedisClient
 
 __all__ = ["RedisCalls"]
+
+_T = TypeVar("_T")
 
 
 class RedisCalls(abc.ABC):
@@ -38,13 +42,23 @@ class RedisCalls(abc.ABC):
             ClosedError: The tier is not open.
         """
 
+    @abc.abstractmethod
+    async def _run(self, call: Callable[[RedisClient], Awaitable[_T]]) -> _T:
+        """``call(client)`` on the open client, cancelled if the tier closes meanwhile.
+
+        Raises:
+            ClosedError: The tier is not open, or was closed during the call.
+        """
+
     async def _store(
         self, slot_list: list[int], keys: Sequence[BlockKey], parts: list[torch.Tensor]
     ) -> None:
-        client = self._open()
+        self._open()
         for slot, key in zip(slot_list, keys, strict=True):
             self._slot_keys[slot] = key
-        await self._batches.store_parts(client, keys, parts, framed=self._framed)
+        await self._run(
+            lambda client: self._batches.store_parts(client, keys, parts, framed=self._framed)
+        )
 
     async def write_from(
         self, slots: Sequence[int], keys: Sequence[BlockKey], data: torch.Tensor
@@ -52,7 +66,7 @@ class RedisCalls(abc.ABC):
         """Store ``data``'s rows as the blocks ``keys`` (``slots`` are remembered).
 
         Raises:
-            ClosedError: The tier is not open.
+            ClosedError: The tier is not open, or was closed during the call.
             InvalidRequestError: Bad slots, keys or buffer.
             TierIOError: The server failed, timed out or refused a block (for
                 example out of memory); blocks of other chunks may be stored.
@@ -70,7 +84,7 @@ class RedisCalls(abc.ABC):
         passes the CPU tier's runs this way: no staging copy).
 
         Raises:
-            ClosedError: The tier is not open.
+            ClosedError: The tier is not open, or was closed during the call.
             InvalidRequestError: Bad slots, keys or parts (rows not adding up
                 to ``len(slots)``).
             TierIOError: As for :meth:`write_from`.
@@ -87,15 +101,15 @@ class RedisCalls(abc.ABC):
         On any error ``out``'s rows hold undefined bytes.
 
         Raises:
-            ClosedError: The tier is not open.
+            ClosedError: The tier is not open, or was closed during the call.
             InvalidRequestError: Bad slots, keys or buffer.
             BlockMissingError: Blocks absent (evicted, expired, never stored
                 or lost with a restarted server) or failing verification.
             TierIOError: The server failed or timed out.
         """
-        client = self._open()
+        self._open()
         slot_list, parts = self._checked(slots, keys, out, one=True, written=True)
-        await self._batches.load_parts(client, slot_list, keys, parts)
+        await self._run(lambda client: self._batches.load_parts(client, slot_list, keys, parts))
 
     async def read_into_parts(
         self, slots: Sequence[int], keys: Sequence[BlockKey], parts: Sequence[torch.Tensor]
@@ -107,12 +121,12 @@ class RedisCalls(abc.ABC):
         When blocks are missing, the others are filled before the error.
 
         Raises:
-            ClosedError: The tier is not open.
+            ClosedError: The tier is not open, or was closed during the call.
             InvalidRequestError: Bad slots, keys or parts (rows not adding up
                 to ``len(slots)``, or parts sharing memory).
             BlockMissingError: As for :meth:`read_into`.
             TierIOError: The server failed or timed out.
         """
-        client = self._open()
+        self._open()
         slot_list, checked = self._checked(slots, keys, parts, one=False, written=True)
-        await self._batches.load_parts(client, slot_list, keys, checked)
+        await self._run(lambda client: self._batches.load_parts(client, slot_list, keys, checked))

@@ -19,7 +19,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from kvtier.config_redis import MAX_TIMEOUT, redact_url
+from kvtier.config_redis import MAX_TIMEOUT, redact_url, url_problem
 from kvtier.errors import ConfigError
 
 __all__ = [
@@ -33,11 +33,6 @@ __all__ = [
 
 RedisClient = aioredis.Redis | RedisCluster
 """The client types a tier talks through."""
-
-_SCHEMES = ("redis", "rediss", "unix")
-
-
-"""Longest round-trip or connect timeout accepted (a day): a deadline must end."""
 
 
 def positive_number(label: str, value: object, *, allow_none: bool = False) -> None:
@@ -94,7 +89,11 @@ class RedisConnection:
         """Check the settings (see :class:`~kvtier.tiers.redis.RedisTier` for each).
 
         Raises:
-            ConfigError: A setting is out of range or the URL's scheme is unknown.
+            ConfigError: A setting is out of range, or the URL's scheme is unknown,
+                its query has a parameter other than ``db``, ``username`` and
+                ``password`` (redis-py would let it override the settings
+                checked here), it names a user or password given apart from
+                it too, or a password in it is not percent-encoded.
         """
         positive_int("concurrency", concurrency)
         positive_int("max_connections", max_connections)
@@ -106,9 +105,11 @@ class RedisConnection:
             positive_number(label, seconds)
             if not seconds <= MAX_TIMEOUT:  # also refuses inf and nan: a deadline must end
                 raise ConfigError(f"{label} must be at most {MAX_TIMEOUT:g} s, got {seconds!r}")
-        if not isinstance(url, str) or urlsplit(url).scheme not in _SCHEMES:
-            shown = redact_url(url) if isinstance(url, str) else url
-            raise ConfigError(f"url must start with redis://, rediss:// or unix://, got {shown!r}")
+        if not isinstance(url, str):
+            raise ConfigError(f"url must be a string, got {type(url).__name__}")
+        problem = url_problem(url, username=username is not None, password=password is not None)
+        if problem is not None:
+            raise ConfigError(f"url {redact_url(url)!r} {problem}")
         scheme = urlsplit(url).scheme
         if cluster and scheme == "unix":
             raise ConfigError("a Redis Cluster is reached over TCP, not a unix:// socket")

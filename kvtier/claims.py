@@ -120,29 +120,67 @@ def settle(task: TransferTask, *, ok: bool) -> Exception | None:
     """
     refused: Exception | None = None
     if task.dst_ledger is not None:
-        settle = task.dst_ledger.commit if ok else task.dst_ledger.abort
-        refused = _settle_keys(settle, task.keys)
+        ledger = task.dst_ledger
+        call = ledger.commit if ok else ledger.abort
+        refused = _settle_keys(call, ledger, task.keys, task.dst_slots, written=True)
     if task.src_ledger is not None:
-        unpinned = _settle_keys(task.src_ledger.unpin, task.keys)
+        ledger = task.src_ledger
+        unpinned = _settle_keys(ledger.unpin, ledger, task.keys, task.src_slots, written=False)
         refused = refused or unpinned
     return refused
 
 
 def _settle_keys(
-    call: Callable[[Sequence[BlockKey]], object], keys: Sequence[BlockKey]
+    call: Callable[[Sequence[BlockKey]], object],
+    ledger: SlotLedger,
+    keys: Sequence[BlockKey],
+    slots: Sequence[int],
+    *,
+    written: bool,
 ) -> Exception | None:
-    """``call(keys)``; if refused, key by key, so one bad key strands no other.
+    """``call`` for the keys the ledger still holds for this task; the first error.
 
-    A ledger refuses a call as a whole (``TierIndex`` checks every key before
-    changing anything; :class:`~kvtier.tasks.SlotLedger` asks it of every
-    ledger): without the retry, one key a ledger no longer holds would leave
-    the task's other reservations reserved, or its pins pinned, for good.
+    A ledger that can check slots (``check_task_slots``, a ``TierIndex``) is
+    asked first: a key it no longer holds at the task's slot (aborted or
+    unpinned by a caller's slip while the copy ran, then perhaps reserved or
+    pinned again for another transfer) is left out, since committing,
+    aborting or unpinning it by key would settle the other transfer's
+    reservation or pin (a commit would make a slot this copy never wrote
+    visible). Else a call refused as a whole is made again key by key (a
+    ledger refuses whole: :class:`~kvtier.tasks.SlotLedger`), so one bad key
+    strands no other.
     """
+    check = getattr(ledger, "check_task_slots", None)
+    if check is not None and _refuses(check, keys, slots, written):
+        held: list[BlockKey] = []
+        gone: list[BlockKey] = []
+        for key, slot in zip(keys, slots, strict=True):
+            (gone if _refuses(check, [key], [slot], written) else held).append(key)
+        name = getattr(call, "__name__", "?")
+        refusal = InvalidRequestError(
+            f"{name}: {len(gone)} of {len(keys)} keys are no longer "
+            f"{'reserved' if written else 'pinned'} at this transfer's slots, "
+            f"left alone (first: {keys_text(gone[:1])})"
+        )
+        _log.error("transfer_ledger_failed", call=name, error=repr(refusal))
+        if held:
+            ledger_call(call, held)
+        return refusal
     refused = ledger_call(call, keys)
     if refused is not None and len(keys) > 1:
         for key in keys:
             ledger_call(call, [key])
     return refused
+
+
+def _refuses(
+    check: Callable[..., object], keys: Sequence[BlockKey], slots: Sequence[int], written: bool
+) -> bool:
+    try:
+        check(keys, slots, written=written)
+    except Exception:  # InvalidRequestError, or a ledger's own bug: not held
+        return True
+    return False
 
 
 def ledger_call(

@@ -34,9 +34,13 @@ class SlotLedger(Protocol):
     task posted without them fails at once with ``InvalidRequestError``
     instead of copying into slots it does not own.
 
-    A call that raises must have changed nothing (``TierIndex`` checks every
-    key first): the pipeline then makes the call again key by key, so the
-    keys the ledger does hold are settled and only the bad ones are left.
+    When a task ends, a ledger with ``check_task_slots`` is asked again, and
+    the keys it no longer holds at the task's slots (released by a caller's
+    slip while the copy ran, perhaps reserved again elsewhere) are left out
+    of the commit, abort or unpin, so another transfer's reservation or pin
+    is never settled by key. A call that raises must have changed nothing
+    (``TierIndex`` checks every key first): the pipeline then makes the call
+    again key by key, so only the bad keys are left.
     """
 
     def commit(self, keys: Sequence[BlockKey]) -> object:

@@ -283,3 +283,34 @@ async def test_a_refused_settle_still_settles_the_keys_the_ledger_holds() -> Non
             await load
     assert index.num_pinned == 0
     index.check_invariants()
+
+
+@pytest.mark.asyncio
+async def test_a_key_reserved_again_elsewhere_while_its_copy_ran_is_not_committed() -> None:
+    """Settling by key would commit (or abort) the new reservation, at a slot never written."""
+    from kvtier.tiers.index import TierIndex
+    from tests.tier_doubles import FaultInjectingStore
+
+    inner = MemoryStore(8, name="gpu")
+    device = FaultInjectingStore(inner)
+    cpu = MemoryStore(4, name="cpu")
+    index = TierIndex("cpu", 4)
+    keys = keys_for(1, 2)
+    fill(inner, [0, 1], keys)
+    async with TransferPipeline() as pipeline:
+        slots = list(index.reserve(keys).slots)
+        device.read_gate = anyio.Event()
+        done = pipeline.submit_nowait(StoreTask(device, [0, 1], cpu, slots, keys, None, index))
+        await anyio.wait_all_tasks_blocked()
+        index.abort(keys[1:])  # a caller's slip while the copy runs...
+        index.reserve([keys_for(9)[0]])  # ...the freed slot goes to another block...
+        (elsewhere,) = index.reserve(keys[1:]).slots  # ...and the key to another slot
+        assert elsewhere != slots[1]
+        device.read_gate.set()
+        with pytest.raises(LedgerError):
+            await done
+        assert index.contains(keys[0])  # its own reservation: committed
+        assert not index.contains(keys[1])  # not made visible at a slot never written
+        index.check_task_slots(keys[1:], [elsewhere], written=True)  # still reserved
+        index.abort(keys[1:])
+    index.check_invariants()

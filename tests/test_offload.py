@@ -805,3 +805,36 @@ async def test_report_store_done_refuses_a_worker_count_that_is_not_a_positive_i
     async with env.manager as manager:
         with pytest.raises(InvalidRequestError, match="workers must be an integer >= 1"):
             manager.report_store_done(1, workers)  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_lazy_mode_restarts_its_walk_when_its_cursor_block_returned_at_the_head() -> None:
+    """The cursor block, hit, evicted from the prefix cache while held and freed, is
+    prepended: resuming from it counted the safe blocks twice and left an unwritten
+    block among the next allocations."""
+    env = Env(gpu_blocks=14, cpu_blocks=512, mode="lazy", lazy_free_target=3)
+    async with env.manager as manager:
+        first = manager.indexes[0]
+        spare = env.pool.get_new_blocks(11)
+        written = env.request(2)
+        env.pool.free_blocks(reversed(env.alloc(written, 2).blocks[0]))
+        for _ in range(3):
+            manager.step_computed(manager.build_step(SchedulerOutput()).step_id)
+            await manager.wait_idle()
+        cursor = manager._lazy._cursor  # the last block the walk passed
+        assert cursor is not None
+        req = env.request(10)
+        env.compute(req, spare[:10])
+        env.pool.touch([cursor])  # a prefix hit on it
+        env.pool.evict_blocks([cursor.block_id])  # dropped from the prefix cache while held
+        env.pool.free_blocks([cursor])  # freed without a hash: to the head of the queue
+        env.pool.free_blocks(reversed(spare[:10]))  # ten unwritten blocks at the tail
+        manager.step_computed(manager.build_step(SchedulerOutput()).step_id)
+        await manager.wait_idle()
+        head = list(env.pool.free_block_queue)[:3]
+        assert all(b.block_hash is None or b.block_hash in first for b in head)
+        env.pool.get_new_blocks(3)  # up to lazy_free_target allocations lose nothing
+        assert all(
+            key(req, i) in first or env.pool.get_cached_block(req.block_hashes[i], [0])
+            for i in range(10)
+        )

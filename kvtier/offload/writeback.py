@@ -21,9 +21,9 @@ then the queue can only have lost blocks (taken from the head, or from
 anywhere by a prefix hit) or gained unhashed ones at the head; the queue's
 counters say how many, so the counts ahead of the cursor stay lower bounds.
 The walk starts over from the head when the cursor may have left the queue
-(taken, or taken and freed again: then it arrived at the tail since the last
-walk), or when the first lower tier dropped blocks (an eviction or a removal
-may have made a block ahead of the cursor unsafe).
+(taken, or taken and freed again: then it arrived at the tail or the head
+since the last walk), or when the first lower tier dropped blocks (an eviction
+or a removal may have made a block ahead of the cursor unsafe).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class WriteBack:
             or cursor.ref_cnt
             or cursor.prev_free_block is None
             or lost >= self._pos  # the cursor may have been taken (and freed again)
-            or (removed and _appended_since(cursor, queue, arrivals))
+            or (removed and _returned(cursor, queue, arrivals, prepended))
         ):
             cursor, self._safe, self._pos = head, 0, 0
         else:
@@ -195,22 +195,32 @@ class WriteBack:
         self._drops = first.drops
 
 
-def _appended_since(block: KVCacheBlock, queue: FreeKVCacheBlockQueue, arrivals: int) -> bool:
-    """Whether ``block`` is among the last ``arrivals`` blocks of the queue.
+def _returned(
+    block: KVCacheBlock, queue: FreeKVCacheBlockQueue, appended: int, prepended: int
+) -> bool:
+    """Whether ``block`` is among the blocks the queue gained since the last walk.
 
     A cursor taken from the middle of the queue (a prefix hit) and freed
     again before the next walk is back in the queue, unreferenced, with a
-    ``prev`` link, and one removal may be fewer than the blocks ahead of it:
-    only its place tells. Freed again it was appended at the tail, after the
-    last walk, so it is among the blocks that arrived since; resuming from it
-    would skip every block between its old place and the old tail.
+    ``prev`` link, and its one removal may be fewer than the blocks ahead of
+    it (or offset by its own return): only its place tells. Blocks enter the
+    queue at the tail (freed with a hash) or at the head (freed without one,
+    say evicted from the prefix cache while held), so it is among the last
+    ``appended`` or the first ``prepended`` blocks; resuming from it would
+    skip, or count twice, the blocks between its old and new places.
     """
-    tail = queue.fake_free_list_tail
-    other = tail.prev_free_block
-    for _ in range(max(0, arrivals)):
+    other = queue.fake_free_list_tail.prev_free_block
+    for _ in range(max(0, appended)):
         if other is block:
             return True
-        if other is None or other is queue.fake_free_list_head:
-            return False
+        if other is None:
+            break
         other = other.prev_free_block
+    other = queue.fake_free_list_head.next_free_block
+    for _ in range(max(0, prepended)):
+        if other is block:
+            return True
+        if other is None:
+            break
+        other = other.next_free_block
     return False

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from types import TracebackType
 from typing import Self
 
@@ -114,11 +115,13 @@ class TransferPipeline:
         self._ids = itertools.count(1)
         self._claims = Claims()
         self._send: dict[Direction, MemoryObjectSendStream[_Item]] = {}
-        # Set (and replaced) whenever a worker takes from its queue or a queue
-        # closes: what a submit waiting for room waits on (see _put).
-        self._room: dict[Direction, anyio.Event] = {
-            direction: anyio.Event() for direction in ("store", "load")
+        # The submits waiting for room in each queue, first come first (see _put).
+        self._waiting: dict[Direction, deque[anyio.Event]] = {
+            direction: deque() for direction in ("store", "load")
         }
+        # Submits woken for a free place that have not taken it yet: newcomers
+        # (submit_nowait included) queue behind them instead of taking it.
+        self._promised: dict[Direction, int] = {"store": 0, "load": 0}
         self._task_group: TaskGroup | None = None
         self._closed = False
         self._started = False
@@ -163,12 +166,24 @@ class TransferPipeline:
         self._closed = True
         for direction, send in self._send.items():
             send.close()  # workers drain what is queued, then stop
-            self._made_room(direction)  # waiting submits see the closed queue
+            self._wake(direction)  # waiting submits see the closed queue
+
+    def _wake(self, direction: Direction, count: int | None = None) -> None:
+        """Wake the first ``count`` submits waiting for room (None: all)."""
+        waiting = self._waiting[direction]
+        if count is None:
+            count = len(waiting)
+        while count > 0 and waiting:
+            waiting.popleft().set()
+            self._promised[direction] += 1
+            count -= 1
 
     def _made_room(self, direction: Direction) -> None:
-        """Wake the submits waiting for room in ``direction``'s queue."""
-        room, self._room[direction] = self._room[direction], anyio.Event()
-        room.set()
+        """A worker took from ``direction``'s queue: wake a waiting submit per free place."""
+        if self._waiting[direction]:
+            room = self._send[direction].statistics()
+            free = int(room.max_buffer_size) - room.current_buffer_used
+            self._wake(direction, free - self._promised[direction])
 
     async def _shutdown(
         self,
@@ -233,23 +248,51 @@ class TransferPipeline:
         only in ``send_nowait``, after the last await.
         """
         await anyio.lowlevel.checkpoint()
-        while True:
+        waiting = self._waiting[direction]
+        if not waiting and not self._promised[direction]:
             try:
                 send.send_nowait(item)
                 return
             except anyio.WouldBlock:
-                await self._room[direction].wait()
+                pass
+        first = False  # woken but beaten to the place (by submit_nowait): first in line
+        while True:
+            turn = anyio.Event()
+            if first:
+                waiting.appendleft(turn)
+            else:
+                waiting.append(turn)
+            try:
+                await turn.wait()
+            except BaseException:
+                if turn.is_set():  # woken for a place it will not take: pass it on
+                    self._promised[direction] -= 1
+                    self._wake(direction, 1)
+                else:
+                    waiting.remove(turn)
+                raise
+            self._promised[direction] -= 1
+            try:
+                send.send_nowait(item)
+            except anyio.WouldBlock:
+                first = True
+                continue
+            self._made_room(direction)  # room left (a batch freed several): the next
+            return
 
     def submit_nowait(self, task: TransferTask) -> Completion[TransferResult]:
         """Queue ``task`` or fail at once.
 
         Raises:
-            anyio.WouldBlock: The direction's queue is full (nothing queued).
+            anyio.WouldBlock: The direction's queue is full, or submits wait for
+                room (they come first; nothing queued).
             ClosedError: The pipeline is not running.
             InvalidRequestError: As for :meth:`submit`; nothing queued.
         """
         send, item = self._prepare(task)
         try:
+            if self._waiting[task.direction] or self._promised[task.direction]:
+                raise anyio.WouldBlock  # the free places are the waiting submits'
             send.send_nowait(item)
         except BaseException as exc:
             self._claims.release(item[0])  # never queued
@@ -286,7 +329,7 @@ class TransferPipeline:
                 except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
                     break
             receive.close()
-            self._made_room(direction)  # waiting submits see the queue broken
+            self._wake(direction)  # waiting submits see the queue broken
             interrupt: BaseException | None = None
             try:
                 for task, completion in leftovers:

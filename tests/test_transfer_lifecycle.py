@@ -220,3 +220,38 @@ async def test_a_callback_interrupt_while_the_worker_cancels_leftovers_resolves_
     assert index.num_free == 8
     with anyio.fail_after(5):
         await pipeline.aclose()
+
+
+@pytest.mark.asyncio
+async def test_submits_waiting_for_room_are_queued_first_come_first_served() -> None:
+    inner = CountingStore(16, name="gpu")
+    device = FaultInjectingStore(inner)
+    cpu = MemoryStore(16, name="cpu")
+    keys = keys_for(*range(8))
+    fill(inner, list(range(8)), keys)
+    device.read_gate = anyio.Event()
+    order: list[int] = []
+
+    def task(i: int) -> StoreTask:
+        return StoreTask(device, [i], cpu, [i], [keys[i]])
+
+    async with TransferPipeline(queue_size=1, max_batch_blocks=1) as pipeline:
+        await anyio.wait_all_tasks_blocked()
+        first = pipeline.submit_nowait(task(0))  # the worker takes it, waits at the gate
+        await anyio.wait_all_tasks_blocked()
+        pipeline.submit_nowait(task(1))  # fills the queue
+
+        async def submitter(i: int) -> None:
+            done = await pipeline.submit(task(i))
+            done.add_done_callback(lambda _: order.append(i))
+
+        async with anyio.create_task_group() as group:
+            for i in range(2, 8):
+                group.start_soon(submitter, i)
+                await anyio.wait_all_tasks_blocked()  # each waits, in this order
+            with pytest.raises(anyio.WouldBlock):  # the room is theirs first
+                pipeline.submit_nowait(task(1))
+            device.read_gate.set()
+        await first
+    assert order == list(range(2, 8))
+    assert torch.equal(cpu.data[:8], inner.data[:8])

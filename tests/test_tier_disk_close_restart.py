@@ -227,3 +227,92 @@ async def test_a_socket_under_a_block_name_is_a_miss_and_dropped_at_restart(
             other.bind(name(8))  # one that appears while the tier serves
             with pytest.raises(BlockMissingError):
                 await read(tier, [1], [key(8)])
+
+
+@pytest.mark.asyncio
+async def test_a_second_aclose_waits_for_the_first_to_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first close retries a failed delete in a worker: the second kept the lock for none."""
+    tier = tier_at(tmp_path)
+    await tier.__aenter__()
+    await tier.write_from([0], [key(0)], blocks(1))
+    entered, release = threading.Event(), threading.Event()
+    real = BlockFiles.unlink
+    failing = [True]
+
+    def unlink(self: BlockFiles, k: bytes) -> None:
+        if failing[0]:
+            raise PermissionError(errno.EACCES, "injected")
+        entered.set()
+        release.wait(10)
+        real(self, k)
+
+    monkeypatch.setattr(BlockFiles, "unlink", unlink)
+    with pytest.raises(TierIOError):
+        await tier.discard([0])  # the file stays: deleted again at close
+    failing[0] = False
+    closed: list[str] = []
+
+    async def close(who: str) -> None:
+        await tier.aclose()
+        closed.append(who)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(close, "first")
+        await anyio.to_thread.run_sync(entered.wait, 10)  # the first deletes in a worker
+        group.start_soon(close, "second")
+        await anyio.sleep(0.1)
+        try:
+            assert closed == []  # the second waits too
+            with pytest.raises(ConfigError, match="in use by another open DiskTier"):
+                await tier_at(tmp_path).__aenter__()
+        finally:
+            release.set()
+    assert sorted(closed) == ["first", "second"]
+    assert not (tmp_path / name(0)).exists()
+    async with tier_at(tmp_path) as again:
+        assert await again.recover() == []
+
+
+@pytest.mark.asyncio
+async def test_aclose_while_opening_waits_for_the_scan_and_the_open_raises_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with tier_at(tmp_path) as tier:
+        await tier.write_from([0], [key(0)], blocks(1))
+    entered, release = threading.Event(), threading.Event()
+    real = DiskTier._open
+
+    def held(self: DiskTier) -> Any:
+        entered.set()
+        release.wait(10)
+        return real(self)
+
+    monkeypatch.setattr(DiskTier, "_open", held)
+    tier = tier_at(tmp_path)
+    outcome: dict[str, object] = {}
+
+    async def open_() -> None:
+        try:
+            await tier.__aenter__()
+        except ClosedError as exc:
+            outcome["open"] = exc
+
+    async def close() -> None:
+        await tier.aclose()
+        outcome["closed"] = True
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(open_)
+        await anyio.to_thread.run_sync(entered.wait, 10)  # the scan runs in a worker
+        group.start_soon(close)
+        await anyio.sleep(0.1)
+        try:
+            assert "closed" not in outcome  # the scan still holds the directory
+        finally:
+            release.set()
+    assert isinstance(outcome["open"], ClosedError)
+    monkeypatch.setattr(DiskTier, "_open", real)
+    async with tier_at(tmp_path) as again:  # the lock was released, not leaked
+        assert await again.recover() == [(0, key(0))]

@@ -172,6 +172,7 @@ class DiskTier:
         self._recovered: list[tuple[int, BlockKey]] = []
         self._opened = False
         self._closed = False
+        self._closing: anyio.Event | None = None  # set once aclose has finished
 
     @staticmethod
     def bytes_per_block(layout: BlockLayout) -> int:
@@ -209,7 +210,7 @@ class DiskTier:
         """Claim the directory, mark its layout and scan it (a warm restart).
 
         Raises:
-            ClosedError: The tier was closed.
+            ClosedError: The tier was closed, before or while it opened.
             ConfigError: The path is a file or a symlink, belongs to another
                 user, is held by another open DiskTier, is marked with
                 another block layout, or refuses ``O_DIRECT`` (``direct_io``).
@@ -220,11 +221,14 @@ class DiskTier:
             raise ClosedError(f"tier {self._name} is closed")
         if not self._opened:
             try:
-                self._recovered = await anyio.to_thread.run_sync(self._open)
+                with self._batches.running():  # aclose waits for the scan's thread
+                    self._recovered = await anyio.to_thread.run_sync(self._open)
             except OSError as exc:
                 raise TierIOError(
                     f"tier {self._name}: cannot open {self.path}: {exc}", tier=self._name
                 ) from exc
+            if self._closed:  # closed while it scanned: aclose releases the lock
+                raise ClosedError(f"tier {self._name} was closed while it opened")
             self._map.load(self._recovered)
             self._opened = True
             _log.info("tier_open", tier=self._name, n_blocks=len(self._recovered))
@@ -247,13 +251,19 @@ class DiskTier:
         interrupted and would otherwise go on renaming and deleting files in
         a directory another tier may open. A worker stuck in a system call
         (a hung network file system) therefore holds ``aclose`` up until it
-        returns. Files whose delete failed are deleted again here.
+        returns. Files whose delete failed are deleted again here. A second
+        call waits for the first to finish (an opening scan counts as a batch).
         """
+        if self._closing is not None:
+            await self._closing.wait()
+            return
+        self._closing = anyio.Event()
         self._closed = True
         try:
             await self._batches.close()
         finally:
             self._unlock()
+            self._closing.set()
 
     def _unlock(self) -> None:
         lock, self._lock = self._lock, None

@@ -105,8 +105,11 @@ class DiskBatches:
         self._undeleted: set[BlockKey] = set()  # stale files whose delete failed
 
     @contextmanager
-    def _batch(self) -> Iterator[None]:
-        """Count a batch while it runs (its worker threads included: they are never abandoned)."""
+    def running(self) -> Iterator[None]:
+        """Count a batch while it runs (its worker threads included: they are never abandoned).
+
+        The tier counts its opening scan this way too: :meth:`close` waits for it.
+        """
         self._running += 1
         try:
             yield
@@ -215,7 +218,7 @@ class DiskBatches:
         self._writing_slots.update(slot_list)
         self._writing_keys.update(touched)
         try:
-            with self._batch():
+            with self.running():
                 await self._write(slot_list, keys, row)
         finally:
             self._writing_slots.difference_update(slot_list)
@@ -303,7 +306,7 @@ class DiskBatches:
                 file cannot be read (named together after the others were read).
             TierIOError: An I/O error that says nothing of the blocks.
         """
-        with self._batch():
+        with self.running():
             await self._read(slot_list, keys, row)
 
     async def _read(self, slot_list: list[int], keys: Sequence[BlockKey], row: RowAt) -> None:
@@ -340,7 +343,7 @@ class DiskBatches:
         Raises:
             TierIOError: A file could not be deleted.
         """
-        with self._batch():
+        with self.running():
             failed = await self._unlink(keys)
         if failed:
             raise self._io_error("discard", failed[0][1])

@@ -127,7 +127,7 @@ def url_problem(url: str, *, username: bool = False, password: bool = False) -> 
         username: A user name is also given apart from the URL.
         password: A password is also given apart from the URL.
     """
-    if not url.startswith(URL_SCHEMES):
+    if not url[:10].lower().startswith(URL_SCHEMES):  # a scheme's case does not matter
         return "is not a redis://, rediss:// or unix:// URL"
     encode = "a password with '/', '?', '#' or '@' must be percent-encoded"
     try:
@@ -137,11 +137,20 @@ def url_problem(url: str, *, username: bool = False, password: bool = False) -> 
         # Not the parser's text: a password holding '/', '?' or '#' ends up in
         # what it takes for the port, and its message would quote it.
         return f"is not a valid URL ({encode})"
-    if "@" in parts.path + parts.query + parts.fragment:
-        # A password's '/', '?' or '#' ended the host part early: redis-py
-        # would connect to the user name as a host, and say so in its errors.
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    names = [name for name, _ in pairs]
+    socket_path = parts.scheme == "unix" and ("@" in parts.netloc or not parts.netloc)
+    if (
+        "@" in parts.fragment
+        or any("@" in f"{n}={v}" for n, v in pairs if n not in ("password", "username"))
+        or ("@" in parts.path and not socket_path)
+    ):
+        # A password's '/', '?' or '#' ended the user part early: redis-py
+        # would connect to the user name as a host (or take the rest of the
+        # password for a socket path) and say so in its errors. ('@' is fine
+        # in a password or user parameter, ?password=p@ss, and in a socket's
+        # path.)
         return f"has an '@' after its host ({encode})"
-    names = [name for name, _ in parse_qsl(parts.query, keep_blank_values=True)]
     for name in names:
         if name not in URL_QUERY_KEYS:
             shown = repr(name) if _SHOWN_NAME.fullmatch(name) else "a parameter"

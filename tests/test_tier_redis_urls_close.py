@@ -389,3 +389,57 @@ def test_payload_rows_take_parts_in_order_and_each_view_owns_its_part() -> None:
     gc.collect()
     assert first() is None
     assert second() is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "REDIS://127.0.0.1:6379/0",  # a scheme's case does not matter (RFC 3986)
+        "Rediss://h:6380/0",
+        "redis://h:6379/0?password=p@ss",  # '@' in a password parameter
+        "unix:///run/redis@6379/redis.sock",  # '@' in a socket's path
+        "unix://:pw@/run/redis.sock?db=2",
+    ],
+)
+def test_urls_that_look_odd_but_are_valid_are_accepted(url: str) -> None:
+    RedisTier(LAYOUT, 4, model=MODEL, url=url)
+    parse_redis_options({"url": url, "model": MODEL}, "tiers[0]")
+
+
+@pytest.mark.asyncio
+async def test_a_second_aclose_waits_for_the_first_to_close_everything(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n = 200
+    keys = [i.to_bytes(4, "big") * 9 for i in range(n)]
+    store = RedisTier(LAYOUT, n, model=MODEL, url=redis_server.url, batch_size=4, concurrency=2)
+    await store.__aenter__()
+    started = anyio.Event()
+    real = redis_io.RedisCommands.round_trip
+
+    async def slow(self: Any, what: str, run: Callable[[], Awaitable[Any]], **kw: Any) -> Any:
+        started.set()
+        return await real(self, what, run, **kw)
+
+    monkeypatch.setattr(redis_io.RedisCommands, "round_trip", slow)
+    ended: list[str] = []
+
+    async def write() -> None:
+        with pytest.raises(ClosedError):
+            await store.write_from(list(range(n)), keys, blocks(n))
+        ended.append("write")
+
+    async def close(who: str) -> None:
+        await store.aclose()
+        if who == "second":  # by now the first has cancelled the call and closed the pool
+            assert "write" in ended
+            assert await no_tier_connections(redis_server) == 0
+        ended.append(who)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(write)
+        with anyio.fail_after(10):
+            await started.wait()
+        group.start_soon(close, "first")
+        group.start_soon(close, "second")
+    assert sorted(ended) == ["first", "second", "write"]

@@ -224,6 +224,7 @@ class RedisTier(RedisCalls):
         self._closed = False
         self._calls: set[anyio.CancelScope] = set()  # calls in flight (aclose cancels them)
         self._idle: anyio.Event | None = None  # set when the last call ends after aclose
+        self._closing: anyio.Event | None = None  # set once aclose has finished
 
     # -- properties ----------------------------------------------------------------
 
@@ -329,11 +330,21 @@ class RedisTier(RedisCalls):
 
         Calls in flight are cancelled (they raise
         :class:`~kvtier.errors.ClosedError`) and waited for, at most one
-        round trip's deadline, before the pool's connections are closed.
+        round trip's deadline, before the pool's connections are closed. A
+        second call waits for the first to finish.
         """
-        if self._closed:
+        if self._closing is not None:
+            await self._closing.wait()
             return
+        self._closing = anyio.Event()
         self._closed = True
+        try:
+            await self._close_calls_and_client()
+        finally:
+            self._closing.set()
+        _log.info("tier_close", tier=self._name)
+
+    async def _close_calls_and_client(self) -> None:
         with anyio.CancelScope(shield=True):
             if self._calls:
                 self._idle = anyio.Event()
@@ -346,7 +357,6 @@ class RedisTier(RedisCalls):
             client, self._client = self._client, None
             if client is not None:
                 await self._close_client(client)
-        _log.info("tier_close", tier=self._name)
 
     async def _close_client(self, client: RedisClient) -> None:
         """Close ``client`` and its connections, shielded from cancellation."""

@@ -146,7 +146,11 @@ def _settle_keys(
     pinned again for another transfer) is left out, since committing,
     aborting or unpinning it by key would settle the other transfer's
     reservation or pin (a commit would make a slot this copy never wrote
-    visible). Else a call refused as a whole is made again key by key (a
+    visible). A key reserved again *at the same slot* cannot be told apart
+    (an index keeps no generations of a reservation): its settle spends the
+    new reservation, so the other writer's own commit is refused; the slot
+    holds that key's bytes from this copy. Else a call refused as a whole is
+    made again key by key (a
     ledger refuses whole: :class:`~kvtier.tasks.SlotLedger`), so one bad key
     strands no other.
     """

@@ -38,7 +38,9 @@ class SlotLedger(Protocol):
     the keys it no longer holds at the task's slots (released by a caller's
     slip while the copy ran, perhaps reserved again elsewhere) are left out
     of the commit, abort or unpin, so another transfer's reservation or pin
-    is never settled by key. A call that raises must have changed nothing
+    at another slot is never settled by key (one at the same slot cannot be
+    told apart: the index keeps no generations). A call that raises must
+    have changed nothing
     (``TierIndex`` checks every key first): the pipeline then makes the call
     again key by key, so only the bad keys are left.
     """

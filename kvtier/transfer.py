@@ -249,8 +249,8 @@ class TransferPipeline:
         """
         await anyio.lowlevel.checkpoint()
         waiting = self._waiting[direction]
-        if not waiting and not self._promised[direction]:
-            try:
+        if self._closed or not (waiting or self._promised[direction]):
+            try:  # (closed: this raises, where waiting would wait for no one)
                 send.send_nowait(item)
                 return
             except anyio.WouldBlock:
@@ -277,6 +277,9 @@ class TransferPipeline:
             except anyio.WouldBlock:
                 first = True
                 continue
+            except BaseException:  # closed or broken: those queued behind must see it too
+                self._wake(direction)
+                raise
             self._made_room(direction)  # room left (a batch freed several): the next
             return
 

@@ -255,3 +255,52 @@ async def test_submits_waiting_for_room_are_queued_first_come_first_served() -> 
         await first
     assert order == list(range(2, 8))
     assert torch.equal(cpu.data[:8], inner.data[:8])
+
+
+@pytest.mark.asyncio
+async def test_a_submit_that_queues_as_the_pipeline_closes_is_refused_not_left_waiting() -> None:
+    """A newcomer queued behind a woken submit in the tick the owner was cancelled;
+    the woken one found the queue closed and left: nobody woke the newcomer again."""
+    inner = MemoryStore(8, name="gpu")
+    device = FaultInjectingStore(inner)
+    cpu = MemoryStore(8, name="cpu")
+    keys = keys_for(*range(4))
+    fill(inner, list(range(4)), keys)
+    device.read_gate = anyio.Event()  # never set: the worker holds the first task
+
+    def task(i: int) -> StoreTask:
+        return StoreTask(device, [i], cpu, [i], [keys[i]])
+
+    pipeline = TransferPipeline(queue_size=1, max_batch_blocks=1)
+    entered, go = anyio.Event(), anyio.Event()
+    outcome: dict[str, str] = {}
+    owner = anyio.CancelScope()
+
+    async def host() -> None:
+        with owner:
+            async with pipeline:
+                entered.set()
+                await anyio.sleep_forever()
+
+    async def submitter(name: str, i: int, start: anyio.Event | None) -> None:
+        if start is not None:
+            await start.wait()
+        try:
+            await pipeline.submit(task(i))
+            outcome[name] = "queued"
+        except ClosedError:
+            outcome[name] = "refused"
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            group.start_soon(host)
+            await entered.wait()
+            pipeline.submit_nowait(task(0))
+            await anyio.wait_all_tasks_blocked()  # the worker holds it
+            pipeline.submit_nowait(task(1))  # the queue is full
+            group.start_soon(submitter, "waiting", 2, None)
+            group.start_soon(submitter, "newcomer", 3, go)
+            await anyio.wait_all_tasks_blocked()
+            go.set()  # the newcomer runs first in the next tick...
+            owner.cancel()  # ...as the owner, and with it the workers, is cancelled
+    assert outcome == {"waiting": "refused", "newcomer": "refused"}

@@ -103,13 +103,20 @@ def redact_url(url: str) -> str:
     whole query string and fragment (redis-py reads a ``password`` parameter
     there, also under a percent-encoded name). Without ``//`` after the
     scheme, or with ``/``, ``?`` or ``#`` in the user part, everything
-    between the scheme and the last ``@`` goes. When in doubt it hides too
-    much, never too little.
+    between the scheme and the last ``@`` goes; with an ``@`` in the query or
+    fragment, everything after the scheme. When in doubt it hides too much,
+    never too little.
     """
     scheme = _SCHEME.match(url)
     start = scheme.end() if scheme else 0
     head, rest = url[:start], url[start:]
     at = rest.rfind("@")
+    query = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    if at >= query:
+        # An '@' in the query or fragment: the text after it may be the rest
+        # of a password (?password=p@ss) or the host after a password that
+        # ended the user part early (u:12?pw@host): everything goes.
+        return f"{head}***"
     if at >= 0:
         user, colon, _ = rest[:at].partition(":")
         if scheme is None or scheme[1] is None or any(c in user for c in "/?#"):

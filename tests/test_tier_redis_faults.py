@@ -25,7 +25,7 @@ __all__ = ["redis_server", "shared_redis"]
     ("url", "shown"),
     [
         ("redis://u:pw@h:1/0", "redis://u:***@h:1/0"),
-        ("redis://:S3c?r3t@h/0", "redis://:***@h/0"),  # a '?' in the password
+        ("redis://:S3c?r3t@h/0", "redis://***"),  # a '?' in the password
         ("redis://u:p/w@h:1/0", "redis://u:***@h:1/0"),  # a '/' in the password
         ("redis://h/0?password=S3cr3t", "redis://h/0?***"),  # redis-py reads it
         ("redis://h/0?db=1&Password=S3cr3t&x=2", "redis://h/0?***"),

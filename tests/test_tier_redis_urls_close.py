@@ -49,8 +49,8 @@ def refused(url: str, secrets: tuple[str, ...], **options: Any) -> None:
         ("redis:user:S3cr3t@h/0?db=1", "redis:***@h/0?***"),
         (":S3cr3t@h/0", "***@h/0"),
         ("redis::S3cr3t@h/0?x=://y", "redis:***@h/0?***"),  # a '://' later on
-        ("redis://h/0?S3cr3t@x", "redis://***@x"),  # '@' after the host
-        ("redis://app:20245?S3cr3t@127.0.0.1:21379/0", "redis://app:***@127.0.0.1:21379/0"),
+        ("redis://h/0?S3cr3t@x", "redis://***"),  # '@' after the host
+        ("redis://app:20245?S3cr3t@127.0.0.1:21379/0", "redis://***"),
     ],
 )
 def test_a_url_without_two_slashes_is_refused_and_never_shows_its_password(
@@ -443,3 +443,19 @@ async def test_a_second_aclose_waits_for_the_first_to_close_everything(
         group.start_soon(close, "first")
         group.start_soon(close, "second")
     assert sorted(ended) == ["first", "second", "write"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://h:6379/0?password=hunter@2S3cr3t",
+        "redis://:pw@h/0?password=a@bS3cr3t",
+        "redis://h?pass%77ord=top@S3cr3t",
+    ],
+)
+def test_an_at_sign_in_a_password_parameter_hides_everything_after_the_scheme(url: str) -> None:
+    assert redact_url(url) == "redis://***"
+    store = RedisTier(LAYOUT, 4, model=MODEL, url=url)  # accepted
+    assert "S3cr3t" not in repr(store)
+    assert "S3cr3t" not in store.url
+    refused("redis://h/0#x@S3cr3t", ("S3cr3t",))  # in a fragment: refused, hidden

@@ -255,7 +255,8 @@ class DiskTier:
         call waits for the first to finish (an opening scan counts as a batch).
         """
         if self._closing is not None:
-            await self._closing.wait()
+            with anyio.CancelScope(shield=True):  # as the first: the lock goes first
+                await self._closing.wait()
             return
         self._closing = anyio.Event()
         self._closed = True

@@ -334,7 +334,8 @@ class RedisTier(RedisCalls):
         second call waits for the first to finish.
         """
         if self._closing is not None:
-            await self._closing.wait()
+            with anyio.CancelScope(shield=True):  # as the first
+                await self._closing.wait()
             return
         self._closing = anyio.Event()
         self._closed = True

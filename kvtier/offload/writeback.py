@@ -209,18 +209,23 @@ def _returned(
     ``appended`` or the first ``prepended`` blocks; resuming from it would
     skip, or count twice, the blocks between its old and new places.
     """
-    other = queue.fake_free_list_tail.prev_free_block
-    for _ in range(max(0, appended)):
+    tail = queue.fake_free_list_tail.prev_free_block
+    head = queue.fake_free_list_head.next_free_block
+    return _among(block, tail, appended, backwards=True) or _among(block, head, prepended)
+
+
+def _among(
+    block: KVCacheBlock, start: KVCacheBlock | None, count: int, *, backwards: bool = False
+) -> bool:
+    """Whether ``block`` is one of the ``count`` blocks from ``start`` on.
+
+    Walks toward the tail unless ``backwards``; stops at the queue's end.
+    """
+    other = start
+    for _ in range(count):
+        if other is None:
+            return False
         if other is block:
             return True
-        if other is None:
-            break
-        other = other.prev_free_block
-    other = queue.fake_free_list_head.next_free_block
-    for _ in range(max(0, prepended)):
-        if other is block:
-            return True
-        if other is None:
-            break
-        other = other.next_free_block
+        other = other.prev_free_block if backwards else other.next_free_block
     return False

@@ -222,7 +222,7 @@ class RedisTier(RedisCalls):
         self._slot_keys: dict[int, BlockKey] = {}
         self._recovered: list[tuple[int, BlockKey]] = []
         self._closed = False
-        self._calls: set[anyio.CancelScope] = set()  # calls in flight (aclose cancels them)
+        self._calls = 0  # calls in flight (aclose ends their round trips and waits)
         self._idle: anyio.Event | None = None  # set when the last call ends after aclose
         self._closing: anyio.Event | None = None  # set once aclose has finished
 
@@ -347,14 +347,13 @@ class RedisTier(RedisCalls):
 
     async def _close_calls_and_client(self) -> None:
         with anyio.CancelScope(shield=True):
+            self._commands.close()  # the round trips in flight end now: ClosedError
             if self._calls:
                 self._idle = anyio.Event()
-                for scope in self._calls:
-                    scope.cancel()
                 with anyio.move_on_after(self._connection.deadline):
                     await self._idle.wait()
                 if self._calls:
-                    _log.warning("tier_close_calls_left", tier=self._name, n_calls=len(self._calls))
+                    _log.warning("tier_close_calls_left", tier=self._name, n_calls=self._calls)
             client, self._client = self._client, None
             if client is not None:
                 await self._close_client(client)
@@ -375,22 +374,23 @@ class RedisTier(RedisCalls):
         return self._client
 
     async def _run(self, call: Callable[[RedisClient], Awaitable[_T]]) -> _T:
-        """``call(client)``, as a call in flight that :meth:`aclose` cancels and waits for.
+        """``call(client)``, as a call in flight that :meth:`aclose` ends and waits for.
+
+        Closing ends the call's round trips (:meth:`RedisCommands.close
+        <kvtier.tiers.redis_io.RedisCommands.close>`): the one in flight at
+        once, the next ones before they start.
 
         Raises:
             ClosedError: The tier is not open, or was closed during the call.
         """
         client = self._open()
-        scope = anyio.CancelScope()
-        self._calls.add(scope)
+        self._calls += 1
         try:
-            with scope:
-                return await call(client)
+            return await call(client)
         finally:
-            self._calls.discard(scope)
+            self._calls -= 1
             if not self._calls and self._idle is not None:
                 self._idle.set()
-        raise ClosedError(f"tier {self._name} was closed during the call")
 
     async def recover(self) -> Sequence[tuple[int, BlockKey]]:
         """``(slot, key)`` of the blocks found when opening (``scan_on_open``), else ``[]``.

@@ -5,7 +5,7 @@
 buffers, then keys) and hands the rows to the tier's
 :class:`~kvtier.tiers.redis_batch.RedisBatches`, which frames, verifies and
 sends them. The tier provides the open client (:meth:`RedisCalls._open`),
-runs each call as one that closing the tier cancels (:meth:`RedisCalls._run`)
+runs each call as one that closing the tier ends (:meth:`RedisCalls._run`)
 and holds the state named on the class.
 """
 
@@ -44,7 +44,7 @@ class RedisCalls(abc.ABC):
 
     @abc.abstractmethod
     async def _run(self, call: Callable[[RedisClient], Awaitable[_T]]) -> _T:
-        """``call(client)`` on the open client, cancelled if the tier closes meanwhile.
+        """``call(client)`` on the open client, ended if the tier closes meanwhile.
 
         Raises:
             ClosedError: The tier is not open, or was closed during the call.

@@ -25,7 +25,7 @@ import redis.exceptions
 from anyio.abc import TaskGroup
 from redis.asyncio.cluster import RedisCluster
 
-from kvtier.errors import TierIOError
+from kvtier.errors import ClosedError, TierIOError
 from kvtier.tiers.redis_client import RedisClient
 
 __all__ = ["RedisCommands"]
@@ -66,6 +66,22 @@ class RedisCommands:
         # asyncio's semaphore: no checkpoint when a place is free (anyio's
         # CapacityLimiter yields to the loop twice: 5 points of a 64 KiB read).
         self._places = asyncio.Semaphore(concurrency)
+        self._closed = False
+        self._deadlines: set[asyncio.Timeout] = set()  # of the round trips in flight
+
+    def close(self) -> None:
+        """Refuse new round trips, and end those in flight now (they raise ``ClosedError``).
+
+        Their deadlines are moved to now: the way out of a round trip that
+        is already there (redis-py drops a connection cancelled mid-reply), at
+        no cost to the round trips of an open tier (a cancel scope per call
+        cost 3 points of a single 64 KiB read).
+        """
+        self._closed = True
+        if self._deadlines:
+            now = asyncio.get_running_loop().time()
+            for deadline in self._deadlines:
+                deadline.reschedule(now)
 
     async def round_trip(
         self, what: str, call: Callable[[], Awaitable[_T]], *, bounded: bool = True
@@ -76,16 +92,25 @@ class RedisCommands:
         deadline). ``bounded=False``: ``call`` keeps deadlines of its own.
 
         Raises:
+            ClosedError: :meth:`close` was called, before or during it.
             TierIOError: The call failed, took longer than the deadline, or
                 the reply was not of the expected shape.
         """
         async with self._places:
+            if self._closed:
+                raise ClosedError(f"tier {self.tier} is closed")
             try:
                 # asyncio's own deadline (redis.asyncio runs on asyncio only): half
                 # the cost of anyio.fail_after per round trip (4 µs against 8).
-                async with asyncio.timeout(self.deadline if bounded else None):
-                    return await call()
+                async with asyncio.timeout(self.deadline if bounded else None) as deadline:
+                    self._deadlines.add(deadline)
+                    try:
+                        return await call()
+                    finally:
+                        self._deadlines.discard(deadline)
             except TimeoutError as exc:
+                if self._closed:
+                    raise ClosedError(f"tier {self.tier} was closed during the call") from exc
                 raise TierIOError(
                     f"tier {self.tier}: {what} took longer than {self.deadline:g} s",
                     tier=self.tier,
@@ -232,20 +257,21 @@ class RedisCommands:
         first failure cancels the chunks still running or waiting.
 
         Raises:
+            ClosedError: The tier was closed meanwhile.
             TierIOError: The first chunk's error.
         """
         size = size or self.batch_size
         if n <= size:
             await work(0, n)
             return
-        errors: list[TierIOError] = []
+        errors: list[TierIOError | ClosedError] = []
         running = asyncio.Semaphore(self.concurrency)
 
         async def run(begin: int, end: int, group: TaskGroup) -> None:
             try:
                 async with running:
                     await work(begin, end)
-            except TierIOError as exc:
+            except (TierIOError, ClosedError) as exc:
                 errors.append(exc)
                 group.cancel_scope.cancel()
 

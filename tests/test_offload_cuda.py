@@ -94,8 +94,7 @@ def test_a_cpu_tier_of_gpu_1_creates_no_context_on_gpu_0() -> None:
         """
         import anyio, torch
         from kvtier.tiers.base import BlockLayout
-        from kvtier import KVCacheBlocks
-from kvtier.tiers.cpu import CpuTier
+        from kvtier.tiers.cpu import CpuTier
 
         async def main():
             layout = BlockLayout(num_layers=1, block_size=16, num_kv_heads=1, head_size=8)

@@ -64,6 +64,38 @@ def test_a_sync_engine_on_its_own_stream_stores_what_its_forward_pass_wrote(ente
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.asyncio
+async def test_an_async_engine_that_left_its_stream_block_stores_what_it_wrote() -> None:
+    """The planning-time stream, recorded as an event, orders the job (not the loop thread's
+    stream when the job issues its copy: by then the engine left ``with torch.cuda.stream``)."""
+    engine = torch.cuda.Stream()
+    env = Env(gpu_blocks=16, device="cuda", tiers=[CpuTier(LAYOUT, 8)])
+    async with env.manager as manager:
+        request = env.request(2)
+        blocks = env.alloc(request, 2)
+        ids = blocks.get_block_ids()[0]
+        written = env.cache[ids].clone()
+        env.cache[ids] = 0
+        torch.cuda.synchronize()
+        with torch.cuda.stream(engine):  # the "forward pass": slow, then the KV
+            torch.cuda._sleep(SLEEP_CYCLES)
+            env.cache[ids] = written
+            manager.update_state_after_alloc(request, blocks, 0)
+            plan = manager.build_step(scheduled(new={request.request_id: blocks}))
+            manager.step_computed(plan.step_id)
+        await manager.wait_idle()  # the job starts here, on the default stream
+        cpu = env.tiers[0]
+        assert isinstance(cpu, CpuTier)
+        for position in (0, 1):
+            slot = manager.indexes[0].slot_of(key(request, position))
+            assert slot is not None
+            row = cpu.slot_view([slot])
+            assert row is not None
+            assert torch.equal(row[0], pattern(key(request, position)))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_a_sync_engine_s_loads_land_after_its_queued_work_on_the_target_blocks() -> None:
     """Loads start at ``build_step``, while the previous forward pass may still run."""
     engine = torch.cuda.Stream()

@@ -59,6 +59,8 @@ class ManagerLifecycle:
 
     async def __aenter__(self) -> Self:
         self._enter()
+        tiers = [self.device, *self.tiers]
+        self._transfers.runtime.follow_streams(lambda: current_streams(tiers))
         self._session = self._serve()
         await self._session.__aenter__()
         return self

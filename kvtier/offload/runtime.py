@@ -28,6 +28,7 @@ from anyio.abc import TaskGroup
 
 from kvtier.errors import ClosedError
 from kvtier.offload._state import LoadOutcome, StoreOutcome
+from kvtier.tiers._copy import mark, wait_event
 
 __all__ = ["Runtime", "current_streams"]
 
@@ -52,6 +53,23 @@ def current_streams(tiers: Iterable[object]) -> list[torch.cuda.Stream]:
     return list(streams.values())
 
 
+def planned_at(streams: Sequence[torch.cuda.Stream]) -> list[tuple[Any, torch.device]]:
+    """An event recorded now on each stream (where the engine's queued work stands)."""
+    return [(mark(stream), stream.device) for stream in streams]
+
+
+async def wait_for(events: Sequence[tuple[Any, torch.device]]) -> None:
+    """Wait, off the loop, until every event's work has run.
+
+    A wait cancelled meanwhile still ends first (worker threads are not
+    abandoned); the job after it then never starts, and closing the manager
+    releases what its plan held, as for any job cancelled before it started.
+    """
+    for event, device in events:
+        if not event.query():
+            await anyio.to_thread.run_sync(wait_event, event, device)
+
+
 def _make_current(streams: Sequence[torch.cuda.Stream]) -> None:
     """Make ``streams`` the current ones of the calling thread (per GPU)."""
     for stream in streams:
@@ -66,8 +84,9 @@ class Runtime:
         self._cond = threading.Condition()
         self._event: anyio.Event | None = None
         self._group: TaskGroup | None = None
-        # async mode: (job, args) queued by spawn, started by _dispatch
-        self._jobs: deque[tuple[Job, tuple[Any, ...]]] = deque()
+        # async mode: (job, args, events) queued by spawn, started by _dispatch
+        self._jobs: deque[tuple[Job, tuple[Any, ...], Sequence[Any]]] = deque()
+        self._planned_at: Callable[[Sequence[Any]], Sequence[Any]] = planned_at
         self._wake: anyio.Event | None = None
         self._closing = False
         self._portal: anyio.from_thread.BlockingPortal | None = None
@@ -105,8 +124,11 @@ class Runtime:
         jobs = self._jobs
         while True:
             while jobs:
-                job, args = jobs.popleft()
-                group.start_soon(job, *args)
+                job, args, events = jobs.popleft()
+                if events:
+                    group.start_soon(_after, events, job, args)
+                else:
+                    group.start_soon(job, *args)
             if self._closing:
                 return
             self._wake = anyio.Event()
@@ -116,6 +138,20 @@ class Runtime:
         wake, self._wake = self._wake, None
         if wake is not None:
             wake.set()
+
+    def follow_streams(self, streams: Callable[[], Sequence[torch.cuda.Stream]]) -> None:
+        """Async mode: order each job after the engine's streams as :meth:`spawn` plans it.
+
+        ``streams()`` (see :func:`current_streams`) is called on the engine's
+        thread at each :meth:`spawn`; an event recorded on each then is what
+        the job waits for before it starts. Without it a job's copies would
+        wait for the loop thread's current stream when they are issued, at
+        a later await: an engine that queued its forward pass under ``with
+        torch.cuda.stream(s):`` and left the block before awaiting would
+        have its stores read blocks still being written.
+        """
+        if streams():
+            self._streams = streams  # no CUDA tier: never asked again
 
     # -- thread mode -------------------------------------------------------------------
 
@@ -196,7 +232,8 @@ class Runtime:
         if group is None:
             raise ClosedError(_NOT_RUNNING)
         if self._portal is None:
-            self._jobs.append((job, args))
+            streams = self._streams() if self._streams is not None else ()
+            self._jobs.append((job, args, self._planned_at(streams) if streams else ()))
             self._wake_dispatcher()
             return
 
@@ -229,3 +266,9 @@ class Runtime:
         """Wait until an outcome is queued; False after ``timeout`` seconds (None: no limit)."""
         with self._cond:
             return self._cond.wait_for(lambda: bool(self.outcomes), timeout)
+
+
+async def _after(events: Sequence[Any], job: Job, args: tuple[Any, ...]) -> None:
+    """``job(*args)`` once the engine's work queued when it was planned has run."""
+    await wait_for(events)
+    await job(*args)

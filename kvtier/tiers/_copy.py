@@ -80,7 +80,7 @@ def _on(stream: torch.cuda.Stream) -> Iterator[None]:
         yield
 
 
-def _mark(stream: torch.cuda.Stream) -> torch.cuda.Event:
+def mark(stream: torch.cuda.Stream) -> torch.cuda.Event:
     """An event recorded on ``stream`` now; waiting for it sleeps instead of spinning.
 
     (A default event, like ``Stream.synchronize``, spin-waits: a worker
@@ -93,7 +93,7 @@ def _mark(stream: torch.cuda.Stream) -> torch.cuda.Event:
     return done
 
 
-def _wait(done: torch.cuda.Event, device: torch.device) -> None:
+def wait_event(done: torch.cuda.Event, device: torch.device) -> None:
     """Block the calling thread until ``done`` happened (on ``device``)."""
     with torch.cuda.device(device):
         done.synchronize()
@@ -101,7 +101,7 @@ def _wait(done: torch.cuda.Event, device: torch.device) -> None:
 
 def _drain(stream: torch.cuda.Stream) -> None:
     """Block until every copy queued on ``stream`` so far is done, without spinning."""
-    _wait(_mark(stream), stream.device)
+    wait_event(mark(stream), stream.device)
 
 
 def check_copy_threads(copy_threads: object) -> None:
@@ -253,7 +253,7 @@ class RowCopier:
                 if not finished:
                     # Shielded: the caller's buffer is settled before we return.
                     with anyio.CancelScope(shield=True):
-                        await anyio.to_thread.run_sync(_wait, done, stream.device)
+                        await anyio.to_thread.run_sync(wait_event, done, stream.device)
             elif stream is None and nbytes >= self.offload_min_bytes and self._shares(nbytes) > 1:
                 await self._in_threads(slots, parts, read=read, shares=self._shares(nbytes))
             else:
@@ -371,7 +371,7 @@ class RowCopier:
         try:
             with _on(stream):
                 self.rows.copy(slots, parts, read=read, non_blocking=True)
-            return _mark(stream)
+            return mark(stream)
         except BaseException:
             # Kernels queued before the failure may still use the caller's
             # buffer: let them finish before the caller sees the error.

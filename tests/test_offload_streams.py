@@ -1,0 +1,90 @@
+"""Async mode on CUDA: a job waits for the engine's streams as they stood when it was planned.
+
+No GPU here: the engine's stream and its events are stand-ins (the event a
+job waits for is recorded by ``kvtier.offload.runtime.mark`` at planning, and
+waited for through ``wait_event``), so what is checked is the ordering, not
+CUDA itself (``tests/test_offload_cuda.py`` has the CUDA tests).
+"""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import anyio
+import pytest
+
+from kvtier.offload import lifecycle, runtime
+from tests.offload_env import Env, key, scheduled
+
+
+class PlannedEvent:
+    """A CUDA event stand-in: done once the test says the engine's work has run."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+    def query(self) -> bool:
+        return self.done.is_set()
+
+    def synchronize(self) -> None:
+        self.done.wait(10)
+
+
+@pytest.fixture
+def engine_events(monkeypatch: pytest.MonkeyPatch) -> list[PlannedEvent]:
+    """Pretend a tier is on a GPU; collect the events jobs are planned behind."""
+    events: list[PlannedEvent] = []
+
+    def mark(stream: object) -> PlannedEvent:
+        events.append(PlannedEvent())
+        return events[-1]
+
+    stream = SimpleNamespace(device=-1)  # torch.cuda.device(-1) selects nothing
+    monkeypatch.setattr(lifecycle, "current_streams", lambda tiers: [stream])
+    monkeypatch.setattr(runtime, "mark", mark)
+    return events
+
+
+@pytest.mark.asyncio
+async def test_an_async_store_waits_for_the_engine_work_queued_before_it_was_planned(
+    engine_events: list[PlannedEvent],
+) -> None:
+    env = Env()
+    async with env.manager as manager:
+        req = env.request(2)
+        blocks = env.alloc(req, 2)
+        manager.update_state_after_alloc(req, blocks, 0)
+        plan = manager.build_step(scheduled(new={req.request_id: blocks}))
+        manager.step_computed(plan.step_id)
+        assert engine_events  # recorded as the store was planned, on the engine's thread
+        await anyio.sleep(0.05)
+        assert env.cpu_keys() == set()  # the forward pass has not run: nothing copied
+        for event in engine_events:
+            event.done.set()
+        with anyio.fail_after(10):
+            await manager.wait_idle()
+        assert env.cpu_keys() == {key(req, 0), key(req, 1)}
+
+
+@pytest.mark.asyncio
+async def test_a_job_waiting_for_the_engine_still_runs_when_the_manager_closes(
+    engine_events: list[PlannedEvent],
+) -> None:
+    """Only the job settles what its plan holds: cancelled, it must still start."""
+    env = Env()
+    manager = env.manager
+    with anyio.CancelScope() as owner:
+        async with manager:
+            req = env.request(2)
+            blocks = env.alloc(req, 2)
+            manager.update_state_after_alloc(req, blocks, 0)
+            plan = manager.build_step(scheduled(new={req.request_id: blocks}))
+            manager.step_computed(plan.step_id)
+            await anyio.sleep(0.05)
+            assert manager.indexes[0].num_reserved == 2  # the store's slots, held by its plan
+            threading.Timer(0.1, lambda: [e.done.set() for e in engine_events]).start()
+            owner.cancel()  # the engine shuts down while the job waits for its stream
+            await anyio.sleep_forever()
+    assert manager.indexes[0].num_reserved == 0  # settled on close, nothing leaked
+    assert all(block.ref_cnt == 1 for block in blocks.blocks[0])  # only the request's own

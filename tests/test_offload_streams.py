@@ -88,3 +88,27 @@ async def test_a_job_waiting_for_the_engine_still_runs_when_the_manager_closes(
             await anyio.sleep_forever()
     assert manager.indexes[0].num_reserved == 0  # settled on close, nothing leaked
     assert all(block.ref_cnt == 1 for block in blocks.blocks[0])  # only the request's own
+
+
+@pytest.mark.asyncio
+async def test_a_failed_wait_for_the_engine_fails_the_job_not_the_manager(
+    engine_events: list[PlannedEvent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CUDA error surfacing as the job waits is the store's error, as one in its copy is."""
+
+    def broken(self: PlannedEvent) -> bool:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(PlannedEvent, "query", broken)
+    env = Env()
+    async with env.manager as manager:
+        req = env.request(2)
+        blocks = env.alloc(req, 2)
+        manager.update_state_after_alloc(req, blocks, 0)
+        plan = manager.build_step(scheduled(new={req.request_id: blocks}))
+        manager.step_computed(plan.step_id)
+        with anyio.fail_after(10):
+            await manager.wait_idle()
+        assert env.cpu_keys() == set()
+        assert manager.indexes[0].num_reserved == 0  # aborted
+        assert manager.stats().tiers["cpu"].failed_transfers == 2

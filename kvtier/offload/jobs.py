@@ -17,7 +17,7 @@ rewritten). A shared tier (Redis) is left alone: other engines write there.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import attrs
@@ -32,6 +32,8 @@ from kvtier.transfer import LoadTask, StoreTask, TransferPipeline
 __all__ = ["run_load", "run_store"]
 
 Push = Callable[[StoreOutcome | LoadOutcome], None]
+Ready = Callable[[], Awaitable[None]]
+"""What a job awaits before its first copy (the engine's work it must follow)."""
 
 _log = get_logger("kvtier.offload")
 
@@ -94,12 +96,19 @@ async def run_store(
     tiers: Sequence[BlockStore],
     push: Push,
     event: StoreEvent,
+    *,
+    ready: Ready | None = None,
 ) -> None:
-    """Demote what the event's slots held, then copy its device blocks down."""
+    """Demote what the event's slots held, then copy its device blocks down.
+
+    ``ready`` is awaited first; if it fails, so does the store.
+    """
     demoted: list[float | None] = []
     error: BaseException | None = TransferCancelledError(f"store event {event.event_id} cancelled")
     seconds = 0.0
     try:
+        if ready is not None:
+            await ready()
         for demotion in event.demotions:
             demoted.append(await _demote(pipeline, tiers, demotion))
         task = StoreTask(device, event.block_ids, tiers[0], event.slots, event.keys)
@@ -166,14 +175,21 @@ async def run_load(
     tiers: Sequence[BlockStore],
     push: Push,
     event: LoadEvent,
+    *,
+    ready: Ready | None = None,
 ) -> None:
-    """Stage blocks held only by slower tiers into the first, then load them all."""
+    """Stage blocks held only by slower tiers into the first, then load them all.
+
+    ``ready`` is awaited first; if it fails, so does the load.
+    """
     error: BaseException | None = TransferCancelledError(f"load event {event.event_id} cancelled")
     missing: tuple[tuple[int, BlockKey], ...] = ()
     demoted: list[float | None] = []
     seconds: dict[int, float] = {}  # per source tier level
     leg: _Leg | None = None
     try:
+        if ready is not None:
+            await ready()
         for demotion in event.demotions:
             demoted.append(await _demote(pipeline, tiers, demotion))
         for leg in _legs(event):

@@ -15,6 +15,7 @@ its next call, so its bookkeeping is never touched by two threads.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -59,11 +60,11 @@ def planned_at(streams: Sequence[torch.cuda.Stream]) -> list[tuple[Any, torch.de
 
 
 async def wait_for(events: Sequence[tuple[Any, torch.device]]) -> None:
-    """Wait, off the loop, until every event's work has run.
+    """Wait, off the loop, until every event's work has run (a job's ``ready``).
 
-    A wait cancelled meanwhile still ends first (worker threads are not
-    abandoned); the job after it then never starts, and closing the manager
-    releases what its plan held, as for any job cancelled before it started.
+    The job awaits it inside its own error handling: a failed wait (a CUDA
+    error) fails the job's outcome, and a cancelled one (which still ends
+    first: worker threads are not abandoned) reports it cancelled.
     """
     for event, device in events:
         if not event.query():
@@ -126,7 +127,8 @@ class Runtime:
             while jobs:
                 job, args, events = jobs.popleft()
                 if events:
-                    group.start_soon(_after, events, job, args)
+                    ready = functools.partial(wait_for, events)
+                    group.start_soon(functools.partial(job, *args, ready=ready))
                 else:
                     group.start_soon(job, *args)
             if self._closing:
@@ -223,7 +225,11 @@ class Runtime:
         """Start ``job(*args)`` (from the engine's thread).
 
         In async mode the job is queued and starts once the engine's loop
-        runs; in thread mode it starts on the background loop now.
+        runs; in thread mode it starts on the background loop now. In async
+        mode with the engine's streams followed (:meth:`follow_streams`), the
+        job gets ``ready=``: an awaitable it awaits first, inside its own
+        error handling, that ends once the work queued on those streams by
+        now has run.
 
         Raises:
             ClosedError: The manager is not entered.
@@ -266,9 +272,3 @@ class Runtime:
         """Wait until an outcome is queued; False after ``timeout`` seconds (None: no limit)."""
         with self._cond:
             return self._cond.wait_for(lambda: bool(self.outcomes), timeout)
-
-
-async def _after(events: Sequence[Any], job: Job, args: tuple[Any, ...]) -> None:
-    """``job(*args)`` once the engine's work queued when it was planned has run."""
-    await wait_for(events)
-    await job(*args)

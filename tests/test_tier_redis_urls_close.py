@@ -459,3 +459,27 @@ def test_an_at_sign_in_a_password_parameter_hides_everything_after_the_scheme(ur
     assert "S3cr3t" not in repr(store)
     assert "S3cr3t" not in store.url
     refused("redis://h/0#x@S3cr3t", ("S3cr3t",))  # in a fragment: refused, hidden
+
+
+@pytest.mark.asyncio
+async def test_closing_as_a_round_trip_s_own_deadline_fires_ends_it_and_raises_nothing() -> None:
+    """Rescheduling a deadline that is already expiring raised RuntimeError out of aclose."""
+    commands = redis_io.RedisCommands(
+        "redis", deadline=0.2, batch_size=8, concurrency=4, cluster=False, ttl_ms=None
+    )
+
+    async def hang() -> None:
+        await asyncio.sleep(100)
+
+    round_trip = asyncio.ensure_future(commands.round_trip("read", hang))
+
+    async def busy() -> None:
+        await asyncio.sleep(0.05)
+        time.sleep(0.4)  # a synchronous step holds the loop past both timers
+
+    blocker = asyncio.ensure_future(busy())
+    await asyncio.sleep(0.1)  # wakes in the pass where the round trip's deadline fires
+    commands.close()
+    with pytest.raises(ClosedError):
+        await round_trip
+    await blocker

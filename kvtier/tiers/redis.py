@@ -347,16 +347,18 @@ class RedisTier(RedisCalls):
 
     async def _close_calls_and_client(self) -> None:
         with anyio.CancelScope(shield=True):
-            self._commands.close()  # the round trips in flight end now: ClosedError
-            if self._calls:
-                self._idle = anyio.Event()
-                with anyio.move_on_after(self._connection.deadline):
-                    await self._idle.wait()
+            try:
+                self._commands.close()  # the round trips in flight end now: ClosedError
                 if self._calls:
-                    _log.warning("tier_close_calls_left", tier=self._name, n_calls=self._calls)
-            client, self._client = self._client, None
-            if client is not None:
-                await self._close_client(client)
+                    self._idle = anyio.Event()
+                    with anyio.move_on_after(self._connection.deadline):
+                        await self._idle.wait()
+                    if self._calls:
+                        _log.warning("tier_close_calls_left", tier=self._name, n_calls=self._calls)
+            finally:
+                client, self._client = self._client, None
+                if client is not None:
+                    await self._close_client(client)
 
     async def _close_client(self, client: RedisClient) -> None:
         """Close ``client`` and its connections, shielded from cancellation."""

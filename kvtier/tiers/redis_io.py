@@ -81,7 +81,8 @@ class RedisCommands:
         if self._deadlines:
             now = asyncio.get_running_loop().time()
             for deadline in self._deadlines:
-                deadline.reschedule(now)
+                if not deadline.expired():  # one that fired is on its way out already
+                    deadline.reschedule(now)  # (rescheduling it raises RuntimeError)
 
     async def round_trip(
         self, what: str, call: Callable[[], Awaitable[_T]], *, bounded: bool = True

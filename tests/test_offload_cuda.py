@@ -17,12 +17,44 @@ import textwrap
 import pytest
 import torch
 
-from kvtier import KVCacheBlocks
+from kvtier import KVCacheBlocks, Request
 from kvtier.tiers.cpu import CpuTier
 from tests.offload_env import DEADLINE, LAYOUT, Env, key, pattern, scheduled, store_blocking
 
 CUDA = torch.cuda.is_available()
 SLEEP_CYCLES = 1 << 29  # a "forward pass" of a few hundred milliseconds
+
+
+def forward_pass(env: Env) -> Request:
+    """A request of two blocks whose KV a slow "forward pass" writes, its store planned.
+
+    The pass is queued on the current stream: a sleep, then the blocks' bytes
+    (zeroed before), so a copy not ordered after it reads zeros.
+    """
+    request = env.request(2)
+    blocks = env.alloc(request, 2)
+    ids = blocks.get_block_ids()[0]
+    written = env.cache[ids].clone()
+    env.cache[ids] = 0
+    torch.cuda.synchronize()
+    torch.cuda._sleep(SLEEP_CYCLES)
+    env.cache[ids] = written
+    env.manager.update_state_after_alloc(request, blocks, 0)
+    plan = env.manager.build_step(scheduled(new={request.request_id: blocks}))
+    env.manager.step_computed(plan.step_id)
+    return request
+
+
+def assert_stored(env: Env, request: Request) -> None:
+    """The CPU tier holds the bytes the "forward pass" wrote for the request's two blocks."""
+    cpu = env.tiers[0]
+    assert isinstance(cpu, CpuTier)
+    for position in (0, 1):
+        slot = env.manager.indexes[0].slot_of(key(request, position))
+        assert slot is not None
+        row = cpu.slot_view([slot])
+        assert row is not None
+        assert torch.equal(row[0], pattern(key(request, position)))
 
 
 @pytest.mark.cuda
@@ -39,27 +71,9 @@ def test_a_sync_engine_on_its_own_stream_stores_what_its_forward_pass_wrote(ente
         else:  # an engine that switches streams after entering
             stack.enter_context(env.manager)
             stack.enter_context(torch.cuda.stream(engine))
-        request = env.request(2)
-        blocks = env.alloc(request, 2)
-        ids = blocks.get_block_ids()[0]
-        written = env.cache[ids].clone()
-        env.cache[ids] = 0
-        torch.cuda.synchronize()
-        # The "forward pass", queued on the engine's stream: slow, then the KV.
-        torch.cuda._sleep(SLEEP_CYCLES)
-        env.cache[ids] = written
-        env.manager.update_state_after_alloc(request, blocks, 0)
-        plan = env.manager.build_step(scheduled(new={request.request_id: blocks}))
-        env.manager.step_computed(plan.step_id)
+        request = forward_pass(env)  # queued on the engine's stream
         assert env.manager.wait_idle_blocking(DEADLINE)
-        cpu = env.tiers[0]
-        assert isinstance(cpu, CpuTier)
-        for position in (0, 1):
-            slot = env.manager.indexes[0].slot_of(key(request, position))
-            assert slot is not None
-            row = cpu.slot_view([slot])
-            assert row is not None
-            assert torch.equal(row[0], pattern(key(request, position)))
+        assert_stored(env, request)
 
 
 @pytest.mark.cuda
@@ -71,27 +85,10 @@ async def test_an_async_engine_that_left_its_stream_block_stores_what_it_wrote()
     engine = torch.cuda.Stream()
     env = Env(gpu_blocks=16, device="cuda", tiers=[CpuTier(LAYOUT, 8)])
     async with env.manager as manager:
-        request = env.request(2)
-        blocks = env.alloc(request, 2)
-        ids = blocks.get_block_ids()[0]
-        written = env.cache[ids].clone()
-        env.cache[ids] = 0
-        torch.cuda.synchronize()
-        with torch.cuda.stream(engine):  # the "forward pass": slow, then the KV
-            torch.cuda._sleep(SLEEP_CYCLES)
-            env.cache[ids] = written
-            manager.update_state_after_alloc(request, blocks, 0)
-            plan = manager.build_step(scheduled(new={request.request_id: blocks}))
-            manager.step_computed(plan.step_id)
+        with torch.cuda.stream(engine):
+            request = forward_pass(env)
         await manager.wait_idle()  # the job starts here, on the default stream
-        cpu = env.tiers[0]
-        assert isinstance(cpu, CpuTier)
-        for position in (0, 1):
-            slot = manager.indexes[0].slot_of(key(request, position))
-            assert slot is not None
-            row = cpu.slot_view([slot])
-            assert row is not None
-            assert torch.equal(row[0], pattern(key(request, position)))
+        assert_stored(env, request)
 
 
 @pytest.mark.cuda

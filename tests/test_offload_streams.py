@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import anyio
 import pytest
 
+from kvtier import KVCacheBlocks, Request
 from kvtier.offload import lifecycle, runtime
 from tests.offload_env import Env, key, scheduled
 
@@ -46,22 +47,32 @@ def engine_events(monkeypatch: pytest.MonkeyPatch) -> list[PlannedEvent]:
     return events
 
 
+def finish_engine_work(events: list[PlannedEvent]) -> None:
+    for event in events:
+        event.done.set()
+
+
+def plan_store(env: Env) -> tuple[Request, KVCacheBlocks]:
+    """A request of two computed blocks, its store planned and started (not awaited)."""
+    req = env.request(2)
+    blocks = env.alloc(req, 2)
+    env.manager.update_state_after_alloc(req, blocks, 0)
+    plan = env.manager.build_step(scheduled(new={req.request_id: blocks}))
+    env.manager.step_computed(plan.step_id)
+    return req, blocks
+
+
 @pytest.mark.asyncio
 async def test_an_async_store_waits_for_the_engine_work_queued_before_it_was_planned(
     engine_events: list[PlannedEvent],
 ) -> None:
     env = Env()
     async with env.manager as manager:
-        req = env.request(2)
-        blocks = env.alloc(req, 2)
-        manager.update_state_after_alloc(req, blocks, 0)
-        plan = manager.build_step(scheduled(new={req.request_id: blocks}))
-        manager.step_computed(plan.step_id)
+        req, _ = plan_store(env)
         assert engine_events  # recorded as the store was planned, on the engine's thread
         await anyio.sleep(0.05)
         assert env.cpu_keys() == set()  # the forward pass has not run: nothing copied
-        for event in engine_events:
-            event.done.set()
+        finish_engine_work(engine_events)
         with anyio.fail_after(10):
             await manager.wait_idle()
         assert env.cpu_keys() == {key(req, 0), key(req, 1)}
@@ -76,14 +87,10 @@ async def test_a_job_waiting_for_the_engine_still_runs_when_the_manager_closes(
     manager = env.manager
     with anyio.CancelScope() as owner:
         async with manager:
-            req = env.request(2)
-            blocks = env.alloc(req, 2)
-            manager.update_state_after_alloc(req, blocks, 0)
-            plan = manager.build_step(scheduled(new={req.request_id: blocks}))
-            manager.step_computed(plan.step_id)
+            _, blocks = plan_store(env)
             await anyio.sleep(0.05)
             assert manager.indexes[0].num_reserved == 2  # the store's slots, held by its plan
-            threading.Timer(0.1, lambda: [e.done.set() for e in engine_events]).start()
+            threading.Timer(0.1, finish_engine_work, [engine_events]).start()
             owner.cancel()  # the engine shuts down while the job waits for its stream
             await anyio.sleep_forever()
     assert manager.indexes[0].num_reserved == 0  # settled on close, nothing leaked
@@ -102,11 +109,7 @@ async def test_a_failed_wait_for_the_engine_fails_the_job_not_the_manager(
     monkeypatch.setattr(PlannedEvent, "query", broken)
     env = Env()
     async with env.manager as manager:
-        req = env.request(2)
-        blocks = env.alloc(req, 2)
-        manager.update_state_after_alloc(req, blocks, 0)
-        plan = manager.build_step(scheduled(new={req.request_id: blocks}))
-        manager.step_computed(plan.step_id)
+        plan_store(env)
         with anyio.fail_after(10):
             await manager.wait_idle()
         assert env.cpu_keys() == set()

@@ -16,8 +16,9 @@ import torch
 from kvtier.completion import Completion
 from kvtier.errors import InvalidRequestError, LedgerError
 from kvtier.tasks import TransferResult
+from kvtier.tiers.index import TierIndex
 from kvtier.transfer import StoreTask, TransferPipeline
-from tests.tier_doubles import MemoryStore
+from tests.tier_doubles import FaultInjectingStore, MemoryStore
 
 
 def keys_for(*ids: int) -> list[bytes]:
@@ -248,19 +249,23 @@ async def test_a_base_exception_in_a_callback_runs_the_other_callbacks_and_settl
     assert second_ledger.calls == ["abort"]
 
 
+def gated_device(
+    n: int,
+) -> tuple[MemoryStore, FaultInjectingStore, MemoryStore, TierIndex, list[bytes]]:
+    """A device of ``n`` filled blocks (and the wrapper that can hold its reads), a CPU tier
+    of four slots and its index, and the blocks' keys."""
+    inner = MemoryStore(8, name="gpu")
+    keys = keys_for(*range(1, n + 1))
+    fill(inner, list(range(n)), keys)
+    return inner, FaultInjectingStore(inner), MemoryStore(4, name="cpu"), TierIndex("cpu", 4), keys
+
+
 @pytest.mark.asyncio
 async def test_a_refused_settle_still_settles_the_keys_the_ledger_holds() -> None:
     """Review: a commit or unpin refused whole left the task's other keys held for good."""
     from kvtier.tasks import LoadTask
-    from kvtier.tiers.index import TierIndex
-    from tests.tier_doubles import FaultInjectingStore
 
-    inner = MemoryStore(8, name="gpu")
-    device = FaultInjectingStore(inner)
-    cpu = MemoryStore(4, name="cpu")
-    index = TierIndex("cpu", 4)
-    keys = keys_for(1, 2, 3)
-    fill(inner, [0, 1, 2], keys)
+    inner, device, cpu, index, keys = gated_device(3)
     async with TransferPipeline() as pipeline:
         slots = list(index.reserve(keys).slots)
         device.read_gate = anyio.Event()
@@ -288,15 +293,7 @@ async def test_a_refused_settle_still_settles_the_keys_the_ledger_holds() -> Non
 @pytest.mark.asyncio
 async def test_a_key_reserved_again_elsewhere_while_its_copy_ran_is_not_committed() -> None:
     """Settling by key would commit (or abort) the new reservation, at a slot never written."""
-    from kvtier.tiers.index import TierIndex
-    from tests.tier_doubles import FaultInjectingStore
-
-    inner = MemoryStore(8, name="gpu")
-    device = FaultInjectingStore(inner)
-    cpu = MemoryStore(4, name="cpu")
-    index = TierIndex("cpu", 4)
-    keys = keys_for(1, 2)
-    fill(inner, [0, 1], keys)
+    _, device, cpu, index, keys = gated_device(2)
     async with TransferPipeline() as pipeline:
         slots = list(index.reserve(keys).slots)
         device.read_gate = anyio.Event()

@@ -146,7 +146,7 @@ class Runtime:
 
         ``streams()`` (see :func:`current_streams`) is called on the engine's
         thread at each :meth:`spawn`; an event recorded on each then is what
-        the job waits for before it starts. Without it a job's copies would
+        the job waits for before its first copy. Without it a job's copies would
         wait for the loop thread's current stream when they are issued, at
         a later await: an engine that queued its forward pass under ``with
         torch.cuda.stream(s):`` and left the block before awaiting would

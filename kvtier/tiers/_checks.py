@@ -27,6 +27,7 @@ __all__ = [
     "check_buffer",
     "check_buffers",
     "check_parts",
+    "check_keys",
     "check_slots",
     "host_rows",
     "part_row_views",
@@ -177,15 +178,24 @@ def check_batch(
     """
     slot_list = check_slots(slots, num_slots, tier=tier)
     parts = check_buffers(buffers, slot_list, keys, row_bytes, tier=tier, one=one, written=written)
+    check_keys(keys, max_key_bytes, tier=tier)
+    if unique and (len(set(slot_list)) != len(slot_list) or len(set(keys)) != len(keys)):
+        raise InvalidRequestError(f"tier {tier}: a batch repeats a slot or a key")
+    return slot_list, parts
+
+
+def check_keys(keys: Sequence[object], max_key_bytes: int, *, tier: str) -> None:
+    """Each key is ``bytes`` of 1..``max_key_bytes``.
+
+    Raises:
+        InvalidRequestError: The first key that is not.
+    """
     for key in keys:
         if not isinstance(key, bytes) or not 0 < len(key) <= max_key_bytes:
             got = f"{len(key)} bytes" if isinstance(key, bytes) else type(key).__name__
             raise InvalidRequestError(
                 f"tier {tier}: keys must be 1..{max_key_bytes} bytes, got {got}"
             )
-    if unique and (len(set(slot_list)) != len(slot_list) or len(set(keys)) != len(keys)):
-        raise InvalidRequestError(f"tier {tier}: a batch repeats a slot or a key")
-    return slot_list, parts
 
 
 def _check_keys(slots: Sequence[int], keys: Sequence[bytes], *, tier: str) -> None:

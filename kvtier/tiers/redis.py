@@ -53,7 +53,7 @@ from kvtier.errors import (
 )
 from kvtier.log import get_logger
 from kvtier.tiers import redis_framing as framing
-from kvtier.tiers._checks import check_batch, check_slots
+from kvtier.tiers._checks import check_batch, check_keys, check_slots
 from kvtier.tiers.base import BlockKey, BlockLayout
 from kvtier.tiers.redis_batch import RedisBatches
 from kvtier.tiers.redis_calls import RedisCalls
@@ -453,12 +453,7 @@ class RedisTier(RedisCalls):
             key_list = list(keys)
         except TypeError as exc:
             raise InvalidRequestError(f"tier {self._name}: keys must be a sequence") from exc
-        for key in key_list:
-            if not isinstance(key, bytes) or not 0 < len(key) <= MAX_KEY_BYTES:
-                got = f"{len(key)} bytes" if isinstance(key, bytes) else type(key).__name__
-                raise InvalidRequestError(
-                    f"tier {self._name}: keys must be 1..{MAX_KEY_BYTES} bytes, got {got}"
-                )
+        check_keys(key_list, MAX_KEY_BYTES, tier=self._name)
         return key_list
 
     async def discard(self, slots: Sequence[int]) -> None:

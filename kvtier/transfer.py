@@ -4,7 +4,8 @@ Callers post :class:`StoreTask` (down the stack: device → CPU → disk…) and
 :class:`LoadTask` (back up) and get a :class:`~kvtier.completion.Completion`
 each. Each direction has a bounded queue (an anyio memory-object stream) and a
 worker task in a task group the pipeline owns, so loads never wait behind
-stores. A full queue pushes back: :meth:`TransferPipeline.submit` waits,
+stores. A full queue pushes back: :meth:`TransferPipeline.submit` waits (first
+come, first served, through a :class:`~kvtier.fair_send.FairSender`),
 :meth:`TransferPipeline.submit_nowait` raises :class:`anyio.WouldBlock`.
 
 A worker takes a task plus whatever else is queued behind it for the same pair
@@ -32,18 +33,17 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import deque
 from types import TracebackType
 from typing import Self
 
 import anyio
-import anyio.lowlevel
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from kvtier.claims import Claims, check_ledger, ledger_call, settle
 from kvtier.completion import Completion
 from kvtier.errors import BlockMissingError, ClosedError, ConfigError, LedgerError
+from kvtier.fair_send import FairSender
 from kvtier.log import get_logger
 from kvtier.mover import DIRECT_MIN_BYTES, BlockMover
 from kvtier.tasks import (
@@ -114,14 +114,7 @@ class TransferPipeline:
         }
         self._ids = itertools.count(1)
         self._claims = Claims()
-        self._send: dict[Direction, MemoryObjectSendStream[_Item]] = {}
-        # The submits waiting for room in each queue, first come first (see _put).
-        self._waiting: dict[Direction, deque[anyio.Event]] = {
-            direction: deque() for direction in ("store", "load")
-        }
-        # Submits woken for a free place that have not taken it yet: newcomers
-        # (submit_nowait included) queue behind them instead of taking it.
-        self._promised: dict[Direction, int] = {"store": 0, "load": 0}
+        self._send: dict[Direction, FairSender[_Item]] = {}
         self._task_group: TaskGroup | None = None
         self._closed = False
         self._started = False
@@ -139,7 +132,7 @@ class TransferPipeline:
         self._task_group = group
         for direction in ("store", "load"):
             send, receive = anyio.create_memory_object_stream[_Item](self.queue_size)
-            self._send[direction] = send
+            self._send[direction] = FairSender(send)
             self._workers += 1
             group.start_soon(self._worker, direction, receive, name=f"kvtier-{direction}")
         return self
@@ -164,26 +157,8 @@ class TransferPipeline:
 
     def _close_queues(self) -> None:
         self._closed = True
-        for direction, send in self._send.items():
-            send.close()  # workers drain what is queued, then stop
-            self._wake(direction)  # waiting submits see the closed queue
-
-    def _wake(self, direction: Direction, count: int | None = None) -> None:
-        """Wake the first ``count`` submits waiting for room (None: all)."""
-        waiting = self._waiting[direction]
-        if count is None:
-            count = len(waiting)
-        while count > 0 and waiting:
-            waiting.popleft().set()
-            self._promised[direction] += 1
-            count -= 1
-
-    def _made_room(self, direction: Direction) -> None:
-        """A worker took from ``direction``'s queue: wake a waiting submit per free place."""
-        if self._waiting[direction]:
-            room = self._send[direction].statistics()
-            free = int(room.max_buffer_size) - room.current_buffer_used
-            self._wake(direction, free - self._promised[direction])
+        for send in self._send.values():
+            send.close()  # workers drain what is queued, then stop; waiting submits see it
 
     async def _shutdown(
         self,
@@ -207,7 +182,7 @@ class TransferPipeline:
 
     # -- submission ----------------------------------------------------------------
 
-    def _prepare(self, task: TransferTask) -> tuple[MemoryObjectSendStream[_Item], _Item]:
+    def _prepare(self, task: TransferTask) -> tuple[FairSender[_Item], _Item]:
         if self._closed or not self._started:
             raise ClosedError("the transfer pipeline is not running")
         check_ledger(task.src_ledger, task.keys, task.src_slots, written=False)
@@ -227,61 +202,13 @@ class TransferPipeline:
         """
         send, item = self._prepare(task)
         try:
-            await self._put(task.direction, send, item)
+            await send.send(item)
         except BaseException as exc:
-            self._claims.release(item[0])  # never queued: see _put
+            self._claims.release(item[0])  # never queued (see kvtier.fair_send)
             if isinstance(exc, anyio.ClosedResourceError | anyio.BrokenResourceError):
                 raise ClosedError("the transfer pipeline is closed") from exc
             raise
         return item[1]
-
-    async def _put(
-        self, direction: Direction, send: MemoryObjectSendStream[_Item], item: _Item
-    ) -> None:
-        """Queue ``item``, waiting for room; when it raises, nothing was queued.
-
-        Not ``send.send()``: a sender cancelled while it waits for room can be
-        woken by a worker that took its item in the same loop tick and still
-        see the cancellation, so a cancelled submit would say "nothing queued"
-        of a task that runs (its caller then aborts the reservation and
-        reuses the slot the copy writes into). Here the item enters the queue
-        only in ``send_nowait``, after the last await.
-        """
-        await anyio.lowlevel.checkpoint()
-        waiting = self._waiting[direction]
-        if self._closed or not (waiting or self._promised[direction]):
-            try:  # (closed: this raises, where waiting would wait for no one)
-                send.send_nowait(item)
-                return
-            except anyio.WouldBlock:
-                pass
-        first = False  # woken but beaten to the place (by submit_nowait): first in line
-        while True:
-            turn = anyio.Event()
-            if first:
-                waiting.appendleft(turn)
-            else:
-                waiting.append(turn)
-            try:
-                await turn.wait()
-            except BaseException:
-                if turn.is_set():  # woken for a place it will not take: pass it on
-                    self._promised[direction] -= 1
-                    self._wake(direction, 1)
-                else:
-                    waiting.remove(turn)
-                raise
-            self._promised[direction] -= 1
-            try:
-                send.send_nowait(item)
-            except anyio.WouldBlock:
-                first = True
-                continue
-            except BaseException:  # closed or broken: those queued behind must see it too
-                self._wake(direction)
-                raise
-            self._made_room(direction)  # room left (a batch freed several): the next
-            return
 
     def submit_nowait(self, task: TransferTask) -> Completion[TransferResult]:
         """Queue ``task`` or fail at once.
@@ -294,8 +221,6 @@ class TransferPipeline:
         """
         send, item = self._prepare(task)
         try:
-            if self._waiting[task.direction] or self._promised[task.direction]:
-                raise anyio.WouldBlock  # the free places are the waiting submits'
             send.send_nowait(item)
         except BaseException as exc:
             self._claims.release(item[0])  # never queued
@@ -320,7 +245,7 @@ class TransferPipeline:
                         break
                 batch = [carry]
                 carry = self._take_more(receive, batch)
-                self._made_room(direction)
+                self._send[direction].took()
                 await self._run_batch(direction, batch)
                 batch = []
         finally:
@@ -332,7 +257,7 @@ class TransferPipeline:
                 except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
                     break
             receive.close()
-            self._wake(direction)  # waiting submits see the queue broken
+            self._send[direction].broken()  # waiting submits see it
             interrupt: BaseException | None = None
             try:
                 for task, completion in leftovers:

@@ -48,12 +48,11 @@ import redis.exceptions
 from kvtier.errors import (
     ClosedError,
     ConfigError,
-    InvalidRequestError,
     TierIOError,
 )
 from kvtier.log import get_logger
 from kvtier.tiers import redis_framing as framing
-from kvtier.tiers._checks import check_batch, check_keys, check_slots
+from kvtier.tiers._checks import check_batch
 from kvtier.tiers.base import BlockKey, BlockLayout
 from kvtier.tiers.redis_batch import RedisBatches
 from kvtier.tiers.redis_calls import RedisCalls
@@ -85,7 +84,8 @@ _MAX_TTL = 365 * 86_400.0
 class RedisTier(RedisCalls):
     """A shared tier in Redis / Valkey; see the module docstring for the model.
 
-    Its reads and writes come from :class:`~kvtier.tiers.redis_calls.RedisCalls`.
+    Its reads, writes, ``contains``, ``adopt`` and ``discard`` come from
+    :class:`~kvtier.tiers.redis_calls.RedisCalls`.
 
     Args:
         layout: The block layout.
@@ -406,75 +406,3 @@ class RedisTier(RedisCalls):
         names = await self._commands.scan(client, self._keys.pattern(), self._num_slots)
         keys = dict.fromkeys(key for key in map(self._keys.key_of, names) if key is not None)
         return list(enumerate(keys))
-
-    # -- shared-tier calls ---------------------------------------------------------------
-
-    async def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
-        """Whether each block is in Redis now (it may go at any time), in the order of ``keys``.
-
-        One ``EXISTS`` pipeline per 1,024 keys, at most ``concurrency``
-        in flight, each under its own deadline; none for no keys.
-
-        Raises:
-            ClosedError: The tier is not open, or was closed during the call.
-            InvalidRequestError: A key is not ``bytes`` of 1..``MAX_KEY_BYTES``.
-            TierIOError: The server failed or timed out.
-        """
-        self._open()
-        names = [self._keys.name(key) for key in self._checked_keys(keys)]
-        return await self._run(partial(self._commands.exists, names=names))
-
-    def adopt(self, slots: Sequence[int], keys: Sequence[BlockKey]) -> None:
-        """Remember that ``slots`` stand for ``keys``, found by :meth:`contains` (for discard).
-
-        Raises:
-            ClosedError: The tier is not open.
-            InvalidRequestError: A slot is out of range, a key is not
-                ``bytes`` of 1..``MAX_KEY_BYTES``, or the keys are not as many
-                as the slots.
-        """
-        self._open()
-        slot_list = check_slots(slots, self._num_slots, tier=self._name)
-        key_list = self._checked_keys(keys)
-        if len(key_list) != len(slot_list):
-            raise InvalidRequestError(
-                f"tier {self._name}: {len(slot_list)} slots but {len(key_list)} keys"
-            )
-        self._slot_keys.update(zip(slot_list, key_list, strict=True))
-
-    def _checked_keys(self, keys: Sequence[BlockKey]) -> list[BlockKey]:
-        """``keys`` as a list, each checked as reads and writes check theirs.
-
-        Raises:
-            InvalidRequestError: ``keys`` is not a sequence, or a key is not
-                ``bytes`` of 1..``MAX_KEY_BYTES``.
-        """
-        try:
-            key_list = list(keys)
-        except TypeError as exc:
-            raise InvalidRequestError(f"tier {self._name}: keys must be a sequence") from exc
-        check_keys(key_list, MAX_KEY_BYTES, tier=self._name)
-        return key_list
-
-    async def discard(self, slots: Sequence[int]) -> None:
-        """Forget the blocks in ``slots`` and, with ``discard_deletes``, delete them.
-
-        The delete is one ``UNLINK`` pipeline per 1,024 blocks, at
-        most ``concurrency`` in flight, each under its own deadline; none when
-        no slot holds a block this process knows.
-
-        Raises:
-            ClosedError: The tier is not open, or was closed during the call.
-            InvalidRequestError: A slot is out of range.
-            TierIOError: A chunk of the delete failed (every block is forgotten
-                all the same; those of other chunks may be deleted or not).
-        """
-        self._open()
-        slot_list = check_slots(slots, self._num_slots, tier=self._name)
-        known = {slot: key for slot in slot_list if (key := self._slot_keys.get(slot)) is not None}
-        doomed = [self._keys.name(key) for key in known.values()]  # before forgetting any
-        for slot in known:
-            del self._slot_keys[slot]
-        if not doomed or not self._discard_deletes:
-            return
-        await self._run(partial(self._commands.unlink, names=doomed))

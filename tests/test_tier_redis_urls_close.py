@@ -18,8 +18,8 @@ import torch
 from kvtier.config_redis import parse_redis_options, redact_url
 from kvtier.errors import ClosedError, ConfigError, InvalidRequestError
 from kvtier.tiers import redis_framing, redis_io
+from kvtier.tiers._checks import part_row_views
 from kvtier.tiers.redis import RedisTier
-from kvtier.tiers.redis_batch import payload_rows
 from tests.redis_server import RedisServer, redis_server, shared_redis
 from tests.test_tier_redis import LAYOUT, MODEL, blocks, key, read, tier
 
@@ -371,12 +371,12 @@ async def test_the_payload_views_sent_keep_their_tensor_alive(
         assert torch.equal(await read(store, list(range(6)), [key(i) for i in range(6)]), expected)
 
 
-def test_payload_rows_take_parts_in_order_and_each_view_owns_its_part() -> None:
+def test_part_row_views_take_parts_in_order_and_each_view_owns_its_part() -> None:
     whole = torch.arange(5 * 64, dtype=torch.int16).view(torch.uint8).view(5, 128)
     strided = torch.zeros(3, 256, dtype=torch.uint8)[:, :128]  # rows contiguous, part not
     strided.copy_(whole[2:])
     parts = [whole[:2].clone(), strided]
-    rows = payload_rows(parts)
+    rows = part_row_views(parts)
     views = [memoryview(rows(index)) for index in range(5)]
     assert [bytes(view) for view in views] == [bytes(row.numpy()) for row in whole]
     first = weakref.ref(parts[0].untyped_storage())

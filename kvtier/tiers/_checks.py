@@ -265,11 +265,15 @@ def byte_rows(tensor: torch.Tensor, rows: int, row_bytes: int, *, what: str) -> 
 def tensor_bytes(row: torch.Tensor) -> memoryview:
     """The writable bytes of a contiguous CPU tensor, without copying or NumPy.
 
-    The view aliases the tensor's memory: the caller keeps the tensor alive
-    while the view is in use.
+    The view aliases the tensor's memory, and its exporter holds the tensor:
+    the memory lives as long as any view made from it, so a socket writer
+    that keeps a view past the call that made it (asyncio's transport does,
+    from Python 3.12, after a cancelled round trip) never reads memory that
+    was freed or reused.
     """
     size = row.numel() * row.element_size()
     buffer = (ctypes.c_ubyte * size).from_address(row.data_ptr())
+    buffer.owner = row  # type: ignore[attr-defined]  # ctypes instances take attributes
     return memoryview(buffer).cast("B")
 
 

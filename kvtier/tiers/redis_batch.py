@@ -11,7 +11,6 @@ blocks are round trips; up to ``concurrency`` run at once
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import partial
 
 import torch
 
@@ -24,7 +23,7 @@ from kvtier.tiers.redis_format import KeyFormat
 from kvtier.tiers.redis_io import RedisCommands
 from kvtier.tiers.redis_values import ValueBuffers, take_value
 
-__all__ = ["RedisBatches", "RowBytes", "owned_bytes", "payload_rows"]
+__all__ = ["RedisBatches", "RowBytes"]
 
 _log = get_logger("kvtier.tiers.redis")
 
@@ -70,14 +69,15 @@ class RedisBatches:
         Rows of host parts are framed where they are; other parts (on a
         device, or strided within a row) are copied to the host first. Each
         row goes out as a view that keeps its part alive
-        (:func:`payload_rows`): the socket writer may still hold it after
-        a cancelled or failed round trip, when this copy is otherwise gone.
+        (:func:`~kvtier.tiers._checks.tensor_bytes`): the socket writer may
+        still hold it after a cancelled or failed round trip, when this copy
+        is otherwise gone.
 
         Raises:
             TierIOError: As for :meth:`store`.
         """
         host = [part if _on_host(part) else part.to("cpu").contiguous() for part in parts]
-        await self.store(client, keys, payload_rows(host), framed=framed)
+        await self.store(client, keys, part_row_views(host), framed=framed)
 
     async def load_parts(
         self,
@@ -169,45 +169,6 @@ class RedisBatches:
         if missing:
             _log.debug("tier_miss", tier=self._name, n_blocks=len(missing))
             raise BlockMissingError.of_slots(self._name, missing)
-
-
-def owned_bytes(tensor: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, viewed through an exporter that holds the tensor.
-
-    The exporter is a NumPy array of the tensor (whose base is the tensor),
-    so every view made from this one, or from a slice of it, keeps the
-    memory alive: on Python 3.12+ asyncio's socket transport buffers
-    ``memoryview(payload)`` without copying, and may send it after the store
-    that made it has returned (a timed-out or cancelled round trip).
-    """
-    return tensor.detach().numpy().data.cast("B")
-
-
-def payload_rows(parts: Sequence[torch.Tensor]) -> RowBytes:
-    """``index -> the bytes of row index`` of host parts taken in order, as owning views.
-
-    Like :func:`~kvtier.tiers._checks.part_row_views`, but each view's
-    exporter holds its part (:func:`owned_bytes`). Each part is a CPU tensor
-    ``[rows, …]`` whose rows are each contiguous.
-    """
-    rows: list[tuple[Callable[[int], memoryview], int]] = []
-    for part in parts:
-        if part.is_contiguous() and part.shape[0]:
-            whole = owned_bytes(part)
-            size = len(whole) // part.shape[0]
-            row: Callable[[int], memoryview] = partial(_row_slice, whole, size)
-        else:
-            row = partial(_row_view, part)
-        rows.extend((row, number) for number in range(part.shape[0]))
-    return lambda index: rows[index][0](rows[index][1])
-
-
-def _row_slice(whole: memoryview, size: int, index: int) -> memoryview:
-    return whole[index * size : (index + 1) * size]
-
-
-def _row_view(part: torch.Tensor, index: int) -> memoryview:
-    return owned_bytes(part[index])
 
 
 def _on_host(part: torch.Tensor) -> bool:

@@ -32,7 +32,7 @@ class FramedValue:
         header: What precedes the payload (header and key).
         payload: The block's bytes; must stay unchanged until the round trip
             that sends it has returned, and its exporter must keep the memory
-            alive (:func:`~kvtier.tiers.redis_batch.owned_bytes`): the socket
+            alive (:func:`~kvtier.tiers._checks.tensor_bytes`): the socket
             writer may hold a view of it after a cancelled round trip.
     """
 

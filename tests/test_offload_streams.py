@@ -9,6 +9,7 @@ CUDA itself (``tests/test_offload_cuda.py`` has the CUDA tests).
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import anyio
@@ -115,3 +116,29 @@ async def test_a_failed_wait_for_the_engine_fails_the_job_not_the_manager(
         assert env.cpu_keys() == set()
         assert manager.indexes[0].num_reserved == 0  # aborted
         assert manager.stats().tiers["cpu"].failed_transfers == 2
+
+
+@pytest.mark.asyncio
+async def test_demotions_a_failed_wait_kept_from_running_are_not_failed_transfers(
+    engine_events: list[PlannedEvent], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A demotion that never ran is aborted, not counted, whether its job started or not."""
+    env = Env(cpu_blocks=2, disk=tmp_path / "disk")
+    async with env.manager as manager:
+        plan_store(env)  # fills the CPU tier
+        finish_engine_work(engine_events)
+        with anyio.fail_after(10):
+            await manager.wait_idle()
+
+        def broken(self: PlannedEvent) -> bool:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        monkeypatch.setattr(PlannedEvent, "query", broken)
+        plan_store(env)  # must evict both CPU blocks: two demotions to disk, never run
+        assert manager.indexes[1].num_reserved == 2
+        with anyio.fail_after(10):
+            await manager.wait_idle()
+        stats = manager.stats().tiers
+        assert stats["cpu"].failed_transfers == 2  # the store itself failed
+        assert (stats["disk"].failed_transfers, stats["disk"].demotions) == (0, 0)
+        assert manager.indexes[1].num_reserved == 0  # aborted

@@ -123,7 +123,12 @@ class StoreOutcome:
     event_id: int
     error: BaseException | None
     demotions: tuple[float | None, ...]
-    """Per demotion, the seconds its copy took, or None where it failed or never ran."""
+    """Per demotion that ran, in order: the seconds its copy took, or None if it failed.
+
+    Shorter than the event's demotions when the job ended before starting
+    them all (its wait for the engine failed, or it was cancelled): those
+    never ran, and their reservations are aborted without counting a failure.
+    """
     seconds: float = 0.0
 
 
@@ -131,7 +136,8 @@ class StoreOutcome:
 class LoadOutcome:
     """A load job ended; ``missing`` are keys whose bytes proved absent or corrupt.
 
-    ``seconds`` holds ``(tier level, seconds spent reading from it)`` pairs.
+    ``seconds`` holds ``(tier level, seconds spent reading from it)`` pairs;
+    ``demotions`` is as :attr:`StoreOutcome.demotions`.
     """
 
     event_id: int

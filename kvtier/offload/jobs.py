@@ -117,8 +117,7 @@ async def run_store(
     except Exception as exc:
         error = exc
     finally:
-        missing = len(event.demotions) - len(demoted)
-        push(StoreOutcome(event.event_id, error, (*demoted, *([None] * missing)), seconds))
+        push(StoreOutcome(event.event_id, error, tuple(demoted), seconds))
 
 
 @attrs.frozen
@@ -208,13 +207,12 @@ async def run_load(
     except Exception as exc:
         error = exc
     finally:
-        unrun = [None] * (len(event.demotions) - len(demoted))
         outcome = LoadOutcome(
             event.event_id,
             event.request_id,
             error,
             missing,
-            (*demoted, *unrun),
+            tuple(demoted),
             tuple(seconds.items()),
         )
         push(outcome)

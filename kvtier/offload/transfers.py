@@ -195,8 +195,17 @@ class Transfers:
             self.end_store(event, ok=event.error is None)
 
     def _settle_demotions(self, demotions: list[Demotion], seconds: Sequence[float | None]) -> None:
-        """Commit the demotions that copied (their bytes and time count as the tier's stores)."""
-        for demotion, took in zip(demotions, seconds, strict=True):
+        """Commit the demotions that copied (their bytes and time count as the tier's stores).
+
+        ``seconds`` covers the demotions that ran, in order (see
+        :attr:`~kvtier.offload._state.StoreOutcome.demotions`): one that
+        failed counts as failed transfers; those after them never ran and are
+        aborted uncounted, as :meth:`end_store` and :meth:`end_load` abort the
+        demotions of an event that ended without its job.
+        """
+        for demotion in demotions[len(seconds) :]:  # never ran
+            self.indexes[demotion.level + 1].abort(demotion.keys)
+        for demotion, took in zip(demotions, seconds, strict=False):
             below = self.indexes[demotion.level + 1]
             stats = self.tier_stats[demotion.level + 1]
             if took is not None:

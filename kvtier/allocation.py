@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from kvtier.block import KVCacheBlock
 from kvtier.cache_blocks import KVCacheBlocks, require_blocks
 from kvtier.errors import InvalidRequestError
-from kvtier.hashing import BlockHash
+from kvtier.hashing import BlockHash, make_block_hash_with_group_id
 from kvtier.request import KVCacheRequest, request_lora_id
 
 if TYPE_CHECKING:
@@ -121,17 +121,18 @@ def check_allocation(
         check_hashes(request, manager.block_size)
         if manager.block_pool.enable_kv_cache_events:  # events carry it: checked first
             request_lora_id(request)
-    if any(computed):
-        _check_hits(manager, request_id, computed, new_computed)
+    if new_computed or any(computed):  # hit tokens without hit blocks: refused
+        _check_hits(manager, request, computed, new_computed)
     return computed
 
 
 def _check_hits(
     manager: KVCacheManager,
-    request_id: str,
+    request: KVCacheRequest,
     computed: tuple[Sequence[KVCacheBlock], ...],
     num_new_computed_tokens: int,
 ) -> None:
+    request_id = request.request_id
     num_hit_tokens = len(computed[0]) * manager.block_size
     if num_new_computed_tokens != num_hit_tokens or any(
         len(blocks) != len(computed[0]) for blocks in computed
@@ -147,3 +148,32 @@ def _check_hits(
             f"request {request_id!r} already holds blocks; prefix hits are only "
             "taken when a request is first scheduled"
         )
+    _check_hit_keys(manager, request, computed)
+
+
+def _check_hit_keys(
+    manager: KVCacheManager, request: KVCacheRequest, computed: tuple[Sequence[KVCacheBlock], ...]
+) -> None:
+    """Every hit block is still cached under the request's hash at its position.
+
+    A block found by ``get_computed_blocks`` can be evicted and reused (for
+    other tokens) before the request is allocated, when an engine looks up
+    several requests before allocating them: taking it would hand the
+    request another prompt's KV.
+    """
+    hashes = request.block_hashes
+    for group, blocks in zip(manager.group_managers, computed, strict=True):
+        for position, block in enumerate(blocks):
+            if block.is_null:
+                continue
+            expected = (
+                make_block_hash_with_group_id(hashes[position], group.group_id)
+                if position < len(hashes)
+                else None
+            )
+            if expected is None or block.block_hash != expected:
+                raise InvalidRequestError(
+                    f"request {request.request_id!r}: hit block {block.block_id} at position "
+                    f"{position} is no longer cached under the request's hash (evicted and "
+                    "reused since the lookup?): look the request up again"
+                )

@@ -200,7 +200,9 @@ class KVCacheManager:
         Raises:
             InvalidRequestError: A negative count, no tokens at all, blocks for
                 the wrong number of groups, hit blocks that disagree with
-                ``num_new_computed_tokens``, hit blocks for a request
+                ``num_new_computed_tokens`` (hit tokens without hit blocks
+                too), hit blocks no longer cached under the request's hashes
+                (evicted and reused since its lookup), hit blocks for a request
                 already running or with caching off, more tokens than
                 ``max_model_len``, or block hashes of another block size.
                 Nothing is changed.

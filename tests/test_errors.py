@@ -201,6 +201,43 @@ def test_hit_blocks_must_match_the_hit_token_count() -> None:
     assert snapshot(manager) == before
 
 
+def test_hit_tokens_without_hit_blocks_are_refused() -> None:
+    """Claimed hits with no blocks would cache fresh, never-computed blocks as the prefix."""
+    manager = make_manager(11, events=True)
+    req = make_request("a", list(range(53)))
+    before = snapshot(manager)
+    for blocks in (None, manager.empty_blocks()):
+        with pytest.raises(InvalidRequestError, match="does not match the 0 hit blocks"):
+            manager.allocate_slots(req, 5, 48, blocks)
+        assert snapshot(manager) == before
+    assert manager.take_events() == []
+    assert manager.get_computed_blocks(make_request("b", list(range(53))))[1] == 0
+
+
+def test_hit_blocks_evicted_and_reused_since_the_lookup_are_refused() -> None:
+    """An engine that looks up several requests before allocating them.
+
+    Between b's lookup and its allocation, c's allocation evicts b's second
+    hit block and caches c's own tokens in it: b must not take it.
+    """
+    manager = make_manager(7, 4)
+    schedule(manager, make_request("a", list(range(9)), 4))
+    manager.free(make_request("a", list(range(9)), 4))
+    b = make_request("b", list(range(9)), 4)
+    hits, num_hits = manager.get_computed_blocks(b)
+    assert num_hits == 8
+    c = make_request("c", [7] * 20, 4)
+    assert schedule(manager, c) is not None
+    assert hits.blocks[0][1].block_id in manager.get_block_ids("c")[0]
+    manager.free(c)
+    before = snapshot(manager)
+    with pytest.raises(InvalidRequestError, match="no longer cached under the request's hash"):
+        manager.allocate_slots(b, 1, num_hits, hits)
+    assert snapshot(manager) == before
+    assert schedule(manager, b) is not None  # a fresh lookup works
+    assert manager.get_block_ids("b")[0][0] == hits.blocks[0][0].block_id  # block 0 still hit
+
+
 def test_evict_blocks_rejects_ids_out_of_range_or_not_integers() -> None:
     manager = make_manager(5)
     schedule(manager, make_request("0", list(range(40))))

@@ -6,6 +6,8 @@ misaligned storages, odd slot values, and opening races.
 
 from __future__ import annotations
 
+import threading
+
 import anyio
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ import torch
 from structlog.testing import capture_logs
 
 from kvtier.errors import ClosedError, InvalidRequestError
+from kvtier.tiers import cpu as cpu_module
 from kvtier.tiers.base import BlockLayout
 from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.gpu import DeviceTier
@@ -146,7 +149,15 @@ async def test_booleans_are_not_slots_but_ranges_and_numpy_ints_are() -> None:
         data = rand_bytes(2, BB)
         with pytest.raises(InvalidRequestError, match="slots must be integers"):
             await tier.write_from([True, 0], [b""] * 2, data)  # type: ignore[list-item]
-        await tier.write_from(np.array([3, 4]).tolist(), [b""] * 2, data)
+        await tier.write_from([0, 1], [b""] * 2, torch.zeros_like(data))
+        mask = torch.tensor([False, True])  # a block mask passed by mistake: not slots 0 and 1
+        for slots in (mask, list(mask), np.array([False, True])):
+            with pytest.raises(InvalidRequestError, match="slots must be integers"):
+                await tier.write_from(slots, [b""] * 2, data)  # type: ignore[arg-type]
+        held = torch.empty(2, BB, dtype=torch.uint8)
+        await tier.read_into([0, 1], [b""] * 2, held)
+        assert not held.any()  # nothing written
+        await tier.write_from(torch.tensor([3, 4]), [b""] * 2, data)  # type: ignore[arg-type]
         out = torch.empty(2, BB, dtype=torch.uint8)
         await tier.read_into(range(3, 5), [b""] * 2, out)
         assert torch.equal(out, data)
@@ -176,6 +187,77 @@ async def test_closing_a_cpu_tier_while_it_opens_leaves_it_closed_and_empty() ->
     with pytest.raises(ClosedError):
         tier.slot_view([0])
     assert "closed" in repr(tier)
+
+
+class PinnedStandIn:
+    """CUDA stand-ins: the tier's storage reports pinned, and unpins are recorded."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.unpinned: list[int] = []
+        allocate = CpuTier._allocate
+
+        def pinned_allocate(tier: CpuTier) -> tuple[torch.Tensor, bool]:
+            return allocate(tier)[0], True
+
+        def unregister(storage: torch.Tensor, device: int) -> None:
+            self.unpinned.append(storage.data_ptr())
+
+        monkeypatch.setattr(CpuTier, "_allocate", pinned_allocate)
+        monkeypatch.setattr(cpu_module, "_unregister", unregister)
+
+
+@pytest.mark.asyncio
+async def test_a_pinned_cpu_tier_closed_by_cancellation_still_unpins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``async with`` exits in a cancelled scope when the engine shuts down."""
+    pins = PinnedStandIn(monkeypatch)
+    tier = CpuTier(SMALL, 8)
+    closer: list[None] = []
+    with anyio.CancelScope() as scope:
+        async with tier:
+            scope.cancel()
+            await anyio.sleep(0)  # cancelled here: __aexit__ closes in the cancelled scope
+    assert tier.closed
+    assert len(pins.unpinned) == 1
+    await tier.aclose()  # idempotent
+    with anyio.CancelScope() as scope:  # a second close cancelled while waiting: returns
+        scope.cancel()
+        await tier.aclose()
+        closer.append(None)
+    assert len(pins.unpinned) == 1
+    assert closer == [None]
+
+
+@pytest.mark.asyncio
+async def test_a_second_cpu_tier_close_waits_for_the_first_to_unpin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pins = PinnedStandIn(monkeypatch)
+    release = threading.Event()
+    unregister = cpu_module._unregister
+
+    def slow_unregister(storage: torch.Tensor, device: int) -> None:
+        release.wait(10)
+        unregister(storage, device)
+
+    monkeypatch.setattr(cpu_module, "_unregister", slow_unregister)
+    tier = CpuTier(SMALL, 8)
+    await tier.__aenter__()
+    seen: list[int] = []
+
+    async def second() -> None:
+        await tier.aclose()
+        seen.append(len(pins.unpinned))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tier.aclose)
+        await anyio.sleep(0.01)
+        tg.start_soon(second)
+        await anyio.sleep(0.05)
+        assert seen == []  # still waiting for the first close's unpin
+        release.set()
+    assert seen == [1]
 
 
 @pytest.mark.asyncio

@@ -56,13 +56,16 @@ def check_slots(slots: Sequence[int], num_slots: int, *, tier: str) -> list[int]
 
 
 def slot_index(value: object) -> int:
-    """``value`` as a slot number: an integer (NumPy's too), never a bool or a float.
+    """``value`` as a slot number: an integer (NumPy's or torch's too), never a bool or a float.
+
+    (A torch boolean tensor, say a block mask passed by mistake, would index
+    as 0 and 1.)
 
     Raises:
         TypeError: ``value`` is a boolean or not an integer.
     """
-    if isinstance(value, bool):  # an int to Python, never a slot
-        raise TypeError("a boolean is not a slot")
+    if isinstance(value, bool) or getattr(value, "dtype", None) is torch.bool:
+        raise TypeError("a boolean is not a slot")  # an int to Python and to torch
     return operator.index(value)  # type: ignore[arg-type]
 
 

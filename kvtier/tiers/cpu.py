@@ -157,6 +157,7 @@ class CpuTier(CopierCalls):
         self._copier: RowCopier | None = None
         self._pinned = False
         self._closed = False
+        self._closing: anyio.Event | None = None  # set once aclose has finished
 
     @property
     def name(self) -> str:
@@ -255,7 +256,8 @@ class CpuTier(CopierCalls):
             ) from exc
         if self._settled():  # closed, or opened by a concurrent ``__aenter__``, meanwhile
             if pinned:
-                await anyio.to_thread.run_sync(_unregister, storage, self._gpu)
+                with anyio.CancelScope(shield=True):  # cancelled or not: never left pinned
+                    await anyio.to_thread.run_sync(_unregister, storage, self._gpu)
             if self._closed:
                 raise ClosedError(f"tier {self._name} was closed while opening")
             return self
@@ -287,19 +289,34 @@ class CpuTier(CopierCalls):
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Release the storage (unpinning it after device copies finish); idempotent."""
-        if self._closed:
+        """Release the storage (unpinning it after device copies finish); idempotent.
+
+        Shielded from cancellation, as ``async with`` exits when its task is
+        cancelled: pinned pages are always unpinned before the storage goes
+        (else they stay locked until the process ends). A second call waits
+        for the first to finish.
+        """
+        if self._closing is not None:
+            with anyio.CancelScope(shield=True):
+                await self._closing.wait()
             return
+        self._closing = anyio.Event()
         self._closed = True
         storage, copier = self._storage, self._copier
         self._storage = self._copier = None
-        if storage is None or copier is None:
-            return
-        await copier.sync_streams()
-        if self._pinned:
-            self._pinned = False
-            await anyio.to_thread.run_sync(_unregister, storage, self._gpu)
-        _log.info("tier_close", tier=self._name, n_blocks=self._num_slots, bytes=storage.numel())
+        try:
+            if storage is None or copier is None:
+                return
+            with anyio.CancelScope(shield=True):
+                await copier.sync_streams()
+                if self._pinned:
+                    await anyio.to_thread.run_sync(_unregister, storage, self._gpu)
+                    self._pinned = False
+            _log.info(
+                "tier_close", tier=self._name, n_blocks=self._num_slots, bytes=storage.numel()
+            )
+        finally:
+            self._closing.set()
 
     def slot_view(self, slots: Sequence[int]) -> torch.Tensor | None:
         """A view of the storage rows of ``slots`` when they are one ascending run.

@@ -8,6 +8,7 @@ from typing import Self
 
 import pytest
 import torch
+from rich.console import Console
 
 from kvtier.config import KvtierConfig, parse_config
 from kvtier.errors import ConfigError
@@ -17,6 +18,7 @@ from kvtier.replay import (
     block_bytes,
     chat_workload,
     default_config,
+    render,
     replay,
     sample_workload,
     trace_workload,
@@ -257,3 +259,28 @@ async def test_the_smallest_device_that_holds_the_largest_prompt_is_accepted() -
     assert report.device_hit_tokens + report.loaded_tokens == 4 * 16  # the last block recomputed
     with pytest.raises(ConfigError, match=r"5 device blocks .* \(5 blocks, plus the pool's null"):
         await replay(small_config(device_blocks=5, disk_blocks=None), workload)
+
+
+@pytest.mark.asyncio
+async def test_stores_dropped_by_a_full_cpu_tier_are_reported(tmp_path: Path) -> None:
+    """A CPU tier full of blocks being written drops stores: the report must say how many."""
+    report = await replay(small_config(cpu_blocks=4), small_chat(), workdir=tmp_path)
+    cpu = report.tiers[0]
+    assert cpu.dropped_stores > 0
+    assert report.to_dict()["tiers"][0]["dropped_stores"] == cpu.dropped_stores
+    console = Console(width=200, record=True)
+    for table in render(report):
+        console.print(table)
+    lines = console.export_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if "dropped" in line)  # the tiers' header
+    row = next(line for line in lines[at:] if line.split("│")[1:2] == ["  cpu "])
+    cells = [cell.strip() for cell in row.split("│")]
+    names = [cell.strip() for cell in lines[at].split("┃")]
+    failed = f"{cpu.failed_transfers:,} / {cpu.dropped_stores:,}"
+    assert cells[names.index("failed / dropped")] == failed
+    roomy = await replay(small_config(), small_chat(), workdir=tmp_path / "roomy")
+    assert all(tier.dropped_stores == 0 for tier in roomy.tiers)
+    console = Console(width=200, record=True)
+    for table in render(roomy):
+        console.print(table)
+    assert "dropped" not in console.export_text()  # the column shows only when needed

@@ -38,6 +38,10 @@ class TierReport:
         flushed_blocks: Blocks copied into it from the tier above when the
             replay closed the stack (``[offload] flush_on_close``), for the
             next run on the same ``--workdir``.
+        dropped_stores: Blocks not stored because the tier was full of blocks
+            being written or read (pinned or reserved): lost, not failed.
+        failed_probes: Lookup-time probes of this shared tier that failed or
+            timed out (each counted as a miss).
     """
 
     name: str
@@ -55,6 +59,8 @@ class TierReport:
     probed_blocks: int = 0
     restored_blocks: int = 0
     flushed_blocks: int = 0
+    dropped_stores: int = 0
+    failed_probes: int = 0
 
 
 def tier_report(name: str, stats: TierStats) -> TierReport:
@@ -75,6 +81,8 @@ def tier_report(name: str, stats: TierStats) -> TierReport:
         stats.probed_blocks,
         stats.restored_blocks,
         stats.flushed,
+        stats.dropped_stores,
+        stats.failed_probes,
     )
 
 
@@ -157,6 +165,12 @@ def render(report: ReplayReport) -> list[Table]:
     flushed = any(tier.flushed_blocks for tier in report.tiers)
     if flushed:  # only flush_on_close shows the column
         columns.insert(len(columns) - 1, "flushed in")
+    dropped = any(tier.dropped_stores for tier in report.tiers)
+    if dropped:  # only a tier that was full of blocks in flight shows them
+        columns[-1] = "failed / dropped"
+    probes = any(tier.failed_probes for tier in report.tiers)
+    if probes:  # only a shared tier that failed to answer shows the column
+        columns.append("failed probes")
     for column in columns:
         tiers.add_column(column, justify="right")
     traffic = Table(title="traffic (pipeline time per direction)")
@@ -174,7 +188,8 @@ def render(report: ReplayReport) -> list[Table]:
             f"{tier.evictions:,}",
             f"{tier.demotions:,}",
             *([f"{tier.flushed_blocks:,}"] if flushed else []),
-            f"{tier.failed_transfers:,}",
+            f"{tier.failed_transfers:,}" + (f" / {tier.dropped_stores:,}" if dropped else ""),
+            *([f"{tier.failed_probes:,}"] if probes else []),
         )
         traffic.add_row(
             tier.name,

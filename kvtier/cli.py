@@ -16,6 +16,7 @@ import argparse
 import json
 import signal
 import sys
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -51,6 +52,7 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_INTEGRITY = 1
 EXIT_USAGE = 2
+EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in kvtier, never a verdict on the cache's bytes
 EXIT_INTERRUPTED = 130
 _CHAT_OPTIONS: Final = {
     "users": 16,
@@ -253,6 +255,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("kvtier: interrupted", markup=False, highlight=False)
         return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: its own status, never 1 (wrong bytes) or 2 (input)
+        traceback.print_exception(exc, file=sys.stderr)
+        err.print(
+            f"[bold red]kvtier: internal error:[/] {escape(repr(exc))} (a bug in kvtier: "
+            "please report it with the traceback above)",
+            highlight=False,
+        )
+        return EXIT_INTERNAL
     finally:
         signal.signal(signal.SIGTERM, previous)
 

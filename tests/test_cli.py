@@ -342,3 +342,18 @@ def test_workdir_without_a_disk_tier_to_hold_is_refused(
     assert main([*args, "--workdir", str(tmp_path / "w")]) == 2
     assert "--workdir holds the disk tiers without a path" in capsys.readouterr().err
     assert main(args) == 0
+
+
+def test_an_internal_error_has_its_own_status_and_a_traceback(
+    small: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug must not read as status 1 (a reused block held wrong bytes) or 2 (bad input)."""
+
+    def broken(*args: object) -> None:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(cli, "_replay", broken)  # stands in for any bug in the replay
+    assert main(["replay", str(small), *CHAT, "--no-progress"]) == cli.EXIT_INTERNAL == 70
+    err = capsys.readouterr().err
+    assert "Traceback" in err
+    assert err.splitlines()[-1].startswith("kvtier: internal error: ZeroDivisionError('a bug')")

@@ -14,6 +14,8 @@ from kvtier.config import KvtierConfig, parse_config
 from kvtier.errors import ConfigError
 from kvtier.replay import (
     ReplayIntegrityError,
+    ReplayReport,
+    TierReport,
     Workload,
     block_bytes,
     chat_workload,
@@ -284,3 +286,20 @@ async def test_stores_dropped_by_a_full_cpu_tier_are_reported(tmp_path: Path) ->
     for table in render(roomy):
         console.print(table)
     assert "dropped" not in console.export_text()  # the column shows only when needed
+
+
+def test_failed_probes_of_a_shared_tier_get_a_column() -> None:
+    def tier(name: str, failed_probes: int) -> TierReport:
+        return TierReport(name, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0, failed_probes=failed_probes)
+
+    def text(*tiers: TierReport) -> str:
+        report = ReplayReport("w", 1, 16, 0, 0, 0, "best_effort", 0, 0, 0.1, "cpu", tiers)
+        console = Console(width=200, record=True)
+        for table in render(report):
+            console.print(table)
+        return console.export_text()
+
+    assert "failed probes" not in text(tier("cpu", 0), tier("redis", 0))
+    shown = text(tier("cpu", 0), tier("redis", 3))
+    redis_row = next(line for line in shown.splitlines() if line.startswith("│ redis"))
+    assert redis_row.split("│")[-2].strip() == "3"

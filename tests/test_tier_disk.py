@@ -81,9 +81,23 @@ async def test_permissions_and_names(tmp_path: Path) -> None:
     for path in loose.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     fresh = tmp_path / "a" / "b"
-    async with tier_at(fresh):
-        pass
+    os.chmod(tmp_path, 0o755)
+    umask = os.umask(0o022)  # the usual umask: parents made by mkdir(parents=True) get 0755
+    try:
+        async with tier_at(fresh):
+            pass
+    finally:
+        os.umask(umask)
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
+    assert stat.S_IMODE(fresh.parent.stat().st_mode) == 0o700  # missing parents: 0700 too
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o755  # an existing parent: left alone
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        async with tier_at(tmp_path / "file"):
+            pass
+    with pytest.raises(TierIOError, match="Not a directory"):
+        async with tier_at(tmp_path / "file" / "below"):
+            pass
     # Group and other bits go; the owner's are never added.
     for before, after in ((0o750, 0o700), (0o555, 0o500), (0o500, 0o500)):
         os.chmod(loose, before)

@@ -37,6 +37,32 @@ _O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 LAYOUT_SUFFIX: Final = ".layout"
 
 
+def make_private_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents, each 0700 (existing ones are left alone).
+
+    (``Path.mkdir(mode=..., parents=True)`` gives the parents the umask's
+    mode, often 0755: a ``--workdir a/b`` would leave ``a`` and ``a/b``
+    listable by every user.)
+
+    Raises:
+        FileExistsError: ``path`` is a file, or a link to one.
+        OSError: A directory cannot be created.
+    """
+    missing: list[Path] = []
+    current = path
+    while not os.path.lexists(current) and current.parent != current:
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:  # made meanwhile; ``path`` itself is checked by the caller
+            if directory == path and not directory.is_dir():
+                raise
+    if not missing and not path.is_dir():
+        raise FileExistsError(errno.EEXIST, "not a directory", str(path))
+
+
 def claim_directory(path: Path, name: str) -> int:
     """Create or check the directory (ours, private, not a link) and lock it.
 
@@ -53,7 +79,7 @@ def claim_directory(path: Path, name: str) -> int:
         OSError: It cannot be created, tightened or locked.
     """
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(path)
     except FileExistsError as exc:  # a file (or a link to one) of that name
         raise ConfigError(f"tier {name}: {path} is a file, not a directory") from exc
     info = path.lstat()

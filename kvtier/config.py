@@ -367,4 +367,6 @@ def load_config(path: str | Path) -> KvtierConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except ValueError as exc:  # an integer past Python's digit limit (4,300 by default)
+        raise ConfigError(f"{path}: a value is out of range: {exc}") from exc
     return parse_config(data)

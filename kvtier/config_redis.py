@@ -24,6 +24,9 @@ A password is never read from the file: ``password_env`` names the
 environment variable that holds it (the URL may carry one instead, not as
 well; it is redacted wherever kvtier prints the URL). The URL's query may
 only hold ``db``, ``username`` and ``password`` (:data:`URL_QUERY_KEYS`).
+A redis:// or rediss:// URL's path is empty or the database number
+(``/0``); a ``db`` parameter is a number too, and may override only a path
+of ``/0`` (unix:// URLs have the socket's path there).
 """
 
 from __future__ import annotations
@@ -82,6 +85,11 @@ DEFAULT_URL: Final = "redis://127.0.0.1:6379/0"
 _QUERY: Final = re.compile(r"[?#].*", flags=re.DOTALL)
 _SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:(//)?")
 _SHOWN_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,40}")
+_ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+"""What ``password_env`` may be for an error to quote it: a variable's name, never a password's
+text (which a user might put there by mistake; ``repr`` hides it as well)."""
+_DB: Final = re.compile(r"[0-9]{1,9}")
+"""A database number (at most 9 digits: Redis's are small, and ``int`` is safe on them)."""
 
 URL_SCHEMES: Final = ("redis://", "rediss://", "unix://")
 """What a redis tier's URL must start with, literally."""
@@ -171,6 +179,34 @@ def url_problem(url: str, *, username: bool = False, password: bool = False) -> 
     ):
         if given and (in_url or name in names):
             return f"names a {name}, which is given apart from it too (give it once)"
+    return _db_problem(parts.scheme, parts.path, [value for n, value in pairs if n == "db"])
+
+
+def _db_problem(scheme: str, path: str, query: list[str]) -> str | None:
+    """Why a URL's database number (its path, its ``db`` parameters) is refused, or None.
+
+    redis-py would take a path that is not a number, and a blank ``db``
+    parameter, for no database at all (so database 0, silently), and let a
+    ``db`` parameter win over the path. A unix:// URL's path is the socket's.
+    """
+    numbers: set[int] = set()
+    for value in query:
+        if not _DB.fullmatch(value):
+            return "sets db in its query to something that is not a database number (like db=0)"
+        numbers.add(int(value))
+    if len(numbers) > 1:
+        return "sets db in its query more than once, to different numbers (give it once)"
+    if scheme == "unix" or path in ("", "/"):
+        return None
+    if not (path.startswith("/") and _DB.fullmatch(path[1:])):
+        return (
+            "has a path that is not a database number like /0 (up to 9 digits after the "
+            "host and port); redis-py would silently use database 0 for a path like /name"
+        )
+    # A path of /0 is the usual default, which a db parameter may override;
+    # any other number that the query contradicts is a mistake in one of them.
+    if numbers and int(path[1:]) not in (0, *numbers):
+        return "names one database in its path and another in its query (give it once)"
     return None
 
 
@@ -231,6 +267,14 @@ class RedisOptions:
             return None
         value = os.environ.get(self.password_env)
         if value is None:
+            if not _ENV_NAME.fullmatch(self.password_env):
+                # Not quoted: it may be the password itself.
+                raise ConfigError(
+                    "redis tier: password_env does not look like an environment variable's "
+                    "name (letters, digits and '_'), and no variable of that name is set; it "
+                    "should name the variable that holds the password (did you put the "
+                    "password itself there?)"
+                )
             raise ConfigError(
                 f"redis tier: password_env names the environment variable "
                 f"{self.password_env}, which is not set"

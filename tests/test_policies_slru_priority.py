@@ -90,6 +90,46 @@ def test_priority_expiry_with_fake_clock() -> None:
     assert policy.victims(2, always) == [k(1), k(0)]
 
 
+def test_priorities_of_keys_never_stored_are_bounded() -> None:
+    """Keys below offload_min_priority may never be stored: their priorities must not pile up."""
+    policy = PriorityLRUPolicy(offload_min_priority=50, max_pending=3)
+    policy.insert(k(9))
+    policy.set_priority(k(9), 10)  # tracked: never forgotten for room
+    for i in range(5):
+        policy.set_priority(k(i), 0)
+    assert [policy.priority(k(i)) for i in range(5)] == [DEFAULT_PRIORITY] * 2 + [0] * 3
+    policy.set_priority(k(2), 0)  # set again: the most recent now
+    policy.set_priority(k(5), 0)
+    assert policy.priority(k(3)) == DEFAULT_PRIORITY  # the oldest went
+    assert [policy.priority(k(i)) for i in (2, 4, 5)] == [0, 0, 0]
+    assert policy.priority(k(9)) == 10
+    for i in (2, 4, 5):
+        policy.insert(k(i))  # stored after all: their priorities apply
+    assert policy.victims(4, always) == [k(2), k(4), k(5), k(9)]
+    for i in range(20):
+        policy.set_priority(k(100 + i), 0)
+    assert [policy.priority(k(i)) for i in (2, 4, 5, 9)] == [0, 0, 0, 10]  # tracked: kept
+
+
+def test_refreshed_priorities_expire_at_their_latest_time_and_stay_bounded() -> None:
+    clock = FakeClock()
+    policy = PriorityLRUPolicy(clock=clock)
+    policy.insert(k(0))
+    policy.insert(k(1))
+    policy.set_priority(k(1), 90, duration_s=5.0)
+    for step in range(10_000):  # refreshed every 1 ms, each for 5 s
+        clock.now = step / 1000
+        policy.set_priority(k(1), 90, duration_s=5.0)
+    assert len(policy._expiries) <= 2 * 1 + 64  # stale entries are dropped, not kept
+    clock.now = 14.0  # 5 s after the last refresh at 9.999: not yet
+    assert policy.victims(1, always) == [k(0)]
+    assert policy.priority(k(1)) == 90
+    clock.now = 15.0
+    assert policy.victims(1, always) == [k(1)]  # back to the default, at the LRU end
+    with pytest.raises(ConfigError, match="max_pending"):
+        PriorityLRUPolicy(max_pending=0)
+
+
 def test_priority_rejects_bad_values() -> None:
     policy = PriorityLRUPolicy()
     with pytest.raises(ConfigError):

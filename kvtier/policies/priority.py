@@ -14,15 +14,20 @@ An engine maps its retention config to keys per request: a token range
 :meth:`PriorityLRUPolicy.set_priority` with each of those blocks' keys
 (a block partly covered takes the highest priority of the ranges that touch
 it). A priority may be set before the key is stored; it applies when the key
-is inserted and is forgotten when the key leaves.
+is inserted and is forgotten when the key leaves. Priorities of keys not
+stored yet are kept for the ``max_pending`` most recently set (a key that
+is never stored, say one below ``offload_min_priority``, must not be kept
+for ever); older ones are forgotten (their keys get the default).
 
 Blocks below ``offload_min_priority`` should not be copied to a lower tier:
-:meth:`PriorityLRUPolicy.should_offload` is the predicate an offload manager
-asks.
+:meth:`PriorityLRUPolicy.should_offload` answers that for a caller that
+decides what to offload (kvtier's offload manager stores every computed
+block it is given; it does not ask).
 """
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -31,7 +36,13 @@ from kvtier.errors import ConfigError
 from kvtier.policies.walk import first_evictable
 from kvtier.tiers.base import BlockKey
 
-__all__ = ["DEFAULT_PRIORITY", "MAX_PRIORITY", "MIN_PRIORITY", "PriorityLRUPolicy"]
+__all__ = [
+    "DEFAULT_MAX_PENDING",
+    "DEFAULT_PRIORITY",
+    "MAX_PRIORITY",
+    "MIN_PRIORITY",
+    "PriorityLRUPolicy",
+]
 
 MIN_PRIORITY = 0
 """The lowest priority: evicted first."""
@@ -39,6 +50,8 @@ MAX_PRIORITY = 100
 """The highest priority: evicted last."""
 DEFAULT_PRIORITY = 35
 """The priority of a key that has none (TensorRT-LLM's default)."""
+DEFAULT_MAX_PENDING = 1 << 16
+"""Priorities kept for keys not stored (yet), by default."""
 
 
 def _check_priority(priority: int, what: str) -> None:
@@ -59,9 +72,12 @@ class PriorityLRUPolicy:
             (see :meth:`should_offload`); 0 offloads every key.
         clock: Seconds on a monotonic clock, for priority durations
             (:func:`time.monotonic` by default; tests pass a fake).
+        max_pending: Most priorities kept for keys not stored (yet); the
+            oldest set beyond it are forgotten.
 
     Raises:
-        ConfigError: ``offload_min_priority`` is not in [0, 100].
+        ConfigError: ``offload_min_priority`` is not in [0, 100], or
+            ``max_pending`` is not a positive integer.
     """
 
     def __init__(
@@ -70,14 +86,20 @@ class PriorityLRUPolicy:
         *,
         offload_min_priority: int = MIN_PRIORITY,
         clock: Callable[[], float] = time.monotonic,
+        max_pending: int = DEFAULT_MAX_PENDING,
     ) -> None:
         del capacity
         _check_priority(offload_min_priority, "offload_min_priority")
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise ConfigError(f"max_pending must be a positive integer, got {max_pending!r}")
         self.offload_min_priority = offload_min_priority
         self._clock = clock
+        self._max_pending = max_pending
         self._buckets: dict[int, OrderedDict[BlockKey, None]] = {}
         self._level: dict[BlockKey, int] = {}  # tracked key -> the bucket it is in
         self._set: dict[BlockKey, tuple[int, float | None]] = {}  # key -> (priority, expiry)
+        self._pending: OrderedDict[BlockKey, None] = OrderedDict()  # set, not tracked: oldest first
+        self._expiries: list[tuple[float, BlockKey]] = []  # heap; stale entries skipped
 
     def set_priority(self, key: BlockKey, priority: int, duration_s: float | None = None) -> None:
         """Give ``key`` ``priority``, for ``duration_s`` seconds or until it leaves.
@@ -99,8 +121,22 @@ class PriorityLRUPolicy:
             raise ConfigError(f"duration_s must be positive or None, got {duration_s!r}")
         expiry = None if duration_s is None else self._clock() + duration_s
         self._set[key] = (priority, expiry)
+        if expiry is not None:
+            expiries = self._expiries
+            heapq.heappush(expiries, (expiry, key))
+            if len(expiries) > 2 * len(self._set) + 64:  # mostly stale: rebuild from the live
+                live = [(e, k) for k, (_, e) in self._set.items() if e is not None]
+                heapq.heapify(live)
+                self._expiries = live
         if key in self._level:
             self._move(key, priority, keep_recency=True)
+            return
+        pending = self._pending
+        pending[key] = None
+        pending.move_to_end(key)
+        if len(pending) > self._max_pending:
+            oldest, _ = pending.popitem(last=False)
+            del self._set[oldest]
 
     def priority(self, key: BlockKey) -> int:
         """``key``'s priority now (:data:`DEFAULT_PRIORITY` if none is set or it expired)."""
@@ -109,11 +145,16 @@ class PriorityLRUPolicy:
             return DEFAULT_PRIORITY
         priority, expiry = entry
         if expiry is not None and self._clock() >= expiry:
-            del self._set[key]
-            if key in self._level and self._level[key] != DEFAULT_PRIORITY:
-                self._move(key, DEFAULT_PRIORITY, keep_recency=True)
+            self._forget(key)
             return DEFAULT_PRIORITY
         return priority
+
+    def _forget(self, key: BlockKey) -> None:
+        """Drop ``key``'s (expired) priority: back to the default, at its LRU end."""
+        del self._set[key]
+        self._pending.pop(key, None)
+        if key in self._level and self._level[key] != DEFAULT_PRIORITY:
+            self._move(key, DEFAULT_PRIORITY, keep_recency=True)
 
     def should_offload(self, key: BlockKey) -> bool:
         """Whether ``key`` may be copied to a lower tier (priority >= ``offload_min_priority``)."""
@@ -132,15 +173,18 @@ class PriorityLRUPolicy:
         self._level[key] = priority
 
     def _expire(self) -> None:
+        """Forget the priorities whose time is up (the heap's entries that still apply)."""
         now = self._clock()
-        for key, (_, expiry) in list(self._set.items()):
-            if expiry is not None and now >= expiry:
-                del self._set[key]
-                if key in self._level and self._level[key] != DEFAULT_PRIORITY:
-                    self._move(key, DEFAULT_PRIORITY, keep_recency=True)
+        expiries = self._expiries
+        while expiries and expiries[0][0] <= now:
+            expiry, key = heapq.heappop(expiries)
+            entry = self._set.get(key)
+            if entry is not None and entry[1] == expiry:  # else reset or forgotten since
+                self._forget(key)
 
     def insert(self, key: BlockKey) -> None:
         """``key`` became resident: the most recent of its priority."""
+        self._pending.pop(key, None)
         self._move(key, self.priority(key))
 
     def access(self, key: BlockKey) -> None:
@@ -151,6 +195,7 @@ class PriorityLRUPolicy:
     def remove(self, key: BlockKey) -> None:
         """Forget ``key`` and its priority (an unknown key is ignored)."""
         self._set.pop(key, None)
+        self._pending.pop(key, None)
         level = self._level.pop(key, None)
         if level is not None:
             del self._buckets[level][key]

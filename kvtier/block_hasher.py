@@ -4,16 +4,25 @@
 prompt's when the request is created, then each block that decode fills. It
 takes the plain-token fast path (:meth:`HashAlgorithm.hash_run
 <kvtier.hashing.HashAlgorithm.hash_run>`, one token-packing call for all new
-blocks) whenever blocks carry no extra keys.
+blocks) whenever blocks carry no extra keys. Multimodal features are found
+with a :class:`~kvtier.extra_keys.FeatureCursor`, kept per request between
+calls, so hashing costs O(blocks + features) rather than their product.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Protocol
 
 from kvtier.errors import ConfigError
-from kvtier.extra_keys import ExtraKeys, MultiModalFeature, block_extra_keys
+from kvtier.extra_keys import (
+    ExtraKeys,
+    FeatureCursor,
+    MultiModalFeature,
+    assemble_extra_keys,
+    block_extra_keys,
+)
 from kvtier.hashing import (
     DEFAULT_HASH_ALGORITHM,
     BlockHash,
@@ -61,6 +70,14 @@ class BlockHasher:
     became full since the last call (``request.block_hashes`` tells where that
     was), and the caller extends ``request.block_hashes`` with them.
 
+    For a request with multimodal features it keeps, while the request lives,
+    a :class:`~kvtier.extra_keys.FeatureCursor` where the last call left off
+    (for requests that can be weakly referenced and hashed, and whose
+    ``mm_features`` is a tuple, the same one on every call), so later calls do
+    not walk the features again. A cursor that does not fit the call (other
+    features, or ``block_hashes`` not where it stopped) is rebuilt. Features
+    not sorted by offset are scanned per block, as before.
+
     Args:
         block_size: Tokens per block (> 0).
         algorithm: A name from :data:`HASH_ALGORITHMS`.
@@ -71,7 +88,7 @@ class BlockHasher:
         UnknownNameError: ``algorithm`` is not registered.
     """
 
-    __slots__ = ("algorithm", "block_size", "root")
+    __slots__ = ("_cursors", "algorithm", "block_size", "root")
 
     def __init__(
         self,
@@ -84,9 +101,23 @@ class BlockHasher:
         self.block_size = block_size
         self.algorithm = get_hash_algorithm(algorithm)
         self.root = root_hash(self.algorithm, seed)
+        self._cursors: weakref.WeakKeyDictionary[HashableRequest, FeatureCursor] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def __repr__(self) -> str:
         return f"BlockHasher(block_size={self.block_size}, algorithm={self.algorithm.name!r})"
+
+    def __getstate__(self) -> dict[str, object]:
+        # Kept cursors stay behind: a copy or an unpickled hasher starts without.
+        return {"algorithm": self.algorithm, "block_size": self.block_size, "root": self.root}
+
+    def __setstate__(self, state: dict[str, object] | tuple[None, dict[str, object]]) -> None:
+        if isinstance(state, tuple):  # pickled before __getstate__ existed: (None, slots)
+            state = state[1]
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        self._cursors = weakref.WeakKeyDictionary()
 
     def __call__(self, request: HashableRequest) -> list[BlockHash]:
         """Return the hashes of ``request``'s full blocks that have none yet."""
@@ -105,11 +136,38 @@ class BlockHasher:
             first = algo.hash_block(parent, tokens[:size], ExtraKeys(cache_salt=salt))
             return [first, *algo.hash_run(first, tokens[size : stop * size], size)]
         out: list[BlockHash] = []
+        cursor = self._cursor(request, features, start * size) if features else None
         for index in range(start, stop):
             begin = index * size
-            extra = block_extra_keys(
-                begin, begin + size, lora_name=lora, mm_features=features, cache_salt=salt
-            )
+            if cursor is not None:
+                mm = cursor.overlapping(begin, begin + size)
+                extra = assemble_extra_keys(begin, mm, lora_name=lora, cache_salt=salt)
+            else:  # no features, or unsorted ones
+                extra = block_extra_keys(
+                    begin, begin + size, lora_name=lora, mm_features=features, cache_salt=salt
+                )
             parent = algo.hash_block(parent, tokens[begin : begin + size], extra)
             out.append(parent)
         return out
+
+    def _cursor(
+        self, request: HashableRequest, features: Sequence[MultiModalFeature], position: int
+    ) -> FeatureCursor | None:
+        """A feature cursor for ``request`` at token ``position``: the kept one if it fits."""
+        keep = type(features) is tuple  # a list could change between calls
+        if keep:
+            try:
+                cursor = self._cursors.get(request)
+            except TypeError:  # not hashable, or no weak references
+                keep = False
+            else:
+                if (
+                    cursor is not None
+                    and cursor.features is features
+                    and cursor.position == position
+                ):
+                    return cursor
+        cursor = FeatureCursor.create(features, position)
+        if keep and cursor is not None:
+            self._cursors[request] = cursor
+        return cursor

@@ -14,6 +14,7 @@ Those inputs become a block's *extra keys* and are folded into its hash:
 
 from __future__ import annotations
 
+import bisect
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +23,15 @@ import attrs
 
 from kvtier.errors import InvalidRequestError
 
-__all__ = ["ExtraKeys", "MultiModalFeature", "as_int", "block_extra_keys", "non_negative"]
+__all__ = [
+    "ExtraKeys",
+    "FeatureCursor",
+    "MultiModalFeature",
+    "as_int",
+    "assemble_extra_keys",
+    "block_extra_keys",
+    "non_negative",
+]
 
 
 def as_int(value: object) -> object:
@@ -101,6 +110,10 @@ def block_extra_keys(
 ) -> ExtraKeys | None:
     """Compute the extra keys of the block covering tokens ``[start, end)``.
 
+    This scans every feature, so calling it for each of a prompt's blocks costs
+    O(blocks x features); :class:`FeatureCursor` finds the same features for
+    consecutive blocks in one pass.
+
     Args:
         start: Index of the block's first token.
         end: Index one past the block's last token.
@@ -116,8 +129,139 @@ def block_extra_keys(
         for feature in mm_features
         if feature.offset < end and feature.end > start
     )
+    return assemble_extra_keys(start, mm, lora_name=lora_name, cache_salt=cache_salt)
+
+
+def assemble_extra_keys(
+    start: int,
+    mm: tuple[tuple[str, int], ...],
+    *,
+    lora_name: str | None,
+    cache_salt: str | None,
+) -> ExtraKeys | None:
+    """The extra keys of the block starting at token ``start``, given its ``mm`` keys.
+
+    Args:
+        start: Index of the block's first token.
+        mm: ``(identifier, offset relative to start)`` of the features
+            overlapping the block, in prompt order (see :class:`ExtraKeys`).
+        lora_name: The request's LoRA adapter, if any (``""`` counts as none).
+        cache_salt: The request's cache salt (``""`` counts as none); used only
+            when ``start == 0``.
+
+    Returns:
+        The block's extra keys, or ``None`` when it has none.
+    """
     salt = cache_salt if start == 0 and cache_salt else None
     lora = lora_name or None
     if not mm and salt is None and lora is None:
         return None
     return ExtraKeys(lora_name=lora, mm=mm, cache_salt=salt)
+
+
+class FeatureCursor:
+    """Finds the multimodal features overlapping consecutive blocks, in one pass.
+
+    It yields for each block exactly the ``mm`` keys that
+    :func:`block_extra_keys` computes, but walks the features once instead of
+    once per block. It keeps the features that began before the next block and
+    have not ended (features may overlap or nest, so a later feature can end
+    first) and the index of the first feature not yet begun; each block drops
+    the ended ones, takes in those that begin before its end and stops at the
+    first that does not. Once past the last feature's end a block costs O(1).
+    A block's work is therefore bounded by the features its keys list, plus
+    each feature once when it begins and once when it ends.
+
+    Build one with :meth:`create`, then pass consecutive blocks to
+    :meth:`overlapping`. :attr:`features` and :attr:`position` (the next
+    block's first token) let a caller keep a cursor between calls, as
+    :class:`~kvtier.block_hasher.BlockHasher` does while decode fills blocks.
+    """
+
+    __slots__ = ("_next", "_open", "_spans", "_stop", "features", "position")
+
+    features: Sequence[MultiModalFeature]
+    position: int
+    _spans: list[tuple[int, int, str]]
+    _next: int
+    _open: list[tuple[int, int, str]]
+    _stop: int
+
+    def __init__(self) -> None:
+        raise TypeError("use FeatureCursor.create()")
+
+    @classmethod
+    def create(
+        cls, features: Sequence[MultiModalFeature], position: int = 0
+    ) -> FeatureCursor | None:
+        """A cursor over ``features`` whose next block starts at token ``position``.
+
+        Costs one pass over the features.
+
+        Args:
+            features: Multimodal features, sorted by offset (ties in any order).
+            position: Index of the first token of the first block to be asked.
+
+        Returns:
+            The cursor, or ``None`` when ``features`` are not sorted by offset
+            (use :func:`block_extra_keys` then).
+        """
+        spans: list[tuple[int, int, str]] = []
+        still_open: list[tuple[int, int, str]] = []
+        last = stop = 0
+        for feature in features:
+            span = (feature.offset, feature.end, feature.identifier)
+            if span[0] < last:
+                return None
+            last = span[0]
+            stop = max(stop, span[1])
+            if span[0] < position and span[1] > position:
+                still_open.append(span)
+            spans.append(span)
+        cursor = object.__new__(cls)
+        cursor.features = features
+        cursor.position = position
+        cursor._spans = spans
+        cursor._next = bisect.bisect_left(spans, position, key=_span_offset)
+        cursor._open = still_open
+        cursor._stop = stop
+        return cursor
+
+    def overlapping(self, start: int, end: int) -> tuple[tuple[str, int], ...]:
+        """The ``mm`` keys of the block ``[start, end)``, the block after the last one asked.
+
+        Args:
+            start: Index of the block's first token; must equal :attr:`position`.
+            end: Index one past the block's last token (> ``start``).
+
+        Returns:
+            ``(identifier, offset - start)`` for every feature overlapping the
+            block, in the features' order, as :func:`block_extra_keys` has them.
+
+        Raises:
+            ValueError: ``start`` is not :attr:`position`, or ``end <= start``.
+        """
+        if start != self.position or end <= start:
+            raise ValueError(
+                f"expected the block starting at {self.position}, got [{start}, {end})"
+            )
+        self.position = end
+        if start >= self._stop:  # every feature has ended
+            if self._open:
+                self._open = []
+            self._next = len(self._spans)
+            return ()
+        active = self._open
+        if active:
+            active = [span for span in active if span[1] > start]
+        spans, index, count = self._spans, self._next, len(self._spans)
+        while index < count and spans[index][0] < end:
+            active.append(spans[index])
+            index += 1
+        self._next = index
+        self._open = active
+        return tuple((identifier, offset - start) for offset, _, identifier in active)
+
+
+def _span_offset(span: tuple[int, int, str]) -> int:
+    return span[0]

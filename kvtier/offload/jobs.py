@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import anyio
 import attrs
 
+from kvtier.completion import CompletionState
 from kvtier.errors import BlockMissingError, TransferCancelledError
 from kvtier.log import get_logger
 from kvtier.offload._state import Demotion, LoadEvent, LoadOutcome, StoreEvent, StoreOutcome
@@ -56,9 +57,17 @@ async def _transfer(pipeline: TransferPipeline, task: TransferTask) -> TransferR
 
 
 async def _demote(
-    pipeline: TransferPipeline, tiers: Sequence[BlockStore], demotion: Demotion
-) -> float | None:
-    """Copy evicted blocks one tier down; the copy's seconds, or None if it failed."""
+    pipeline: TransferPipeline,
+    tiers: Sequence[BlockStore],
+    demotion: Demotion,
+    demoted: list[float | None],
+) -> None:
+    """Copy evicted blocks one tier down; append the copy's seconds, or None if it failed.
+
+    Once the copy is posted its outcome is appended even when the job is
+    cancelled meanwhile (after the copy ended, as :func:`_transfer` waits):
+    it ran. Cancelled before that, nothing is appended: it never ran.
+    """
     task = StoreTask(
         tiers[demotion.level],
         demotion.src_slots,
@@ -67,9 +76,20 @@ async def _demote(
         demotion.keys,
     )
     try:
-        return (await _transfer(pipeline, task)).seconds
-    except Exception:  # the evicted blocks are lost, as without a lower tier
-        return None
+        completion = await pipeline.submit(task)
+    except Exception:  # refused: the evicted blocks are lost, as without a lower tier
+        demoted.append(None)
+        return
+    try:
+        demoted.append((await completion).seconds)
+    except anyio.get_cancelled_exc_class():
+        with anyio.CancelScope(shield=True):
+            await completion.settled()
+        copied = completion.state is CompletionState.DONE
+        demoted.append(completion.result().seconds if copied else None)
+        raise
+    except Exception:  # failed: lost, as above
+        demoted.append(None)
 
 
 async def _discard(tier: BlockStore, slots: list[int]) -> None:
@@ -110,7 +130,7 @@ async def run_store(
         if ready is not None:
             await ready()
         for demotion in event.demotions:
-            demoted.append(await _demote(pipeline, tiers, demotion))
+            await _demote(pipeline, tiers, demotion, demoted)
         task = StoreTask(device, event.block_ids, tiers[0], event.slots, event.keys)
         seconds = (await _transfer(pipeline, task)).seconds
         error = None
@@ -190,7 +210,7 @@ async def run_load(
         if ready is not None:
             await ready()
         for demotion in event.demotions:
-            demoted.append(await _demote(pipeline, tiers, demotion))
+            await _demote(pipeline, tiers, demotion, demoted)
         for leg in _legs(event):
             dst = device if leg.to_device else tiers[0]
             task = LoadTask(tiers[leg.level], leg.src_slots, dst, leg.dst_slots, leg.keys)

@@ -261,6 +261,43 @@ async def test_a_second_cpu_tier_close_waits_for_the_first_to_unpin(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["cpu", "device"])
+async def test_closing_a_tier_waits_for_a_copy_running_in_a_worker_thread(kind: str) -> None:
+    """A worker thread's copy cannot be stopped: close must not free (or unpin) under it."""
+    if kind == "cpu":
+        tier: CpuTier | DeviceTier = CpuTier(SMALL, 64, offload_min_bytes=1)
+        await tier.__aenter__()
+    else:
+        tier = DeviceTier(torch.zeros(64, BB, dtype=torch.uint8), SMALL, offload_min_bytes=1)
+    copier = tier._live_copier()
+    release, started = threading.Event(), threading.Event()
+    copy = copier.rows.copy
+
+    def gated(*args: object, **kwargs: object) -> None:
+        started.set()
+        release.wait(10)
+        copy(*args, **kwargs)  # type: ignore[arg-type]
+
+    copier.rows.copy = gated  # type: ignore[method-assign]
+    order: list[str] = []
+
+    async def write() -> None:
+        await tier.write_from(list(range(8)), [b""] * 8, rand_bytes(8, BB))
+        order.append("copy ended")
+
+    async def close() -> None:
+        await anyio.to_thread.run_sync(started.wait, 10)
+        threading.Timer(0.1, release.set).start()
+        await tier.aclose()
+        order.append("closed")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(write)
+        tg.start_soon(close)
+    assert order == ["copy ended", "closed"]
+
+
+@pytest.mark.asyncio
 async def test_concurrent_opens_allocate_once() -> None:
     tier = CpuTier(SMALL, 4096)
     with capture_logs() as logs:

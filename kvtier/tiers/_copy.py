@@ -149,6 +149,8 @@ class RowCopier:
         self._spans = MemorySpans(sources)
         self._streams: dict[tuple[int, bool], torch.cuda.Stream] = {}
         self._cuda = self.device.type == "cuda"
+        self._running = 0  # copies in progress (see quiesce)
+        self._idle: anyio.Event | None = None  # set when the last of them ends
 
     # -- CUDA --
 
@@ -184,6 +186,19 @@ class RowCopier:
         """Wait (off the event loop) until every copy queued on the copier's streams is done."""
         for stream in list(self._streams.values()):
             await anyio.to_thread.run_sync(_drain, stream)
+
+    async def quiesce(self) -> None:
+        """Wait until every copy in progress has ended, then until the streams are drained.
+
+        A closing tier calls it (shielded) before it drops or unpins its memory:
+        a copy in a worker thread cannot be interrupted, so one still running
+        would read or write memory already freed (or, pinned, unregistered).
+        """
+        while self._running:
+            if self._idle is None:
+                self._idle = anyio.Event()
+            await self._idle.wait()
+        await self.sync_streams()
 
     # -- the operations --
 
@@ -234,6 +249,17 @@ class RowCopier:
             )
 
     async def _move(self, slots: list[int], parts: Sequence[torch.Tensor], *, read: bool) -> None:
+        """:meth:`_copy`, counted as in progress until it ends (see :meth:`quiesce`)."""
+        self._running += 1
+        try:
+            await self._copy(slots, parts, read=read)
+        finally:
+            self._running -= 1
+            if not self._running and self._idle is not None:
+                self._idle.set()
+                self._idle = None
+
+    async def _copy(self, slots: list[int], parts: Sequence[torch.Tensor], *, read: bool) -> None:
         if not slots:
             return
         # Empty parts move nothing; left in, one (``data_ptr`` 0: not pinned)

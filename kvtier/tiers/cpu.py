@@ -289,7 +289,7 @@ class CpuTier(CopierCalls):
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Release the storage (unpinning it after device copies finish); idempotent.
+        """Release the storage (unpinning it after its copies finish); idempotent.
 
         Shielded from cancellation, as ``async with`` exits when its task is
         cancelled: pinned pages are always unpinned before the storage goes
@@ -308,7 +308,7 @@ class CpuTier(CopierCalls):
             if storage is None or copier is None:
                 return
             with anyio.CancelScope(shield=True):
-                await copier.sync_streams()
+                await copier.quiesce()  # copies still running in worker threads end first
                 if self._pinned:
                     await anyio.to_thread.run_sync(_unregister, storage, self._gpu)
                     self._pinned = False

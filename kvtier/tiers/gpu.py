@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import ClassVar, Self
 
+import anyio
 import torch
 
 from kvtier.errors import ClosedError, ConfigError
@@ -275,10 +276,14 @@ class DeviceTier(CopierCalls):
         return []
 
     async def aclose(self) -> None:
-        """Wait for queued copies, then drop the references to the cache; idempotent."""
+        """Wait for copies in progress or queued, then drop the references to the cache.
+
+        Idempotent; shielded from cancellation (the wait is bounded by the copies).
+        """
         copier, self._copier = self._copier, None
         if copier is not None:
-            await copier.sync_streams()
+            with anyio.CancelScope(shield=True):
+                await copier.quiesce()
             _log.info("tier_close", tier=self._name, n_blocks=self._num_slots)
 
     async def __aenter__(self) -> Self:

@@ -85,9 +85,6 @@ DEFAULT_URL: Final = "redis://127.0.0.1:6379/0"
 _QUERY: Final = re.compile(r"[?#].*", flags=re.DOTALL)
 _SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:(//)?")
 _SHOWN_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,40}")
-_ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-"""What ``password_env`` may be for an error to quote it: a variable's name, never a password's
-text (which a user might put there by mistake; ``repr`` hides it as well)."""
 _DB: Final = re.compile(r"[0-9]{1,9}")
 """A database number (at most 9 digits: Redis's are small, and ``int`` is safe on them)."""
 
@@ -267,17 +264,11 @@ class RedisOptions:
             return None
         value = os.environ.get(self.password_env)
         if value is None:
-            if not _ENV_NAME.fullmatch(self.password_env):
-                # Not quoted: it may be the password itself.
-                raise ConfigError(
-                    "redis tier: password_env does not look like an environment variable's "
-                    "name (letters, digits and '_'), and no variable of that name is set; it "
-                    "should name the variable that holds the password (did you put the "
-                    "password itself there?)"
-                )
+            # The name is never quoted: a password put there by mistake looks
+            # like a name as often as not (hex, letters and digits).
             raise ConfigError(
-                f"redis tier: password_env names the environment variable "
-                f"{self.password_env}, which is not set"
+                "redis tier: the environment variable that password_env names is not set "
+                "(password_env holds the variable's name, never the password itself)"
             )
         return value
 
@@ -285,7 +276,8 @@ class RedisOptions:
 def _text(table: Mapping[str, Any], name: str, key: str, default: str | None) -> str | None:
     value = table.get(name, default)
     if value is not None and not isinstance(value, str):
-        raise ConfigError(f"{key}.{name}: {value!r} is not a string")
+        shown = "its value" if name == "password_env" else repr(value)  # maybe the password
+        raise ConfigError(f"{key}.{name}: {shown} is not a string")
     return value
 
 

@@ -13,7 +13,9 @@ removed first). Errors are one line on stderr.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import signal
 import sys
 import traceback
@@ -54,6 +56,30 @@ EXIT_INTEGRITY = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in kvtier, never a verdict on the cache's bytes
 EXIT_INTERRUPTED = 130
+EXIT_PIPE = 141  # 128 + SIGPIPE: the output's reader went away (``kvtier replay | head``)
+
+
+class _Output(Console):
+    """stdout: a reader that went away is a ``BrokenPipeError``, not rich's ``SystemExit(1)``.
+
+    (Status 1 means a reused block held wrong bytes.)
+    """
+
+    def on_broken_pipe(self) -> None:
+        """Raise ``BrokenPipeError`` (``main`` returns :data:`EXIT_PIPE`)."""
+        raise BrokenPipeError(errno.EPIPE, "the output's reader went away")
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's flush at exit raises nothing more."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real stdout (captured, closed): nothing to flush
+        pass
+
+
 _CHAT_OPTIONS: Final = {
     "users": 16,
     "rounds": 6,
@@ -245,7 +271,7 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``kvtier`` command; returns its exit status."""
     args = _parser().parse_args(argv)
-    out = Console()
+    out = _Output()
     err = Console(stderr=True, soft_wrap=True)  # one line per error, whatever the width
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -255,6 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("kvtier: interrupted", markup=False, highlight=False)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # nobody reads the output any more: nothing to say, to nobody
+        _silence_stdout()
+        return EXIT_PIPE
     except Exception as exc:  # a bug: its own status, never 1 (wrong bytes) or 2 (input)
         traceback.print_exception(exc, file=sys.stderr)
         err.print(
@@ -292,9 +321,12 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
             )
         workload = _workload(args)
         if args.sweep or args.plot is not None:
-            _run_sweep(config, workload, args, out)
+            _write(lambda: _run_sweep(config, workload, args, out))
             return EXIT_OK
         report = _replay(config, workload, args, err)
+        _write(lambda: _print_report(report, args, out))
+    except BrokenPipeError:  # for main
+        raise
     except ReplayIntegrityError as exc:
         err.print(f"[bold red]kvtier: integrity check failed:[/] {escape(str(exc))}")
         return EXIT_INTEGRITY
@@ -308,12 +340,31 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
             highlight=False,
         )
         return EXIT_USAGE
+    return EXIT_OK
+
+
+def _print_report(report: ReplayReport, args: argparse.Namespace, out: Console) -> None:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         for table in render(report):
             out.print(table)
-    return EXIT_OK
+
+
+def _write(output: Callable[[], None]) -> None:
+    """Run ``output``; a failed write (a full disk) is an error that says so.
+
+    Raises:
+        KVTierError: The output could not be written.
+        BrokenPipeError: Its reader went away.
+    """
+    try:
+        output()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise KVTierError(f"cannot write the output: {exc.strerror or exc}") from exc
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -357,3 +358,45 @@ def test_an_internal_error_has_its_own_status_and_a_traceback(
     err = capsys.readouterr().err
     assert "Traceback" in err
     assert err.splitlines()[-1].startswith("kvtier: internal error: ZeroDivisionError('a bug')")
+
+
+class FailingStdout(io.StringIO):
+    """A stdout whose writes fail as a closed pipe or a full disk does."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__()
+        self.error = error
+
+    def write(self, text: str) -> int:
+        raise self.error
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("no descriptor")
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+@pytest.mark.parametrize("sweep", [False, True])
+def test_a_reader_that_went_away_is_status_141_never_1(
+    small: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    as_json: bool,
+    sweep: bool,
+) -> None:
+    """``kvtier replay | head``: status 1 would say a reused block held wrong bytes."""
+    monkeypatch.setattr(sys, "stdout", FailingStdout(BrokenPipeError(32, "Broken pipe")))
+    args = ["replay", str(small), *CHAT, "--no-progress"]
+    args += ["--json"] * as_json + ["--sweep"] * sweep
+    assert main(args) == cli.EXIT_PIPE == 141
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_full_disk_under_the_output_is_an_error_that_says_so(
+    small: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, as_json: bool
+) -> None:
+    monkeypatch.setattr(sys, "stdout", FailingStdout(OSError(28, "No space left on device")))
+    args = ["replay", str(small), *CHAT, "--no-progress"] + ["--json"] * as_json
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "kvtier: error: cannot write the output: No space left on device"

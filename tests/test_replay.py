@@ -292,14 +292,30 @@ def test_failed_probes_of_a_shared_tier_get_a_column() -> None:
     def tier(name: str, failed_probes: int) -> TierReport:
         return TierReport(name, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0, failed_probes=failed_probes)
 
-    def text(*tiers: TierReport) -> str:
-        report = ReplayReport("w", 1, 16, 0, 0, 0, "best_effort", 0, 0, 0.1, "cpu", tiers)
-        console = Console(width=200, record=True)
-        for table in render(report):
-            console.print(table)
-        return console.export_text()
+    assert "failed probes" not in text(report_of(tier("cpu", 0), tier("redis", 0)))
+    shown = text(report_of(tier("cpu", 0), tier("redis", 3)))
+    redis_rows = [line for line in shown.splitlines() if line.startswith("│ redis")]
+    assert redis_rows[-1].split("│")[-2].strip() == "3"  # the traffic table's last column
 
-    assert "failed probes" not in text(tier("cpu", 0), tier("redis", 0))
-    shown = text(tier("cpu", 0), tier("redis", 3))
-    redis_row = next(line for line in shown.splitlines() if line.startswith("│ redis"))
-    assert redis_row.split("│")[-2].strip() == "3"
+
+def test_a_narrow_terminal_wraps_the_tier_table_never_cuts_its_numbers() -> None:
+    """Piped output is 80 columns: every optional column at once must still show every digit."""
+    busy = TierReport(
+        "cpu", 31_000, 52_345, 45_123, 31_000, 40_000, 12_345, 3.2, 5.1, 12,
+        restored_blocks=12_000, flushed_blocks=3_000, dropped_stores=123_456, failed_probes=3,
+    )  # fmt: skip
+    shown = text(report_of(busy, TierReport("disk", 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0)), width=80)
+    assert "…" not in shown  # a number too wide for its column is folded onto the next line
+    for number in ("12,000", "45,123", "31,000", "40,000", "12,345", "3,000"):
+        assert number in shown
+
+
+def report_of(*tiers: TierReport) -> ReplayReport:
+    return ReplayReport("w", 1, 16, 0, 0, 0, "best_effort", 0, 0, 0.1, "cpu", tiers)
+
+
+def text(report: ReplayReport, width: int = 200) -> str:
+    console = Console(width=width, record=True)
+    for table in render(report):
+        console.print(table)
+    return console.export_text()

@@ -168,14 +168,15 @@ def render(report: ReplayReport) -> list[Table]:
     dropped = any(tier.dropped_stores for tier in report.tiers)
     if dropped:  # only a tier that was full of blocks in flight shows them
         columns[-1] = "failed / dropped"
+    for column in columns:  # a narrow terminal wraps numbers, never cuts them to "…"
+        tiers.add_column(column, justify="right", overflow="fold")
+    traffic = Table(title="traffic (pipeline time per direction)")
+    traffic_columns = ["tier", "stored", "store GB/s", "loaded", "load GB/s"]
     probes = any(tier.failed_probes for tier in report.tiers)
     if probes:  # only a shared tier that failed to answer shows the column
-        columns.append("failed probes")
-    for column in columns:
-        tiers.add_column(column, justify="right")
-    traffic = Table(title="traffic (pipeline time per direction)")
-    for column in ("tier", "stored", "store GB/s", "loaded", "load GB/s"):
-        traffic.add_column(column, justify="right")
+        traffic_columns.append("failed probes")
+    for column in traffic_columns:
+        traffic.add_column(column, justify="right", overflow="fold")
     for tier in report.tiers:
         ratio = tier.hits / tier.queries if tier.queries else 0.0
         restored = [f"{tier.restored_blocks:,}"] if warm else []
@@ -189,7 +190,6 @@ def render(report: ReplayReport) -> list[Table]:
             f"{tier.demotions:,}",
             *([f"{tier.flushed_blocks:,}"] if flushed else []),
             f"{tier.failed_transfers:,}" + (f" / {tier.dropped_stores:,}" if dropped else ""),
-            *([f"{tier.failed_probes:,}"] if probes else []),
         )
         traffic.add_row(
             tier.name,
@@ -197,6 +197,7 @@ def render(report: ReplayReport) -> list[Table]:
             _gbps(tier.store_gbps),
             _mib(tier.bytes_loaded),
             _gbps(tier.load_gbps),
+            *([f"{tier.failed_probes:,}"] if probes else []),
         )
     return [summary, tiers, traffic]
 

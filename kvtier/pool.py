@@ -14,6 +14,7 @@ cached block, and are reused first.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import NoReturn
 
 from kvtier.block import BlockId, KVCacheBlock
 from kvtier.block_map import BlockHashToBlockMap
@@ -119,28 +120,47 @@ class BlockPool:
 
         Blocks ``blocks[num_cached_blocks:num_full_blocks]`` get the request's
         hashes at the same positions. Null blocks and blocks that already carry
-        a hash are skipped.
+        a hash are skipped. Nothing to do when ``num_cached_blocks`` equals
+        ``num_full_blocks``.
 
         Args:
             request: The request; its ``block_hashes`` must cover
                 ``num_full_blocks`` blocks.
-            blocks: The request's blocks in this group, in sequence order.
-            num_cached_blocks: Blocks already cached.
-            num_full_blocks: Blocks full now.
-            block_size: Tokens per block in this group.
-            kv_cache_group_id: The group.
+            blocks: The request's blocks in this group, in sequence order: at
+                least ``num_full_blocks`` of them.
+            num_cached_blocks: Blocks already cached, ``0 <= num_cached_blocks
+                <= num_full_blocks``.
+            num_full_blocks: Blocks full now, at most ``len(blocks)``.
+            block_size: Tokens per block in this group (> 0).
+            kv_cache_group_id: The group, ``0 <= kv_cache_group_id < 2**32``.
             kv_cache_spec_kind: The group's attention kind, for events.
 
         Raises:
-            KVTierError: The request has fewer hashes than full blocks.
-            InvalidRequestError: With events on, the request's ``lora_id``
-                is not a positive integer or None. Nothing is changed.
+            InvalidRequestError: A count, ``block_size`` or
+                ``kv_cache_group_id`` that is not an ``int`` (bools refused)
+                in its range; fewer ``blocks`` than ``num_full_blocks``; a
+                request with fewer block hashes than ``num_full_blocks``; with
+                events on, a request ``lora_id`` that is not a positive
+                integer or None. Nothing is changed: no block is hashed, the
+                index and the event queue are as they were.
         """
-        if num_cached_blocks >= num_full_blocks:
+        if not (
+            type(num_cached_blocks) is int
+            and type(num_full_blocks) is int
+            and 0 <= num_cached_blocks <= num_full_blocks <= len(blocks)
+            and type(block_size) is int
+            and block_size > 0
+            and type(kv_cache_group_id) is int
+            and 0 <= kv_cache_group_id < 2**32
+        ):
+            _refuse_cache_arguments(
+                blocks, num_cached_blocks, num_full_blocks, block_size, kv_cache_group_id
+            )
+        if num_cached_blocks == num_full_blocks:
             return
         hashes = request.block_hashes
         if len(hashes) < num_full_blocks:
-            raise KVTierError(
+            raise InvalidRequestError(
                 f"request {request.request_id!r} has {len(hashes)} block hashes, "
                 f"{num_full_blocks} needed: was it created with a block hasher of "
                 f"block size {block_size}?"
@@ -318,3 +338,35 @@ class BlockPool:
         """Return the events recorded since the last call, and forget them."""
         events, self.kv_event_queue = self.kv_event_queue, []
         return events
+
+
+def _refuse_cache_arguments(
+    blocks: Sequence[KVCacheBlock],
+    num_cached_blocks: int,
+    num_full_blocks: int,
+    block_size: int,
+    kv_cache_group_id: int,
+) -> NoReturn:
+    """Raise the :class:`InvalidRequestError` that explains bad ``cache_full_blocks`` arguments."""
+    for name, value in (
+        ("num_cached_blocks", num_cached_blocks),
+        ("num_full_blocks", num_full_blocks),
+        ("block_size", block_size),
+        ("kv_cache_group_id", kv_cache_group_id),
+    ):
+        if type(value) is not int:
+            raise InvalidRequestError(f"{name} must be an int, got {value!r}")
+    if block_size <= 0:
+        raise InvalidRequestError(f"block_size must be > 0, got {block_size}")
+    if not 0 <= kv_cache_group_id < 2**32:
+        raise InvalidRequestError(
+            f"kv_cache_group_id must be in [0, 2**32), got {kv_cache_group_id}"
+        )
+    if not 0 <= num_cached_blocks <= num_full_blocks:
+        raise InvalidRequestError(
+            f"need 0 <= num_cached_blocks <= num_full_blocks, got {num_cached_blocks} "
+            f"and {num_full_blocks}"
+        )
+    raise InvalidRequestError(
+        f"num_full_blocks is {num_full_blocks} but only {len(blocks)} blocks were given"
+    )

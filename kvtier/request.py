@@ -6,6 +6,8 @@ satisfy :class:`KVCacheRequest` (a structural protocol: no inheritance needed).
 
 from __future__ import annotations
 
+import operator
+import struct
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
@@ -132,13 +134,111 @@ def request_tag(request: KVCacheRequest) -> int | str | None:
     return value
 
 
+_SHORT = 16  # up to this many ids (a decode step), a loop is cheaper than the C passes
+_CHUNK = 2048
+_pack_chunk = struct.Struct(f"<{_CHUNK}q").pack
+
+
 def _int_list(tokens: Iterable[int]) -> list[int]:
-    try:
-        return list(tokens)
-    except TypeError:
+    """Convert (for attrs) prompt token ids to a new list, every id checked.
+
+    Raises:
+        InvalidRequestError: ``tokens`` is a str or bytes, is not iterable,
+            or holds an id that is not a 64-bit integer.
+    """
+    return _token_ids(tokens, single=False)
+
+
+def _token_ids(tokens: object, *, single: bool) -> list[int]:
+    """Return ``tokens`` as a new list, every id checked.
+
+    An id is valid when :mod:`kvtier.hashing` can pack it as a signed 64-bit
+    integer (``struct`` format ``q``): an ``int`` in ``[-2**63, 2**63)``,
+    bools and other ``int`` subclasses included (kept as given, like
+    packing does), or an integer-like object such as a NumPy integer, which
+    is converted to ``int`` (:func:`operator.index`) so that every hash
+    algorithm sees an ``int``. Anything else (a float, None, a str...) is
+    refused. A long list (a prompt) is checked by :func:`_all_int64`, a few
+    ids (a decode step) by a loop.
+
+    Args:
+        tokens: An iterable of token ids, or (``single``) one token id.
+        single: Accept a lone integer as one token id.
+
+    Raises:
+        InvalidRequestError: ``tokens`` is a str or bytes, is not iterable
+            (nor, with ``single``, an integer), or holds an id that is not
+            a 64-bit integer.
+    """
+    if type(tokens) is list:
+        values: list[int] = list(tokens)
+    elif isinstance(tokens, (str, bytes, bytearray)):
         raise InvalidRequestError(
-            f"token ids must be an iterable of integers, got {type(tokens).__name__}"
+            f"token ids must be an iterable of integers, got {type(tokens).__name__} "
+            f"{tokens!r:.40}: pass the token ids, not the text"
+        )
+    else:
+        values = _listed(tokens, single=single)
+    if len(values) <= _SHORT:
+        for value in values:
+            if type(value) is not int or not -(2**63) <= value < 2**63:
+                break
+        else:
+            return values
+    elif _all_int64(values):
+        return values
+    return [_token_id(index, value) for index, value in enumerate(values)]
+
+
+def _all_int64(values: list[int]) -> bool:
+    """Whether every id is an ``int`` that packs as a signed 64-bit integer.
+
+    Two C-level passes. Packing (struct format ``q``, as :mod:`kvtier.hashing`
+    does; in chunks, which stay in cache: half the time of one call on a long
+    prompt) refuses what is not integer-like or out of range. Then ``sum``
+    from ``0.0`` is a plain ``float`` over ``int`` ids (bools included), but
+    a NumPy float (or an error) once another integer-like type, such as a
+    NumPy integer, is among them. False sends the ids to the per-id check,
+    which converts or refuses them.
+    """
+    try:
+        size = len(values)
+        for start in range(0, size - _CHUNK + 1, _CHUNK):
+            _pack_chunk(*values[start : start + _CHUNK])
+        if rest := size % _CHUNK:
+            struct.pack(f"<{rest}q", *values[size - rest :])
+        return type(sum(values, 0.0)) is float
+    except (struct.error, TypeError, ArithmeticError):
+        return False
+
+
+def _listed(tokens: object, *, single: bool) -> list[int]:
+    """``list(tokens)``, or ``[tokens]`` for a lone integer when ``single``."""
+    try:
+        return list(tokens)  # type: ignore[call-overload, no-any-return]
+    except TypeError:
+        if single and hasattr(tokens, "__index__"):  # a NumPy integer, a bool...
+            return [tokens]  # type: ignore[list-item]
+        kind = "an integer or an iterable of integers" if single else "an iterable of integers"
+        raise InvalidRequestError(
+            f"token ids must be {kind}, got {type(tokens).__name__}"
         ) from None
+
+
+def _token_id(index: int, value: object) -> int:
+    """One token id (see :func:`_token_ids`); :class:`InvalidRequestError` if it is invalid."""
+    token: object = value
+    if not isinstance(value, int):
+        try:
+            token = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            token = None
+    if isinstance(token, int) and -(2**63) <= token < 2**63:
+        return token
+    raise InvalidRequestError(
+        f"token ids must be integers that fit in 64 bits, got {value!r} "
+        f"({type(value).__name__}) at index {index}"
+    )
 
 
 @attrs.define(eq=False)
@@ -151,7 +251,9 @@ class Request:
 
     Attributes:
         request_id: Unique among live requests.
-        prompt_token_ids: The prompt.
+        prompt_token_ids: The prompt: 64-bit integer token ids (NumPy
+            integers are converted to ``int``; see
+            :meth:`append_output_token_ids`).
         block_hasher: Computes block hashes; ``None`` leaves them empty (no
             prefix caching for this request).
         cache_salt: Separates tenants: requests with different salts never
@@ -176,10 +278,12 @@ class Request:
 
     Raises:
         InvalidRequestError: Token ids that are not an iterable of 64-bit
-            integers; ``mm_features`` that are not ``MultiModalFeature``,
-            unsorted or past the prompt; a ``num_computed_tokens`` or
-            ``num_preemptions`` that is not an integer >= 0 (NumPy integers
-            are converted to ``int``); a bad ``tag`` or ``lora_id``.
+            integers (a str or bytes, or an id that is a float, None or
+            out of range); ``mm_features`` that are not
+            ``MultiModalFeature``, unsorted or past the prompt; a
+            ``num_computed_tokens`` or ``num_preemptions`` that is not an
+            integer >= 0 (NumPy integers are converted to ``int``); a bad
+            ``tag`` or ``lora_id``.
     """
 
     request_id: str
@@ -220,15 +324,27 @@ class Request:
     def append_output_token_ids(self, token_ids: int | Iterable[int]) -> None:
         """Append generated tokens and hash the blocks they fill.
 
+        Every id is checked before anything changes, so a bad one never
+        reaches ``all_token_ids`` (where it would fail the hashing of every
+        later block).
+
         Args:
-            token_ids: One token id or several.
+            token_ids: One token id or an iterable of them (not a str or
+                bytes). Valid ids are what :mod:`kvtier.hashing` packs as
+                signed 64-bit integers: ``int`` (bools included, as for
+                packing) in ``[-2**63, 2**63)``, or NumPy integers, which
+                are converted to ``int``.
 
         Raises:
-            InvalidRequestError: A token id is not a 64-bit integer, or
-                ``token_ids`` is neither an int nor an iterable; the request
-                is left as it was.
+            InvalidRequestError: A token id is not a 64-bit integer (a
+                float, None, out of range...), or ``token_ids`` is a str,
+                bytes, or neither an integer nor an iterable; the request is
+                left as it was.
         """
-        new = [token_ids] if isinstance(token_ids, int) else _int_list(token_ids)
+        if type(token_ids) is int and -(2**63) <= token_ids < 2**63:
+            new = [token_ids]
+        else:
+            new = _token_ids(token_ids, single=True)
         self.all_token_ids.extend(new)
         if self.block_hasher is not None:
             try:

@@ -1,0 +1,232 @@
+"""Malformed token ids and ``cache_full_blocks`` arguments: typed errors, nothing changed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kvtier import BlockHasher, BlockPool, BlockStored, KVCacheBlock, Request
+from kvtier.errors import InvalidRequestError
+
+ALGORITHMS = ["sha256", "sha256_cbor", "xxhash"]
+
+BAD_TOKENS: list[Any] = [
+    1.5,
+    None,
+    "x",
+    b"\x01",
+    2**63,
+    -(2**63) - 1,
+    2**70,
+    [1.5],
+    [None],
+    [4, "x"],
+    [2**63],
+    [-(2**63) - 1],
+    "12",
+    b"\x01\x02",
+    bytearray(b"\x01\x02"),
+    object(),
+]
+
+
+def label(value: Any) -> str:
+    return "object()" if type(value) is object else repr(value)
+
+
+def hasher(algorithm: str = "sha256", block_size: int = 4) -> BlockHasher:
+    return BlockHasher(block_size, algorithm, seed="input-checks")
+
+
+def request_state(req: Request) -> tuple[list[Any], ...]:
+    return (
+        list(req.prompt_token_ids),
+        list(req.all_token_ids),
+        list(req.output_token_ids),
+        list(req.block_hashes),
+    )
+
+
+# -- Request: token ids ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("bad", BAD_TOKENS, ids=label)
+def test_a_bad_appended_token_id_is_refused_and_the_request_can_still_grow(
+    algorithm: str, bad: Any
+) -> None:
+    req = Request("r", [1, 2, 3, 4, 5], hasher(algorithm))
+    before = request_state(req)
+    with pytest.raises(InvalidRequestError):
+        req.append_output_token_ids(bad)
+    assert request_state(req) == before
+    # Valid tokens that fill blocks are hashed as if the bad call never happened.
+    req.append_output_token_ids([6, 7, 8, 9])
+    req.append_output_token_ids(10)
+    twin = Request("t", list(range(1, 11)), hasher(algorithm))
+    assert req.all_token_ids == twin.all_token_ids
+    assert req.output_token_ids == [6, 7, 8, 9, 10]
+    assert req.block_hashes == twin.block_hashes
+    assert len(req.block_hashes) == 2
+
+
+@pytest.mark.parametrize("with_hasher", [True, False])
+@pytest.mark.parametrize(
+    "bad",
+    [[1, 2, 1.5], [1, None], ["1"], [2**63], [1, -(2**63) - 1], "abc", b"ab", [1] * 20 + [0.5]],
+    ids=repr,
+)
+def test_a_bad_prompt_is_refused_even_where_it_is_never_hashed(with_hasher: bool, bad: Any) -> None:
+    # [1, 2, 1.5] is a partial block: hashing never sees it, the check must.
+    with pytest.raises(InvalidRequestError):
+        Request("r", bad, hasher() if with_hasher else None)
+
+
+def test_long_token_lists_are_checked_to_the_last_id() -> None:
+    tokens = list(range(1000))  # 250 full blocks of 4: the two-pass path
+    assert Request("r", tokens, hasher()).all_token_ids == tokens
+    for index, bad in ((999, 1.5), (998, 2**63), (0, -(2**63) - 1), (500, None), (7, "7")):
+        wrong: list[Any] = list(tokens)
+        wrong[index] = bad
+        with pytest.raises(InvalidRequestError, match=f"got {bad!r} .* at index {index}"):
+            Request("r", wrong, hasher())
+        req = Request("r", [7] * 3, hasher())
+        before = request_state(req)
+        with pytest.raises(InvalidRequestError, match=f"at index {index}"):
+            req.append_output_token_ids(wrong)
+        assert request_state(req) == before
+
+
+def test_the_64_bit_bounds_are_accepted() -> None:
+    req = Request("r", [-(2**63), 2**63 - 1], hasher())
+    req.append_output_token_ids(2**63 - 1)
+    req.append_output_token_ids([-(2**63)])
+    assert req.all_token_ids == [-(2**63), 2**63 - 1, 2**63 - 1, -(2**63)]
+    assert len(req.block_hashes) == 1
+
+
+def test_text_is_refused_with_a_clear_message() -> None:
+    with pytest.raises(InvalidRequestError, match=r"got str .*not the text"):
+        Request("r", "hello", hasher())  # type: ignore[arg-type]
+    req = Request("r", [1], hasher())
+    with pytest.raises(InvalidRequestError, match=r"got bytes .*not the text"):
+        req.append_output_token_ids(b"hi")
+    assert request_state(req) == ([1], [1], [], [])
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("prompt_len", [6, 30])  # the short loop and the two-pass check
+def test_numpy_token_ids_are_taken_as_ints(algorithm: str, prompt_len: int) -> None:
+    np = pytest.importorskip("numpy")
+    total = prompt_len + 4
+    req = Request("r", np.arange(1, prompt_len + 1), hasher(algorithm))
+    req.append_output_token_ids(np.int64(prompt_len + 1))
+    req.append_output_token_ids(np.array(range(prompt_len + 2, total + 1), dtype=np.int32))
+    twin = Request("t", list(range(1, total + 1)), hasher(algorithm))
+    assert req.all_token_ids == twin.all_token_ids
+    assert {type(token) for token in req.all_token_ids} == {int}
+    assert {type(token) for token in req.prompt_token_ids} == {int}
+    assert req.block_hashes == twin.block_hashes
+    mixed: list[Any] = list(range(1, 41))
+    mixed[20] = np.int64(21)  # one NumPy integer in a long list of ints
+    assert {type(t) for t in Request("m", mixed, hasher(algorithm)).all_token_ids} == {int}
+    before = request_state(req)
+    for bad in (np.float64(11.0), np.True_, np.array([11.5]), np.uint64(2**63), [np.nan] * 20):
+        with pytest.raises(InvalidRequestError):
+            req.append_output_token_ids(bad)
+        assert request_state(req) == before
+
+
+@pytest.mark.parametrize("prompt_len", [3, 40])
+def test_bools_are_taken_as_packing_takes_them(prompt_len: int) -> None:
+    # kvtier.hashing packs ids with struct format "q", which takes True as 1
+    # and False as 0: a request may hold them, and hashes them like 1 and 0.
+    flags = [index % 2 == 0 for index in range(prompt_len)]
+    req = Request("r", flags, hasher())
+    req.append_output_token_ids(True)
+    req.append_output_token_ids([False, True])
+    twin = Request("t", [int(flag) for flag in [*flags, True, False, True]], hasher())
+    assert req.all_token_ids == twin.all_token_ids
+    assert req.block_hashes == twin.block_hashes
+
+
+# -- BlockPool.cache_full_blocks ----------------------------------------------------------
+
+
+def pool_state(pool: BlockPool) -> tuple[Any, ...]:
+    index = pool.cached_block_hash_to_block
+    return (
+        [block.block_hash for block in pool.blocks],
+        {key: [block.block_id for block in index.get_blocks(key)] for key in index},
+        list(pool.kv_event_queue),
+        [block.ref_cnt for block in pool.blocks],
+        pool.get_num_free_blocks(),
+    )
+
+
+def pool_with_one_cached_block() -> tuple[BlockPool, Request, list[KVCacheBlock]]:
+    pool = BlockPool(8, enable_kv_cache_events=True)
+    req = Request("r", list(range(12)), hasher())  # 3 full blocks of 4
+    blocks = pool.get_new_blocks(3)
+    pool.cache_full_blocks(req, blocks, 0, 1, 4, 0)
+    return pool, req, blocks
+
+
+@pytest.mark.parametrize(
+    ("num_blocks", "args", "message"),
+    [
+        (2, (0, 3, 4, 0), "only 2 blocks"),
+        (2, (1, 3, 4, 0), "only 2 blocks"),
+        (3, (-1, 1, 4, 0), "0 <= num_cached_blocks <= num_full_blocks"),
+        (3, (-2, 3, 4, 0), "0 <= num_cached_blocks <= num_full_blocks"),
+        (3, (2, 1, 4, 0), "0 <= num_cached_blocks <= num_full_blocks"),
+        (3, (False, 2, 4, 0), "num_cached_blocks must be an int"),
+        (3, (1, True, 4, 0), "num_full_blocks must be an int"),
+        (3, (1, 3.0, 4, 0), "num_full_blocks must be an int"),
+        (3, (1, "3", 4, 0), "num_full_blocks must be an int"),
+        (3, (1, 3, 0, 0), "block_size must be > 0"),
+        (3, (1, 3, -4, 0), "block_size must be > 0"),
+        (3, (1, 3, 4.0, 0), "block_size must be an int"),
+        (3, (1, 3, 4, -1), "kv_cache_group_id must be in"),
+        (3, (1, 3, 4, 2**32), "kv_cache_group_id must be in"),
+        (3, (1, 3, 4, True), "kv_cache_group_id must be an int"),
+    ],
+)
+def test_cache_full_blocks_refuses_bad_arguments_and_changes_nothing(
+    num_blocks: int, args: tuple[Any, ...], message: str
+) -> None:
+    pool, req, blocks = pool_with_one_cached_block()
+    before = pool_state(pool)
+    request_before = request_state(req)
+    with pytest.raises(InvalidRequestError, match=message):
+        pool.cache_full_blocks(req, blocks[:num_blocks], *args)
+    assert pool_state(pool) == before
+    assert request_state(req) == request_before
+    # The pool still caches the rest, with one event chained to block 0.
+    pool.cache_full_blocks(req, blocks, 1, 3, 4, 0)
+    assert len(pool.cached_block_hash_to_block) == 3
+    events = pool.take_events()
+    assert len(events) == 2
+    stored = events[1]
+    assert isinstance(stored, BlockStored)
+    assert list(stored.block_hashes) == req.block_hashes[1:]
+    assert stored.parent_block_hash == req.block_hashes[0]
+    assert list(stored.token_ids) == list(range(4, 12))
+
+
+def test_cache_full_blocks_without_enough_hashes_is_a_typed_error() -> None:
+    pool, _, blocks = pool_with_one_cached_block()
+    short = Request("s", list(range(9)), hasher(block_size=8))  # 1 hash
+    before = pool_state(pool)
+    with pytest.raises(InvalidRequestError, match="1 block hashes, 2 needed"):
+        pool.cache_full_blocks(short, blocks, 0, 2, 4, 0)
+    assert pool_state(pool) == before
+
+
+def test_cache_full_blocks_with_nothing_new_is_a_no_op() -> None:
+    pool, req, blocks = pool_with_one_cached_block()
+    before = pool_state(pool)
+    pool.cache_full_blocks(req, blocks, 1, 1, 4, 0)
+    pool.cache_full_blocks(req, [], 0, 0, 4, 0)
+    assert pool_state(pool) == before

@@ -258,7 +258,7 @@ def test_redis_password_comes_from_the_environment(monkeypatch: pytest.MonkeyPat
     options = parse_config(_redis(password_env="KVTIER_TEST_PW")).tiers[1].redis
     assert options is not None
     monkeypatch.delenv("KVTIER_TEST_PW", raising=False)
-    with pytest.raises(ConfigError, match="KVTIER_TEST_PW"):
+    with pytest.raises(ConfigError, match="that password_env names is not set"):
         options.password()
     monkeypatch.setenv("KVTIER_TEST_PW", "s3cret")
     assert options.password() == "s3cret"

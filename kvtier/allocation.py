@@ -111,7 +111,12 @@ def check_allocation(
             f"request {request_id!r}: allocate_slots needs new tokens or new computed "
             "tokens, got neither"
         )
-    total = request.num_computed_tokens + new_computed + external + new
+    held = request.num_computed_tokens
+    if isinstance(held, bool) or not hasattr(held, "__index__") or held < 0:
+        raise InvalidRequestError(
+            f"request {request_id!r}: num_computed_tokens must be an integer >= 0, got {held!r}"
+        )
+    total = held + new_computed + external + new
     if total > manager.max_model_len:
         raise InvalidRequestError(
             f"request {request_id!r}: {total} tokens computed and to compute, "

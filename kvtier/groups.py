@@ -8,6 +8,7 @@ Mamba-state kinds implement the same :class:`GroupManager` protocol.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from itertools import islice
 from typing import Protocol
@@ -149,7 +150,8 @@ class FullAttentionManager:
         """
         request_id = request.request_id
         num_cached = self.num_cached_block.get(request_id, 0)
-        num_full = min(num_tokens // self.block_size, len(request.block_hashes))
+        # operator.index: an engine's counts may be NumPy integers (the pool takes ints).
+        num_full = operator.index(min(num_tokens // self.block_size, len(request.block_hashes)))
         if num_cached >= num_full:
             return
         self.block_pool.cache_full_blocks(

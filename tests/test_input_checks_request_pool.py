@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 
-from kvtier import BlockHasher, BlockPool, BlockStored, KVCacheBlock, Request
+from kvtier import (
+    BlockHasher,
+    BlockPool,
+    BlockStored,
+    KVCacheBlock,
+    KVCacheConfig,
+    KVCacheManager,
+    Request,
+)
 from kvtier.errors import InvalidRequestError
 
 ALGORITHMS = ["sha256", "sha256_cbor", "xxhash"]
@@ -138,6 +147,49 @@ def test_numpy_token_ids_are_taken_as_ints(algorithm: str, prompt_len: int) -> N
         assert request_state(req) == before
 
 
+class FloatWithIndex(float):
+    """A float that also claims to be an integer."""
+
+    def __index__(self) -> int:
+        return 1
+
+
+class AddsAsFloat:
+    """An integer-like object whose sum with a float is a plain float."""
+
+    def __index__(self) -> int:
+        return 7
+
+    def __radd__(self, other: float) -> float:
+        return other + 7.0
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "sha256_cbor"])
+@pytest.mark.parametrize("prompt_len", [3, 40])
+def test_integer_lookalikes_are_converted_whatever_the_prompt_length(
+    algorithm: str, prompt_len: int
+) -> None:
+    """Only plain ints (and bools) are kept as given: a look-alike would jam sha256_cbor later."""
+    for odd, value in ((FloatWithIndex(1.5), 1), (AddsAsFloat(), 7)):
+        prompt: list[Any] = [*range(prompt_len - 1), odd]
+        req = Request("r", prompt, hasher(algorithm))
+        assert req.all_token_ids[-1] == value
+        assert {type(token) for token in req.all_token_ids} == {int}
+        req.append_output_token_ids(list(range(20)))  # the request still grows
+
+
+def test_a_numpy_prompt_is_read_in_one_call() -> None:
+    """``list(array)`` gives NumPy scalars, each converted on its own: tolist() gives ints."""
+    prompt = np.arange(100_000, dtype=np.int64)
+    req = Request("r", prompt, hasher("sha256"))
+    assert {type(token) for token in req.prompt_token_ids} == {int}
+    assert req.block_hashes == Request("t", prompt.tolist(), hasher("sha256")).block_hashes
+    with pytest.raises(InvalidRequestError, match="fit in 64 bits"):
+        Request("f", np.arange(40, dtype=np.float64) + 0.5, hasher("sha256"))
+    with pytest.raises(InvalidRequestError, match="fit in 64 bits"):
+        Request("u", np.array([1, 2**63], dtype=np.uint64), hasher("sha256"))
+
+
 @pytest.mark.parametrize("prompt_len", [3, 40])
 def test_bools_are_taken_as_packing_takes_them(prompt_len: int) -> None:
     # kvtier.hashing packs ids with struct format "q", which takes True as 1
@@ -230,3 +282,27 @@ def test_cache_full_blocks_with_nothing_new_is_a_no_op() -> None:
     pool.cache_full_blocks(req, blocks, 1, 1, 4, 0)
     pool.cache_full_blocks(req, [], 0, 0, 4, 0)
     assert pool_state(pool) == before
+
+
+class EngineRequest:
+    """An engine's own request type: kvtier's Request with another num_computed_tokens."""
+
+    def __init__(self, inner: Request, num_computed_tokens: object) -> None:
+        self._inner = inner
+        self.num_computed_tokens = num_computed_tokens
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+
+def test_an_engine_count_that_is_a_numpy_integer_is_taken_and_a_float_refused_first() -> None:
+    manager = KVCacheManager(KVCacheConfig.full_attention(8, 16), 1024)
+    hasher = BlockHasher(16, "sha256", seed="x")
+    free = manager.block_pool.get_num_free_blocks()
+    bad = EngineRequest(Request("f", list(range(40)), hasher), 1.5)
+    with pytest.raises(InvalidRequestError, match="num_computed_tokens must be an integer"):
+        manager.allocate_slots(bad, 40)  # type: ignore[arg-type]
+    assert manager.block_pool.get_num_free_blocks() == free  # refused before allocating
+    good = EngineRequest(Request("n", list(range(40)), hasher), np.int64(0))
+    assert manager.allocate_slots(good, 40) is not None  # type: ignore[arg-type]
+    assert len(manager.block_pool.cached_block_hash_to_block) == 2

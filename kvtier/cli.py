@@ -60,7 +60,7 @@ EXIT_PIPE = 141  # 128 + SIGPIPE: the output's reader went away (``kvtier replay
 
 
 class _Output(Console):
-    """stdout: a reader that went away is a ``BrokenPipeError``, not rich's ``SystemExit(1)``.
+    """stdout or stderr: a reader gone away is a ``BrokenPipeError``, not rich's ``SystemExit(1)``.
 
     (Status 1 means a reused block held wrong bytes.)
     """
@@ -272,8 +272,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``kvtier`` command; returns its exit status."""
     args = _parser().parse_args(argv)
     out = _Output()
-    err = Console(stderr=True, soft_wrap=True)  # one line per error, whatever the width
+    err = _Output(stderr=True, soft_wrap=True)  # one line per error, whatever the width
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _main(args, out, err)
+    except BrokenPipeError:  # nobody reads (stdout or stderr) any more: nothing to say
+        _silence_stdout()
+        return EXIT_PIPE
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
     try:
         with warnings.catch_warnings():  # the filters stay the user's (-W, PYTHONWARNINGS)
             warnings.showwarning = partial(_show_warning, err)
@@ -281,9 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("kvtier: interrupted", markup=False, highlight=False)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # nobody reads the output any more: nothing to say, to nobody
-        _silence_stdout()
-        return EXIT_PIPE
+    except BrokenPipeError:
+        raise
     except Exception as exc:  # a bug: its own status, never 1 (wrong bytes) or 2 (input)
         traceback.print_exception(exc, file=sys.stderr)
         err.print(
@@ -292,8 +301,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             highlight=False,
         )
         return EXIT_INTERNAL
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _show_warning(err: Console, message: Warning | str, *_: object, **__: object) -> None:

@@ -400,3 +400,11 @@ def test_a_full_disk_under_the_output_is_an_error_that_says_so(
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err == "kvtier: error: cannot write the output: No space left on device"
+
+
+def test_a_closed_stderr_is_status_141_never_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The error message cannot be written: still not the status of wrong bytes."""
+    monkeypatch.setattr(sys, "stderr", FailingStdout(BrokenPipeError(32, "Broken pipe")))
+    assert main(["replay", str(tmp_path / "missing.toml"), *CHAT]) == cli.EXIT_PIPE

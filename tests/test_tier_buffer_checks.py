@@ -285,16 +285,21 @@ async def test_closing_a_tier_waits_for_a_copy_running_in_a_worker_thread(kind: 
         await tier.write_from(list(range(8)), [b""] * 8, rand_bytes(8, BB))
         order.append("copy ended")
 
-    async def close() -> None:
+    async def close(name: str) -> None:
         await anyio.to_thread.run_sync(started.wait, 10)
-        threading.Timer(0.1, release.set).start()
+        if name == "closed":
+            threading.Timer(0.1, release.set).start()
+        else:
+            await anyio.sleep(0.02)  # after the first close began
         await tier.aclose()
-        order.append("closed")
+        order.append(name)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(write)
-        tg.start_soon(close)
-    assert order == ["copy ended", "closed"]
+        tg.start_soon(close, "closed")
+        tg.start_soon(close, "closed again")  # a second close waits for the first
+    assert order[0] == "copy ended"
+    assert sorted(order[1:]) == ["closed", "closed again"]
 
 
 @pytest.mark.asyncio

@@ -328,6 +328,10 @@ class CpuTier(CopierCalls):
             ``uint8 [len(slots), block_bytes]`` sharing the tier's memory (pinned
             when the tier is), or None when ``slots`` is empty or not
             ``first, first + 1, …``. Writing into the view stores blocks.
+            A copy through the view is another tier's (the pipeline's mover
+            hands it to the device or disk tier), which :meth:`aclose` does
+            not wait for: finish it before closing this tier (the offload
+            manager closes its tiers after its jobs have ended).
 
         Raises:
             ClosedError: The tier is not open.

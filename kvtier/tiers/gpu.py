@@ -211,6 +211,7 @@ class DeviceTier(CopierCalls):
             copy_threads=copy_threads,
         )
         self._device = sources[0].device
+        self._closing: anyio.Event | None = None  # set once aclose has finished
         _log.info(
             "tier_open",
             tier=name,
@@ -278,13 +279,23 @@ class DeviceTier(CopierCalls):
     async def aclose(self) -> None:
         """Wait for copies in progress or queued, then drop the references to the cache.
 
-        Idempotent; shielded from cancellation (the wait is bounded by the copies).
+        Idempotent; shielded from cancellation (the wait is bounded by the
+        copies). A second call waits for the first to finish.
         """
+        if self._closing is not None:  # a second call waits for the first
+            with anyio.CancelScope(shield=True):
+                await self._closing.wait()
+            return
         copier, self._copier = self._copier, None
-        if copier is not None:
+        if copier is None:
+            return
+        self._closing = anyio.Event()
+        try:
             with anyio.CancelScope(shield=True):
                 await copier.quiesce()
             _log.info("tier_close", tier=self._name, n_blocks=self._num_slots)
+        finally:
+            self._closing.set()
 
     async def __aenter__(self) -> Self:
         """Return the tier (already open).

@@ -24,6 +24,7 @@ Algorithms, chosen by name:
 from __future__ import annotations
 
 import hashlib
+import operator
 import os
 import struct
 import threading
@@ -190,12 +191,20 @@ class _CborHash:
     def hash_block(
         self, parent: BlockHash, tokens: Sequence[int], extra: ExtraKeys | None
     ) -> BlockHash:
-        for token in tokens:
-            if not isinstance(token, int) or not -(2**63) <= token < 2**63:
+        ids: list[object] = list(tokens)  # engines pass what they have, not always ints
+        for index, item in enumerate(ids):
+            token: int | None = item if isinstance(item, int) else None
+            if token is None:  # an integer-like, which the struct-packing hashes take too
+                try:
+                    token = operator.index(item)  # type: ignore[arg-type]
+                except TypeError:
+                    token = None
+                ids[index] = token
+            if token is None or not -(2**63) <= token < 2**63:
                 raise InvalidRequestError(
-                    f"token ids must be integers that fit in 64 bits, got {token!r}"
+                    f"token ids must be integers that fit in 64 bits, got {tokens[index]!r}"
                 )
-        payload = [parent, list(tokens), None if extra is None else extra.to_cbor()]
+        payload = [parent, ids, None if extra is None else extra.to_cbor()]
         return _sha256(cbor2.dumps(payload, canonical=True))
 
     def hash_run(

@@ -178,6 +178,28 @@ def test_integer_lookalikes_are_converted_whatever_the_prompt_length(
         req.append_output_token_ids(list(range(20)))  # the request still grows
 
 
+class AddsAsInt:
+    """An integer-like object that even adds as an int: kept as given, hashed as its index."""
+
+    def __index__(self) -> int:
+        return 7
+
+    def __radd__(self, other: int) -> int:
+        return other + 7
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "sha256_cbor", "xxhash"])
+def test_an_integer_lookalike_that_passes_the_fast_check_hashes_as_its_index(
+    algorithm: str,
+) -> None:
+    odd: list[Any] = [*range(39), AddsAsInt()]
+    plain = [*range(39), 7]
+    req = Request("r", odd, hasher(algorithm))
+    assert req.block_hashes == Request("t", plain, hasher(algorithm)).block_hashes
+    req.append_output_token_ids([AddsAsInt()] * 20)  # and the request still grows
+    assert req.block_hashes == Request("u", plain + [7] * 20, hasher(algorithm)).block_hashes
+
+
 def test_a_numpy_prompt_is_read_in_one_call() -> None:
     """``list(array)`` gives NumPy scalars, each converted on its own: tolist() gives ints."""
     prompt = np.arange(100_000, dtype=np.int64)

@@ -29,7 +29,7 @@ from anyio.abc import TaskGroup
 
 from kvtier.errors import ClosedError
 from kvtier.offload._state import LoadOutcome, StoreOutcome
-from kvtier.tiers._copy import mark, wait_event
+from kvtier.tiers._streams import mark, wait_event
 
 __all__ = ["Runtime", "current_streams"]
 

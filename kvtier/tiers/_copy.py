@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Final
 
@@ -37,6 +36,7 @@ from kvtier.errors import ConfigError, InvalidRequestError, KVTierError, TierIOE
 from kvtier.log import get_logger
 from kvtier.tiers._memory import MemorySpans
 from kvtier.tiers._rows import SegmentRows, split_parts
+from kvtier.tiers._streams import drain, event_done, mark, new_stream, on_stream, wait_event
 
 __all__ = [
     "OFFLOAD_MIN_BYTES",
@@ -61,47 +61,6 @@ STAGING_BYTES: Final = 64 << 20
 _LOGGER = "kvtier.tiers"
 _log = get_logger(_LOGGER)
 _stdlib_log = logging.getLogger(_LOGGER)
-# Typed handles on torch's untyped CUDA constructors and query.
-_new_stream: Callable[..., torch.cuda.Stream] = torch.cuda.Stream
-_new_event: Callable[..., torch.cuda.Event] = torch.cuda.Event
-_event_done: Callable[[torch.cuda.Event], bool] = torch.cuda.Event.query
-
-
-@contextmanager
-def _on(stream: torch.cuda.Stream) -> Iterator[None]:
-    """Make ``stream`` current, with its device current around it.
-
-    ``torch.cuda.stream`` alone, in a thread whose current device is another
-    one (a fresh worker thread's is device 0), restores that device's stream
-    on exit, which selects the device and, from CUDA 12 on, creates its
-    context: 300-500 MiB on a GPU another process may have filled.
-    """
-    with torch.cuda.device(stream.device), torch.cuda.stream(stream):
-        yield
-
-
-def mark(stream: torch.cuda.Stream) -> torch.cuda.Event:
-    """An event recorded on ``stream`` now; waiting for it sleeps instead of spinning.
-
-    (A default event, like ``Stream.synchronize``, spin-waits: a worker
-    thread waiting for a copy queued behind the engine's forward pass would
-    burn a core the whole time.)
-    """
-    with torch.cuda.device(stream.device):
-        done = _new_event(blocking=True)
-        done.record(stream)
-    return done
-
-
-def wait_event(done: torch.cuda.Event, device: torch.device) -> None:
-    """Block the calling thread until ``done`` happened (on ``device``)."""
-    with torch.cuda.device(device):
-        done.synchronize()
-
-
-def _drain(stream: torch.cuda.Stream) -> None:
-    """Block until every copy queued on ``stream`` so far is done, without spinning."""
-    wait_event(mark(stream), stream.device)
 
 
 def check_copy_threads(copy_threads: object) -> None:
@@ -169,7 +128,7 @@ class RowCopier:
         index = main.index if main.index is not None else torch.cuda.current_device()
         stream = self._streams.get((index, read))
         if stream is None:
-            stream = self._streams[index, read] = _new_stream(device=index)
+            stream = self._streams[index, read] = new_stream(device=index)
         for device in devices:
             stream.wait_stream(torch.cuda.current_stream(device))
         return stream
@@ -185,7 +144,7 @@ class RowCopier:
     async def sync_streams(self) -> None:
         """Wait (off the event loop) until every copy queued on the copier's streams is done."""
         for stream in list(self._streams.values()):
-            await anyio.to_thread.run_sync(_drain, stream)
+            await anyio.to_thread.run_sync(drain, stream)
 
     async def quiesce(self) -> None:
         """Wait until every copy in progress has ended, then until the streams are drained.
@@ -275,7 +234,7 @@ class RowCopier:
             if stream is not None and queue and nbytes < self.offload_min_bytes:
                 done = self._enqueue(stream, slots, parts, read=read)
                 with torch.cuda.device(stream.device):
-                    finished = _event_done(done)  # a tiny copy may be done already
+                    finished = event_done(done)  # a tiny copy may be done already
                 if not finished:
                     # Shielded: the caller's buffer is settled before we return.
                     with anyio.CancelScope(shield=True):
@@ -373,12 +332,12 @@ class RowCopier:
                 if queue:  # large: even queueing the kernels would hold up the loop
                     self._enqueue(stream, slots, parts, read=read)
                 else:
-                    with _on(stream):
+                    with on_stream(stream):
                         self.rows.copy(slots, parts, read=read, non_blocking=False)
             finally:
                 # Also on failure: kernels queued before it may still use the
                 # caller's buffers, which must be settled when we return.
-                _drain(stream)
+                drain(stream)
 
         return work
 
@@ -395,11 +354,11 @@ class RowCopier:
         Every part is on the tier's device, or pinned and contiguous on the host.
         """
         try:
-            with _on(stream):
+            with on_stream(stream):
                 self.rows.copy(slots, parts, read=read, non_blocking=True)
             return mark(stream)
         except BaseException:
             # Kernels queued before the failure may still use the caller's
             # buffer: let them finish before the caller sees the error.
-            _drain(stream)
+            drain(stream)
             raise

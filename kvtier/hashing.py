@@ -193,8 +193,8 @@ class _CborHash:
     ) -> BlockHash:
         ids: list[object] = list(tokens)  # engines pass what they have, not always ints
         for index, item in enumerate(ids):
-            token: int | None = item if isinstance(item, int) else None
-            if token is None:  # an integer-like, which the struct-packing hashes take too
+            token: int | None = item if type(item) is int else None
+            if token is None:  # a bool or another integer-like: as struct packing takes it
                 try:
                     token = operator.index(item)  # type: ignore[arg-type]
                 except TypeError:

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from kvtier import (
     BlockHasher,
@@ -164,18 +165,44 @@ class AddsAsFloat:
         return other + 7.0
 
 
-@pytest.mark.parametrize("algorithm", ["sha256", "sha256_cbor"])
+class RaisesOnAdd:
+    """An integer-like whose arithmetic fails with something else than TypeError."""
+
+    def __index__(self) -> int:
+        return 3
+
+    def __radd__(self, other: object) -> object:
+        raise ValueError("no adding")
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "sha256_cbor", "xxhash"])
 @pytest.mark.parametrize("prompt_len", [3, 40])
-def test_integer_lookalikes_are_converted_whatever_the_prompt_length(
+def test_integer_lookalikes_hash_as_their_index_whatever_the_prompt_length(
     algorithm: str, prompt_len: int
 ) -> None:
-    """Only plain ints (and bools) are kept as given: a look-alike would jam sha256_cbor later."""
-    for odd, value in ((FloatWithIndex(1.5), 1), (AddsAsFloat(), 7)):
+    """Kept or converted, a look-alike must never jam a hash later (sha256_cbor refused them)."""
+    for odd, value in ((FloatWithIndex(1.5), 1), (AddsAsFloat(), 7), (RaisesOnAdd(), 3)):
         prompt: list[Any] = [*range(prompt_len - 1), odd]
         req = Request("r", prompt, hasher(algorithm))
-        assert req.all_token_ids[-1] == value
-        assert {type(token) for token in req.all_token_ids} == {int}
-        req.append_output_token_ids(list(range(20)))  # the request still grows
+        twin = Request("t", [*range(prompt_len - 1), value], hasher(algorithm))
+        assert req.block_hashes == twin.block_hashes
+        req.append_output_token_ids([odd] * 20)  # the request still grows
+        twin.append_output_token_ids([value] * 20)
+        assert req.block_hashes == twin.block_hashes
+
+
+def test_small_numpy_integers_summing_past_their_type_raise_no_warning() -> None:
+    """(pytest turns warnings into errors here, as a strict engine may.)"""
+    prompt = list(np.full(40_000, 60_000, dtype=np.int32))  # sums past 2**31
+    req = Request("r", prompt, hasher("sha256"))
+    assert {type(token) for token in req.prompt_token_ids} == {int}
+    req.append_output_token_ids(list(np.full(20, 60_000, dtype=np.uint16)))
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "sha256_cbor", "xxhash"])
+def test_bools_hash_as_ones_and_zeros_under_every_algorithm(algorithm: str) -> None:
+    bools = Request("b", [True, False] * 20, hasher(algorithm))
+    assert bools.block_hashes == Request("i", [1, 0] * 20, hasher(algorithm)).block_hashes
 
 
 class AddsAsInt:
@@ -325,6 +352,14 @@ def test_an_engine_count_that_is_a_numpy_integer_is_taken_and_a_float_refused_fi
     with pytest.raises(InvalidRequestError, match="num_computed_tokens must be an integer"):
         manager.allocate_slots(bad, 40)  # type: ignore[arg-type]
     assert manager.block_pool.get_num_free_blocks() == free  # refused before allocating
-    good = EngineRequest(Request("n", list(range(40)), hasher), np.int64(0))
-    assert manager.allocate_slots(good, 40) is not None  # type: ignore[arg-type]
-    assert len(manager.block_pool.cached_block_hash_to_block) == 2
+    for odd in (torch.tensor(0.5), torch.tensor(0.0), FloatWithIndex(0.0), True, None):
+        bad = EngineRequest(Request("f", list(range(40)), hasher), odd)
+        with pytest.raises(InvalidRequestError, match="num_computed_tokens must be an integer"):
+            manager.allocate_slots(bad, 40)  # type: ignore[arg-type]
+        assert manager.block_pool.get_num_free_blocks() == free
+        assert "f" not in manager.group_managers[0].req_to_blocks
+    for index, count in enumerate((np.int64(0), np.uint64(0), np.uint16(0))):
+        good = EngineRequest(Request(f"n{index}", list(range(40)), hasher), count)
+        assert manager.allocate_slots(good, 40) is not None  # type: ignore[arg-type]
+        assert len(manager.block_pool.cached_block_hash_to_block) == 2
+        manager.free(good)  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ an :class:`~kvtier.errors.InvalidRequestError` naming the bad value.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -18,7 +19,14 @@ from kvtier.request import KVCacheRequest, request_lora_id
 if TYPE_CHECKING:
     from kvtier.manager import KVCacheManager
 
-__all__ = ["check_allocation", "check_count", "check_counts", "check_hashes", "check_tokens"]
+__all__ = [
+    "check_allocation",
+    "check_count",
+    "check_counts",
+    "check_hashes",
+    "check_tokens",
+    "computed_tokens",
+]
 
 
 def check_count(name: str, value: int) -> None:
@@ -83,6 +91,28 @@ def check_hashes(request: KVCacheRequest, block_size: int) -> Sequence[BlockHash
     return hashes
 
 
+def computed_tokens(request: KVCacheRequest) -> int:
+    """The request's ``num_computed_tokens`` as an ``int`` (an engine's may be NumPy's).
+
+    Raises:
+        InvalidRequestError: It is not an integer >= 0 (a bool, a float, a
+            float tensor...).
+    """
+    value = request.num_computed_tokens
+    try:
+        if isinstance(value, (bool, float)):
+            raise TypeError
+        held = operator.index(value)
+    except TypeError:
+        held = -1
+    if held < 0:
+        raise InvalidRequestError(
+            f"request {request.request_id!r}: num_computed_tokens must be an integer >= 0, "
+            f"got {value!r}"
+        )
+    return held
+
+
 def check_allocation(
     manager: KVCacheManager,
     request: KVCacheRequest,
@@ -111,11 +141,7 @@ def check_allocation(
             f"request {request_id!r}: allocate_slots needs new tokens or new computed "
             "tokens, got neither"
         )
-    held = request.num_computed_tokens
-    if isinstance(held, bool) or not hasattr(held, "__index__") or held < 0:
-        raise InvalidRequestError(
-            f"request {request_id!r}: num_computed_tokens must be an integer >= 0, got {held!r}"
-        )
+    held = computed_tokens(request)
     total = held + new_computed + external + new
     if total > manager.max_model_len:
         raise InvalidRequestError(

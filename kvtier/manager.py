@@ -13,7 +13,13 @@ Names and semantics follow vLLM v1's ``KVCacheManager``. Per request and step:
 
 from __future__ import annotations
 
-from kvtier.allocation import check_allocation, check_count, check_counts, check_hashes
+from kvtier.allocation import (
+    check_allocation,
+    check_count,
+    check_counts,
+    check_hashes,
+    computed_tokens,
+)
 from kvtier.block import KVCacheBlock
 from kvtier.cache_blocks import KVCacheBlocks
 from kvtier.errors import ConfigError, InvalidRequestError
@@ -224,8 +230,8 @@ class KVCacheManager:
         )
         managers = self.group_managers
         request_id = request.request_id
-        num_computed_tokens = (
-            request.num_computed_tokens + num_new_computed_tokens + num_external_computed_tokens
+        num_computed_tokens = (  # (checked by check_allocation: an int >= 0)
+            computed_tokens(request) + num_new_computed_tokens + num_external_computed_tokens
         )
         num_tokens_need_slot = min(
             num_computed_tokens + num_new_tokens + num_lookahead_tokens, self.max_model_len

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 
 import anyio
+import anyio.from_thread
 import numpy as np
 import pytest
 import torch
@@ -300,6 +301,53 @@ async def test_closing_a_tier_waits_for_a_copy_running_in_a_worker_thread(kind: 
         tg.start_soon(close, "closed again")  # a second close waits for the first
     assert order[0] == "copy ended"
     assert sorted(order[1:]) == ["closed", "closed again"]
+
+
+@pytest.mark.parametrize("kind", ["cpu", "device"])
+def test_a_second_close_from_another_event_loop_waits_and_returns(kind: str) -> None:
+    """The offload runtime's loop closes; an engine's loop closes too, meanwhile."""
+    tier: CpuTier | DeviceTier
+    if kind == "cpu":
+        tier = CpuTier(SMALL, 64, offload_min_bytes=1)
+    else:
+        tier = DeviceTier(torch.zeros(64, BB, dtype=torch.uint8), SMALL, offload_min_bytes=1)
+    release, started, first_closed = threading.Event(), threading.Event(), threading.Event()
+
+    async def first_loop() -> None:
+        if isinstance(tier, CpuTier):
+            await tier.__aenter__()
+        copier = tier._live_copier()
+        copy = copier.rows.copy
+
+        def gated(*args: object, **kwargs: object) -> None:
+            started.set()
+            release.wait(10)
+            copy(*args, **kwargs)  # type: ignore[arg-type]
+
+        copier.rows.copy = gated  # type: ignore[method-assign]
+
+        async def close() -> None:
+            await anyio.to_thread.run_sync(started.wait, 10)
+            await tier.aclose()
+            first_closed.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(tier.write_from, list(range(8)), [b""] * 8, rand_bytes(8, BB))
+            tg.start_soon(close)
+
+    async def second_loop() -> bool:
+        await anyio.to_thread.run_sync(started.wait, 10)
+        await anyio.sleep(0.05)  # the first close has begun on the other loop
+        threading.Timer(0.1, release.set).start()
+        with anyio.fail_after(10):
+            await tier.aclose()
+        return release.is_set()
+
+    with anyio.from_thread.start_blocking_portal() as portal:
+        first = portal.start_task_soon(first_loop)
+        assert anyio.run(second_loop)  # returned, and only after the copy was let go
+        first.result(timeout=10)
+    assert first_closed.is_set()
 
 
 @pytest.mark.asyncio

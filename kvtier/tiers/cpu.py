@@ -14,6 +14,7 @@ scatter straight from it) without a staging copy.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -157,7 +158,9 @@ class CpuTier(CopierCalls):
         self._copier: RowCopier | None = None
         self._pinned = False
         self._closed = False
-        self._closing: anyio.Event | None = None  # set once aclose has finished
+        # Set once aclose has finished; a thread's event: a second close may come
+        # from another event loop (an engine's, the offload runtime's).
+        self._closing: threading.Event | None = None
 
     @property
     def name(self) -> str:
@@ -297,10 +300,11 @@ class CpuTier(CopierCalls):
         for the first to finish.
         """
         if self._closing is not None:
-            with anyio.CancelScope(shield=True):
-                await self._closing.wait()
+            if not self._closing.is_set():
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self._closing.wait)
             return
-        self._closing = anyio.Event()
+        self._closing = threading.Event()
         self._closed = True
         storage, copier = self._storage, self._copier
         self._storage = self._copier = None

@@ -29,11 +29,13 @@ The engine must not touch the blocks of a transfer until it completes.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from types import TracebackType
 from typing import ClassVar, Self
 
 import anyio
+import anyio.to_thread
 import torch
 
 from kvtier.errors import ClosedError, ConfigError
@@ -211,7 +213,9 @@ class DeviceTier(CopierCalls):
             copy_threads=copy_threads,
         )
         self._device = sources[0].device
-        self._closing: anyio.Event | None = None  # set once aclose has finished
+        # Set once aclose has finished; a thread's event: a second close may come
+        # from another event loop (an engine's, the offload runtime's).
+        self._closing: threading.Event | None = None
         _log.info(
             "tier_open",
             tier=name,
@@ -283,13 +287,14 @@ class DeviceTier(CopierCalls):
         copies). A second call waits for the first to finish.
         """
         if self._closing is not None:  # a second call waits for the first
-            with anyio.CancelScope(shield=True):
-                await self._closing.wait()
+            if not self._closing.is_set():
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self._closing.wait)
             return
         copier, self._copier = self._copier, None
         if copier is None:
             return
-        self._closing = anyio.Event()
+        self._closing = threading.Event()
         try:
             with anyio.CancelScope(shield=True):
                 await copier.quiesce()

@@ -14,7 +14,6 @@ scatter straight from it) without a staging copy.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -27,6 +26,7 @@ import torch
 from kvtier.errors import ClosedError, ConfigError, TierIOError
 from kvtier.log import get_logger
 from kvtier.tiers._checks import ascending_run, check_slots
+from kvtier.tiers._close_gate import CloseGate
 from kvtier.tiers._copier_calls import CopierCalls
 from kvtier.tiers._copy import OFFLOAD_MIN_BYTES, STAGING_BYTES, RowCopier, check_copy_threads
 from kvtier.tiers._host import host_shortfall
@@ -158,9 +158,7 @@ class CpuTier(CopierCalls):
         self._copier: RowCopier | None = None
         self._pinned = False
         self._closed = False
-        # Set once aclose has finished; a thread's event: a second close may come
-        # from another event loop (an engine's, the offload runtime's).
-        self._closing: threading.Event | None = None
+        self._gate = CloseGate()
 
     @property
     def name(self) -> str:
@@ -299,16 +297,12 @@ class CpuTier(CopierCalls):
         (else they stay locked until the process ends). A second call waits
         for the first to finish.
         """
-        if self._closing is not None:
-            if not self._closing.is_set():
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(self._closing.wait)
-            return
-        self._closing = threading.Event()
-        self._closed = True
-        storage, copier = self._storage, self._copier
-        self._storage = self._copier = None
-        try:
+        async with self._gate.closing() as first:
+            if not first:
+                return
+            self._closed = True
+            storage, copier = self._storage, self._copier
+            self._storage = self._copier = None
             if storage is None or copier is None:
                 return
             with anyio.CancelScope(shield=True):
@@ -319,8 +313,6 @@ class CpuTier(CopierCalls):
             _log.info(
                 "tier_close", tier=self._name, n_blocks=self._num_slots, bytes=storage.numel()
             )
-        finally:
-            self._closing.set()
 
     def slot_view(self, slots: Sequence[int]) -> torch.Tensor | None:
         """A view of the storage rows of ``slots`` when they are one ascending run.

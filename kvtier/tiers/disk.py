@@ -63,6 +63,7 @@ from kvtier.errors import (
 )
 from kvtier.log import get_logger
 from kvtier.tiers._checks import check_batch, check_slots
+from kvtier.tiers._close_gate import CloseGate
 from kvtier.tiers._disk_io import BlockFiles
 from kvtier.tiers.base import BlockKey, BlockLayout
 from kvtier.tiers.disk_batch import CALL_BYTES, DiskBatches, row_access
@@ -172,7 +173,7 @@ class DiskTier:
         self._recovered: list[tuple[int, BlockKey]] = []
         self._opened = False
         self._closed = False
-        self._closing: anyio.Event | None = None  # set once aclose has finished
+        self._gate = CloseGate()
 
     @staticmethod
     def bytes_per_block(layout: BlockLayout) -> int:
@@ -254,17 +255,14 @@ class DiskTier:
         returns. Files whose delete failed are deleted again here. A second
         call waits for the first to finish (an opening scan counts as a batch).
         """
-        if self._closing is not None:
-            with anyio.CancelScope(shield=True):  # as the first: the lock goes first
-                await self._closing.wait()
-            return
-        self._closing = anyio.Event()
-        self._closed = True
-        try:
-            await self._batches.close()
-        finally:
-            self._unlock()
-            self._closing.set()
+        async with self._gate.closing() as first:
+            if not first:  # waited for the first: the lock is gone
+                return
+            self._closed = True
+            try:
+                await self._batches.close()
+            finally:
+                self._unlock()
 
     def _unlock(self) -> None:
         lock, self._lock = self._lock, None

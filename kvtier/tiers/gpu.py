@@ -29,18 +29,17 @@ The engine must not touch the blocks of a transfer until it completes.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Sequence
 from types import TracebackType
 from typing import ClassVar, Self
 
 import anyio
-import anyio.to_thread
 import torch
 
 from kvtier.errors import ClosedError, ConfigError
 from kvtier.log import get_logger
 from kvtier.tiers._checks import byte_rows
+from kvtier.tiers._close_gate import CloseGate
 from kvtier.tiers._copier_calls import CopierCalls
 from kvtier.tiers._copy import OFFLOAD_MIN_BYTES, STAGING_BYTES, RowCopier, check_copy_threads
 from kvtier.tiers._memory import any_overlap, grid_overlaps_itself
@@ -213,9 +212,7 @@ class DeviceTier(CopierCalls):
             copy_threads=copy_threads,
         )
         self._device = sources[0].device
-        # Set once aclose has finished; a thread's event: a second close may come
-        # from another event loop (an engine's, the offload runtime's).
-        self._closing: threading.Event | None = None
+        self._gate = CloseGate()
         _log.info(
             "tier_open",
             tier=name,
@@ -286,21 +283,13 @@ class DeviceTier(CopierCalls):
         Idempotent; shielded from cancellation (the wait is bounded by the
         copies). A second call waits for the first to finish.
         """
-        if self._closing is not None:  # a second call waits for the first
-            if not self._closing.is_set():
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(self._closing.wait)
-            return
-        copier, self._copier = self._copier, None
-        if copier is None:
-            return
-        self._closing = threading.Event()
-        try:
+        async with self._gate.closing() as first:
+            copier, self._copier = self._copier, None
+            if not first or copier is None:
+                return
             with anyio.CancelScope(shield=True):
                 await copier.quiesce()
             _log.info("tier_close", tier=self._name, n_blocks=self._num_slots)
-        finally:
-            self._closing.set()
 
     async def __aenter__(self) -> Self:
         """Return the tier (already open).

@@ -53,6 +53,7 @@ from kvtier.errors import (
 from kvtier.log import get_logger
 from kvtier.tiers import redis_framing as framing
 from kvtier.tiers._checks import check_batch
+from kvtier.tiers._close_gate import CloseGate
 from kvtier.tiers.base import BlockKey, BlockLayout
 from kvtier.tiers.redis_batch import RedisBatches
 from kvtier.tiers.redis_calls import RedisCalls
@@ -224,7 +225,7 @@ class RedisTier(RedisCalls):
         self._closed = False
         self._calls = 0  # calls in flight (aclose ends their round trips and waits)
         self._idle: anyio.Event | None = None  # set when the last call ends after aclose
-        self._closing: anyio.Event | None = None  # set once aclose has finished
+        self._gate = CloseGate()
 
     # -- properties ----------------------------------------------------------------
 
@@ -333,16 +334,11 @@ class RedisTier(RedisCalls):
         round trip's deadline, before the pool's connections are closed. A
         second call waits for the first to finish.
         """
-        if self._closing is not None:
-            with anyio.CancelScope(shield=True):  # as the first
-                await self._closing.wait()
-            return
-        self._closing = anyio.Event()
-        self._closed = True
-        try:
+        async with self._gate.closing() as first:
+            if not first:
+                return
+            self._closed = True
             await self._close_calls_and_client()
-        finally:
-            self._closing.set()
         _log.info("tier_close", tier=self._name)
 
     async def _close_calls_and_client(self) -> None:

@@ -1,0 +1,50 @@
+"""One close at a time for a tier's ``aclose``, the later calls waiting for the first."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import anyio.to_thread
+
+__all__ = ["CloseGate"]
+
+
+class CloseGate:
+    """Lets the first ``aclose`` run; later ones wait (shielded) until it has finished.
+
+    A thread's event, not an anyio one: a second close may come from another
+    event loop than the first's (an engine's loop while the offload runtime's
+    portal closes the tier), and an anyio event wakes only the loop that
+    waits on it first.
+    """
+
+    def __init__(self) -> None:
+        self._done: threading.Event | None = None
+
+    @property
+    def started(self) -> bool:
+        """Some ``aclose`` has begun."""
+        return self._done is not None
+
+    @asynccontextmanager
+    async def closing(self) -> AsyncIterator[bool]:
+        """Yield True to the first caller (its close runs in the block), False to the others.
+
+        The others have waited, shielded from cancellation, until the first
+        left the block (whichever way it left).
+        """
+        done = self._done
+        if done is not None:
+            if not done.is_set():
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(done.wait)
+            yield False
+            return
+        self._done = threading.Event()
+        try:
+            yield True
+        finally:
+            self._done.set()

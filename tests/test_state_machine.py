@@ -106,6 +106,9 @@ class PrefixCacheMachine(RuleBasedStateMachine):
     @rule(data=st.data(), tokens=strategies.decode_tokens)
     def decode(self, data: st.DataObject, tokens: list[int]) -> None:
         request = self.running[data.draw(st.sampled_from(sorted(self.running)))]
+        if request.num_tokens + len(tokens) > self.manager.max_model_len:
+            self.free_request(request)  # at its length limit: finished, as a scheduler would
+            return
         request.append_output_token_ids(tokens)
         before = self.snapshot()
         new = self.manager.allocate_slots(request, len(tokens))

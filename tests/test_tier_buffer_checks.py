@@ -261,6 +261,21 @@ async def test_a_second_cpu_tier_close_waits_for_the_first_to_unpin(
     assert seen == [1]
 
 
+def gate_copies(
+    tier: CpuTier | DeviceTier, started: threading.Event, release: threading.Event
+) -> None:
+    """Make the tier's copies (in worker threads) say they started, then wait for ``release``."""
+    copier = tier._live_copier()
+    copy = copier.rows.copy
+
+    def gated(*args: object, **kwargs: object) -> None:
+        started.set()
+        release.wait(10)
+        copy(*args, **kwargs)  # type: ignore[arg-type]
+
+    copier.rows.copy = gated  # type: ignore[method-assign]
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("kind", ["cpu", "device"])
 async def test_closing_a_tier_waits_for_a_copy_running_in_a_worker_thread(kind: str) -> None:
@@ -270,16 +285,8 @@ async def test_closing_a_tier_waits_for_a_copy_running_in_a_worker_thread(kind: 
         await tier.__aenter__()
     else:
         tier = DeviceTier(torch.zeros(64, BB, dtype=torch.uint8), SMALL, offload_min_bytes=1)
-    copier = tier._live_copier()
     release, started = threading.Event(), threading.Event()
-    copy = copier.rows.copy
-
-    def gated(*args: object, **kwargs: object) -> None:
-        started.set()
-        release.wait(10)
-        copy(*args, **kwargs)  # type: ignore[arg-type]
-
-    copier.rows.copy = gated  # type: ignore[method-assign]
+    gate_copies(tier, started, release)
     order: list[str] = []
 
     async def write() -> None:
@@ -316,15 +323,7 @@ def test_a_second_close_from_another_event_loop_waits_and_returns(kind: str) -> 
     async def first_loop() -> None:
         if isinstance(tier, CpuTier):
             await tier.__aenter__()
-        copier = tier._live_copier()
-        copy = copier.rows.copy
-
-        def gated(*args: object, **kwargs: object) -> None:
-            started.set()
-            release.wait(10)
-            copy(*args, **kwargs)  # type: ignore[arg-type]
-
-        copier.rows.copy = gated  # type: ignore[method-assign]
+        gate_copies(tier, started, release)
 
         async def close() -> None:
             await anyio.to_thread.run_sync(started.wait, 10)

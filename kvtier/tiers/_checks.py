@@ -29,6 +29,7 @@ __all__ = [
     "check_parts",
     "check_keys",
     "check_slots",
+    "copy_back",
     "host_rows",
     "part_row_views",
     "row_views",
@@ -278,6 +279,13 @@ def tensor_bytes(row: torch.Tensor) -> memoryview:
     buffer = (ctypes.c_ubyte * size).from_address(row.data_ptr())
     buffer.owner = row  # type: ignore[attr-defined]  # ctypes instances take attributes
     return memoryview(buffer).cast("B")
+
+
+def copy_back(parts: Sequence[torch.Tensor], host: Sequence[torch.Tensor]) -> None:
+    """Fill the parts that were read through a host copy (``host[i]`` is not ``parts[i]``)."""
+    for part, rows in zip(parts, host, strict=True):
+        if rows is not part:
+            part.copy_(rows)
 
 
 def host_rows(rows: torch.Tensor) -> bool:

@@ -62,7 +62,7 @@ from kvtier.errors import (
     TierIOError,
 )
 from kvtier.log import get_logger
-from kvtier.tiers._checks import check_batch, check_slots
+from kvtier.tiers._checks import check_batch, check_slots, copy_back
 from kvtier.tiers._close_gate import CloseGate
 from kvtier.tiers._disk_io import BlockFiles
 from kvtier.tiers.base import BlockKey, BlockLayout
@@ -311,9 +311,9 @@ class DiskTier:
         try:
             await self._batches.read(slot_list, keys, row_access(host))
         except BlockMissingError:
-            _copy_back(parts, host)  # the blocks that were read are filled, as promised
+            copy_back(parts, host)  # the blocks that were read are filled, as promised
             raise
-        _copy_back(parts, host)
+        copy_back(parts, host)
 
     async def write_from(
         self, slots: Sequence[int], keys: Sequence[BlockKey], data: torch.Tensor
@@ -402,10 +402,3 @@ class DiskTier:
         doomed = self._map.forget(slot_list)
         if doomed:
             await self._batches.delete(doomed)
-
-
-def _copy_back(parts: list[torch.Tensor], host: list[torch.Tensor]) -> None:
-    """Fill the parts that were read through a host copy."""
-    for part, rows in zip(parts, host, strict=True):
-        if rows is not part:
-            part.copy_(rows)

@@ -16,7 +16,7 @@ import torch
 
 from kvtier.errors import BlockMissingError, TierIOError
 from kvtier.log import get_logger
-from kvtier.tiers._checks import part_row_views
+from kvtier.tiers._checks import copy_back, part_row_views
 from kvtier.tiers.base import BlockKey
 from kvtier.tiers.redis_client import RedisClient
 from kvtier.tiers.redis_format import KeyFormat
@@ -102,9 +102,9 @@ class RedisBatches:
         try:
             await self.load(client, slots, keys, part_row_views(targets))
         except BlockMissingError:
-            _copy_back(parts, targets)  # the blocks that loaded are filled, as promised
+            copy_back(parts, targets)  # the blocks that loaded are filled, as promised
             raise
-        _copy_back(parts, targets)
+        copy_back(parts, targets)
 
     async def store(
         self,
@@ -174,10 +174,3 @@ class RedisBatches:
 def _on_host(part: torch.Tensor) -> bool:
     """Whether a part's rows are host memory that a ``memoryview`` covers row by row."""
     return part.device.type == "cpu" and part.stride(1) == 1
-
-
-def _copy_back(parts: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> None:
-    """Fill the parts that were loaded through a host copy."""
-    for part, target in zip(parts, targets, strict=True):
-        if target is not part:
-            part.copy_(target)

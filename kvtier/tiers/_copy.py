@@ -34,6 +34,7 @@ import torch
 
 from kvtier.errors import ConfigError, InvalidRequestError, KVTierError, TierIOError
 from kvtier.log import get_logger
+from kvtier.tiers._in_flight import InFlight
 from kvtier.tiers._memory import MemorySpans
 from kvtier.tiers._rows import SegmentRows, split_parts
 from kvtier.tiers._streams import drain, event_done, mark, new_stream, on_stream, wait_event
@@ -108,8 +109,7 @@ class RowCopier:
         self._spans = MemorySpans(sources)
         self._streams: dict[tuple[int, bool], torch.cuda.Stream] = {}
         self._cuda = self.device.type == "cuda"
-        self._running = 0  # copies in progress (see quiesce)
-        self._idle: anyio.Event | None = None  # set when the last of them ends
+        self._in_flight = InFlight()  # copies in progress (see quiesce)
 
     # -- CUDA --
 
@@ -153,10 +153,7 @@ class RowCopier:
         a copy in a worker thread cannot be interrupted, so one still running
         would read or write memory already freed (or, pinned, unregistered).
         """
-        while self._running:
-            if self._idle is None:
-                self._idle = anyio.Event()
-            await self._idle.wait()
+        await self._in_flight.wait_idle()
         await self.sync_streams()
 
     # -- the operations --
@@ -209,14 +206,8 @@ class RowCopier:
 
     async def _move(self, slots: list[int], parts: Sequence[torch.Tensor], *, read: bool) -> None:
         """:meth:`_copy`, counted as in progress until it ends (see :meth:`quiesce`)."""
-        self._running += 1
-        try:
+        with self._in_flight.running():
             await self._copy(slots, parts, read=read)
-        finally:
-            self._running -= 1
-            if not self._running and self._idle is not None:
-                self._idle.set()
-                self._idle = None
 
     async def _copy(self, slots: list[int], parts: Sequence[torch.Tensor], *, read: bool) -> None:
         if not slots:

@@ -29,6 +29,7 @@ from kvtier.errors import BlockMissingError, InvalidRequestError, TierIOError
 from kvtier.log import get_logger
 from kvtier.tiers._checks import host_rows, part_row_views, tensor_bytes
 from kvtier.tiers._disk_io import BlockFiles
+from kvtier.tiers._in_flight import InFlight
 from kvtier.tiers.base import BlockKey
 from kvtier.tiers.disk_map import DiskMap
 
@@ -100,24 +101,18 @@ class DiskBatches:
         self._call_blocks = max(1, call_bytes // files.block_bytes)
         self._writing_slots: set[int] = set()
         self._writing_keys: set[BlockKey] = set()
-        self._running = 0  # batches in flight (reads, writes, deletes)
-        self._idle: anyio.Event | None = None  # set when _running drops to 0, if awaited
+        self._in_flight = InFlight()  # batches in flight (reads, writes, deletes)
         self._undeleted: set[BlockKey] = set()  # stale files whose delete failed
 
     @contextmanager
     def running(self) -> Iterator[None]:
         """Count a batch while it runs (its worker threads included: they are never abandoned).
 
-        The tier counts its opening scan this way too: :meth:`close` waits for it.
+        The tier counts its opening scan this way too: :meth:`close` waits for it,
+        from whichever event loop it is called.
         """
-        self._running += 1
-        try:
+        with self._in_flight.running():
             yield
-        finally:
-            self._running -= 1
-            if not self._running and self._idle is not None:
-                self._idle.set()
-                self._idle = None
 
     async def close(self) -> None:
         """Wait for every batch in flight, then delete again the files whose delete failed.
@@ -130,10 +125,7 @@ class DiskBatches:
         Callers refuse new batches first (the tier is marked closed).
         """
         with anyio.CancelScope(shield=True):
-            while self._running:
-                if self._idle is None:
-                    self._idle = anyio.Event()
-                await self._idle.wait()
+            await self._in_flight.wait_idle()
             # No batch runs now: a key not mapped is stale, its file safe to delete.
             stale = [key for key in self._undeleted if key not in self._map.key_slots]
             self._undeleted.clear()

@@ -11,8 +11,10 @@ event loop that runs the pipeline.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import Callable, Generator
+from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -42,13 +44,14 @@ class Completion(Generic[T]):
         name: Identifies the operation in logs and reprs.
     """
 
-    __slots__ = ("_callbacks", "_error", "_event", "_result", "_state", "name")
+    __slots__ = ("_callbacks", "_error", "_event", "_result", "_state", "_traceback", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._state = CompletionState.PENDING
         self._result: T | None = None
         self._error: BaseException | None = None
+        self._traceback: TracebackType | None = None
         self._event = anyio.Event()
         self._callbacks: list[Callable[[Completion[T]], object]] = []
 
@@ -82,7 +85,9 @@ class Completion(Generic[T]):
             raise KVTierError(f"{self!r} is not resolved yet")
         if self._state is CompletionState.CANCELLED:
             raise TransferCancelledError(f"{self.name} was cancelled")
-        raise self._error  # type: ignore[misc]
+        # Raised with the traceback it failed with: raising the same object
+        # again would add each awaiter's frames to it, for ever.
+        raise self._error.with_traceback(self._traceback)  # type: ignore[union-attr]
 
     def exception(self) -> BaseException | None:
         """The error of a failed completion, else ``None``."""
@@ -103,7 +108,9 @@ class Completion(Generic[T]):
     def add_done_callback(self, callback: Callable[[Completion[T]], object]) -> None:
         """Call ``callback(self)`` when resolved (now, if it already is).
 
-        A callback that raises an ``Exception`` is logged and does not stop
+        A callback that raises an ``Exception`` (or asyncio's
+        ``CancelledError``, which a synchronous callback raises only by
+        mistake, say reading a cancelled future) is logged and does not stop
         the others. One that raises another ``BaseException`` (such as
         ``KeyboardInterrupt``) does not stop them either: the first such
         error is raised again once every callback has run, so no cleanup
@@ -128,6 +135,7 @@ class Completion(Generic[T]):
         if self.done():
             return False
         self._error = error
+        self._traceback = error.__traceback__
         return self._resolve(CompletionState.FAILED)
 
     def set_cancelled(self) -> bool:
@@ -156,5 +164,9 @@ class Completion(Generic[T]):
     def _run(self, callback: Callable[[Completion[T]], object]) -> None:
         try:
             callback(self)
-        except Exception as exc:  # a callback's bug must not break the pipeline
+        # A callback's bug must not break the pipeline. A synchronous callback
+        # is never cancelled itself: a CancelledError out of it is a bug too
+        # (it read a cancelled future), and passed on it would stop the worker
+        # that resolved this completion as though the pipeline were cancelled.
+        except (Exception, asyncio.CancelledError) as exc:
             _log.error("completion_callback_failed", completion=self.name, error=repr(exc))

@@ -137,7 +137,8 @@ class BlockMover:
 
         Raises:
             BlockMissingError: Source blocks were absent or failed verification
-                (all of them named, the others were copied).
+                (all of them named). The others were copied, except those that
+                shared a staging chunk with a named one: move them again.
             KVTierError: Any other error of either tier (the copy stopped).
         """
         view = _slot_view(dst, dst_slots)

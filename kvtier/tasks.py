@@ -75,7 +75,17 @@ def _tuple_of_ints(value: Sequence[int]) -> tuple[int, ...]:
 
 
 def _tuple_of_keys(value: Sequence[BlockKey]) -> tuple[BlockKey, ...]:
-    return tuple(value)
+    """The keys as a tuple of ``bytes``.
+
+    Raises:
+        InvalidRequestError: A key is not ``bytes`` (a ``bytearray`` or a
+            ``memoryview`` cannot be hashed, and batching hashes keys).
+    """
+    keys = tuple(value)
+    if not all(isinstance(key, bytes) for key in keys):
+        bad = next(key for key in keys if not isinstance(key, bytes))
+        raise InvalidRequestError(f"block keys must be bytes, got {type(bad).__name__}")
+    return keys
 
 
 @attrs.frozen(eq=False)
@@ -92,8 +102,8 @@ class TransferTask:
         dst_ledger: Committed on success, aborted otherwise.
 
     Raises:
-        InvalidRequestError: Lengths differ, no blocks, or the tiers' layouts
-            differ.
+        InvalidRequestError: Lengths differ, no blocks, a key is not
+            ``bytes``, or the tiers' layouts differ.
     """
 
     direction: Direction = attrs.field(init=False, default="store")

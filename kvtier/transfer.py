@@ -25,7 +25,9 @@ ends, through the task's ledgers (:class:`~kvtier.tiers.index.TierIndex`):
 success commits the destination and unpins the source; failure or
 cancellation aborts the destination and unpins the source; source blocks that
 fail verification are removed from the source's index (a miss from then on).
-A batch that fails is retried task by task, so one bad task does not fail its
+A batch whose copy names source blocks that failed verification fails the
+tasks holding them and moves the others again together; after any other
+error it is retried task by task, so one bad task does not fail its
 neighbours.
 """
 
@@ -40,12 +42,12 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from kvtier.claims import Claims, check_ledger, ledger_call, settle
+from kvtier.claims import Claims, check_ledger, settle
 from kvtier.completion import Completion
-from kvtier.errors import BlockMissingError, ClosedError, ConfigError, LedgerError
+from kvtier.errors import BlockMissingError, ClosedError, ConfigError
 from kvtier.fair_send import FairSender
-from kvtier.log import get_logger
 from kvtier.mover import DIRECT_MIN_BYTES, BlockMover
+from kvtier.outcomes import fail, finish
 from kvtier.tasks import (
     Direction,
     LoadTask,
@@ -67,7 +69,6 @@ __all__ = [
 # The task value classes live in kvtier.tasks; they are re-exported here
 # because callers build them next to the pipeline.
 
-_log = get_logger("kvtier.transfer")
 _MiB = 1 << 20
 
 
@@ -142,8 +143,19 @@ class TransferPipeline:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None:
-        await self._shutdown(exc_type, exc, tb)
+    ) -> bool | None:
+        """Finish the queued tasks and stop the workers (see :meth:`aclose`).
+
+        A body that raises cancels the queued tasks instead (their
+        completions resolve as cancelled); its exception comes out as it
+        was raised, not inside an exception group.
+        """
+        try:
+            return await self._shutdown(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            if exc is not None and len(group.exceptions) == 1 and group.exceptions[0] is exc:
+                return False  # the body's own exception goes on, unwrapped
+            raise
 
     async def aclose(self) -> None:
         """Finish the queued tasks and stop the workers; from any task. Idempotent.
@@ -165,12 +177,13 @@ class TransferPipeline:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None:
+    ) -> bool | None:
         self._close_queues()
         group, self._task_group = self._task_group, None
         try:
-            if group is not None:
-                await group.__aexit__(exc_type, exc, tb)
+            # The group's answer is passed on: True when it absorbed the
+            # cancellation of its own scope (a worker that failed cancels it).
+            return None if group is None else await group.__aexit__(exc_type, exc, tb)
         finally:
             for mover in self._movers.values():
                 mover.release()
@@ -306,19 +319,34 @@ class TransferPipeline:
         return None
 
     async def _run_batch(self, direction: Direction, batch: list[_Item]) -> None:
-        """Move a batch (one pair of tiers) with one copy; task by task if it fails."""
-        if len(batch) == 1:
-            await self._run_one(direction, *batch[0])
+        """Move a batch (one pair of tiers) with one copy.
+
+        When the copy names the source slots that failed verification, their
+        tasks fail and the rest are moved again together (a block that shared
+        a staging chunk with a bad one may not have been copied); after any
+        other error the tasks are moved one by one, to isolate the bad one.
+        """
+        while len(batch) > 1:
+            try:
+                seconds = await self._move(direction, [task for task, _ in batch])
+            except BlockMissingError as exc:
+                bad = set(exc.slots)
+                failed = [item for item in batch if not bad.isdisjoint(item[0].src_slots)]
+                if not failed:  # the error names no slot of the batch: isolate
+                    break
+                for task, completion in failed:
+                    found = bad.intersection(task.src_slots)
+                    self._fail(task, completion, BlockMissingError.of_slots(task.src.name, found))
+                batch = [item for item in batch if not item[1].done()]
+                continue
+            except Exception:
+                break
+            blocks = sum(task.num_blocks for task, _ in batch)
+            for task, completion in batch:  # each its share, so that summed times add up
+                self._finish(task, completion, seconds * task.num_blocks / blocks)
             return
-        try:
-            seconds = await self._move(direction, [task for task, _ in batch])
-        except Exception:
-            for task, completion in batch:  # isolate the failing task
-                await self._run_one(direction, task, completion)
-            return
-        blocks = sum(task.num_blocks for task, _ in batch)
-        for task, completion in batch:  # each its share, so that summed times add up
-            self._finish(task, completion, seconds * task.num_blocks / blocks)
+        for task, completion in batch:  # one task, or isolating the failing one
+            await self._run_one(direction, task, completion)
 
     async def _run_one(
         self, direction: Direction, task: TransferTask, completion: Completion[TransferResult]
@@ -326,46 +354,21 @@ class TransferPipeline:
         try:
             seconds = await self._move(direction, [task])
         except Exception as exc:
-            if isinstance(exc, BlockMissingError) and task.src_ledger is not None:
-                missing = set(exc.slots) or set(task.src_slots)
-                ledger_call(
-                    task.src_ledger.remove,
-                    [k for k, s in zip(task.keys, task.src_slots, strict=True) if s in missing],
-                )
-            self._settle(task, ok=False)
-            completion.set_error(exc)
-            _log.warning(
-                "transfer_failed",
-                task=completion.name,
-                tier=f"{task.src.name}->{task.dst.name}",
-                n_blocks=task.num_blocks,
-                error=repr(exc),
-            )
+            self._fail(task, completion, exc)
             return
         self._finish(task, completion, seconds)
+
+    def _fail(
+        self, task: TransferTask, completion: Completion[TransferResult], exc: Exception
+    ) -> None:
+        self._claims.release(task)
+        fail(task, completion, exc)
 
     def _finish(
         self, task: TransferTask, completion: Completion[TransferResult], seconds: float
     ) -> None:
-        refused = self._settle(task, ok=True)
-        if refused is not None:
-            # The bytes moved but an index would not record it: the transfer failed.
-            error = LedgerError(f"transfer {completion.name}: an index refused it: {refused!r}")
-            error.__cause__ = refused
-            completion.set_error(error)
-            return
-        size = task.num_blocks * task.src.layout.block_bytes
-        completion.set_result(
-            TransferResult(completion.name, task.direction, task.num_blocks, size, seconds)
-        )
-        _log.debug(
-            "transfer_done",
-            task=completion.name,
-            tier=f"{task.src.name}->{task.dst.name}",
-            n_blocks=task.num_blocks,
-            bytes=size,
-            seconds=seconds,
-        )
+        self._claims.release(task)
+        finish(task, completion, seconds)
 
     def _settle(self, task: TransferTask, *, ok: bool) -> Exception | None:
         """Settle the task's ledgers (:func:`~kvtier.claims.settle`) and forget its claims."""

@@ -108,3 +108,48 @@ def test_a_second_base_exception_from_the_callbacks_is_logged(
         completion.set_result("ok")
     assert any("second" in r.getMessage() for r in caplog.records)
     structlog.reset_defaults()
+
+
+@pytest.mark.asyncio
+async def test_awaiting_a_failed_completion_again_does_not_grow_its_traceback() -> None:
+    """Each await re-raises the error: it must not keep every awaiter's frames."""
+    completion: Completion[int] = Completion("c")
+    try:
+        raise TierIOError("disk gone")
+    except TierIOError as exc:
+        completion.set_error(exc)
+    sizes = []
+    for _ in range(50):
+        with pytest.raises(TierIOError) as info:
+            await completion
+        sizes.append(len(info.traceback))
+    assert len(set(sizes)) == 1
+
+
+@pytest.mark.asyncio
+async def test_a_callback_raising_cancelled_error_is_logged_and_the_pipeline_keeps_serving() -> (
+    None
+):
+    """A synchronous callback that reads a cancelled future must not stop the worker."""
+    import asyncio
+
+    from kvtier.transfer import StoreTask, TransferPipeline
+    from tests.test_transfer import fill, keys_for
+    from tests.tier_doubles import MemoryStore
+
+    device, cpu = MemoryStore(8, name="gpu"), MemoryStore(8, name="cpu")
+    keys = keys_for(0, 1)
+    fill(device, [0, 1], keys)
+    cancelled = asyncio.get_running_loop().create_future()
+    cancelled.cancel()
+    reached = False
+    with structlog.testing.capture_logs() as logs:
+        async with TransferPipeline() as pipeline:
+            first = pipeline.submit_nowait(StoreTask(device, [0], cpu, [0], keys[:1]))
+            first.add_done_callback(lambda _: cancelled.result())
+            await first
+            second = await pipeline.submit(StoreTask(device, [1], cpu, [1], keys[1:]))
+            assert (await second).n_blocks == 1
+            reached = True
+    assert reached
+    assert "completion_callback_failed" in [entry["event"] for entry in logs]

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import anyio
 import pytest
 import torch
 
-from kvtier.completion import CompletionState
-from kvtier.errors import ClosedError
+from kvtier.completion import Completion, CompletionState
+from kvtier.errors import BlockMissingError, ClosedError
 from kvtier.tiers.base import BlockKey
 from kvtier.tiers.index import TierIndex
-from kvtier.transfer import StoreTask, TransferPipeline
+from kvtier.transfer import StoreTask, TransferPipeline, TransferResult
 from tests.test_transfer import fill, keys_for
 from tests.tier_doubles import FaultInjectingStore, MemoryStore
 
@@ -304,3 +305,89 @@ async def test_a_submit_that_queues_as_the_pipeline_closes_is_refused_not_left_w
             go.set()  # the newcomer runs first in the next tick...
             owner.cancel()  # ...as the owner, and with it the workers, is cancelled
     assert outcome == {"waiting": "refused", "newcomer": "refused"}
+
+
+# -- failures inside a batch, and the owner's body failing ------------------------------
+
+
+class RemoteStore(CountingStore):
+    """A key-verifying tier whose calls are I/O (think Redis): never gathered into directly."""
+
+    in_memory = False
+
+
+@pytest.mark.asyncio
+async def test_one_bad_block_fails_its_task_and_the_rest_move_again_together() -> None:
+    """A corrupt block costs one more copy of the batch, not one copy per task."""
+    remote, device = RemoteStore(32, name="disk"), MemoryStore(32, name="gpu")
+    index = TierIndex("disk", 32)
+    keys = keys_for(*range(16))
+    slots = list(index.reserve(keys).slots)
+    index.commit(keys)
+    data = fill(remote, slots, keys)
+    remote.keys[slots[5]] = keys_for(99)[0]  # expired, or another block's bytes
+    index.pin(keys)
+    async with TransferPipeline() as pipeline:
+        completions = [
+            pipeline.submit_nowait(StoreTask(remote, [s], device, [i], [k], index))
+            for i, (s, k) in enumerate(zip(slots, keys, strict=True))
+        ]
+        for completion in completions:
+            await completion.settled()
+    assert remote.read_sizes == [16, 15]
+    states = [c.state for c in completions]
+    assert states == [CompletionState.FAILED if i == 5 else CompletionState.DONE for i in range(16)]
+    error = completions[5].exception()
+    assert isinstance(error, BlockMissingError)
+    assert error.slots == (slots[5],)
+    good = [i for i in range(16) if i != 5]
+    assert torch.equal(device.data[good], data[good])
+    assert not index.contains(keys[5])  # a miss from now on
+    assert index.num_pinned == 0
+
+
+@pytest.mark.asyncio
+async def test_a_body_that_raises_cancels_the_queued_tasks_and_its_error_comes_out_unwrapped() -> (
+    None
+):
+    device, cpu = MemoryStore(8, name="gpu"), MemoryStore(8, name="cpu")
+    keys = keys_for(0, 1, 2, 3)
+    fill(device, [0, 1, 2, 3], keys)
+    index = TierIndex("cpu", 8)
+    slots = index.reserve(keys).slots
+    completions: list[Completion[TransferResult]] = []
+
+    async def owner() -> None:
+        async with TransferPipeline(max_batch_blocks=1) as pipeline:
+            completions.extend(
+                pipeline.submit_nowait(StoreTask(device, [i], cpu, [s], [k], None, index))
+                for i, (s, k) in enumerate(zip(slots, keys, strict=True))
+            )
+            raise ValueError("the engine's bug")
+
+    with pytest.raises(ValueError, match="the engine's bug"):  # not an exception group
+        await owner()
+    assert [c.state for c in completions] == [CompletionState.CANCELLED] * 4
+    assert index.num_reserved == 0
+
+
+class StrayCancelStore(MemoryStore):
+    """A tier with a bug: its read raises asyncio's CancelledError though nothing cancelled it."""
+
+    async def read_into(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], out: torch.Tensor
+    ) -> None:
+        future = asyncio.get_running_loop().create_future()
+        future.cancel()
+        future.result()
+
+
+@pytest.mark.asyncio
+async def test_a_tier_raising_a_stray_cancellation_does_not_cancel_the_pipelines_owner() -> None:
+    """The pipeline's task group absorbs the cancellation it caused; its owner goes on."""
+    device, cpu = StrayCancelStore(8, name="gpu"), MemoryStore(8, name="cpu")
+    async with TransferPipeline() as pipeline:
+        completion = pipeline.submit_nowait(StoreTask(device, [0], cpu, [0], keys_for(0)))
+        await anyio.sleep(1)  # the worker's failure cancels the pipeline's scope here
+    assert completion.cancelled()
+    await anyio.sleep(0)  # the owner itself was never cancelled

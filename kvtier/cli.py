@@ -6,8 +6,10 @@ workload through a real tier stack (the default stack of
 saved; ``--sweep`` compares the eviction policies with Belady's offline
 optimum instead. Exit status: 0 on success, 1 when a reused block held wrong
 bytes, 2 on bad input (usage, configuration, trace, a stack too large for this
-machine), 130 when interrupted (SIGINT or SIGTERM; temporary files are
-removed first). Errors are one line on stderr.
+machine) or output that cannot be written, 70 on an internal error (a bug in
+kvtier: its traceback, then one line), 130 when interrupted (SIGINT or SIGTERM;
+temporary files are removed first), 141 when the output's reader went away.
+Errors are one line on stderr, usage errors included.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from rich.console import Console
 from rich.markup import escape
@@ -111,10 +113,16 @@ def _policy_names(text: str) -> tuple[str, ...]:
     return names
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error on one line, like every other error (status 2 still)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``kvtier: error: MESSAGE (see PROG --help)`` and exit with status 2."""
+        self.exit(EXIT_USAGE, f"kvtier: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kvtier", description="KV-cache blocks across memory tiers."
-    )
+    parser = _Parser(prog="kvtier", description="KV-cache blocks across memory tiers.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser(
         "replay",
@@ -236,6 +244,7 @@ def _run_sweep(
         workload,
         block_size=config.layout.block_size,
         hash_algorithm=config.offload.hash,
+        hash_seed=config.offload.hash_seed,
         fractions=args.capacities or DEFAULT_FRACTIONS,
         policies=args.policies,
     )

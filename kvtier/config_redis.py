@@ -353,7 +353,7 @@ def parse_redis_options(table: Mapping[str, Any], key: str) -> RedisOptions:
     ttl_seconds = None if ttl is None else parse_duration(ttl, key=f"{key}.ttl")
     if ttl_seconds is not None and ttl_seconds <= 0:
         raise ConfigError(f"{key}.ttl: must be more than 0 (leave it out for no TTL)")
-    return RedisOptions(
+    options = RedisOptions(
         url=url,
         prefix=_text(table, "prefix", key, "kvtier:") or "",
         model=_model(table, key),
@@ -373,3 +373,25 @@ def parse_redis_options(table: Mapping[str, Any], key: str) -> RedisOptions:
         tls_verify=_flag(table, "tls_verify", key, True),
         scan_on_open=_flag(table, "scan_on_open", key, False),
     )
+    _check_combinations(options, key)
+    return options
+
+
+def _check_combinations(options: RedisOptions, key: str) -> None:
+    """Refuse by its key what the tier refuses only when built (``RedisNames``, ``build``)."""
+    if "{" in options.prefix or "}" in options.prefix:
+        hint = "a hash tag would put every block on one cluster node"
+        raise ConfigError(f"{key}.prefix: {options.prefix!r} has a brace ({hint})")
+    if options.tls_key_file and not options.tls_cert_file:
+        cert = "tls_cert_file (the client certificate)"
+        raise ConfigError(f"{key}.tls_key_file: {options.tls_key_file!r} needs {cert}")
+    unix = urlsplit(options.url).scheme == "unix"
+    socket = f"not the unix:// socket of url {redact_url(options.url)!r}"
+    if unix and options.cluster:
+        raise ConfigError(f"{key}.cluster: a Redis Cluster is reached over TCP, {socket}")
+    for name in ("tls", "tls_ca_file", "tls_cert_file"):
+        if unix and getattr(options, name):
+            shown = getattr(options, name)
+            raise ConfigError(
+                f"{key}.{name}: {shown!r} turns TLS on, which runs over TCP, {socket}"
+            )

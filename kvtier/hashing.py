@@ -10,7 +10,7 @@ Algorithms, chosen by name:
     SHA-256 over a fixed binary layout: ``parent || u32 n || n x i64 tokens ||
     CBOR(extra keys)`` (little endian; the extra-keys part is empty for plain
     blocks). Collision resistant and fast: the plain-token path packs the
-    tokens of many blocks with one :class:`array.array` call and never pickles.
+    tokens of many blocks with one ``struct.pack`` call and never pickles.
 ``sha256_cbor``
     SHA-256 over canonical CBOR of ``[parent, tokens, extra keys or null]``:
     slower, but any language with a CBOR library reproduces it.

@@ -283,6 +283,16 @@ def test_redis_password_comes_from_the_environment(monkeypatch: pytest.MonkeyPat
             {"url": "redis://u:pw@[::1:6379/0"},
             r"url: 'redis://u:\*\*\*@\[::1:6379/0' is not a valid",
         ),
+        # Once refused only when the tier was built, without the key's name:
+        ({"prefix": "kv{a}:"}, r"tiers\[1\].prefix: 'kv\{a\}:' has a brace"),
+        ({"tls_key_file": "k.pem"}, r"tiers\[1\].tls_key_file: 'k.pem' needs tls_cert_file"),
+        (
+            {"url": "unix:///s.sock", "tls": True},
+            r"tiers\[1\].tls: True turns TLS on, .* not the unix:// socket of url 'unix:///s",
+        ),
+        ({"url": "unix:///s.sock", "tls_ca_file": "ca.pem"}, r"tiers\[1\].tls_ca_file: 'ca.pem'"),
+        ({"url": "UNIX:///s", "tls_cert_file": "c", "tls_key_file": "k"}, r"\.tls_cert_file: 'c'"),
+        ({"url": "unix://:pw@/s", "cluster": True}, r"tiers\[1\].cluster: .*'unix://:\*\*\*@/s'"),
     ],
 )
 def test_bad_redis_options(extra: dict[str, object], message: str) -> None:

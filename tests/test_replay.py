@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
 
+import anyio
 import pytest
 import torch
 from rich.console import Console
@@ -25,6 +27,7 @@ from kvtier.replay import (
     sample_workload,
     trace_workload,
 )
+from kvtier.replay.sweep import SweepRow, render_sweep, sweep
 from kvtier.tiers.base import BlockKey, BlockStore
 from tests.tier_doubles import FaultInjectingStore
 
@@ -319,3 +322,65 @@ def text(report: ReplayReport, width: int = 200) -> str:
     for table in render(report):
         console.print(table)
     return console.export_text()
+
+
+class SlowToOpenAndClose(Wrapper):
+    """Takes ``OPEN_CLOSE_DELAY`` to open and as long to close (a big tier, a flush)."""
+
+    async def __aenter__(self) -> Self:
+        await anyio.sleep(OPEN_CLOSE_DELAY)
+        return await super().__aenter__()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await super().__aexit__(*exc_info)  # type: ignore[arg-type]
+        await anyio.sleep(OPEN_CLOSE_DELAY)
+
+
+OPEN_CLOSE_DELAY = 0.25
+
+
+@pytest.mark.asyncio
+async def test_wall_time_is_the_replay_alone_with_opening_and_closing_apart(
+    tmp_path: Path,
+) -> None:
+    """docs/replay.md: wall time runs from the first request to the last completion."""
+    started = time.perf_counter()
+    report = await replay(
+        small_config(), small_chat(), workdir=tmp_path, wrap_tier=SlowToOpenAndClose
+    )
+    total = time.perf_counter() - started
+    slow = OPEN_CLOSE_DELAY * len(report.tiers)  # each lower tier sleeps on open and on close
+    assert report.open_seconds >= slow
+    assert report.close_seconds >= slow
+    assert 0 < report.seconds <= total - 2 * slow  # neither is in the replay's time
+    data = report.to_dict()
+    assert (data["seconds"], data["open_seconds"]) == (report.seconds, report.open_seconds)
+    assert data["close_seconds"] == report.close_seconds
+    shown = text(report)
+    assert "opening / closing the tiers" in shown
+    assert f"{report.open_seconds:.1f} s / {report.close_seconds:.1f} s" in shown
+
+
+def test_a_narrow_terminal_wraps_the_sweep_table_never_cuts_it() -> None:
+    """Piped output is 80 columns: six policies' cells and headers are folded, not cut."""
+    names = ["lru", "slru", "arc", "s3fifo", "prefix_slru", "lfu"]
+    rows = [
+        SweepRow(f, int(40_148 * f), 0.6512, {n: 0.4123 + i / 100 for i, n in enumerate(names)})
+        for f in (0.01, 0.05, 0.5)
+    ]
+    console = Console(width=80, record=True)
+    console.print(render_sweep(rows, title="hit ratio by capacity"))
+    shown = console.export_text()
+    assert "…" not in shown
+    for number in ("65.12%", "41.23%", "46.23%", "(+21%)", "(2,007)", "50%"):
+        assert number in shown
+
+
+def test_the_sweep_hashes_with_the_configured_seed() -> None:
+    """A seeded xxhash sweep warns of no random root and repeats itself exactly."""
+    workload = sample_workload(limit=40)
+    run = [
+        sweep(workload, block_size=16, hash_algorithm="xxhash", hash_seed="s", fractions=[0.1])
+        for _ in range(2)
+    ]  # pytest makes a RandomRootHashWarning an error
+    assert run[0] == run[1]

@@ -102,9 +102,16 @@ class ReplayReport:
         verified_blocks: Blocks reused (device hits and loaded blocks), each
             compared byte for byte with the bytes it was computed with.
         failed_loads: Loads that came back (partly) failed and were recomputed.
-        seconds: Wall time of the replay.
+        seconds: Wall time of the replay itself, from the first request to
+            the last completion (its stores included); opening and closing
+            the tiers are not counted.
         device: Where the device tier lived (``cpu`` or ``cuda``).
         tiers: One report per lower tier, fastest first.
+        open_seconds: Wall time of opening the tiers before the first request
+            (allocating the CPU tier, a disk tier's restart scan, connecting
+            to Redis).
+        close_seconds: Wall time of closing them after the last completion
+            (``[offload] flush_on_close`` included).
     """
 
     workload: str
@@ -119,6 +126,8 @@ class ReplayReport:
     seconds: float
     device: str
     tiers: tuple[TierReport, ...]
+    open_seconds: float = 0.0
+    close_seconds: float = 0.0
 
     @property
     def saved_tokens(self) -> int:
@@ -154,6 +163,10 @@ def render(report: ReplayReport) -> list[Table]:
         ("failed loads (recomputed)", f"{report.failed_loads:,}"),
         ("device tier", report.device),
         ("wall time", f"{report.seconds:.1f} s"),
+        (
+            "opening / closing the tiers",
+            f"{report.open_seconds:.1f} s / {report.close_seconds:.1f} s",
+        ),
     ]
     for row in rows:
         summary.add_row(*row)

@@ -60,16 +60,21 @@ def sweep(
     *,
     block_size: int,
     hash_algorithm: str = "sha256",
+    hash_seed: str | None = None,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     policies: Sequence[str] | None = None,
 ) -> list[SweepRow]:
     """Hit ratios of every policy (and Belady) at each capacity fraction.
 
+    The prompts are hashed with ``BlockHasher(block_size, hash_algorithm,
+    seed=hash_seed)``, as the replay hashes them (``[offload] hash`` and
+    ``hash_seed``).
+
     Raises:
         ConfigError: A fraction outside (0, 1].
         UnknownNameError: An unknown policy name.
     """
-    hasher = BlockHasher(block_size, hash_algorithm)
+    hasher = BlockHasher(block_size, hash_algorithm, seed=hash_seed)
     chains = [
         list(Request(f"s{i}", p, hasher).block_hashes) for i, p in enumerate(workload.prompts)
     ]
@@ -98,11 +103,9 @@ def render_sweep(rows: Sequence[SweepRow], *, title: str) -> Table:
     when LRU was swept.
     """
     table = Table(title=title)
-    table.add_column("capacity", justify="right")
-    table.add_column("Belady", justify="right")
     names = list(rows[0].policies) if rows else []
-    for name in names:
-        table.add_column(name, justify="right")
+    for column in ("capacity", "Belady", *names):  # a narrow terminal wraps, never cuts to "…"
+        table.add_column(column, justify="right", overflow="fold")
     for row in rows:
         cells = [f"{row.fraction * 100:g}% ({row.capacity:,})", f"{row.belady:.2%}"]
         for name in names:

@@ -54,7 +54,7 @@ from kvtier.tiers.disk_format import (
     file_bytes,
 )
 
-__all__ = ["HASH_CHUNK", "SUFFIX", "TMP_PREFIX", "BlockFiles"]
+__all__ = ["FILE_ERRORS", "HASH_CHUNK", "SUFFIX", "TMP_PREFIX", "BlockFiles"]
 
 SUFFIX: Final = ".kvb"
 TMP_PREFIX: Final = ".tmp-"
@@ -62,6 +62,14 @@ HASH_CHUNK: Final = 256 * 1024
 """Bytes per system call of a buffered block read or write by a batch's only
 thread: each chunk is hashed while it is still in the core's cache."""
 _O_DIRECT: Final = getattr(os, "O_DIRECT", 0)
+FILE_ERRORS: Final = frozenset(
+    getattr(errno, name)
+    for name in ("EIO", "EBADMSG", "ENODATA", "EUCLEAN", "ESTALE")
+    if hasattr(errno, name)
+)
+"""Read errors that doubt one file (a bad sector, a damaged inode): the block
+reads as a miss. Others (``EMFILE``, ``ENOMEM``, ``EACCES``…) may be the
+process's or the system's, say nothing sure of the block, and fail the read."""
 _NO_DIRECTORY_SYNC: Final = frozenset(
     getattr(errno, name) for name in ("EINVAL", "EBADF", "ENOTSUP") if hasattr(errno, name)
 )
@@ -201,16 +209,20 @@ class BlockFiles:
         trailer = encode_trailer(slot, key, self.fingerprint, payload, digest=digest.digest())
         write_all(fd, [last, memoryview(trailer)], size - starts[-1], offset=starts[-1])
 
-    def sync_directory(self) -> None:
+    def sync_directory(self, path: Path | None = None) -> None:
         """``fsync`` the directory, so the renames of written blocks survive a crash.
 
         A file system that cannot sync a directory (``EINVAL``…) is logged
         once and skipped, as PostgreSQL does.
 
+        Args:
+            path: Another directory to sync (one the tier created above its own).
+
         Raises:
             OSError: Any other failure.
         """
-        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | O_SAFE)
+        path = self.path if path is None else path
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | O_SAFE)
         try:
             os.fsync(fd)
         except OSError as exc:
@@ -218,7 +230,7 @@ class BlockFiles:
                 raise
             if not self._sync_unsupported:
                 self._sync_unsupported = True
-                _log.warning("tier_directory_sync_unsupported", path=str(self.path), error=str(exc))
+                _log.warning("tier_directory_sync_unsupported", path=str(path), error=str(exc))
         finally:
             os.close(fd)
 

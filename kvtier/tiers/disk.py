@@ -30,20 +30,16 @@ once and skipped).
 ``direct_io=True`` opens files with ``O_DIRECT`` through page-aligned buffers
 (checked when the tier opens: a file system without it is a ``ConfigError``).
 
-**Warm restart**: opening scans the directory, verifies every block file and
-offers the valid ones through :meth:`DiskTier.recover`; torn, corrupt, foreign
-and stray temp files are deleted, and so are all the files claiming one slot
-when there are several (a miss rather than a guess). Blocks of slots beyond
-the capacity (written with a larger one) are kept, unused, for a reopening
-with that capacity.
-
-:meth:`DiskTier.aclose` waits for the batches in flight before it releases
-the directory: their worker threads cannot be interrupted.
+**Warm restart**: opening scans the directory and offers the valid blocks
+through :meth:`DiskTier.recover` (what is deleted, kept or fails the open:
+:mod:`kvtier.tiers.disk_dir`). :meth:`DiskTier.aclose` waits for the batches
+in flight before it releases the directory: their worker threads cannot be
+interrupted. A forked child's copy of an open tier is closed (its lock
+descriptor too: :mod:`kvtier.tiers._dir_lock`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from functools import partial
@@ -52,7 +48,6 @@ from types import TracebackType
 from typing import Final, Self
 
 import anyio
-import cbor2
 import torch
 
 from kvtier.errors import (
@@ -64,10 +59,12 @@ from kvtier.errors import (
 from kvtier.log import get_logger
 from kvtier.tiers._checks import check_batch, check_slots, copy_back
 from kvtier.tiers._close_gate import CloseGate
+from kvtier.tiers._dir_lock import DirectoryLock
 from kvtier.tiers._disk_io import BlockFiles
+from kvtier.tiers._open_gate import OpenGate
 from kvtier.tiers.base import BlockKey, BlockLayout
 from kvtier.tiers.disk_batch import CALL_BYTES, DiskBatches, row_access
-from kvtier.tiers.disk_dir import check_direct_io, claim_directory, claim_layout, scan
+from kvtier.tiers.disk_dir import claim_directory, namespace_fingerprint, prepare_directory
 from kvtier.tiers.disk_format import MAX_KEY_BYTES, file_bytes
 from kvtier.tiers.disk_map import DiskMap
 
@@ -76,14 +73,6 @@ __all__ = ["DiskTier", "namespace_fingerprint"]
 _log = get_logger("kvtier.tiers.disk")
 _MAX_SLOTS: Final = 1 << 32
 """Slots a directory may hold: the trailer records a block's slot as a u32."""
-
-
-def namespace_fingerprint(layout: BlockLayout, model: str) -> bytes:
-    """The 16 bytes a disk tier's blocks and directory mark carry: layout, and model if any."""
-    if not model:
-        return layout.fingerprint()
-    fields = ["kvtier.disk.namespace.v1", model, layout.fingerprint()]
-    return hashlib.sha256(cbor2.dumps(fields, canonical=True)).digest()[:16]
 
 
 class DiskTier:
@@ -150,7 +139,7 @@ class DiskTier:
         self._layout = layout
         self._name = name
         self._num_slots = capacity_bytes // per_block
-        self._lock: int | None = None
+        self._lock: DirectoryLock | None = None
         self._files = BlockFiles(
             Path(path).absolute(),  # a later chdir must not move the tier
             layout.block_bytes,
@@ -174,6 +163,7 @@ class DiskTier:
         self._opened = False
         self._closed = False
         self._gate = CloseGate()
+        self._open_gate = OpenGate()
 
     @staticmethod
     def bytes_per_block(layout: BlockLayout) -> int:
@@ -197,8 +187,12 @@ class DiskTier:
 
     @property
     def closed(self) -> bool:
-        """True after ``aclose()``."""
-        return self._closed
+        """True after ``aclose()``, and in a process forked from the one that opened it."""
+        return self._closed or self._forked()
+
+    def _forked(self) -> bool:
+        """This is a forked child's copy of an open tier: the directory is the parent's."""
+        return self._lock is not None and self._lock.forked
 
     @property
     def path(self) -> Path:
@@ -210,30 +204,40 @@ class DiskTier:
     async def __aenter__(self) -> Self:
         """Claim the directory, mark its layout and scan it (a warm restart).
 
+        Entering a tier that is open returns it; concurrent entrants wait for
+        the open in progress (after a failed one, each tries in turn). A
+        cancelled open finishes first (its thread cannot be interrupted):
+        the tier is then open, and the cancellation lands in the caller.
+
         Raises:
             ClosedError: The tier was closed, before or while it opened.
             ConfigError: The path is a file or a symlink, belongs to another
                 user, is held by another open DiskTier, is marked with
                 another block layout, or refuses ``O_DIRECT`` (``direct_io``).
-            TierIOError: The directory cannot be created, read, locked or
-                marked (an ``OSError`` such as ``EACCES`` or ``EROFS``).
+            TierIOError: The directory cannot be created, read, locked,
+                marked or (``fsync``) synced (an ``OSError`` such as ``EACCES``
+                or ``EROFS``), or a block file cannot be verified for a reason
+                that is not the file's own (``EMFILE``, ``ENOMEM``…).
         """
-        if self._closed:
+        await self._open_gate.once(lambda: self._opened or self.closed, self._open_once)
+        if self.closed:
             raise ClosedError(f"tier {self._name} is closed")
-        if not self._opened:
-            try:
-                with self._batches.running():  # aclose waits for the scan's thread
-                    self._recovered = await anyio.to_thread.run_sync(self._open)
-            except OSError as exc:
-                raise TierIOError(
-                    f"tier {self._name}: cannot open {self.path}: {exc}", tier=self._name
-                ) from exc
-            if self._closed:  # closed while it scanned: aclose releases the lock
-                raise ClosedError(f"tier {self._name} was closed while it opened")
-            self._map.load(self._recovered)
-            self._opened = True
-            _log.info("tier_open", tier=self._name, n_blocks=len(self._recovered))
         return self
+
+    async def _open_once(self) -> None:
+        try:  # a cancelled call still waits for the thread: the lock is never left claimed
+            with self._batches.running():  # aclose waits for the scan's thread
+                recovered = await anyio.to_thread.run_sync(self._open)
+        except OSError as exc:
+            raise TierIOError(
+                f"tier {self._name}: cannot open {self.path}: {exc}", tier=self._name
+            ) from exc
+        if self._closed:  # closed while it scanned: aclose releases the lock
+            raise ClosedError(f"tier {self._name} was closed while it opened")
+        self._recovered = recovered
+        self._map.load(recovered)
+        self._opened = True
+        _log.info("tier_open", tier=self._name, n_blocks=len(recovered))
 
     async def __aexit__(
         self,
@@ -254,7 +258,12 @@ class DiskTier:
         (a hung network file system) therefore holds ``aclose`` up until it
         returns. Files whose delete failed are deleted again here. A second
         call waits for the first to finish (an opening scan counts as a batch).
+        In a process forked from the one that opened it, it only marks the
+        tier closed: the directory, its lock and its files are the parent's.
         """
+        if self._forked():
+            self._closed = True
+            return
         async with self._gate.closing() as first:
             if not first:  # waited for the first: the lock is gone
                 return
@@ -267,21 +276,18 @@ class DiskTier:
     def _unlock(self) -> None:
         lock, self._lock = self._lock, None
         if lock is not None:
-            os.close(lock)  # releases the flock
+            lock.release()  # closes the descriptor: releases the flock
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self.closed:
             raise ClosedError(f"tier {self._name} is closed")
         if not self._opened:
             raise ClosedError(f"tier {self._name} is not open: use 'async with'")
 
     def _open(self) -> list[tuple[int, BlockKey]]:
-        self._lock = claim_directory(self.path, self._name)
+        self._lock, created = claim_directory(self.path, self._name)
         try:
-            if self._files.direct:
-                check_direct_io(self._files, self._name)
-            claim_layout(self.path, self._files.fingerprint, self._name)
-            return scan(self._files, self._num_slots, self._name)
+            return prepare_directory(self._files, self._num_slots, self._name, created)
         except BaseException:
             self._unlock()
             raise
@@ -388,7 +394,7 @@ class DiskTier:
         await self._read(slot_list, keys, checked)
 
     async def discard(self, slots: Sequence[int]) -> None:
-        """Delete the blocks in ``slots``.
+        """Delete the blocks in ``slots`` (a cancelled call still deletes them).
 
         Raises:
             InvalidRequestError: Bad slots, or a slot being written (nothing
@@ -397,8 +403,4 @@ class DiskTier:
                 same, and deleted again at ``aclose``).
         """
         self._check_open()
-        slot_list = check_slots(slots, self._num_slots, tier=self._name)
-        self._batches.check_not_writing(slot_list)
-        doomed = self._map.forget(slot_list)
-        if doomed:
-            await self._batches.delete(doomed)
+        await self._batches.discard(check_slots(slots, self._num_slots, tier=self._name))

@@ -17,7 +17,6 @@ deleted again at close, when no batch can race it.
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Final
@@ -28,7 +27,7 @@ import torch
 from kvtier.errors import BlockMissingError, InvalidRequestError, TierIOError
 from kvtier.log import get_logger
 from kvtier.tiers._checks import host_rows, part_row_views, tensor_bytes
-from kvtier.tiers._disk_io import BlockFiles
+from kvtier.tiers._disk_io import FILE_ERRORS, BlockFiles
 from kvtier.tiers._in_flight import InFlight
 from kvtier.tiers.base import BlockKey
 from kvtier.tiers.disk_map import DiskMap
@@ -41,15 +40,6 @@ CALL_BYTES: Final = 64 << 20
 """Default most bytes one worker-thread call of a batch reads or writes (32 blocks of
 2 MiB): a store of hundreds of blocks then lets a load waiting for a thread in
 after one call instead of after a quarter of the batch."""
-_FILE_ERRORS: Final = frozenset(
-    getattr(errno, name)
-    for name in ("EIO", "EBADMSG", "ENODATA", "EUCLEAN", "ESTALE")
-    if hasattr(errno, name)
-)
-"""Read errors that doubt one file (a bad sector, a damaged inode): the block
-reads as a miss. Others (``EMFILE``, ``ENOMEM``, ``EACCES``…) may be the
-process's or the system's, say nothing sure of the block, and fail the read."""
-
 
 RowAt = Callable[[int], "memoryview | torch.Tensor"]
 """Block ``i``'s row: its bytes, or (rows that are not contiguous host memory) the row tensor."""
@@ -100,7 +90,7 @@ class DiskBatches:
         self._limiter = anyio.CapacityLimiter(max_workers)
         self._call_blocks = max(1, call_bytes // files.block_bytes)
         self._writing_slots: set[int] = set()
-        self._writing_keys: set[BlockKey] = set()
+        self._writing_keys: set[BlockKey] = set()  # and keys a discard is deleting
         self._in_flight = InFlight()  # batches in flight (reads, writes, deletes)
         self._undeleted: set[BlockKey] = set()  # stale files whose delete failed
 
@@ -133,13 +123,15 @@ class DiskBatches:
                 _log.warning("tier_unlink_failed", tier=self._name, file=key.hex(), error=repr(exc))
 
     def check_not_writing(self, slots: Iterable[int], keys: Iterable[BlockKey] = ()) -> None:
-        """Refuse slots or keys that a write in flight holds.
+        """Refuse slots or keys that a write (or a discard's delete) in flight holds.
 
         A write unmaps the slots it overwrites when it starts and maps them
         when it ends, and reuses or deletes the files of the keys those
         slots held, so a second call on the same slot, key or replaced key
         in between would act on a map and files about to change (a
         :class:`TierIndex` never makes one: its reservations are exclusive).
+        A discard holds the keys it deletes the same way: a write of one of
+        them in between would have its new file deleted.
 
         Raises:
             InvalidRequestError: A slot or key is being written.
@@ -149,7 +141,8 @@ class DiskBatches:
         if slots_busy or keys_busy:
             what = f"slot(s) {slots_busy}" if slots_busy else f"{keys_busy} key(s)"
             raise InvalidRequestError(
-                f"tier {self._name}: {what} being written by another call; wait for it to finish"
+                f"tier {self._name}: {what} being written or deleted by another call; "
+                "wait for it to finish"
             )
 
     def _call_size(self, n: int) -> int:
@@ -313,7 +306,7 @@ class DiskBatches:
                     if not self._files.read(slot, keys[index], row(index), alone=alone):
                         missing.append(slot)
                 except OSError as exc:
-                    if exc.errno in _FILE_ERRORS:  # this file is damaged: a miss from now on
+                    if exc.errno in FILE_ERRORS:  # this file is damaged: a miss from now on
                         _log.warning(
                             "tier_block_unreadable", tier=self._name, slot=slot, error=str(exc)
                         )
@@ -329,14 +322,30 @@ class DiskBatches:
         if missing:
             raise BlockMissingError.of_slots(self._name, missing)
 
-    async def delete(self, keys: list[BlockKey]) -> None:
-        """Delete the files of ``keys`` (all tried; one that fails is tried again at close).
+    async def discard(self, slot_list: list[int]) -> None:
+        """Unmap ``slots`` and delete their blocks' files, whatever cancels the caller.
+
+        The delete is shielded from cancellation: the map has forgotten the
+        keys, so a file left behind would hold a block no one deletes (a
+        restart would bring it back, and drop a block written to its slot
+        since as ambiguous). Until the files are gone the keys count as
+        being written, so a write of one of them is refused instead of
+        being deleted by this late unlink.
 
         Raises:
-            TierIOError: A file could not be deleted.
+            InvalidRequestError: A slot is being written (nothing deleted).
+            TierIOError: A file could not be deleted (tried again at close).
         """
-        with self.running():
-            failed = await self._unlink(keys)
+        self.check_not_writing(slot_list)
+        doomed = self._map.forget(slot_list)
+        if not doomed:
+            return
+        self._writing_keys.update(doomed)
+        try:
+            with self.running(), anyio.CancelScope(shield=True):
+                failed = await self._unlink(doomed)
+        finally:
+            self._writing_keys.difference_update(doomed)
         if failed:
             raise self._io_error("discard", failed[0][1])
 

@@ -1,4 +1,4 @@
-"""The disk tier's directory: claiming it, and the warm-restart scan.
+"""The disk tier's directory: its namespace, claiming it, and the warm-restart scan.
 
 A :class:`~kvtier.tiers.disk.DiskTier` trusts the files of a directory only
 when no one else could have put them there: the directory must be a real
@@ -12,43 +12,89 @@ tier of another layout refuses the directory instead of deleting its blocks
 (a changed dtype in a config would otherwise wipe a persistent cache). The
 scan then verifies every block file and offers the valid ones back; torn,
 corrupt, foreign and stray temp files are deleted, as are all the files
-claiming one slot when there are several; files it cannot read, and blocks
-of slots beyond the capacity (written with a larger one), are left alone.
+claiming one slot when there are several; a file it cannot read for a
+reason of the file's own (:data:`SKIPPED_ERRORS`), and blocks of slots
+beyond the capacity (written with a larger one), are left alone. Any other
+error (``EMFILE``, ``ENOMEM``…: the process's or the system's) fails the
+open: it would hit every file alike, and an index opened empty over files
+that stay would have the next restart drop them all as ambiguous.
+
+With ``fsync`` on, what opening creates is made durable before the tier
+serves: each directory it created and the parent of the topmost one, and
+the layout mark with its directory (nothing when all existed already).
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 import stat
 from pathlib import Path
 from typing import Final
 
+import cbor2
+
 from kvtier.errors import ConfigError
 from kvtier.log import get_logger
-from kvtier.tiers._disk_io import SUFFIX, TMP_PREFIX, BlockFiles
-from kvtier.tiers.base import BlockKey
+from kvtier.tiers._dir_lock import DirectoryLock
+from kvtier.tiers._disk_io import FILE_ERRORS, SUFFIX, TMP_PREFIX, BlockFiles
+from kvtier.tiers.base import BlockKey, BlockLayout
 
-__all__ = ["LAYOUT_SUFFIX", "check_direct_io", "claim_directory", "claim_layout", "scan"]
+__all__ = [
+    "LAYOUT_SUFFIX",
+    "SKIPPED_ERRORS",
+    "check_direct_io",
+    "claim_directory",
+    "claim_layout",
+    "namespace_fingerprint",
+    "prepare_directory",
+    "scan",
+]
 
 _log = get_logger("kvtier.tiers.disk")
 _O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 LAYOUT_SUFFIX: Final = ".layout"
+SKIPPED_ERRORS: Final = FILE_ERRORS | frozenset(
+    getattr(errno, name)
+    for name in ("EACCES", "EPERM", "EOVERFLOW", "EFBIG", "ETXTBSY")
+    if hasattr(errno, name)
+)
+"""Errors verifying a block file at open that concern that file alone: damage
+(:data:`~kvtier.tiers._disk_io.FILE_ERRORS`: ``EIO``, ``EBADMSG``…), its
+permissions (``EACCES``, ``EPERM``), its size (``EOVERFLOW``, ``EFBIG``) or its
+use (``ETXTBSY``). The scan skips such a file and keeps it. Every other
+error (``EMFILE``, ``ENFILE``, ``ENOMEM``, ``ENOBUFS``, ``EAGAIN``, a network
+file system's ``ETIMEDOUT``… and any errno not listed) fails the open: it is
+the process's or the system's, or unknown, and skipping would skip every file."""
 
 
-def make_private_dirs(path: Path) -> None:
+def namespace_fingerprint(layout: BlockLayout, model: str) -> bytes:
+    """The 16 bytes a disk tier's blocks and directory mark carry: layout, and model if any."""
+    if not model:
+        return layout.fingerprint()
+    fields = ["kvtier.disk.namespace.v1", model, layout.fingerprint()]
+    return hashlib.sha256(cbor2.dumps(fields, canonical=True)).digest()[:16]
+
+
+def make_private_dirs(path: Path) -> list[Path]:
     """Create ``path`` and its missing parents, each 0700 (existing ones are left alone).
 
     (``Path.mkdir(mode=..., parents=True)`` gives the parents the umask's
     mode, often 0755: a ``--workdir a/b`` would leave ``a`` and ``a/b``
     listable by every user.)
 
+    Returns:
+        The directories created, outermost first (made meanwhile by another
+        process: not counted).
+
     Raises:
         FileExistsError: ``path`` is a file, or a link to one.
         OSError: A directory cannot be created.
     """
     missing: list[Path] = []
+    created: list[Path] = []
     current = path
     while not os.path.lexists(current) and current.parent != current:
         missing.append(current)
@@ -59,11 +105,14 @@ def make_private_dirs(path: Path) -> None:
         except FileExistsError:  # made meanwhile; ``path`` itself is checked by the caller
             if directory == path and not directory.is_dir():
                 raise
+        else:
+            created.append(directory)
     if not missing and not path.is_dir():
         raise FileExistsError(errno.EEXIST, "not a directory", str(path))
+    return created
 
 
-def claim_directory(path: Path, name: str) -> int:
+def claim_directory(path: Path, name: str) -> tuple[DirectoryLock, list[Path]]:
     """Create or check the directory (ours, private, not a link) and lock it.
 
     Args:
@@ -71,7 +120,8 @@ def claim_directory(path: Path, name: str) -> int:
         name: The tier's name, for messages.
 
     Returns:
-        The descriptor holding the lock (closing it releases the lock).
+        The lock (releasing it closes its descriptor), and the directories
+        created (see :func:`make_private_dirs`).
 
     Raises:
         ConfigError: The path is a symlink or not a directory, belongs to
@@ -79,7 +129,7 @@ def claim_directory(path: Path, name: str) -> int:
         OSError: It cannot be created, tightened or locked.
     """
     try:
-        make_private_dirs(path)
+        created = make_private_dirs(path)
     except FileExistsError as exc:  # a file (or a link to one) of that name
         raise ConfigError(f"tier {name}: {path} is a file, not a directory") from exc
     info = path.lstat()
@@ -94,19 +144,20 @@ def claim_directory(path: Path, name: str) -> int:
     if mode & ~0o700:
         path.chmod(mode & 0o700)  # never adds a bit: a read-only directory stays read-only
     # The lock is on the directory itself: no extra file in it.
-    lock = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_NOFOLLOW)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_NOFOLLOW)
+    lock = DirectoryLock(fd)  # registered before it is locked: a fork from here on drops it
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
-        os.close(lock)
+        lock.release()
         raise ConfigError(f"tier {name}: {path} is in use by another open DiskTier") from exc
     except BaseException:
-        os.close(lock)
+        lock.release()
         raise
-    return lock
+    return lock, created
 
 
-def claim_layout(path: Path, fingerprint: bytes, name: str) -> None:
+def claim_layout(path: Path, fingerprint: bytes, name: str, *, fsync: bool = False) -> bool:
     """Mark the (claimed) directory with this layout; refuse one marked with another.
 
     A directory without any mark (made by an older kvtier) is marked now;
@@ -114,9 +165,18 @@ def claim_layout(path: Path, fingerprint: bytes, name: str) -> None:
     that cannot be marked (made read-only by its owner) is used unmarked,
     with a warning: it can serve reads, and its writes fail anyway.
 
+    Args:
+        path: The directory.
+        fingerprint: The layout's (and model's) fingerprint.
+        name: The tier's name, for messages.
+        fsync: ``fsync`` a mark made now (its directory is the caller's to sync).
+
+    Returns:
+        Whether the mark was made now.
+
     Raises:
         ConfigError: The directory is marked with another layout.
-        OSError: The directory cannot be listed.
+        OSError: The directory cannot be listed, or a new mark synced.
     """
     ours = fingerprint.hex() + LAYOUT_SUFFIX
     others = sorted(
@@ -133,11 +193,48 @@ def claim_layout(path: Path, fingerprint: bytes, name: str) -> None:
         )
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW
     try:
-        os.close(os.open(path / ours, flags, 0o600))
+        mark = os.open(path / ours, flags, 0o600)
     except FileExistsError:
-        pass
+        return False
     except OSError as exc:  # EACCES, EROFS: a directory kept read-only on purpose
         _log.warning("tier_layout_unmarked", tier=name, error=str(exc))
+        return False
+    try:
+        if fsync:
+            os.fsync(mark)
+    finally:
+        os.close(mark)
+    return True
+
+
+def prepare_directory(
+    files: BlockFiles, num_slots: int, name: str, created: list[Path]
+) -> list[tuple[int, BlockKey]]:
+    """Check ``O_DIRECT``, mark the layout, sync what was created, then scan.
+
+    Args:
+        files: The directory's block files.
+        num_slots: The tier's capacity in blocks.
+        name: The tier's name, for messages.
+        created: The directories :func:`claim_directory` created.
+
+    Returns:
+        ``(slot, key)`` of every valid block (see :func:`scan`).
+
+    Raises:
+        ConfigError: ``O_DIRECT`` refused, or the directory holds another layout.
+        OSError: The directory cannot be probed, marked, synced or scanned.
+    """
+    if files.direct:
+        check_direct_io(files, name)
+    marked = claim_layout(files.path, files.fingerprint, name, fsync=files.fsync)
+    if files.fsync:  # cheap: only what this open created, once
+        synced = [created[0].parent, *created] if created else []
+        if marked and files.path not in synced:
+            synced.append(files.path)
+        for directory in synced:
+            files.sync_directory(directory)
+    return scan(files, num_slots, name)
 
 
 def check_direct_io(files: BlockFiles, name: str) -> None:
@@ -161,14 +258,19 @@ def scan(files: BlockFiles, num_slots: int, name: str) -> list[tuple[int, BlockK
     """Rebuild the index from the block files, dropping what does not verify.
 
     A valid block in a slot the tier does not have (it was opened with a
-    larger capacity before) is skipped and kept, as an unreadable file is:
-    reopening with that capacity finds it again, and the smaller tier never
-    writes such a slot. Two files claiming one slot (one left by a delete
-    that failed, or by a crash in the middle of a batch) are both dropped:
-    nothing says which is the block the slot holds, and a miss is safe.
+    larger capacity before) is skipped and kept, as a file unreadable for a
+    reason of its own (:data:`SKIPPED_ERRORS`) is: reopening with that
+    capacity finds it again, and the smaller tier never writes such a slot.
+    Two files claiming one slot (one left by a delete that failed, or by a
+    crash in the middle of a batch) are both dropped: nothing says which is
+    the block the slot holds, and a miss is safe.
 
     Returns:
         ``(slot, key)`` of every valid block, by slot.
+
+    Raises:
+        OSError: The directory cannot be listed, or a block file cannot be
+            verified for a reason that is not the file's (``EMFILE``…).
     """
     claims: dict[int, list[tuple[Path, BlockKey]]] = {}
     for entry in sorted(files.path.iterdir()):
@@ -180,6 +282,8 @@ def scan(files: BlockFiles, num_slots: int, name: str) -> list[tuple[int, BlockK
         try:
             valid = files.verify(entry)
         except OSError as exc:  # unreadable is not invalid: keep the file, skip the block
+            if exc.errno not in SKIPPED_ERRORS:  # the process's: every file would be skipped
+                raise OSError(exc.errno, f"verifying {entry.name}: {exc.strerror or exc}") from exc
             _log.warning("tier_block_skipped", tier=name, file=entry.name, error=str(exc))
             continue
         if valid is None:

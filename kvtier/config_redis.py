@@ -131,13 +131,16 @@ def redact_url(url: str) -> str:
     return head + _QUERY.sub(lambda found: found[0][0] + "***", rest)
 
 
-def url_problem(url: str, *, username: bool = False, password: bool = False) -> str | None:
+def url_problem(
+    url: str, *, username: bool = False, password: bool = False, cluster: bool = False
+) -> str | None:
     """Why a redis tier refuses ``url``, or None; the reason never quotes the URL.
 
     Args:
         url: The URL.
         username: A user name is also given apart from the URL.
         password: A password is also given apart from the URL.
+        cluster: The URL is a Redis Cluster's (which has database 0 only).
     """
     if not url[:10].lower().startswith(URL_SCHEMES):  # a scheme's case does not matter
         return "is not a redis://, rediss:// or unix:// URL"
@@ -176,10 +179,12 @@ def url_problem(url: str, *, username: bool = False, password: bool = False) -> 
     ):
         if given and (in_url or name in names):
             return f"names a {name}, which is given apart from it too (give it once)"
-    return _db_problem(parts.scheme, parts.path, [value for n, value in pairs if n == "db"])
+    return _db_problem(
+        parts.scheme, parts.path, [value for n, value in pairs if n == "db"], cluster=cluster
+    )
 
 
-def _db_problem(scheme: str, path: str, query: list[str]) -> str | None:
+def _db_problem(scheme: str, path: str, query: list[str], *, cluster: bool) -> str | None:
     """Why a URL's database number (its path, its ``db`` parameters) is refused, or None.
 
     redis-py would take a path that is not a number, and a blank ``db``
@@ -194,7 +199,7 @@ def _db_problem(scheme: str, path: str, query: list[str]) -> str | None:
     if len(numbers) > 1:
         return "sets db in its query more than once, to different numbers (give it once)"
     if scheme == "unix" or path in ("", "/"):
-        return None
+        return _cluster_db_problem(cluster, numbers)
     if not (path.startswith("/") and _DB.fullmatch(path[1:])):
         return (
             "has a path that is not a database number like /0 (up to 9 digits after the "
@@ -204,6 +209,13 @@ def _db_problem(scheme: str, path: str, query: list[str]) -> str | None:
     # any other number that the query contradicts is a mistake in one of them.
     if numbers and int(path[1:]) not in (0, *numbers):
         return "names one database in its path and another in its query (give it once)"
+    return _cluster_db_problem(cluster, numbers or {int(path[1:])})
+
+
+def _cluster_db_problem(cluster: bool, numbers: set[int]) -> str | None:
+    """Why a cluster URL's database numbers are refused (a Redis Cluster has only 0), or None."""
+    if cluster and numbers - {0}:
+        return f"selects database {max(numbers)}, but a Redis Cluster has database 0 only"
     return None
 
 
@@ -329,6 +341,7 @@ def parse_redis_options(table: Mapping[str, Any], key: str) -> RedisOptions:
         url,
         username=_text(table, "username", key, None) is not None,
         password=_text(table, "password_env", key, None) is not None,
+        cluster=_flag(table, "cluster", key, False),
     )
     if problem is not None:
         raise ConfigError(f"{key}.url: {redact_url(url)!r} {problem}")

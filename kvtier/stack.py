@@ -34,7 +34,9 @@ from kvtier.transfer import TransferPipeline
 __all__ = ["lower_tiers", "offload_manager"]
 
 
-def lower_tiers(config: KvtierConfig, *, workdir: Path | None = None) -> list[BlockStore]:
+def lower_tiers(
+    config: KvtierConfig, *, workdir: Path | None = None, rank: int | None = None
+) -> list[BlockStore]:
     """The config's lower tiers, fastest first, unopened.
 
     Tiers are named by kind (``cpu``, ``disk``, ``redis``; ``disk2``… for a
@@ -44,10 +46,14 @@ def lower_tiers(config: KvtierConfig, *, workdir: Path | None = None) -> list[Bl
         config: A validated configuration (:func:`~kvtier.config.load_config`).
         workdir: Where a disk tier without ``path`` keeps its directory
             (``workdir / name``).
+        rank: This worker's tensor-parallel rank, for the redis tiers
+            (instead of their ``rank``): one config file then serves every
+            worker, each reading and writing its own shards only.
 
     Raises:
         ConfigError: A disk tier has no ``path`` and no ``workdir`` was
-            given, or a redis tier is configured without redis-py installed.
+            given, a redis tier is configured without redis-py installed, or
+            ``rank`` is not in ``[0, world_size)`` of a redis tier.
     """
     layout = config.layout
     seen: dict[str, int] = {}
@@ -62,7 +68,7 @@ def lower_tiers(config: KvtierConfig, *, workdir: Path | None = None) -> list[Bl
                 CpuTier(layout, config.blocks_of(tier), name=name, pin_memory=tier.pin_memory)
             )
         elif tier.kind == "redis":
-            tiers.append(_redis_tier(config, tier, name))
+            tiers.append(_redis_tier(config, tier, name, rank))
         else:
             if tier.path is None and workdir is None:
                 raise ConfigError(
@@ -92,6 +98,7 @@ def offload_manager(
     tiers: Sequence[BlockStore] | None = None,
     num_groups: int = 1,
     world_size: int = 1,
+    rank: int | None = None,
     pipeline: TransferPipeline | None = None,
 ) -> OffloadManager:
     """An :class:`~kvtier.offload.OffloadManager` over the config's lower tiers.
@@ -110,19 +117,31 @@ def offload_manager(
             built ones wrapped for fault injection), one per lower tier of
             the config, in its order.
         num_groups: KV cache groups of the engine (see ``OffloadManager``).
-        world_size: Tensor-parallel workers reporting store completions.
+        world_size: Tensor-parallel workers reporting store completions. Above
+            1, each redis tier's ``world_size`` must be the same: its blocks
+            are this worker's shards, which another rank must never read.
+        rank: This worker's rank, for the redis tiers (see :func:`lower_tiers`).
         pipeline: The transfer pipeline (default: a new one).
 
     Raises:
         ConfigError: As :func:`lower_tiers`, the device's layout is not the
-            config's, or ``tiers`` is not one per lower tier.
+            config's, ``tiers`` is not one per lower tier, or a redis tier's
+            ``world_size`` is not ``world_size`` (above 1).
     """
     if device.layout != config.layout:
         raise ConfigError(
             f"the device tier's layout {device.layout} is not the config's {config.layout}"
         )
+    for index, tier in enumerate(config.tiers):
+        shards = (tier.redis or RedisOptions()).world_size
+        if tier.kind == "redis" and world_size > 1 and shards != world_size:
+            raise ConfigError(
+                f"tiers[{index}].world_size: {shards}, but the manager has world_size="
+                f"{world_size}: every rank would read and write the same names, and load "
+                "another rank's shards as its own (set world_size, and each worker's rank)"
+            )
     policies = [tier.eviction for tier in config.tiers if tier.kind != "device"]
-    stores = lower_tiers(config, workdir=workdir) if tiers is None else list(tiers)
+    stores = lower_tiers(config, workdir=workdir, rank=rank) if tiers is None else list(tiers)
     if len(stores) != len(policies):
         raise ConfigError(f"{len(stores)} tiers given for the config's {len(policies)} lower tiers")
     return OffloadManager(
@@ -147,7 +166,9 @@ def offload_manager(
     )
 
 
-def _redis_tier(config: KvtierConfig, tier: TierConfig, name: str) -> BlockStore:
+def _redis_tier(
+    config: KvtierConfig, tier: TierConfig, name: str, rank: int | None
+) -> BlockStore:
     """A :class:`~kvtier.tiers.redis.RedisTier` (needs ``pip install 'kvtier[redis]'``)."""
     try:
         from kvtier.tiers.redis import RedisTier  # noqa: PLC0415 - an optional dependency
@@ -156,6 +177,13 @@ def _redis_tier(config: KvtierConfig, tier: TierConfig, name: str) -> BlockStore
             f"tier {name}: a redis tier needs redis-py: pip install 'kvtier[redis]'"
         ) from exc
     options = tier.redis if tier.redis is not None else RedisOptions()
+    if rank is not None and not (
+        isinstance(rank, int) and not isinstance(rank, bool) and 0 <= rank < options.world_size
+    ):
+        raise ConfigError(
+            f"tier {name}: rank must be an integer in [0, {options.world_size}) "
+            f"(its world_size), got {rank!r}"
+        )
     return RedisTier(
         config.layout,
         config.blocks_of(tier),
@@ -163,7 +191,7 @@ def _redis_tier(config: KvtierConfig, tier: TierConfig, name: str) -> BlockStore
         name=name,
         prefix=options.prefix,
         model=options.model,
-        rank=options.rank,
+        rank=options.rank if rank is None else rank,
         world_size=options.world_size,
         ttl=options.ttl,
         batch_size=options.batch_size,

@@ -219,7 +219,7 @@ def _redis(**extra: object) -> dict[str, object]:
 def test_redis_tier_options() -> None:
     config = parse_config(
         _redis(
-            url="rediss://cache:6380/2",
+            url="rediss://cache:6380/0",
             prefix="p:",
             model="m",
             ttl="2s",
@@ -234,7 +234,7 @@ def test_redis_tier_options() -> None:
     )
     options = config.tiers[1].redis
     assert options is not None
-    assert (options.url, options.prefix, options.model) == ("rediss://cache:6380/2", "p:", "m")
+    assert (options.url, options.prefix, options.model) == ("rediss://cache:6380/0", "p:", "m")
     assert (options.ttl, options.timeout, options.batch_size) == (2.0, 0.25, 8)
     assert options.cluster
     assert (options.rank, options.world_size) == (1, 4)
@@ -293,6 +293,7 @@ def test_redis_password_comes_from_the_environment(monkeypatch: pytest.MonkeyPat
         ({"url": "unix:///s.sock", "tls_ca_file": "ca.pem"}, r"tiers\[1\].tls_ca_file: 'ca.pem'"),
         ({"url": "UNIX:///s", "tls_cert_file": "c", "tls_key_file": "k"}, r"\.tls_cert_file: 'c'"),
         ({"url": "unix://:pw@/s", "cluster": True}, r"tiers\[1\].cluster: .*'unix://:\*\*\*@/s'"),
+        ({"url": "redis://h/1", "cluster": True}, r"tiers\[1\].url: .*database 0 only"),
     ],
 )
 def test_bad_redis_options(extra: dict[str, object], message: str) -> None:

@@ -121,3 +121,24 @@ async def test_a_disk_tier_built_from_a_config_keeps_its_model_apart(tmp_path: P
     with pytest.raises(ConfigError, match="another block layout or model"):
         async with DiskTier(tmp_path / "disk", config.layout, 1 << 20, model="qwen"):
             pass
+
+
+def test_tensor_parallel_workers_get_their_own_redis_shards() -> None:
+    """With world_size > 1 each rank's names differ: none loads another rank's shard."""
+    pytest.importorskip("redis")
+    redis = {"kind": "redis", "capacity": "1MiB", "model": "m", "world_size": 2}
+    config = _config(redis)
+    kv = KVCacheManager(KVCacheConfig.full_attention(8, 16), 1024)
+    device = DeviceTier(torch.zeros(8, config.layout.block_bytes, dtype=torch.uint8), config.layout)
+    namespaces = set()
+    for rank in (0, 1):
+        manager = offload_manager(config, kv.block_pool, device, world_size=2, rank=rank)
+        (store,) = manager.tiers
+        namespaces.add(store.keys.name(b"k" * 32))  # type: ignore[attr-defined]
+    assert len(namespaces) == 2
+    unsharded = _config({**redis, "world_size": 1})
+    with pytest.raises(ConfigError, match=r"tiers\[0\].world_size: 1, but the manager has"):
+        offload_manager(unsharded, kv.block_pool, device, world_size=2)
+    for rank in (2, -1, True):
+        with pytest.raises(ConfigError, match=r"rank must be an integer in \[0, 2\)"):
+            lower_tiers(config, rank=rank)  # type: ignore[arg-type]

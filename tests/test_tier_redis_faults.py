@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -372,3 +373,55 @@ async def test_a_scan_whose_cursor_comes_back_fails_the_scan_and_the_tier_opens(
             RedisTier(LAYOUT, 8, model=MODEL, url=url, scan_on_open=True, timeout=5.0) as store,
         ):
             assert list(await store.recover()) == []  # logged as unreachable; it serves on
+
+
+@pytest.mark.asyncio
+async def test_names_that_are_not_blocks_do_not_use_up_the_scans_limit(
+    redis_server: RedisServer,
+) -> None:
+    """scan_on_open stops at the tier's slots counting its blocks, not every matching name."""
+    small = {"model": MODEL}
+    async with RedisTier(LAYOUT, 4, url=redis_server.url, **small) as store:  # type: ignore[arg-type]
+        await store.write_from([0, 1], [key(1), key(2)], blocks(2, 7))
+        head = store.keys.name(key(1))[: -len(key(1).hex())]
+    with redis_server.client() as admin:  # names under the tier's pattern that no block has
+        for number in range(20):
+            admin.set(head + b"JUNK%02d" % number, b"x")
+    async with RedisTier(
+        LAYOUT,
+        4,
+        url=redis_server.url,
+        scan_on_open=True,
+        **small,  # type: ignore[arg-type]
+    ) as store:
+        assert sorted(key for _, key in await store.recover()) == [key(1), key(2)]
+
+
+@pytest.mark.asyncio
+async def test_a_cluster_that_cannot_be_reached_opens_and_its_calls_fail_typed() -> None:
+    """redis-py's cluster errors are not RedisErrors: they become TierIOError like the rest."""
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store = RedisTier(
+        LAYOUT,
+        8,
+        model=MODEL,
+        url=f"redis://127.0.0.1:{port}/0",
+        cluster=True,
+        connect_timeout=0.5,
+        timeout=0.5,
+    )
+    async with store:  # an engine starts while the cache is down
+        for _ in range(2):  # the second call comes after redis-py marked the client stale
+            with pytest.raises(TierIOError):
+                await read(store, [0], [key(1)])
+            with pytest.raises(TierIOError):
+                await store.write_from([0], [key(1)], blocks(1))
+
+
+@pytest.mark.parametrize("url", ["redis://h:1/2", "redis://h:1/0?db=3", "redis://h:1?db=1"])
+def test_a_cluster_url_selecting_a_database_other_than_0_is_refused(url: str) -> None:
+    with pytest.raises(ConfigError, match="a Redis Cluster has database 0 only"):
+        RedisTier(LAYOUT, 8, model=MODEL, url=url, cluster=True)
+    RedisTier(LAYOUT, 8, model=MODEL, url=url)  # a single server has them

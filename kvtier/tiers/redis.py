@@ -399,6 +399,5 @@ class RedisTier(RedisCalls):
         return list(self._recovered)
 
     async def _scan(self, client: RedisClient) -> list[tuple[int, BlockKey]]:
-        names = await self._commands.scan(client, self._keys.pattern(), self._num_slots)
-        keys = dict.fromkeys(key for key in map(self._keys.key_of, names) if key is not None)
-        return list(enumerate(keys))
+        pattern, limit = self._keys.pattern(), self._num_slots
+        return list(enumerate(await self._commands.scan(client, pattern, limit, self._keys.key_of)))

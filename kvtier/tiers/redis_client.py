@@ -107,7 +107,9 @@ class RedisConnection:
                 raise ConfigError(f"{label} must be at most {MAX_TIMEOUT:g} s, got {seconds!r}")
         if not isinstance(url, str):
             raise ConfigError(f"url must be a string, got {type(url).__name__}")
-        problem = url_problem(url, username=username is not None, password=password is not None)
+        problem = url_problem(
+            url, username=username is not None, password=password is not None, cluster=cluster
+        )
         if problem is not None:
             raise ConfigError(f"url {redact_url(url)!r} {problem}")
         scheme = urlsplit(url).scheme
@@ -164,7 +166,11 @@ class RedisConnection:
                 f"bad Redis URL {redact_url(self.url)!r} (a password with '/', '?', '#' "
                 "or '@' must be percent-encoded)"
             ) from None
-        except (TypeError, redis.exceptions.RedisError) as exc:
+        except (
+            TypeError,
+            redis.exceptions.RedisError,
+            redis.exceptions.RedisClusterException,  # not a RedisError
+        ) as exc:
             raise ConfigError(f"bad Redis options: {type(exc).__name__}") from None
 
 

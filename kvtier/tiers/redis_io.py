@@ -33,6 +33,15 @@ __all__ = ["RedisCommands"]
 _T = TypeVar("_T")
 _MALFORMED = (TypeError, ValueError, AttributeError, IndexError, KeyError)
 """What taking apart a reply of the wrong shape raises (in redis-py or here)."""
+_FAILED = (
+    redis.exceptions.RedisError,
+    # A cluster's own failures (no node reachable, a slot no node covers) are
+    # not RedisErrors: without them a cluster that is down would fail the open
+    # and every later call with redis-py's exception instead of TierIOError.
+    redis.exceptions.RedisClusterException,
+    OSError,
+)
+"""What a round trip that failed raises: the server, the network or the cluster."""
 
 
 class RedisCommands:
@@ -116,7 +125,7 @@ class RedisCommands:
                     f"tier {self.tier}: {what} took longer than {self.deadline:g} s",
                     tier=self.tier,
                 ) from exc
-            except (redis.exceptions.RedisError, OSError) as exc:
+            except _FAILED as exc:
                 raise TierIOError(
                     f"tier {self.tier}: {what} failed: {type(exc).__name__}: {exc}",
                     tier=self.tier,
@@ -132,12 +141,20 @@ class RedisCommands:
         """PING (raises :class:`TierIOError` when the server does not answer)."""
         await self.round_trip("ping", client.ping)
 
-    async def scan(self, client: RedisClient, pattern: bytes, limit: int) -> list[bytes]:
-        """Up to ``limit`` distinct names matching ``pattern`` (every node of a cluster).
+    async def scan(
+        self,
+        client: RedisClient,
+        pattern: bytes,
+        limit: int,
+        key_of: Callable[[bytes], bytes | None],
+    ) -> list[bytes]:
+        """Up to ``limit`` distinct keys of names matching ``pattern`` (every node of a cluster).
 
-        The deadline bounds each SCAN reply, not the whole scan: a healthy
-        server with millions of keys (most of them other applications') is
-        not a dead one.
+        ``key_of`` turns a name into its block key, or None for a name that
+        is not a block's (another application's key that the pattern
+        matches): only accepted names count towards ``limit``. The deadline
+        bounds each SCAN reply, not the whole scan: a healthy server with
+        millions of keys (most of them other applications') is not a dead one.
         """
         found: dict[bytes, None] = {}  # SCAN may return a name twice
 
@@ -149,9 +166,11 @@ class RedisCommands:
                         raise TimeoutError
                     deadline.reschedule(loop.time() + self.deadline)
                     for name in page:
-                        found[bytes(name)] = None
-                        if len(found) >= limit:
-                            return
+                        key = key_of(bytes(name))
+                        if key is not None:
+                            found[key] = None
+                            if len(found) >= limit:
+                                return
 
         await self.round_trip("scan", scan, bounded=False)
         return list(found)

@@ -166,9 +166,7 @@ def offload_manager(
     )
 
 
-def _redis_tier(
-    config: KvtierConfig, tier: TierConfig, name: str, rank: int | None
-) -> BlockStore:
+def _redis_tier(config: KvtierConfig, tier: TierConfig, name: str, rank: int | None) -> BlockStore:
     """A :class:`~kvtier.tiers.redis.RedisTier` (needs ``pip install 'kvtier[redis]'``)."""
     try:
         from kvtier.tiers.redis import RedisTier  # noqa: PLC0415 - an optional dependency

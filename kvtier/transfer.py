@@ -33,6 +33,7 @@ neighbours.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from types import TracebackType
@@ -44,7 +45,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from kvtier.claims import Claims, check_ledger, settle
 from kvtier.completion import Completion
-from kvtier.errors import BlockMissingError, ClosedError, ConfigError
+from kvtier.errors import BlockMissingError, ClosedError, ConfigError, KVTierError
 from kvtier.fair_send import FairSender
 from kvtier.mover import DIRECT_MIN_BYTES, BlockMover
 from kvtier.outcomes import fail, finish
@@ -376,13 +377,26 @@ class TransferPipeline:
         return settle(task, ok=ok)
 
     async def _move(self, direction: Direction, tasks: list[TransferTask]) -> float:
-        """Copy the tasks' blocks (same source and destination tiers); seconds taken."""
+        """Copy the tasks' blocks (same source and destination tiers); seconds taken.
+
+        Raises:
+            KVTierError: A tier raised asyncio's ``CancelledError`` while
+                nothing cancelled the worker (a tier's bug, say reading a
+                cancelled future): the tasks fail; the pipeline goes on.
+        """
         start = time.perf_counter()
-        await self._movers[direction].move(
-            tasks[0].src,
-            [s for t in tasks for s in t.src_slots],
-            tasks[0].dst,
-            [s for t in tasks for s in t.dst_slots],
-            [k for t in tasks for k in t.keys],
-        )
+        try:
+            await self._movers[direction].move(
+                tasks[0].src,
+                [s for t in tasks for s in t.src_slots],
+                tasks[0].dst,
+                [s for t in tasks for s in t.dst_slots],
+                [k for t in tasks for k in t.keys],
+            )
+        except asyncio.CancelledError as exc:
+            worker = asyncio.current_task()
+            if worker is None or worker.cancelling():
+                raise  # the worker is being cancelled: the pipeline is
+            pair = f"{tasks[0].src.name}->{tasks[0].dst.name}"
+            raise KVTierError(f"{pair}: a tier raised CancelledError unasked") from exc
         return time.perf_counter() - start

@@ -1,10 +1,12 @@
-"""Test configuration: hypothesis profiles and the opt-in soak marker."""
+"""Test configuration: hypothesis profiles, the opt-in soak marker, structlog left as found."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
+import structlog
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("dev", deadline=None)
@@ -36,3 +38,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "soak" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _structlog_as_found() -> Iterator[None]:
+    """Leave structlog unconfigured after each test.
+
+    ``structlog.testing.capture_logs`` restores the processors it replaced
+    but leaves structlog marked as configured, and kvtier then prints its
+    logs: a later test reading the command's output would see them.
+    """
+    yield
+    structlog.reset_defaults()

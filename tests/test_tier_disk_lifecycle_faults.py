@@ -17,6 +17,7 @@ import stat
 import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -267,6 +268,44 @@ def test_a_released_lock_never_closes_its_descriptor_number_again(tmp_path: Path
         os.close(other)
 
 
+def test_a_fork_waits_for_a_lock_being_released(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fork from another thread while a lock closes its descriptor must not copy it."""
+    from kvtier.tiers import _dir_lock
+
+    lock, _ = _dir_lock.open_locked(tmp_path, os.O_RDONLY)
+    closing, go = threading.Event(), threading.Event()
+    order: list[str] = []
+    real_close = os.close
+
+    def close(fd: int) -> None:
+        closing.set()
+        go.wait(10)
+        real_close(fd)
+        order.append("closed")
+
+    monkeypatch.setattr(_dir_lock.os, "close", close)
+    releaser = threading.Thread(target=lock.release)
+    releaser.start()
+    assert closing.wait(10)
+
+    def fork() -> None:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        order.append("forked")
+        os.waitpid(pid, 0)
+
+    forker = threading.Thread(target=fork)
+    forker.start()
+    forker.join(0.2)  # waits for the release to end
+    go.set()
+    releaser.join(10)
+    forker.join(10)
+    assert order == ["closed", "forked"]
+
+
 # -- 5. concurrent entrants share one open --------------------------------------------------
 
 
@@ -364,3 +403,24 @@ async def test_fsync_syncs_the_directories_and_the_mark_an_open_creates(
     async with tier_at(tmp_path / "plain" / "cache"):  # fsync=False: never
         pass
     assert synced == []
+
+
+@pytest.mark.asyncio
+async def test_a_parent_the_open_cannot_sync_is_logged_and_the_tier_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory above the tier's may be write-and-search only (mode 1733): not its to sync."""
+    real = os.open
+    parent = tmp_path / "dropbox"
+    parent.mkdir()
+
+    def open_(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if Path(path) == parent and flags & getattr(os, "O_DIRECTORY", 0):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, flags, *args, **kwargs)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(os, "open", open_)
+    with capture_logs() as logs:
+        async with tier_at(parent / "cache", fsync=True) as store:
+            await store.write_from([0], [key(1)], blocks(1))
+    assert "tier_parent_sync_failed" in [entry["event"] for entry in logs]

@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
-import anyio.to_thread
+
+from kvtier.tiers._threads import run_to_end
 
 __all__ = ["CloseGate"]
 
@@ -40,7 +41,7 @@ class CloseGate:
         if done is not None:
             if not done.is_set():
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(done.wait)
+                    await run_to_end(done.wait)
             yield False
             return
         self._done = threading.Event()

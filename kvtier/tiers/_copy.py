@@ -28,7 +28,6 @@ from functools import partial
 from typing import Final
 
 import anyio
-import anyio.to_thread
 import structlog
 import torch
 
@@ -38,6 +37,7 @@ from kvtier.tiers._in_flight import InFlight
 from kvtier.tiers._memory import MemorySpans
 from kvtier.tiers._rows import SegmentRows, split_parts
 from kvtier.tiers._streams import drain, event_done, mark, new_stream, on_stream, wait_event
+from kvtier.tiers._threads import run_to_end
 
 __all__ = [
     "OFFLOAD_MIN_BYTES",
@@ -144,7 +144,7 @@ class RowCopier:
     async def sync_streams(self) -> None:
         """Wait (off the event loop) until every copy queued on the copier's streams is done."""
         for stream in list(self._streams.values()):
-            await anyio.to_thread.run_sync(drain, stream)
+            await run_to_end(drain, stream)
 
     async def quiesce(self) -> None:
         """Wait until every copy in progress has ended, then until the streams are drained.
@@ -206,7 +206,7 @@ class RowCopier:
 
     async def _move(self, slots: list[int], parts: Sequence[torch.Tensor], *, read: bool) -> None:
         """:meth:`_copy`, counted as in progress until it ends (see :meth:`quiesce`)."""
-        with self._in_flight.running():
+        with self._in_flight:
             await self._copy(slots, parts, read=read)
 
     async def _copy(self, slots: list[int], parts: Sequence[torch.Tensor], *, read: bool) -> None:
@@ -229,13 +229,13 @@ class RowCopier:
                 if not finished:
                     # Shielded: the caller's buffer is settled before we return.
                     with anyio.CancelScope(shield=True):
-                        await anyio.to_thread.run_sync(wait_event, done, stream.device)
+                        await run_to_end(wait_event, done, stream.device)
             elif stream is None and nbytes >= self.offload_min_bytes and self._shares(nbytes) > 1:
                 await self._in_threads(slots, parts, read=read, shares=self._shares(nbytes))
             else:
                 work = self._work(stream, slots, parts, read=read, queue=queue)
                 if stream is not None or nbytes >= self.offload_min_bytes:
-                    await anyio.to_thread.run_sync(work)
+                    await run_to_end(work)
                 else:
                     work()
         except KVTierError:
@@ -286,7 +286,7 @@ class RowCopier:
 
         async def in_thread(begin: int, end: int, run: list[torch.Tensor]) -> None:
             try:
-                await anyio.to_thread.run_sync(partial(share, begin, end, run), limiter=limiter)
+                await run_to_end(partial(share, begin, end, run), limiter=limiter)
             except Exception as exc:  # raised below, once every run has settled
                 failures.append(exc)
 

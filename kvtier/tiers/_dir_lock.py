@@ -24,6 +24,20 @@ __all__ = ["DirectoryLock"]
 
 _HELD: weakref.WeakSet[DirectoryLock] = weakref.WeakSet()
 """The locks held in this process (weak: a lock's registration never keeps it alive)."""
+_FORKING = threading.Lock()
+"""Held across a fork, and across opening or closing a lock's descriptor: a fork
+never sees a descriptor that is open but not registered, or registered but closed."""
+
+
+def open_locked(path: str | os.PathLike[str], flags: int) -> tuple[DirectoryLock, int]:
+    """Open ``path``'s descriptor and register it as a lock, with no fork in between.
+
+    Returns:
+        The lock and its descriptor (to ``flock``).
+    """
+    with _FORKING:
+        fd = os.open(path, flags)
+        return DirectoryLock(fd), fd
 
 
 class DirectoryLock:
@@ -48,11 +62,11 @@ class DirectoryLock:
 
     def release(self) -> None:
         """Close the descriptor (releasing the lock); later calls do nothing."""
-        with self._mutex:
+        with _FORKING, self._mutex:
             fd, self._fd = self._fd, None
             _HELD.discard(self)
-        if fd is not None:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
     def _drop_in_child(self) -> None:
         """Close the child's copy of the descriptor; the parent's lock stays held."""
@@ -66,10 +80,16 @@ class DirectoryLock:
 
 def _after_fork_in_child() -> None:
     """Let go of every directory lock the parent held (the child runs one thread now)."""
+    global _FORKING  # noqa: PLW0603 - the parent's was held by the forking thread
+    _FORKING = threading.Lock()
     for lock in list(_HELD):
         lock._drop_in_child()
     _HELD.clear()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(
+        before=_FORKING.acquire,
+        after_in_parent=_FORKING.release,
+        after_in_child=_after_fork_in_child,
+    )

@@ -3,52 +3,63 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from types import TracebackType
 
-import anyio
-import anyio.to_thread
+from kvtier.tiers._threads import run_to_end
 
 __all__ = ["InFlight"]
 
 
 class InFlight:
-    """Counts operations in progress; :meth:`wait_idle` returns once none is.
+    """Counts operations in progress (``with in_flight:``); :meth:`wait_idle` returns once none is.
 
     A thread's lock and event, not an anyio event: the operations may run on
     one event loop (the offload runtime's) while the close that waits for
     them runs on another (the engine's), and an anyio event set from another
-    thread does not wake the loop that waits on it.
+    thread does not wake the loop that waits on it. The event is made only
+    when someone waits: counting costs two lock round trips.
     """
+
+    __slots__ = ("_count", "_idle", "_lock")
 
     def __init__(self) -> None:
         self._count = 0
         self._lock = threading.Lock()
-        self._idle = threading.Event()
-        self._idle.set()
+        self._idle: threading.Event | None = None  # made by a waiter, set at count 0
 
     def __len__(self) -> int:
         """Operations in progress now."""
         return self._count
 
-    @contextmanager
-    def running(self) -> Iterator[None]:
-        """Count one operation while the block runs."""
+    def __enter__(self) -> None:
         with self._lock:
             self._count += 1
-            self._idle.clear()
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._count -= 1
-                if not self._count:
-                    self._idle.set()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with self._lock:
+            self._count -= 1
+            if not self._count and self._idle is not None:
+                self._idle.set()
+                self._idle = None
 
     async def wait_idle(self) -> None:
         """Wait, without blocking the event loop, until no operation is in progress.
 
-        Not shielded: callers that must not be cancelled here shield it.
+        The wait runs to its end even when cancelled (the cancellation is
+        raised afterwards, see :func:`~kvtier.tiers._threads.run_to_end`):
+        callers are closes, which must not let go of memory or files an
+        operation still uses.
         """
-        while not self._idle.is_set():
-            await anyio.to_thread.run_sync(self._idle.wait, abandon_on_cancel=True)
+        while True:
+            with self._lock:
+                if not self._count:
+                    return
+                if self._idle is None:
+                    self._idle = threading.Event()
+                idle = self._idle
+            await run_to_end(idle.wait)

@@ -20,7 +20,6 @@ from types import TracebackType
 from typing import Any, ClassVar, Self
 
 import anyio
-import anyio.to_thread
 import torch
 
 from kvtier.errors import ClosedError, ConfigError, TierIOError
@@ -30,6 +29,7 @@ from kvtier.tiers._close_gate import CloseGate
 from kvtier.tiers._copier_calls import CopierCalls
 from kvtier.tiers._copy import OFFLOAD_MIN_BYTES, STAGING_BYTES, RowCopier, check_copy_threads
 from kvtier.tiers._host import host_shortfall
+from kvtier.tiers._threads import run_to_end
 from kvtier.tiers.base import BlockKey, BlockLayout
 
 __all__ = ["CpuTier"]
@@ -231,6 +231,12 @@ class CpuTier(CopierCalls):
                 return storage, True
         return storage, False
 
+    def _drop_storage(self, made: tuple[torch.Tensor, bool]) -> None:
+        """Unpin storage whose opening was cancelled meanwhile (blocking)."""
+        storage, pinned = made
+        if pinned:
+            _unregister(storage, self._gpu)
+
     async def __aenter__(self) -> Self:
         """Allocate (and pin) the storage in a worker thread.
 
@@ -248,7 +254,7 @@ class CpuTier(CopierCalls):
         if self._pin:
             self._gpu = self._pinning_gpu()
         try:
-            storage, pinned = await anyio.to_thread.run_sync(self._allocate)
+            storage, pinned = await run_to_end(self._allocate, undo=self._drop_storage)
         except TierIOError as exc:
             raise TierIOError(f"tier {self._name}: {exc}", tier=self._name) from exc
         except (RuntimeError, MemoryError) as exc:
@@ -258,7 +264,7 @@ class CpuTier(CopierCalls):
         if self._settled():  # closed, or opened by a concurrent ``__aenter__``, meanwhile
             if pinned:
                 with anyio.CancelScope(shield=True):  # cancelled or not: never left pinned
-                    await anyio.to_thread.run_sync(_unregister, storage, self._gpu)
+                    await run_to_end(_unregister, storage, self._gpu)
             if self._closed:
                 raise ClosedError(f"tier {self._name} was closed while opening")
             return self
@@ -308,7 +314,7 @@ class CpuTier(CopierCalls):
             with anyio.CancelScope(shield=True):
                 await copier.quiesce()  # copies still running in worker threads end first
                 if self._pinned:
-                    await anyio.to_thread.run_sync(_unregister, storage, self._gpu)
+                    await run_to_end(_unregister, storage, self._gpu)
                     self._pinned = False
             _log.info(
                 "tier_close", tier=self._name, n_blocks=self._num_slots, bytes=storage.numel()

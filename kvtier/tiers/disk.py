@@ -47,7 +47,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
-import anyio
 import torch
 
 from kvtier.errors import (
@@ -62,6 +61,7 @@ from kvtier.tiers._close_gate import CloseGate
 from kvtier.tiers._dir_lock import DirectoryLock
 from kvtier.tiers._disk_io import BlockFiles
 from kvtier.tiers._open_gate import OpenGate
+from kvtier.tiers._threads import run_to_end
 from kvtier.tiers.base import BlockKey, BlockLayout
 from kvtier.tiers.disk_batch import CALL_BYTES, DiskBatches, row_access
 from kvtier.tiers.disk_dir import claim_directory, namespace_fingerprint, prepare_directory
@@ -227,7 +227,7 @@ class DiskTier:
     async def _open_once(self) -> None:
         try:  # a cancelled call still waits for the thread: the lock is never left claimed
             with self._batches.running():  # aclose waits for the scan's thread
-                recovered = await anyio.to_thread.run_sync(self._open)
+                recovered = await run_to_end(self._open, undo=self._release_lock)
         except OSError as exc:
             raise TierIOError(
                 f"tier {self._name}: cannot open {self.path}: {exc}", tier=self._name
@@ -272,6 +272,10 @@ class DiskTier:
                 await self._batches.close()
             finally:
                 self._unlock()
+
+    def _release_lock(self, _: object) -> None:
+        """Undo an open whose caller was cancelled meanwhile (it will never close it)."""
+        self._unlock()
 
     def _unlock(self) -> None:
         lock, self._lock = self._lock, None

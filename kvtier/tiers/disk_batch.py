@@ -29,6 +29,7 @@ from kvtier.log import get_logger
 from kvtier.tiers._checks import host_rows, part_row_views, tensor_bytes
 from kvtier.tiers._disk_io import FILE_ERRORS, BlockFiles
 from kvtier.tiers._in_flight import InFlight
+from kvtier.tiers._threads import run_to_end
 from kvtier.tiers.base import BlockKey
 from kvtier.tiers.disk_map import DiskMap
 
@@ -101,7 +102,7 @@ class DiskBatches:
         The tier counts its opening scan this way too: :meth:`close` waits for it,
         from whichever event loop it is called.
         """
-        with self._in_flight.running():
+        with self._in_flight:
             yield
 
     async def close(self) -> None:
@@ -164,14 +165,14 @@ class DiskBatches:
         effect between calls.
         """
         if self._one_call(n):  # no task group to pay for
-            await anyio.to_thread.run_sync(work, range(n), limiter=self._limiter)
+            await run_to_end(work, range(n), limiter=self._limiter)
             return
         size = self._call_size(n)
         ranges = iter([range(begin, min(n, begin + size)) for begin in range(0, n, size)])
 
         async def worker() -> None:
             for part in ranges:  # shared: each task takes the next range
-                await anyio.to_thread.run_sync(work, part, limiter=self._limiter)
+                await run_to_end(work, part, limiter=self._limiter)
 
         async with anyio.create_task_group() as group:
             for _ in range(min(self._workers, -(-n // size))):
@@ -248,7 +249,7 @@ class DiskBatches:
         was told failed.
         """
         try:
-            await anyio.to_thread.run_sync(self._files.sync_directory, limiter=self._limiter)
+            await run_to_end(self._files.sync_directory, limiter=self._limiter)
         except OSError as exc:
             done.clear()
             errors.append(self._io_error("syncing the directory", exc))
@@ -356,9 +357,7 @@ class DiskBatches:
         written again, a warm restart would find two files claiming it (the
         scan then drops both).
         """
-        failed = await anyio.to_thread.run_sync(self._unlink_all, keys, limiter=self._limiter)
-        self._undeleted.update(key for key, _ in failed)
-        return failed
+        return await run_to_end(self._unlink_all, keys, limiter=self._limiter)
 
     def _unlink_all(self, keys: list[BlockKey]) -> list[tuple[BlockKey, OSError]]:
         """Delete every key's file, trying them all; the keys whose delete failed."""
@@ -368,6 +367,8 @@ class DiskBatches:
                 self._files.unlink(key)
             except OSError as exc:
                 failed.append((key, exc))
+        # Here, not in the caller: a caller cancelled meanwhile must not lose them.
+        self._undeleted.update(key for key, _ in failed)
         return failed
 
     def _io_error(self, what: str, exc: Exception) -> TierIOError:

@@ -38,7 +38,7 @@ import cbor2
 
 from kvtier.errors import ConfigError
 from kvtier.log import get_logger
-from kvtier.tiers._dir_lock import DirectoryLock
+from kvtier.tiers._dir_lock import DirectoryLock, open_locked
 from kvtier.tiers._disk_io import FILE_ERRORS, SUFFIX, TMP_PREFIX, BlockFiles
 from kvtier.tiers.base import BlockKey, BlockLayout
 
@@ -144,8 +144,8 @@ def claim_directory(path: Path, name: str) -> tuple[DirectoryLock, list[Path]]:
     if mode & ~0o700:
         path.chmod(mode & 0o700)  # never adds a bit: a read-only directory stays read-only
     # The lock is on the directory itself: no extra file in it.
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_NOFOLLOW)
-    lock = DirectoryLock(fd)  # registered before it is locked: a fork from here on drops it
+    # Registered as it opens, before it is locked: a fork from here on drops it.
+    lock, fd = open_locked(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_NOFOLLOW)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
@@ -229,12 +229,27 @@ def prepare_directory(
         check_direct_io(files, name)
     marked = claim_layout(files.path, files.fingerprint, name, fsync=files.fsync)
     if files.fsync:  # cheap: only what this open created, once
-        synced = [created[0].parent, *created] if created else []
+        if created:
+            _sync_parent(files, created[0].parent)
+        synced = [*created]
         if marked and files.path not in synced:
             synced.append(files.path)
         for directory in synced:
             files.sync_directory(directory)
     return scan(files, num_slots, name)
+
+
+def _sync_parent(files: BlockFiles, parent: Path) -> None:
+    """Sync the directory above the ones an open created, as far as it can be.
+
+    It is not the tier's: it may not be readable (a drop box like
+    ``/var/lib/php/sessions``, mode 1733, can be written and searched but not
+    opened), and then the new entry's durability is the file system's.
+    """
+    try:
+        files.sync_directory(parent)
+    except OSError as exc:
+        _log.warning("tier_parent_sync_failed", path=str(parent), error=str(exc))
 
 
 def check_direct_io(files: BlockFiles, name: str) -> None:

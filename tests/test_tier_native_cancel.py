@@ -1,0 +1,95 @@
+"""Tier calls cancelled by asyncio itself (``asyncio.wait_for``, ``task.cancel()``).
+
+anyio waits for a worker thread when its own cancel scope is cancelled; an
+engine's ``asyncio.wait_for`` around a tier call is not anyio's. The tiers'
+threads must still end before the call raises: else a close frees memory, or
+releases a directory, under a copy or a scan still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kvtier.tiers import disk_dir
+from kvtier.tiers._disk_io import BlockFiles
+from kvtier.tiers.base import BlockLayout
+from kvtier.tiers.cpu import CpuTier
+from kvtier.tiers.disk import DiskTier
+from kvtier.tiers.gpu import DeviceTier
+
+LAYOUT = BlockLayout(num_layers=2, block_size=4, num_kv_heads=2, head_size=8, dtype="float16")
+BB = LAYOUT.block_bytes
+
+
+def slow(func: Any, ended: list[str], name: str) -> Any:
+    """``func`` taking 0.3 s, recording its end."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.3)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            ended.append(name)
+
+    return call
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["cpu", "device"])
+async def test_a_copy_timed_out_by_asyncio_has_ended_when_the_timeout_is_raised(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tier: CpuTier | DeviceTier
+    if kind == "cpu":
+        tier = CpuTier(LAYOUT, 8, offload_min_bytes=1)
+        await tier.__aenter__()
+    else:
+        tier = DeviceTier(torch.zeros(8, BB, dtype=torch.uint8), LAYOUT, offload_min_bytes=1)
+    copier = tier._live_copier()
+    ended: list[str] = []
+    monkeypatch.setattr(copier.rows, "copy", slow(copier.rows.copy, ended, "copy"))
+    data = torch.randint(0, 256, (2, BB), dtype=torch.uint8)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(tier.write_from([0, 1], [b""] * 2, data), 0.05)
+    assert ended == ["copy"]  # not running on while the caller goes on (and closes)
+    await tier.aclose()
+
+
+@pytest.mark.asyncio
+async def test_an_open_timed_out_by_asyncio_gives_the_directory_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with DiskTier(tmp_path, LAYOUT, 8 * DiskTier.bytes_per_block(LAYOUT)) as first:
+        await first.write_from([0], [b"\1" * 32], torch.zeros(1, BB, dtype=torch.uint8))
+    ended: list[str] = []
+    monkeypatch.setattr(disk_dir, "scan", slow(disk_dir.scan, ended, "scan"))
+    tier = DiskTier(tmp_path, LAYOUT, 8 * DiskTier.bytes_per_block(LAYOUT))
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(tier.__aenter__(), 0.05)
+    assert ended == ["scan"]
+    assert not tier.closed
+    monkeypatch.undo()
+    async with DiskTier(tmp_path, LAYOUT, 8 * DiskTier.bytes_per_block(LAYOUT)) as again:
+        assert [key for _, key in await again.recover()] == [b"\1" * 32]
+
+
+@pytest.mark.asyncio
+async def test_a_discard_timed_out_by_asyncio_has_deleted_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tier = DiskTier(tmp_path, LAYOUT, 8 * DiskTier.bytes_per_block(LAYOUT))
+    async with tier:
+        await tier.write_from([0], [b"\1" * 32], torch.zeros(1, BB, dtype=torch.uint8))
+        ended: list[str] = []
+        monkeypatch.setattr(BlockFiles, "unlink", slow(BlockFiles.unlink, ended, "unlink"))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(tier.discard([0]), 0.05)
+        assert ended == ["unlink"]
+        assert not (tmp_path / ((b"\1" * 32).hex() + ".kvb")).exists()
+

@@ -28,12 +28,11 @@ from kvtier.errors import ClosedError, InvalidRequestError, TierIOError
 from kvtier.tiers import _disk_io
 from kvtier.tiers._dir_lock import DirectoryLock
 from kvtier.tiers._disk_io import BlockFiles
-from kvtier.tiers.base import BlockLayout
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.disk_dir import LAYOUT_SUFFIX
 from tests.factories import entries
+from tests.test_tier_disk_close_restart import LAYOUT, blocks, read
 
-LAYOUT = BlockLayout(num_layers=2, block_size=4, num_kv_heads=2, head_size=8, dtype="float16")
 PER_BLOCK = DiskTier.bytes_per_block(LAYOUT)
 WAIT = 60.0  # seconds a hang is waited for before the test fails (never reached when correct)
 
@@ -42,23 +41,12 @@ def tier_at(path: Path, slots: int = 16, *, fsync: bool = False) -> DiskTier:
     return DiskTier(path, LAYOUT, slots * PER_BLOCK, fsync=fsync)
 
 
-def blocks(n: int, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, LAYOUT.block_bytes), dtype=torch.uint8, generator=generator)
-
-
 def key(i: int) -> bytes:
     return bytes([i]) * 36
 
 
 def name(i: int) -> str:
     return key(i).hex() + ".kvb"
-
-
-async def read(tier: DiskTier, slots: list[int], keys: list[bytes]) -> torch.Tensor:
-    out = torch.empty((len(slots), LAYOUT.block_bytes), dtype=torch.uint8)
-    await tier.read_into(slots, keys, out)
-    return out
 
 
 async def fill(path: Path, n: int) -> None:

@@ -70,9 +70,19 @@ class ManagerLifecycle:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None:
+    ) -> bool | None:
+        """Wait for the jobs, flush if configured, close the pipeline and the tiers.
+
+        An exception raised in the body comes out as raised (the manager's
+        task group would wrap it in an exception group): an engine's
+        ``except InvalidRequestError`` around its loop still matches.
+        """
         try:
-            await self._session.__aexit__(exc_type, exc, tb)
+            return await self._session.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            if exc is not None and _only(group) is exc:
+                return False  # the body's own exception goes on, unwrapped
+            raise
         finally:
             session.release_all(self._transfers)
 
@@ -93,3 +103,13 @@ class ManagerLifecycle:
             self._transfers.runtime.stop_thread()
         finally:
             session.release_all(self._transfers)
+
+
+def _only(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one exception a group holds (through nested groups of one), else None."""
+    while len(group.exceptions) == 1:
+        inner = group.exceptions[0]
+        if not isinstance(inner, BaseExceptionGroup):
+            return inner
+        group = inner
+    return None

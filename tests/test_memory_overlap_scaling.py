@@ -101,7 +101,9 @@ _VIEW = st.tuples(
 def test_any_overlap_never_misses_shared_bytes(
     views: list[tuple[torch.dtype, bool, int, int, int, int, int]],
 ) -> None:
-    storages = (torch.zeros(256, dtype=torch.uint8), torch.zeros(256, dtype=torch.uint8))
+    # The farthest element: offset 40 + 4 rows of 12 + 5 columns of 3, 89 elements
+    # of up to 4 bytes (356): every view drawn fits in 1 KiB (256 bytes did not).
+    storages = (torch.zeros(1024, dtype=torch.uint8), torch.zeros(1024, dtype=torch.uint8))
     tensors = [
         storages[second].view(dtype).as_strided((rows, cols), (row_stride, col_stride), offset)
         for dtype, second, rows, cols, row_stride, col_stride, offset in views

@@ -92,4 +92,3 @@ async def test_a_discard_timed_out_by_asyncio_has_deleted_its_file(
             await asyncio.wait_for(tier.discard([0]), 0.05)
         assert ended == ["unlink"]
         assert not (tmp_path / ((b"\1" * 32).hex() + ".kvb")).exists()
-

@@ -2,7 +2,9 @@
 
 The copy itself cannot be interrupted (a worker thread's write): the job waits
 for it, then reports. A failed copy is a failed transfer of the tier below; a
-copy that succeeded is committed there.
+copy that succeeded is committed there. What never ran counts nowhere: a
+demotion, and (seen in review: counted as failed transfers on close) a store
+or a load that never started before the manager closed.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import anyio
 import pytest
 import torch
 
+from kvtier import KVCacheBlocks
+from kvtier.offload import FinishedLoad
 from kvtier.tiers.base import BlockKey
 from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.disk import DiskTier
-from tests.offload_env import LAYOUT, Env, scheduled
+from tests.offload_env import BS, LAYOUT, Env, scheduled, store
 from tests.tier_doubles import FaultInjectingStore
 
 
@@ -78,3 +82,40 @@ async def test_a_demotion_copy_that_ran_when_its_job_was_cancelled_is_settled_by
         assert (stats.failed_transfers, stats.demotions, held) == (2, 0, 0)
     else:
         assert (stats.failed_transfers, stats.demotions, held) == (0, 2, 2)
+
+
+@pytest.mark.asyncio
+async def test_a_store_that_never_started_is_released_on_close_uncounted() -> None:
+    env = Env()
+    manager = env.manager
+    async with manager:
+        req = env.request(2)
+        blocks = env.alloc(req, 2)
+        manager.update_state_after_alloc(req, blocks, 0)
+        plan = manager.build_step(scheduled(new={req.request_id: blocks}))
+        assert plan.num_store_blocks == 2  # planned; the step is never computed
+    stats = manager.stats().tiers["cpu"]
+    assert (stats.stores, stats.failed_transfers) == (0, 0)
+    assert manager.indexes[0].num_reserved == 0
+    assert [block.ref_cnt for block in blocks.blocks[0]] == [1, 1]  # the engine's own
+
+
+@pytest.mark.asyncio
+async def test_a_load_that_never_started_is_released_on_close_uncounted() -> None:
+    env = Env()
+    manager = env.manager
+    async with manager:
+        first = env.request(2)
+        await store(env, first, 2, release=True)
+        again = env.request(2, like=first)
+        assert manager.get_num_new_matched_tokens(again, 0) == (2 * BS, True)
+        targets = env.fresh(2)
+        manager.update_state_after_alloc(again, KVCacheBlocks((targets,)), 2 * BS)
+        # no build_step: the load never starts
+    stats = manager.stats()
+    assert (stats.loads_finished, stats.loads_failed) == (0, 0)
+    assert (stats.tiers["cpu"].loads, stats.tiers["cpu"].failed_transfers) == (0, 0)
+    assert manager.indexes[0].num_pinned == 0
+    assert [block.ref_cnt for block in targets] == [1, 1]  # the engine's own
+    ids = tuple(block.block_id for block in targets)
+    assert manager.take_finished() == [FinishedLoad(again.request_id, False, ids)]

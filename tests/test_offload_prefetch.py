@@ -20,7 +20,7 @@ from kvtier.offload import FinishedLoad, SchedulerOutput
 from kvtier.policies.prefetch import BestEffort, StagingCostModel, Timeout, WaitComplete
 from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.disk import DiskTier
-from tests.offload_env import BS, DEADLINE, LAYOUT, Env, store
+from tests.offload_env import BS, DEADLINE, LAYOUT, Env, key, store
 from tests.tier_doubles import FaultInjectingStore
 
 
@@ -102,6 +102,35 @@ async def test_a_hit_held_only_on_disk_is_no_load_at_all_under_best_effort(
         manager.update_state_after_alloc(again, KVCacheBlocks((env.fresh(5),)), 0)
         assert manager.stats().tiers["disk"].declined == 4
         assert manager.build_step(SchedulerOutput()).loads == ()
+
+
+@pytest.mark.asyncio
+async def test_a_declined_disk_hit_once_recomputed_is_copied_into_the_cpu_tier(
+    tmp_path: Path,
+) -> None:
+    """By design (docs/offload.md, Write modes): a store skips what the first tier holds
+    or is writing, not what only a slower tier holds. The first tier is where
+    ``best_effort`` loads from: the recomputed blocks are hits next time. Their disk
+    copies stay, and evicting them from the CPU tier writes nothing to disk again."""
+    env = disk_env(tmp_path, prefetch="best_effort")
+    async with env.manager as manager:
+        cpu, disk = manager.indexes
+        first = await half_on_disk(env)
+        await store(env, env.request(2), 2, release=True)  # the first's head goes down too
+        assert not any(key(first, i) in cpu for i in range(4))
+        again = env.request(4, like=first)
+        assert manager.get_num_new_matched_tokens(again, 0) == (0, False)  # all declined
+        await store(env, again, 4, release=True)  # recomputed, stored by eager mode
+        assert all(key(first, i) in cpu and key(first, i) in disk for i in range(4))
+        assert manager.get_num_new_matched_tokens(env.request(4, like=first), 0) == (
+            4 * BS,
+            True,
+        )
+        demoted = manager.stats().tiers["disk"].demotions
+        await store(env, env.request(4), 4, release=True)  # evicts them from the CPU tier
+        assert not any(key(first, i) in cpu for i in range(4))
+        assert all(key(first, i) in disk for i in range(4))
+        assert manager.stats().tiers["disk"].demotions == demoted
 
 
 @pytest.mark.asyncio

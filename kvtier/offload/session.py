@@ -80,9 +80,16 @@ async def serve(
 
 
 def release_all(transfers: Transfers) -> None:
-    """After the jobs ended: apply their outcomes, drop what never ran."""
+    """After the jobs ended: apply their outcomes, drop what never finished.
+
+    A store or load that started and never ended counts as failed. One that
+    never started (a store whose ``step_computed`` never came, a load whose
+    ``build_step`` never came) failed nothing: it is aborted uncounted, as a
+    demotion that never ran is (the load is still reported failed, so the
+    engine knows its blocks hold nothing).
+    """
     transfers.drain()
     for store in list(transfers.stores.values()):
-        transfers.end_store(store, ok=False)
+        transfers.end_store(store, ok=False, ran=store.dispatched)
     for load in list(transfers.loads.values()):
-        transfers.end_load(load, error=True, missing=())
+        transfers.end_load(load, error=True, missing=(), ran=load.dispatched)

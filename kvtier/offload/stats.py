@@ -27,7 +27,10 @@ class TierStats:
         demotions: Evicted blocks copied to the next tier down instead of dropped.
         failed_transfers: Blocks of transfers to or from this tier that failed.
         dropped_stores: Blocks not stored because the tier was full of pinned
-            or reserved blocks.
+            or reserved blocks. In lazy mode, also the unwritten blocks left
+            at the device's eviction end (the tier's room ran out, or its own
+            stores kept evicting their copies); a block counts once for as
+            long as it waits there.
         flushed: Blocks copied into this tier from the volatile tier above
             when the manager closed (``flush_on_close``, see
             :mod:`kvtier.offload.flush`).

@@ -14,11 +14,12 @@ policy (depth, the request's hashed blocks so far, the parent block's key).
 from __future__ import annotations
 
 import operator
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator, Sequence
 
 from kvtier.block import KVCacheBlock
+from kvtier.hashing import BlockHashWithGroupId
 from kvtier.offload import candidates, placement
-from kvtier.offload._state import StoreEvent
+from kvtier.offload._state import Demotion, StoreEvent
 from kvtier.offload.plan import StoreSpec, WriteMode
 from kvtier.offload.transfers import Transfers
 from kvtier.offload.writeback import WriteBack
@@ -29,6 +30,7 @@ from kvtier.tiers.base import BlockKey
 __all__ = ["StorePlanner"]
 
 _block_id = operator.attrgetter("block_id")
+_RESCANS = 3  # lazy mode: walks from the head with room a step may add after its evictions
 
 
 class StorePlanner:
@@ -127,36 +129,55 @@ class StorePlanner:
         return BlockHint(position, length, parent, state.tag)
 
     def plan_lazy(self, step_id: int) -> StoreSpec | None:
-        """Write-back: the blocks :class:`WriteBack` picks, in one batch (no owners)."""
+        """Write-back: the blocks :class:`WriteBack` picks, in one batch (no owners).
+
+        A reservation that evicted the copy of a block free on the device
+        (one the walk may have passed as safe) makes the walk start over from
+        the head, for the safety part only, with the room left: up to
+        ``_RESCANS`` times, then once more taking nothing (the blocks it finds
+        unwritten count as dropped). Each such walk's stores can evict the
+        next blocks' copies in turn: the bound keeps a first tier smaller
+        than the device from being rewritten whole in one step.
+        """
         first = self.indexes[0]
         lazy = self.writeback
-        room = first.num_reservable
-        found = lazy.scan(self.block_pool, first, room)  # taken and referenced
+        pool = self.block_pool
         # Every candidate came out of the free queue, so no store references it:
         # none is in flight (a store keeps its blocks referenced until it ends).
-        keys: Collection[BlockKey] = found.keys()
-        ids = tuple(found.values())
-        if len(ids) > room:  # the safety part of the walk needed more than fits
-            self.tier_stats[0].dropped_stores += len(ids) - room
-            lazy.reset()  # the blocks left out are still unwritten
-            self.block_pool.free_blocks(map(self.block_pool.blocks.__getitem__, ids[room:]))
-            keys, ids = list(keys)[:room], ids[:room]
+        found = lazy.scan(pool, first, first.num_reservable)  # taken and referenced
+        ids: list[int] = []
+        keys: list[BlockKey] = []
+        slots: list[int] = []
+        demotions: list[Demotion] = []
+        rescans = _RESCANS
+        while found:
+            reservation = first.reserve_new(found.keys())  # pending: the resident map untouched
+            ids.extend(found.values())
+            keys.extend(reservation.keys)
+            slots.extend(reservation.slots)
+            demotions.extend(placement.demotions(self.indexes, self.tier_stats, 0, reservation))
+            if not self._exposed(reservation.evicted):
+                break
+            room = first.num_reservable if rescans else 0
+            rescans -= 1
+            found = lazy.rescan(pool, first, room)
+        self.tier_stats[0].dropped_stores += lazy.settle(pool, first)
         if not ids:
-            lazy.settle(self.block_pool, first)
             return None
-        reservation = first.reserve_new(keys)  # pending: the big resident map is not touched
-        event = StoreEvent(
-            next(self.event_ids),
-            step_id,
-            ids,
-            reservation.keys,
-            reservation.slots,
-            placement.demotions(self.indexes, self.tier_stats, 0, reservation),
-            set(),
-        )
+        event = StoreEvent(next(self.event_ids), step_id, tuple(ids), keys, slots, demotions, set())
         self.transfers.stores[event.event_id] = event
-        lazy.settle(self.block_pool, first)
         # Not dispatched here either: under async scheduling a request can be
         # freed while the forward pass that writes its newest (already hashed)
         # blocks still runs. ``step_computed(step_id)`` starts the copy.
-        return StoreSpec(event.event_id, self.tier_name, ids, reservation.slots)
+        return StoreSpec(event.event_id, self.tier_name, event.block_ids, tuple(slots))
+
+    def _exposed(self, evicted: Sequence[tuple[int, BlockKey]]) -> bool:
+        """Whether a block free on the device lost its first-tier copy to ``evicted``."""
+        if not evicted:
+            return False
+        cached = self.block_pool.cached_block_hash_to_block
+        for _, key in evicted:
+            block_hash = BlockHashWithGroupId(key)
+            if block_hash in cached and any(not b.ref_cnt for b in cached.get_blocks(block_hash)):
+                return True
+        return False

@@ -227,8 +227,8 @@ class Transfers:
         if event.reports >= self.world_size and event.local_done:
             self.end_store(event, ok=event.error is None)
 
-    def end_store(self, event: StoreEvent, *, ok: bool) -> None:
-        """Settle a store: commit or abort its slots, release its device blocks."""
+    def end_store(self, event: StoreEvent, *, ok: bool, ran: bool = True) -> None:
+        """Settle a store: commit or abort (uncounted if it never ``ran``), release its blocks."""
         del self.stores[event.event_id]
         first = self.indexes[0]
         stats = self.tier_stats[0]
@@ -241,7 +241,7 @@ class Transfers:
             stats.store_seconds += event.seconds
         else:
             first.abort(event.keys)
-            stats.failed_transfers += len(event.keys)
+            stats.failed_transfers += len(event.keys) if ran else 0
             if event.error is not None:
                 _log.warning("store_failed", task=event.event_id, error=repr(event.error))
         if self.in_flight:
@@ -282,13 +282,15 @@ class Transfers:
         missing: tuple[tuple[int, BlockKey], ...],
         seconds: dict[int, float] | None = None,
         demotion_seconds: float = 0.0,
+        ran: bool = True,
     ) -> None:
         """Settle a load: release pins and targets, forget missing blocks, report it.
 
         ``seconds``: time spent reading from each tier level;
         ``demotion_seconds``: time its demotions (room made in the first tier
         for the staged blocks) took, charged to the staged blocks in the
-        staging cost model.
+        staging cost model. A load that never ``ran`` (never dispatched) is
+        reported failed, but counted nowhere.
         """
         self.loads.pop(event.event_id, None)
         first = self.indexes[0]
@@ -312,7 +314,7 @@ class Transfers:
                 share = demotion_seconds * len(stage.keys) / staged_blocks
                 took = seconds[stage.level] + share
                 self.staging_costs.observe(stage.level, len(stage.keys), took)
-        for level, n in counts.items():
+        for level, n in counts.items() if ran else ():
             stats = self.tier_stats[level]
             if error:
                 stats.failed_transfers += n
@@ -327,20 +329,23 @@ class Transfers:
         # A state that does not hold this load is a new request's: the load's
         # request finished, and the new one would take this report for its own.
         owner = state if state is not None and state.load is event else None
-        self.report_load(event.request_id, ids, tell=owner is not None)
+        self.report_load(event.request_id, ids, tell=owner is not None, counted=ran)
         if owner is not None:
             owner.load = None
             self.forget_if_idle(owner)
 
-    def report_load(self, request_id: str, failed: Sequence[int], *, tell: bool = True) -> None:
-        """Count a request's load that ended and, if ``tell``, report it to the engine.
+    def report_load(
+        self, request_id: str, failed: Sequence[int], *, tell: bool = True, counted: bool = True
+    ) -> None:
+        """Count (if ``counted``) a request's load that ended; if ``tell``, report it.
 
         ``failed``: the device blocks to recompute.
         """
         if tell:
             self.finished.append(FinishedLoad(request_id, not failed, tuple(failed)))
-        self.stats.loads_finished += 1
-        self.stats.loads_failed += int(bool(failed))
+        if counted:
+            self.stats.loads_finished += 1
+            self.stats.loads_failed += int(bool(failed))
 
     def track(self, request_id: str, block_ids: list[list[int]]) -> RequestState:
         """The state of a request given device blocks: its own, or a fresh one.

@@ -6,9 +6,10 @@ anything: it has no hash, or the first lower tier holds its key (committed).
 plans a store for every hashed block that is neither safe nor being written.
 Two rules bound the walk of a step:
 
-* **safety** (unbounded): it goes on until ``target`` safe blocks lie ahead of
-  everything unwritten, so the next ``target`` allocations never take an
-  unwritten block, however many stores that takes;
+* **safety** (bounded only by the first tier's room): it goes on until
+  ``target`` safe blocks lie ahead of everything unwritten, so the next
+  ``target`` allocations never take an unwritten block, however many stores
+  that takes;
 * **spreading** (bounded): past that point it goes on writing freed blocks back
   early, up to a per-step *budget* of stores, so the blocks of requests freed
   together are written over the next steps instead of in the one step they
@@ -24,6 +25,20 @@ The walk starts over from the head when the cursor may have left the queue
 (taken, or taken and freed again: then it arrived at the tail or the head
 since the last walk), or when the first lower tier dropped blocks (an eviction
 or a removal may have made a block ahead of the cursor unsafe).
+
+The step's own reservation evicts blocks too, after the walk counted them:
+when it evicted the copy of a block that is free on the device (maybe one the
+walk passed as safe), the planner walks again from the head at once
+(:meth:`WriteBack.rescan`, the safety part only), so the next allocations
+never find such a block among the ones they take. After a few rescans whose
+reservations evicted such copies again, one last walk takes nothing (see
+:meth:`~kvtier.offload.stores.StorePlanner.plan_lazy`).
+
+The first tier's room bounds what a walk takes: an unwritten block found
+past it is left in place, where it was (the queue is not reordered), and
+counted in ``dropped_stores`` once for as long as it stays unwritten at the
+eviction end from step to step (:meth:`WriteBack.settle`); the next walk
+starts over from the head.
 """
 
 from __future__ import annotations
@@ -58,28 +73,27 @@ class WriteBack:
         self._pos = 0  # blocks up to the cursor (a lower bound)
         self._marks = (0, 0, 0, 0)  # queue popped, prepended, removed, length
         self._drops = 0
-
-    def reset(self) -> None:
-        """Start the next walk from the head of the queue."""
-        self._cursor = None
+        self._left: set[BlockKey] = set()  # this step's unwritten blocks that found no room
+        self._dropped: set[BlockKey] = set()  # the last step's (counted already)
 
     def scan(self, pool: BlockPool, first: TierIndex, room: int) -> dict[BlockKey, int]:
         """This step's candidates: key → device block id, safety ones first.
 
         The candidates are taken out of the queue and referenced, as
-        :meth:`~kvtier.pool.BlockPool.touch` would (the caller releases those
-        it does not store with :meth:`~kvtier.pool.BlockPool.free_blocks`).
-        Every block in the free queue is unreferenced, so none of them is
-        being stored (a store references its blocks until it ends): no
-        candidate is in flight, and the caller need not check.
+        :meth:`~kvtier.pool.BlockPool.touch` would, no more than ``room``:
+        the caller stores them all. Every block in the free queue is
+        unreferenced, so none of them is being stored (a store references its
+        blocks until it ends): no candidate is in flight, and the caller need
+        not check.
 
-        Call :meth:`settle` once they are referenced (out of the queue).
+        Call :meth:`settle` once they are reserved (after any :meth:`rescan`).
 
         Args:
             pool: The device block pool.
             first: The first lower tier's index.
-            room: Stores the first tier can take; the spreading part of the
-                walk stops there (the safety part does not).
+            room: Stores the first tier can take: the walk takes no more
+                candidates (the unwritten blocks the safety part finds past
+                them stay in place, counted by :meth:`settle`).
         """
         queue = pool.free_block_queue
         head = queue.fake_free_list_head
@@ -105,8 +119,20 @@ class WriteBack:
             self._safe = max(0, self._safe - lost) + prepended
             self._pos = max(0, self._pos - lost) + prepended
         found: dict[BlockKey, int] = {}
-        cursor = self._walk(cursor, queue, first, found, min(budget, room))
-        self._cursor = None if cursor is head else cursor
+        self._walk(cursor, queue, first, found, room, min(budget, room))
+        return found
+
+    def rescan(self, pool: BlockPool, first: TierIndex, room: int) -> dict[BlockKey, int]:
+        """Walk again from the head, safety only: the step's reservation evicted blocks.
+
+        The candidates are taken as :meth:`scan` takes them. With ``room``
+        0 the walk takes nothing: it only finds (and leaves for
+        :meth:`settle` to count) the unwritten blocks at the eviction end.
+        """
+        queue = pool.free_block_queue
+        self._safe = self._pos = 0
+        found: dict[BlockKey, int] = {}
+        self._walk(queue.fake_free_list_head, queue, first, found, room, 0)
         return found
 
     def _walk(
@@ -115,10 +141,18 @@ class WriteBack:
         queue: FreeKVCacheBlockQueue,
         first: TierIndex,
         found: dict[BlockKey, int],
+        room: int,
         limit: int,
-    ) -> KVCacheBlock:
-        """Walk on from ``cursor``; returns the last block passed that stays in the queue."""
-        tail = queue.fake_free_list_tail
+    ) -> None:
+        """Walk on from ``cursor`` (taking up to ``room`` candidates); sets the new cursor.
+
+        ``limit`` (at most ``room``) bounds the spreading part. The cursor is
+        the last block passed that stays in the queue, or None (start over)
+        when that is the head or an unwritten block was left for want of room.
+        """
+        head, tail = queue.fake_free_list_head, queue.fake_free_list_tail
+        left = self._left
+        short = False
         resident, reserved, doomed = first.key_sets()
         pending = bool(doomed)  # else a resident key is a safe one
         target, safe, pos = self.target, self._safe, self._pos
@@ -136,19 +170,22 @@ class WriteBack:
         while block is not tail:
             key = block.block_hash
             if key is not None and key not in resident and key not in reserved and key not in found:
-                found[key] = block.block_id
-                count += 1
-                nxt = block.next_free_block
-                block.prev_free_block = block.next_free_block = None
-                block.ref_cnt = 1
-                block = nxt  # type: ignore[assignment]  # in the queue: not None
-                if count >= limit and safe >= target:
-                    break
-                continue
+                if count < room:
+                    found[key] = block.block_id
+                    count += 1
+                    nxt = block.next_free_block
+                    block.prev_free_block = block.next_free_block = None
+                    block.ref_cnt = 1
+                    block = nxt  # type: ignore[assignment]  # in the queue: not None
+                    if count >= limit and safe >= target:
+                        break
+                    continue
+                left.add(key)  # no room: it stays where it is, unwritten (not safe)
+                short = True
             if count != run:
                 queue.close_gap(cursor, block, count - run)
                 run = count
-            pos += 1  # unhashed, held below, or being written by a block of its key
+            pos += 1  # unhashed, held below, being written by a block of its key, or left
             cursor = block
             if key is None or (key in resident and (not pending or key not in doomed)):
                 safe += 1
@@ -160,7 +197,7 @@ class WriteBack:
         if count != run:
             queue.close_gap(cursor, block, count - run)
         self._safe, self._pos = safe, pos
-        return cursor
+        self._cursor = None if cursor is head or short else cursor
 
     def at_tail(self, pool: BlockPool) -> bool:
         """The walk's cursor is the last block of the queue (nothing left to look at)."""
@@ -188,11 +225,19 @@ class WriteBack:
         popped, prepended, removed, length = self._marks
         self._marks = (popped, prepended, removed, length + count)
 
-    def settle(self, pool: BlockPool, first: TierIndex) -> None:
-        """Note the queue's counters once this step's candidates are settled."""
+    def settle(self, pool: BlockPool, first: TierIndex) -> int:
+        """Note the queue's counters once this step's candidates are reserved.
+
+        Returns:
+            The unwritten blocks this step's walks left for want of room that
+            the last step's did not: a block left step after step counts once.
+        """
         queue = pool.free_block_queue
         self._marks = (queue.popped, queue.prepended, queue.removed, len(queue))
         self._drops = first.drops
+        new = len(self._left - self._dropped) if self._left else 0
+        self._dropped, self._left = self._left, set()
+        return new
 
 
 def _returned(

@@ -36,3 +36,18 @@ async def test_the_engines_own_error_in_the_body_comes_out_as_raised() -> None:
 
     with pytest.raises(EngineError, match="the model crashed"):
         await loop()
+
+
+@pytest.mark.asyncio
+async def test_an_exception_group_raised_in_the_body_comes_out_as_raised() -> None:
+    """The engine's own task group failing: its group, not a group around it."""
+    env = Env(gpu_blocks=16, cpu_blocks=8)
+    raised = ExceptionGroup("the engine's tasks", [ValueError("a"), KeyError("b")])
+
+    async def loop() -> None:
+        async with env.manager:
+            raise raised
+
+    with pytest.raises(ExceptionGroup) as info:
+        await loop()
+    assert info.value is raised

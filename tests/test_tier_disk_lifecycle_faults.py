@@ -13,6 +13,7 @@ import errno
 import fcntl
 import os
 import select
+import signal
 import stat
 import threading
 from collections.abc import Callable, Coroutine
@@ -412,3 +413,38 @@ async def test_a_parent_the_open_cannot_sync_is_logged_and_the_tier_opens(
         async with tier_at(parent / "cache", fsync=True) as store:
             await store.write_from([0], [key(1)], blocks(1))
     assert "tier_parent_sync_failed" in [entry["event"] for entry in logs]
+
+
+def test_a_forked_child_can_fork_in_turn() -> None:
+    """The fork lock taken for a fork is let go in the child too (a worker's own workers)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        signal.alarm(10)  # a hang ends the child: the parent sees the signal
+        grandchild = os.fork()
+        if grandchild == 0:
+            os._exit(0)
+        os.waitpid(grandchild, 0)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status)
+    assert os.WEXITSTATUS(status) == 0
+
+
+@pytest.mark.asyncio
+async def test_a_parent_whose_fsync_fails_fails_the_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a parent that cannot be opened is skipped: an fsync error is the disk's."""
+    real = os.fsync
+    parent = os.stat(tmp_path)
+
+    def fsync(fd: int) -> None:
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) == (parent.st_dev, parent.st_ino):
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(TierIOError, match="Input/output error"):
+        async with tier_at(tmp_path / "cache", fsync=True):
+            pass

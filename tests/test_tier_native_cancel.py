@@ -92,3 +92,74 @@ async def test_a_discard_timed_out_by_asyncio_has_deleted_its_file(
             await asyncio.wait_for(tier.discard([0]), 0.05)
         assert ended == ["unlink"]
         assert not (tmp_path / ((b"\1" * 32).hex() + ".kvb")).exists()
+
+
+@pytest.mark.asyncio
+async def test_a_pinned_tier_closed_under_an_asyncio_timeout_still_unpins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The close waits for the copy in flight, then unpins, then lets the timeout through."""
+    from kvtier.tiers import cpu as cpu_module
+
+    unpinned: list[bool] = []
+    monkeypatch.setattr(cpu_module, "_unregister", lambda storage, gpu: unpinned.append(True))
+    tier = CpuTier(LAYOUT, 8, offload_min_bytes=1)
+    await tier.__aenter__()
+    tier._pinned = True  # as a pinned tier on a CUDA host is
+    copier = tier._live_copier()
+    ended: list[str] = []
+    monkeypatch.setattr(copier.rows, "copy", slow(copier.rows.copy, ended, "copy"))
+    write = asyncio.create_task(
+        tier.write_from([0, 1], [b""] * 2, torch.zeros(2, BB, dtype=torch.uint8))
+    )
+    await asyncio.sleep(0.05)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(tier.aclose(), 0.1)
+    await write
+    assert ended == ["copy"]
+    assert unpinned == [True]
+    assert not tier._pinned
+
+
+@pytest.mark.asyncio
+async def test_a_call_cancelled_before_its_thread_starts_never_runs() -> None:
+    """Waiting for a thread (its limiter full) is not running: the call is dropped."""
+    import anyio
+
+    from kvtier.tiers._threads import run_to_end
+
+    limiter = anyio.CapacityLimiter(1)
+    release, ran = asyncio.Event(), []
+    await limiter.acquire()  # the only thread is taken
+    call = asyncio.create_task(run_to_end(ran.append, "ran", limiter=limiter))
+    await asyncio.sleep(0.05)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    limiter.release()
+    release.set()
+    await asyncio.sleep(0.1)
+    assert ran == []
+
+
+@pytest.mark.asyncio
+async def test_a_failing_undo_does_not_hide_the_cancellation() -> None:
+    from kvtier.tiers._threads import run_to_end
+
+    def undo(_: object) -> None:
+        raise OSError("the undo failed")
+
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(run_to_end(time.sleep, 0.3, undo=undo), 0.05)
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+@pytest.mark.asyncio
+async def test_a_base_exception_of_the_call_comes_out_as_raised() -> None:
+    from kvtier.tiers._threads import run_to_end
+
+    def stop() -> None:
+        raise SystemExit(3)
+
+    with pytest.raises(SystemExit):
+        await run_to_end(stop)

@@ -80,7 +80,7 @@ class ManagerLifecycle:
         try:
             return await self._session.__aexit__(exc_type, exc, tb)
         except BaseExceptionGroup as group:
-            if exc is not None and _only(group) is exc:
+            if exc is not None and _wraps(group, exc):
                 return False  # the body's own exception goes on, unwrapped
             raise
         finally:
@@ -105,11 +105,13 @@ class ManagerLifecycle:
             session.release_all(self._transfers)
 
 
-def _only(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The one exception a group holds (through nested groups of one), else None."""
+def _wraps(group: BaseExceptionGroup[BaseException], exc: BaseException) -> bool:
+    """Whether ``group`` only wraps ``exc`` (through groups of one; ``exc`` may be a group)."""
     while len(group.exceptions) == 1:
         inner = group.exceptions[0]
+        if inner is exc:
+            return True
         if not isinstance(inner, BaseExceptionGroup):
-            return inner
+            return False
         group = inner
-    return None
+    return False

@@ -92,7 +92,9 @@ class OffloadStats:
         device_hit_blocks: Blocks the device prefix cache held at lookup.
         tokens_to_compute: Prompt tokens the lookups left to compute.
         loads_finished: Request loads that ended (each reported to the engine,
-            unless its request finished and a new one took its id first).
+            unless its request finished and a new one took its id first). A
+            load the manager's close found never started is reported failed
+            but not counted here (nor in ``loads_failed``): it moved nothing.
         loads_failed: Of those, loads that failed (in whole or in part).
     """
 

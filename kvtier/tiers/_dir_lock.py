@@ -78,10 +78,21 @@ class DirectoryLock:
                 os.close(fd)
 
 
+def _before_fork() -> None:
+    _FORKING.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _FORKING.release()
+
+
 def _after_fork_in_child() -> None:
-    """Let go of every directory lock the parent held (the child runs one thread now)."""
-    global _FORKING  # noqa: PLW0603 - the parent's was held by the forking thread
-    _FORKING = threading.Lock()
+    """Let go of every directory lock the parent held (the child runs one thread now).
+
+    The fork lock was taken for this fork (:func:`_before_fork`): released
+    here as in the parent, so the child can fork in turn.
+    """
+    _FORKING.release()
     for lock in list(_HELD):
         lock._drop_in_child()
     _HELD.clear()
@@ -89,7 +100,7 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(
-        before=_FORKING.acquire,
-        after_in_parent=_FORKING.release,
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
         after_in_child=_after_fork_in_child,
     )

@@ -312,10 +312,12 @@ class CpuTier(CopierCalls):
             if storage is None or copier is None:
                 return
             with anyio.CancelScope(shield=True):
-                await copier.quiesce()  # copies still running in worker threads end first
-                if self._pinned:
-                    await run_to_end(_unregister, storage, self._gpu)
-                    self._pinned = False
+                try:
+                    await copier.quiesce()  # copies still running in worker threads end first
+                finally:  # also when asyncio's own cancellation ends the wait (after it)
+                    if self._pinned:
+                        await run_to_end(_unregister, storage, self._gpu)
+                        self._pinned = False
             _log.info(
                 "tier_close", tier=self._name, n_blocks=self._num_slots, bytes=storage.numel()
             )

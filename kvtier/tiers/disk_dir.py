@@ -244,11 +244,13 @@ def _sync_parent(files: BlockFiles, parent: Path) -> None:
 
     It is not the tier's: it may not be readable (a drop box like
     ``/var/lib/php/sessions``, mode 1733, can be written and searched but not
-    opened), and then the new entry's durability is the file system's.
+    opened: ``EACCES``), and then the new entry's durability is the file
+    system's. A sync that fails (``EIO``) fails the open, as for the tier's
+    own directory.
     """
     try:
         files.sync_directory(parent)
-    except OSError as exc:
+    except PermissionError as exc:  # it cannot be opened: a failed fsync is raised
         _log.warning("tier_parent_sync_failed", path=str(parent), error=str(exc))
 
 

@@ -448,3 +448,15 @@ async def test_a_parent_whose_fsync_fails_fails_the_open(
     with pytest.raises(TierIOError, match="Input/output error"):
         async with tier_at(tmp_path / "cache", fsync=True):
             pass
+
+
+@pytest.mark.asyncio
+async def test_an_open_waits_a_moment_for_a_lock_being_let_go(tmp_path: Path) -> None:
+    """A forked child's copy of the last holder's descriptor closes a moment later."""
+    async with tier_at(tmp_path):
+        pass
+    held = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the child's copy, say
+    threading.Timer(0.03, os.close, (held,)).start()
+    async with tier_at(tmp_path):  # not refused as "in use"
+        pass

@@ -163,3 +163,80 @@ async def test_a_base_exception_of_the_call_comes_out_as_raised() -> None:
 
     with pytest.raises(SystemExit):
         await run_to_end(stop)
+
+
+async def _hammer(task: asyncio.Task[object]) -> None:
+    """Cancel ``task`` on every turn of the loop until it ends."""
+    while not task.done():
+        task.cancel()
+        await asyncio.sleep(0)
+
+
+@pytest.mark.asyncio
+async def test_an_undo_runs_however_often_the_caller_is_cancelled() -> None:
+    from kvtier.tiers._threads import run_to_end
+
+    log: list[str] = []
+
+    def work() -> int:
+        time.sleep(0.2)
+        log.append("done")
+        return 1
+
+    call = asyncio.create_task(run_to_end(work, undo=lambda _: log.append("undone")))
+    await asyncio.sleep(0.05)
+    await _hammer(call)  # type: ignore[arg-type]
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert log == ["done", "undone"]
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_call_keeps_its_limiter_token_until_its_thread_ends() -> None:
+    """A tier's max_workers bound holds although a caller went away."""
+    import threading
+
+    import anyio
+
+    from kvtier.tiers._threads import run_to_end
+
+    limiter = anyio.CapacityLimiter(1)
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def work() -> None:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+
+    first = asyncio.create_task(run_to_end(work, limiter=limiter))
+    await asyncio.sleep(0.05)
+    first.cancel()
+    second = asyncio.create_task(run_to_end(work, limiter=limiter))
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await second
+    assert peak == [1]
+
+
+@pytest.mark.asyncio
+async def test_a_disk_close_cancelled_at_once_keeps_the_directory_until_its_write_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ended: list[str] = []
+    monkeypatch.setattr(BlockFiles, "write", slow(BlockFiles.write, ended, "write"))
+    tier = DiskTier(tmp_path, LAYOUT, 8 * DiskTier.bytes_per_block(LAYOUT))
+    await tier.__aenter__()
+    write = asyncio.create_task(
+        tier.write_from([0], [b"\1" * 32], torch.zeros(1, BB, dtype=torch.uint8))
+    )
+    await asyncio.sleep(0.05)
+    close = asyncio.create_task(tier.aclose())
+    await asyncio.sleep(0)
+    close.cancel()  # before its wait for the write began
+    with pytest.raises(asyncio.CancelledError):
+        await close
+    assert ended == ["write"]  # the directory was let go only after it
+    await write

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import anyio
-
-from kvtier.tiers._threads import run_to_end
+from kvtier.tiers._threads import ThreadEvent
 
 __all__ = ["CloseGate"]
 
@@ -23,7 +20,7 @@ class CloseGate:
     """
 
     def __init__(self) -> None:
-        self._done: threading.Event | None = None
+        self._done: ThreadEvent | None = None
 
     @property
     def started(self) -> bool:
@@ -40,11 +37,10 @@ class CloseGate:
         done = self._done
         if done is not None:
             if not done.is_set():
-                with anyio.CancelScope(shield=True):
-                    await run_to_end(done.wait)
+                await done.wait()  # to its end, whatever cancels it
             yield False
             return
-        self._done = threading.Event()
+        self._done = ThreadEvent()
         try:
             yield True
         finally:

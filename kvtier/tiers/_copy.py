@@ -144,7 +144,7 @@ class RowCopier:
     async def sync_streams(self) -> None:
         """Wait (off the event loop) until every copy queued on the copier's streams is done."""
         for stream in list(self._streams.values()):
-            await run_to_end(drain, stream)
+            await run_to_end(drain, stream, must_run=True)
 
     async def quiesce(self) -> None:
         """Wait until every copy in progress has ended, then until the streams are drained.

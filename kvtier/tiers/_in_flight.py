@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from types import TracebackType
 
-from kvtier.tiers._threads import run_to_end
+from kvtier.tiers._threads import ThreadEvent
 
 __all__ = ["InFlight"]
 
@@ -25,7 +25,7 @@ class InFlight:
     def __init__(self) -> None:
         self._count = 0
         self._lock = threading.Lock()
-        self._idle: threading.Event | None = None  # made by a waiter, set at count 0
+        self._idle: ThreadEvent | None = None  # made by a waiter, set at count 0
 
     def __len__(self) -> int:
         """Operations in progress now."""
@@ -50,16 +50,16 @@ class InFlight:
     async def wait_idle(self) -> None:
         """Wait, without blocking the event loop, until no operation is in progress.
 
-        The wait runs to its end even when cancelled (the cancellation is
-        raised afterwards, see :func:`~kvtier.tiers._threads.run_to_end`):
-        callers are closes, which must not let go of memory or files an
-        operation still uses.
+        The wait runs to its end even when cancelled, by anyio or by asyncio
+        itself (the cancellation is raised afterwards, see
+        :class:`~kvtier.tiers._threads.ThreadEvent`): callers are closes,
+        which must not let go of memory or files an operation still uses.
         """
         while True:
             with self._lock:
                 if not self._count:
                     return
                 if self._idle is None:
-                    self._idle = threading.Event()
+                    self._idle = ThreadEvent()
                 idle = self._idle
-            await run_to_end(idle.wait)
+            await idle.wait()

@@ -15,6 +15,8 @@ raised at the caller's next await.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar, TypeVarTuple, Unpack
@@ -25,18 +27,85 @@ import anyio.to_thread
 
 from kvtier.log import get_logger
 
-__all__ = ["run_to_end"]
+__all__ = ["ThreadEvent", "run_to_end"]
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 _log = get_logger("kvtier.tiers")
+_UNBOUNDED = anyio.CapacityLimiter(math.inf)  # the caller holds its own limiter's token
+
+
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # trio: anyio's shields stop every cancellation there
+        return False
+    return True
+
+
+class ThreadEvent:
+    """An event set from any thread and awaited from any event loop, with no thread.
+
+    :meth:`wait` holds every cancellation until the event is set, then raises
+    the last one: the waits it serves (a close waiting for the copies in
+    flight) must never end early.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._set = False
+        self._event = threading.Event()  # for a thread, and for trio
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    def is_set(self) -> bool:
+        """Whether :meth:`set` was called."""
+        return self._set
+
+    def set(self) -> None:
+        """Set the event and wake every waiter, on its own loop."""
+        with self._lock:
+            self._set = True
+            waiters, self._waiters = self._waiters, []
+        self._event.set()
+        for loop, future in waiters:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits there
+                loop.call_soon_threadsafe(_wake, future)
+
+    async def wait(self) -> None:
+        """Wait until set; a cancellation meanwhile is raised once it is."""
+        if self._set:
+            return
+        if not _on_asyncio():
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._event.wait)
+            return
+        loop = asyncio.get_running_loop()
+        cancel: BaseException | None = None
+        with anyio.CancelScope(shield=True):  # anyio's own wait for the scope's end
+            while True:
+                with self._lock:
+                    if self.is_set():  # (set by another thread meanwhile)
+                        break
+                    future: asyncio.Future[None] = loop.create_future()
+                    self._waiters.append((loop, future))
+                try:
+                    await future
+                except asyncio.CancelledError as exc:  # asyncio's own: held until set
+                    cancel = exc
+        if cancel is not None:
+            raise cancel
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class _Call(Generic[T]):
-    """One call of ``func`` in a worker thread that its caller may abandon before it starts.
+    """One call of ``func`` in a worker thread, which may be abandoned before it starts.
 
-    Once the thread has started it (``running``), the call always runs to
-    its end (``ended`` is set); abandoned before, it never starts.
+    Once the thread has started it (``running``), it runs to its end
+    (``ended`` is set); abandoned before, it never starts.
     """
 
     def __init__(self, func: Callable[[], T]) -> None:
@@ -44,21 +113,19 @@ class _Call(Generic[T]):
         self._lock = threading.Lock()
         self._abandoned = False
         self.running = False
-        self.ended = threading.Event()
+        self.ended = ThreadEvent()
         self.result: T | None = None
         self.error: BaseException | None = None
 
-    def __call__(self) -> T:
+    def __call__(self) -> None:
         with self._lock:
             if self._abandoned:
-                raise asyncio.CancelledError  # never reported: its caller has gone
+                return
             self.running = True
         try:
             self.result = self._func()
-            return self.result
-        except BaseException as exc:
+        except BaseException as exc:  # handed to the caller, whatever it is
             self.error = exc
-            raise
         finally:
             self.ended.set()
 
@@ -68,53 +135,86 @@ class _Call(Generic[T]):
             self._abandoned = not self.running
             return self._abandoned
 
+    def outcome(self) -> T:
+        if self.error is not None:
+            raise self.error
+        return self.result  # type: ignore[return-value]
+
 
 async def run_to_end(
     func: Callable[[Unpack[Ts]], T],
     *args: *Ts,
     limiter: anyio.CapacityLimiter | None = None,
     undo: Callable[[T], object] | None = None,
+    must_run: bool = False,
 ) -> T:
     """``func(*args)`` in a worker thread; its result (or error) once the thread has ended.
 
-    A caller already cancelled when it calls is cancelled at once (the
-    thread never starts), and so is one cancelled while it waits for a
-    thread. Once ``func`` has started it always ends first: anyio's
-    cancellation is then delivered at the caller's next await, as anyio
-    does (the caller gets the result and may record it); asyncio's own is
-    raised as soon as ``func`` has ended (so that ``asyncio.timeout`` turns
-    it into its ``TimeoutError``), after ``undo(result)`` (in a worker
-    thread too) has released what the call made, which no caller will
-    record.
+    The thread holds a token of ``limiter`` (anyio's default one if None)
+    from before it starts until ``func`` has ended. A caller cancelled
+    before ``func`` starts is cancelled at once and ``func`` never runs,
+    unless ``must_run`` (an unpin, a stream drain: cleanup that must
+    happen), which runs it all the same. Once ``func`` has started it
+    always ends first: anyio's cancellation is then delivered at the
+    caller's next await, as anyio does (the caller gets the result and may
+    record it); asyncio's own is raised as soon as ``func`` has ended (so
+    that ``asyncio.timeout`` turns it into its ``TimeoutError``), after
+    ``undo(result)`` (called on the event loop's thread; an error is
+    logged) has released what the call made, which no caller will record.
     """
-    await anyio.lowlevel.checkpoint_if_cancelled()
-    try:
-        asyncio.current_task()
-    except RuntimeError:  # not asyncio (trio): anyio's own shield is enough there
-        return await anyio.to_thread.run_sync(func, *args, limiter=limiter)
-    call = _Call(lambda: func(*args))
-    try:  # anyio's run_sync waits for its thread under anyio's own cancellation
-        return await anyio.to_thread.run_sync(call, limiter=limiter)
-    except asyncio.CancelledError as exc:
-        if call.ended.is_set() and call.error is exc:
-            raise  # func itself raised it: passed on as raised
-        cancel = exc  # asyncio's own: the await ended, the thread may not have
-    if call.abandon():
-        raise cancel  # it never started, and now never will
-    while not call.ended.is_set():  # each wait's thread ends when the call does
-        try:
-            await anyio.to_thread.run_sync(call.ended.wait)
-        except asyncio.CancelledError as again:
-            cancel = again
+    if not must_run:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+    if not _on_asyncio():
+        with anyio.CancelScope(shield=must_run):
+            return await anyio.to_thread.run_sync(func, *args, limiter=limiter)
+    limiter = limiter or anyio.to_thread.current_default_thread_limiter()
+    cancel: BaseException | None = None
+    while True:
+        call = _Call(lambda: func(*args))
+        ran, cancelled = await _attempt(call, limiter, must_run=must_run)
+        cancel = cancelled or cancel
+        if ran:
+            break
+        if not must_run and cancel is not None:
+            raise cancel  # it never started, and now never will
+    if cancel is None:
+        return call.outcome()
     if call.error is None and undo is not None:
-        with anyio.CancelScope(shield=True):  # an anyio cancellation must not skip it
-            await _undo(undo, call.result)  # type: ignore[arg-type]
+        try:
+            undo(call.result)  # type: ignore[arg-type]
+        except Exception as exc:  # the caller's cancellation is what it must see
+            _log.warning("tier_undo_failed", undo=repr(undo), error=repr(exc))
     raise cancel
 
 
-async def _undo(undo: Callable[[T], object], result: T) -> None:
-    """``undo(result)`` in a worker thread, run to its end; an error is logged, not raised."""
+async def _attempt(
+    call: _Call[T], limiter: anyio.CapacityLimiter, *, must_run: bool
+) -> tuple[bool, BaseException | None]:
+    """Run ``call`` once: (whether it ran, asyncio's own cancellation meanwhile).
+
+    It did not run when that cancellation came before its thread started
+    (``must_run`` callers try again; anyio's own is held off for them).
+    """
     try:
-        await run_to_end(undo, result)
-    except Exception as exc:  # the caller's cancellation is what it must see
-        _log.warning("tier_undo_failed", undo=repr(undo), error=repr(exc))
+        with anyio.CancelScope(shield=must_run):
+            await limiter.acquire_on_behalf_of(call)
+    except asyncio.CancelledError as exc:  # nothing started
+        if not must_run:
+            raise
+        return False, exc
+    cancel: BaseException | None = None
+    try:
+        with anyio.CancelScope(shield=True):  # anyio's own wait for the scope's end
+            try:
+                await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=_UNBOUNDED)
+            except asyncio.CancelledError as exc:  # asyncio's own: the thread may run on
+                cancel = exc
+                if call.abandon():
+                    return False, cancel
+                try:
+                    await call.ended.wait()
+                except asyncio.CancelledError as again:
+                    cancel = again
+    finally:
+        limiter.release_on_behalf_of(call)
+    return True, cancel

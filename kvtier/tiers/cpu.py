@@ -264,7 +264,7 @@ class CpuTier(CopierCalls):
         if self._settled():  # closed, or opened by a concurrent ``__aenter__``, meanwhile
             if pinned:
                 with anyio.CancelScope(shield=True):  # cancelled or not: never left pinned
-                    await run_to_end(_unregister, storage, self._gpu)
+                    await run_to_end(_unregister, storage, self._gpu, must_run=True)
             if self._closed:
                 raise ClosedError(f"tier {self._name} was closed while opening")
             return self
@@ -316,7 +316,7 @@ class CpuTier(CopierCalls):
                     await copier.quiesce()  # copies still running in worker threads end first
                 finally:  # also when asyncio's own cancellation ends the wait (after it)
                     if self._pinned:
-                        await run_to_end(_unregister, storage, self._gpu)
+                        await run_to_end(_unregister, storage, self._gpu, must_run=True)
                         self._pinned = False
             _log.info(
                 "tier_close", tier=self._name, n_blocks=self._num_slots, bytes=storage.numel()

@@ -31,6 +31,7 @@ import fcntl
 import hashlib
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Final
 
@@ -54,6 +55,7 @@ __all__ = [
 ]
 
 _log = get_logger("kvtier.tiers.disk")
+_LOCK_WAIT = 0.1  # seconds an open waits for a directory lock being let go
 _O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 LAYOUT_SUFFIX: Final = ".layout"
 SKIPPED_ERRORS: Final = FILE_ERRORS | frozenset(
@@ -147,7 +149,7 @@ def claim_directory(path: Path, name: str) -> tuple[DirectoryLock, list[Path]]:
     # Registered as it opens, before it is locked: a fork from here on drops it.
     lock, fd = open_locked(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_NOFOLLOW)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock(fd)
     except BlockingIOError as exc:
         lock.release()
         raise ConfigError(f"tier {name}: {path} is in use by another open DiskTier") from exc
@@ -155,6 +157,28 @@ def claim_directory(path: Path, name: str) -> tuple[DirectoryLock, list[Path]]:
         lock.release()
         raise
     return lock, created
+
+
+def _flock(fd: int) -> None:
+    """Lock ``fd``, waiting up to ``_LOCK_WAIT`` s for a holder that is letting go.
+
+    A child forked a moment before the last holder closed may still hold a
+    copy of its descriptor until the child's fork handler closes it (see
+    :mod:`kvtier.tiers._dir_lock`): a close followed at once by a reopen
+    must not be refused for that. A tier truly open elsewhere still is.
+
+    Raises:
+        BlockingIOError: The directory stayed locked.
+    """
+    deadline = time.monotonic() + _LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
 
 
 def claim_layout(path: Path, fingerprint: bytes, name: str, *, fsync: bool = False) -> bool:

@@ -35,6 +35,17 @@ _log = get_logger("kvtier.tiers")
 _UNBOUNDED = anyio.CapacityLimiter(math.inf)  # the caller holds its own limiter's token
 
 
+async def _in_thread(
+    call: _Call[T], limiter: anyio.CapacityLimiter | None, *, must_run: bool
+) -> None:
+    """Run ``call`` with anyio's ``run_sync`` (shielded from anyio's cancellation: ``must_run``)."""
+    if must_run:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(call, limiter=limiter)
+    else:
+        await anyio.to_thread.run_sync(call, limiter=limiter)
+
+
 def _on_asyncio() -> bool:
     try:
         asyncio.get_running_loop()
@@ -150,8 +161,8 @@ async def run_to_end(
 ) -> T:
     """``func(*args)`` in a worker thread; its result (or error) once the thread has ended.
 
-    The thread holds a token of ``limiter`` (anyio's default one if None)
-    from before it starts until ``func`` has ended. A caller cancelled
+    The thread holds a token of ``limiter`` (if given) from before it
+    starts until ``func`` has ended. A caller cancelled
     before ``func`` starts is cancelled at once and ``func`` never runs,
     unless ``must_run`` (an unpin, a stream drain: cleanup that must
     happen), which runs it all the same. Once ``func`` has started it
@@ -167,7 +178,6 @@ async def run_to_end(
     if not _on_asyncio():
         with anyio.CancelScope(shield=must_run):
             return await anyio.to_thread.run_sync(func, *args, limiter=limiter)
-    limiter = limiter or anyio.to_thread.current_default_thread_limiter()
     cancel: BaseException | None = None
     while True:
         call = _Call(lambda: func(*args))
@@ -188,33 +198,38 @@ async def run_to_end(
 
 
 async def _attempt(
-    call: _Call[T], limiter: anyio.CapacityLimiter, *, must_run: bool
+    call: _Call[T], limiter: anyio.CapacityLimiter | None, *, must_run: bool
 ) -> tuple[bool, BaseException | None]:
     """Run ``call`` once: (whether it ran, asyncio's own cancellation meanwhile).
+
+    ``limiter`` None: anyio's default limiter, whose token anyio holds (a
+    cancelled caller's may go back before its thread ends: the default
+    limiter bounds nothing of the tiers').
 
     It did not run when that cancellation came before its thread started
     (``must_run`` callers try again; anyio's own is held off for them).
     """
-    try:
-        with anyio.CancelScope(shield=must_run):
-            await limiter.acquire_on_behalf_of(call)
-    except asyncio.CancelledError as exc:  # nothing started
-        if not must_run:
-            raise
-        return False, exc
+    if limiter is not None:  # held here, until the call ends (anyio's would go back early)
+        try:
+            with anyio.CancelScope(shield=must_run):
+                await limiter.acquire_on_behalf_of(call)
+        except asyncio.CancelledError as exc:  # nothing started
+            if not must_run:
+                raise
+            return False, exc
     cancel: BaseException | None = None
     try:
-        with anyio.CancelScope(shield=True):  # anyio's own wait for the scope's end
+        try:  # anyio's run_sync waits for its thread under anyio's own cancellation
+            await _in_thread(call, None if limiter is None else _UNBOUNDED, must_run=must_run)
+        except asyncio.CancelledError as exc:  # asyncio's own: the thread may run on
+            cancel = exc
+            if call.abandon():
+                return False, cancel
             try:
-                await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=_UNBOUNDED)
-            except asyncio.CancelledError as exc:  # asyncio's own: the thread may run on
-                cancel = exc
-                if call.abandon():
-                    return False, cancel
-                try:
-                    await call.ended.wait()
-                except asyncio.CancelledError as again:
-                    cancel = again
+                await call.ended.wait()
+            except asyncio.CancelledError as again:
+                cancel = again
     finally:
-        limiter.release_on_behalf_of(call)
+        if limiter is not None:
+            limiter.release_on_behalf_of(call)
     return True, cancel

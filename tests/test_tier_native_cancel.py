@@ -9,6 +9,7 @@ releases a directory, under a copy or a scan still running.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -177,14 +178,17 @@ async def test_an_undo_runs_however_often_the_caller_is_cancelled() -> None:
     from kvtier.tiers._threads import run_to_end
 
     log: list[str] = []
+    started = threading.Event()
 
     def work() -> int:
+        started.set()
         time.sleep(0.2)
         log.append("done")
         return 1
 
     call = asyncio.create_task(run_to_end(work, undo=lambda _: log.append("undone")))
-    await asyncio.sleep(0.05)
+    while not started.is_set():  # cancelled before it starts, it would never run
+        await asyncio.sleep(0.01)
     await _hammer(call)  # type: ignore[arg-type]
     with pytest.raises(asyncio.CancelledError):
         await call
@@ -202,8 +206,10 @@ async def test_a_cancelled_call_keeps_its_limiter_token_until_its_thread_ends() 
 
     limiter = anyio.CapacityLimiter(1)
     lock, running, peak = threading.Lock(), [0], [0]
+    started = threading.Event()
 
     def work() -> None:
+        started.set()
         with lock:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
@@ -212,7 +218,8 @@ async def test_a_cancelled_call_keeps_its_limiter_token_until_its_thread_ends() 
             running[0] -= 1
 
     first = asyncio.create_task(run_to_end(work, limiter=limiter))
-    await asyncio.sleep(0.05)
+    while not started.is_set():  # running: its thread holds the token
+        await asyncio.sleep(0.01)
     first.cancel()
     second = asyncio.create_task(run_to_end(work, limiter=limiter))
     with pytest.raises(asyncio.CancelledError):
@@ -240,3 +247,98 @@ async def test_a_disk_close_cancelled_at_once_keeps_the_directory_until_its_writ
         await close
     assert ended == ["write"]  # the directory was let go only after it
     await write
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("when", ["waiting for the copy", "draining"])
+async def test_a_cancelled_close_drains_every_stream_before_it_unpins(
+    when: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copies queued on CUDA streams end before the memory goes, whatever cancels the close."""
+    from kvtier.tiers import _copy
+    from kvtier.tiers import cpu as cpu_module
+
+    events: list[str] = []
+
+    def drain(stream: object) -> None:
+        time.sleep(0.1)
+        events.append(f"drain {stream}")
+
+    monkeypatch.setattr(_copy, "drain", drain)
+    monkeypatch.setattr(cpu_module, "_unregister", lambda storage, gpu: events.append("unpin"))
+    tier = CpuTier(LAYOUT, 8, offload_min_bytes=1)
+    await tier.__aenter__()
+    tier._pinned = True
+    copier = tier._live_copier()
+    copier._streams[(0, True)] = "A"  # type: ignore[assignment]  # as after copies to a GPU
+    copier._streams[(0, False)] = "B"  # type: ignore[assignment]
+    monkeypatch.setattr(copier.rows, "copy", slow(copier.rows.copy, events, "copy"))
+    write = asyncio.create_task(tier.write_from([0], [b""], torch.zeros(1, BB, dtype=torch.uint8)))
+    await asyncio.sleep(0.05)
+    close = asyncio.create_task(tier.aclose())
+    await asyncio.sleep(0.01 if when == "waiting for the copy" else 0.35)
+    close.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await close
+    await write
+    assert events == ["copy", "drain A", "drain B", "unpin"]
+
+
+@pytest.mark.asyncio
+async def test_cleanup_runs_once_and_promptly_however_often_its_caller_is_cancelled() -> None:
+    from kvtier.tiers._threads import run_to_end
+
+    ran: list[str] = []
+
+    def cleanup() -> None:
+        time.sleep(0.1)
+        ran.append("ran")
+
+    call = asyncio.create_task(run_to_end(cleanup, must_run=True))
+    await asyncio.sleep(0)  # called (a task cancelled before its first step never calls)
+    await _hammer(call)  # type: ignore[arg-type]
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert ran == ["ran"]
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_wait_leaves_no_waiter_behind() -> None:
+    from kvtier.tiers._threads import ThreadEvent
+
+    event = ThreadEvent()
+    wait = asyncio.create_task(event.wait())
+    for _ in range(100):
+        await asyncio.sleep(0)
+        wait.cancel()
+    await asyncio.sleep(0)
+    assert len(event._waiters) <= 1  # the one now waiting
+    event.set()
+    with pytest.raises(asyncio.CancelledError):
+        await wait
+
+
+def test_two_closes_on_two_loops_at_once_run_one_close(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvtier.tiers import _close_gate
+    from kvtier.tiers._threads import ThreadEvent
+
+    class SlowEvent(ThreadEvent):
+        def __init__(self) -> None:
+            time.sleep(0.002)  # widens the window between the check and the set
+            super().__init__()
+
+    monkeypatch.setattr(_close_gate, "ThreadEvent", SlowEvent)
+
+    async def close(gate: _close_gate.CloseGate, firsts: list[bool]) -> None:
+        async with gate.closing() as first:
+            firsts.append(first)
+            await asyncio.sleep(0.01)
+
+    for _ in range(10):
+        gate, firsts = _close_gate.CloseGate(), []
+        closers = [threading.Thread(target=asyncio.run, args=(close(gate, firsts),)) for _ in "ab"]
+        for closer in closers:
+            closer.start()
+        for closer in closers:
+            closer.join(10)
+        assert sorted(firsts) == [False, True]

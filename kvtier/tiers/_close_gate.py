@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -20,6 +21,7 @@ class CloseGate:
     """
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()  # two closes on two loops' threads
         self._done: ThreadEvent | None = None
 
     @property
@@ -34,14 +36,16 @@ class CloseGate:
         The others have waited, shielded from cancellation, until the first
         left the block (whichever way it left).
         """
-        done = self._done
-        if done is not None:
-            if not done.is_set():
-                await done.wait()  # to its end, whatever cancels it
+        with self._lock:
+            done = self._done
+            first = done is None
+            if done is None:
+                done = self._done = ThreadEvent()
+        if not first:
+            await done.wait()  # to its end, whatever cancels it
             yield False
             return
-        self._done = ThreadEvent()
         try:
             yield True
         finally:
-            self._done.set()
+            done.set()

@@ -21,6 +21,7 @@ blocking copies in a worker thread.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -142,9 +143,19 @@ class RowCopier:
         return buffer.device.type == "cpu" and buffer.is_contiguous() and buffer.is_pinned()
 
     async def sync_streams(self) -> None:
-        """Wait (off the event loop) until every copy queued on the copier's streams is done."""
+        """Wait (off the event loop) until every copy queued on the copier's streams is done.
+
+        Every stream is drained, whatever cancels the caller meanwhile (the
+        cancellation is raised after the last).
+        """
+        cancel: BaseException | None = None
         for stream in list(self._streams.values()):
-            await run_to_end(drain, stream, must_run=True)
+            try:
+                await run_to_end(drain, stream, must_run=True)
+            except asyncio.CancelledError as exc:  # that drain ended: the others must too
+                cancel = exc
+        if cancel is not None:
+            raise cancel
 
     async def quiesce(self) -> None:
         """Wait until every copy in progress has ended, then until the streams are drained.
@@ -153,8 +164,10 @@ class RowCopier:
         a copy in a worker thread cannot be interrupted, so one still running
         would read or write memory already freed (or, pinned, unregistered).
         """
-        await self._in_flight.wait_idle()
-        await self.sync_streams()
+        try:
+            await self._in_flight.wait_idle()
+        finally:  # cancelled once the copies ended: the streams are drained all the same
+            await self.sync_streams()
 
     # -- the operations --
 

@@ -35,17 +35,6 @@ _log = get_logger("kvtier.tiers")
 _UNBOUNDED = anyio.CapacityLimiter(math.inf)  # the caller holds its own limiter's token
 
 
-async def _in_thread(
-    call: _Call[T], limiter: anyio.CapacityLimiter | None, *, must_run: bool
-) -> None:
-    """Run ``call`` with anyio's ``run_sync`` (shielded from anyio's cancellation: ``must_run``)."""
-    if must_run:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(call, limiter=limiter)
-    else:
-        await anyio.to_thread.run_sync(call, limiter=limiter)
-
-
 def _on_asyncio() -> bool:
     try:
         asyncio.get_running_loop()
@@ -103,6 +92,8 @@ class ThreadEvent:
                     await future
                 except asyncio.CancelledError as exc:  # asyncio's own: held until set
                     cancel = exc
+                    with self._lock, contextlib.suppress(ValueError):  # (already woken)
+                        self._waiters.remove((loop, future))
         if cancel is not None:
             raise cancel
 
@@ -162,30 +153,32 @@ async def run_to_end(
     """``func(*args)`` in a worker thread; its result (or error) once the thread has ended.
 
     The thread holds a token of ``limiter`` (if given) from before it
-    starts until ``func`` has ended. A caller cancelled
-    before ``func`` starts is cancelled at once and ``func`` never runs,
-    unless ``must_run`` (an unpin, a stream drain: cleanup that must
-    happen), which runs it all the same. Once ``func`` has started it
-    always ends first: anyio's cancellation is then delivered at the
-    caller's next await, as anyio does (the caller gets the result and may
-    record it); asyncio's own is raised as soon as ``func`` has ended (so
-    that ``asyncio.timeout`` turns it into its ``TimeoutError``), after
+    starts until ``func`` has ended. A caller cancelled before ``func``
+    starts is cancelled at once and ``func`` never runs. Once ``func`` has
+    started it always ends first: anyio's cancellation is then delivered at
+    the caller's next await, as anyio does (the caller gets the result and
+    may record it); asyncio's own is raised as soon as ``func`` has ended
+    (so that ``asyncio.timeout`` turns it into its ``TimeoutError``), after
     ``undo(result)`` (called on the event loop's thread; an error is
     logged) has released what the call made, which no caller will record.
+
+    ``must_run`` (cleanup: an unpin, a stream drain) hands ``func`` to
+    asyncio's default executor at once, outside any limiter, and waits for
+    it whatever cancels the caller, which then gets the cancellation.
     """
-    if not must_run:
-        await anyio.lowlevel.checkpoint_if_cancelled()
     if not _on_asyncio():
-        with anyio.CancelScope(shield=must_run):
+        if not must_run:
             return await anyio.to_thread.run_sync(func, *args, limiter=limiter)
-    cancel: BaseException | None = None
-    while True:
-        call = _Call(lambda: func(*args))
-        ran, cancelled = await _attempt(call, limiter, must_run=must_run)
-        cancel = cancelled or cancel
-        if ran:
-            break
-        if not must_run and cancel is not None:
+        with anyio.CancelScope(shield=True):
+            return await anyio.to_thread.run_sync(func, *args)
+    call = _Call(lambda: func(*args))
+    if must_run:
+        asyncio.get_running_loop().run_in_executor(None, call)  # no await before it starts
+        cancel: BaseException | None = await _wait_held(call.ended)
+    else:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        ran, cancel = await _attempt(call, limiter)
+        if not ran and cancel is not None:
             raise cancel  # it never started, and now never will
     if cancel is None:
         return call.outcome()
@@ -197,38 +190,35 @@ async def run_to_end(
     raise cancel
 
 
+async def _wait_held(event: ThreadEvent) -> BaseException | None:
+    """Wait for ``event`` to its end; asyncio's cancellation meanwhile, returned, not raised."""
+    try:
+        await event.wait()
+    except asyncio.CancelledError as exc:
+        return exc
+    return None
+
+
 async def _attempt(
-    call: _Call[T], limiter: anyio.CapacityLimiter | None, *, must_run: bool
+    call: _Call[T], limiter: anyio.CapacityLimiter | None
 ) -> tuple[bool, BaseException | None]:
     """Run ``call`` once: (whether it ran, asyncio's own cancellation meanwhile).
 
+    It did not run when that cancellation came before its thread started.
     ``limiter`` None: anyio's default limiter, whose token anyio holds (a
     cancelled caller's may go back before its thread ends: the default
     limiter bounds nothing of the tiers').
-
-    It did not run when that cancellation came before its thread started
-    (``must_run`` callers try again; anyio's own is held off for them).
     """
     if limiter is not None:  # held here, until the call ends (anyio's would go back early)
-        try:
-            with anyio.CancelScope(shield=must_run):
-                await limiter.acquire_on_behalf_of(call)
-        except asyncio.CancelledError as exc:  # nothing started
-            if not must_run:
-                raise
-            return False, exc
+        await limiter.acquire_on_behalf_of(call)  # cancelled here: nothing started
     cancel: BaseException | None = None
     try:
         try:  # anyio's run_sync waits for its thread under anyio's own cancellation
-            await _in_thread(call, None if limiter is None else _UNBOUNDED, must_run=must_run)
+            await anyio.to_thread.run_sync(call, limiter=None if limiter is None else _UNBOUNDED)
         except asyncio.CancelledError as exc:  # asyncio's own: the thread may run on
-            cancel = exc
             if call.abandon():
-                return False, cancel
-            try:
-                await call.ended.wait()
-            except asyncio.CancelledError as again:
-                cancel = again
+                return False, exc
+            cancel = await _wait_held(call.ended) or exc
     finally:
         if limiter is not None:
             limiter.release_on_behalf_of(call)

@@ -19,8 +19,9 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from kvtier.config_redis import MAX_TIMEOUT, redact_url, url_problem
+from kvtier.config_redis import MAX_TIMEOUT
 from kvtier.errors import ConfigError
+from kvtier.redis_urls import redact_url, url_problem
 
 __all__ = [
     "RedisClient",

@@ -382,6 +382,41 @@ def test_clear_refuses_while_in_flight() -> None:
     index.check_invariants()
 
 
+def test_retire_hides_every_block_and_holds_its_slot_until_unpinned() -> None:
+    index = filled(4, 0, 1, 2)
+    drops = index.drops
+    assert sorted(index.retire() or []) == [(0, k(0)), (1, k(1)), (2, k(2))]
+    assert index.take_events() == [AllBlocksCleared("cpu")]
+    assert index.drops == drops + 3
+    assert not any(index.contains(key) for key in ks(0, 1, 2))
+    assert all(index.holds(key) for key in ks(0, 1, 2))  # a store skips them meanwhile
+    assert index.reserve(ks(0, 3)).keys == (k(3),)
+    counts = (index.num_free, index.num_pinned, len(index.policy), index.num_evictable)
+    assert counts == (0, 3, 0, 0)
+    index.check_invariants()
+    with pytest.raises(TierFullError):
+        index.reserve(ks(4))  # the retired slots are not evictable
+    assert sorted(index.unpin(ks(0, 1, 2))) == [(0, k(0)), (1, k(1)), (2, k(2))]
+    assert (index.num_free, index.num_resident) == (3, 0)
+    index.check_invariants()
+    assert index.take_events() == []  # the one AllBlocksCleared said it all
+
+
+def test_retire_refuses_while_a_block_is_pinned_or_reserved() -> None:
+    index = filled(4, 0, 1)
+    index.pin(ks(0))
+    before = snapshot(index)
+    assert index.retire() is None
+    assert snapshot(index) == before
+    index.unpin(ks(0))
+    index.reserve(ks(2))
+    assert index.retire() is None
+    index.abort(ks(2))
+    assert index.retire() is not None
+    assert index.retire() is None  # retired blocks stay pinned until released
+    assert TierIndex("cpu", 2).retire() == []
+
+
 def test_events_can_be_disabled() -> None:
     index = TierIndex("cpu", 1, enable_events=False)
     index.commit(index.reserve(ks(0)).keys)
@@ -497,7 +532,7 @@ some_keys = st.lists(st.integers(0, NUM_KEYS - 1).map(k), max_size=5)
 
 
 class TierIndexMachine(RuleBasedStateMachine):
-    """Random stores, loads, removals and clears against a model of LRU residency."""
+    """Random stores, loads, removals, clears and retires against a model of LRU residency."""
 
     @initialize(num_slots=st.integers(1, 6))
     def setup(self, num_slots: int) -> None:
@@ -645,6 +680,25 @@ class TierIndexMachine(RuleBasedStateMachine):
             self.doomed = set()
         else:
             assert snapshot(self.index) == before
+
+    @rule(really=st.integers(0, 5))
+    def retire(self, really: int) -> None:
+        """A reset of a disk tier: every block hidden, pinned once until its file is gone."""
+        if really != 5:
+            return
+        before = snapshot(self.index)
+        retired = self.index.retire()
+        if self.pins or self.reserved:
+            assert retired is None
+            assert snapshot(self.index) == before
+            return
+        assert retired is not None
+        assert sorted(key for _, key in retired) == sorted(self.order)
+        assert self.index.take_events() == [AllBlocksCleared("cpu")]
+        for key in self.order:
+            self.pins[key] = 1
+            self.doomed.add(key)
+        self.order = []
 
     @invariant()
     def matches_the_model(self) -> None:

@@ -370,9 +370,10 @@ class TierIndex(IndexQueries, IndexEvents):
         self._emit_stored(keys)
 
     def clear(self) -> bool:
-        """Forget every block, unless a block is pinned or reserved.
+        """Forget every block, unless a block is pinned or reserved; the slots are free at once.
 
-        A persistent tier discards every slot afterwards.
+        For a tier whose bytes go with the index (host memory); a tier that
+        must delete them first (files) uses :meth:`retire`.
 
         Returns:
             True when cleared (an ``AllBlocksCleared`` event is recorded);
@@ -388,6 +389,32 @@ class TierIndex(IndexQueries, IndexEvents):
         self._doomed.clear()
         self._emit_cleared()
         return True
+
+    def retire(self) -> list[tuple[int, BlockKey]] | None:
+        """Forget every block now, keeping their slots until the caller deleted the bytes.
+
+        :meth:`clear` for a tier whose bytes outlive the index (a disk tier's
+        files): every block becomes invisible at once (one
+        ``AllBlocksCleared``) and is pinned once, as :meth:`remove` leaves a
+        pinned block, so no store reuses a slot, or writes a key, whose file
+        is still being deleted. :meth:`unpin` of the keys afterwards frees
+        the slots.
+
+        Returns:
+            ``(slot, key)`` of every block retired (pinned once each); None,
+            changing nothing, while a block is pinned or reserved.
+        """
+        if self._pins or self._reserved:
+            return None
+        retired = [(slot, key) for key, slot in self._slot_of.items()]
+        self._drops += len(retired)
+        for _, key in retired:
+            self.policy.remove(key)
+            self._pins[key] = 1
+        self._doomed.update(self._slot_of)
+        self._hints.clear()
+        self._emit_cleared()
+        return retired
 
     # -- internals ---------------------------------------------------------------
 

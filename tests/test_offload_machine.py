@@ -3,7 +3,9 @@
 Random steps: new requests (sharing prefixes, so lower tiers hit, and
 sometimes reusing the id of a request that ended, whose transfers may still
 run), a step (compute, plan, store), finishing or preempting requests,
-transfers held back and released late, and injected transfer failures. Real
+transfers held back and released late, injected transfer failures, and
+resets of every cache with a change of weights (the bytes computed for a
+hash change, so a block from before the reset loaded after it is caught). Real
 KVCacheManager, real tiers and pipeline (synchronous mode: a background event
 loop). Checked after every step: no lower-tier slot both free and pinned, no
 device block stored twice while in flight, loads only into blocks without a
@@ -60,11 +62,16 @@ class OffloadMachine(RuleBasedStateMachine):
         self.expect_report: set[str] = set()
         self.reports: Counter[str] = Counter()
         self.ended: list[str] = []  # ids of requests that ended, to reuse
+        self.weights = 0  # bumped by each reset: the bytes of every hash change
 
     # -- helpers -------------------------------------------------------------------
 
     def key(self, request: Request, position: int) -> bytes:
         return make_block_hash_with_group_id(request.block_hashes[position], 0)
+
+    def data(self, key: bytes) -> torch.Tensor:
+        """The bytes the current weights compute for the block of ``key``."""
+        return pattern(key + self.weights.to_bytes(4, "little"))
 
     def collect(self) -> None:
         for finished in self.om.take_finished():
@@ -78,7 +85,7 @@ class OffloadMachine(RuleBasedStateMachine):
             failed = set(finished.failed_block_ids)
             for offset, block_id in enumerate(ids):
                 if block_id not in failed:  # a verified load: the bytes must be exact
-                    expected = pattern(self.key(request, first + offset))
+                    expected = self.data(self.key(request, first + offset))
                     assert torch.equal(self.cache[block_id], expected), "wrong bytes loaded"
             self.phase[rid] = "ready"
 
@@ -166,7 +173,7 @@ class OffloadMachine(RuleBasedStateMachine):
             request = self.requests[rid]
             for position, block in enumerate(self.kvm.get_blocks(rid).blocks[0]):
                 if position < len(request.block_hashes):
-                    self.cache[block.block_id] = pattern(self.key(request, position))
+                    self.cache[block.block_id] = self.data(self.key(request, position))
             self.phase[rid] = "computed"
         self.om.step_computed(plan.step_id)
 
@@ -195,6 +202,25 @@ class OffloadMachine(RuleBasedStateMachine):
         self.cpu.open = True
         assert self.om.wait_idle_blocking(TIMEOUT), "transfers did not end"
         self.collect()
+
+    @rule(really=st.integers(0, 7))
+    def new_weights(self, really: int) -> None:
+        """The engine drains, resets the device cache and the lower tiers, and
+        computes with new weights from then on (rare: it ends every request)."""
+        if really != 7:
+            return
+        self.cpu.open = True
+        self.step()  # planned loads start at a step
+        assert self.om.wait_idle_blocking(TIMEOUT), "transfers did not end"
+        self.collect()
+        for rid in list(self.requests):
+            self._end(rid)
+        assert self.om.wait_idle_blocking(TIMEOUT), "transfers did not end"
+        self.collect()
+        assert self.kvm.reset_prefix_cache()
+        assert self.om.reset_cache_blocking()
+        assert len(self.om.indexes[0]) == 0
+        self.weights += 1
 
     # -- invariants ----------------------------------------------------------------
 

@@ -92,8 +92,10 @@ class FaultInjectingStore:
     """Wraps a tier; fails or stalls chosen calls. Counts calls.
 
     Attributes:
-        read_error / write_error: Raised (once) by the next read / write.
-        read_gate: When set, reads wait for this event first.
+        read_error / write_error / discard_error: Raised (once) by the next
+            read / write / discard (a discard raises after the inner one ran).
+        read_gate / discard_gate: When set, reads / discards wait for this
+            event first (``discard_started`` is set as a discard reaches it).
     """
 
     def __init__(self, inner: BlockStore) -> None:
@@ -101,8 +103,12 @@ class FaultInjectingStore:
         self.read_error: BaseException | None = None
         self.write_error: BaseException | None = None
         self.read_gate: anyio.Event | None = None
+        self.discard_error: BaseException | None = None
+        self.discard_gate: anyio.Event | None = None
+        self.discard_started = anyio.Event()
         self.reads = 0
         self.writes = 0
+        self.discards = 0
 
     @property
     def name(self) -> str:
@@ -141,7 +147,14 @@ class FaultInjectingStore:
         await self.inner.write_from(slots, keys, data)
 
     async def discard(self, slots: Sequence[int]) -> None:
+        self.discards += 1
+        self.discard_started.set()
+        if self.discard_gate is not None:
+            await self.discard_gate.wait()
         await self.inner.discard(slots)
+        if self.discard_error is not None:
+            error, self.discard_error = self.discard_error, None
+            raise error
 
     async def recover(self) -> Sequence[tuple[int, BlockKey]]:
         return await self.inner.recover()

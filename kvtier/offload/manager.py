@@ -43,6 +43,7 @@ from kvtier.offload.plan import (
     WriteMode,
 )
 from kvtier.offload.remote import ProbePlan, RemoteProbe
+from kvtier.offload.reset import CacheReset
 from kvtier.offload.stats import OffloadStats, TierStats
 from kvtier.offload.stores import StorePlanner
 from kvtier.offload.transfers import Transfers
@@ -59,7 +60,7 @@ from kvtier.transfer import TransferPipeline
 __all__ = ["OffloadManager"]
 
 
-class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews):
+class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews, CacheReset):
     """Plans and runs the copies between the device and the lower tiers.
 
     Entered once, with ``async with`` (async engines) or ``with``
@@ -69,7 +70,9 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews):
     :class:`~kvtier.offload.waits.TransferWaits`, the read-only views
     (``hit_info``, ``has_request``, ``stats``, ``take_events``,
     ``lazy_store_budget``, ``in_flight_store_blocks``, ``staging_costs``) from
-    :class:`~kvtier.offload.views.ManagerViews`.
+    :class:`~kvtier.offload.views.ManagerViews`, and the lower tiers' reset
+    (``reset_cache`` and ``reset_cache_blocking``) from
+    :class:`~kvtier.offload.reset.CacheReset`.
 
     Args:
         block_pool: The device block pool.

@@ -199,6 +199,10 @@ class WriteBack:
         self._safe, self._pos = safe, pos
         self._cursor = None if cursor is head or short else cursor
 
+    def restart(self) -> None:
+        """Walk from the head next time: the first tier's blocks changed under the cursor."""
+        self._cursor = None
+
     def at_tail(self, pool: BlockPool) -> bool:
         """The walk's cursor is the last block of the queue (nothing left to look at)."""
         cursor = self._cursor

@@ -1,0 +1,168 @@
+"""Resetting the lower tiers: forget and delete every block they hold.
+
+A base of :class:`~kvtier.offload.manager.OffloadManager`. An engine that
+resets its device prefix cache because the KV it computed is no longer valid
+(new weights, say) resets the lower tiers too, or their old blocks would be
+loaded into new requests. vLLM's engine calls its connector's ``reset_cache``
+for the same reason.
+
+A reset is all or nothing and needs the transfers at rest: with a load or a
+store planned or running it refuses (returns False) and changes nothing. It
+makes every block of the tiers it covers invisible at once (one
+``AllBlocksCleared`` per tier), so no lookup finds one from then on, then
+deletes their bytes (a disk tier's files; host memory has nothing to
+delete) and frees their slots once the deletes ended; until then no store
+reuses those slots or writes those keys, so a block computed meanwhile is not
+stored (see :meth:`~kvtier.tiers.index.TierIndex.retire`).
+
+A shared tier (a :class:`~kvtier.tiers.base.ProbingStore`, such as Redis)
+holds the blocks of every engine that uses it: one engine can neither tell
+which are stale nor delete them safely (another may be writing the same key
+afresh), and a probe would find them again. A reset with a shared tier in the
+stack therefore has to say ``keep_shared=True``, and leaves that tier as it
+is; KV for new weights belongs under a new key prefix there.
+"""
+
+from __future__ import annotations
+
+import anyio
+
+from kvtier.errors import ClosedError, InvalidRequestError
+from kvtier.log import get_logger
+from kvtier.offload.transfers import Transfers
+from kvtier.offload.writeback import WriteBack
+from kvtier.tiers.base import BlockKey, BlockStore, ProbingStore
+from kvtier.tiers.index import TierIndex
+
+__all__ = ["CacheReset"]
+
+_log = get_logger("kvtier.offload")
+
+Retired = dict[int, list[tuple[int, BlockKey]]]
+"""Tier level → ``(slot, key)`` of the blocks a reset retired there."""
+
+
+class CacheReset:
+    """The lower tiers' reset of an offload manager (not constructed on its own).
+
+    :class:`~kvtier.offload.manager.OffloadManager` sets the state these use.
+    """
+
+    tiers: list[BlockStore]
+    indexes: list[TierIndex]
+    _transfers: Transfers
+    _lazy: WriteBack
+
+    async def reset_cache(self, *, keep_shared: bool = False) -> bool:
+        """Forget and delete every block of the lower tiers (async engines).
+
+        Call it between steps, once
+        :meth:`~kvtier.offload.waits.TransferWaits.wait_idle` returned and no
+        request holds a planned load, beside the device's
+        :meth:`~kvtier.manager.KVCacheManager.reset_prefix_cache`. The tiers
+        forget their blocks before this awaits anything; it returns once the
+        bytes are deleted (a cancelled call still finishes the deletes first).
+        A delete that fails is logged (``reset_discard_failed``): the block
+        is forgotten all the same, and a disk tier deletes its file again at
+        close.
+
+        Args:
+            keep_shared: Leave the shared tiers (Redis) as they are; required
+                when the stack has one (see :mod:`kvtier.offload.reset`).
+
+        Returns:
+            True once reset; False, changing nothing, while a load or a store
+            is planned or running.
+
+        Raises:
+            ClosedError: The manager is not entered.
+            InvalidRequestError: A shared tier is in the stack and
+                ``keep_shared`` is False (nothing changed).
+        """
+        retired = self._retire(keep_shared)
+        if retired is None:
+            return False
+        try:
+            with anyio.CancelScope(shield=True):
+                await _discard_all(self.tiers, retired)
+        finally:
+            self._release(retired)
+        return True
+
+    def reset_cache_blocking(self, *, keep_shared: bool = False) -> bool:
+        """:meth:`reset_cache` for synchronous engines (the manager entered with ``with``).
+
+        The deletes run on the manager's background loop; the engine's thread
+        waits for them.
+
+        Raises:
+            ClosedError: The manager is not entered with ``with`` (nothing changed).
+            InvalidRequestError: As :meth:`reset_cache`.
+        """
+        if not self._transfers.runtime.thread_mode:
+            raise ClosedError(
+                "reset_cache_blocking needs the manager entered with `with`; "
+                "under `async with`, await reset_cache()"
+            )
+        retired = self._retire(keep_shared)
+        if retired is None:
+            return False
+        try:
+            self._transfers.runtime.call(_discard_all, self.tiers, retired)
+        finally:
+            self._release(retired)
+        return True
+
+    def _retire(self, keep_shared: bool) -> Retired | None:
+        """Make every block of the covered tiers invisible; None when refused."""
+        transfers = self._transfers
+        transfers.runtime.check_running()
+        transfers.drain()
+        shared = [tier.name for tier in self.tiers if isinstance(tier, ProbingStore)]
+        if shared and not keep_shared:
+            raise InvalidRequestError(
+                f"shared tier(s) {', '.join(map(repr, shared))} hold every engine's blocks "
+                "and cannot be reset from one engine: pass keep_shared=True to reset the "
+                "other tiers (and store KV for new weights under a new key prefix there)"
+            )
+        levels = [lvl for lvl, tier in enumerate(self.tiers) if not isinstance(tier, ProbingStore)]
+        held = [self.indexes[lvl].num_pinned + self.indexes[lvl].num_reserved for lvl in levels]
+        if transfers.loads or transfers.stores or any(held):
+            _log.warning(
+                "reset_cache_refused",
+                loads=len(transfers.loads),
+                stores=len(transfers.stores),
+                blocks_held=sum(held),
+            )
+            return None
+        retired: Retired = {}
+        for lvl in levels:
+            retired[lvl] = self.indexes[lvl].retire() or []  # none held: never refused
+        self._lazy.restart()
+        _log.info(
+            "cache_reset",
+            tiers=[self.tiers[lvl].name for lvl in levels],
+            n_blocks=sum(map(len, retired.values())),
+        )
+        return retired
+
+    def _release(self, retired: Retired) -> None:
+        """Free the retired blocks' slots (their bytes are deleted, or given up on)."""
+        for lvl, blocks in retired.items():
+            if blocks:
+                self.indexes[lvl].unpin([key for _, key in blocks])
+        self._lazy.restart()
+
+
+async def _discard_all(tiers: list[BlockStore], retired: Retired) -> None:
+    """Delete the retired blocks' bytes, tier by tier; a failure is logged."""
+    for lvl, blocks in retired.items():
+        if not blocks:
+            continue
+        tier = tiers[lvl]
+        try:
+            await tier.discard([slot for slot, _ in blocks])
+        except Exception as exc:  # forgotten all the same (a disk tier retries at close)
+            _log.warning(
+                "reset_discard_failed", tier=tier.name, n_blocks=len(blocks), error=repr(exc)
+            )

@@ -11,8 +11,9 @@ loop). Checked after every step: no lower-tier slot both free and pinned, no
 device block stored twice while in flight, loads only into blocks without a
 computed hash, every loaded block's bytes are the bytes its hash was computed
 with, the engine is told about each load at most once (exactly once for the
-requests it keeps), never about an ended request's load once a new request
-took its id; at the end, nothing leaks in any tier or in the device pool.
+requests it keeps), never about the load of a request that ended (a new
+request of its id would take it for its own); at the end, nothing leaks in
+any tier or in the device pool.
 """
 
 from __future__ import annotations
@@ -78,8 +79,7 @@ class OffloadMachine(RuleBasedStateMachine):
             rid = finished.request_id
             self.reports[rid] += 1
             assert self.reports[rid] == 1, f"load of {rid} reported twice"
-            if rid not in self.requests:
-                continue
+            assert rid in self.requests, f"told of the load of {rid}, which ended"
             request = self.requests[rid]
             ids, first = self.load_specs.get(rid, ((), 0))
             failed = set(finished.failed_block_ids)

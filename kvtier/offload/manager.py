@@ -361,7 +361,7 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews, CacheReset):
         self._transfers.report(event_id, workers)
 
     def take_finished(self) -> list[FinishedLoad]:
-        """Loads that ended since the last call (each reported exactly once)."""
+        """Loads that ended since the last call (each reported once; none of a finished request)."""
         self._transfers.drain()
         finished, self._transfers.finished = self._transfers.finished, []
         return finished
@@ -370,7 +370,10 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews, CacheReset):
         """The request ended (finished, aborted or preempted for good).
 
         Its id is free at once: a new request of that id gets its own state,
-        untouched by this one's transfers (whose load is then not reported).
+        untouched by this one's transfers. This one's load is not reported
+        from now on (a report not taken yet is dropped, and a load still
+        running ends unreported), so an engine reusing the id can never take
+        it for the new request's.
 
         Returns:
             True when a load or store of it is still in flight: its state is

@@ -329,7 +329,10 @@ class Transfers:
         # A state that does not hold this load is a new request's: the load's
         # request finished, and the new one would take this report for its own.
         owner = state if state is not None and state.load is event else None
-        self.report_load(event.request_id, ids, tell=owner is not None, counted=ran)
+        # Nor is a finished request told: its id is free, and a request that
+        # reuses it before allocating would take the report for its own.
+        tell = owner is not None and not owner.finished
+        self.report_load(event.request_id, ids, tell=tell, counted=ran)
         if owner is not None:
             owner.load = None
             self.forget_if_idle(owner)
@@ -372,7 +375,13 @@ class Transfers:
             del self.requests[state.request_id]
 
     def finish_request(self, request_id: str) -> bool:
-        """The request ended: drop its unstarted load; True while a transfer is in flight."""
+        """The request ended: drop its unstarted load and its load reports not taken yet.
+
+        Returns:
+            True while a transfer of it is in flight.
+        """
+        if self.finished:
+            self.finished = [done for done in self.finished if done.request_id != request_id]
         state = self.requests.get(request_id)
         if state is None:
             return False

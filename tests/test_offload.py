@@ -434,7 +434,9 @@ async def test_disk_hits_are_staged_through_cpu_and_cpu_evictions_demote_to_disk
 
 
 @pytest.mark.asyncio
-async def test_a_corrupt_block_fails_the_load_and_is_forgotten(tmp_path: Path) -> None:
+async def test_a_corrupt_block_fails_its_position_on_and_is_forgotten(tmp_path: Path) -> None:
+    """The block before it is loaded again alone and arrives (staged through the CPU
+    tier, which keeps it): only the corrupt position is left to recompute."""
     env = Env(gpu_blocks=32, cpu_blocks=2, disk=tmp_path / "disk")
     async with env.manager as manager:
         a, b = env.request(2), env.request(2)
@@ -452,10 +454,15 @@ async def test_a_corrupt_block_fails_the_load_and_is_forgotten(tmp_path: Path) -
         await manager.wait_for_loads([again.request_id])
         [finished] = manager.take_finished()
         assert not finished.ok
-        assert set(finished.failed_block_ids) == {t.block_id for t in targets}
+        assert finished.failed_block_ids == (targets[1].block_id,)
+        assert env.holds(targets[0], again, 0)
         assert key(a, 1) not in manager.indexes[1]  # doubt became a miss
+        assert key(a, 0) in manager.indexes[0]  # its staged copy arrived
         assert manager.get_num_new_matched_tokens(env.request(2, like=a), 0) == (BS, True)
-        assert manager.stats().loads_failed == 1
+        stats = manager.stats()
+        assert stats.loads_failed == 1
+        assert (stats.tiers["disk"].loads, stats.tiers["disk"].failed_transfers) == (1, 1)
+        assert (stats.tiers["cpu"].loads, stats.tiers["cpu"].failed_transfers) == (1, 1)
 
 
 @pytest.mark.asyncio

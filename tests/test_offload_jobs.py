@@ -79,7 +79,9 @@ async def test_a_load_discards_the_blocks_it_found_corrupt_before_it_reports(fai
     device, lower = MemoryStore(4, name="gpu"), DiscardingStore(4, "cpu", fail=fail)
     keys = [bytes([i]) * 32 for i in (1, 2)]
     lower.keys[:2] = [keys[0], b"garbled" * 4]  # slot 1 fails verification
-    event = LoadEvent(3, "r", [KVCacheBlock(1), KVCacheBlock(2)], keys, [], first_slots=[0, 1])
+    event = LoadEvent(
+        3, "r", [KVCacheBlock(1), KVCacheBlock(2)], keys, [], first_slots=[0, 1], positions=[0, 1]
+    )
     seen: list[tuple[int, StoreOutcome | LoadOutcome]] = []
 
     def push(outcome: StoreOutcome | LoadOutcome) -> None:
@@ -93,6 +95,7 @@ async def test_a_load_discards_the_blocks_it_found_corrupt_before_it_reports(fai
     assert isinstance(outcome, LoadOutcome)
     assert isinstance(outcome.error, BlockMissingError)  # a failed discard changes nothing
     assert outcome.missing == ((0, keys[1]),)
+    assert outcome.cut == 1  # position 0 was loaded again, alone, and arrived
 
 
 class SharedStore(DiscardingStore):
@@ -113,7 +116,9 @@ async def test_a_load_miss_on_a_shared_tier_deletes_nothing() -> None:
     assert isinstance(shared, ProbingStore)
     keys = [bytes([i]) * 32 for i in (1, 2)]
     shared.keys[:2] = [keys[0], None]  # slot 1 is gone (evicted)
-    event = LoadEvent(3, "r", [KVCacheBlock(1), KVCacheBlock(2)], keys, [], first_slots=[0, 1])
+    event = LoadEvent(
+        3, "r", [KVCacheBlock(1), KVCacheBlock(2)], keys, [], first_slots=[0, 1], positions=[0, 1]
+    )
     seen: list[StoreOutcome | LoadOutcome] = []
     async with TransferPipeline() as pipeline:
         await run_load(pipeline, device, [shared], seen.append, event)

@@ -2,8 +2,10 @@
 
 Random steps: new requests (sharing prefixes, so lower tiers hit, and
 sometimes reusing the id of a request that ended, whose transfers may still
-run), a step (compute, plan, store), finishing or preempting requests,
-transfers held back and released late, injected transfer failures, and
+run), a step (compute, plan, store), finishing or preempting requests, the
+device dropping its free cached blocks (so later requests load them),
+transfers held back and released late, injected transfer failures and
+blocks found bad (a load keeps the positions before the first one), and
 resets of every cache with a change of weights (the bytes computed for a
 hash change, so a block from before the reset loaded after it is caught). Real
 KVCacheManager, real tiers and pipeline (synchronous mode: a background event
@@ -198,6 +200,18 @@ class OffloadMachine(RuleBasedStateMachine):
         self.cpu.fail += 1
 
     @rule()
+    def evict_device_cache(self) -> None:
+        """The device drops its free cached blocks (as allocations would): the next
+        requests of those prefixes load them from the CPU tier."""
+        pool = self.kvm.block_pool
+        pool.evict_blocks([block.block_id for block in pool.free_block_queue if block.block_hash])
+
+    @rule()
+    def lose_next_block(self) -> None:
+        """The next read finds one of its blocks bad: a load keeps the positions before it."""
+        self.cpu.lose += 1
+
+    @rule()
     def settle(self) -> None:
         self.cpu.open = True
         assert self.om.wait_idle_blocking(TIMEOUT), "transfers did not end"
@@ -238,6 +252,7 @@ class OffloadMachine(RuleBasedStateMachine):
         try:
             self.cpu.open = True
             self.cpu.fail = 0
+            self.cpu.lose = 0
             self.step()  # planned loads start at a step
             assert self.om.wait_idle_blocking(TIMEOUT)
             self.collect()

@@ -180,8 +180,10 @@ class GatedStore:
 
     While ``open`` is False, reads and writes wait (reads also while
     ``reads_open`` is False); ``fail`` makes that many next reads or writes
-    raise ``TierIOError``; every write first sleeps ``write_delay`` seconds.
-    All are plain attributes the test thread sets.
+    raise ``TierIOError``; ``lose`` makes that many next reads raise
+    ``BlockMissingError`` naming the middle slot of the read (after copying
+    the others, as a tier does, and garbling its row); every write first sleeps ``write_delay``
+    seconds. All are plain attributes the test thread sets.
     """
 
     def __init__(self, inner: BlockStore) -> None:
@@ -190,6 +192,7 @@ class GatedStore:
         self.reads_open = True
         self.write_delay = 0.0
         self.fail = 0
+        self.lose = 0
 
     @property
     def name(self) -> str:
@@ -219,6 +222,10 @@ class GatedStore:
     ) -> None:
         await self._gate(read=True)
         await self.inner.read_into(slots, keys, out)
+        if self.lose > 0 and slots:
+            self.lose -= 1
+            out[len(slots) // 2].fill_(0xEE)  # what a bad block leaves
+            raise BlockMissingError.of_slots(self.name, [slots[len(slots) // 2]])
 
     async def write_from(
         self, slots: Sequence[int], keys: Sequence[BlockKey], data: torch.Tensor

@@ -86,6 +86,7 @@ class LoadEvent:
     first_block: int = 0
     failed: list[int] = attrs.field(factory=list)  # device blocks whose source was gone
     dispatched: bool = False
+    positions: list[int] = attrs.field(factory=list)  # the hash position of each key
 
     def staged_keys(self) -> list[BlockKey]:
         """Keys given a first-tier slot by their stage (reserved there)."""
@@ -137,7 +138,9 @@ class LoadOutcome:
     """A load job ended; ``missing`` are keys whose bytes proved absent or corrupt.
 
     ``seconds`` holds ``(tier level, seconds spent reading from it)`` pairs;
-    ``demotions`` is as :attr:`StoreOutcome.demotions`.
+    ``demotions`` is as :attr:`StoreOutcome.demotions`. ``cut``: with an
+    ``error``, the first position that failed when every position before it
+    was loaded again and arrived (None: nothing arrived).
     """
 
     event_id: int
@@ -146,3 +149,4 @@ class LoadOutcome:
     missing: tuple[tuple[int, BlockKey], ...] = ()
     demotions: tuple[float | None, ...] = ()
     seconds: tuple[tuple[int, float], ...] = ()
+    cut: int | None = None

@@ -75,6 +75,7 @@ async def _demote(
         demotion.dst_slots,
         demotion.keys,
     )
+    below = tiers[demotion.level + 1]
     try:
         completion = await pipeline.submit(task)
     except Exception:  # refused: the evicted blocks are lost, as without a lower tier
@@ -87,19 +88,27 @@ async def _demote(
             await completion.settled()
         copied = completion.state is CompletionState.DONE
         demoted.append(completion.result().seconds if copied else None)
+        if not copied:
+            await _discard(below, demotion.dst_slots)
         raise
     except Exception:  # failed: lost, as above
         demoted.append(None)
+        await _discard(below, demotion.dst_slots)
 
 
 async def _discard(tier: BlockStore, slots: list[int]) -> None:
-    """Discard blocks a load found missing or corrupt; a failure is only logged.
+    """Discard blocks the index is about to forget; a failure is only logged.
 
-    Shielded: a cancelled load still finishes the discard (bounded by the
+    Blocks a load found missing or corrupt, and the slots of a write that
+    failed: a disk tier keeps the blocks of a batch that were written, and a
+    file the index does not know of would outlive a reset (come back on a
+    warm restart after the weights changed).
+
+    Shielded: a cancelled job still finishes the discard (bounded by the
     tier's own call) before it reports, and so before their slots are freed.
     Not on a shared tier (a :class:`~kvtier.tiers.base.ProbingStore`): its
     names are the blocks' keys, which another engine may have stored afresh
-    since this load missed; deleting them would delete its block.
+    since; deleting them would delete its block.
     """
     if not slots or isinstance(tier, ProbingStore):
         return
@@ -126,17 +135,21 @@ async def run_store(
     demoted: list[float | None] = []
     error: BaseException | None = TransferCancelledError(f"store event {event.event_id} cancelled")
     seconds = 0.0
+    posted = False
     try:
         if ready is not None:
             await ready()
         for demotion in event.demotions:
             await _demote(pipeline, tiers, demotion, demoted)
         task = StoreTask(device, event.block_ids, tiers[0], event.slots, event.keys)
+        posted = True
         seconds = (await _transfer(pipeline, task)).seconds
         error = None
     except Exception as exc:
         error = exc
     finally:
+        if error is not None and posted:  # some blocks may be written: the index aborts all
+            await _discard(tiers[0], list(event.slots))
         push(StoreOutcome(event.event_id, error, tuple(demoted), seconds))
 
 
@@ -151,16 +164,19 @@ class _Leg:
     keys: list[BlockKey]
 
 
-def _legs(event: LoadEvent) -> list[_Leg]:
+def _legs(event: LoadEvent, keep: set[BlockKey] | None = None) -> list[_Leg]:
     """The event's copies in order: staging up into the first tier, then into the device.
 
     A staged block without a first-tier slot (-1: the first tier holds it
     already, or had no room) goes from its tier straight into the device.
+    With ``keep``, only the copies of those keys.
     """
     target = {key: block.block_id for key, block in zip(event.keys, event.targets, strict=True)}
     legs = []
     for stage in event.stages:
         rows = list(zip(stage.src_slots, stage.keys, stage.dst_slots, strict=True))
+        if keep is not None:
+            rows = [row for row in rows if row[1] in keep]
         up = [row for row in rows if row[2] >= 0]
         if up:
             legs.append(_leg(stage.level, up, to_device=False))
@@ -170,7 +186,7 @@ def _legs(event: LoadEvent) -> list[_Leg]:
     first = [
         (slot, key, target[key])
         for slot, key in zip(event.first_slots, event.keys, strict=True)
-        if slot >= 0
+        if slot >= 0 and (keep is None or key in keep)
     ]
     if first:
         legs.append(_leg(0, first, to_device=True))
@@ -199,40 +215,108 @@ async def run_load(
 ) -> None:
     """Stage blocks held only by slower tiers into the first, then load them all.
 
-    ``ready`` is awaited first; if it fails, so does the load.
+    ``ready`` is awaited first; if it fails, so does the load. When a copy
+    finds source blocks missing or corrupt, the positions before the first
+    bad one are copied again, every leg of them (the failed copy may have
+    left any of its blocks unwritten), and, once they arrive, reported
+    loaded (``cut``): the engine recomputes only from the first bad position.
     """
     error: BaseException | None = TransferCancelledError(f"load event {event.event_id} cancelled")
-    missing: tuple[tuple[int, BlockKey], ...] = ()
+    missing: list[tuple[int, BlockKey]] = []
     demoted: list[float | None] = []
     seconds: dict[int, float] = {}  # per source tier level
-    leg: _Leg | None = None
+    cut: int | None = None
     try:
         if ready is not None:
             await ready()
         for demotion in event.demotions:
             await _demote(pipeline, tiers, demotion, demoted)
-        for leg in _legs(event):
-            dst = device if leg.to_device else tiers[0]
-            task = LoadTask(tiers[leg.level], leg.src_slots, dst, leg.dst_slots, leg.keys)
-            took = (await _transfer(pipeline, task)).seconds
-            seconds[leg.level] = seconds.get(leg.level, 0.0) + took
-        error = None
+        keep: set[BlockKey] | None = None  # None: every key
+        bad_at: int | None = None  # the first position found bad
+        while (failed := await _copy(pipeline, device, tiers, event, keep, seconds)) is not None:
+            leg, missed = failed
+            bad = await _bad_sources(tiers, leg, missed, missing)
+            places = [p for k, p in zip(event.keys, event.positions, strict=True) if k in bad]
+            if not places:
+                raise missed
+            # The keys copied were all before bad_at: it only moves back.
+            bad_at = min(places) if bad_at is None else min(bad_at, *places)
+            keep = {k for k, p in zip(event.keys, event.positions, strict=True) if p < bad_at}
+            if not keep:
+                raise missed
+            error = missed
+        if bad_at is None:
+            error = None
+        cut = bad_at
     except BlockMissingError as exc:
         error = exc
-        if leg is not None:  # the copy that failed: its source blocks proved bad
-            by_slot = dict(zip(leg.src_slots, leg.keys, strict=True))
-            bad = [slot for slot in dict.fromkeys(exc.slots or leg.src_slots) if slot in by_slot]
-            missing = tuple((leg.level, by_slot[slot]) for slot in bad)
-            await _discard(tiers[leg.level], bad)  # still pinned: no store can reuse them yet
     except Exception as exc:
         error = exc
     finally:
+        if error is not None:  # staged copies the index will abort: any may be written
+            await _discard(tiers[0], _unkept_stages(event, cut))
         outcome = LoadOutcome(
             event.event_id,
             event.request_id,
             error,
-            missing,
+            tuple(missing),
             tuple(demoted),
             tuple(seconds.items()),
+            cut,
         )
         push(outcome)
+
+
+def _unkept_stages(event: LoadEvent, cut: int | None) -> list[int]:
+    """First-tier slots of the staged blocks at or after ``cut`` (all when None)."""
+    kept = (
+        set()
+        if cut is None
+        else {key for key, place in zip(event.keys, event.positions, strict=True) if place < cut}
+    )
+    return [
+        slot
+        for stage in event.stages
+        for key, slot in zip(stage.keys, stage.dst_slots, strict=False)
+        if slot >= 0 and key not in kept
+    ]
+
+
+async def _copy(
+    pipeline: TransferPipeline,
+    device: BlockStore,
+    tiers: Sequence[BlockStore],
+    event: LoadEvent,
+    keep: set[BlockKey] | None,
+    seconds: dict[int, float],
+) -> tuple[_Leg, BlockMissingError] | None:
+    """Run the event's legs (of the ``keep`` keys); the first that found blocks bad, or None.
+
+    Adds each leg's time to ``seconds`` (per source tier level).
+    """
+    for leg in _legs(event, keep):
+        dst = device if leg.to_device else tiers[0]
+        task = LoadTask(tiers[leg.level], leg.src_slots, dst, leg.dst_slots, leg.keys)
+        try:
+            took = (await _transfer(pipeline, task)).seconds
+        except BlockMissingError as exc:
+            return leg, exc
+        seconds[leg.level] = seconds.get(leg.level, 0.0) + took
+    return None
+
+
+async def _bad_sources(
+    tiers: Sequence[BlockStore],
+    leg: _Leg,
+    exc: BlockMissingError,
+    missing: list[tuple[int, BlockKey]],
+) -> set[BlockKey]:
+    """The keys a failed copy found bad (all of its blocks when it named none).
+
+    Adds them to ``missing`` and discards them from their tier first.
+    """
+    by_slot = dict(zip(leg.src_slots, leg.keys, strict=True))
+    bad = [slot for slot in dict.fromkeys(exc.slots or leg.src_slots) if slot in by_slot]
+    missing.extend((leg.level, by_slot[slot]) for slot in bad)
+    await _discard(tiers[leg.level], bad)  # still pinned: no store can reuse them yet
+    return {by_slot[slot] for slot in bad}

@@ -276,7 +276,7 @@ class LoadPlanner:
         end = first + count  # within the blocks and hashes (_check_cover)
         event = LoadEvent(next(self.event_ids), request.request_id, [], [], [], first_block=first)
         failed: list[int] = []
-        planned: list[tuple[int, BlockKey, KVCacheBlock, BlockHint | None]] = []
+        planned: list[tuple[int, BlockKey, KVCacheBlock, BlockHint | None, int]] = []
         parents: list[BlockKey | None] = [None] * self.num_groups
         tag = request_tag(request)
         if first and self.hinted:
@@ -292,13 +292,13 @@ class LoadPlanner:
                 if target.is_null or target.block_hash is not None:
                     continue  # nothing to load, or it already holds computed bytes
                 hint = BlockHint(position, len(hashes), parent, tag) if self.hinted else None
-                planned.append((level, key, target, hint))
+                planned.append((level, key, target, hint, position))
             if self.hinted:
                 parents = list(keys)
         # One pin call per tier with the chain's keys in order: the index tells
         # the policy of them tail first, so a recency policy keeps the head.
         by_level: dict[int, tuple[list[BlockKey], list[BlockHint | None]]] = {}
-        for level, key, _, hint in planned:
+        for level, key, _, hint, _ in planned:
             keys, hints = by_level.setdefault(level, ([], []))
             keys.append(key)
             hints.append(hint)
@@ -306,11 +306,12 @@ class LoadPlanner:
             level: iter(self.indexes[level].pin(keys, hints if self.hinted else None))
             for level, (keys, hints) in by_level.items()
         }
-        for level, key, target, _ in planned:
+        for level, key, target, _, position in planned:
             slot = next(slots[level])
             event.pins.append((self.indexes[level], key))
             event.targets.append(target)
             event.keys.append(key)
+            event.positions.append(position)
             event.first_slots.append(slot if level == 0 else -1)
             if level:
                 self._stage(event, level, slot, key)

@@ -135,6 +135,8 @@ class FinishedLoad:
         ok: Every block arrived and was verified.
         failed_block_ids: Device blocks that did not get their bytes: the
             engine must recompute those positions (and everything after).
+            They are the load's last positions: the ones before them arrived
+            (a bad block costs its position and the ones after it).
     """
 
     request_id: str

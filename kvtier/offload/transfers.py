@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 
 from kvtier.errors import InvalidRequestError
 from kvtier.log import get_logger
-from kvtier.offload import jobs, placement
+from kvtier.offload import jobs, load_counts, placement
 from kvtier.offload._state import (
     Demotion,
     LoadEvent,
@@ -270,9 +270,13 @@ class Transfers:
             missing=outcome.missing,
             seconds=dict(outcome.seconds),
             demotion_seconds=sum(took for took in outcome.demotions if took is not None),
+            cut=outcome.cut,
         )
         if outcome.error is not None:
-            _log.warning("load_failed", task=event.event_id, error=repr(outcome.error))
+            loaded = "none" if outcome.cut is None else f"positions before {outcome.cut}"
+            _log.warning(
+                "load_failed", task=event.event_id, loaded=loaded, error=repr(outcome.error)
+            )
 
     def end_load(
         self,
@@ -283,6 +287,7 @@ class Transfers:
         seconds: dict[int, float] | None = None,
         demotion_seconds: float = 0.0,
         ran: bool = True,
+        cut: int | None = None,
     ) -> None:
         """Settle a load: release pins and targets, forget missing blocks, report it.
 
@@ -290,40 +295,39 @@ class Transfers:
         ``demotion_seconds``: time its demotions (room made in the first tier
         for the staged blocks) took, charged to the staged blocks in the
         staging cost model. A load that never ``ran`` (never dispatched) is
-        reported failed, but counted nowhere.
+        reported failed, but counted nowhere. A failed load with a ``cut``
+        loaded the positions before it (see :func:`~kvtier.offload.jobs.run_load`):
+        they count as loaded, their staged copies stay in the first tier, and
+        only the blocks from the cut on are reported failed.
         """
         self.loads.pop(event.event_id, None)
         first = self.indexes[0]
+        if not error:
+            arrived = set(event.keys)
+        elif cut is None:
+            arrived = set()
+        else:
+            arrived = {k for k, p in zip(event.keys, event.positions, strict=True) if p < cut}
         staged = event.staged_keys()
         if staged:
-            if error:
-                first.abort(staged)
-            else:
-                first.commit(staged)
+            first.commit([key for key in staged if key in arrived])
+            first.abort([key for key in staged if key not in arrived])
         for demotion in event.demotions:
             self.indexes[demotion.level + 1].abort(demotion.keys)
         self.unpin(event)
         for level, key in missing:
             self.indexes[level].remove([key])
-        counts = dict.fromkeys((0, *(stage.level for stage in event.stages)), 0)
-        counts[0] = sum(slot >= 0 for slot in event.first_slots)  # read from the first tier
-        staged_blocks = sum(len(stage.keys) for stage in event.stages)
-        for stage in event.stages:
-            counts[stage.level] += len(stage.keys)
-            if not error and seconds and stage.level in seconds:
-                share = demotion_seconds * len(stage.keys) / staged_blocks
-                took = seconds[stage.level] + share
-                self.staging_costs.observe(stage.level, len(stage.keys), took)
-        for level, n in counts.items() if ran else ():
-            stats = self.tier_stats[level]
-            if error:
-                stats.failed_transfers += n
-            else:
-                stats.loads += n
-                stats.bytes_loaded += n * self.device.layout.block_bytes
-                stats.load_seconds += (seconds or {}).get(level, 0.0)
+        if not error and seconds:
+            load_counts.observe_staging(self.staging_costs, event, seconds, demotion_seconds)
+        if ran:
+            block_bytes = self.device.layout.block_bytes
+            load_counts.count(self.tier_stats, block_bytes, event, arrived, seconds or {})
         self.block_pool.free_blocks(event.targets)
-        ids = [block.block_id for block in event.targets] if error else []
+        ids = [
+            block.block_id
+            for block, key in zip(event.targets, event.keys, strict=True)
+            if key not in arrived
+        ]
         ids.extend(event.failed)  # positions already gone when the load was planned
         state = self.requests.get(event.request_id)
         # A state that does not hold this load is a new request's: the load's

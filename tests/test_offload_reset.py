@@ -37,13 +37,13 @@ from tests.offload_env import (
 from tests.tier_doubles import FaultInjectingStore, MemoryStore
 
 
-def disk_tier(path: Path, blocks: int = 16) -> DiskTier:
-    return DiskTier(path, LAYOUT, blocks * DiskTier.bytes_per_block(LAYOUT))
+def disk_tier(path: Path, blocks: int = 16, name: str = "disk") -> DiskTier:
+    return DiskTier(path, LAYOUT, blocks * DiskTier.bytes_per_block(LAYOUT), name=name)
 
 
-async def recovered(path: Path) -> set[bytes]:
+async def recovered(path: Path, name: str = "disk") -> set[bytes]:
     """The keys a new process finds on the disk directory."""
-    async with disk_tier(path) as disk:
+    async with disk_tier(path, name=name) as disk:
         return {k for _, k in await disk.recover()}
 
 
@@ -364,3 +364,106 @@ async def test_the_blocking_reset_refuses_under_async_with_and_changes_nothing()
             assert len(manager.indexes[0]) == 2
     with pytest.raises(ClosedError):
         await env.manager.reset_cache()  # left: not running
+
+
+class PartlyWritingStore(FaultInjectingStore):
+    """Writes every block of a batch but ``lost`` keys', then fails it (a disk
+    full for one file): the written blocks stay in the tier."""
+
+    def __init__(self, inner: DiskTier) -> None:
+        super().__init__(inner)
+        self.lost: set[bytes] = set()
+
+    async def write_from(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], data: torch.Tensor
+    ) -> None:
+        rows = [i for i, k in enumerate(keys) if k not in self.lost]
+        if len(rows) == len(keys):
+            await self.inner.write_from(slots, keys, data)
+            return
+        if rows:
+            await self.inner.write_from(
+                [slots[i] for i in rows], [keys[i] for i in rows], data[rows]
+            )
+        raise TierIOError("injected: no space left for one block", tier=self.name)
+
+
+@pytest.mark.asyncio
+async def test_blocks_a_failed_write_left_on_disk_do_not_outlive_a_reset(tmp_path: Path) -> None:
+    """A demotion batch fails for one block: the index forgets the whole batch, so
+    the block written beside it must go too, or a warm restart after the reset
+    (and the weight change) would serve it."""
+    disk = PartlyWritingStore(disk_tier(tmp_path / "disk"))
+    env = Env(gpu_blocks=32, tiers=[CpuTier(LAYOUT, 2), disk])
+    with anyio.fail_after(DEADLINE):
+        async with env.manager as manager:
+            old = env.request(2)
+            await store(env, old, 2, release=True)
+            disk.lost = {key(old, 1)}
+            await store(env, env.request(2), 2, release=True)  # old's demotion fails
+            assert len(manager.indexes[1]) == 0
+            assert manager.stats().tiers["disk"].failed_transfers == 2
+            assert env.pool.reset_prefix_cache()
+            assert await manager.reset_cache()
+    assert await recovered(tmp_path / "disk") == set()
+
+
+@pytest.mark.asyncio
+async def test_leaving_the_manager_while_a_reset_deletes_waits_for_the_deletes(
+    tmp_path: Path,
+) -> None:
+    """Two disk tiers; the first one's deletes are slow, and the engine leaves the
+    manager from another task meanwhile: the second tier must not close first."""
+    nvme = FaultInjectingStore(disk_tier(tmp_path / "nvme", 1, name="nvme"))
+    hdd = disk_tier(tmp_path / "hdd", name="hdd")
+    env = Env(gpu_blocks=32, tiers=[nvme, hdd])
+    outcome: list[bool] = []
+    with anyio.fail_after(DEADLINE):
+        async with anyio.create_task_group() as group:
+            async with env.manager as manager:
+                for _ in range(3):  # one block each: each sends the one before to hdd
+                    await store(env, env.request(1), 1, release=True)
+                assert [len(index) for index in manager.indexes] == [1, 2]
+                nvme.discard_gate = anyio.Event()
+
+                async def reset() -> None:
+                    outcome.append(await manager.reset_cache())
+
+                group.start_soon(reset)
+                await nvme.discard_started.wait()
+                group.start_soon(open_later, nvme.discard_gate)
+            assert outcome == [True]
+    assert await recovered(tmp_path / "hdd", "hdd") == set()
+
+
+async def open_later(gate: anyio.Event) -> None:
+    """Open ``gate`` in a while, or at once if cancelled (a shielded wait on it would hang)."""
+    try:
+        await anyio.sleep(0.05)
+    finally:
+        gate.set()
+
+
+def test_the_async_reset_refuses_a_manager_entered_with_with() -> None:
+    env = Env(gpu_blocks=32, cpu_blocks=8)
+    with env.manager as manager:
+        store_blocking(env, env.request(2), 2)
+        with pytest.raises(ClosedError, match="reset_cache_blocking"):
+            anyio.run(manager.reset_cache)
+        assert len(manager.indexes[0]) == 2
+
+
+@pytest.mark.asyncio
+async def test_a_failed_store_into_a_disk_first_tier_leaves_no_block_behind(
+    tmp_path: Path,
+) -> None:
+    disk = PartlyWritingStore(disk_tier(tmp_path / "disk"))
+    env = Env(gpu_blocks=32, tiers=[disk])
+    with anyio.fail_after(DEADLINE):
+        async with env.manager as manager:
+            request = env.request(2)
+            disk.lost = {key(request, 1)}
+            await store(env, request, 2, release=True)
+            assert len(manager.indexes[0]) == 0  # the whole store failed
+            assert manager.stats().tiers["disk"].failed_transfers == 2
+    assert await recovered(tmp_path / "disk") == set()

@@ -17,6 +17,7 @@ from typing import Self
 
 from kvtier.errors import InvalidRequestError
 from kvtier.offload import session
+from kvtier.offload.reset import ResetsRunning
 from kvtier.offload.runtime import current_streams
 from kvtier.offload.transfers import Transfers
 from kvtier.tiers.base import BlockStore
@@ -41,6 +42,7 @@ class ManagerLifecycle:
     _failed: bool  # a synchronous engine left by an error: no flush
     _entered: bool
     _session: AbstractAsyncContextManager[None]
+    _resets: ResetsRunning
 
     def _serve(self) -> AbstractAsyncContextManager[None]:
         return session.serve(
@@ -78,6 +80,7 @@ class ManagerLifecycle:
         ``except InvalidRequestError`` around its loop still matches.
         """
         try:
+            await self._resets.wait()  # a reset's deletes, from another task, end first
             return await self._session.__aexit__(exc_type, exc, tb)
         except BaseExceptionGroup as group:
             if exc is not None and _wraps(group, exc):

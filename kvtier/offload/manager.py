@@ -43,7 +43,7 @@ from kvtier.offload.plan import (
     WriteMode,
 )
 from kvtier.offload.remote import ProbePlan, RemoteProbe
-from kvtier.offload.reset import CacheReset
+from kvtier.offload.reset import CacheReset, ResetsRunning
 from kvtier.offload.stats import OffloadStats, TierStats
 from kvtier.offload.stores import StorePlanner
 from kvtier.offload.transfers import Transfers
@@ -194,6 +194,7 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews, CacheReset):
         self.flush_on_close = check_flush(flush_on_close, self.tiers)
         self._failed = False  # a synchronous engine left by an error: no flush
         self._entered = False
+        self._resets = ResetsRunning()
 
     @property
     def prefetch(self) -> PrefetchPolicy:

@@ -25,6 +25,9 @@ is; KV for new weights belongs under a new key prefix there.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import anyio
 
 from kvtier.errors import ClosedError, InvalidRequestError
@@ -34,12 +37,40 @@ from kvtier.offload.writeback import WriteBack
 from kvtier.tiers.base import BlockKey, BlockStore, ProbingStore
 from kvtier.tiers.index import TierIndex
 
-__all__ = ["CacheReset"]
+__all__ = ["CacheReset", "ResetsRunning"]
 
 _log = get_logger("kvtier.offload")
 
 Retired = dict[int, list[tuple[int, BlockKey]]]
 """Tier level → ``(slot, key)`` of the blocks a reset retired there."""
+
+
+class ResetsRunning:
+    """The async resets whose deletes are running: leaving the manager waits for them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._over: anyio.Event | None = None
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Count a reset while its deletes run."""
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
+            over, self._over = self._over, None
+            if over is not None and not self.count:
+                over.set()
+
+    async def wait(self) -> None:
+        """Until no reset is deleting (cancellations wait too: the deletes are bounded)."""
+        with anyio.CancelScope(shield=True):
+            while self.count:
+                if self._over is None:
+                    self._over = anyio.Event()
+                await self._over.wait()
 
 
 class CacheReset:
@@ -52,6 +83,7 @@ class CacheReset:
     indexes: list[TierIndex]
     _transfers: Transfers
     _lazy: WriteBack
+    _resets: ResetsRunning
 
     async def reset_cache(self, *, keep_shared: bool = False) -> bool:
         """Forget and delete every block of the lower tiers (async engines).
@@ -66,24 +98,39 @@ class CacheReset:
         is forgotten all the same, and a disk tier deletes its file again at
         close.
 
+        Leaving the manager (from another task) while the deletes run waits
+        for them before the tiers close.
+
         Args:
             keep_shared: Leave the shared tiers (Redis) as they are; required
                 when the stack has one (see :mod:`kvtier.offload.reset`).
+                Their blocks are still found and loaded afterwards, old
+                bytes included: KV of new weights needs its own key prefix
+                there (reopen the manager with it).
 
         Returns:
             True once reset; False, changing nothing, while a load or a store
-            is planned or running.
+            is planned or running (with ``world_size > 1``, a store also until
+            every worker reported it), or another reset is still deleting.
 
         Raises:
-            ClosedError: The manager is not entered.
+            ClosedError: The manager is not entered, or entered with ``with``
+                (call :meth:`reset_cache_blocking` then).
             InvalidRequestError: A shared tier is in the stack and
                 ``keep_shared`` is False (nothing changed).
         """
+        if self._transfers.runtime.thread_mode:
+            raise ClosedError(
+                "under `with`, call reset_cache_blocking(); reset_cache() is for a manager "
+                "entered with `async with`"
+            )
         retired = self._retire(keep_shared)
         if retired is None:
             return False
         try:
-            with anyio.CancelScope(shield=True):
+            # Counted: leaving the manager (from another task) waits for the
+            # deletes before the tiers close; a tier closed first keeps its files.
+            with self._resets.running(), anyio.CancelScope(shield=True):
                 await _discard_all(self.tiers, retired)
         finally:
             self._release(retired)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from kvtier import KVCacheBlocks, Request
 from kvtier.errors import ConfigError, InvalidRequestError
@@ -634,6 +635,15 @@ async def test_closing_with_work_pending_releases_everything() -> None:
     assert all(b.ref_cnt == 1 for b in blocks.blocks[0])  # the engine's own reference
     assert manager.in_flight_store_blocks == frozenset()
     index.check_invariants()
+
+
+def test_lazy_mode_over_a_first_tier_smaller_than_the_device_is_logged() -> None:
+    with capture_logs() as logs:
+        Env(gpu_blocks=16, cpu_blocks=8, mode="lazy", lazy_free_target=4)
+        Env(gpu_blocks=16, cpu_blocks=15, mode="lazy", lazy_free_target=4)  # room enough
+        Env(gpu_blocks=16, cpu_blocks=8, mode="eager")  # stores only what is computed
+    warned = [log for log in logs if log["event"] == "lazy_first_tier_smaller_than_device"]
+    assert [(log["tier_blocks"], log["device_blocks"]) for log in warned] == [(8, 15)]
 
 
 @pytest.mark.asyncio

@@ -10,11 +10,14 @@ from collections.abc import Sequence
 from typing import Final
 
 from kvtier.errors import ConfigError
+from kvtier.log import get_logger
 from kvtier.offload.flush import flush_targets
 from kvtier.offload.plan import WriteMode
 from kvtier.policies.prefetch import PrefetchPolicy, StagingCostModel, make_prefetch_policy
 from kvtier.pool import BlockPool
 from kvtier.tiers.base import BlockStore
+
+_log = get_logger("kvtier.offload")
 
 __all__ = [
     "MODES",
@@ -46,6 +49,10 @@ def check_stack(
 ) -> None:
     """The lower tiers, the write mode and its target fit together and the device.
 
+    Lazy mode over a first tier smaller than the device logs
+    ``lazy_first_tier_smaller_than_device``: it cannot keep the device's
+    eviction end written for long.
+
     Raises:
         ConfigError: No lower tier, an unknown mode, a tier of another layout,
             two tiers of one name, a ``block_size`` other than the device
@@ -70,6 +77,15 @@ def check_stack(
     usable = block_pool.num_gpu_blocks - 1  # the null block aside
     if mode == "lazy" and positive("lazy_free_target", lazy_free_target) > usable:
         raise ConfigError(f"lazy_free_target={lazy_free_target} > the {usable} device blocks")
+    if mode == "lazy" and tiers[0].num_slots < usable:
+        # Allowed (a test or a tight box may want it), but it churns: see docs/offload.md.
+        _log.warning(
+            "lazy_first_tier_smaller_than_device",
+            tier=tiers[0].name,
+            tier_blocks=tiers[0].num_slots,
+            device_blocks=usable,
+            hint="stores and rewrites will evict each other's copies (dropped_stores)",
+        )
 
 
 def tier_policies(eviction_policy: str | Sequence[str], num_tiers: int) -> list[str]:

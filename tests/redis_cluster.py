@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.redis_server import HOST, RedisServer, redis_binary
+from tests.redis_server import ADDRESS_IN_USE, HOST, RedisServer, redis_binary
 
 __all__ = ["NODE_TIMEOUT_MS", "RedisClusterServers", "redis_cluster", "shared_redis_cluster"]
 
@@ -105,16 +105,24 @@ class RedisClusterServers:
     """
 
     def __init__(self, directory: Path) -> None:
-        binary = redis_binary()
+        self.binary = redis_binary()
         self.cli = redis_cli_binary()
+        self.directory = directory
+        self._tries = 0
+        self.nodes = self._new_nodes()
+
+    def _new_nodes(self) -> list[RedisServer]:
+        """Three nodes on new ports, in directories of their own (no old nodes.conf)."""
+        self._tries += 1
+        directory = self.directory / f"try{self._tries}"
         taken: set[int] = set()
         ports = []
         for _ in range(3):
             ports.append(free_cluster_port(taken))
             taken |= {ports[-1], ports[-1] + 10000}
-        self.nodes = [
+        return [
             RedisServer(
-                binary,
+                self.binary,
                 directory / f"node{index}",
                 port,
                 extra=[
@@ -135,7 +143,21 @@ class RedisClusterServers:
         return self.nodes[0].url
 
     def start(self) -> None:
-        """Start the nodes, create the cluster and wait until every node says ok."""
+        """Start the nodes, create the cluster and wait until every node says ok.
+
+        Ports taken between their check and the nodes' binds (another test
+        run's servers) are given up for new ones, a few times.
+        """
+        for attempt in range(3):
+            try:
+                self._start_once()
+                return
+            except RuntimeError as exc:
+                if ADDRESS_IN_USE not in str(exc) or attempt == 2:
+                    raise
+                self.nodes = self._new_nodes()
+
+    def _start_once(self) -> None:
         try:
             for node in self.nodes:
                 node.start()

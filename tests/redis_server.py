@@ -43,6 +43,11 @@ def redis_binary() -> str:
     )
 
 
+ADDRESS_IN_USE = "Address already in use"
+"""What redis-server logs when its port was taken meanwhile."""
+_PORT_TRIES = 3
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -76,6 +81,8 @@ class RedisServer:
         self.binary = binary
         self.directory = directory
         self.port = port if port is not None else free_port()
+        self._chosen = port is None  # a port of our choosing: another may do on a clash
+        self._started = False
         self.extra = list(extra or [])
         self.tls = tls
         self.admin = dict(admin or {})
@@ -94,7 +101,24 @@ class RedisServer:
         return redis.Redis(host=HOST, port=self.port, **options)  # type: ignore[arg-type]
 
     def start(self) -> None:
-        """Start the server and wait until it answers PING."""
+        """Start the server and wait until it answers PING.
+
+        A first start on a port this class chose tries another one if the
+        port was taken between the check and the bind (another test run's
+        server, say); a restart keeps its port.
+        """
+        for attempt in range(_PORT_TRIES):
+            try:
+                self._start_once()
+                break
+            except RuntimeError as exc:
+                clash = ADDRESS_IN_USE in str(exc) and self._chosen and not self._started
+                if not clash or attempt == _PORT_TRIES - 1:
+                    raise
+                self.port = free_port()
+        self._started = True
+
+    def _start_once(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         command = [
             self.binary,

@@ -36,7 +36,7 @@ from kvtier.events import KVCacheEvent
 from kvtier.policies.base import EvictionPolicy, make_eviction_policy
 from kvtier.policies.hints import BlockHint
 from kvtier.tiers.base import BlockKey, keys_text
-from kvtier.tiers.index_events import IndexEvents
+from kvtier.tiers.index_bulk import IndexBulk
 from kvtier.tiers.index_hints import (
     HintMemory,
     Hints,
@@ -60,7 +60,7 @@ def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class TierIndex(IndexQueries, IndexEvents):
+class TierIndex(IndexQueries, IndexBulk):
     """Key → slot bookkeeping, pins and eviction for one tier.
 
     Chain order: the keys of one :meth:`commit` or :meth:`pin` call are taken
@@ -76,7 +76,9 @@ class TierIndex(IndexQueries, IndexEvents):
     The queries (:meth:`contains`, :meth:`holds`, :meth:`lookup`, the
     counters…) are inherited from
     :class:`~kvtier.tiers.index_queries.IndexQueries`, :meth:`take_events`
-    from :class:`~kvtier.tiers.index_events.IndexEvents`.
+    from :class:`~kvtier.tiers.index_events.IndexEvents`, the whole-tier
+    changes (:meth:`restore`, :meth:`clear`, :meth:`retire`) from
+    :class:`~kvtier.tiers.index_bulk.IndexBulk`.
 
     Args:
         name: The tier's name, reported as ``medium`` in events.
@@ -352,69 +354,6 @@ class TierIndex(IndexQueries, IndexEvents):
                 self._release(key)
         self._emit_removed(gone)
         return left
-
-    def restore(self, pairs: Iterable[tuple[int, BlockKey]]) -> None:
-        """Enter blocks found on open (a warm restart) as resident, in one ``BlockStored``.
-
-        They join the policy in the given order (the first is evicted first).
-
-        Raises:
-            InvalidRequestError: A slot is not an integer in range or not free,
-                a key is not ``bytes`` or already known, or a slot or key
-                repeats; nothing changed.
-        """
-        slots, keys = self._slots.restorable(pairs, self._name)
-        self._slots.place(slots, keys)
-        for key in keys:
-            self.policy.insert(key)
-        self._emit_stored(keys)
-
-    def clear(self) -> bool:
-        """Forget every block, unless a block is pinned or reserved; the slots are free at once.
-
-        For a tier whose bytes go with the index (host memory); a tier that
-        must delete them first (files) uses :meth:`retire`.
-
-        Returns:
-            True when cleared (an ``AllBlocksCleared`` event is recorded);
-            False, changing nothing, while a load or a store is in flight.
-        """
-        if self._pins or self._reserved:
-            return False
-        self._drops += len(self._slot_of)
-        for key in self._slot_of:
-            self.policy.remove(key)
-        self._hints.clear()
-        self._slots.clear()
-        self._doomed.clear()
-        self._emit_cleared()
-        return True
-
-    def retire(self) -> list[tuple[int, BlockKey]] | None:
-        """Forget every block now, keeping their slots until the caller deleted the bytes.
-
-        :meth:`clear` for a tier whose bytes outlive the index (a disk tier's
-        files): every block becomes invisible at once (one
-        ``AllBlocksCleared``) and is pinned once, as :meth:`remove` leaves a
-        pinned block, so no store reuses a slot, or writes a key, whose file
-        is still being deleted. :meth:`unpin` of the keys afterwards frees
-        the slots.
-
-        Returns:
-            ``(slot, key)`` of every block retired (pinned once each); None,
-            changing nothing, while a block is pinned or reserved.
-        """
-        if self._pins or self._reserved:
-            return None
-        retired = [(slot, key) for key, slot in self._slot_of.items()]
-        self._drops += len(retired)
-        for _, key in retired:
-            self.policy.remove(key)
-            self._pins[key] = 1
-        self._doomed.update(self._slot_of)
-        self._hints.clear()
-        self._emit_cleared()
-        return retired
 
     # -- internals ---------------------------------------------------------------
 

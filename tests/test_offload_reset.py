@@ -7,6 +7,7 @@ and a new process on the disk directory must find none of the old blocks.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from kvtier import KVCacheBlocks, Request
 from kvtier.errors import ClosedError, InvalidRequestError, TierIOError
 from kvtier.events import AllBlocksCleared
 from kvtier.offload import SchedulerOutput
+from kvtier.offload.reset import ResetsRunning
 from kvtier.tiers.base import BlockKey, ProbingStore
 from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.disk import DiskTier
@@ -467,3 +469,42 @@ async def test_a_failed_store_into_a_disk_first_tier_leaves_no_block_behind(
             assert len(manager.indexes[0]) == 0  # the whole store failed
             assert manager.stats().tiers["disk"].failed_transfers == 2
     assert await recovered(tmp_path / "disk") == set()
+
+
+def test_leaving_waits_for_overlapping_resets_to_end_whatever_their_order() -> None:
+    """ResetsRunning counts 2 -> 1 -> 0: the wait ends at 0, not before, and does end.
+
+    Run on a thread of its own: the wait is shielded, so a lost wake-up would
+    hang the test's event loop rather than fail it.
+    """
+    resets = ResetsRunning()
+
+    async def scenario() -> list[int]:
+        gates = [anyio.Event(), anyio.Event()]
+        waited: list[int] = []
+
+        async def hold(gate: anyio.Event) -> None:
+            with resets.running():
+                await gate.wait()
+
+        async def leave() -> None:
+            await resets.wait()
+            waited.append(resets.count)
+
+        async with anyio.create_task_group() as group:
+            for gate in gates:
+                group.start_soon(hold, gate)
+            await anyio.sleep(0.01)
+            group.start_soon(leave)
+            await anyio.sleep(0.01)
+            gates[0].set()
+            await anyio.sleep(0.01)
+            assert waited == []  # one still deleting
+            gates[1].set()
+        return waited
+
+    results: list[list[int]] = []
+    thread = threading.Thread(target=lambda: results.append(anyio.run(scenario)), daemon=True)
+    thread.start()
+    thread.join(DEADLINE)
+    assert results == [[0]], "the wait for running resets never ended"

@@ -60,8 +60,8 @@ class ResetsRunning:
             yield
         finally:
             self.count -= 1
-            over, self._over = self._over, None
-            if over is not None and not self.count:
+            if not self.count and self._over is not None:
+                over, self._over = self._over, None
                 over.set()
 
     async def wait(self) -> None:

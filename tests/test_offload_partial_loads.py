@@ -22,7 +22,7 @@ from kvtier import KVCacheBlocks
 from kvtier.block import KVCacheBlock
 from kvtier.errors import BlockMissingError, TierIOError
 from kvtier.offload import SchedulerOutput
-from kvtier.offload._state import LoadEvent, LoadOutcome, StoreOutcome
+from kvtier.offload._state import LoadEvent, LoadOutcome, Stage, StoreOutcome
 from kvtier.offload.jobs import run_load
 from kvtier.tiers.base import BlockKey
 from kvtier.transfer import TransferPipeline
@@ -244,3 +244,37 @@ def test_any_bad_blocks_cost_exactly_the_positions_from_the_first_one(
                     assert (index.num_pinned, index.num_reserved) == (0, 0)
 
     anyio.run(main)
+
+
+@pytest.mark.asyncio
+async def test_copying_again_skips_the_staging_that_already_arrived() -> None:
+    """Keys 2 and 3 are staged from a slower tier into the first one, then all four
+    go to the device; that last copy finds 3 bad: only it runs again (for 0-2)."""
+    device = MemoryStore(5, name="gpu")
+    first, slow = ScriptedStore(4), ScriptedStore(2)
+    slow.name = "slow"
+    keys = [block_key(i) for i in range(4)]
+    for slot, k in enumerate(keys[:2]):
+        first.keys[slot], first.data[slot] = k, slot + 1
+    for slot, k in enumerate(keys[2:]):
+        slow.keys[slot], slow.data[slot] = k, slot + 3
+    event = LoadEvent(
+        9,
+        "r",
+        [KVCacheBlock(i) for i in range(4)],
+        keys,
+        [],
+        first_slots=[0, 1, 2, 3],
+        stages=[Stage(1, [0, 1], keys[2:], dst_slots=[2, 3])],
+        positions=[0, 1, 2, 3],
+    )
+    first.script = [BlockMissingError.of_slots("cpu", [3])]
+    seen: list[StoreOutcome | LoadOutcome] = []
+    async with TransferPipeline() as pipeline:
+        await run_load(pipeline, device, [first, slow], seen.append, event)
+    [outcome] = seen
+    assert isinstance(outcome, LoadOutcome)
+    assert outcome.cut == 3
+    assert slow.reads == [[0, 1]]  # staged once
+    assert first.reads == [[0, 1, 2, 3], [0, 1, 2]]
+    assert arrived(device, range(3))

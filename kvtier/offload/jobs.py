@@ -217,9 +217,10 @@ async def run_load(
 
     ``ready`` is awaited first; if it fails, so does the load. When a copy
     finds source blocks missing or corrupt, the positions before the first
-    bad one are copied again, every leg of them (the failed copy may have
-    left any of its blocks unwritten), and, once they arrive, reported
-    loaded (``cut``): the engine recomputes only from the first bad position.
+    bad one are copied again by that copy and the ones after it (the failed
+    copy may have left any of its blocks unwritten; the ones before it
+    ended), and, once they arrive, reported loaded (``cut``): the engine
+    recomputes only from the first bad position.
     """
     error: BaseException | None = TransferCancelledError(f"load event {event.event_id} cancelled")
     missing: list[tuple[int, BlockKey]] = []
@@ -233,7 +234,8 @@ async def run_load(
             await _demote(pipeline, tiers, demotion, demoted)
         keep: set[BlockKey] | None = None  # None: every key
         bad_at: int | None = None  # the first position found bad
-        while (failed := await _copy(pipeline, device, tiers, event, keep, seconds)) is not None:
+        done: set[tuple[int, bool]] = set()  # legs whose copy ended: kept keys arrived
+        while failed := await _copy(pipeline, device, tiers, event, keep, seconds, done):
             leg, missed = failed
             bad = await _bad_sources(tiers, leg, missed, missing)
             places = [p for k, p in zip(event.keys, event.positions, strict=True) if k in bad]
@@ -289,12 +291,18 @@ async def _copy(
     event: LoadEvent,
     keep: set[BlockKey] | None,
     seconds: dict[int, float],
+    done: set[tuple[int, bool]],
 ) -> tuple[_Leg, BlockMissingError] | None:
     """Run the event's legs (of the ``keep`` keys); the first that found blocks bad, or None.
 
-    Adds each leg's time to ``seconds`` (per source tier level).
+    Legs in ``done`` (a leg is its source level and whether it goes to the
+    device) are skipped: their copy ended, every key of theirs arrived, and
+    the later legs read only what they wrote. Each leg that ends joins
+    ``done``; its time is added to ``seconds`` (per source tier level).
     """
     for leg in _legs(event, keep):
+        if (leg.level, leg.to_device) in done:
+            continue
         dst = device if leg.to_device else tiers[0]
         task = LoadTask(tiers[leg.level], leg.src_slots, dst, leg.dst_slots, leg.keys)
         try:
@@ -302,6 +310,7 @@ async def _copy(
         except BlockMissingError as exc:
             return leg, exc
         seconds[leg.level] = seconds.get(leg.level, 0.0) + took
+        done.add((leg.level, leg.to_device))
     return None
 
 

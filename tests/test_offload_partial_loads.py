@@ -1,8 +1,9 @@
 """Partial loads: a bad block fails its position and the ones after it, not the whole load.
 
 When a copy finds source blocks missing or corrupt, the load job copies the
-positions before the first bad one again (every leg of them: the failed copy
-may have left any of its blocks unwritten) and reports them loaded; the
+positions before the first bad one again (the copy that failed and the ones
+after it: the failed copy may have left any of its blocks unwritten) and
+reports them loaded; the
 engine recomputes from the first bad position on, as vLLM's scheduler does
 with a connector's load errors.
 """

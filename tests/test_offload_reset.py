@@ -453,6 +453,8 @@ def test_the_async_reset_refuses_a_manager_entered_with_with() -> None:
         with pytest.raises(ClosedError, match="reset_cache_blocking"):
             anyio.run(manager.reset_cache)
         assert len(manager.indexes[0]) == 2
+    with pytest.raises(ClosedError, match="not running"):  # left: not a hint to use the other
+        anyio.run(env.manager.reset_cache)
 
 
 @pytest.mark.asyncio

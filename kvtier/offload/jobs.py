@@ -297,7 +297,7 @@ async def _copy(
 
     Legs in ``done`` (a leg is its source level and whether it goes to the
     device) are skipped: their copy ended, every key of theirs arrived, and
-    the later legs read only what they wrote. Each leg that ends joins
+    no later leg overwrites what they wrote. Each leg that ends joins
     ``done``; its time is added to ``seconds`` (per source tier level).
     """
     for leg in _legs(event, keep):

@@ -12,8 +12,9 @@ makes every block of the tiers it covers invisible at once (one
 ``AllBlocksCleared`` per tier), so no lookup finds one from then on, then
 deletes their bytes (a disk tier's files; host memory has nothing to
 delete) and frees their slots once the deletes ended; until then no store
-reuses those slots or writes those keys, so a block computed meanwhile is not
-stored (see :meth:`~kvtier.tiers.index.TierIndex.retire`).
+reuses those slots or writes those keys, so a block of a retired key computed
+meanwhile is not stored; other blocks are stored in free slots as usual (see
+:meth:`~kvtier.tiers.index.TierIndex.retire`).
 
 A shared tier (a :class:`~kvtier.tiers.base.ProbingStore`, such as Redis)
 holds the blocks of every engine that uses it: one engine can neither tell
@@ -119,6 +120,7 @@ class CacheReset:
             InvalidRequestError: A shared tier is in the stack and
                 ``keep_shared`` is False (nothing changed).
         """
+        self._transfers.runtime.check_running()  # not entered, or left: say so first
         if self._transfers.runtime.thread_mode:
             raise ClosedError(
                 "under `with`, call reset_cache_blocking(); reset_cache() is for a manager "

@@ -58,7 +58,10 @@ class ManagerViews:
         return attrs.evolve(self._stats, tiers=tiers)
 
     def take_events(self) -> list[KVCacheEvent]:
-        """Lower tiers' ``BlockStored`` / ``BlockRemoved`` events since the last call."""
+        """Lower tiers' events since the last call.
+
+        ``BlockStored`` / ``BlockRemoved``, and ``AllBlocksCleared`` for a reset.
+        """
         self._transfers.drain()
         return [event for index in self.indexes for event in index.take_events()]
 

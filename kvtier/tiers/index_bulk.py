@@ -2,8 +2,9 @@
 
 A base of :class:`~kvtier.tiers.index.TierIndex`: the blocks a warm restart
 found entered at once, and every block forgotten at once, freeing the slots
-(:meth:`IndexBulk.clear`, host memory) or holding them until the caller
-deleted the bytes (:meth:`IndexBulk.retire`, files).
+at once (:meth:`IndexBulk.clear`) or holding them until the caller deleted
+the bytes (:meth:`IndexBulk.retire`; the offload manager's reset retires
+every tier it covers, the ones in host memory included).
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ class IndexBulk(IndexEvents):
     def clear(self) -> bool:
         """Forget every block, unless a block is pinned or reserved; the slots are free at once.
 
-        For a tier whose bytes go with the index (host memory); a tier that
-        must delete them first (files) uses :meth:`retire`.
+        Nothing may delete the old bytes afterwards (a new block may take a
+        slot at once): a caller that deletes them (a disk tier's files) uses
+        :meth:`retire`.
 
         Returns:
             True when cleared (an ``AllBlocksCleared`` event is recorded);
@@ -79,8 +81,8 @@ class IndexBulk(IndexEvents):
     def retire(self) -> list[tuple[int, BlockKey]] | None:
         """Forget every block now, keeping their slots until the caller deleted the bytes.
 
-        :meth:`clear` for a tier whose bytes outlive the index (a disk tier's
-        files): every block becomes invisible at once (one
+        :meth:`clear` for a caller that deletes the bytes afterwards (a disk
+        tier's files): every block becomes invisible at once (one
         ``AllBlocksCleared``) and is pinned once, as :meth:`remove` leaves a
         pinned block, so no store reuses a slot, or writes a key, whose file
         is still being deleted. :meth:`unpin` of the keys afterwards frees

@@ -193,7 +193,7 @@ async def test_a_corrupt_disk_block_costs_only_its_position_and_the_ones_after(
                 index.check_invariants()
                 assert (index.num_pinned, index.num_reserved) == (0, 0)
             stats = manager.stats()
-            assert (stats.loads_finished, stats.loads_failed) == (1, 1)
+            assert (stats.loads_finished, stats.loads_failed, stats.loads_partial) == (1, 1, 1)
             assert (stats.tiers["disk"].loads, stats.tiers["disk"].failed_transfers) == (2, 2)
 
 
@@ -243,6 +243,9 @@ def test_any_bad_blocks_cost_exactly_the_positions_from_the_first_one(
                 for index in manager.indexes:
                     index.check_invariants()
                     assert (index.num_pinned, index.num_reserved) == (0, 0)
+                stats = manager.stats()
+                assert stats.loads_failed == int(cut < n)
+                assert stats.loads_partial == int(0 < cut < n)
 
     anyio.run(main)
 

@@ -92,10 +92,12 @@ class OffloadStats:
         device_hit_blocks: Blocks the device prefix cache held at lookup.
         tokens_to_compute: Prompt tokens the lookups left to compute.
         loads_finished: Request loads that ended (each reported to the engine,
-            unless its request finished and a new one took its id first). A
-            load the manager's close found never started is reported failed
-            but not counted here (nor in ``loads_failed``): it moved nothing.
+            unless its request finished first). A load the manager's close
+            found never started is reported failed but not counted here (nor
+            in ``loads_failed``): it moved nothing.
         loads_failed: Of those, loads that failed (in whole or in part).
+        loads_partial: Of the failed ones, loads that failed in part: the
+            blocks before the first failed one arrived (a block gone or bad).
     """
 
     tiers: dict[str, TierStats] = attrs.field(factory=dict)
@@ -104,3 +106,4 @@ class OffloadStats:
     tokens_to_compute: int = 0
     loads_finished: int = 0
     loads_failed: int = 0
+    loads_partial: int = 0

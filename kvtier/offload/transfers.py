@@ -336,23 +336,32 @@ class Transfers:
         # Nor is a finished request told: its id is free, and a request that
         # reuses it before allocating would take the report for its own.
         tell = owner is not None and not owner.finished
-        self.report_load(event.request_id, ids, tell=tell, counted=ran)
+        partial = bool(ids) and bool(arrived)
+        self.report_load(event.request_id, ids, tell=tell, counted=ran, partial=partial)
         if owner is not None:
             owner.load = None
             self.forget_if_idle(owner)
 
     def report_load(
-        self, request_id: str, failed: Sequence[int], *, tell: bool = True, counted: bool = True
+        self,
+        request_id: str,
+        failed: Sequence[int],
+        *,
+        tell: bool = True,
+        counted: bool = True,
+        partial: bool = False,
     ) -> None:
         """Count (if ``counted``) a request's load that ended; if ``tell``, report it.
 
-        ``failed``: the device blocks to recompute.
+        ``failed``: the device blocks to recompute; ``partial``: some others
+        arrived.
         """
         if tell:
             self.finished.append(FinishedLoad(request_id, not failed, tuple(failed)))
         if counted:
             self.stats.loads_finished += 1
             self.stats.loads_failed += int(bool(failed))
+            self.stats.loads_partial += int(partial)
 
     def track(self, request_id: str, block_ids: list[list[int]]) -> RequestState:
         """The state of a request given device blocks: its own, or a fresh one.

@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 
 from kvtier.config import KvtierConfig, parse_config
-from kvtier.errors import ConfigError
+from kvtier.errors import BlockMissingError, ConfigError
 from kvtier.replay import (
     ReplayIntegrityError,
     ReplayReport,
@@ -186,6 +186,37 @@ async def test_a_failing_tier_turns_loads_into_recomputes(tmp_path: Path) -> Non
     assert report.loaded_tokens == 0
     assert report.failed_loads > 0
     assert report.verified_blocks == report.device_hit_tokens // 16
+
+
+class LosingStore(Wrapper):
+    """Loses a third of the blocks (chosen by key) on every read, garbling their rows."""
+
+    async def read_into(
+        self, slots: Sequence[int], keys: Sequence[BlockKey], out: torch.Tensor
+    ) -> None:
+        await super().read_into(slots, keys, out)
+        lost = [i for i, key in enumerate(keys) if key[0] % 3 == 0]
+        for i in lost:
+            out[i].fill_(0xEE)
+        if lost:
+            raise BlockMissingError.of_slots(self.name, [slots[i] for i in lost])
+
+
+@pytest.mark.asyncio
+async def test_lost_blocks_cost_their_positions_on_and_the_report_counts_partial_loads(
+    tmp_path: Path,
+) -> None:
+    report = await replay(
+        small_config(), small_chat(), workdir=tmp_path, wrap_tier=LosingStore
+    )  # every kept block is verified byte for byte: no ReplayIntegrityError
+    assert report.failed_loads > 0
+    assert 0 < report.partial_loads <= report.failed_loads
+    assert report.loaded_tokens > 0
+    assert report.to_dict()["partial_loads"] == report.partial_loads
+    console = Console(width=200, record=True)
+    for table in render(report):
+        console.print(table)
+    assert f"({report.partial_loads} in part)" in console.export_text()
 
 
 @pytest.mark.asyncio

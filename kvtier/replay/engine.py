@@ -91,6 +91,7 @@ class _Engine:
         self.device_hit_tokens = 0
         self.loaded_tokens = 0
         self.failed_loads = 0
+        self.partial_loads = 0
         self.finished = 0
         self.probed: set[str] = set()  # requests whose shared tiers were asked already
 
@@ -166,6 +167,8 @@ class _Engine:
             ids = self.kvm.get_block_ids(request.request_id)[0]
             failed = set(finished.failed_block_ids)
             self.failed_loads += int(bool(failed))
+            kept = any(ids[p] not in failed for p in range(first, first + count))
+            self.partial_loads += int(bool(failed) and kept)
             for position in range(first, first + count):
                 if ids[position] in failed:
                     continue  # recomputed by the forward pass
@@ -289,6 +292,7 @@ async def replay(
         prefetch=config.offload.prefetch,
         verified_blocks=engine.verified,
         failed_loads=engine.failed_loads,
+        partial_loads=engine.partial_loads,
         seconds=end - start,
         device=str(device),
         tiers=tuple(tier_report(name, s) for name, s in stats.tiers.items()),

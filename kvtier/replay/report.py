@@ -112,6 +112,8 @@ class ReplayReport:
             to Redis).
         close_seconds: Wall time of closing them after the last completion
             (``[offload] flush_on_close`` included).
+        partial_loads: Of the failed loads, those that kept the blocks before
+            the first failed one (recomputed from it on).
     """
 
     workload: str
@@ -128,6 +130,7 @@ class ReplayReport:
     tiers: tuple[TierReport, ...]
     open_seconds: float = 0.0
     close_seconds: float = 0.0
+    partial_loads: int = 0
 
     @property
     def saved_tokens(self) -> int:
@@ -160,7 +163,7 @@ def render(report: ReplayReport) -> list[Table]:
         ("prefill saved", f"{report.saved_tokens:,} tokens ({report.saved_ratio:.1%})"),
         (f"hits declined by prefetch={report.prefetch}", f"{report.declined_tokens:,} tokens"),
         ("reused blocks verified byte for byte", f"{report.verified_blocks:,}"),
-        ("failed loads (recomputed)", f"{report.failed_loads:,}"),
+        ("failed loads (recomputed)", _failed_loads(report)),
         ("device tier", report.device),
         ("wall time", f"{report.seconds:.1f} s"),
         (
@@ -213,6 +216,12 @@ def render(report: ReplayReport) -> list[Table]:
             *([f"{tier.failed_probes:,}"] if probes else []),
         )
     return [summary, tiers, traffic]
+
+
+def _failed_loads(report: ReplayReport) -> str:
+    if not report.partial_loads:
+        return f"{report.failed_loads:,}"
+    return f"{report.failed_loads:,} ({report.partial_loads:,} in part)"
 
 
 def _mib(nbytes: int) -> str:

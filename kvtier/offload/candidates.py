@@ -30,7 +30,7 @@ def track_blocks(
     """Update the requests' live block ids from the step's scheduler output.
 
     A new request whose id a finished one still holds gets a state of its
-    own (see :meth:`~kvtier.offload.transfers.Transfers.track`). With
+    own (see :meth:`~kvtier.offload.request_book.RequestBook.track`). With
     ``live`` False (only eager stores read the ids), the blocks added to
     running requests are not followed: only new and preempted requests are.
     """

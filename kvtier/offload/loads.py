@@ -231,7 +231,7 @@ class LoadPlanner:
         rid = request.request_id
         state = self.transfers.requests.get(rid)
         # A finished request's load is its own: a new request may reuse its id
-        # (see Transfers.track).
+        # (see RequestBook.track).
         load = None if state is None or state.finished else state.load
         if num_external_tokens and load is not None:
             # Its load still writes the blocks of the earlier allocation: a new

@@ -216,7 +216,7 @@ async def test_lost_blocks_cost_their_positions_on_and_the_report_counts_partial
     console = Console(width=200, record=True)
     for table in render(report):
         console.print(table)
-    assert f"({report.partial_loads} in part)" in console.export_text()
+    assert f"({report.partial_loads:,} in part)" in console.export_text()
 
 
 @pytest.mark.asyncio

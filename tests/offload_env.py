@@ -27,6 +27,17 @@ DEADLINE = 10.0
 """Seconds a test waits for transfers: a hang fails it instead of stalling the suite."""
 
 
+def disk_tier(path: Path, blocks: int = 16, name: str = "disk") -> DiskTier:
+    """A disk tier of ``blocks`` blocks of :data:`LAYOUT` under ``path``."""
+    return DiskTier(path, LAYOUT, blocks * DiskTier.bytes_per_block(LAYOUT), name=name)
+
+
+async def recovered(path: Path, blocks: int = 16, name: str = "disk") -> dict[bytes, int]:
+    """What a new process finds on the disk directory: key -> slot."""
+    async with disk_tier(path, blocks, name) as disk:
+        return {k: slot for slot, k in await disk.recover()}
+
+
 def pattern(key: bytes) -> torch.Tensor:
     """The bytes a device block holding ``key`` contains."""
     seed = hashlib.sha256(key).digest()
@@ -58,7 +69,7 @@ class Env:
         if tiers is None:
             tiers = [CpuTier(LAYOUT, cpu_blocks)]
             if disk is not None:
-                tiers.append(DiskTier(disk, LAYOUT, disk_blocks * DiskTier.bytes_per_block(LAYOUT)))
+                tiers.append(disk_tier(disk, disk_blocks))
         self.tiers = tiers
         self.manager = OffloadManager(
             self.pool,
@@ -160,6 +171,16 @@ async def store(
         env.manager.request_finished(request)
         env.pool.free_blocks(reversed(blocks.blocks[0]))
     return blocks
+
+
+def start_load(env: Env, request: Request, num_blocks: int) -> KVCacheBlocks:
+    """Look ``request`` up, allocate fresh blocks for its first ``num_blocks`` and start
+    their load (its lookup must answer them all); the target blocks."""
+    assert env.manager.get_num_new_matched_tokens(request, 0)[0] == num_blocks * BS
+    targets = KVCacheBlocks((env.fresh(num_blocks),))
+    env.manager.update_state_after_alloc(request, targets, num_blocks * BS)
+    env.manager.build_step(scheduled(new={request.request_id: targets}))
+    return targets
 
 
 def store_blocking(env: Env, request: Request, num_blocks: int) -> KVCacheBlocks:

@@ -12,7 +12,7 @@ from kvtier import KVCacheBlocks, Request
 from kvtier.errors import ConfigError, InvalidRequestError
 from kvtier.offload import FinishedLoad, OffloadManager, SchedulerOutput
 from kvtier.tiers.cpu import CpuTier
-from tests.offload_env import BS, LAYOUT, Env, key, scheduled, store
+from tests.offload_env import BS, LAYOUT, Env, key, scheduled, start_load, store
 
 
 @pytest.mark.asyncio
@@ -238,17 +238,13 @@ async def test_a_finished_requests_load_is_never_reported_to_a_new_request_of_it
         req = env.request(2)
         await store(env, req, env.alloc(req, 2))
         old = env.request(2, like=req, request_id="reused")
-        manager.get_num_new_matched_tokens(old, 0)
-        manager.update_state_after_alloc(old, KVCacheBlocks((env.fresh(2),)), 2 * BS)
-        manager.build_step(SchedulerOutput())
+        start_load(env, old, 2)
         assert manager.request_finished(old) is True
         new = env.request(2, like=req, request_id="reused")
         assert manager.get_num_new_matched_tokens(new, 0) == (2 * BS, True)
         await manager.wait_idle()  # the old load ends
         assert manager.take_finished() == []
-        targets = KVCacheBlocks((env.fresh(2),))
-        manager.update_state_after_alloc(new, targets, 2 * BS)
-        manager.build_step(SchedulerOutput())
+        targets = start_load(env, new, 2)
         await manager.wait_for_loads([new.request_id])
         (done,) = manager.take_finished()  # the new request's own load
         assert (done.request_id, done.ok) == ("reused", True)
@@ -262,9 +258,7 @@ async def test_a_load_report_not_taken_when_its_request_finishes_is_dropped() ->
         req = env.request(2)
         await store(env, req, env.alloc(req, 2))
         again = env.request(2, like=req)
-        manager.get_num_new_matched_tokens(again, 0)
-        manager.update_state_after_alloc(again, KVCacheBlocks((env.fresh(2),)), 2 * BS)
-        manager.build_step(SchedulerOutput())
+        start_load(env, again, 2)
         await manager.wait_for_loads([again.request_id])  # ended: its report is queued
         assert manager.request_finished(again) is False
         assert manager.take_finished() == []

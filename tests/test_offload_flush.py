@@ -13,7 +13,6 @@ from kvtier.errors import ConfigError, TierIOError
 from kvtier.offload.flush import flush_order, flush_targets
 from kvtier.offload.runtime import current_streams
 from kvtier.tiers.cpu import CpuTier
-from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.index import TierIndex
 from kvtier.tiers.redis import RedisTier
 from kvtier.transfer import TransferPipeline
@@ -22,8 +21,10 @@ from tests.offload_env import (
     DEADLINE,
     LAYOUT,
     Env,
+    disk_tier,
     key,
     pattern,
+    recovered,
     scheduled,
     store,
     store_blocking,
@@ -32,16 +33,6 @@ from tests.redis_server import RedisServer, shared_redis
 from tests.tier_doubles import FaultInjectingStore
 
 __all__ = ["shared_redis"]  # the fixture
-
-
-def disk_tier(path: Path, blocks: int) -> DiskTier:
-    return DiskTier(path, LAYOUT, blocks * DiskTier.bytes_per_block(LAYOUT))
-
-
-async def recovered(path: Path, blocks: int) -> dict[bytes, int]:
-    """What a new process finds on the disk directory: key -> slot."""
-    async with disk_tier(path, blocks) as disk:
-        return {k: slot for slot, k in await disk.recover()}
 
 
 @pytest.mark.asyncio

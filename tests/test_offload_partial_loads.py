@@ -27,7 +27,7 @@ from kvtier.offload._state import LoadEvent, LoadOutcome, Stage, StoreOutcome
 from kvtier.offload.jobs import run_load
 from kvtier.tiers.base import BlockKey
 from kvtier.transfer import TransferPipeline
-from tests.offload_env import BS, DEADLINE, LAYOUT, Env, key, store
+from tests.offload_env import BS, DEADLINE, LAYOUT, Env, key, start_load, store
 from tests.tier_doubles import MemoryStore
 
 
@@ -174,10 +174,7 @@ async def test_a_corrupt_disk_block_costs_only_its_position_and_the_ones_after(
             data[-1] ^= 0xFF  # a payload byte
             victim.write_bytes(bytes(data))
             again = env.request(4, like=a)
-            assert manager.get_num_new_matched_tokens(again, 0) == (4 * BS, True)
-            targets = env.fresh(4)
-            manager.update_state_after_alloc(again, KVCacheBlocks((targets,)), 4 * BS)
-            manager.build_step(SchedulerOutput())
+            targets = start_load(env, again, 4).blocks[0]
             await manager.wait_for_loads([again.request_id])
             [finished] = manager.take_finished()
             assert not finished.ok

@@ -30,23 +30,16 @@ from tests.offload_env import (
     DEADLINE,
     LAYOUT,
     Env,
+    disk_tier,
     key,
     pattern,
+    recovered,
     scheduled,
+    start_load,
     store,
     store_blocking,
 )
 from tests.tier_doubles import FaultInjectingStore, MemoryStore
-
-
-def disk_tier(path: Path, blocks: int = 16, name: str = "disk") -> DiskTier:
-    return DiskTier(path, LAYOUT, blocks * DiskTier.bytes_per_block(LAYOUT), name=name)
-
-
-async def recovered(path: Path, name: str = "disk") -> set[bytes]:
-    """The keys a new process finds on the disk directory."""
-    async with disk_tier(path, name=name) as disk:
-        return {k for _, k in await disk.recover()}
 
 
 def new_weights(key: bytes) -> torch.Tensor:
@@ -64,10 +57,7 @@ def recompute(env: Env, request: Request, num_blocks: int) -> KVCacheBlocks:
 
 async def load(env: Env, request: Request, num_blocks: int) -> list[torch.Tensor]:
     """Look the request up, load ``num_blocks`` into fresh blocks; their bytes."""
-    assert env.manager.get_num_new_matched_tokens(request, 0)[0] == num_blocks * BS
-    targets = KVCacheBlocks((env.fresh(num_blocks),))
-    env.manager.update_state_after_alloc(request, targets, num_blocks * BS)
-    env.manager.build_step(scheduled(new={request.request_id: targets}))
+    targets = start_load(env, request, num_blocks)
     await env.manager.wait_for_loads([request.request_id])
     (finished,) = env.manager.take_finished()
     assert not finished.failed_block_ids
@@ -112,7 +102,7 @@ async def test_a_reset_forgets_and_deletes_every_cpu_and_disk_block(tmp_path: Pa
             assert events == [AllBlocksCleared(medium="cpu"), AllBlocksCleared(medium="disk")]
             (reset,) = [log for log in logs if log["event"] == "cache_reset"]
             assert (reset["tiers"], reset["n_blocks"]) == (["cpu", "disk"], 4)
-    assert await recovered(tmp_path / "disk") == set()
+    assert set(await recovered(tmp_path / "disk")) == set()
 
 
 @pytest.mark.asyncio
@@ -137,7 +127,7 @@ async def test_after_a_reset_loads_return_the_new_bytes_never_the_old(tmp_path: 
                 assert all(torch.equal(data[i], new_weights(key(request, i))) for i in range(2))
     # A new process finds the blocks written since the reset (a's load staged
     # them through the CPU tier, which sent b's down), with the new bytes.
-    assert await recovered(tmp_path / "disk") == {key(r, i) for r in (a, b) for i in range(2)}
+    assert set(await recovered(tmp_path / "disk")) == {key(r, i) for r in (a, b) for i in range(2)}
     again = Env(gpu_blocks=32, cpu_blocks=2, disk=tmp_path / "disk")
     with anyio.fail_after(DEADLINE):
         async with again.manager:
@@ -275,7 +265,7 @@ async def test_a_cancelled_reset_finishes_its_deletes_and_frees_the_slots(tmp_pa
             assert scope.cancelled_caught
             for index in manager.indexes:
                 assert_empty(index)
-    assert await recovered(tmp_path / "disk") == set()
+    assert set(await recovered(tmp_path / "disk")) == set()
 
 
 @pytest.mark.asyncio
@@ -352,7 +342,7 @@ def test_the_blocking_reset_needs_the_manager_entered_with_with(tmp_path: Path) 
         assert manager.reset_cache_blocking() is True
         for index in manager.indexes:
             assert_empty(index)
-    assert anyio.run(recovered, tmp_path / "disk") == set()
+    assert set(anyio.run(recovered, tmp_path / "disk")) == set()
 
 
 @pytest.mark.asyncio
@@ -407,7 +397,7 @@ async def test_blocks_a_failed_write_left_on_disk_do_not_outlive_a_reset(tmp_pat
             assert manager.stats().tiers["disk"].failed_transfers == 2
             assert env.pool.reset_prefix_cache()
             assert await manager.reset_cache()
-    assert await recovered(tmp_path / "disk") == set()
+    assert set(await recovered(tmp_path / "disk")) == set()
 
 
 @pytest.mark.asyncio
@@ -435,7 +425,7 @@ async def test_leaving_the_manager_while_a_reset_deletes_waits_for_the_deletes(
                 await nvme.discard_started.wait()
                 group.start_soon(open_later, nvme.discard_gate)
             assert outcome == [True]
-    assert await recovered(tmp_path / "hdd", "hdd") == set()
+    assert set(await recovered(tmp_path / "hdd", name="hdd")) == set()
 
 
 async def open_later(gate: anyio.Event) -> None:
@@ -470,7 +460,7 @@ async def test_a_failed_store_into_a_disk_first_tier_leaves_no_block_behind(
             await store(env, request, 2, release=True)
             assert len(manager.indexes[0]) == 0  # the whole store failed
             assert manager.stats().tiers["disk"].failed_transfers == 2
-    assert await recovered(tmp_path / "disk") == set()
+    assert set(await recovered(tmp_path / "disk")) == set()
 
 
 def test_leaving_waits_for_overlapping_resets_to_end_whatever_their_order() -> None:

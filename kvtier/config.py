@@ -124,6 +124,9 @@ class OffloadConfig:
         flush_on_close: Copy the CPU tier's blocks into the tier below when
             the offload manager closes cleanly (see
             :mod:`kvtier.offload.flush`).
+        spill_stores: Eager and selective modes: store the blocks the first
+            lower tier has no room for into the next tier down with room
+            instead of dropping them (see :mod:`kvtier.offload.stores`).
     """
 
     write_mode: str = "eager"
@@ -136,6 +139,7 @@ class OffloadConfig:
     selective_min_hits: int = 2
     max_probe_blocks: int = 256
     flush_on_close: bool = False
+    spill_stores: bool = True
 
 
 @attrs.frozen
@@ -266,6 +270,7 @@ _IGNORED_BY: Final = {
     "prefetch_timeout_per_1k_tokens": ("prefetch", ("best_effort", "wait_complete"), "best_effort"),
     "lazy_free_target": ("write_mode", ("eager", "selective"), "eager"),
     "selective_min_hits": ("write_mode", ("eager", "lazy"), "eager"),
+    "spill_stores": ("write_mode", ("lazy",), "eager"),
 }
 """``[offload]`` keys that some choices of another key never read: ``(key, choices, default)``.
 
@@ -285,6 +290,7 @@ def _offload(table: Mapping[str, Any]) -> OffloadConfig:
         "selective_min_hits",
         "max_probe_blocks",
         "flush_on_close",
+        "spill_stores",
     )
     _check_keys(table, allowed, "offload")
     offload = OffloadConfig(
@@ -301,6 +307,7 @@ def _offload(table: Mapping[str, Any]) -> OffloadConfig:
         _integer(table, "selective_min_hits", 2, "offload"),
         _integer(table, "max_probe_blocks", 256, "offload", minimum=0),
         bool(_boolean(table, "flush_on_close", False, "offload")),
+        bool(_boolean(table, "spill_stores", True, "offload")),
     )
     for name, (option, ignoring, default) in _IGNORED_BY.items():
         chosen = table.get(option, default)

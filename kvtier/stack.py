@@ -158,6 +158,7 @@ def offload_manager(
         pipeline=pipeline,
         max_probe_blocks=config.offload.max_probe_blocks,
         flush_on_close=config.offload.flush_on_close,
+        spill_stores=config.offload.spill_stores,
         prefetch=make_prefetch_policy(
             config.offload.prefetch,
             timeout=config.offload.prefetch_timeout,

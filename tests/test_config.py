@@ -344,6 +344,10 @@ def test_a_disk_tier_counts_blocks_by_their_files() -> None:
             {"write_mode": "lazy", "selective_min_hits": 3},
             r"selective_min_hits: write_mode = 'lazy' never reads it",
         ),
+        (
+            {"write_mode": "lazy", "spill_stores": False},
+            r"spill_stores: write_mode = 'lazy' never reads it",
+        ),
     ],
 )
 def test_a_key_its_mode_does_not_read_is_refused(offload: dict[str, object], message: str) -> None:
@@ -383,3 +387,12 @@ def test_flush_on_close_is_read_and_needs_a_tier_below_a_cpu_tier() -> None:
         parse_config(base(tiers=cpus, offload={"flush_on_close": True}))
     with pytest.raises(ConfigError, match=r"offload.flush_on_close: 'yes' is not true or false"):
         parse_config(base(tiers=two, offload={"flush_on_close": "yes"}))
+
+
+def test_spill_stores_is_on_by_default_and_read_in_eager_and_selective_modes() -> None:
+    assert parse_config(base()).offload.spill_stores is True
+    for mode in ("eager", "selective"):
+        config = parse_config(base(offload={"write_mode": mode, "spill_stores": False}))
+        assert config.offload.spill_stores is False
+    with pytest.raises(ConfigError, match=r"offload.spill_stores: 'no' is not true or false"):
+        parse_config(base(offload={"spill_stores": "no"}))

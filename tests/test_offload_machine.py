@@ -7,7 +7,9 @@ device dropping its free cached blocks (so later requests load them),
 transfers held back and released late, injected transfer failures and
 blocks found bad (a load keeps the positions before the first one), and
 resets of every cache with a change of weights (the bytes computed for a
-hash change, so a block from before the reset loaded after it is caught). Real
+hash change, so a block from before the reset loaded after it is caught); one
+machine stacks a small CPU tier over a second one, so stores spill past it,
+loads stage through it and its evictions are demoted. Real
 KVCacheManager, real tiers and pipeline (synchronous mode: a background event
 loop). Checked after every step: no lower-tier slot both free and pinned, no
 device block stored twice while in flight, loads only into blocks without a
@@ -43,16 +45,20 @@ TIMEOUT = 30.0
 
 class OffloadMachine(RuleBasedStateMachine):
     mode = "eager"
+    slots: tuple[int, ...] = (CPU_SLOTS,)  # per lower tier, fastest first
 
     def __init__(self) -> None:
         super().__init__()
         self.kvm = KVCacheManager(KVCacheConfig.full_attention(GPU_BLOCKS, BS), 4096)
         self.cache = torch.zeros((GPU_BLOCKS, LAYOUT.block_bytes), dtype=torch.uint8)
-        self.cpu = GatedStore(CpuTier(LAYOUT, CPU_SLOTS))
+        self.tiers = [
+            GatedStore(CpuTier(LAYOUT, slots, name=f"cpu{level or ''}"))
+            for level, slots in enumerate(self.slots)
+        ]
         self.om = OffloadManager(
             self.kvm.block_pool,
             DeviceTier(self.cache, LAYOUT),
-            [self.cpu],
+            self.tiers,
             block_size=BS,
             mode=self.mode,  # type: ignore[arg-type]
             lazy_free_target=8,
@@ -187,17 +193,22 @@ class OffloadMachine(RuleBasedStateMachine):
             ids = sorted(self.requests)
             self._end(ids[pick % len(ids)])
 
+    def _open(self) -> None:
+        for tier in self.tiers:
+            tier.open = True
+
     @rule()
     def hold_transfers(self) -> None:
-        self.cpu.open = False
+        for tier in self.tiers:
+            tier.open = False
 
     @rule()
     def release_transfers(self) -> None:
-        self.cpu.open = True
+        self._open()
 
-    @rule()
-    def fail_next_transfer(self) -> None:
-        self.cpu.fail += 1
+    @rule(level=st.integers(0, 1))
+    def fail_next_transfer(self, level: int) -> None:
+        self.tiers[level % len(self.tiers)].fail += 1
 
     @rule()
     def evict_device_cache(self) -> None:
@@ -206,14 +217,14 @@ class OffloadMachine(RuleBasedStateMachine):
         pool = self.kvm.block_pool
         pool.evict_blocks([block.block_id for block in pool.free_block_queue if block.block_hash])
 
-    @rule()
-    def lose_next_block(self) -> None:
+    @rule(level=st.integers(0, 1))
+    def lose_next_block(self, level: int) -> None:
         """The next read finds one of its blocks bad: a load keeps the positions before it."""
-        self.cpu.lose += 1
+        self.tiers[level % len(self.tiers)].lose += 1
 
     @rule()
     def settle(self) -> None:
-        self.cpu.open = True
+        self._open()
         assert self.om.wait_idle_blocking(TIMEOUT), "transfers did not end"
         self.collect()
 
@@ -223,7 +234,7 @@ class OffloadMachine(RuleBasedStateMachine):
         computes with new weights from then on (rare: it ends every request)."""
         if really != 7:
             return
-        self.cpu.open = True
+        self._open()
         self.step()  # planned loads start at a step
         assert self.om.wait_idle_blocking(TIMEOUT), "transfers did not end"
         self.collect()
@@ -233,7 +244,7 @@ class OffloadMachine(RuleBasedStateMachine):
         self.collect()
         assert self.kvm.reset_prefix_cache()
         assert self.om.reset_cache_blocking()
-        assert len(self.om.indexes[0]) == 0
+        assert all(len(index) == 0 for index in self.om.indexes)
         self.weights += 1
 
     # -- invariants ----------------------------------------------------------------
@@ -250,9 +261,9 @@ class OffloadMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         try:
-            self.cpu.open = True
-            self.cpu.fail = 0
-            self.cpu.lose = 0
+            for tier in self.tiers:
+                tier.open = True
+                tier.fail = tier.lose = 0
             self.step()  # planned loads start at a step
             assert self.om.wait_idle_blocking(TIMEOUT)
             self.collect()
@@ -262,9 +273,9 @@ class OffloadMachine(RuleBasedStateMachine):
                 self._end(rid)
             assert self.om.wait_idle_blocking(TIMEOUT)
             self.om.take_finished()
-            cpu = self.om.indexes[0]
-            assert cpu.num_pinned == 0
-            assert cpu.num_reserved == 0
+            for index in self.om.indexes:
+                assert index.num_pinned == 0
+                assert index.num_reserved == 0
             assert not any(self.om.has_request(rid) for rid in self.phase)
             pool = self.kvm.block_pool
             assert pool.get_num_free_blocks() == GPU_BLOCKS - 1, "a device block leaked"
@@ -276,7 +287,16 @@ class LazyOffloadMachine(OffloadMachine):
     mode = "lazy"
 
 
+class TieredOffloadMachine(OffloadMachine):
+    """A small CPU tier over a second one: stores spill past it, loads stage through it,
+    and its evictions are demoted."""
+
+    slots = (3, 8)
+
+
 TestOffloadMachine = OffloadMachine.TestCase
 TestOffloadMachine.settings = settings(deadline=None)
 TestLazyOffloadMachine = LazyOffloadMachine.TestCase
 TestLazyOffloadMachine.settings = settings(deadline=None)
+TestTieredOffloadMachine = TieredOffloadMachine.TestCase
+TestTieredOffloadMachine.settings = settings(deadline=None)

@@ -42,6 +42,7 @@ def small_config(
     mode: str = "eager",
     disk_path: Path | None = None,
     prefetch: dict[str, object] | None = None,
+    spill_stores: bool = True,
 ) -> KvtierConfig:
     tiers: list[dict[str, object]] = [
         {"kind": "device", "capacity": device_blocks * BLOCK_BYTES},
@@ -55,7 +56,11 @@ def small_config(
     return parse_config(
         {
             "layout": {"num_layers": 1, "block_size": 16, "num_kv_heads": 1, "head_size": 8},
-            "offload": {"write_mode": mode, **(prefetch or {"prefetch": "wait_complete"})},
+            "offload": {
+                "write_mode": mode,
+                **(prefetch or {"prefetch": "wait_complete"}),
+                **({} if spill_stores else {"spill_stores": False}),
+            },
             "tiers": tiers,
         }
     )
@@ -99,7 +104,9 @@ async def test_hits_spill_to_disk_when_cpu_is_small(tmp_path: Path) -> None:
     report = await replay(small_config(cpu_blocks=48), small_chat(), workdir=tmp_path)
     disk = report.tiers[1]
     assert disk.demotions > 0  # CPU evictions are demoted, not dropped
-    assert disk.bytes_stored == disk.demotions * BLOCK_BYTES  # the disk's writes, shown
+    # Its writes, shown: demotions, and stores the full CPU tier spilled into it.
+    assert disk.stored_blocks == disk.spilled_blocks
+    assert disk.bytes_stored == (disk.demotions + disk.stored_blocks) * BLOCK_BYTES
     assert disk.hits > 0
     assert disk.loaded_blocks > 0
     assert report.verified_blocks == (report.device_hit_tokens + report.loaded_tokens) // 16
@@ -300,7 +307,8 @@ async def test_the_smallest_device_that_holds_the_largest_prompt_is_accepted() -
 @pytest.mark.asyncio
 async def test_stores_dropped_by_a_full_cpu_tier_are_reported(tmp_path: Path) -> None:
     """A CPU tier full of blocks being written drops stores: the report must say how many."""
-    report = await replay(small_config(cpu_blocks=4), small_chat(), workdir=tmp_path)
+    dropping = small_config(cpu_blocks=4, spill_stores=False)
+    report = await replay(dropping, small_chat(), workdir=tmp_path)
     cpu = report.tiers[0]
     assert cpu.dropped_stores > 0
     assert report.to_dict()["tiers"][0]["dropped_stores"] == cpu.dropped_stores
@@ -322,6 +330,38 @@ async def test_stores_dropped_by_a_full_cpu_tier_are_reported(tmp_path: Path) ->
     assert "dropped" not in console.export_text()  # the column shows only when needed
 
 
+@pytest.mark.asyncio
+async def test_stores_a_full_cpu_tier_spills_to_disk_are_reported(tmp_path: Path) -> None:
+    """With spilling (the default) the disk takes what the CPU tier had no room for."""
+    dropping = await replay(small_config(cpu_blocks=4, spill_stores=False), small_chat())
+    report = await replay(small_config(cpu_blocks=4), small_chat(), workdir=tmp_path)
+    cpu, disk = report.tiers
+    assert disk.spilled_blocks > 0
+    assert disk.stored_blocks == disk.spilled_blocks  # the disk is written only by spills
+    assert cpu.spilled_blocks == 0
+    assert cpu.dropped_stores < dropping.tiers[0].dropped_stores
+    assert report.to_dict()["tiers"][1]["spilled_blocks"] == disk.spilled_blocks
+    console = Console(width=200, record=True)
+    for table in render(report):
+        console.print(table)
+    lines = console.export_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if "(spilled in)" in line)  # the tiers' header
+    names = [cell.strip() for cell in lines[at].split("┃")]
+    column = names.index("stored (spilled in)")
+    end = next(i for i in range(at, len(lines)) if lines[i].startswith("└"))
+    cells = {
+        cells[1]: cells[column]
+        for cells in ([cell.strip() for cell in line.split("│")] for line in lines[at:end])
+        if len(cells) > column
+    }
+    assert cells["disk"] == f"{disk.stored_blocks:,} ({disk.spilled_blocks:,})"
+    assert cells["cpu"] == f"{cpu.stored_blocks:,}"  # nothing spilled into it
+    console = Console(width=200, record=True)
+    for table in render(dropping):
+        console.print(table)
+    assert "spilled" not in console.export_text()  # the column shows only when needed
+
+
 def test_failed_probes_of_a_shared_tier_get_a_column() -> None:
     def tier(name: str, failed_probes: int) -> TierReport:
         return TierReport(name, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0, failed_probes=failed_probes)
@@ -337,10 +377,11 @@ def test_a_narrow_terminal_wraps_the_tier_table_never_cuts_its_numbers() -> None
     busy = TierReport(
         "cpu", 31_000, 52_345, 45_123, 31_000, 40_000, 12_345, 3.2, 5.1, 12,
         restored_blocks=12_000, flushed_blocks=3_000, dropped_stores=123_456, failed_probes=3,
+        spilled_blocks=7_654,
     )  # fmt: skip
     shown = text(report_of(busy, TierReport("disk", 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0)), width=80)
     assert "…" not in shown  # a number too wide for its column is folded onto the next line
-    for number in ("12,000", "45,123", "31,000", "40,000", "12,345", "3,000"):
+    for number in ("12,000", "45,123", "31,000", "40,000", "12,345", "3,000", "7,654"):
         assert number in shown
 
 

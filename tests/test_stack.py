@@ -85,6 +85,19 @@ async def test_an_offload_manager_from_a_config_uses_its_policies_and_mode(
         offload_manager(config, kv.block_pool, device, tiers=manager.tiers[:1])
 
 
+@pytest.mark.parametrize("spill", [True, False])
+def test_the_manager_spills_stores_as_the_config_says(tmp_path: Path, spill: bool) -> None:
+    config = _config(
+        {"kind": "cpu", "capacity": "32KiB"},
+        {"kind": "disk", "capacity": "1MiB"},
+        offload={"spill_stores": spill},
+    )
+    kv = KVCacheManager(KVCacheConfig.full_attention(8, 16), 1024)
+    device = DeviceTier(torch.zeros(8, config.layout.block_bytes, dtype=torch.uint8), config.layout)
+    manager = offload_manager(config, kv.block_pool, device, workdir=tmp_path)
+    assert manager.spill_stores is spill
+
+
 @pytest.mark.parametrize(
     ("offload", "policy"),
     [

@@ -40,7 +40,12 @@ class Demotion:
 
 @attrs.define(eq=False)
 class StoreEvent:
-    """Device blocks being copied into the first lower tier."""
+    """Device blocks being copied into lower tier ``level`` (0: the first).
+
+    A store goes to the first lower tier; the blocks it has no room for
+    spill into the next tier down with room (``level`` > 0), see
+    :class:`~kvtier.offload.stores.StorePlanner`.
+    """
 
     event_id: int
     step_id: int
@@ -55,6 +60,7 @@ class StoreEvent:
     seconds: float = 0.0
     error: BaseException | None = None
     hints: Sequence[BlockHint | None] | None = None  # one per key: its place in its chain
+    level: int = 0  # the lower tier written
 
 
 @attrs.define(eq=False)

@@ -132,6 +132,7 @@ async def run_store(
 
     ``ready`` is awaited first; if it fails, so does the store.
     """
+    dst = tiers[event.level]
     demoted: list[float | None] = []
     error: BaseException | None = TransferCancelledError(f"store event {event.event_id} cancelled")
     seconds = 0.0
@@ -141,7 +142,7 @@ async def run_store(
             await ready()
         for demotion in event.demotions:
             await _demote(pipeline, tiers, demotion, demoted)
-        task = StoreTask(device, event.block_ids, tiers[0], event.slots, event.keys)
+        task = StoreTask(device, event.block_ids, dst, event.slots, event.keys)
         posted = True
         seconds = (await _transfer(pipeline, task)).seconds
         error = None
@@ -149,7 +150,7 @@ async def run_store(
         error = exc
     finally:
         if error is not None and posted:  # some blocks may be written: the index aborts all
-            await _discard(tiers[0], list(event.slots))
+            await _discard(dst, list(event.slots))
         push(StoreOutcome(event.event_id, error, tuple(demoted), seconds))
 
 

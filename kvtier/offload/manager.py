@@ -109,6 +109,10 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews, CacheReset):
             :attr:`staging_costs`). The rest of the hit is left to compute.
         staging_costs: The cost model the timeout policy weighs (its weight,
             prior and half-life); a new default one when ``None``.
+        spill_stores: Eager and selective modes: store the blocks the first
+            tier has no room for (its slots pinned by loads or being written)
+            straight into the next tier down with room, instead of dropping
+            them (see :mod:`kvtier.offload.stores`). Lazy mode never spills.
 
     Raises:
         ConfigError: No lower tier, mismatched layouts, or a bad setting.
@@ -132,6 +136,7 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews, CacheReset):
         flush_on_close: bool = False,
         prefetch: PrefetchPolicy | str = "wait_complete",
         staging_costs: StagingCostModel | None = None,
+        spill_stores: bool = True,
     ) -> None:
         check_stack(block_pool, device, tiers, mode, lazy_free_target, block_size)
         names = [tier.name for tier in tiers]
@@ -181,7 +186,10 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews, CacheReset):
             selective,
             prefetch_policy(prefetch),
         )
-        self._stores = StorePlanner(self._transfers, event_ids, mode, self._lazy)
+        self.spill_stores = options.flag("spill_stores", spill_stores)
+        self._stores = StorePlanner(
+            self._transfers, event_ids, mode, self._lazy, spill=self.spill_stores
+        )
         self._probe = RemoteProbe(
             self.tiers,
             self.indexes,
@@ -328,7 +336,7 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews, CacheReset):
                 due = self._hit_counter.take_due()
                 columns = candidates.selective(self.block_pool, due, self.num_groups)
             stores = self._stores.plan(step_id, columns)
-        return StepPlan(step_id, loads, () if stores is None else (stores,))
+        return StepPlan(step_id, loads, stores)
 
     def step_computed(self, step_id: int) -> None:
         """The forward pass of step ``step_id`` (and of every earlier one) ended.

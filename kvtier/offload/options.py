@@ -23,6 +23,7 @@ __all__ = [
     "MODES",
     "check_flush",
     "check_stack",
+    "flag",
     "positive",
     "prefetch_policy",
     "staging_cost_model",
@@ -36,6 +37,13 @@ def positive(name: str, value: object, minimum: int = 1) -> int:
     """``value`` if it is an integer (not a bool) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def flag(name: str, value: object) -> bool:
+    """``value`` if it is a bool."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
     return value
 
 
@@ -125,14 +133,13 @@ def check_flush(flush_on_close: object, tiers: Sequence[BlockStore]) -> bool:
         ConfigError: Not a bool, or no tier held in memory has a lasting tier
             (disk or Redis) below it.
     """
-    if not isinstance(flush_on_close, bool):
-        raise ConfigError(f"flush_on_close must be true or false, got {flush_on_close!r}")
-    if flush_on_close and not flush_targets(tiers):
+    flush = flag("flush_on_close", flush_on_close)
+    if flush and not flush_targets(tiers):
         raise ConfigError(
             "flush_on_close: no tier held in memory has a tier below it that lasts "
             "(disk or redis) to flush into"
         )
-    return flush_on_close
+    return flush
 
 
 def staging_cost_model(costs: StagingCostModel | None) -> StagingCostModel:

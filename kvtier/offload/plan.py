@@ -65,7 +65,9 @@ class StoreSpec:
 
     Attributes:
         event_id: The store event (completions are reported against it).
-        tier: The tier written (the first lower tier).
+        tier: The tier written: the first lower tier, or, for the blocks it
+            had no room for, the tier below it they spill into (see
+            :mod:`kvtier.offload.stores`).
         device_block_ids: Source device blocks.
         slots: Destination slots, one per block.
     """
@@ -105,7 +107,9 @@ class StepPlan:
     Attributes:
         step_id: Increases by one per step.
         loads: Loads started this step, one per request.
-        stores: Stores planned this step. Every mode's stores start when the
+        stores: Stores planned this step, one per tier written (more than
+            one only when blocks spilled past a full first tier; each is
+            its own event). Every mode's stores start when the
             engine calls ``step_computed(step_id)`` (a lazy store's freed
             blocks may still be written by a forward pass under asynchronous
             scheduling).

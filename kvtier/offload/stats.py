@@ -21,16 +21,22 @@ class TierStats:
         declined: Of those, blocks the manager's prefetch policy left to
             compute rather than wait for this tier (see
             :mod:`kvtier.policies.prefetch`).
-        stores: Blocks written to this tier (completed).
+        stores: Blocks written to this tier (completed) by stores from the
+            device.
+        spilled_stores: Of ``stores``, blocks written to this tier (below the
+            first) straight from the device because the tiers above had no
+            room for them (see :mod:`kvtier.offload.stores`).
         loads: Blocks read from this tier toward the device (completed).
         evictions: Blocks evicted from this tier to make room.
         demotions: Evicted blocks copied to the next tier down instead of dropped.
         failed_transfers: Blocks of transfers to or from this tier that failed.
         dropped_stores: Blocks not stored because the tier was full of pinned
-            or reserved blocks. In lazy mode, also the unwritten blocks left
-            at the device's eviction end (the tier's room ran out, or its own
-            stores kept evicting their copies); a block counts once for as
-            long as it waits there.
+            or reserved blocks and no tier below took them (eager and
+            selective modes spill them there; counted in the first tier). In
+            lazy mode, which never spills, the unwritten blocks left at the
+            device's eviction end (the tier's room ran out, or its own stores
+            kept evicting their copies); a block counts once for as long as
+            it waits there.
         flushed: Blocks copied into this tier from the volatile tier above
             when the manager closed (``flush_on_close``, see
             :mod:`kvtier.offload.flush`).
@@ -51,6 +57,7 @@ class TierStats:
     hits: int = 0
     declined: int = 0
     stores: int = 0
+    spilled_stores: int = 0
     loads: int = 0
     evictions: int = 0
     demotions: int = 0

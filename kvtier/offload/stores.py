@@ -1,14 +1,17 @@
-"""Store planning: which device blocks a step copies to the first lower tier.
+"""Store planning: which device blocks a step copies to the lower tiers.
 
-:class:`StorePlanner` turns a write mode's candidates into one store event per
-step: it drops null, unhashed, in-flight and already-held blocks, reserves
+:class:`StorePlanner` turns a write mode's candidates into the step's store
+events: it drops null, unhashed, in-flight and already-held blocks, reserves
 first-tier slots (demoting what the reservation evicts, see
 :mod:`kvtier.offload.placement`), references the device blocks until the
 store ends, and records the event with the manager's
-:class:`~kvtier.offload.transfers.Transfers`. Eager stores know each block's
-request and position: the event carries a
-:class:`~kvtier.policies.hints.BlockHint` per block for the first tier's
-policy (depth, the request's hashed blocks so far, the parent block's key).
+:class:`~kvtier.offload.transfers.Transfers`. In eager and selective modes the
+blocks the first tier has no room for (its slots pinned by loads or being
+written) *spill*: they are stored straight from the device into the next tier
+down with room, one more event per tier, instead of being dropped. Eager
+stores know each block's request and position: the event carries a
+:class:`~kvtier.policies.hints.BlockHint` per block for the tier's policy
+(depth, the request's hashed blocks so far, the parent block's key).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class StorePlanner:
         event_ids: The manager's event id counter (shared with loads).
         mode: The write mode.
         writeback: Lazy mode's free-queue walk.
+        spill: Eager and selective modes: blocks the first tier has no room
+            for go to the next tier down with room (else they are dropped).
     """
 
     def __init__(
@@ -50,9 +55,11 @@ class StorePlanner:
         event_ids: Iterator[int],
         mode: WriteMode,
         writeback: WriteBack,
+        *,
+        spill: bool = True,
     ) -> None:
         self.block_pool = transfers.block_pool
-        self.tier_name = transfers.tiers[0].name
+        self.tier_names = [tier.name for tier in transfers.tiers]
         self.indexes = transfers.indexes
         self.tier_stats = transfers.tier_stats
         self.transfers = transfers
@@ -60,17 +67,25 @@ class StorePlanner:
         self.event_ids = event_ids
         self.mode = mode
         self.writeback = writeback
+        self.spill = spill
         # Hints cost an object per block: built only for a policy that reads them.
-        self.hinted = isinstance(self.indexes[0].policy, PrefixAwarePolicy)
+        written = self.indexes if spill else self.indexes[:1]
+        self.hinted = any(isinstance(index.policy, PrefixAwarePolicy) for index in written)
 
-    def plan(self, step_id: int, columns: list[candidates.Column]) -> StoreSpec | None:
-        """Eager and selective modes: store the candidates not held below or in flight."""
+    def plan(self, step_id: int, columns: list[candidates.Column]) -> tuple[StoreSpec, ...]:
+        """Eager and selective modes: store the candidates not held below or in flight.
+
+        The first lower tier takes what its room allows, in the candidates'
+        order (a request's blocks head first). With ``spill``, each tier
+        below in turn takes what is left and it does not hold, up to its
+        room: one event per tier written. What no tier takes is dropped.
+        """
         first = self.indexes[0]
         in_flight = self.transfers.in_flight
         blocks: list[KVCacheBlock] = []
         keys: list[BlockKey] = []
+        rids: list[str] = []  # the request each block was found for ("" if none)
         hints: dict[BlockKey, BlockHint] = {}
-        owners: set[str] = set()
         seen: set[BlockKey] = set()
         for column, rid, position in columns:
             for group, block in enumerate(column):
@@ -82,19 +97,63 @@ class StorePlanner:
                 seen.add(key)
                 blocks.append(block)
                 keys.append(key)
-                if rid:
-                    owners.add(rid)
+                rids.append(rid)
                 if rid and self.hinted:
                     hint = self._hint(rid, group, position)
                     if hint is not None:
                         hints[key] = hint
         room = first.num_reservable
+        if len(keys) > room and self.spill and len(self.indexes) > 1:
+            return self._spill(step_id, blocks, keys, rids, hints, room)
         if len(keys) > room:
             self.tier_stats[0].dropped_stores += len(keys) - room
-            blocks, keys = blocks[:room], keys[:room]
+            blocks, keys, rids = blocks[:room], keys[:room], rids[:room]
         if not keys:
-            return None
-        reservation = first.reserve(keys)
+            return ()
+        owners = set(rids)
+        owners.discard("")
+        return (self._event(step_id, 0, blocks, keys, owners, hints),)
+
+    def _spill(
+        self,
+        step_id: int,
+        blocks: list[KVCacheBlock],
+        keys: list[BlockKey],
+        rids: list[str],
+        hints: dict[BlockKey, BlockHint],
+        room: int,
+    ) -> tuple[StoreSpec, ...]:
+        """The first tier takes ``room`` blocks, each tier below what is left that fits."""
+        rows = list(range(len(keys)))
+        specs: list[StoreSpec] = []
+        for level, index in enumerate(self.indexes):
+            if level:  # a key this tier holds (or is writing) is kept there
+                rows = [row for row in rows if not index.holds(keys[row])]
+                room = index.num_reservable
+            take, rows = rows[:room], rows[room:]
+            if take:
+                taken = (
+                    [blocks[row] for row in take],
+                    [keys[row] for row in take],
+                    {rids[row] for row in take if rids[row]},
+                )
+                specs.append(self._event(step_id, level, *taken, hints))
+            if not rows:
+                break
+        self.tier_stats[0].dropped_stores += len(rows)
+        return tuple(specs)
+
+    def _event(
+        self,
+        step_id: int,
+        level: int,
+        blocks: list[KVCacheBlock],
+        keys: list[BlockKey],
+        owners: set[str],
+        hints: dict[BlockKey, BlockHint],
+    ) -> StoreSpec:
+        """Reserve slots in tier ``level`` for ``keys``; record the store event."""
+        reservation = self.indexes[level].reserve(keys)
         ids = tuple(map(_block_id, blocks))
         event = StoreEvent(
             next(self.event_ids),
@@ -102,19 +161,20 @@ class StorePlanner:
             ids,
             reservation.keys,
             reservation.slots,
-            placement.demotions(self.indexes, self.tier_stats, 0, reservation),
+            placement.demotions(self.indexes, self.tier_stats, level, reservation),
             owners,
             hints=[hints.get(key) for key in reservation.keys] if hints else None,
+            level=level,
         )
         self.block_pool.touch(blocks)
-        in_flight.update(ids)
+        self.transfers.in_flight.update(ids)
         self.transfers.stores[event.event_id] = event
         for rid in owners:
             self.requests[rid].store_events.add(event.event_id)
         # Not dispatched here, in either mode: a block is a prefix-cache hit (and
         # so a selective candidate) from its allocation on, before its forward
         # pass wrote it. ``step_computed(step_id)`` starts the copy.
-        return StoreSpec(event.event_id, self.tier_name, ids, reservation.slots)
+        return StoreSpec(event.event_id, self.tier_names[level], ids, reservation.slots)
 
     def _hint(self, rid: str, group: int, position: int) -> BlockHint | None:
         """The chain place of request ``rid``'s block ``position`` of ``group`` (None: unknown)."""
@@ -128,7 +188,7 @@ class StorePlanner:
         parent = self.block_pool.blocks[ids[position - 1]].block_hash if position else None
         return BlockHint(position, length, parent, state.tag)
 
-    def plan_lazy(self, step_id: int) -> StoreSpec | None:
+    def plan_lazy(self, step_id: int) -> tuple[StoreSpec, ...]:
         """Write-back: the blocks :class:`WriteBack` picks, in one batch (no owners).
 
         A reservation that evicted the copy of a block free on the device
@@ -163,13 +223,13 @@ class StorePlanner:
             found = lazy.rescan(pool, first, room)
         self.tier_stats[0].dropped_stores += lazy.settle(pool, first)
         if not ids:
-            return None
+            return ()
         event = StoreEvent(next(self.event_ids), step_id, tuple(ids), keys, slots, demotions, set())
         self.transfers.stores[event.event_id] = event
         # Not dispatched here either: under async scheduling a request can be
         # freed while the forward pass that writes its newest (already hashed)
         # blocks still runs. ``step_computed(step_id)`` starts the copy.
-        return StoreSpec(event.event_id, self.tier_name, event.block_ids, tuple(slots))
+        return (StoreSpec(event.event_id, self.tier_names[0], event.block_ids, tuple(slots)),)
 
     def _exposed(self, evicted: Sequence[tuple[int, BlockKey]]) -> bool:
         """Whether a block free on the device lost its first-tier copy to ``evicted``."""

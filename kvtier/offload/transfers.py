@@ -231,17 +231,19 @@ class Transfers(RequestBook):
     def end_store(self, event: StoreEvent, *, ok: bool, ran: bool = True) -> None:
         """Settle a store: commit or abort (uncounted if it never ``ran``), release its blocks."""
         del self.stores[event.event_id]
-        first = self.indexes[0]
-        stats = self.tier_stats[0]
+        index = self.indexes[event.level]
+        stats = self.tier_stats[event.level]
         for demotion in event.demotions:  # never ran
             self.indexes[demotion.level + 1].abort(demotion.keys)
         if ok:
-            first.commit(event.keys, event.hints)
+            index.commit(event.keys, event.hints)
             stats.stores += len(event.keys)
+            if event.level:
+                stats.spilled_stores += len(event.keys)
             stats.bytes_stored += len(event.keys) * self.device.layout.block_bytes
             stats.store_seconds += event.seconds
         else:
-            first.abort(event.keys)
+            index.abort(event.keys)
             stats.failed_transfers += len(event.keys) if ran else 0
             if event.error is not None:
                 _log.warning("store_failed", task=event.event_id, error=repr(event.error))

@@ -39,9 +39,12 @@ class TierReport:
             replay closed the stack (``[offload] flush_on_close``), for the
             next run on the same ``--workdir``.
         dropped_stores: Blocks not stored because the tier was full of blocks
-            being written or read (pinned or reserved): lost, not failed.
+            being written or read (pinned or reserved) and no tier below took
+            them: lost, not failed.
         failed_probes: Lookup-time probes of this shared tier that failed or
             timed out (each counted as a miss).
+        spilled_blocks: Of ``stored_blocks``, blocks stored into this tier
+            straight from the device because the tiers above had no room.
     """
 
     name: str
@@ -61,6 +64,7 @@ class TierReport:
     flushed_blocks: int = 0
     dropped_stores: int = 0
     failed_probes: int = 0
+    spilled_blocks: int = 0
 
 
 def tier_report(name: str, stats: TierStats) -> TierReport:
@@ -83,6 +87,7 @@ def tier_report(name: str, stats: TierStats) -> TierReport:
         stats.flushed,
         stats.dropped_stores,
         stats.failed_probes,
+        stats.spilled_stores,
     )
 
 
@@ -178,6 +183,8 @@ def render(report: ReplayReport) -> list[Table]:
     warm = any(tier.restored_blocks for tier in report.tiers)
     if warm:  # only a warm start shows the column
         columns.insert(1, "restored")
+    if any(tier.spilled_blocks for tier in report.tiers):  # a first tier short of room
+        columns[columns.index("stored")] = "stored (spilled in)"
     flushed = any(tier.flushed_blocks for tier in report.tiers)
     if flushed:  # only flush_on_close shows the column
         columns.insert(len(columns) - 1, "flushed in")
@@ -200,7 +207,7 @@ def render(report: ReplayReport) -> list[Table]:
             tier.name,
             *restored,
             f"{ratio:.1%} of {tier.queries:,}",
-            f"{tier.stored_blocks:,}",
+            _stored(tier),
             f"{tier.loaded_blocks:,}",
             f"{tier.evictions:,}",
             f"{tier.demotions:,}",
@@ -216,6 +223,12 @@ def render(report: ReplayReport) -> list[Table]:
             *([f"{tier.failed_probes:,}"] if probes else []),
         )
     return [summary, tiers, traffic]
+
+
+def _stored(tier: TierReport) -> str:
+    """Blocks stored, with those spilled in past a full tier above: ``N (M)``."""
+    spilled = f" ({tier.spilled_blocks:,})" if tier.spilled_blocks else ""
+    return f"{tier.stored_blocks:,}{spilled}"
 
 
 def _failed_loads(report: ReplayReport) -> str:

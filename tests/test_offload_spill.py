@@ -1,0 +1,232 @@
+"""Stores the first lower tier has no room for spill into the tiers below it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvtier import KVCacheBlocks
+from kvtier.errors import ConfigError, TierIOError
+from kvtier.offload import FinishedLoad, SchedulerOutput
+from kvtier.tiers.cpu import CpuTier
+from tests.offload_env import BS, LAYOUT, Env, disk_tier, key, scheduled, store
+from tests.tier_doubles import FaultInjectingStore
+
+
+def disk_keys(env: Env, level: int = 1) -> set[bytes]:
+    return {k for _, k in env.manager.indexes[level].blocks()}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("policies", ["lru", ["lru", "prefix_slru"]])
+async def test_blocks_the_first_tier_has_no_room_for_go_to_disk_and_load_back(
+    tmp_path: Path, policies: str | list[str]
+) -> None:
+    env = Env(gpu_blocks=32, cpu_blocks=2, disk=tmp_path / "disk", eviction_policy=policies)
+    async with env.manager as manager:
+        a = env.request(4)
+        blocks = env.alloc(a, 4)
+        manager.update_state_after_alloc(a, blocks, 0)
+        plan = manager.build_step(scheduled(new={a.request_id: blocks}))
+        ids = [b.block_id for b in blocks.blocks[0]]
+        assert (
+            [(s.tier, s.device_block_ids) for s in plan.stores]
+            == [
+                ("cpu", tuple(ids[:2])),  # the chain's head stays in the fast tier
+                ("disk", tuple(ids[2:])),
+            ]
+        )
+        assert plan.stores[0].event_id != plan.stores[1].event_id
+        assert plan.num_store_blocks == 4
+        manager.step_computed(plan.step_id)
+        await manager.wait_idle()
+        assert env.cpu_keys() == {key(a, 0), key(a, 1)}
+        assert disk_keys(env) == {key(a, 2), key(a, 3)}
+        stats = manager.stats().tiers
+        assert (stats["cpu"].stores, stats["cpu"].dropped_stores) == (2, 0)
+        assert (stats["disk"].stores, stats["disk"].spilled_stores) == (2, 2)
+        assert stats["disk"].bytes_stored == 2 * LAYOUT.block_bytes
+        assert stats["disk"].demotions == 0
+        manager.request_finished(a)
+        env.pool.free_blocks(reversed(blocks.blocks[0]))
+        env.pool.evict_blocks(ids)  # gone from the device: only the lower tiers have them
+
+        again = env.request(4, like=a)
+        assert manager.get_num_new_matched_tokens(again, 0) == (4 * BS, True)
+        targets = env.fresh(4)
+        manager.update_state_after_alloc(again, KVCacheBlocks((targets,)), 4 * BS)
+        plan = manager.build_step(SchedulerOutput())
+        assert [name for name, _ in plan.loads[0].sources] == ["cpu", "cpu", "disk", "disk"]
+        await manager.wait_for_loads([again.request_id])
+        assert manager.take_finished() == [FinishedLoad(again.request_id, True)]
+        assert all(env.holds(block, again, i) for i, block in enumerate(targets))
+
+
+@pytest.mark.asyncio
+async def test_without_spilling_those_blocks_are_dropped(tmp_path: Path) -> None:
+    env = Env(gpu_blocks=32, cpu_blocks=2, disk=tmp_path / "disk", spill_stores=False)
+    async with env.manager as manager:
+        a = env.request(4)
+        blocks = env.alloc(a, 4)
+        manager.update_state_after_alloc(a, blocks, 0)
+        plan = manager.build_step(scheduled(new={a.request_id: blocks}))
+        assert [s.tier for s in plan.stores] == ["cpu"]
+        manager.step_computed(plan.step_id)
+        await manager.wait_idle()
+        assert disk_keys(env) == set()
+        stats = manager.stats().tiers
+        assert (stats["cpu"].stores, stats["cpu"].dropped_stores) == (2, 2)
+        assert stats["disk"].stores == 0
+
+
+@pytest.mark.asyncio
+async def test_with_no_room_below_either_the_rest_is_dropped(tmp_path: Path) -> None:
+    env = Env(gpu_blocks=32, cpu_blocks=2, disk=tmp_path / "disk", disk_blocks=3)
+    async with env.manager as manager:
+        a = env.request(6)
+        await store(env, a, 6)
+        stats = manager.stats().tiers
+        assert (stats["cpu"].stores, stats["disk"].spilled_stores) == (2, 3)
+        assert stats["cpu"].dropped_stores == 1
+        assert disk_keys(env) == {key(a, 2), key(a, 3), key(a, 4)}  # in chain order
+
+
+@pytest.mark.asyncio
+async def test_blocks_a_lower_tier_holds_or_is_writing_are_neither_spilled_nor_dropped(
+    tmp_path: Path,
+) -> None:
+    env = Env(gpu_blocks=32, cpu_blocks=2, disk=tmp_path / "disk")
+    async with env.manager as manager:
+        a = env.request(4)
+        blocks = await store(env, a, 4)  # a0 a1 in CPU, a2 a3 spilled to disk
+        b = env.request(2)
+        b_blocks = env.alloc(b, 2)
+        manager.update_state_after_alloc(b, b_blocks, 0)
+        held = manager.build_step(scheduled(new={b.request_id: b_blocks}))
+        # Not computed yet: b's CPU slots stay reserved (no room left there), and
+        # a0 a1, evicted for them, are being demoted to disk (reserved there).
+        assert [s.tier for s in held.stores] == ["cpu"]
+        assert env.cpu_keys() == set()
+        hit = env.request(4, like=a)
+        env.pool.touch(blocks.blocks[0])
+        manager.update_state_after_alloc(hit, blocks, 0)
+        plan = manager.build_step(scheduled(new={hit.request_id: blocks}))
+        assert plan.stores == ()
+        assert manager.stats().tiers["cpu"].dropped_stores == 0
+        manager.step_computed(plan.step_id)
+        await manager.wait_idle()
+        assert disk_keys(env) == {key(a, i) for i in range(4)}
+        assert manager.stats().tiers["disk"].spilled_stores == 2  # a2 a3 only, once
+
+
+@pytest.mark.asyncio
+async def test_a_spill_that_evicts_demotes_one_tier_further_down(tmp_path: Path) -> None:
+    cpu, cpu2 = CpuTier(LAYOUT, 2, name="cpu"), CpuTier(LAYOUT, 4, name="cpu2")
+    env = Env(gpu_blocks=32, tiers=[cpu, cpu2, disk_tier(tmp_path / "disk")])
+    async with env.manager as manager:
+        a, b, c, d = (env.request(2) for _ in range(4))
+        await store(env, a, 2)
+        await store(env, b, 2)  # a demoted to cpu2
+        c_blocks = env.alloc(c, 2)
+        manager.update_state_after_alloc(c, c_blocks, 0)
+        first = manager.build_step(scheduled(new={c.request_id: c_blocks}))
+        # c holds the CPU tier (reserved, not computed); b is being demoted to cpu2.
+        d_blocks = env.alloc(d, 2)
+        manager.update_state_after_alloc(d, d_blocks, 0)
+        plan = manager.build_step(scheduled(new={d.request_id: d_blocks}))
+        assert [s.tier for s in plan.stores] == ["cpu2"]  # evicting a, demoted to disk
+        manager.step_computed(plan.step_id)
+        assert plan.step_id > first.step_id
+        await manager.wait_idle()
+        assert env.cpu_keys() == {key(c, 0), key(c, 1)}
+        assert disk_keys(env) == {key(b, 0), key(b, 1), key(d, 0), key(d, 1)}
+        assert disk_keys(env, 2) == {key(a, 0), key(a, 1)}
+        stats = manager.stats().tiers
+        assert (stats["cpu2"].spilled_stores, stats["cpu2"].demotions) == (2, 4)
+        assert (stats["disk"].demotions, stats["cpu2"].evictions) == (2, 2)
+        for request in (a, d):  # both load back, byte for byte
+            again = env.request(2, like=request)
+            assert manager.get_num_new_matched_tokens(again, 0) == (2 * BS, True)
+            targets = env.fresh(2)
+            manager.update_state_after_alloc(again, KVCacheBlocks((targets,)), 2 * BS)
+            manager.build_step(SchedulerOutput())
+            await manager.wait_for_loads([again.request_id])
+            assert manager.take_finished() == [FinishedLoad(again.request_id, True)]
+            assert all(env.holds(block, again, i) for i, block in enumerate(targets))
+
+
+@pytest.mark.asyncio
+async def test_a_failed_spill_is_aborted_and_discarded_and_the_rest_is_kept(
+    tmp_path: Path,
+) -> None:
+    disk = FaultInjectingStore(disk_tier(tmp_path / "disk"))
+    env = Env(gpu_blocks=32, tiers=[CpuTier(LAYOUT, 2), disk])
+    async with env.manager as manager:
+        a = env.request(4)
+        blocks = env.alloc(a, 4)
+        manager.update_state_after_alloc(a, blocks, 0)
+        plan = manager.build_step(scheduled(new={a.request_id: blocks}))
+        assert manager.request_finished(a) is True  # cleanup waits for both stores
+        env.pool.free_blocks(reversed(blocks.blocks[0]))
+        disk.write_error = TierIOError("injected", tier="disk")
+        manager.step_computed(plan.step_id)
+        await manager.wait_idle()
+        assert env.cpu_keys() == {key(a, 0), key(a, 1)}
+        assert disk_keys(env) == set()
+        assert manager.indexes[1].num_reserved == 0
+        assert disk.discards == 1  # its slots, which the failed batch may have written
+        assert list((tmp_path / "disk").glob("*.kvb")) == []
+        stats = manager.stats().tiers
+        assert (stats["disk"].failed_transfers, stats["disk"].stores) == (2, 0)
+        assert stats["cpu"].stores == 2
+        assert all(b.ref_cnt == 0 for b in blocks.blocks[0])
+        assert not manager.has_request(a.request_id)
+        assert manager.in_flight_store_blocks == frozenset()
+
+
+@pytest.mark.asyncio
+async def test_a_spill_waits_for_every_tensor_parallel_worker(tmp_path: Path) -> None:
+    env = Env(gpu_blocks=32, cpu_blocks=2, disk=tmp_path / "disk", world_size=2)
+    async with env.manager as manager:
+        a = env.request(4)
+        blocks = env.alloc(a, 4)
+        manager.update_state_after_alloc(a, blocks, 0)
+        plan = manager.build_step(scheduled(new={a.request_id: blocks}))
+        manager.step_computed(plan.step_id)
+        await manager.wait_idle()
+        cpu_spec, disk_spec = plan.stores
+        manager.report_store_done(cpu_spec.event_id)
+        assert (manager.indexes[0].num_reserved, manager.indexes[1].num_reserved) == (0, 2)
+        manager.report_store_done(disk_spec.event_id)
+        assert manager.indexes[1].num_reserved == 0
+        assert disk_keys(env) == {key(a, 2), key(a, 3)}
+
+
+@pytest.mark.asyncio
+async def test_selective_mode_spills_too(tmp_path: Path) -> None:
+    env = Env(
+        gpu_blocks=32,
+        cpu_blocks=1,
+        disk=tmp_path / "disk",
+        mode="selective",
+        selective_min_hits=1,
+    )
+    async with env.manager as manager:
+        a = env.request(3)
+        blocks = env.alloc(a, 3)
+        reader = env.request(3, like=a)
+        manager.get_num_new_matched_tokens(reader, 3 * BS)  # a device hit of 3 blocks
+        manager.update_state_after_alloc(reader, blocks, 0)  # admitted: its hit counts
+        plan = manager.build_step(SchedulerOutput())
+        assert [(s.tier, len(s.slots)) for s in plan.stores] == [("cpu", 1), ("disk", 2)]
+        manager.step_computed(plan.step_id)
+        await manager.wait_idle()
+        assert env.cpu_keys() == {key(a, 0)}
+        assert disk_keys(env) == {key(a, 1), key(a, 2)}
+        assert manager.stats().tiers["disk"].spilled_stores == 2
+
+
+def test_spill_stores_must_be_a_bool() -> None:
+    with pytest.raises(ConfigError, match="spill_stores must be true or false, got 'yes'"):
+        Env(spill_stores="yes")

@@ -26,6 +26,7 @@ from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.index import TierIndex
 from tests.offload_env import (
+    _HASHER,
     BS,
     DEADLINE,
     LAYOUT,
@@ -197,6 +198,14 @@ async def test_a_shared_tier_must_be_kept_explicitly_and_is_left_as_it_is() -> N
             assert len(manager.indexes[1]) == 2
             assert manager.take_events() == [AllBlocksCleared(medium="cpu")]
             assert {k for k in shared.keys if k is not None} == {key(a, 0), key(a, 1)}
+            # The shared tier still serves a's old KV; requests of the new weights,
+            # salted with their version, compute under keys no old block matches.
+            old = env.request(2, like=a)
+            assert manager.get_num_new_matched_tokens(old, 0) == (2 * BS, True)
+            manager.request_finished(old)
+            tokens = list(a.all_token_ids)
+            salted = Request("new-weights", tokens, _HASHER, cache_salt="weights-v2")
+            assert manager.get_num_new_matched_tokens(salted, 0) == (0, False)
 
 
 @pytest.mark.asyncio

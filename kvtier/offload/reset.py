@@ -21,7 +21,8 @@ holds the blocks of every engine that uses it: one engine can neither tell
 which are stale nor delete them safely (another may be writing the same key
 afresh), and a probe would find them again. A reset with a shared tier in the
 stack therefore has to say ``keep_shared=True``, and leaves that tier as it
-is; KV for new weights belongs under a new key prefix there.
+is; KV for new weights belongs under new keys there (a ``cache_salt`` or hash
+seed naming the weights version) or a new key prefix.
 """
 
 from __future__ import annotations

@@ -126,7 +126,8 @@ class OffloadConfig:
             :mod:`kvtier.offload.flush`).
         spill_stores: Eager and selective modes: store the blocks the first
             lower tier has no room for into the next tier down with room
-            instead of dropping them (see :mod:`kvtier.offload.stores`).
+            instead of dropping them (see :mod:`kvtier.offload.stores`);
+            None (the key left out): unless ``prefetch`` is ``best_effort``.
     """
 
     write_mode: str = "eager"
@@ -139,7 +140,7 @@ class OffloadConfig:
     selective_min_hits: int = 2
     max_probe_blocks: int = 256
     flush_on_close: bool = False
-    spill_stores: bool = True
+    spill_stores: bool | None = None
 
 
 @attrs.frozen
@@ -307,7 +308,7 @@ def _offload(table: Mapping[str, Any]) -> OffloadConfig:
         _integer(table, "selective_min_hits", 2, "offload"),
         _integer(table, "max_probe_blocks", 256, "offload", minimum=0),
         bool(_boolean(table, "flush_on_close", False, "offload")),
-        bool(_boolean(table, "spill_stores", True, "offload")),
+        _boolean(table, "spill_stores", None, "offload"),
     )
     for name, (option, ignoring, default) in _IGNORED_BY.items():
         chosen = table.get(option, default)

@@ -389,10 +389,10 @@ def test_flush_on_close_is_read_and_needs_a_tier_below_a_cpu_tier() -> None:
         parse_config(base(tiers=two, offload={"flush_on_close": "yes"}))
 
 
-def test_spill_stores_is_on_by_default_and_read_in_eager_and_selective_modes() -> None:
-    assert parse_config(base()).offload.spill_stores is True
-    for mode in ("eager", "selective"):
-        config = parse_config(base(offload={"write_mode": mode, "spill_stores": False}))
-        assert config.offload.spill_stores is False
+def test_spill_stores_is_left_to_the_prefetch_policy_by_default_and_read_when_set() -> None:
+    assert parse_config(base()).offload.spill_stores is None
+    for mode, spill in (("eager", False), ("selective", True)):
+        config = parse_config(base(offload={"write_mode": mode, "spill_stores": spill}))
+        assert config.offload.spill_stores is spill
     with pytest.raises(ConfigError, match=r"offload.spill_stores: 'no' is not true or false"):
         parse_config(base(offload={"spill_stores": "no"}))

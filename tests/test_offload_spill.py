@@ -4,13 +4,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import pytest
 
-from kvtier import KVCacheBlocks
+from kvtier import KVCacheBlocks, Request
 from kvtier.errors import ConfigError, TierIOError
 from kvtier.offload import FinishedLoad, SchedulerOutput
 from kvtier.tiers.cpu import CpuTier
-from tests.offload_env import BS, LAYOUT, Env, disk_tier, key, scheduled, store
+from tests.offload_env import (
+    _HASHER,
+    BS,
+    DEADLINE,
+    LAYOUT,
+    Env,
+    disk_tier,
+    key,
+    recovered,
+    scheduled,
+    store,
+)
 from tests.tier_doubles import FaultInjectingStore
 
 
@@ -227,6 +239,116 @@ async def test_selective_mode_spills_too(tmp_path: Path) -> None:
         assert manager.stats().tiers["disk"].spilled_stores == 2
 
 
-def test_spill_stores_must_be_a_bool() -> None:
+def longer(
+    env: Env, request: Request, blocks: KVCacheBlocks, more: int
+) -> tuple[Request, KVCacheBlocks]:
+    """A request of ``request``'s full blocks and ``more`` new ones after them: its blocks
+    (``blocks``, touched, then new ones, computed)."""
+    full = len(blocks.blocks[0])
+    tokens = list(request.all_token_ids[: full * BS]) + list(
+        range(9_000_000, 9_000_000 + more * BS + 3)
+    )
+    longer = Request(f"{request.request_id}+{more}", tokens, _HASHER)
+    env.pool.touch(blocks.blocks[0])
+    new = env.pool.get_new_blocks(more)
+    env.compute(longer, new, first=full)
+    return longer, KVCacheBlocks((list(blocks.blocks[0]) + new,))
+
+
+@pytest.mark.asyncio
+async def test_a_spill_never_evicts_a_block_of_the_step_its_tier_keeps(tmp_path: Path) -> None:
+    """The disk holds a0-a2; a longer prompt's a3 must not take a2's slot: the chain
+    would lose a2 and a3 would sit behind the hole, where no lookup reaches it."""
+    env = Env(gpu_blocks=32, cpu_blocks=1, disk=tmp_path / "disk", disk_blocks=3)
+    async with env.manager as manager:
+        a = env.request(3)
+        blocks = await store(env, a, 3)  # a0 in CPU, a1 a2 spilled to disk
+        b = env.request(1)
+        b_blocks = env.alloc(b, 1)
+        manager.update_state_after_alloc(b, b_blocks, 0)
+        manager.build_step(scheduled(new={b.request_id: b_blocks}))  # holds the CPU tier
+        assert all(manager.indexes[1].holds(key(a, i)) for i in range(3))  # a0: demoted
+        more, more_blocks = longer(env, a, blocks, 1)
+        manager.update_state_after_alloc(more, more_blocks, 0)
+        plan = manager.build_step(scheduled(new={more.request_id: more_blocks}))
+        assert plan.stores == ()  # no room for a3 that is not a2's, a1's or a0's
+        assert manager.stats().tiers["cpu"].dropped_stores == 1
+        manager.step_computed(plan.step_id)
+        await manager.wait_idle()
+        assert disk_keys(env) == {key(a, i) for i in range(3)}
+        assert manager.stats().tiers["disk"].evictions == 0
+        manager.request_finished(b)
+        env.pool.free_blocks(b_blocks.blocks[0])
+        lookup = Request("lookup", list(more.all_token_ids), _HASHER)
+        assert manager.get_num_new_matched_tokens(lookup, 0)[0] == 3 * BS
+
+
+@pytest.mark.asyncio
+async def test_the_first_tier_never_evicts_a_block_of_the_step_it_keeps() -> None:
+    """Without a tier below, an eviction loses the block: a0 a1 must not give their slots
+    to c2 c3, which would sit behind the hole."""
+    env = Env(gpu_blocks=32, cpu_blocks=2)
+    async with env.manager as manager:
+        a = env.request(2)
+        blocks = await store(env, a, 2)
+        more, more_blocks = longer(env, a, blocks, 2)
+        manager.update_state_after_alloc(more, more_blocks, 0)
+        plan = manager.build_step(scheduled(new={more.request_id: more_blocks}))
+        assert plan.stores == ()
+        assert manager.stats().tiers["cpu"].dropped_stores == 2
+        assert env.cpu_keys() == {key(a, 0), key(a, 1)}
+        assert manager.indexes[0].num_pinned == 0  # kept only while reserving
+        lookup = Request("lookup", list(more.all_token_ids), _HASHER)
+        assert manager.get_num_new_matched_tokens(lookup, 0)[0] == 2 * BS
+
+
+@pytest.mark.asyncio
+async def test_spilling_follows_the_prefetch_policy_unless_set(tmp_path: Path) -> None:
+    """best_effort never loads from below the first tier: blocks spilled there would
+    only be written. Unless spill_stores says otherwise, they are dropped then."""
+    env = Env(gpu_blocks=32, cpu_blocks=2, disk=tmp_path / "disk", prefetch="best_effort")
+    assert env.manager.spill_stores is None
+    assert env.manager.spills is False
+    async with env.manager as manager:
+        a = env.request(4)
+        blocks = env.alloc(a, 4)
+        manager.update_state_after_alloc(a, blocks, 0)
+        plan = manager.build_step(scheduled(new={a.request_id: blocks}))
+        assert [s.tier for s in plan.stores] == ["cpu"]
+        manager.prefetch = "wait_complete"  # an engine may switch between lookups
+        assert manager.spills is True
+        b = env.request(4)
+        b_blocks = env.alloc(b, 4)
+        manager.update_state_after_alloc(b, b_blocks, 0)
+        plan = manager.build_step(scheduled(new={b.request_id: b_blocks}))
+        assert [s.tier for s in plan.stores] == ["disk"]  # the CPU tier is all a's
+        manager.step_computed(plan.step_id)
+        await manager.wait_idle()
+    forced = Env(cpu_blocks=2, disk=tmp_path / "d2", prefetch="best_effort", spill_stores=True)
+    assert forced.manager.spills is True
+    assert Env(cpu_blocks=2, spill_stores=False).manager.spills is False
+
+
+@pytest.mark.asyncio
+async def test_a_spill_other_workers_never_reported_leaves_no_file_behind(
+    tmp_path: Path,
+) -> None:
+    """Closing aborts it; a file its local copy wrote would come back on a warm restart."""
+    env = Env(gpu_blocks=32, cpu_blocks=2, disk=tmp_path / "disk", world_size=2)
+    with anyio.fail_after(DEADLINE):
+        async with env.manager as manager:
+            a = env.request(4)
+            blocks = env.alloc(a, 4)
+            manager.update_state_after_alloc(a, blocks, 0)
+            plan = manager.build_step(scheduled(new={a.request_id: blocks}))
+            manager.step_computed(plan.step_id)
+            await manager.wait_idle()
+            assert len(list((tmp_path / "disk").glob("*.kvb"))) == 2  # copied here
+        assert manager.stats().tiers["disk"].failed_transfers == 2
+    assert await recovered(tmp_path / "disk") == {}
+    assert list((tmp_path / "disk").glob("*.kvb")) == []
+
+
+def test_spill_stores_must_be_a_bool_or_none() -> None:
     with pytest.raises(ConfigError, match="spill_stores must be true or false, got 'yes'"):
         Env(spill_stores="yes")

@@ -85,17 +85,28 @@ async def test_an_offload_manager_from_a_config_uses_its_policies_and_mode(
         offload_manager(config, kv.block_pool, device, tiers=manager.tiers[:1])
 
 
-@pytest.mark.parametrize("spill", [True, False])
-def test_the_manager_spills_stores_as_the_config_says(tmp_path: Path, spill: bool) -> None:
+@pytest.mark.parametrize(
+    ("offload", "spills"),
+    [
+        ({"spill_stores": True}, True),
+        ({"spill_stores": False, "prefetch": "wait_complete"}, False),
+        ({}, False),  # best_effort, the default, never loads from below the CPU tier
+        ({"prefetch": "wait_complete"}, True),
+    ],
+)
+def test_the_manager_spills_stores_as_the_config_says(
+    tmp_path: Path, offload: dict[str, object], spills: bool
+) -> None:
     config = _config(
         {"kind": "cpu", "capacity": "32KiB"},
         {"kind": "disk", "capacity": "1MiB"},
-        offload={"spill_stores": spill},
+        offload=offload,
     )
     kv = KVCacheManager(KVCacheConfig.full_attention(8, 16), 1024)
     device = DeviceTier(torch.zeros(8, config.layout.block_bytes, dtype=torch.uint8), config.layout)
     manager = offload_manager(config, kv.block_pool, device, workdir=tmp_path)
-    assert manager.spill_stores is spill
+    assert manager.spill_stores is offload.get("spill_stores")
+    assert manager.spills is spills
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ only once that copy has ended (:func:`_transfer`): the outcome frees device
 blocks and slots, which the copy must be done with.
 
 A load whose source blocks prove missing or corrupt (``BlockMissingError``)
-discards them from their tier before it reports (:func:`_discard`): their
+discards them from their tier before it reports (:func:`discard`): their
 slots are still pinned then, so no store of this process can have been given
 them yet, and the outcome that frees them in the index finds the tier rid of
 them (a disk tier's file deleted, instead of lingering until the slot is
@@ -30,7 +30,7 @@ from kvtier.tasks import TransferResult, TransferTask
 from kvtier.tiers.base import BlockKey, BlockStore, ProbingStore
 from kvtier.transfer import LoadTask, StoreTask, TransferPipeline
 
-__all__ = ["run_load", "run_store"]
+__all__ = ["discard", "run_load", "run_store"]
 
 Push = Callable[[StoreOutcome | LoadOutcome], None]
 Ready = Callable[[], Awaitable[None]]
@@ -89,14 +89,14 @@ async def _demote(
         copied = completion.state is CompletionState.DONE
         demoted.append(completion.result().seconds if copied else None)
         if not copied:
-            await _discard(below, demotion.dst_slots)
+            await discard(below, demotion.dst_slots)
         raise
     except Exception:  # failed: lost, as above
         demoted.append(None)
-        await _discard(below, demotion.dst_slots)
+        await discard(below, demotion.dst_slots)
 
 
-async def _discard(tier: BlockStore, slots: list[int]) -> None:
+async def discard(tier: BlockStore, slots: list[int]) -> None:
     """Discard blocks the index is about to forget; a failure is only logged.
 
     Blocks a load found missing or corrupt, and the slots of a write that
@@ -150,7 +150,7 @@ async def run_store(
         error = exc
     finally:
         if error is not None and posted:  # some blocks may be written: the index aborts all
-            await _discard(dst, list(event.slots))
+            await discard(dst, list(event.slots))
         push(StoreOutcome(event.event_id, error, tuple(demoted), seconds))
 
 
@@ -257,7 +257,7 @@ async def run_load(
         error = exc
     finally:
         if error is not None:  # staged copies the index will abort: any may be written
-            await _discard(tiers[0], _unkept_stages(event, cut))
+            await discard(tiers[0], _unkept_stages(event, cut))
         outcome = LoadOutcome(
             event.event_id,
             event.request_id,
@@ -328,5 +328,5 @@ async def _bad_sources(
     by_slot = dict(zip(leg.src_slots, leg.keys, strict=True))
     bad = [slot for slot in dict.fromkeys(exc.slots or leg.src_slots) if slot in by_slot]
     missing.extend((leg.level, by_slot[slot]) for slot in bad)
-    await _discard(tiers[leg.level], bad)  # still pinned: no store can reuse them yet
+    await discard(tiers[leg.level], bad)  # still pinned: no store can reuse them yet
     return {by_slot[slot] for slot in bad}

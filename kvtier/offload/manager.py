@@ -69,7 +69,8 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews, CacheReset):
     forms, ``load_in_flight``) come from
     :class:`~kvtier.offload.waits.TransferWaits`, the read-only views
     (``hit_info``, ``has_request``, ``stats``, ``take_events``,
-    ``lazy_store_budget``, ``in_flight_store_blocks``, ``staging_costs``) from
+    ``lazy_store_budget``, ``in_flight_store_blocks``, ``staging_costs``,
+    ``spills``) from
     :class:`~kvtier.offload.views.ManagerViews`, and the lower tiers' reset
     (``reset_cache`` and ``reset_cache_blocking``) from
     :class:`~kvtier.offload.reset.CacheReset`.
@@ -112,7 +113,9 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews, CacheReset):
         spill_stores: Eager and selective modes: store the blocks the first
             tier has no room for (its slots pinned by loads or being written)
             straight into the next tier down with room, instead of dropping
-            them (see :mod:`kvtier.offload.stores`). Lazy mode never spills.
+            them (see :mod:`kvtier.offload.stores`). ``None`` (the default):
+            unless the prefetch policy is ``best_effort``, which never loads
+            from below the first tier. Lazy mode never spills.
 
     Raises:
         ConfigError: No lower tier, mismatched layouts, or a bad setting.
@@ -136,7 +139,7 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews, CacheReset):
         flush_on_close: bool = False,
         prefetch: PrefetchPolicy | str = "wait_complete",
         staging_costs: StagingCostModel | None = None,
-        spill_stores: bool = True,
+        spill_stores: bool | None = None,
     ) -> None:
         check_stack(block_pool, device, tiers, mode, lazy_free_target, block_size)
         names = [tier.name for tier in tiers]
@@ -186,9 +189,9 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews, CacheReset):
             selective,
             prefetch_policy(prefetch),
         )
-        self.spill_stores = options.flag("spill_stores", spill_stores)
+        self.spill_stores = options.optional_flag("spill_stores", spill_stores)
         self._stores = StorePlanner(
-            self._transfers, event_ids, mode, self._lazy, spill=self.spill_stores
+            self._transfers, event_ids, mode, self._lazy, spill=lambda: self.spills
         )
         self._probe = RemoteProbe(
             self.tiers,

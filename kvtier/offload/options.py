@@ -24,6 +24,7 @@ __all__ = [
     "check_flush",
     "check_stack",
     "flag",
+    "optional_flag",
     "positive",
     "prefetch_policy",
     "staging_cost_model",
@@ -45,6 +46,11 @@ def flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{name} must be true or false, got {value!r}")
     return value
+
+
+def optional_flag(name: str, value: object) -> bool | None:
+    """``value`` if it is a bool or None."""
+    return None if value is None else flag(name, value)
 
 
 def check_stack(

@@ -3,10 +3,12 @@
 :func:`serve` opens the device tier, every lower tier (entering the blocks a
 persistent tier recovers into its index and counting them in the tier's
 ``restored_blocks``), the transfer pipeline and the task
-group the jobs run in; on a clean exit with ``flush_on_close`` it flushes the
-volatile tiers down (:mod:`kvtier.offload.flush`) once the jobs ended, before
-the pipeline and the tiers close; :func:`release_all` settles, once the jobs
-ended, the events that never finished.
+group the jobs run in; once the jobs ended, before the pipeline and the tiers
+close, it deletes what stores still waiting for other workers wrote
+(:func:`discard_unreported`) and, on a clean exit with ``flush_on_close``,
+flushes the volatile tiers down (:mod:`kvtier.offload.flush`);
+:func:`release_all` settles, once the jobs ended, the events that never
+finished.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from typing import Any, cast
 
 import anyio
 
-from kvtier.offload import flush
+from kvtier.offload import flush, jobs
 from kvtier.offload.transfers import Transfers
 from kvtier.tiers.base import BlockStore
 from kvtier.tiers.index import TierIndex
 from kvtier.transfer import TransferPipeline
 
-__all__ = ["release_all", "serve"]
+__all__ = ["discard_unreported", "release_all", "serve"]
 
 
 @asynccontextmanager
@@ -54,13 +56,14 @@ async def serve(
                 transfers.tier_stats[level].restored_blocks += len(found)
         await stack.enter_async_context(pipeline)
 
-        async def flush_down(
+        async def wind_down(
             exc_type: type[BaseException] | None,
             exc: BaseException | None,
             tb: TracebackType | None,
         ) -> bool:
+            transfers.drain()  # the jobs ended: their outcomes first
+            await discard_unreported(transfers)
             if exc_type is None and flush_on_close():
-                transfers.drain()  # the jobs ended: their outcomes first
                 await flush.flush(
                     pipeline,
                     tiers,
@@ -70,13 +73,27 @@ async def serve(
                 )
             return False
 
-        stack.push_async_exit(flush_down)  # after the task group, before the pipeline
+        stack.push_async_exit(wind_down)  # after the task group, before the pipeline
         group = await stack.enter_async_context(anyio.create_task_group())
         transfers.runtime.bind(group)
         try:
             yield
         finally:
             transfers.runtime.bind(None)
+
+
+async def discard_unreported(transfers: Transfers) -> None:
+    """Discard what the stores still waiting for other workers' reports wrote here.
+
+    Under tensor parallelism a store ends once every worker reported it; the
+    manager closing without those reports aborts it (:func:`release_all`),
+    and its slots are freed. A block its local copy left in a lasting tier (a
+    disk file) would come back on a warm restart: it is deleted first, while
+    the tier is open. (A local copy that failed discarded its slots itself.)
+    """
+    for event in list(transfers.stores.values()):
+        if event.local_done and event.error is None:
+            await jobs.discard(transfers.tiers[event.level], list(event.slots))
 
 
 def release_all(transfers: Transfers) -> None:

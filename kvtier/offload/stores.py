@@ -17,7 +17,8 @@ stores know each block's request and position: the event carries a
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from kvtier.block import KVCacheBlock
 from kvtier.hashing import BlockHashWithGroupId
@@ -29,11 +30,31 @@ from kvtier.offload.writeback import WriteBack
 from kvtier.policies.base import PrefixAwarePolicy
 from kvtier.policies.hints import BlockHint
 from kvtier.tiers.base import BlockKey
+from kvtier.tiers.index import TierIndex
 
-__all__ = ["StorePlanner"]
+__all__ = ["StorePlanner", "keeping"]
 
 _block_id = operator.attrgetter("block_id")
 _RESCANS = 3  # lazy mode: walks from the head with room a step may add after its evictions
+
+
+@contextmanager
+def keeping(index: TierIndex, held: Sequence[BlockKey], needed: int) -> Iterator[None]:
+    """Pin ``index``'s copies of ``held`` while ``needed`` slots are reserved there.
+
+    Only when the reservation may evict (``needed`` exceeds the free slots):
+    the step's blocks a tier holds are kept there instead of being stored,
+    and the reservation for its other blocks must not take their slots. The
+    pins count as accesses for the tier's policy: the blocks were just used.
+    """
+    keep = [key for key in held if index.contains(key)] if held and needed > index.num_free else []
+    if keep:
+        index.pin(keep)
+    try:
+        yield
+    finally:
+        if keep:
+            index.unpin(keep)
 
 
 class StorePlanner:
@@ -45,8 +66,9 @@ class StorePlanner:
         event_ids: The manager's event id counter (shared with loads).
         mode: The write mode.
         writeback: Lazy mode's free-queue walk.
-        spill: Eager and selective modes: blocks the first tier has no room
-            for go to the next tier down with room (else they are dropped).
+        spill: Asked each step that the first tier is short of room (eager
+            and selective modes): whether the blocks it has no room for go
+            to the next tier down with room (else they are dropped).
     """
 
     def __init__(
@@ -56,7 +78,7 @@ class StorePlanner:
         mode: WriteMode,
         writeback: WriteBack,
         *,
-        spill: bool = True,
+        spill: Callable[[], bool] = lambda: True,
     ) -> None:
         self.block_pool = transfers.block_pool
         self.tier_names = [tier.name for tier in transfers.tiers]
@@ -69,8 +91,7 @@ class StorePlanner:
         self.writeback = writeback
         self.spill = spill
         # Hints cost an object per block: built only for a policy that reads them.
-        written = self.indexes if spill else self.indexes[:1]
-        self.hinted = any(isinstance(index.policy, PrefixAwarePolicy) for index in written)
+        self.hinted = any(isinstance(index.policy, PrefixAwarePolicy) for index in self.indexes)
 
     def plan(self, step_id: int, columns: list[candidates.Column]) -> tuple[StoreSpec, ...]:
         """Eager and selective modes: store the candidates not held below or in flight.
@@ -87,14 +108,18 @@ class StorePlanner:
         rids: list[str] = []  # the request each block was found for ("" if none)
         hints: dict[BlockKey, BlockHint] = {}
         seen: set[BlockKey] = set()
+        held: list[BlockKey] = []  # the step's blocks the first tier holds: kept there
         for column, rid, position in columns:
             for group, block in enumerate(column):
                 key = block.block_hash
                 if block.is_null or key is None or block.block_id in in_flight:
                     continue
-                if key in seen or first.holds(key):
-                    continue  # held below, or being stored by an earlier step's event
+                if key in seen:
+                    continue
                 seen.add(key)
+                if first.holds(key):  # held below, or being stored by an earlier step's event
+                    held.append(key)
+                    continue
                 blocks.append(block)
                 keys.append(key)
                 rids.append(rid)
@@ -102,17 +127,20 @@ class StorePlanner:
                     hint = self._hint(rid, group, position)
                     if hint is not None:
                         hints[key] = hint
-        room = first.num_reservable
-        if len(keys) > room and self.spill and len(self.indexes) > 1:
-            return self._spill(step_id, blocks, keys, rids, hints, room)
-        if len(keys) > room:
-            self.tier_stats[0].dropped_stores += len(keys) - room
-            blocks, keys, rids = blocks[:room], keys[:room], rids[:room]
         if not keys:
             return ()
-        owners = set(rids)
-        owners.discard("")
-        return (self._event(step_id, 0, blocks, keys, owners, hints),)
+        with keeping(first, held, len(keys)):
+            room = first.num_reservable
+            if len(keys) > room and self.spill() and len(self.indexes) > 1:
+                return self._spill(step_id, blocks, keys, rids, hints, room)
+            if len(keys) > room:
+                self.tier_stats[0].dropped_stores += len(keys) - room
+                blocks, keys, rids = blocks[:room], keys[:room], rids[:room]
+            if not keys:
+                return ()
+            owners = set(rids)
+            owners.discard("")
+            return (self._event(step_id, 0, blocks, keys, owners, hints),)
 
     def _spill(
         self,
@@ -123,21 +151,31 @@ class StorePlanner:
         hints: dict[BlockKey, BlockHint],
         room: int,
     ) -> tuple[StoreSpec, ...]:
-        """The first tier takes ``room`` blocks, each tier below what is left that fits."""
+        """The first tier takes ``room`` blocks, each tier below what is left that fits.
+
+        Called with the first tier's copies of the step's blocks pinned; each
+        tier below has its own pinned while it reserves, so no reservation
+        evicts a block of the step it kept (the chain would lose a block
+        before the ones stored after it).
+        """
         rows = list(range(len(keys)))
         specs: list[StoreSpec] = []
         for level, index in enumerate(self.indexes):
+            kept: list[BlockKey] = []
             if level:  # a key this tier holds (or is writing) is kept there
+                kept = [keys[row] for row in rows if index.holds(keys[row])]
                 rows = [row for row in rows if not index.holds(keys[row])]
-                room = index.num_reservable
-            take, rows = rows[:room], rows[room:]
-            if take:
-                taken = (
-                    [blocks[row] for row in take],
-                    [keys[row] for row in take],
-                    {rids[row] for row in take if rids[row]},
-                )
-                specs.append(self._event(step_id, level, *taken, hints))
+            with keeping(index, kept, len(rows)):
+                if level:
+                    room = index.num_reservable
+                take, rows = rows[:room], rows[room:]
+                if take:
+                    taken = (
+                        [blocks[row] for row in take],
+                        [keys[row] for row in take],
+                        {rids[row] for row in take if rids[row]},
+                    )
+                    specs.append(self._event(step_id, level, *taken, hints))
             if not rows:
                 break
         self.tier_stats[0].dropped_stores += len(rows)

@@ -15,7 +15,7 @@ from kvtier.offload.plan import HitInfo
 from kvtier.offload.stats import OffloadStats
 from kvtier.offload.transfers import Transfers
 from kvtier.offload.writeback import WriteBack
-from kvtier.policies.prefetch import StagingCostModel
+from kvtier.policies.prefetch import BestEffort, StagingCostModel
 from kvtier.tiers.index import TierIndex
 
 __all__ = ["ManagerViews"]
@@ -33,6 +33,7 @@ class ManagerViews:
     _requests: dict[str, RequestState]
     _stats: OffloadStats
     _lazy: WriteBack
+    spill_stores: bool | None
 
     def hit_info(self, request_id: str) -> HitInfo | None:
         """Where the request's blocks were found at its last lookup."""
@@ -46,6 +47,19 @@ class ManagerViews:
         loads end; read it, do not feed it).
         """
         return self._transfers.staging_costs
+
+    @property
+    def spills(self) -> bool:
+        """Whether a step's stores spill past a full first tier now.
+
+        ``spill_stores`` when it is a bool; when it is None, whether the
+        prefetch policy may load from below the first tier (any but
+        ``best_effort``: blocks spilled past the first tier would never be
+        loaded under it, only written).
+        """
+        if self.spill_stores is None:
+            return not isinstance(self._loads.prefetch, BestEffort)
+        return self.spill_stores
 
     def has_request(self, request_id: str) -> bool:
         """The manager still tracks the request."""

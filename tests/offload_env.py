@@ -14,7 +14,7 @@ import torch
 from kvtier import BlockHasher, BlockPool, KVCacheBlocks, Request
 from kvtier.block import KVCacheBlock
 from kvtier.hashing import make_block_hash_with_group_id
-from kvtier.offload import OffloadManager, SchedulerOutput, WriteMode
+from kvtier.offload import OffloadManager, SchedulerOutput, StepPlan, WriteMode
 from kvtier.tiers.base import BlockLayout, BlockStore
 from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.disk import DiskTier
@@ -156,15 +156,23 @@ def key(request: Request, position: int) -> bytes:
     return make_block_hash_with_group_id(request.block_hashes[position], 0)
 
 
+def plan_store(
+    env: Env, request: Request, blocks: KVCacheBlocks | int
+) -> tuple[KVCacheBlocks, StepPlan]:
+    """Schedule ``request`` with its computed ``blocks`` (or that many new ones): the blocks
+    and the step's plan (its stores start at ``step_computed``)."""
+    if isinstance(blocks, int):
+        blocks = env.alloc(request, blocks)
+    env.manager.update_state_after_alloc(request, blocks, 0)
+    return blocks, env.manager.build_step(scheduled(new={request.request_id: blocks}))
+
+
 async def store(
     env: Env, request: Request, blocks: KVCacheBlocks | int, *, release: bool = False
 ) -> KVCacheBlocks:
     """Schedule ``request`` with its computed ``blocks`` (or that many new ones) and let the
     eager store land; with ``release``, the request then finishes and frees its blocks."""
-    if isinstance(blocks, int):
-        blocks = env.alloc(request, blocks)
-    env.manager.update_state_after_alloc(request, blocks, 0)
-    plan = env.manager.build_step(scheduled(new={request.request_id: blocks}))
+    blocks, plan = plan_store(env, request, blocks)
     env.manager.step_computed(plan.step_id)
     await env.manager.wait_idle()
     if release:

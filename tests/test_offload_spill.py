@@ -19,8 +19,8 @@ from tests.offload_env import (
     Env,
     disk_tier,
     key,
+    plan_store,
     recovered,
-    scheduled,
     store,
 )
 from tests.tier_doubles import FaultInjectingStore
@@ -38,9 +38,7 @@ async def test_blocks_the_first_tier_has_no_room_for_go_to_disk_and_load_back(
     env = Env(gpu_blocks=32, cpu_blocks=2, disk=tmp_path / "disk", eviction_policy=policies)
     async with env.manager as manager:
         a = env.request(4)
-        blocks = env.alloc(a, 4)
-        manager.update_state_after_alloc(a, blocks, 0)
-        plan = manager.build_step(scheduled(new={a.request_id: blocks}))
+        blocks, plan = plan_store(env, a, 4)
         ids = [b.block_id for b in blocks.blocks[0]]
         assert (
             [(s.tier, s.device_block_ids) for s in plan.stores]
@@ -80,9 +78,7 @@ async def test_without_spilling_those_blocks_are_dropped(tmp_path: Path) -> None
     env = Env(gpu_blocks=32, cpu_blocks=2, disk=tmp_path / "disk", spill_stores=False)
     async with env.manager as manager:
         a = env.request(4)
-        blocks = env.alloc(a, 4)
-        manager.update_state_after_alloc(a, blocks, 0)
-        plan = manager.build_step(scheduled(new={a.request_id: blocks}))
+        _blocks, plan = plan_store(env, a, 4)
         assert [s.tier for s in plan.stores] == ["cpu"]
         manager.step_computed(plan.step_id)
         await manager.wait_idle()
@@ -113,17 +109,14 @@ async def test_blocks_a_lower_tier_holds_or_is_writing_are_neither_spilled_nor_d
         a = env.request(4)
         blocks = await store(env, a, 4)  # a0 a1 in CPU, a2 a3 spilled to disk
         b = env.request(2)
-        b_blocks = env.alloc(b, 2)
-        manager.update_state_after_alloc(b, b_blocks, 0)
-        held = manager.build_step(scheduled(new={b.request_id: b_blocks}))
+        _b_blocks, held = plan_store(env, b, 2)
         # Not computed yet: b's CPU slots stay reserved (no room left there), and
         # a0 a1, evicted for them, are being demoted to disk (reserved there).
         assert [s.tier for s in held.stores] == ["cpu"]
         assert env.cpu_keys() == set()
         hit = env.request(4, like=a)
         env.pool.touch(blocks.blocks[0])
-        manager.update_state_after_alloc(hit, blocks, 0)
-        plan = manager.build_step(scheduled(new={hit.request_id: blocks}))
+        _, plan = plan_store(env, hit, blocks)
         assert plan.stores == ()
         assert manager.stats().tiers["cpu"].dropped_stores == 0
         manager.step_computed(plan.step_id)
@@ -140,13 +133,9 @@ async def test_a_spill_that_evicts_demotes_one_tier_further_down(tmp_path: Path)
         a, b, c, d = (env.request(2) for _ in range(4))
         await store(env, a, 2)
         await store(env, b, 2)  # a demoted to cpu2
-        c_blocks = env.alloc(c, 2)
-        manager.update_state_after_alloc(c, c_blocks, 0)
-        first = manager.build_step(scheduled(new={c.request_id: c_blocks}))
+        _c_blocks, first = plan_store(env, c, 2)
         # c holds the CPU tier (reserved, not computed); b is being demoted to cpu2.
-        d_blocks = env.alloc(d, 2)
-        manager.update_state_after_alloc(d, d_blocks, 0)
-        plan = manager.build_step(scheduled(new={d.request_id: d_blocks}))
+        _d_blocks, plan = plan_store(env, d, 2)
         assert [s.tier for s in plan.stores] == ["cpu2"]  # evicting a, demoted to disk
         manager.step_computed(plan.step_id)
         assert plan.step_id > first.step_id
@@ -176,9 +165,7 @@ async def test_a_failed_spill_is_aborted_and_discarded_and_the_rest_is_kept(
     env = Env(gpu_blocks=32, tiers=[CpuTier(LAYOUT, 2), disk])
     async with env.manager as manager:
         a = env.request(4)
-        blocks = env.alloc(a, 4)
-        manager.update_state_after_alloc(a, blocks, 0)
-        plan = manager.build_step(scheduled(new={a.request_id: blocks}))
+        blocks, plan = plan_store(env, a, 4)
         assert manager.request_finished(a) is True  # cleanup waits for both stores
         env.pool.free_blocks(reversed(blocks.blocks[0]))
         disk.write_error = TierIOError("injected", tier="disk")
@@ -202,9 +189,7 @@ async def test_a_spill_waits_for_every_tensor_parallel_worker(tmp_path: Path) ->
     env = Env(gpu_blocks=32, cpu_blocks=2, disk=tmp_path / "disk", world_size=2)
     async with env.manager as manager:
         a = env.request(4)
-        blocks = env.alloc(a, 4)
-        manager.update_state_after_alloc(a, blocks, 0)
-        plan = manager.build_step(scheduled(new={a.request_id: blocks}))
+        _blocks, plan = plan_store(env, a, 4)
         manager.step_computed(plan.step_id)
         await manager.wait_idle()
         cpu_spec, disk_spec = plan.stores
@@ -264,13 +249,10 @@ async def test_a_spill_never_evicts_a_block_of_the_step_its_tier_keeps(tmp_path:
         a = env.request(3)
         blocks = await store(env, a, 3)  # a0 in CPU, a1 a2 spilled to disk
         b = env.request(1)
-        b_blocks = env.alloc(b, 1)
-        manager.update_state_after_alloc(b, b_blocks, 0)
-        manager.build_step(scheduled(new={b.request_id: b_blocks}))  # holds the CPU tier
+        b_blocks, _ = plan_store(env, b, 1)  # holds the CPU tier
         assert all(manager.indexes[1].holds(key(a, i)) for i in range(3))  # a0: demoted
         more, more_blocks = longer(env, a, blocks, 1)
-        manager.update_state_after_alloc(more, more_blocks, 0)
-        plan = manager.build_step(scheduled(new={more.request_id: more_blocks}))
+        _, plan = plan_store(env, more, more_blocks)
         assert plan.stores == ()  # no room for a3 that is not a2's, a1's or a0's
         assert manager.stats().tiers["cpu"].dropped_stores == 1
         manager.step_computed(plan.step_id)
@@ -292,8 +274,7 @@ async def test_the_first_tier_never_evicts_a_block_of_the_step_it_keeps() -> Non
         a = env.request(2)
         blocks = await store(env, a, 2)
         more, more_blocks = longer(env, a, blocks, 2)
-        manager.update_state_after_alloc(more, more_blocks, 0)
-        plan = manager.build_step(scheduled(new={more.request_id: more_blocks}))
+        _, plan = plan_store(env, more, more_blocks)
         assert plan.stores == ()
         assert manager.stats().tiers["cpu"].dropped_stores == 2
         assert env.cpu_keys() == {key(a, 0), key(a, 1)}
@@ -311,16 +292,12 @@ async def test_spilling_follows_the_prefetch_policy_unless_set(tmp_path: Path) -
     assert env.manager.spills is False
     async with env.manager as manager:
         a = env.request(4)
-        blocks = env.alloc(a, 4)
-        manager.update_state_after_alloc(a, blocks, 0)
-        plan = manager.build_step(scheduled(new={a.request_id: blocks}))
+        _blocks, plan = plan_store(env, a, 4)
         assert [s.tier for s in plan.stores] == ["cpu"]
         manager.prefetch = "wait_complete"  # an engine may switch between lookups
         assert manager.spills is True
         b = env.request(4)
-        b_blocks = env.alloc(b, 4)
-        manager.update_state_after_alloc(b, b_blocks, 0)
-        plan = manager.build_step(scheduled(new={b.request_id: b_blocks}))
+        _b_blocks, plan = plan_store(env, b, 4)
         assert [s.tier for s in plan.stores] == ["disk"]  # the CPU tier is all a's
         manager.step_computed(plan.step_id)
         await manager.wait_idle()
@@ -338,9 +315,7 @@ async def test_a_spill_other_workers_never_reported_leaves_no_file_behind(
     with anyio.fail_after(DEADLINE):
         async with env.manager as manager:
             a = env.request(4)
-            blocks = env.alloc(a, 4)
-            manager.update_state_after_alloc(a, blocks, 0)
-            plan = manager.build_step(scheduled(new={a.request_id: blocks}))
+            _blocks, plan = plan_store(env, a, 4)
             manager.step_computed(plan.step_id)
             await manager.wait_idle()
             assert len(list((tmp_path / "disk").glob("*.kvb"))) == 2  # copied here

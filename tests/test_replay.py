@@ -312,10 +312,7 @@ async def test_stores_dropped_by_a_full_cpu_tier_are_reported(tmp_path: Path) ->
     cpu = report.tiers[0]
     assert cpu.dropped_stores > 0
     assert report.to_dict()["tiers"][0]["dropped_stores"] == cpu.dropped_stores
-    console = Console(width=200, record=True)
-    for table in render(report):
-        console.print(table)
-    lines = console.export_text().splitlines()
+    lines = text(report).splitlines()
     at = next(i for i, line in enumerate(lines) if "dropped" in line)  # the tiers' header
     row = next(line for line in lines[at:] if line.split("│")[1:2] == ["  cpu "])
     cells = [cell.strip() for cell in row.split("│")]
@@ -324,10 +321,7 @@ async def test_stores_dropped_by_a_full_cpu_tier_are_reported(tmp_path: Path) ->
     assert cells[names.index("failed / dropped")] == failed
     roomy = await replay(small_config(), small_chat(), workdir=tmp_path / "roomy")
     assert all(tier.dropped_stores == 0 for tier in roomy.tiers)
-    console = Console(width=200, record=True)
-    for table in render(roomy):
-        console.print(table)
-    assert "dropped" not in console.export_text()  # the column shows only when needed
+    assert "dropped" not in text(roomy)  # the column shows only when needed
 
 
 @pytest.mark.asyncio
@@ -341,10 +335,7 @@ async def test_stores_a_full_cpu_tier_spills_to_disk_are_reported(tmp_path: Path
     assert cpu.spilled_blocks == 0
     assert cpu.dropped_stores < dropping.tiers[0].dropped_stores
     assert report.to_dict()["tiers"][1]["spilled_blocks"] == disk.spilled_blocks
-    console = Console(width=200, record=True)
-    for table in render(report):
-        console.print(table)
-    lines = console.export_text().splitlines()
+    lines = text(report).splitlines()
     at = next(i for i, line in enumerate(lines) if "(spilled in)" in line)  # the tiers' header
     names = [cell.strip() for cell in lines[at].split("┃")]
     column = names.index("stored (spilled in)")
@@ -356,10 +347,7 @@ async def test_stores_a_full_cpu_tier_spills_to_disk_are_reported(tmp_path: Path
     }
     assert cells["disk"] == f"{disk.stored_blocks:,} ({disk.spilled_blocks:,})"
     assert cells["cpu"] == f"{cpu.stored_blocks:,}"  # nothing spilled into it
-    console = Console(width=200, record=True)
-    for table in render(dropping):
-        console.print(table)
-    assert "spilled" not in console.export_text()  # the column shows only when needed
+    assert "spilled" not in text(dropping)  # the column shows only when needed
 
 
 def test_failed_probes_of_a_shared_tier_get_a_column() -> None:

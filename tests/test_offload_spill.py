@@ -266,6 +266,37 @@ async def test_a_spill_never_evicts_a_block_of_the_step_its_tier_keeps(tmp_path:
 
 
 @pytest.mark.asyncio
+async def test_a_demotion_never_evicts_a_block_of_the_step_the_tier_below_keeps(
+    tmp_path: Path,
+) -> None:
+    """The CPU tier takes a0 by evicting v, demoted to disk: the disk must not give it a1's
+    slot (its least recent block), which would leave a2, kept there, behind a hole."""
+    env = Env(gpu_blocks=32, cpu_blocks=2, disk=tmp_path / "disk", disk_blocks=3)
+    async with env.manager as manager:
+        cpu, disk = manager.indexes
+        a = env.request(3)
+        blocks = env.alloc(a, 3)
+        # The state set with the indexes' own calls, as stores leave it: the CPU tier
+        # holds v and writes r; the disk holds a1 (least recent) and a2, and writes x.
+        v, r, x = b"v" * 40, b"r" * 40, b"x" * 40
+        for index, done, writing in ((cpu, [v], r), (disk, [key(a, 1), key(a, 2)], x)):
+            for block in done:
+                index.reserve([block])
+                index.commit([block])
+            index.reserve([writing])
+        _, plan = plan_store(env, a, blocks)
+        assert [(s.tier, len(s.slots)) for s in plan.stores] == [("cpu", 1)]  # a0
+        assert all(disk.contains(key(a, i)) for i in (1, 2))
+        assert manager.stats().tiers["cpu"].evictions == 1  # v, lost: no room below
+        manager.step_computed(plan.step_id)
+        await manager.wait_idle()
+        cpu.abort([r])
+        disk.abort([x])
+        lookup = Request("lookup", list(a.all_token_ids), _HASHER)
+        assert manager.get_num_new_matched_tokens(lookup, 0)[0] == 3 * BS
+
+
+@pytest.mark.asyncio
 async def test_the_first_tier_never_evicts_a_block_of_the_step_it_keeps() -> None:
     """Without a tier below, an eviction loses the block: a0 a1 must not give their slots
     to c2 c3, which would sit behind the hole."""
@@ -303,7 +334,10 @@ async def test_spilling_follows_the_prefetch_policy_unless_set(tmp_path: Path) -
         await manager.wait_idle()
     forced = Env(cpu_blocks=2, disk=tmp_path / "d2", prefetch="best_effort", spill_stores=True)
     assert forced.manager.spills is True
-    assert Env(cpu_blocks=2, spill_stores=False).manager.spills is False
+    assert Env(cpu_blocks=2, disk=tmp_path / "d3", spill_stores=False).manager.spills is False
+    assert Env(spill_stores=True).manager.spills is False  # no tier below the first
+    lazy = Env(mode="lazy", disk=tmp_path / "d4", lazy_free_target=4)
+    assert lazy.manager.spills is False  # lazy mode never spills
 
 
 @pytest.mark.asyncio

@@ -6,6 +6,7 @@ and a hypothesis state machine drives the index against a simple model.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import pytest
@@ -257,6 +258,18 @@ def test_a_policy_returning_bad_victims_changes_nothing(
 
 
 # -- pin / unpin ---------------------------------------------------------------------
+
+
+def test_a_pin_without_access_keeps_a_block_but_leaves_its_policy_untouched() -> None:
+    """What a planner pins only so that its own reservation cannot evict it."""
+    for access, victim in ((False, 0), (True, 1)):
+        index = filled(2, 0, 1)  # k0 least recent
+        assert index.pin(ks(0), access=access) == [0]
+        assert index.num_pinned == 1
+        unchanged(index, TierFullError, functools.partial(index.reserve, ks(2, 3)))  # k0 kept
+        index.unpin(ks(0))
+        assert [key for _, key in index.reserve(ks(2)).evicted] == [k(victim)]
+        index.check_invariants()
 
 
 def test_pin_returns_slots_and_counts_each_occurrence() -> None:

@@ -190,9 +190,8 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews, CacheReset):
             prefetch_policy(prefetch),
         )
         self.spill_stores = options.optional_flag("spill_stores", spill_stores)
-        self._stores = StorePlanner(
-            self._transfers, event_ids, mode, self._lazy, spill=lambda: self.spills
-        )
+        spills = None if self.spill_stores is False else lambda: self.spills
+        self._stores = StorePlanner(self._transfers, event_ids, mode, self._lazy, spill=spills)
         self._probe = RemoteProbe(
             self.tiers,
             self.indexes,

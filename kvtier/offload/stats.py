@@ -32,7 +32,9 @@ class TierStats:
         failed_transfers: Blocks of transfers to or from this tier that failed.
         dropped_stores: Blocks not stored because the tier was full of pinned
             or reserved blocks and no tier below took them (eager and
-            selective modes spill them there; counted in the first tier). In
+            selective modes can spill them there, see
+            :attr:`~kvtier.offload.manager.OffloadManager.spills`; counted in
+            the first tier). In
             lazy mode, which never spills, the unwritten blocks left at the
             device's eviction end (the tier's room ran out, or its own stores
             kept evicting their copies); a block counts once for as long as

@@ -44,12 +44,14 @@ def keeping(index: TierIndex, held: Sequence[BlockKey], needed: int) -> Iterator
 
     Only when the reservation may evict (``needed`` exceeds the free slots):
     the step's blocks a tier holds are kept there instead of being stored,
-    and the reservation for its other blocks must not take their slots. The
-    pins count as accesses for the tier's policy: the blocks were just used.
+    and a reservation for its other blocks (or for the blocks demoted into
+    it) must not take their slots. The pins are not accesses: nothing is
+    read, and the tier's policy must not learn of a block by whether a slot
+    happened to be free.
     """
     keep = [key for key in held if index.contains(key)] if held and needed > index.num_free else []
     if keep:
-        index.pin(keep)
+        index.pin(keep, access=False)
     try:
         yield
     finally:
@@ -68,7 +70,8 @@ class StorePlanner:
         writeback: Lazy mode's free-queue walk.
         spill: Asked each step that the first tier is short of room (eager
             and selective modes): whether the blocks it has no room for go
-            to the next tier down with room (else they are dropped).
+            to the next tier down with room (else they are dropped); None:
+            never.
     """
 
     def __init__(
@@ -78,7 +81,7 @@ class StorePlanner:
         mode: WriteMode,
         writeback: WriteBack,
         *,
-        spill: Callable[[], bool] = lambda: True,
+        spill: Callable[[], bool] | None = None,
     ) -> None:
         self.block_pool = transfers.block_pool
         self.tier_names = [tier.name for tier in transfers.tiers]
@@ -89,9 +92,10 @@ class StorePlanner:
         self.event_ids = event_ids
         self.mode = mode
         self.writeback = writeback
-        self.spill = spill
+        self.spill = spill or (lambda: False)
         # Hints cost an object per block: built only for a policy that reads them.
-        self.hinted = any(isinstance(index.policy, PrefixAwarePolicy) for index in self.indexes)
+        written = self.indexes if spill is not None else self.indexes[:1]
+        self.hinted = any(isinstance(index.policy, PrefixAwarePolicy) for index in written)
 
     def plan(self, step_id: int, columns: list[candidates.Column]) -> tuple[StoreSpec, ...]:
         """Eager and selective modes: store the candidates not held below or in flight.
@@ -154,13 +158,15 @@ class StorePlanner:
         """The first tier takes ``room`` blocks, each tier below what is left that fits.
 
         Called with the first tier's copies of the step's blocks pinned; each
-        tier below has its own pinned while it reserves, so no reservation
-        evicts a block of the step it kept (the chain would lose a block
+        tier below has its own pinned while it reserves, and while the tier
+        above reserves (its evictions are demoted into it), so no reservation
+        evicts a block of the step it keeps (the chain would lose a block
         before the ones stored after it).
         """
         rows = list(range(len(keys)))
         specs: list[StoreSpec] = []
-        for level, index in enumerate(self.indexes):
+        indexes = self.indexes
+        for level, index in enumerate(indexes):
             kept: list[BlockKey] = []
             if level:  # a key this tier holds (or is writing) is kept there
                 kept = [keys[row] for row in rows if index.holds(keys[row])]
@@ -170,12 +176,15 @@ class StorePlanner:
                     room = index.num_reservable
                 take, rows = rows[:room], rows[room:]
                 if take:
+                    below = indexes[level + 1] if level + 1 < len(indexes) else None
+                    rest = [keys[row] for row in rows] if below is not None else []
                     taken = (
                         [blocks[row] for row in take],
                         [keys[row] for row in take],
                         {rids[row] for row in take if rids[row]},
                     )
-                    specs.append(self._event(step_id, level, *taken, hints))
+                    with keeping(below or index, rest, len(take)):  # (no tier below: no rest)
+                        specs.append(self._event(step_id, level, *taken, hints))
             if not rows:
                 break
         self.tier_stats[0].dropped_stores += len(rows)

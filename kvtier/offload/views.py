@@ -11,7 +11,7 @@ import attrs
 from kvtier.events import KVCacheEvent
 from kvtier.offload._state import RequestState
 from kvtier.offload.loads import LoadPlanner
-from kvtier.offload.plan import HitInfo
+from kvtier.offload.plan import HitInfo, WriteMode
 from kvtier.offload.stats import OffloadStats
 from kvtier.offload.transfers import Transfers
 from kvtier.offload.writeback import WriteBack
@@ -34,6 +34,7 @@ class ManagerViews:
     _stats: OffloadStats
     _lazy: WriteBack
     spill_stores: bool | None
+    mode: WriteMode
 
     def hit_info(self, request_id: str) -> HitInfo | None:
         """Where the request's blocks were found at its last lookup."""
@@ -52,11 +53,13 @@ class ManagerViews:
     def spills(self) -> bool:
         """Whether a step's stores spill past a full first tier now.
 
-        ``spill_stores`` when it is a bool; when it is None, whether the
-        prefetch policy may load from below the first tier (any but
-        ``best_effort``: blocks spilled past the first tier would never be
-        loaded under it, only written).
+        Never in lazy mode or with one lower tier. Else ``spill_stores`` when
+        it is a bool; when it is None, whether the prefetch policy may load
+        from below the first tier (any but ``best_effort``: blocks spilled
+        past the first tier would never be loaded under it, only written).
         """
+        if self.mode == "lazy" or len(self.indexes) < 2:
+            return False
         if self.spill_stores is None:
             return not isinstance(self._loads.prefetch, BestEffort)
         return self.spill_stores

@@ -266,7 +266,9 @@ class TierIndex(IndexQueries, IndexBulk):
 
     # -- loads -------------------------------------------------------------------
 
-    def pin(self, keys: Iterable[BlockKey], hints: Hints | None = None) -> list[int]:
+    def pin(
+        self, keys: Iterable[BlockKey], hints: Hints | None = None, *, access: bool = True
+    ) -> list[int]:
         """Pin visible blocks for a load and count the read as an access.
 
         A key may appear more than once (and be pinned again by another load):
@@ -275,6 +277,8 @@ class TierIndex(IndexQueries, IndexBulk):
         Args:
             keys: The blocks to read, each request's chain head first.
             hints: Optional, one per key: where it sits in its request's chain.
+            access: False to only keep the blocks from being evicted (nothing
+                is read): the policy is not told and the hints are ignored.
 
         Returns:
             The slot of each key, in order.
@@ -294,8 +298,9 @@ class TierIndex(IndexQueries, IndexBulk):
         pins = self._pins
         for key in items:
             pins[key] = pins.get(key, 0) + 1
-        self._hints.remember(items, hints)
-        notify_access(self.policy, items, hints)  # tail first: see the class docstring
+        if access:
+            self._hints.remember(items, hints)
+            notify_access(self.policy, items, hints)  # tail first: see the class docstring
         return [self._slot_of[key] for key in items]
 
     def unpin(self, keys: Iterable[BlockKey]) -> list[tuple[int, BlockKey]]:

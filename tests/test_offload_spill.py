@@ -266,12 +266,15 @@ async def test_a_spill_never_evicts_a_block_of_the_step_its_tier_keeps(tmp_path:
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("spill", [True, False])
 async def test_a_demotion_never_evicts_a_block_of_the_step_the_tier_below_keeps(
-    tmp_path: Path,
+    tmp_path: Path, spill: bool
 ) -> None:
     """The CPU tier takes a0 by evicting v, demoted to disk: the disk must not give it a1's
     slot (its least recent block), which would leave a2, kept there, behind a hole."""
-    env = Env(gpu_blocks=32, cpu_blocks=2, disk=tmp_path / "disk", disk_blocks=3)
+    env = Env(
+        gpu_blocks=32, cpu_blocks=2, disk=tmp_path / "disk", disk_blocks=3, spill_stores=spill
+    )
     async with env.manager as manager:
         cpu, disk = manager.indexes
         a = env.request(3)
@@ -288,12 +291,39 @@ async def test_a_demotion_never_evicts_a_block_of_the_step_the_tier_below_keeps(
         assert [(s.tier, len(s.slots)) for s in plan.stores] == [("cpu", 1)]  # a0
         assert all(disk.contains(key(a, i)) for i in (1, 2))
         assert manager.stats().tiers["cpu"].evictions == 1  # v, lost: no room below
+        # Without spilling, a1 and a2 count as dropped (not stored in the CPU tier).
+        assert manager.stats().tiers["cpu"].dropped_stores == (0 if spill else 2)
         manager.step_computed(plan.step_id)
         await manager.wait_idle()
         cpu.abort([r])
         disk.abort([x])
         lookup = Request("lookup", list(a.all_token_ids), _HASHER)
         assert manager.get_num_new_matched_tokens(lookup, 0)[0] == 3 * BS
+
+
+@pytest.mark.asyncio
+async def test_a_block_removed_below_while_pinned_is_not_kept_there(tmp_path: Path) -> None:
+    """A load found a1 bad on disk while another load held it: its slot waits for the last
+    unpin, but the block is gone. It is not stored there (nor kept): it counts as dropped."""
+    env = Env(gpu_blocks=32, cpu_blocks=1, disk=tmp_path / "disk", disk_blocks=8)
+    async with env.manager as manager:
+        cpu, disk = manager.indexes
+        a = env.request(3)
+        blocks = env.alloc(a, 3)
+        r = b"r" * 40
+        cpu.reserve([r])  # the CPU tier is being written: no room
+        disk.reserve([key(a, 1)])
+        disk.commit([key(a, 1)])
+        disk.pin([key(a, 1)])
+        disk.remove([key(a, 1)])  # removed while pinned: awaiting its last unpin
+        _, plan = plan_store(env, a, blocks)
+        assert [(s.tier, len(s.slots)) for s in plan.stores] == [("disk", 2)]  # a0, a2
+        assert manager.stats().tiers["cpu"].dropped_stores == 1  # a1: counted, not lost silently
+        manager.step_computed(plan.step_id)
+        await manager.wait_idle()
+        disk.unpin([key(a, 1)])
+        cpu.abort([r])
+        assert disk_keys(env) == {key(a, 0), key(a, 2)}
 
 
 @pytest.mark.asyncio

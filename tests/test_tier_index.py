@@ -272,6 +272,15 @@ def test_a_pin_without_access_keeps_a_block_but_leaves_its_policy_untouched() ->
         index.check_invariants()
 
 
+def test_keeps_is_visible_or_being_written_not_awaiting_removal() -> None:
+    index = filled(4, 0, 1)
+    index.reserve(ks(2))
+    index.pin(ks(1))
+    index.remove(ks(1))  # pinned: its slot waits for the last unpin
+    assert [index.keeps(key) for key in ks(0, 1, 2, 3)] == [True, False, True, False]
+    assert [index.holds(key) for key in ks(0, 1, 2, 3)] == [True, True, True, False]
+
+
 def test_pin_returns_slots_and_counts_each_occurrence() -> None:
     index = filled(4, 0, 1)
     assert index.pin(ks(1, 0, 1)) == [1, 0, 1]

@@ -137,14 +137,22 @@ class StorePlanner:
             room = first.num_reservable
             if len(keys) > room and self.spill() and len(self.indexes) > 1:
                 return self._spill(step_id, blocks, keys, rids, hints, room)
+            below = self.indexes[1] if len(self.indexes) > 1 else None
+            dropped: list[BlockKey] = []
             if len(keys) > room:
                 self.tier_stats[0].dropped_stores += len(keys) - room
+                dropped = keys[room:]
                 blocks, keys, rids = blocks[:room], keys[:room], rids[:room]
             if not keys:
                 return ()
             owners = set(rids)
             owners.discard("")
-            return (self._event(step_id, 0, blocks, keys, owners, hints),)
+            if below is None or not dropped:
+                return (self._event(step_id, 0, blocks, keys, owners, hints),)
+            # What the reservation evicts is demoted into the tier below: it must
+            # not take that tier's copies of the blocks dropped here.
+            with keeping(below, dropped, len(keys)):
+                return (self._event(step_id, 0, blocks, keys, owners, hints),)
 
     def _spill(
         self,
@@ -168,23 +176,31 @@ class StorePlanner:
         indexes = self.indexes
         for level, index in enumerate(indexes):
             kept: list[BlockKey] = []
+            here = rows  # (plan left out every key the first tier holds)
             if level:  # a key this tier holds (or is writing) is kept there
-                kept = [keys[row] for row in rows if index.holds(keys[row])]
-                rows = [row for row in rows if not index.holds(keys[row])]
-            with keeping(index, kept, len(rows)):
+                kept = [keys[row] for row in rows if index.keeps(keys[row])]
+                rows = [row for row in rows if not index.keeps(keys[row])]
+                # A key removed while pinned holds its slot until unpinned: not kept,
+                # not storable here, left for the tiers below.
+                here = [row for row in rows if not index.holds(keys[row])]
+            with keeping(index, kept, len(here)):
                 if level:
                     room = index.num_reservable
-                take, rows = rows[:room], rows[room:]
+                take = here[:room]
                 if take:
+                    taken_rows = set(take)
+                    rows = [row for row in rows if row not in taken_rows]
                     below = indexes[level + 1] if level + 1 < len(indexes) else None
-                    rest = [keys[row] for row in rows] if below is not None else []
                     taken = (
                         [blocks[row] for row in take],
                         [keys[row] for row in take],
                         {rids[row] for row in take if rids[row]},
                     )
-                    with keeping(below or index, rest, len(take)):  # (no tier below: no rest)
+                    if below is None:
                         specs.append(self._event(step_id, level, *taken, hints))
+                    else:
+                        with keeping(below, [keys[row] for row in rows], len(take)):
+                            specs.append(self._event(step_id, level, *taken, hints))
             if not rows:
                 break
         self.tier_stats[0].dropped_stores += len(rows)
@@ -199,8 +215,13 @@ class StorePlanner:
         owners: set[str],
         hints: dict[BlockKey, BlockHint],
     ) -> StoreSpec:
-        """Reserve slots in tier ``level`` for ``keys``; record the store event."""
-        reservation = self.indexes[level].reserve(keys)
+        """Reserve slots in tier ``level`` for ``keys``; record the store event.
+
+        ``keys`` are distinct and hold no slot there: ``reserve_new`` raises
+        rather than skip one, which would pair the event's device blocks with
+        the slots of other keys.
+        """
+        reservation = self.indexes[level].reserve_new(keys)
         ids = tuple(map(_block_id, blocks))
         event = StoreEvent(
             next(self.event_ids),

@@ -269,7 +269,7 @@ class TierIndex(IndexQueries, IndexBulk):
     def pin(
         self, keys: Iterable[BlockKey], hints: Hints | None = None, *, access: bool = True
     ) -> list[int]:
-        """Pin visible blocks for a load and count the read as an access.
+        """Pin visible blocks for a load and count the read as an access (unless ``access``).
 
         A key may appear more than once (and be pinned again by another load):
         each occurrence takes one pin, released by one :meth:`unpin`.

@@ -105,6 +105,10 @@ class IndexQueries:
         """Whether ``key`` holds a slot: resident, reserved (being written) or awaiting removal."""
         return key in self._slot_of or key in self._reserved
 
+    def keeps(self, key: BlockKey) -> bool:
+        """Whether ``key`` is visible or being written (holds a slot, not awaiting removal)."""
+        return key in self._reserved or self.contains(key)
+
     def key_sets(
         self,
     ) -> tuple[AbstractSet[BlockKey], AbstractSet[BlockKey], AbstractSet[BlockKey]]:

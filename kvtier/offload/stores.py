@@ -32,26 +32,33 @@ from kvtier.policies.hints import BlockHint
 from kvtier.tiers.base import BlockKey
 from kvtier.tiers.index import TierIndex
 
-__all__ = ["StorePlanner", "keeping"]
+__all__ = ["StorePlanner", "keeping", "protect"]
 
 _block_id = operator.attrgetter("block_id")
 _RESCANS = 3  # lazy mode: walks from the head with room a step may add after its evictions
 
 
-@contextmanager
-def keeping(index: TierIndex, held: Sequence[BlockKey], needed: int) -> Iterator[None]:
-    """Pin ``index``'s copies of ``held`` while ``needed`` slots are reserved there.
+def protect(index: TierIndex, held: Sequence[BlockKey], needed: int) -> list[BlockKey]:
+    """Pin ``index``'s copies of ``held`` if reserving ``needed`` slots there may evict.
 
-    Only when the reservation may evict (``needed`` exceeds the free slots):
-    the step's blocks a tier holds are kept there instead of being stored,
+    The step's blocks a tier holds are kept there instead of being stored,
     and a reservation for its other blocks (or for the blocks demoted into
     it) must not take their slots. The pins are not accesses: nothing is
     read, and the tier's policy must not learn of a block by whether a slot
-    happened to be free.
+    happened to be free. Returns the keys pinned, for ``index.unpin``.
     """
-    keep = [key for key in held if index.contains(key)] if held and needed > index.num_free else []
+    if not held or needed <= index.num_free:
+        return []
+    keep = [key for key in held if index.contains(key)]
     if keep:
         index.pin(keep, access=False)
+    return keep
+
+
+@contextmanager
+def keeping(index: TierIndex, held: Sequence[BlockKey], needed: int) -> Iterator[None]:
+    """:func:`protect` for the duration of a ``with`` block."""
+    keep = protect(index, held, needed)
     try:
         yield
     finally:
@@ -133,26 +140,43 @@ class StorePlanner:
                         hints[key] = hint
         if not keys:
             return ()
-        with keeping(first, held, len(keys)):
+        keep = protect(first, held, len(keys))
+        try:
             room = first.num_reservable
-            if len(keys) > room and self.spill() and len(self.indexes) > 1:
+            if len(keys) <= room:  # the usual case
+                owners = set(rids)
+                owners.discard("")
+                return (self._event(step_id, 0, blocks, keys, owners, hints),)
+            if self.spill() and len(self.indexes) > 1:
                 return self._spill(step_id, blocks, keys, rids, hints, room)
-            below = self.indexes[1] if len(self.indexes) > 1 else None
-            dropped: list[BlockKey] = []
-            if len(keys) > room:
-                self.tier_stats[0].dropped_stores += len(keys) - room
-                dropped = keys[room:]
-                blocks, keys, rids = blocks[:room], keys[:room], rids[:room]
-            if not keys:
-                return ()
-            owners = set(rids)
-            owners.discard("")
-            if below is None or not dropped:
-                return (self._event(step_id, 0, blocks, keys, owners, hints),)
-            # What the reservation evicts is demoted into the tier below: it must
-            # not take that tier's copies of the blocks dropped here.
-            with keeping(below, dropped, len(keys)):
-                return (self._event(step_id, 0, blocks, keys, owners, hints),)
+            return self._drop(step_id, blocks, keys, rids, hints, room)
+        finally:
+            if keep:
+                first.unpin(keep)
+
+    def _drop(
+        self,
+        step_id: int,
+        blocks: list[KVCacheBlock],
+        keys: list[BlockKey],
+        rids: list[str],
+        hints: dict[BlockKey, BlockHint],
+        room: int,
+    ) -> tuple[StoreSpec, ...]:
+        """The first tier takes ``room`` blocks; the rest are dropped."""
+        self.tier_stats[0].dropped_stores += len(keys) - room
+        dropped = keys[room:]
+        blocks, keys, rids = blocks[:room], keys[:room], rids[:room]
+        if not keys:
+            return ()
+        owners = set(rids)
+        owners.discard("")
+        if len(self.indexes) < 2:
+            return (self._event(step_id, 0, blocks, keys, owners, hints),)
+        # What the reservation evicts is demoted into the tier below: it must
+        # not take that tier's copies of the blocks dropped here.
+        with keeping(self.indexes[1], dropped, len(keys)):
+            return (self._event(step_id, 0, blocks, keys, owners, hints),)
 
     def _spill(
         self,

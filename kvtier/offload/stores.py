@@ -147,14 +147,12 @@ class StorePlanner:
                 owners = set(rids)
                 owners.discard("")
                 return (self._event(step_id, 0, blocks, keys, owners, hints),)
-            if self.spill() and len(self.indexes) > 1:
-                return self._spill(step_id, blocks, keys, rids, hints, room)
-            return self._drop(step_id, blocks, keys, rids, hints, room)
+            return self._place(step_id, blocks, keys, rids, hints, room, spill=self.spill())
         finally:
             if keep:
                 first.unpin(keep)
 
-    def _drop(
+    def _place(
         self,
         step_id: int,
         blocks: list[KVCacheBlock],
@@ -162,38 +160,17 @@ class StorePlanner:
         rids: list[str],
         hints: dict[BlockKey, BlockHint],
         room: int,
+        *,
+        spill: bool,
     ) -> tuple[StoreSpec, ...]:
-        """The first tier takes ``room`` blocks; the rest are dropped."""
-        self.tier_stats[0].dropped_stores += len(keys) - room
-        dropped = keys[room:]
-        blocks, keys, rids = blocks[:room], keys[:room], rids[:room]
-        if not keys:
-            return ()
-        owners = set(rids)
-        owners.discard("")
-        if len(self.indexes) < 2:
-            return (self._event(step_id, 0, blocks, keys, owners, hints),)
-        # What the reservation evicts is demoted into the tier below: it must
-        # not take that tier's copies of the blocks dropped here.
-        with keeping(self.indexes[1], dropped, len(keys)):
-            return (self._event(step_id, 0, blocks, keys, owners, hints),)
+        """The first tier takes ``room`` blocks, each tier below what is left (``spill``).
 
-    def _spill(
-        self,
-        step_id: int,
-        blocks: list[KVCacheBlock],
-        keys: list[BlockKey],
-        rids: list[str],
-        hints: dict[BlockKey, BlockHint],
-        room: int,
-    ) -> tuple[StoreSpec, ...]:
-        """The first tier takes ``room`` blocks, each tier below what is left that fits.
-
-        Called with the first tier's copies of the step's blocks pinned; each
-        tier below has its own pinned while it reserves, and while the tier
-        above reserves (its evictions are demoted into it), so no reservation
-        evicts a block of the step it keeps (the chain would lose a block
-        before the ones stored after it).
+        What no tier takes is dropped. Called with the first tier's copies of
+        the step's blocks pinned; each tier below has its own pinned while it
+        reserves, and while the tier above reserves (its evictions are demoted
+        into it), so no reservation evicts a block of the step it keeps (the
+        chain would lose a block before the ones stored after it), spilling
+        or not.
         """
         rows = list(range(len(keys)))
         specs: list[StoreSpec] = []
@@ -225,7 +202,7 @@ class StorePlanner:
                     else:
                         with keeping(below, [keys[row] for row in rows], len(take)):
                             specs.append(self._event(step_id, level, *taken, hints))
-            if not rows:
+            if not rows or not spill:
                 break
         self.tier_stats[0].dropped_stores += len(rows)
         return tuple(specs)

@@ -195,9 +195,17 @@ async def test_a_spill_waits_for_every_tensor_parallel_worker(tmp_path: Path) ->
         cpu_spec, disk_spec = plan.stores
         manager.report_store_done(cpu_spec.event_id)
         assert (manager.indexes[0].num_reserved, manager.indexes[1].num_reserved) == (0, 2)
+        disk = manager.stats().tiers["disk"]
+        assert (disk.stores, disk.spilled_stores, disk.bytes_stored) == (0, 0, 0)
         manager.report_store_done(disk_spec.event_id)
+        manager.report_store_done(disk_spec.event_id)  # a late extra report: ignored
         assert manager.indexes[1].num_reserved == 0
         assert disk_keys(env) == {key(a, 2), key(a, 3)}
+        stats = manager.stats().tiers
+        assert (stats["cpu"].stores, stats["cpu"].spilled_stores) == (2, 0)
+        disk = stats["disk"]
+        assert (disk.stores, disk.spilled_stores, disk.failed_transfers) == (2, 2, 0)
+        assert disk.bytes_stored == 2 * LAYOUT.block_bytes
 
 
 @pytest.mark.asyncio
@@ -291,8 +299,8 @@ async def test_a_demotion_never_evicts_a_block_of_the_step_the_tier_below_keeps(
         assert [(s.tier, len(s.slots)) for s in plan.stores] == [("cpu", 1)]  # a0
         assert all(disk.contains(key(a, i)) for i in (1, 2))
         assert manager.stats().tiers["cpu"].evictions == 1  # v, lost: no room below
-        # Without spilling, a1 and a2 count as dropped (not stored in the CPU tier).
-        assert manager.stats().tiers["cpu"].dropped_stores == (0 if spill else 2)
+        # Spilling or not, a1 and a2 are kept on disk: not dropped.
+        assert manager.stats().tiers["cpu"].dropped_stores == 0
         manager.step_computed(plan.step_id)
         await manager.wait_idle()
         cpu.abort([r])

@@ -33,8 +33,8 @@ class TierStats:
         dropped_stores: Blocks not stored because the tier was full of pinned
             or reserved blocks and no tier below took them (eager and
             selective modes can spill them there, see
-            :attr:`~kvtier.offload.manager.OffloadManager.spills`; counted in
-            the first tier). In
+            :attr:`~kvtier.offload.manager.OffloadManager.spills`) or holds
+            them already: lost, counted in the first tier. In
             lazy mode, which never spills, the unwritten blocks left at the
             device's eviction end (the tier's room ran out, or its own stores
             kept evicting their copies); a block counts once for as long as
@@ -59,7 +59,6 @@ class TierStats:
     hits: int = 0
     declined: int = 0
     stores: int = 0
-    spilled_stores: int = 0
     loads: int = 0
     evictions: int = 0
     demotions: int = 0
@@ -73,6 +72,7 @@ class TierStats:
     probed_blocks: int = 0
     failed_probes: int = 0
     restored_blocks: int = 0
+    spilled_stores: int = 0  # last: a field added later keeps the positions of the others
 
     @property
     def hit_ratio(self) -> float:

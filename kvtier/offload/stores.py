@@ -204,6 +204,9 @@ class StorePlanner:
                             specs.append(self._event(step_id, level, *taken, hints))
             if not rows or not spill:
                 break
+        if rows and not spill:  # a block a tier below keeps is not lost
+            lower = indexes[1:]
+            rows = [row for row in rows if not any(index.keeps(keys[row]) for index in lower)]
         self.tier_stats[0].dropped_stores += len(rows)
         return tuple(specs)
 

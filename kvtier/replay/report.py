@@ -40,7 +40,7 @@ class TierReport:
             next run on the same ``--workdir``.
         dropped_stores: Blocks not stored because the tier was full of blocks
             being written or read (pinned or reserved) and no tier below took
-            them: lost, not failed.
+            or held them: lost, not failed.
         failed_probes: Lookup-time probes of this shared tier that failed or
             timed out (each counted as a miss).
         spilled_blocks: Of ``stored_blocks``, blocks stored into this tier

@@ -10,6 +10,10 @@ import pytest
 from kvtier import KVCacheBlocks, Request
 from kvtier.errors import ConfigError, TierIOError
 from kvtier.offload import FinishedLoad, SchedulerOutput
+from kvtier.policies.base import EVICTION_POLICIES
+from kvtier.policies.hints import BlockHint
+from kvtier.policies.prefix_slru import PrefixSLRUPolicy
+from kvtier.tiers.base import BlockKey
 from kvtier.tiers.cpu import CpuTier
 from tests.offload_env import (
     _HASHER,
@@ -71,6 +75,36 @@ async def test_blocks_the_first_tier_has_no_room_for_go_to_disk_and_load_back(
         await manager.wait_for_loads([again.request_id])
         assert manager.take_finished() == [FinishedLoad(again.request_id, True)]
         assert all(env.holds(block, again, i) for i, block in enumerate(targets))
+
+
+class HintRecorder(PrefixSLRUPolicy):
+    """A prefix-aware policy that records the hints its tier's stores give it."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.hints: list[tuple[BlockKey, BlockHint | None]] = []
+
+    def insert_hinted(self, key: BlockKey, hint: BlockHint | None) -> None:
+        self.hints.append((key, hint))
+        super().insert_hinted(key, hint)
+
+
+@pytest.mark.asyncio
+async def test_a_spilled_block_brings_its_chain_place_to_the_tier_below(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the disk's policy reads hints: they are made for the blocks that spill there."""
+    monkeypatch.setitem(EVICTION_POLICIES, "recording", HintRecorder)
+    env = Env(
+        gpu_blocks=32, cpu_blocks=2, disk=tmp_path / "disk", eviction_policy=["lru", "recording"]
+    )
+    async with env.manager as manager:
+        a = env.request(4)
+        await store(env, a, 4)
+        policy = manager.indexes[1].policy
+        assert isinstance(policy, HintRecorder)
+        got = {key: (hint.depth, hint.length, hint.parent) for key, hint in policy.hints if hint}
+        assert got == {key(a, 2): (2, 4, key(a, 1)), key(a, 3): (3, 4, key(a, 2))}
 
 
 @pytest.mark.asyncio

@@ -176,15 +176,17 @@ class StorePlanner:
         specs: list[StoreSpec] = []
         indexes = self.indexes
         for level, index in enumerate(indexes):
-            kept: list[BlockKey] = []
+            kept: list[int] = []  # rows
             here = rows  # (plan left out every key the first tier holds)
             if level:  # a key this tier holds (or is writing) is kept there
-                kept = [keys[row] for row in rows if index.keeps(keys[row])]
-                rows = [row for row in rows if not index.keeps(keys[row])]
+                left: list[int] = []
+                for row in rows:
+                    (kept if index.keeps(keys[row]) else left).append(row)
+                rows = left
                 # A key removed while pinned holds its slot until unpinned: not kept,
                 # not storable here, left for the tiers below.
                 here = [row for row in rows if not index.holds(keys[row])]
-            with keeping(index, kept, len(here)):
+            with keeping(index, [keys[row] for row in kept], len(here)):
                 if level:
                     room = index.num_reservable
                 take = here[:room]

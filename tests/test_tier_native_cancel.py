@@ -12,6 +12,7 @@ import asyncio
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -93,6 +94,43 @@ async def test_a_discard_timed_out_by_asyncio_has_deleted_its_file(
             await asyncio.wait_for(tier.discard([0]), 0.05)
         assert ended == ["unlink"]
         assert not (tmp_path / ((b"\1" * 32).hex() + ".kvb")).exists()
+
+
+@pytest.mark.asyncio
+async def test_a_discard_timed_out_while_the_disk_threads_are_busy_still_deletes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The delete is never skipped: a forgotten block's file must not come back at restart."""
+    key_a, key_b = b"\1" * 32, b"\2" * 32
+    per = DiskTier.bytes_per_block(LAYOUT)
+    async with DiskTier(tmp_path, LAYOUT, 8 * per, max_workers=1) as tier:
+        await tier.write_from([0, 1], [key_a, key_b], torch.zeros(2, BB, dtype=torch.uint8))
+        reading, go_on = threading.Event(), threading.Event()
+        read = BlockFiles.read
+
+        def busy_read(*args: Any, **kwargs: Any) -> Any:
+            reading.set()
+            go_on.wait(10)  # a load holds the tier's only worker thread
+            return read(*args, **kwargs)
+
+        monkeypatch.setattr(BlockFiles, "read", busy_read)
+        ended: list[str] = []
+        monkeypatch.setattr(BlockFiles, "unlink", slow(BlockFiles.unlink, ended, "unlink"))
+        load = asyncio.create_task(
+            tier.read_into([1], [key_b], torch.empty(1, BB, dtype=torch.uint8))
+        )
+        await asyncio.to_thread(reading.wait, 10)
+        try:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(tier.discard([0]), 0.05)
+            assert ended == ["unlink"]  # ended before the timeout was raised
+        finally:
+            go_on.set()
+            await load
+        assert not (tmp_path / (key_a.hex() + ".kvb")).exists()
+    monkeypatch.undo()
+    async with DiskTier(tmp_path, LAYOUT, 8 * per) as again:
+        assert [key for _, key in await again.recover()] == [key_b]
 
 
 @pytest.mark.asyncio
@@ -342,3 +380,66 @@ def test_two_closes_on_two_loops_at_once_run_one_close(monkeypatch: pytest.Monke
         for closer in closers:
             closer.join(10)
         assert sorted(firsts) == [False, True]
+
+
+class _QueuedCopy:
+    """A CUDA event stand-in for a copy queued on a stream: it writes ``part`` later."""
+
+    def __init__(self, part: torch.Tensor) -> None:
+        self.thread = threading.Thread(target=self._dma, args=(part,))
+        self.thread.start()
+
+    @staticmethod
+    def _dma(part: torch.Tensor) -> None:
+        time.sleep(0.3)
+        part.fill_(0xEE)  # the "GPU" writes the caller's buffer
+
+
+@pytest.mark.asyncio
+async def test_a_small_queued_copy_has_ended_when_asyncio_times_the_read_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The wait for a copy queued on a CUDA stream is never given up.
+
+    Only the CUDA pieces are stand-ins (the stream, the queued copy and its
+    event): the read is a small one, queued on the event loop's thread, and
+    its wait needs a worker thread, which a full thread limiter delays past
+    the caller's ``asyncio.wait_for``. The caller's buffer must be settled
+    when the timeout is raised, not written afterwards.
+    """
+    import anyio.to_thread
+
+    from kvtier.tiers import _copy
+
+    tier = CpuTier(LAYOUT, 4)
+    await tier.__aenter__()
+    copier = tier._live_copier()
+    stream = SimpleNamespace(device=-1)  # torch.cuda.device(-1) selects nothing
+    monkeypatch.setattr(copier, "_cuda_stream", lambda parts, read: stream)
+    monkeypatch.setattr(copier, "_async_ok", lambda part: True)
+    queued: list[_QueuedCopy] = []
+
+    def enqueue(stream: object, slots: list[int], parts: list[torch.Tensor], *, read: bool) -> Any:
+        queued.append(_QueuedCopy(parts[0]))
+        return queued[-1]
+
+    monkeypatch.setattr(copier, "_enqueue", enqueue)
+    monkeypatch.setattr(_copy, "event_done", lambda event: not event.thread.is_alive())
+    monkeypatch.setattr(_copy, "wait_event", lambda event, device: event.thread.join())
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    tokens = limiter.total_tokens
+    limiter.total_tokens = 1
+    try:
+        busy = asyncio.create_task(anyio.to_thread.run_sync(time.sleep, 0.2))
+        await asyncio.sleep(0.05)  # the only token is taken
+        out = torch.zeros(1, BB, dtype=torch.uint8)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(tier.read_into([0], [b""], out), 0.05)
+        assert not queued[0].thread.is_alive()  # the copy ended before the call did
+        assert int(out[0, 0]) == 0xEE
+        await busy
+    finally:
+        limiter.total_tokens = tokens
+        for copy in queued:
+            copy.thread.join()
+        await tier.aclose()

@@ -240,9 +240,10 @@ class RowCopier:
                 with torch.cuda.device(stream.device):
                     finished = event_done(done)  # a tiny copy may be done already
                 if not finished:
-                    # Shielded: the caller's buffer is settled before we return.
+                    # Waited for whatever cancels the caller (anyio's shield does
+                    # not stop asyncio's own): its buffer is settled before we return.
                     with anyio.CancelScope(shield=True):
-                        await run_to_end(wait_event, done, stream.device)
+                        await run_to_end(wait_event, done, stream.device, must_run=True)
             elif stream is None and nbytes >= self.offload_min_bytes and self._shares(nbytes) > 1:
                 await self._in_threads(slots, parts, read=read, shares=self._shares(nbytes))
             else:

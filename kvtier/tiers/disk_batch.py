@@ -355,9 +355,13 @@ class DiskBatches:
 
         A file left behind holds a block the map no longer has; were its slot
         written again, a warm restart would find two files claiming it (the
-        scan then drops both).
+        scan then drops both), and a discarded block would come back. So the
+        delete always runs, whatever cancels the caller (asyncio's own
+        cancellation included, which anyio's shield does not stop): it starts
+        at once, outside the tier's thread limiter, which a busy disk may
+        hold for a while.
         """
-        return await run_to_end(self._unlink_all, keys, limiter=self._limiter)
+        return await run_to_end(self._unlink_all, keys, must_run=True)
 
     def _unlink_all(self, keys: list[BlockKey]) -> list[tuple[BlockKey, OSError]]:
         """Delete every key's file, trying them all; the keys whose delete failed."""

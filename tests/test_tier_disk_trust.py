@@ -244,3 +244,35 @@ async def test_a_recycled_file_that_cannot_be_opened_leaves_no_temp_file(
         assert not [p for p in entries(tmp_path) if p.name.startswith(".tmp-")]
         await tier.write_from([0], [key(2)], blocks(1, seed=2))
         assert torch.equal(await read(tier, [0], [key(2)]), blocks(1, seed=2))
+
+
+@pytest.mark.parametrize("code", [errno.ESTALE, errno.EIO])
+def test_an_fstat_failing_after_the_open_closes_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """NFS or FUSE can fail the ``fstat`` of a file just opened: no descriptor may leak."""
+    from kvtier.tiers import _file_io
+
+    path = tmp_path / "block"
+    path.write_bytes(b"x")
+    path.chmod(0o600)
+    opened: list[int] = []
+    real_open = os.open
+
+    def recording_open(*args: object, **kwargs: object) -> int:
+        opened.append(real_open(*args, **kwargs))  # type: ignore[arg-type]
+        return opened[-1]
+
+    def failing_fstat(fd: int) -> os.stat_result:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(_file_io.os, "open", recording_open)
+    monkeypatch.setattr(_file_io.os, "fstat", failing_fstat)
+    with pytest.raises(OSError) as failed:
+        _file_io.open_trusted(path, os.O_RDONLY)
+    monkeypatch.undo()
+    assert failed.value.errno == code
+    assert len(opened) == 1
+    with pytest.raises(OSError) as closed:
+        os.fstat(opened[0])
+    assert closed.value.errno == errno.EBADF

@@ -46,15 +46,18 @@ def open_trusted(path: Path, flags: int) -> int:
         if exc.errno == errno.ENXIO or _not_regular(path):  # a socket, a device, a directory
             raise UntrustedFileError(exc.errno, "not a regular file", str(path)) from exc
         raise
-    info = os.fstat(fd)
-    if (
-        not stat.S_ISREG(info.st_mode)
-        or info.st_nlink != 1
-        or info.st_uid != os.geteuid()
-        or info.st_mode & 0o077
-    ):
+    try:
+        info = os.fstat(fd)  # NFS and FUSE can fail it (ESTALE, EIO, ENOTCONN)
+        if (
+            not stat.S_ISREG(info.st_mode)
+            or info.st_nlink != 1
+            or info.st_uid != os.geteuid()
+            or info.st_mode & 0o077
+        ):
+            raise UntrustedFileError(errno.EPERM, "not a private regular file", str(path))
+    except BaseException:
         os.close(fd)
-        raise UntrustedFileError(errno.EPERM, "not a private regular file", str(path))
+        raise
     return fd
 
 

@@ -460,3 +460,33 @@ async def test_an_open_waits_a_moment_for_a_lock_being_let_go(tmp_path: Path) ->
     threading.Timer(0.03, os.close, (held,)).start()
     async with tier_at(tmp_path):  # not refused as "in use"
         pass
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO, errno.EDQUOT])
+async def test_a_layout_mark_that_fails_for_want_of_room_or_io_fails_the_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """Only a directory read-only on purpose is used unmarked.
+
+    A directory left unmarked while the tier writes blocks into it would let
+    a later open with another layout delete them all instead of refusing.
+    """
+    from kvtier.tiers import disk_dir
+
+    real_open = os.open
+
+    def no_room_for_the_mark(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if str(path).endswith(LAYOUT_SUFFIX) and flags & os.O_CREAT:
+            raise OSError(code, os.strerror(code), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(disk_dir.os, "open", no_room_for_the_mark)
+    tier = tier_at(tmp_path / "cache")
+    with pytest.raises(TierIOError):
+        await tier.__aenter__()
+    monkeypatch.undo()
+    assert not list((tmp_path / "cache").glob("*.kvb"))
+    async with tier_at(tmp_path / "cache") as tier:  # room again: opened and marked
+        assert list((tmp_path / "cache").glob("*" + LAYOUT_SUFFIX))
+        await tier.write_from([0], [key(0)], blocks(1, 0))

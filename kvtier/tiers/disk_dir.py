@@ -57,6 +57,8 @@ __all__ = [
 _log = get_logger("kvtier.tiers.disk")
 _LOCK_WAIT = 0.1  # seconds an open waits for a directory lock being let go
 _O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
+_READ_ONLY: Final = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+"""Why a layout mark may fail in a directory kept read-only on purpose (then used unmarked)."""
 LAYOUT_SUFFIX: Final = ".layout"
 SKIPPED_ERRORS: Final = FILE_ERRORS | frozenset(
     getattr(errno, name)
@@ -186,8 +188,12 @@ def claim_layout(path: Path, fingerprint: bytes, name: str, *, fsync: bool = Fal
 
     A directory without any mark (made by an older kvtier) is marked now;
     its blocks of other layouts are dropped by the scan as before. One
-    that cannot be marked (made read-only by its owner) is used unmarked,
-    with a warning: it can serve reads, and its writes fail anyway.
+    that cannot be marked because it is read-only (``EACCES``, ``EPERM``,
+    ``EROFS``: made so by its owner) is used unmarked, with a warning: it
+    can serve reads, and its writes fail anyway. Any other failure
+    (``ENOSPC``, ``EIO``, ``EDQUOT``…) fails the open: an unmarked
+    directory the tier writes into would let a later open with another
+    layout delete its blocks instead of refusing it.
 
     Args:
         path: The directory.
@@ -200,7 +206,8 @@ def claim_layout(path: Path, fingerprint: bytes, name: str, *, fsync: bool = Fal
 
     Raises:
         ConfigError: The directory is marked with another layout.
-        OSError: The directory cannot be listed, or a new mark synced.
+        OSError: The directory cannot be listed, or a mark made or synced
+            (unless it is read-only).
     """
     ours = fingerprint.hex() + LAYOUT_SUFFIX
     others = sorted(
@@ -220,7 +227,9 @@ def claim_layout(path: Path, fingerprint: bytes, name: str, *, fsync: bool = Fal
         mark = os.open(path / ours, flags, 0o600)
     except FileExistsError:
         return False
-    except OSError as exc:  # EACCES, EROFS: a directory kept read-only on purpose
+    except OSError as exc:
+        if exc.errno not in _READ_ONLY:  # ENOSPC, EIO, EDQUOT…: the tier cannot work here
+            raise
         _log.warning("tier_layout_unmarked", tier=name, error=str(exc))
         return False
     try:

@@ -16,7 +16,14 @@ import torch
 
 from kvtier.block import KVCacheBlock
 from kvtier.errors import BlockMissingError, TierIOError, TransferCancelledError
-from kvtier.offload._state import LoadEvent, LoadOutcome, StoreEvent, StoreOutcome
+from kvtier.offload._state import (
+    Demotion,
+    LoadEvent,
+    LoadOutcome,
+    Stage,
+    StoreEvent,
+    StoreOutcome,
+)
 from kvtier.offload.jobs import run_load, run_store
 from kvtier.tiers.base import ProbingStore
 from kvtier.transfer import TransferPipeline
@@ -126,3 +133,61 @@ async def test_a_load_miss_on_a_shared_tier_deletes_nothing() -> None:
     assert isinstance(outcome, LoadOutcome)
     assert outcome.missing == ((0, keys[1]),)  # the index forgets it, as before
     assert shared.discarded == []
+
+
+async def _not_ready() -> None:
+    raise TierIOError("the engine's work failed", tier="gpu")
+
+
+@pytest.mark.asyncio
+async def test_a_store_that_never_ran_discards_its_slots_and_its_demotions_slots() -> None:
+    """Slots reserved for a copy that never ran may still hold the blocks evicted from them.
+
+    The index frees them uncounted; on a disk tier, a file left there would
+    outlive a reset and come back at the next warm restart.
+    """
+    device = MemoryStore(4, name="gpu")
+    cpu, disk = DiscardingStore(4, "cpu"), DiscardingStore(4, "disk")
+    old = [bytes([i]) * 32 for i in (7, 8, 9)]
+    cpu.keys[0] = old[0]  # evicted to make room; demoted to disk slot 2 (which held old[1])
+    disk.keys[2], disk.keys[3] = old[1], old[2]
+    keys = [bytes([i]) * 32 for i in (1, 2)]
+    demotion = Demotion(0, [0], [2], [old[0]])
+    store = StoreEvent(5, 0, (1, 2), keys, [0, 1], [demotion], {"r"})
+    spill = StoreEvent(6, 0, (3,), [bytes([3]) * 32], [3], [], {"r"}, level=1)
+    outcomes: list[StoreOutcome | LoadOutcome] = []
+    async with TransferPipeline() as pipeline:
+        for event in (store, spill):
+            await run_store(pipeline, device, [cpu, disk], outcomes.append, event, ready=_not_ready)
+    assert [type(outcome.error) for outcome in outcomes] == [TierIOError, TierIOError]
+    assert cpu.discarded == [([0, 1], [old[0], None])]
+    assert disk.discarded == [([2], [old[1]]), ([3], [old[2]])]
+    assert outcomes[0].demotions == ()  # never ran: settled uncounted
+
+
+@pytest.mark.asyncio
+async def test_a_load_that_never_ran_discards_its_demotions_slots() -> None:
+    device = MemoryStore(4, name="gpu")
+    cpu, disk = DiscardingStore(4, "cpu"), DiscardingStore(4, "disk")
+    old = [bytes([i]) * 32 for i in (7, 8)]
+    cpu.keys[0], disk.keys[1] = old
+    key = bytes([1]) * 32
+    disk.keys[0] = key
+    event = LoadEvent(
+        4,
+        "r",
+        [KVCacheBlock(1)],
+        [key],
+        [],
+        first_slots=[-1],
+        stages=[Stage(1, [0], [key], [0])],
+        demotions=[Demotion(0, [0], [1], [old[0]])],
+        positions=[0],
+    )
+    outcomes: list[StoreOutcome | LoadOutcome] = []
+    async with TransferPipeline() as pipeline:
+        await run_load(pipeline, device, [cpu, disk], outcomes.append, event, ready=_not_ready)
+    [outcome] = outcomes
+    assert isinstance(outcome.error, TierIOError)
+    assert disk.discarded == [([1], [old[1]])]  # the demotion's slot, as it stood
+    assert cpu.discarded == [([0], [old[0]])]  # the staged copy's slot

@@ -80,6 +80,7 @@ async def _demote(
         completion = await pipeline.submit(task)
     except Exception:  # refused: the evicted blocks are lost, as without a lower tier
         demoted.append(None)
+        await discard(below, demotion.dst_slots)
         return
     try:
         demoted.append((await completion).seconds)
@@ -136,22 +137,32 @@ async def run_store(
     demoted: list[float | None] = []
     error: BaseException | None = TransferCancelledError(f"store event {event.event_id} cancelled")
     seconds = 0.0
-    posted = False
     try:
         if ready is not None:
             await ready()
         for demotion in event.demotions:
             await _demote(pipeline, tiers, demotion, demoted)
         task = StoreTask(device, event.block_ids, dst, event.slots, event.keys)
-        posted = True
         seconds = (await _transfer(pipeline, task)).seconds
         error = None
     except Exception as exc:
         error = exc
     finally:
-        if error is not None and posted:  # some blocks may be written: the index aborts all
+        if error is not None:  # the index aborts all: some may be written, or hold old blocks
+            await _discard_unrun(tiers, event.demotions[len(demoted) :])
             await discard(dst, list(event.slots))
         push(StoreOutcome(event.event_id, error, tuple(demoted), seconds))
+
+
+async def _discard_unrun(tiers: Sequence[BlockStore], demotions: Sequence[Demotion]) -> None:
+    """Discard the destination slots of demotions that never ran.
+
+    A reserved slot may still hold the block evicted from it: the index
+    frees the slot uncounted when it aborts the demotion, and a disk file
+    left there would outlive a reset (and come back at a warm restart).
+    """
+    for demotion in demotions:
+        await discard(tiers[demotion.level + 1], demotion.dst_slots)
 
 
 @attrs.frozen
@@ -257,6 +268,7 @@ async def run_load(
         error = exc
     finally:
         if error is not None:  # staged copies the index will abort: any may be written
+            await _discard_unrun(tiers, event.demotions[len(demoted) :])
             await discard(tiers[0], _unkept_stages(event, cut))
         outcome = LoadOutcome(
             event.event_id,

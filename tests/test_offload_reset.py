@@ -410,6 +410,26 @@ async def test_blocks_a_failed_write_left_on_disk_do_not_outlive_a_reset(tmp_pat
 
 
 @pytest.mark.asyncio
+async def test_blocks_a_larger_capacity_left_on_disk_do_not_outlive_a_reset(
+    tmp_path: Path,
+) -> None:
+    """The disk tier keeps blocks of slots beyond its capacity for the larger one;
+    a reset deletes them too, or reopening with that capacity would serve them."""
+    old = Request("old", list(range(100, 100 + 4 * BS)), _HASHER)
+    data = torch.stack([pattern(key(old, i)) for i in range(4)])
+    async with disk_tier(tmp_path / "disk", 16) as big:
+        await big.write_from([3, 12, 13, 14], [key(old, i) for i in range(4)], data)
+    env = Env(gpu_blocks=32, cpu_blocks=2, disk=tmp_path / "disk", disk_blocks=8)
+    with anyio.fail_after(DEADLINE), capture_logs() as logs:
+        async with env.manager as manager:
+            assert len(manager.indexes[1]) == 1  # slot 3; 12-14 kept for the larger tier
+            assert env.pool.reset_prefix_cache()
+            assert await manager.reset_cache()
+    assert [log["n_blocks"] for log in logs if log["event"] == "reset_swept"] == [3]
+    assert await recovered(tmp_path / "disk", 16) == {}
+
+
+@pytest.mark.asyncio
 async def test_leaving_the_manager_while_a_reset_deletes_waits_for_the_deletes(
     tmp_path: Path,
 ) -> None:

@@ -205,6 +205,65 @@ async def test_a_smaller_capacity_keeps_the_blocks_beyond_it_for_the_larger_one(
         assert torch.equal(out, torch.stack([data[0], data[0], data[1], *data[1:4]]))
 
 
+@pytest.mark.asyncio
+async def test_discard_unmapped_deletes_blocks_beyond_the_capacity_and_unreadable_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a reset must delete beside the mapped blocks; a mapped block stays."""
+    data = blocks(4)
+    async with tier_at(tmp_path, slots=16) as tier:
+        await tier.write_from([1, 12, 13, 3], [key(1), key(12), key(13), key(3)], data)
+    verify = BlockFiles.verify
+
+    def unreadable_3(self: BlockFiles, path: Path) -> Any:
+        if path.name == name(3):
+            raise OSError(errno.EIO, "injected: unreadable")  # skipped and kept by the scan
+        return verify(self, path)
+
+    monkeypatch.setattr(BlockFiles, "verify", unreadable_3)
+    async with tier_at(tmp_path, slots=8) as tier:
+        monkeypatch.undo()
+        assert await tier.recover() == [(1, key(1))]
+        assert len(entries(tmp_path)) == 4  # nothing deleted at open
+        (tmp_path / "not-hex.kvb").write_bytes(b"")  # since: no name of ours, left alone
+        assert await tier.discard_unmapped() == 3  # 12 and 13 (beyond 8) and 3
+        assert await tier.discard_unmapped() == 0
+        assert torch.equal(await read(tier, [1], [key(1)]), data[:1])
+    assert sorted(p.name for p in entries(tmp_path)) == sorted([name(1), "not-hex.kvb"])
+    async with tier_at(tmp_path, slots=16) as tier:
+        assert await tier.recover() == [(1, key(1))]
+
+
+@pytest.mark.asyncio
+async def test_discard_unmapped_leaves_a_block_being_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written, go_on = threading.Event(), threading.Event()
+    write = BlockFiles.write
+
+    def slow_write(self: BlockFiles, *args: Any, **kwargs: Any) -> None:
+        write(self, *args, **kwargs)  # the file is in place, not yet mapped
+        written.set()
+        go_on.wait(10)
+
+    monkeypatch.setattr(BlockFiles, "write", slow_write)
+    data = blocks(1)
+    two_threads = DiskTier(tmp_path, LAYOUT, 16 * PER_BLOCK, max_workers=2)
+    async with two_threads as tier, anyio.create_task_group() as group:
+        group.start_soon(tier.write_from, [4], [key(4)], data)
+        try:
+            await anyio.to_thread.run_sync(written.wait, 10)
+            assert await tier.discard_unmapped() == 0
+        finally:
+            go_on.set()
+    async with tier_at(tmp_path) as tier:
+        assert await tier.recover() == [(4, key(4))]
+        assert torch.equal(await read(tier, [4], [key(4)]), data)
+        assert await tier.discard_unmapped() == 0
+    with pytest.raises(ClosedError):
+        await tier.discard_unmapped()
+
+
 # -- a socket under a block's name --------------------------------------------------------
 
 

@@ -11,7 +11,10 @@ store planned or running it refuses (returns False) and changes nothing. It
 makes every block of the tiers it covers invisible at once (one
 ``AllBlocksCleared`` per tier), so no lookup finds one from then on, then
 deletes their bytes (a disk tier's files; host memory has nothing to
-delete) and frees their slots once the deletes ended; until then no store
+delete), and the blocks a lasting tier holds outside its slots (a
+:class:`~kvtier.tiers.base.SweepingStore`: a disk tier's blocks of a larger
+capacity, or files its scan could not read), and frees their slots once the
+deletes ended; until then no store
 reuses those slots or writes those keys, so a block of a retired key computed
 meanwhile is not stored; other blocks are stored in free slots as usual (see
 :meth:`~kvtier.tiers.index.TierIndex.retire`).
@@ -36,7 +39,7 @@ from kvtier.errors import ClosedError, InvalidRequestError
 from kvtier.log import get_logger
 from kvtier.offload.transfers import Transfers
 from kvtier.offload.writeback import WriteBack
-from kvtier.tiers.base import BlockKey, BlockStore, ProbingStore
+from kvtier.tiers.base import BlockKey, BlockStore, ProbingStore, SweepingStore
 from kvtier.tiers.index import TierIndex
 
 __all__ = ["CacheReset", "ResetsRunning"]
@@ -205,14 +208,24 @@ class CacheReset:
 
 
 async def _discard_all(tiers: list[BlockStore], retired: Retired) -> None:
-    """Delete the retired blocks' bytes, tier by tier; a failure is logged."""
+    """Delete the retired blocks' bytes, tier by tier, then what a lasting tier holds unmapped.
+
+    A failure is logged.
+    """
     for lvl, blocks in retired.items():
-        if not blocks:
-            continue
         tier = tiers[lvl]
         try:
-            await tier.discard([slot for slot, _ in blocks])
+            if blocks:
+                await tier.discard([slot for slot, _ in blocks])
         except Exception as exc:  # forgotten all the same (a disk tier retries at close)
             _log.warning(
                 "reset_discard_failed", tier=tier.name, n_blocks=len(blocks), error=repr(exc)
             )
+        if isinstance(tier, SweepingStore):
+            try:
+                swept = await tier.discard_unmapped()
+            except Exception as exc:
+                _log.warning("reset_sweep_failed", tier=tier.name, error=repr(exc))
+            else:
+                if swept:
+                    _log.info("reset_swept", tier=tier.name, n_blocks=swept)

@@ -227,3 +227,27 @@ class ProbingStore(Protocol):
     def adopt(self, slots: Sequence[int], keys: Sequence[BlockKey]) -> None:
         """Record that ``slots`` now stand for ``keys``, found by :meth:`contains`."""
         ...
+
+
+@runtime_checkable
+class SweepingStore(Protocol):
+    """A lasting tier whose medium can hold blocks outside its slots (a disk directory).
+
+    A disk tier keeps blocks it does not map: ones written with a larger
+    capacity, or files it could not read at open. A reset (the weights
+    changed: every block is stale) must delete those too, or a later open
+    would serve them. Implement this beside :class:`BlockStore`'s methods;
+    no inheritance is needed.
+    """
+
+    async def discard_unmapped(self) -> int:
+        """Delete every block the medium holds outside the tier's slots; how many went.
+
+        Blocks in slots, and keys being written or deleted, are left alone.
+        A cancelled call still finishes the deletes it started.
+
+        Raises:
+            TierIOError: The medium could not be listed, or a block could not be
+                deleted (it is tried again at close).
+        """
+        ...

@@ -408,3 +408,20 @@ class DiskTier:
         """
         self._check_open()
         await self._batches.discard(check_slots(slots, self._num_slots, tier=self._name))
+
+    async def discard_unmapped(self) -> int:
+        """Delete the directory's blocks outside the tier's slots; how many were deleted.
+
+        They are the blocks a larger capacity wrote in slots beyond this
+        one's, files the opening scan could not read, and ones whose delete
+        failed: the offload manager's ``reset_cache`` deletes them with the
+        mapped blocks (see :class:`~kvtier.tiers.base.SweepingStore`). Keys
+        being written or deleted are left alone. A cancelled call still
+        deletes.
+
+        Raises:
+            TierIOError: The directory could not be listed, or a file could
+                not be deleted (tried again at ``aclose``).
+        """
+        self._check_open()
+        return await self._batches.discard_unmapped()

@@ -31,6 +31,7 @@ from kvtier.tiers._disk_io import FILE_ERRORS, BlockFiles
 from kvtier.tiers._in_flight import InFlight
 from kvtier.tiers._threads import run_to_end
 from kvtier.tiers.base import BlockKey
+from kvtier.tiers.disk_dir import listed_keys
 from kvtier.tiers.disk_map import DiskMap
 
 __all__ = ["CALL_BYTES", "DiskBatches", "RowAt", "row_access"]
@@ -349,6 +350,36 @@ class DiskBatches:
             self._writing_keys.difference_update(doomed)
         if failed:
             raise self._io_error("discard", failed[0][1])
+
+    async def discard_unmapped(self) -> int:
+        """Delete the directory's block files of keys not mapped; how many were deleted.
+
+        Files of keys being written or deleted are left alone, and the keys
+        deleted are held as a discard holds its keys (a write of one is
+        refused until the delete ended). A cancelled call still deletes.
+
+        Raises:
+            TierIOError: The directory could not be listed, or a file could
+                not be deleted (tried again at close).
+        """
+        with self.running():
+            try:
+                listed = await run_to_end(listed_keys, self._files.path, limiter=self._limiter)
+            except OSError as exc:
+                raise self._io_error("listing the directory", exc) from exc
+            mapped, writing = self._map.key_slots, self._writing_keys
+            doomed = [key for key in listed if key not in mapped and key not in writing]
+            if not doomed:
+                return 0
+            self._writing_keys.update(doomed)
+            try:
+                with anyio.CancelScope(shield=True):
+                    failed = await self._unlink(doomed)
+            finally:
+                self._writing_keys.difference_update(doomed)
+        if failed:
+            raise self._io_error("deleting unmapped blocks", failed[0][1])
+        return len(doomed)
 
     async def _unlink(self, keys: list[BlockKey]) -> list[tuple[BlockKey, OSError]]:
         """Delete every key's file in a worker thread; the keys that failed, remembered for close.

@@ -49,6 +49,7 @@ __all__ = [
     "check_direct_io",
     "claim_directory",
     "claim_layout",
+    "listed_keys",
     "namespace_fingerprint",
     "prepare_directory",
     "scan",
@@ -362,3 +363,19 @@ def _drop(entry: Path, event: str, name: str) -> None:
         _log.warning("tier_entry_kept", tier=name, file=entry.name, error=str(exc))
     else:
         _log.warning(event, tier=name, file=entry.name)
+
+
+def listed_keys(path: Path) -> list[BlockKey]:
+    """The keys of the block files in ``path`` (names ``<key hex>.kvb``), valid or not.
+
+    Raises:
+        OSError: The directory cannot be listed.
+    """
+    keys = []
+    for name in os.listdir(path):
+        if name.endswith(SUFFIX) and not name.startswith(TMP_PREFIX):
+            try:
+                keys.append(bytes.fromhex(name.removesuffix(SUFFIX)))
+            except ValueError:  # not a name this tier makes: not its file
+                continue
+    return keys

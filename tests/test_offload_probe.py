@@ -8,7 +8,7 @@ never saw them.
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import anyio
@@ -258,3 +258,39 @@ async def test_another_tenants_blocks_are_never_found(
         assert await env_b.manager.probe(tenant_y, 0) == 0  # same tokens, other salt
         assert env_b.manager.get_num_new_matched_tokens(tenant_y, 0) == (0, False)
         assert await env_b.manager.probe(tenant_x, 0) == 4
+
+
+class _SharedStandIn:
+    """Only the names :class:`RemoteProbe` uses of a shared tier (no server needed)."""
+
+    name = "shared"
+
+    def adopt(self, slots: Sequence[int], keys: Sequence[bytes]) -> None:
+        pass
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "slru"])
+def test_adopting_does_not_count_as_a_read_of_the_prefix_it_protects(policy: str) -> None:
+    """The request's held blocks are pinned while room is made, not read: a policy
+    must not see them as used (LFU would count a hit, SLRU promote them)."""
+    from kvtier.offload.remote import ProbePlan, RemoteProbe
+    from kvtier.offload.stats import TierStats
+    from kvtier.tiers.index import TierIndex
+
+    index = TierIndex("shared", 8, policy)
+    held = (b"h0" * 16, b"h1" * 16)
+    index.commit(index.reserve(held).keys)
+    index.commit(index.reserve([b"z" * 32]).keys)  # stored after them
+    probe = RemoteProbe(
+        [_SharedStandIn()],  # type: ignore[list-item]
+        [index],
+        [TierStats()],
+        block_size=BS,
+        num_groups=1,
+        max_blocks=8,
+    )
+    adopted = (b"n0" * 16, b"n1" * 16)
+    plan = ProbePlan("r", 2, tuple((k,) for k in adopted), (0,), held)
+    assert probe.adopt(plan, {0: [True, True]}) == 2
+    # Unread since stored, and stored first: still the first to go.
+    assert set(index.policy.victims(2, lambda key: True)) == set(held)

@@ -195,7 +195,7 @@ class RemoteProbe:
         index = self.indexes[level]
         protect = [key for key in held if index.contains(key)]
         if protect:
-            index.pin(protect)
+            index.pin(protect, access=False)  # kept, not read
         try:
             return self._reserve(level, keys)
         finally:

@@ -179,6 +179,35 @@ async def test_more_concurrent_calls_than_connections_wait_instead_of_failing(
 
 
 @pytest.mark.asyncio
+async def test_calls_queued_behind_a_stalled_server_fail_within_one_deadline(
+    redis_server: RedisServer,
+) -> None:
+    """A round trip that timed out makes the calls that waited for a place meanwhile
+    fail at once, instead of each waiting out a deadline of its own in turn (twelve
+    calls at concurrency 2 took six deadlines). Later calls are tried again."""
+    async with tier(redis_server, concurrency=2, timeout=0.3, connect_timeout=0.2) as store:
+        await store.write_from(list(range(12)), [key(i) for i in range(12)], blocks(12, 3))
+        failed: list[int] = []
+
+        async def one(i: int) -> None:
+            with pytest.raises(TierIOError):
+                await read(store, [i], [key(i)])
+            failed.append(i)
+
+        with redis_server.client() as admin:
+            admin.execute_command("CLIENT", "PAUSE", "3000", "ALL")  # past the calls
+            try:
+                with anyio.fail_after(1.5):  # one deadline is 0.5 s; six were 3 s
+                    async with anyio.create_task_group() as group:
+                        for i in range(12):
+                            group.start_soon(one, i)
+            finally:
+                admin.execute_command("CLIENT", "UNPAUSE")
+        assert sorted(failed) == list(range(12))
+        assert torch.equal(await read(store, [5], [key(5)]), blocks(12, 3)[5:6])
+
+
+@pytest.mark.asyncio
 async def test_a_value_of_another_type_is_a_miss(redis_server: RedisServer) -> None:
     async with tier(redis_server) as store:
         await store.write_from([0, 1], [key(1), key(2)], blocks(2, 4))

@@ -77,6 +77,7 @@ class RedisCommands:
         self._places = asyncio.Semaphore(concurrency)
         self._closed = False
         self._deadlines: set[asyncio.Timeout] = set()  # of the round trips in flight
+        self._timeouts = 0  # round trips that ran out of time, ever
 
     def close(self) -> None:
         """Refuse new round trips, and end those in flight now (they raise ``ClosedError``).
@@ -99,16 +100,28 @@ class RedisCommands:
         """Run one call against the server, bounded and with errors translated.
 
         Waits for one of the ``concurrency`` places first (outside the
-        deadline). ``bounded=False``: ``call`` keeps deadlines of its own.
+        deadline). A round trip that ran out of time while this one waited
+        fails it at once, untried: the server looks stalled, and each call
+        queued behind it would otherwise wait out a deadline of its own in
+        turn. A call that starts waiting afterwards is tried again.
+        ``bounded=False``: ``call`` keeps deadlines of its own.
 
         Raises:
             ClosedError: :meth:`close` was called, before or during it.
             TierIOError: The call failed, took longer than the deadline, or
-                the reply was not of the expected shape.
+                the reply was not of the expected shape; or a round trip timed
+                out while it waited for a place.
         """
+        timeouts = self._timeouts
         async with self._places:
             if self._closed:
                 raise ClosedError(f"tier {self.tier} is closed")
+            if self._timeouts != timeouts:
+                raise TierIOError(
+                    f"tier {self.tier}: {what} not tried: a round trip ran out of time "
+                    "while it waited (the server looks stalled)",
+                    tier=self.tier,
+                )
             try:
                 # asyncio's own deadline (redis.asyncio runs on asyncio only): half
                 # the cost of anyio.fail_after per round trip (4 µs against 8).
@@ -121,11 +134,14 @@ class RedisCommands:
             except TimeoutError as exc:
                 if self._closed:
                     raise ClosedError(f"tier {self.tier} was closed during the call") from exc
+                self._timeouts += 1
                 raise TierIOError(
                     f"tier {self.tier}: {what} took longer than {self.deadline:g} s",
                     tier=self.tier,
                 ) from exc
             except _FAILED as exc:
+                if isinstance(exc, redis.exceptions.TimeoutError):  # redis-py's socket timeout
+                    self._timeouts += 1
                 raise TierIOError(
                     f"tier {self.tier}: {what} failed: {type(exc).__name__}: {exc}",
                     tier=self.tier,

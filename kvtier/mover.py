@@ -93,7 +93,8 @@ class BlockMover:
 
     Args:
         staging_bytes: Most bytes of the staging buffer (at least one block is
-            always allowed); it is allocated on first use and kept.
+            always allowed); it is allocated on first use and kept (pinned,
+            at its full size).
         direct_min_bytes: Least bytes of a run of slots that moves directly
             (without staging) when the batch is not one run and the other
             tier's calls are memory copies (an I/O tier with parts calls
@@ -239,11 +240,19 @@ class BlockMover:
                 await dst.write_from(dst_slots[begin:end], keys[begin:end], buffer)
 
     def _buffer(self, rows: int, block_bytes: int) -> torch.Tensor:
+        """The staging buffer, of at least ``rows`` rows of ``block_bytes``.
+
+        In host memory it grows as batches need. Pinned (CUDA present), it is
+        allocated at its full size at once: torch's caching host allocator
+        keeps every pinned block it ever gave out (rounded up to a power of
+        two), so growing would hold up to four times ``staging_bytes``.
+        """
         buffer = self._staging
         if buffer is None or buffer.shape[0] < rows or buffer.shape[1] != block_bytes:
-            buffer = torch.empty(
-                (rows, block_bytes), dtype=torch.uint8, pin_memory=torch.cuda.is_available()
-            )
+            pinned = torch.cuda.is_available()
+            if pinned:
+                rows = max(rows, self.staging_bytes // block_bytes)
+            buffer = torch.empty((rows, block_bytes), dtype=torch.uint8, pin_memory=pinned)
             self._staging = buffer
         return buffer
 

@@ -326,3 +326,22 @@ async def test_real_tiers_round_trip_scattered_slots(
         await mover.move(cpu, cpu_slots, gpu, back, keys)
         assert torch.equal(canonical(cache, back), original)
     assert mover.staging_rows <= 4
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.asyncio
+async def test_pinned_staging_is_allocated_once_at_its_full_size() -> None:
+    """torch's caching host allocator keeps every pinned block it gave out: a staging
+    buffer grown batch by batch would pin several times ``staging_bytes``."""
+    cache = per_layer_cache(device="cuda")
+    mover = BlockMover(staging_bytes=4 * BB, direct_min_bytes=10_000 * BB)
+    async with DeviceTier(cache, SMALL) as gpu, CpuTier(SMALL, 200, device="cuda") as cpu:
+        keys = [i.to_bytes(8, "little") for i in range(6)]
+        await mover.move(gpu, [0, 1], cpu, [9, 7], keys[:2])  # two blocks, not a run: staged
+        assert mover._staging is not None
+        assert mover._staging.is_pinned()
+        first = mover._staging.data_ptr()
+        assert mover.staging_rows == 4
+        await mover.move(gpu, [1, 2, 3, 4, 5, 6], cpu, [9, 3, 11, 1, 13, 15], keys)
+        assert (mover.staging_rows, mover._staging.data_ptr()) == (4, first)

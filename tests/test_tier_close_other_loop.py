@@ -16,6 +16,7 @@ import anyio.from_thread
 import pytest
 import torch
 
+from kvtier.errors import ClosedError
 from kvtier.tiers._disk_io import BlockFiles
 from kvtier.tiers.base import BlockLayout, BlockStore
 from kvtier.tiers.cpu import CpuTier
@@ -93,3 +94,34 @@ def test_a_close_on_another_loop_waits_for_the_batch_and_returns(
         closer.join(20)
         assert not closer.is_alive(), "the close was never woken"
     assert outcome == {"closed": True}
+
+
+def test_a_disk_write_past_its_open_check_when_another_loop_closes_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between a call's open check and its batch's start (its checks; a device
+    batch's copy to host) a close on another loop must not find nothing running,
+    let the directory go, and have the write land in it afterwards."""
+    checking, go_on = threading.Event(), threading.Event()
+    disk = DiskTier(tmp_path, LAYOUT, 8 * DiskTier.bytes_per_block(LAYOUT))
+    checked = disk._checked
+
+    def slow_checked(*args: Any, **kwargs: Any) -> Any:
+        checking.set()
+        go_on.wait(10)  # the engine's loop is busy here (a device batch's copy)
+        return checked(*args, **kwargs)
+
+    data = torch.randint(0, 256, (1, BB), dtype=torch.uint8)
+    with anyio.from_thread.start_blocking_portal() as portal:
+        portal.call(disk.__aenter__)
+        monkeypatch.setattr(disk, "_checked", slow_checked)
+        write = portal.start_task_soon(disk.write_from, [0], [b"\1" * 32], data)
+        assert checking.wait(10)
+        closing = threading.Thread(target=anyio.run, args=(disk.aclose,))
+        closing.start()
+        closing.join(0.2)
+        go_on.set()
+        closing.join(10)
+        with pytest.raises(ClosedError):
+            write.result(10)
+    assert not list(tmp_path.glob("*.kvb"))

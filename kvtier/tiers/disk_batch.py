@@ -24,7 +24,7 @@ from typing import Final
 import anyio
 import torch
 
-from kvtier.errors import BlockMissingError, InvalidRequestError, TierIOError
+from kvtier.errors import BlockMissingError, ClosedError, InvalidRequestError, TierIOError
 from kvtier.log import get_logger
 from kvtier.tiers._checks import host_rows, part_row_views, tensor_bytes
 from kvtier.tiers._disk_io import FILE_ERRORS, BlockFiles
@@ -95,6 +95,7 @@ class DiskBatches:
         self._writing_keys: set[BlockKey] = set()  # and keys a discard is deleting
         self._in_flight = InFlight()  # batches in flight (reads, writes, deletes)
         self._undeleted: set[BlockKey] = set()  # stale files whose delete failed
+        self._closing = False
 
     @contextmanager
     def running(self) -> Iterator[None]:
@@ -102,8 +103,16 @@ class DiskBatches:
 
         The tier counts its opening scan this way too: :meth:`close` waits for it,
         from whichever event loop it is called.
+
+        Raises:
+            ClosedError: :meth:`close` has begun. Checked after counting, so a
+                close on another loop either waits for this batch or is seen
+                by it: a call that passed the tier's own open check before the
+                close began never runs after the close let the directory go.
         """
         with self._in_flight:
+            if self._closing:
+                raise ClosedError(f"tier {self._name} is closed")
             yield
 
     async def close(self) -> None:
@@ -116,6 +125,7 @@ class DiskBatches:
         (a hung network file system) holds this up until it returns.
         Callers refuse new batches first (the tier is marked closed).
         """
+        self._closing = True  # before the count is read: see running()
         with anyio.CancelScope(shield=True):
             await self._in_flight.wait_idle()
             # No batch runs now: a key not mapped is stale, its file safe to delete.

@@ -171,7 +171,8 @@ def _bytes_per_block(layout: BlockLayout, kind: str) -> int:
 
 def _table(value: object, key: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{key}: expected a table, got {value!r}")
+        # Its type only: a misplaced value may be a URL holding a password.
+        raise ConfigError(f"{key}: expected a table, got a value of type {type(value).__name__}")
     return value
 
 

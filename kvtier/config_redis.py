@@ -151,7 +151,9 @@ class RedisOptions:
 def _text(table: Mapping[str, Any], name: str, key: str, default: str | None) -> str | None:
     value = table.get(name, default)
     if value is not None and not isinstance(value, str):
-        shown = "its value" if name == "password_env" else repr(value)  # maybe the password
+        # A URL or a variable's name may hold the password: its type only.
+        secret = name in ("url", "password_env")
+        shown = f"a value of type {type(value).__name__}" if secret else repr(value)
         raise ConfigError(f"{key}.{name}: {shown} is not a string")
     return value
 

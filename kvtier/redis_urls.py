@@ -17,7 +17,12 @@ __all__ = ["URL_QUERY_KEYS", "URL_SCHEMES", "redact_url", "url_problem"]
 
 _QUERY: Final = re.compile(r"[?#].*", flags=re.DOTALL)
 _SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:(//)?")
-_SHOWN_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,40}")
+_SHOWN_NAME: Final = re.compile(r"[a-z]+(_[a-z0-9]+){1,6}")
+"""A query name shown in errors: an option's snake_case name (``socket_timeout``).
+
+Anything else may be a password pasted into the query as a bare word."""
+_SHOWN_WORDS: Final = frozenset({"protocol", "timeout", "encoding", "host", "port", "path"})
+"""redis-py option names of one word, shown too."""
 _DB: Final = re.compile(r"[0-9]{1,9}")
 """A database number (at most 9 digits: Redis's are small, and ``int`` is safe on them)."""
 
@@ -101,7 +106,8 @@ def url_problem(
         return f"has an '@' after its host ({encode})"
     for name in names:
         if name not in URL_QUERY_KEYS:
-            shown = repr(name) if _SHOWN_NAME.fullmatch(name) else "a parameter"
+            known = _SHOWN_NAME.fullmatch(name) or name in _SHOWN_WORDS
+            shown = repr(name) if known else "a parameter"
             return (
                 f"sets {shown} in its query: only {', '.join(sorted(URL_QUERY_KEYS))} may be "
                 "given there (kvtier sets the other connection options itself)"

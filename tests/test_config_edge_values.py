@@ -169,11 +169,36 @@ def test_a_set_password_env_gives_the_password(monkeypatch: pytest.MonkeyPatch) 
     assert RedisOptions(model="m", password_env="KVTIER_TEST_UNSET_PASSWORD").password() == "pw"
 
 
-def test_a_password_env_that_is_not_a_string_is_not_quoted() -> None:
-    table = {"kind": "redis", "capacity": "16MiB", "model": "m", "password_env": 123456}
-    with pytest.raises(ConfigError, match="password_env: its value is not a string") as info:
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("password_env", 123456), ("url", ["redis://:hunter2@cache:6379/0"])],
+)
+def test_a_password_env_or_url_that_is_not_a_string_is_not_quoted(name: str, value: object) -> None:
+    table = {"kind": "redis", "capacity": "16MiB", "model": "m", name: value}
+    kind = type(value).__name__
+    with pytest.raises(
+        ConfigError, match=f"{name}: a value of type {kind} is not a string"
+    ) as info:
         parse_redis_options(table, "tiers[1]")
     assert "123456" not in str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+def test_a_tier_that_is_not_a_table_is_not_quoted() -> None:
+    """``tiers = ["redis://:pw@host"]``: the value may be a URL with its password."""
+    data = {**BASE, "tiers": ["redis://:hunter2@cache:6379/0"]}
+    with pytest.raises(ConfigError, match="expected a table, got a value of type str") as info:
+        parse_config(data)
+    assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize("word", ["MySecretPassw0rd", "hunter2", "Sekr1t_pw"])
+def test_a_bare_word_in_a_urls_query_is_not_quoted(word: str) -> None:
+    """A password pasted into the query as a bare word is not shown in the error."""
+    problem = url_problem(f"redis://cache:6379/0?{word}")
+    assert problem is not None
+    assert "a parameter" in problem
+    assert word not in problem
 
 
 # -- 5: a TCP URL's path and db parameters ---------------------------------------------------

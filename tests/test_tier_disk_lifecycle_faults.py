@@ -395,6 +395,44 @@ async def test_fsync_syncs_the_directories_and_the_mark_an_open_creates(
 
 
 @pytest.mark.asyncio
+async def test_fsync_syncs_the_directory_after_a_discard_and_a_failed_sync_retries_at_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reset's deletes must survive a power loss, or old blocks come back."""
+    root = tmp_path / "cache"
+    events: list[str] = []
+    real_fsync, real_unlink = os.fsync, BlockFiles.unlink
+    fail_sync = False
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            events.append("sync")
+            if fail_sync:
+                raise OSError(errno.EIO, "injected")
+        real_fsync(fd)
+
+    def unlink(self: BlockFiles, key_: bytes) -> None:
+        events.append("unlink")
+        real_unlink(self, key_)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(BlockFiles, "unlink", unlink)
+    async with tier_at(root, fsync=True) as tier:
+        await tier.write_from([0, 1, 2], [key(0), key(1), key(2)], blocks(3))
+        events.clear()
+        await tier.discard([0, 1])
+        assert events == ["unlink", "unlink", "sync"]
+        fail_sync = True
+        with pytest.raises(TierIOError):
+            await tier.discard([2])
+        fail_sync = False
+        events.clear()
+    assert events == ["unlink", "sync"]  # tried again at close
+    async with tier_at(root) as tier:
+        assert await tier.recover() == []
+
+
+@pytest.mark.asyncio
 async def test_a_parent_the_open_cannot_sync_is_logged_and_the_tier_opens(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -405,13 +405,23 @@ class DiskBatches:
         return await run_to_end(self._unlink_all, keys, must_run=True)
 
     def _unlink_all(self, keys: list[BlockKey]) -> list[tuple[BlockKey, OSError]]:
-        """Delete every key's file, trying them all; the keys whose delete failed."""
+        """Delete every key's file, trying them all; the keys whose delete failed.
+
+        With ``fsync`` the directory is synced after the deletes, so a block
+        discarded (by a reset, say) does not come back after a power loss; a
+        sync that fails counts every delete as failed (retried at close).
+        """
         failed: list[tuple[BlockKey, OSError]] = []
         for key in keys:
             try:
                 self._files.unlink(key)
             except OSError as exc:
                 failed.append((key, exc))
+        if self._files.fsync and len(failed) < len(keys):
+            try:
+                self._files.sync_directory()
+            except OSError as exc:
+                failed = [(key, exc) for key in keys]
         # Here, not in the caller: a caller cancelled meanwhile must not lose them.
         self._undeleted.update(key for key, _ in failed)
         return failed

@@ -9,6 +9,7 @@ value), the tier's name (``"cpu"``, ``"disk"``…) for lower tiers.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 
@@ -36,6 +37,13 @@ class BlockStored:
             for blocks of the device prefix cache; None for lower tiers.
         kv_cache_spec_sliding_window: The group's sliding window in tokens;
             None for full attention.
+        extra_keys: What besides its tokens went into each block's hash, one
+            entry per ``block_hashes`` entry, in vLLM's (untagged) form: the
+            LoRA name, then ``(identifier, offset)`` per multimodal feature
+            overlapping the block (the offset relative to the block's first
+            token), then the cache salt (first block only); None for a block
+            without any. A router recomputing a request's hashes needs them.
+            None for lower tiers, which do not know the tokens.
     """
 
     block_hashes: Sequence[BlockHash]
@@ -48,6 +56,7 @@ class BlockStored:
     lora_id: int | None = None
     kv_cache_spec_kind: str | None = None
     kv_cache_spec_sliding_window: int | None = None
+    extra_keys: Sequence[tuple[Any, ...] | None] | None = None
 
 
 @attrs.frozen

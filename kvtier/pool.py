@@ -14,7 +14,7 @@ cached block, and are reused first.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from kvtier.block import BlockId, KVCacheBlock
 from kvtier.block_map import BlockHashToBlockMap
@@ -29,7 +29,7 @@ from kvtier.hashing import (
     make_block_hash_with_group_id,
 )
 from kvtier.log import get_logger
-from kvtier.request import KVCacheRequest, request_lora_id
+from kvtier.request import KVCacheRequest, event_extra_keys, request_lora_id
 
 __all__ = ["MEDIUM_GPU", "BlockPool"]
 
@@ -170,7 +170,13 @@ class BlockPool:
         insert = self.cached_block_hash_to_block.insert
         events = self.enable_kv_cache_events
         lora_id = request_lora_id(request) if events else None  # checked before any change
+        extra = (
+            event_extra_keys(request, range(num_cached_blocks, num_full_blocks), block_size)
+            if events
+            else None
+        )
         stored: list[BlockHash] | None = [] if events else None
+        stored_extra: list[tuple[Any, ...] | None] = []
         for index in range(num_cached_blocks, num_full_blocks):
             block = blocks[index]
             if block.is_null or block.block_hash is not None:
@@ -182,8 +188,9 @@ class BlockPool:
                 insert(key, block)
             else:
                 cache[key] = block
-            if stored is not None:
+            if stored is not None and extra is not None:
                 stored.append(block_hash)
+                stored_extra.append(extra[index - num_cached_blocks])
         if stored:
             self.kv_event_queue.append(
                 BlockStored(
@@ -200,6 +207,7 @@ class BlockPool:
                     group_idx=kv_cache_group_id,
                     lora_id=lora_id,
                     kv_cache_spec_kind=kv_cache_spec_kind,
+                    extra_keys=stored_extra,
                 )
             )
 

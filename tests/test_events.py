@@ -12,6 +12,7 @@ from kvtier import (
     KVCacheConfig,
     KVCacheGroupSpec,
     KVCacheManager,
+    MultiModalFeature,
 )
 from kvtier.errors import InvalidRequestError
 from kvtier.request import Request
@@ -153,4 +154,59 @@ def test_an_engine_request_with_a_bad_lora_id_changes_nothing() -> None:
     with pytest.raises(InvalidRequestError, match="'adapter-7'"):
         manager.allocate_slots(req, 32)
     assert manager.block_pool.get_num_free_blocks() == 4
+    assert manager.take_events() == []
+
+
+def _stored(manager: KVCacheManager, request: Request, tokens: int) -> BlockStored:
+    manager.allocate_slots(request, tokens)
+    (stored,) = [e for e in manager.take_events() if isinstance(e, BlockStored)]
+    return stored
+
+
+def test_stored_events_carry_each_blocks_extra_keys_as_vllm_publishes_them() -> None:
+    """One entry per block, untagged: LoRA name, (identifier, offset) pairs, salt (first only)."""
+    manager = make_manager(16, events=True)
+    tokens = list(range(64))
+    plain = _stored(manager, make_request("plain", tokens), 64)
+    assert plain.extra_keys == [None] * 4
+    salted = _stored(manager, make_request("salted", tokens, cache_salt="tenant-a"), 64)
+    assert salted.extra_keys == [("tenant-a",), None, None, None]
+    image = MultiModalFeature("img-1", offset=10, length=12)  # tokens 10-21: blocks 0 and 1
+    both = make_request("mm", [t + 100 for t in tokens], lora_name="ad", mm_features=(image,))
+    assert _stored(manager, both, 64).extra_keys == [
+        ("ad", ("img-1", 10)),
+        ("ad", ("img-1", -6)),  # began 6 tokens before the block
+        ("ad",),
+        ("ad",),
+    ]
+
+
+def test_extra_keys_follow_the_blocks_an_event_stores() -> None:
+    """A later step's event lists only its new blocks' keys (the salt was the first's)."""
+    manager = make_manager(16, events=True)
+    request = make_request("r", list(range(64)), cache_salt="s")
+    manager.allocate_slots(request, 32)
+    assert [e.extra_keys for e in manager.take_events()] == [[("s",), None]]  # type: ignore[union-attr]
+    request.num_computed_tokens = 32  # the first chunk ran
+    manager.allocate_slots(request, 32)
+    assert [e.extra_keys for e in manager.take_events()] == [[None, None]]  # type: ignore[union-attr]
+
+
+class _EngineRequest:
+    """An engine's own request type with malformed multimodal features."""
+
+    def __init__(self, inner: Request) -> None:
+        self._inner = inner
+        self.mm_features = ["not a feature"]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+
+def test_malformed_mm_features_of_an_engine_request_are_refused_before_any_change() -> None:
+    manager = make_manager(16, events=True)
+    inner = make_request("r", list(range(32)))
+    with pytest.raises(InvalidRequestError, match="mm_features"):
+        manager.allocate_slots(_EngineRequest(inner), 32)  # type: ignore[arg-type]
+    assert len(manager.block_pool.cached_block_hash_to_block) == 0
     assert manager.take_events() == []

@@ -87,6 +87,7 @@ def test_null_parent_block_hash_in_events() -> None:
             lora_name=None,
             medium="GPU",
             group_idx=0,
+            extra_keys=[None, None],
         )
     ]
     assert pool.null_block.block_hash is None

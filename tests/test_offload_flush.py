@@ -30,6 +30,7 @@ from tests.offload_env import (
     store_blocking,
 )
 from tests.redis_server import RedisServer, shared_redis
+from tests.test_offload_reset import PartlyWritingStore
 from tests.tier_doubles import FaultInjectingStore
 
 __all__ = ["shared_redis"]  # the fixture
@@ -145,6 +146,34 @@ async def test_a_failing_disk_stops_the_flush_and_releases_every_pin_and_reserva
         assert (index.num_pinned, index.num_reserved) == (0, 0)
     assert len(manager.indexes[0]) == 4
     assert len(manager.indexes[1]) == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("written", [False, True])
+async def test_a_failed_flush_leaves_no_file_the_index_does_not_hold(
+    tmp_path: Path, written: bool
+) -> None:
+    """The flush's reservation evicts the disk's blocks; a batch that fails (having
+    written its files, or nothing) must not leave files a warm restart brings back."""
+    inner = disk_tier(tmp_path / "disk", 2)
+    disk = PartlyWritingStore(inner) if written else FaultInjectingStore(inner)
+    env = Env(gpu_blocks=32, tiers=[CpuTier(LAYOUT, 2), disk], flush_on_close=True)
+    manager = env.manager
+    with anyio.fail_after(DEADLINE):
+        async with manager:
+            await store(env, env.request(2), 2, release=True)
+            await store(env, env.request(2), 2, release=True)  # the first two demoted to disk
+            await manager.wait_idle()
+            assert len(manager.indexes[1]) == 2
+            if isinstance(disk, PartlyWritingStore):
+                disk.lost = {key for _, key in manager.indexes[0].blocks()}
+                disk.lost.pop()  # one block of the flush is written, then the batch fails
+            else:
+                disk.write_error = TierIOError("disk full", tier="disk")
+    assert manager.stats().tiers["disk"].failed_transfers == 2
+    held = {key: slot for slot, key in manager.indexes[1].blocks()}
+    assert held == {}  # evicted by the flush's reservation, which then failed
+    assert await recovered(tmp_path / "disk", 2) == held
 
 
 @pytest.mark.asyncio

@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kvtier.log import get_logger
+from kvtier.offload.jobs import discard
 from kvtier.offload.stats import TierStats
 from kvtier.tiers.base import BlockKey, BlockStore
 from kvtier.tiers.index import TierIndex
@@ -158,6 +159,9 @@ async def _flush_into(
             try:
                 result = await completion
             except Exception as exc:  # aborted and unpinned by the pipeline
+                # Written files, or blocks evicted from these slots, would come
+                # back at the warm restart, unknown to the index: deleted.
+                await discard(tiers[target], [slots[key] for key in chunk])
                 below_stats.failed_transfers += task.num_blocks
                 _log.warning(
                     "flush_failed",
@@ -172,7 +176,8 @@ async def _flush_into(
             below_stats.store_seconds += result.seconds
     finally:
         rest = [key for _, chunk in pending for key in chunk]  # never posted
-        if rest:
+        if rest:  # their slots may hold blocks the reservation evicted
+            await discard(tiers[target], [slots[key] for key in rest])
             below.abort(rest)
     _log.info("flushed", tier=tiers[target].name, n_blocks=landed, of=len(keys))
     return landed

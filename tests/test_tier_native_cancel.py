@@ -443,3 +443,33 @@ async def test_a_small_queued_copy_has_ended_when_asyncio_times_the_read_out(
         for copy in queued:
             copy.thread.join()
         await tier.aclose()
+
+
+@pytest.mark.asyncio
+async def test_hung_deletes_do_not_starve_asyncios_default_executor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deletes run in the disk tier's own threads: a file system stuck in unlink (a
+    hung NFS server) must not hold up CUDA waits, DNS lookups or the engine's own
+    ``asyncio.to_thread`` calls, which share asyncio's default executor."""
+    go_on = threading.Event()
+    unlink = BlockFiles.unlink
+
+    def stuck_unlink(self: BlockFiles, key_: bytes) -> None:
+        go_on.wait(10)
+        unlink(self, key_)
+
+    keys = [bytes([i]) * 32 for i in range(40)]
+    async with DiskTier(
+        tmp_path, LAYOUT, 64 * DiskTier.bytes_per_block(LAYOUT), max_workers=2
+    ) as tier:
+        await tier.write_from(list(range(40)), keys, torch.zeros(40, BB, dtype=torch.uint8))
+        monkeypatch.setattr(BlockFiles, "unlink", stuck_unlink)
+        discards = [asyncio.create_task(tier.discard([slot])) for slot in range(40)]
+        try:
+            await asyncio.sleep(0.05)
+            assert await asyncio.wait_for(asyncio.to_thread(lambda: "ran"), 2) == "ran"
+        finally:
+            go_on.set()
+            await asyncio.gather(*discards)
+    assert not list(tmp_path.glob("*.kvb"))

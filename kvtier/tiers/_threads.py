@@ -19,6 +19,7 @@ import contextlib
 import math
 import threading
 from collections.abc import Callable
+from concurrent.futures import Executor
 from typing import Generic, TypeVar, TypeVarTuple, Unpack
 
 import anyio
@@ -149,6 +150,7 @@ async def run_to_end(
     limiter: anyio.CapacityLimiter | None = None,
     undo: Callable[[T], object] | None = None,
     must_run: bool = False,
+    executor: Executor | None = None,
 ) -> T:
     """``func(*args)`` in a worker thread; its result (or error) once the thread has ended.
 
@@ -163,8 +165,12 @@ async def run_to_end(
     logged) has released what the call made, which no caller will record.
 
     ``must_run`` (cleanup: an unpin, a stream drain) hands ``func`` to
-    asyncio's default executor at once, outside any limiter, and waits for
-    it whatever cancels the caller, which then gets the cancellation.
+    ``executor`` (asyncio's default executor when None) at once, outside any
+    limiter, and waits for it whatever cancels the caller, which then gets
+    the cancellation. A caller that may queue many such calls, or calls that
+    may hang (deletes on a stuck network file system), passes an executor of
+    its own, so they neither starve nor wait behind other users of the
+    default one.
     """
     if not _on_asyncio():
         if not must_run:
@@ -173,7 +179,7 @@ async def run_to_end(
             return await anyio.to_thread.run_sync(func, *args)
     call = _Call(lambda: func(*args))
     if must_run:
-        asyncio.get_running_loop().run_in_executor(None, call)  # no await before it starts
+        asyncio.get_running_loop().run_in_executor(executor, call)  # no await before it starts
         cancel: BaseException | None = await _wait_held(call.ended)
     else:
         await anyio.lowlevel.checkpoint_if_cancelled()

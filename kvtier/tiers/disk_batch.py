@@ -18,6 +18,7 @@ deleted again at close, when no batch can race it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Final
 
@@ -96,6 +97,10 @@ class DiskBatches:
         self._in_flight = InFlight()  # batches in flight (reads, writes, deletes)
         self._undeleted: set[BlockKey] = set()  # stale files whose delete failed
         self._closing = False
+        # Deletes always run (see _unlink): in threads of the tier's own, so a
+        # stuck file system neither starves nor waits behind asyncio's default
+        # executor (CUDA waits, DNS lookups, the engine's to_thread calls).
+        self._deleter = ThreadPoolExecutor(max_workers, thread_name_prefix=f"kvtier-{name}-rm")
 
     @contextmanager
     def running(self) -> Iterator[None]:
@@ -133,6 +138,7 @@ class DiskBatches:
             self._undeleted.clear()
             for key, exc in await self._unlink(stale) if stale else ():
                 _log.warning("tier_unlink_failed", tier=self._name, file=key.hex(), error=repr(exc))
+            self._deleter.shutdown(wait=False)  # idle: every delete was waited for
 
     def check_not_writing(self, slots: Iterable[int], keys: Iterable[BlockKey] = ()) -> None:
         """Refuse slots or keys that a write (or a discard's delete) in flight holds.
@@ -349,15 +355,16 @@ class DiskBatches:
             TierIOError: A file could not be deleted (tried again at close).
         """
         self.check_not_writing(slot_list)
-        doomed = self._map.forget(slot_list)
-        if not doomed:
-            return
-        self._writing_keys.update(doomed)
-        try:
-            with self.running(), anyio.CancelScope(shield=True):
-                failed = await self._unlink(doomed)
-        finally:
-            self._writing_keys.difference_update(doomed)
+        with self.running():  # counted first: a close on another loop waits or refuses it
+            doomed = self._map.forget(slot_list)
+            if not doomed:
+                return
+            self._writing_keys.update(doomed)
+            try:
+                with anyio.CancelScope(shield=True):
+                    failed = await self._unlink(doomed)
+            finally:
+                self._writing_keys.difference_update(doomed)
         if failed:
             raise self._io_error("discard", failed[0][1])
 
@@ -400,9 +407,9 @@ class DiskBatches:
         delete always runs, whatever cancels the caller (asyncio's own
         cancellation included, which anyio's shield does not stop): it starts
         at once, outside the tier's thread limiter, which a busy disk may
-        hold for a while.
+        hold for a while (in threads of its own, at most ``max_workers``).
         """
-        return await run_to_end(self._unlink_all, keys, must_run=True)
+        return await run_to_end(self._unlink_all, keys, must_run=True, executor=self._deleter)
 
     def _unlink_all(self, keys: list[BlockKey]) -> list[tuple[BlockKey, OSError]]:
         """Delete every key's file, trying them all; the keys whose delete failed.

@@ -454,3 +454,47 @@ def test_a_cluster_url_selecting_a_database_other_than_0_is_refused(url: str) ->
     with pytest.raises(ConfigError, match="a Redis Cluster has database 0 only"):
         RedisTier(LAYOUT, 8, model=MODEL, url=url, cluster=True)
     RedisTier(LAYOUT, 8, model=MODEL, url=url)  # a single server has them
+
+
+async def _round_trips(slow: int, fast: int) -> list[str]:
+    """``slow`` round trips that outlive the deadline, then ``fast`` ones queued behind."""
+    from kvtier.tiers.redis_io import RedisCommands
+
+    commands = RedisCommands(
+        "redis", deadline=0.2, batch_size=16, concurrency=2, cluster=False, ttl_ms=None
+    )
+    outcomes: list[str] = []
+
+    async def one(seconds: float) -> None:
+        async def call() -> str:
+            await asyncio.sleep(seconds)
+            return "ok"
+
+        try:
+            outcomes.append(await commands.round_trip("read", call))
+        except TierIOError as exc:
+            outcomes.append("untried" if "not tried" in str(exc) else "timed out")
+
+    async with anyio.create_task_group() as group:
+        for _ in range(slow):
+            group.start_soon(one, 5.0)
+        await anyio.sleep(0.01)
+        for _ in range(fast):
+            group.start_soon(one, 0.02)
+    return outcomes
+
+
+@pytest.mark.asyncio
+async def test_a_slow_round_trip_on_a_busy_server_fails_no_queued_call() -> None:
+    """One large value timing out while the other place keeps answering is a busy
+    server, not a stalled one: the calls queued behind are tried."""
+    with anyio.fail_after(5):
+        outcomes = await _round_trips(slow=1, fast=20)
+    assert sorted(outcomes) == ["ok"] * 20 + ["timed out"]
+
+
+@pytest.mark.asyncio
+async def test_round_trips_timing_out_with_none_answered_fail_the_queued_calls_untried() -> None:
+    with anyio.fail_after(1):  # one deadline (0.2 s), not ten
+        outcomes = await _round_trips(slow=2, fast=20)
+    assert sorted(outcomes) == ["timed out"] * 2 + ["untried"] * 20

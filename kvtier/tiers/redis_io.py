@@ -77,7 +77,8 @@ class RedisCommands:
         self._places = asyncio.Semaphore(concurrency)
         self._closed = False
         self._deadlines: set[asyncio.Timeout] = set()  # of the round trips in flight
-        self._timeouts = 0  # round trips that ran out of time, ever
+        self._answered = 0  # round trips that succeeded, ever
+        self._stalls = 0  # round trips that ran out of time while none succeeded
 
     def close(self) -> None:
         """Refuse new round trips, and end those in flight now (they raise ``ClosedError``).
@@ -100,48 +101,51 @@ class RedisCommands:
         """Run one call against the server, bounded and with errors translated.
 
         Waits for one of the ``concurrency`` places first (outside the
-        deadline). A round trip that ran out of time while this one waited
-        fails it at once, untried: the server looks stalled, and each call
-        queued behind it would otherwise wait out a deadline of its own in
-        turn. A call that starts waiting afterwards is tried again.
-        ``bounded=False``: ``call`` keeps deadlines of its own.
+        deadline). A round trip that ran out of time while no other one
+        succeeded (the server looks stalled, not busy) fails every call that
+        waited for a place meanwhile, untried: each would otherwise wait out a
+        deadline of its own in turn. Calls that start waiting afterwards are
+        tried again. ``bounded=False``: ``call`` keeps deadlines of its own.
 
         Raises:
             ClosedError: :meth:`close` was called, before or during it.
             TierIOError: The call failed, took longer than the deadline, or
-                the reply was not of the expected shape; or a round trip timed
-                out while it waited for a place.
+                the reply was not of the expected shape; or the server looked
+                stalled while it waited for a place.
         """
-        timeouts = self._timeouts
+        stalls = self._stalls
         async with self._places:
             if self._closed:
                 raise ClosedError(f"tier {self.tier} is closed")
-            if self._timeouts != timeouts:
+            if self._stalls != stalls:
                 raise TierIOError(
                     f"tier {self.tier}: {what} not tried: a round trip ran out of time "
-                    "while it waited (the server looks stalled)",
+                    "while it waited, and none succeeded (the server looks stalled)",
                     tier=self.tier,
                 )
+            answered = self._answered
             try:
                 # asyncio's own deadline (redis.asyncio runs on asyncio only): half
                 # the cost of anyio.fail_after per round trip (4 µs against 8).
                 async with asyncio.timeout(self.deadline if bounded else None) as deadline:
                     self._deadlines.add(deadline)
                     try:
-                        return await call()
+                        result = await call()
                     finally:
                         self._deadlines.discard(deadline)
+                self._answered += 1
+                return result
             except TimeoutError as exc:
                 if self._closed:
                     raise ClosedError(f"tier {self.tier} was closed during the call") from exc
-                self._timeouts += 1
+                self._timed_out(answered)
                 raise TierIOError(
                     f"tier {self.tier}: {what} took longer than {self.deadline:g} s",
                     tier=self.tier,
                 ) from exc
             except _FAILED as exc:
                 if isinstance(exc, redis.exceptions.TimeoutError):  # redis-py's socket timeout
-                    self._timeouts += 1
+                    self._timed_out(answered)
                 raise TierIOError(
                     f"tier {self.tier}: {what} failed: {type(exc).__name__}: {exc}",
                     tier=self.tier,
@@ -152,6 +156,11 @@ class RedisCommands:
                     f"{type(exc).__name__}: {exc}",
                     tier=self.tier,
                 ) from exc
+
+    def _timed_out(self, answered: int) -> None:
+        """A round trip ran out of time: a stall if none succeeded since it began."""
+        if self._answered == answered:
+            self._stalls += 1
 
     async def ping(self, client: RedisClient) -> None:
         """PING (raises :class:`TierIOError` when the server does not answer)."""

@@ -17,12 +17,26 @@ __all__ = ["URL_QUERY_KEYS", "URL_SCHEMES", "redact_url", "url_problem"]
 
 _QUERY: Final = re.compile(r"[?#].*", flags=re.DOTALL)
 _SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:(//)?")
-_SHOWN_NAME: Final = re.compile(r"[a-z]+(_[a-z0-9]+){1,6}")
-"""A query name shown in errors: an option's snake_case name (``socket_timeout``).
+_SHOWN_NAMES: Final = frozenset(
+    {
+        "cache_factory", "client_name", "command_packer", "connection_class",
+        "connection_kwargs", "credential_provider", "decode_responses", "driver_info",
+        "encoder_class", "encoding", "encoding_errors", "event_dispatcher",
+        "health_check_interval", "host", "legacy_responses", "lib_name", "lib_version",
+        "max_connections", "parser_class", "path", "port", "protocol",
+        "redis_connect_func", "retry", "retry_on_error", "retry_on_timeout",
+        "socket_connect_timeout", "socket_keepalive", "socket_keepalive_options",
+        "socket_read_size", "socket_timeout", "socket_type", "ssl_ca_certs", "ssl_ca_data",
+        "ssl_ca_path", "ssl_cert_reqs", "ssl_certfile", "ssl_check_hostname", "ssl_ciphers",
+        "ssl_exclude_verify_flags", "ssl_include_verify_flags", "ssl_keyfile",
+        "ssl_min_version", "ssl_ocsp_context", "ssl_ocsp_expected_cert", "ssl_password",
+        "ssl_validate_ocsp", "ssl_validate_ocsp_stapled", "timeout",
+    }
+)  # fmt: skip
+"""Query names shown in errors: redis-py's connection and pool options (redis-py 7-8).
 
-Anything else may be a password pasted into the query as a bare word."""
-_SHOWN_WORDS: Final = frozenset({"protocol", "timeout", "encoding", "host", "port", "path"})
-"""redis-py option names of one word, shown too."""
+Any other name may be a password pasted into the query as a bare word (a
+passphrase in snake_case too): it is shown as "a parameter"."""
 _DB: Final = re.compile(r"[0-9]{1,9}")
 """A database number (at most 9 digits: Redis's are small, and ``int`` is safe on them)."""
 
@@ -106,8 +120,7 @@ def url_problem(
         return f"has an '@' after its host ({encode})"
     for name in names:
         if name not in URL_QUERY_KEYS:
-            known = _SHOWN_NAME.fullmatch(name) or name in _SHOWN_WORDS
-            shown = repr(name) if known else "a parameter"
+            shown = repr(name) if name in _SHOWN_NAMES else "a parameter"
             return (
                 f"sets {shown} in its query: only {', '.join(sorted(URL_QUERY_KEYS))} may be "
                 "given there (kvtier sets the other connection options itself)"

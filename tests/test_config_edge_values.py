@@ -192,7 +192,9 @@ def test_a_tier_that_is_not_a_table_is_not_quoted() -> None:
     assert "hunter2" not in str(info.value)
 
 
-@pytest.mark.parametrize("word", ["MySecretPassw0rd", "hunter2", "Sekr1t_pw"])
+@pytest.mark.parametrize(
+    "word", ["MySecretPassw0rd", "hunter2", "Sekr1t_pw", "correct_horse_battery_staple"]
+)
 def test_a_bare_word_in_a_urls_query_is_not_quoted(word: str) -> None:
     """A password pasted into the query as a bare word is not shown in the error."""
     problem = url_problem(f"redis://cache:6379/0?{word}")

@@ -29,6 +29,7 @@ from kvtier.pool import BlockPool
 from kvtier.tiers.base import BlockStore
 from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.disk import DiskTier
+from kvtier.tiers.slots import slot_table_shortfall
 from kvtier.transfer import TransferPipeline
 
 __all__ = ["lower_tiers", "offload_manager"]
@@ -144,6 +145,7 @@ def offload_manager(
     stores = lower_tiers(config, workdir=workdir, rank=rank) if tiers is None else list(tiers)
     if len(stores) != len(policies):
         raise ConfigError(f"{len(stores)} tiers given for the config's {len(policies)} lower tiers")
+    _check_index_memory(config, stores)
     return OffloadManager(
         block_pool,
         device,
@@ -165,6 +167,26 @@ def offload_manager(
             timeout_per_1k_tokens=config.offload.prefetch_timeout_per_1k_tokens,
         ),
     )
+
+
+def _check_index_memory(config: KvtierConfig, stores: Sequence[BlockStore]) -> None:
+    """Refuse, naming its capacity, the first tier whose index (with those above) does not fit.
+
+    Each tier's index allocates its slot tables up front: a disk tier of small
+    blocks needs more host memory for them than a machine may have, and the
+    process would be killed for it with no message.
+    """
+    lower = [index for index, tier in enumerate(config.tiers) if tier.kind != "device"]
+    slots = 0
+    for index, store in zip(lower, stores, strict=True):
+        slots += store.num_slots
+        shortfall = slot_table_shortfall(slots)
+        if shortfall is not None:
+            above = " (with the tiers above it)" if slots != store.num_slots else ""
+            raise ConfigError(
+                f"tiers[{index}].capacity: {config.tiers[index].capacity_bytes} bytes in "
+                f"{store.num_slots} blocks{above}: {shortfall}: lower it, or use larger blocks"
+            )
 
 
 def _redis_tier(config: KvtierConfig, tier: TierConfig, name: str, rank: int | None) -> BlockStore:

@@ -166,3 +166,29 @@ def test_tensor_parallel_workers_get_their_own_redis_shards() -> None:
     for rank in (2, -1, True):
         with pytest.raises(ConfigError, match=r"rank must be an integer in \[0, 2\)"):
             lower_tiers(config, rank=rank)  # type: ignore[arg-type]
+
+
+def test_a_tier_whose_index_does_not_fit_in_host_memory_is_refused_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk of small blocks needs its index's slot tables up front: refused with a
+    message naming the capacity, not killed for memory with none."""
+    from kvtier.tiers import _host
+    from kvtier.tiers.index import TierIndex
+    from kvtier.tiers.slots import SLOT_TABLE_BYTES
+
+    monkeypatch.setattr(_host, "available_host_bytes", lambda: 64 << 20)  # a 64 MiB machine
+    config = _config(
+        {"kind": "device", "capacity": "64KiB"},
+        {"kind": "cpu", "capacity": "32KiB"},
+        {"kind": "disk", "capacity": "1GiB"},  # 4 KiB files: 262,144 slots, 12 MiB of index
+        {"kind": "disk", "capacity": "4GiB"},  # 48 MiB more: 60 MiB, over 90 % of 64 MiB
+    )
+    kv = KVCacheManager(KVCacheConfig.full_attention(8, 16), 1024)
+    device = DeviceTier(torch.zeros(8, config.layout.block_bytes, dtype=torch.uint8), config.layout)
+    with pytest.raises(ConfigError, match=r"^tiers\[3\]\.capacity: .*\(with the tiers above it\)"):
+        offload_manager(config, kv.block_pool, device, workdir=tmp_path)
+    with pytest.raises(ConfigError, match="tier 'big': its index of 2000000 slots needs about"):
+        TierIndex("big", 2_000_000)  # 96 MB
+    TierIndex("fits", 500_000)  # 24 MB of a 64 MiB machine (10 % kept free)
+    assert SLOT_TABLE_BYTES * 500_000 < (64 << 20) * 0.9

@@ -45,7 +45,7 @@ from kvtier.tiers.index_hints import (
     notify_insert,
 )
 from kvtier.tiers.index_queries import IndexQueries
-from kvtier.tiers.slots import Reservation, SlotMap
+from kvtier.tiers.slots import Reservation, SlotMap, slot_table_shortfall
 
 __all__ = ["Reservation", "TierIndex"]
 
@@ -90,8 +90,11 @@ class TierIndex(IndexQueries, IndexBulk):
 
     Raises:
         ConfigError: ``name`` is empty, ``num_slots`` is not a positive
-            integer, ``block_size`` is negative, or ``policy`` is not an
-            empty :class:`~kvtier.policies.base.EvictionPolicy`.
+            integer, ``block_size`` is negative, ``policy`` is not an
+            empty :class:`~kvtier.policies.base.EvictionPolicy`, or the slot
+            tables (:data:`~kvtier.tiers.slots.SLOT_TABLE_BYTES` per slot, up
+            front) do not fit in the host memory available now (a disk of
+            small blocks: 10 TiB of 16 KiB blocks is 32 GB of index).
         UnknownNameError: ``policy`` names no registered policy.
     """
 
@@ -110,6 +113,11 @@ class TierIndex(IndexQueries, IndexBulk):
             raise ConfigError(f"num_slots must be a positive integer, got {num_slots!r}")
         if not _is_int(block_size) or block_size < 0:
             raise ConfigError(f"block_size must be an integer >= 0, got {block_size!r}")
+        shortfall = slot_table_shortfall(num_slots)
+        if shortfall is not None:  # an oversized disk would be killed for memory, silently
+            raise ConfigError(
+                f"tier {name!r}: {shortfall}: lower its capacity, or use larger blocks"
+            )
         if isinstance(policy, str):
             policy = make_eviction_policy(policy, num_slots)
         elif not isinstance(policy, EvictionPolicy) or len(policy):

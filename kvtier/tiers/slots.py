@@ -26,11 +26,27 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
-from kvtier.errors import InvalidRequestError
+from kvtier.errors import ConfigError, InvalidRequestError
 from kvtier.policies.hints import BlockHint
+from kvtier.tiers._host import format_bytes, host_shortfall
 from kvtier.tiers.base import BlockKey
 
-__all__ = ["Reservation", "SlotMap"]
+__all__ = ["SLOT_TABLE_BYTES", "Reservation", "SlotMap", "slot_table_shortfall"]
+
+SLOT_TABLE_BYTES = 48
+"""Host memory a :class:`SlotMap` allocates up front per slot (its free stack of ``int``
+and its slot → key list; measured on CPython 3.11), before any block is stored."""
+
+
+def slot_table_shortfall(num_slots: int) -> str | None:
+    """Why the slot tables of ``num_slots`` slots cannot be allocated now, or None if they can."""
+    shortfall = host_shortfall(num_slots * SLOT_TABLE_BYTES)
+    if shortfall is None:
+        return None
+    return (
+        f"its index of {num_slots} slots needs about "
+        f"{format_bytes(num_slots * SLOT_TABLE_BYTES)} of host memory up front: {shortfall}"
+    )
 
 
 @attrs.frozen

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
-from kvtier.errors import ConfigError, InvalidRequestError
+from kvtier.errors import InvalidRequestError
 from kvtier.policies.hints import BlockHint
 from kvtier.tiers._host import format_bytes, host_shortfall
 from kvtier.tiers.base import BlockKey

@@ -38,8 +38,17 @@ SLOT_TABLE_BYTES = 48
 and its slot → key list; measured on CPython 3.11), before any block is stored."""
 
 
+_UNCHECKED_BYTES = 16 << 20
+
+
 def slot_table_shortfall(num_slots: int) -> str | None:
-    """Why the slot tables of ``num_slots`` slots cannot be allocated now, or None if they can."""
+    """Why the slot tables of ``num_slots`` slots cannot be allocated now, or None if they can.
+
+    Tables under 16 MiB are not checked (reading the host's memory figures
+    costs more than they do).
+    """
+    if num_slots * SLOT_TABLE_BYTES < _UNCHECKED_BYTES:
+        return None
     shortfall = host_shortfall(num_slots * SLOT_TABLE_BYTES)
     if shortfall is None:
         return None

@@ -110,6 +110,12 @@ def _parse(line: str, where: str, trace_block_size: int) -> TraceRequest:
             f"{where}: {len(hash_ids)} hash_ids cover {len(hash_ids) * trace_block_size} "
             f"tokens, input_length is {input_length}"
         )
+    if len(hash_ids) > needed:  # hashed at a smaller block size: sharing would be invented
+        raise TraceFormatError(
+            f"{where}: {len(hash_ids)} hash_ids for input_length {input_length}, "
+            f"{needed} expected (one per {trace_block_size}-token block): was the trace "
+            "hashed at another block size?"
+        )
     return TraceRequest(timestamp, input_length, output_length, tuple(hash_ids))
 
 

@@ -64,6 +64,7 @@ def test_small_trace_block_size() -> None:
         (ROW.replace('"timestamp": 0', '"timestamp": "x"'), "timestamp"),
         (ROW.replace("[1]", '["a"]'), "hash_ids"),
         (ROW.replace('"input_length": 1', '"input_length": 600'), "cover 512"),
+        (ROW.replace("[1]", "[1, 2, 3]"), "3 hash_ids for input_length 1, 1 expected"),
         (ROW.replace('"input_length": 1', '"input_length": 0'), "input_length must be .* >= 1"),
         (ROW.replace('"timestamp": 0', '"timestamp": -5'), "timestamp must be a number >= 0"),
         (ROW.replace('"timestamp": 0', '"timestamp": NaN'), "timestamp"),

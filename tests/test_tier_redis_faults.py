@@ -498,3 +498,39 @@ async def test_round_trips_timing_out_with_none_answered_fail_the_queued_calls_u
     with anyio.fail_after(1):  # one deadline (0.2 s), not ten
         outcomes = await _round_trips(slow=2, fast=20)
     assert sorted(outcomes) == ["timed out"] * 2 + ["untried"] * 20
+
+
+@pytest.mark.asyncio
+async def test_a_stall_rests_the_tier_twice_as_long_each_time_until_an_answer() -> None:
+    """A server that stopped answering costs a deadline now and then, not one per
+    call: after a stall calls fail untried for a deadline, doubling per stall in a
+    row, and the first answer ends it."""
+    from kvtier.tiers.redis_io import RedisCommands
+
+    deadline = 0.2
+    commands = RedisCommands(
+        "redis", deadline=deadline, batch_size=16, concurrency=2, cluster=False, ttl_ms=None
+    )
+
+    async def attempt(seconds: float) -> str:
+        async def call() -> str:
+            await asyncio.sleep(seconds)
+            return "answered"
+
+        try:
+            return await commands.round_trip("read", call)
+        except TierIOError as exc:
+            return "untried" if "not tried" in str(exc) else "timed out"
+
+    stalled, answering = 5.0, 0.0
+    assert await attempt(stalled) == "timed out"  # rests one deadline
+    assert await attempt(answering) == "untried"
+    await asyncio.sleep(1.5 * deadline)
+    assert await attempt(stalled) == "timed out"  # rests two deadlines
+    await asyncio.sleep(1.5 * deadline)
+    assert await attempt(answering) == "untried"
+    await asyncio.sleep(1.0 * deadline)
+    assert await attempt(answering) == "answered"  # the rest is over, and reset
+    assert await attempt(stalled) == "timed out"
+    await asyncio.sleep(1.5 * deadline)
+    assert await attempt(answering) == "answered"  # one deadline again

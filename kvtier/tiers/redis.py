@@ -24,7 +24,8 @@ of a dead server (plus any wait for one of the ``concurrency`` places, which
 also keeps the connection pool from running out; a round trip that runs out
 of time while none succeeded fails the calls that waited meanwhile at once,
 so calls queued behind a stalled server do not each wait out a deadline in
-turn). A value of another type
+turn, and a stall rests the tier: calls fail untried for a deadline, doubling
+per stall in a row up to eight, until an answer). A value of another type
 under a block's name (another client's data) is a miss. The connection pool
 reconnects by itself on the next call once the server is back; a server
 absent when the tier opens is logged, not fatal.

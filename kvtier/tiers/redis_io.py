@@ -17,6 +17,7 @@ call within one deadline, not one per chunk.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar, cast
 
@@ -28,7 +29,10 @@ from redis.asyncio.cluster import RedisCluster
 from kvtier.errors import ClosedError, TierIOError
 from kvtier.tiers.redis_client import RedisClient
 
-__all__ = ["RedisCommands"]
+__all__ = ["MAX_REST_DEADLINES", "RedisCommands"]
+
+MAX_REST_DEADLINES = 8
+"""The longest rest after stalls in a row, in deadlines (see ``RedisCommands._timed_out``)."""
 
 _T = TypeVar("_T")
 _MALFORMED = (TypeError, ValueError, AttributeError, IndexError, KeyError)
@@ -79,6 +83,8 @@ class RedisCommands:
         self._deadlines: set[asyncio.Timeout] = set()  # of the round trips in flight
         self._answered = 0  # round trips that succeeded, ever
         self._stalls = 0  # round trips that ran out of time while none succeeded
+        self._resting_until = 0.0  # time.monotonic() before which calls are not tried
+        self._rest = deadline  # how long the next stall rests the tier
 
     def close(self) -> None:
         """Refuse new round trips, and end those in flight now (they raise ``ClosedError``).
@@ -113,6 +119,12 @@ class RedisCommands:
                 the reply was not of the expected shape; or the server looked
                 stalled while it waited for a place.
         """
+        if self._resting_until and time.monotonic() < self._resting_until:
+            raise TierIOError(
+                f"tier {self.tier}: {what} not tried: the server stalled; tried again in "
+                f"{self._resting_until - time.monotonic():.1f} s",
+                tier=self.tier,
+            )
         stalls = self._stalls
         async with self._places:
             if self._closed:
@@ -134,6 +146,8 @@ class RedisCommands:
                     finally:
                         self._deadlines.discard(deadline)
                 self._answered += 1
+                if self._resting_until:  # the first answer after a stall
+                    self._resting_until, self._rest = 0.0, self.deadline
                 return result
             except TimeoutError as exc:
                 if self._closed:
@@ -158,9 +172,18 @@ class RedisCommands:
                 ) from exc
 
     def _timed_out(self, answered: int) -> None:
-        """A round trip ran out of time: a stall if none succeeded since it began."""
+        """A round trip ran out of time: a stall if none succeeded since it began.
+
+        A stall rests the tier: calls fail at once, untried, for one deadline,
+        then twice as long after each stall in a row (at most
+        :data:`MAX_REST_DEADLINES` deadlines), until a round trip succeeds. A
+        server that stopped answering then costs an engine a deadline now
+        and then, not one per call (every request's probe, every load).
+        """
         if self._answered == answered:
             self._stalls += 1
+            self._resting_until = time.monotonic() + self._rest
+            self._rest = min(2 * self._rest, MAX_REST_DEADLINES * self.deadline)
 
     async def ping(self, client: RedisClient) -> None:
         """PING (raises :class:`TierIOError` when the server does not answer)."""

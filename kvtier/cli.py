@@ -249,8 +249,6 @@ def _run_sweep(
         policies=args.policies,
     )
     title = f"hit ratio by capacity: {workload.name} ({config.layout.block_size}-token blocks)"
-    if args.plot is not None:
-        plot_sweep(rows, args.plot, title=title)
     if args.json:
         data: dict[str, Any] = {
             "workload": workload.name,
@@ -266,10 +264,12 @@ def _run_sweep(
             ],
         }
         print(json.dumps(data, indent=2))
-        return
-    out.print(render_sweep(rows, title=title))
+    else:
+        out.print(render_sweep(rows, title=title))  # first: a plot that fails loses no result
     if args.plot is not None:
-        out.print(f"plot written to {args.plot}")
+        plot_sweep(rows, args.plot, title=title)
+        if not args.json:
+            out.print(f"plot written to {args.plot}")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -329,6 +329,8 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
             config = load_config(args.config) if args.config is not None else default_config()
         except OSError as exc:
             raise _named("CONFIG", args.config, exc) from exc
+        if args.workdir is not None and args.workdir.exists() and not args.workdir.is_dir():
+            raise KVTierError(f"--workdir {args.workdir}: not a directory")
         if args.workdir is not None and not any(
             tier.kind == "disk" and tier.path is None for tier in config.tiers
         ):
@@ -346,7 +348,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     except ReplayIntegrityError as exc:
         err.print(f"[bold red]kvtier: integrity check failed:[/] {escape(str(exc))}")
         return EXIT_INTEGRITY
-    except (KVTierError, OSError) as exc:
+    except (KVTierError, OSError, Warning) as exc:  # a warning made an error by -W error
         err.print(f"[bold red]kvtier: error:[/] {escape(str(exc))}", highlight=False)
         return EXIT_USAGE
     except MemoryError:

@@ -141,6 +141,65 @@ def test_sweep_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_plot_that_cannot_be_written_keeps_the_table_and_names_plot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that fails only when the plot is saved (a full disk, a file system that
+    refuses it): the sweep's table is printed first, and the error names --plot."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    def no_room(self: Figure, *args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", no_room)
+    plot = tmp_path / "sweep.png"
+    args = ["replay", "--workload", "sample", "--plot", str(plot), "--policies", "lru"]
+    assert main([*args, "--capacities", "10"]) == 2
+    captured = capsys.readouterr()
+    assert "Belady" in captured.out
+    assert f"--plot: cannot write '{plot}': No space left on device" in captured.err
+
+
+def test_a_read_only_plot_directory_is_refused_before_the_sweep(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root writes anywhere
+    assert main(["replay", "--workload", "sample", "--plot", str(tmp_path / "x.png")]) == 2
+    captured = capsys.readouterr()
+    assert "cannot be written" in captured.err
+    assert "Belady" not in captured.out  # refused before the sweep ran
+
+
+def test_a_workdir_that_is_a_file_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workdir = tmp_path / "afile"
+    workdir.write_text("")
+    assert main(["replay", "--workload", "sample", "--workdir", str(workdir)]) == 2
+    assert f"--workdir {workdir}: not a directory" in capsys.readouterr().err
+
+
+def test_a_warning_made_an_error_is_an_input_error_not_a_bug(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``-W error``: xxhash without a hash_seed warns, which is then raised."""
+    import warnings
+
+    config = tmp_path / "xx.toml"
+    config.write_text(
+        "[layout]\nnum_layers = 1\nblock_size = 512\nnum_kv_heads = 1\nhead_size = 8\n"
+        '[offload]\nhash = "xxhash"\n[[tiers]]\nkind = "cpu"\ncapacity = "8MiB"\n'
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        status = main(["replay", str(config), "--workload", "sample", "--limit", "2"])
+    assert status == 2
+    assert "internal error" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

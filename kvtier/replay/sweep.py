@@ -9,6 +9,7 @@ fractions of the workload's distinct blocks.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
@@ -125,8 +126,9 @@ def check_plot_path(path: Path) -> None:
 
     Raises:
         ConfigError: The suffix is not one of :data:`PLOT_FORMATS`, the path
-            is a directory or its directory does not exist, or matplotlib is
-            not installed (``pip install 'kvtier[plot]'``).
+            is a directory, its directory does not exist, it cannot be
+            written, or matplotlib is not installed (``pip install
+            'kvtier[plot]'``).
     """
     if path.suffix.lower() not in PLOT_FORMATS:
         raise ConfigError(f"--plot: {str(path)!r} must end in {', '.join(PLOT_FORMATS)}")
@@ -134,6 +136,8 @@ def check_plot_path(path: Path) -> None:
         raise ConfigError(f"--plot: {str(path)!r} is a directory")
     if not path.parent.is_dir():
         raise ConfigError(f"--plot: the directory {str(path.parent)!r} does not exist")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"--plot: {str(path)!r} cannot be written")
     try:
         import matplotlib  # noqa: F401, PLC0415
     except ImportError as exc:
@@ -144,7 +148,7 @@ def plot_sweep(rows: Sequence[SweepRow], path: Path, *, title: str) -> None:
     """Draw hit ratio against capacity per policy (and Belady) into ``path``.
 
     Raises:
-        ConfigError: As :func:`check_plot_path`.
+        ConfigError: As :func:`check_plot_path`, or the file could not be written.
     """
     check_plot_path(path)
     try:
@@ -166,5 +170,9 @@ def plot_sweep(rows: Sequence[SweepRow], path: Path, *, title: str) -> None:
     axes.grid(True, alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    try:
+        figure.savefig(path, dpi=120)
+    except OSError as exc:
+        raise ConfigError(f"--plot: cannot write {str(path)!r}: {exc.strerror or exc}") from exc
+    finally:
+        plt.close(figure)

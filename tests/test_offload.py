@@ -892,3 +892,22 @@ async def test_lazy_mode_restarts_its_walk_when_its_cursor_block_returned_at_the
             key(req, i) in first or env.pool.get_cached_block(req.block_hashes[i], [0])
             for i in range(10)
         )
+
+
+@pytest.mark.asyncio
+async def test_transfers_cancelled_by_an_interrupt_log_no_failure() -> None:
+    """Ctrl-C while a store is planned: its cancellation is expected, not a warning
+    (a replay interrupted printed one ``store_failed`` line per transfer)."""
+    env = Env(gpu_blocks=32)
+    with capture_logs() as logs, pytest.raises(KeyboardInterrupt):
+        async with env.manager as manager:
+            request = env.request(2)
+            blocks = env.alloc(request, 2)
+            manager.update_state_after_alloc(request, blocks, 0)
+            manager.step_computed(
+                manager.build_step(scheduled(new={request.request_id: blocks})).step_id
+            )
+            raise KeyboardInterrupt
+    levels = {log["event"]: log["log_level"] for log in logs}
+    assert levels.get("store_cancelled") == "debug"
+    assert not [log for log in logs if log["log_level"] in ("warning", "error")]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Sequence
 
-from kvtier.errors import InvalidRequestError
+from kvtier.errors import InvalidRequestError, TransferCancelledError
 from kvtier.log import get_logger
 from kvtier.offload import jobs, load_counts, placement
 from kvtier.offload._state import (
@@ -245,7 +245,9 @@ class Transfers(RequestBook):
         else:
             index.abort(event.keys)
             stats.failed_transfers += len(event.keys) if ran else 0
-            if event.error is not None:
+            if isinstance(event.error, TransferCancelledError):  # closing: expected
+                _log.debug("store_cancelled", task=event.event_id)
+            elif event.error is not None:
                 _log.warning("store_failed", task=event.event_id, error=repr(event.error))
         if self.in_flight:
             self.in_flight.difference_update(event.block_ids)
@@ -275,7 +277,9 @@ class Transfers(RequestBook):
             demotion_seconds=sum(took for took in outcome.demotions if took is not None),
             cut=outcome.cut,
         )
-        if outcome.error is not None:
+        if isinstance(outcome.error, TransferCancelledError):  # closing: expected
+            _log.debug("load_cancelled", task=event.event_id)
+        elif outcome.error is not None:
             loaded = "none" if outcome.cut is None else f"positions before {outcome.cut}"
             _log.warning(
                 "load_failed", task=event.event_id, loaded=loaded, error=repr(outcome.error)

@@ -899,7 +899,8 @@ async def test_transfers_cancelled_by_an_interrupt_log_no_failure() -> None:
     """Ctrl-C while a store is planned: its cancellation is expected, not a warning
     (a replay interrupted printed one ``store_failed`` line per transfer)."""
     env = Env(gpu_blocks=32)
-    with capture_logs() as logs, pytest.raises(KeyboardInterrupt):
+
+    async def interrupted() -> None:
         async with env.manager as manager:
             request = env.request(2)
             blocks = env.alloc(request, 2)
@@ -908,6 +909,9 @@ async def test_transfers_cancelled_by_an_interrupt_log_no_failure() -> None:
                 manager.build_step(scheduled(new={request.request_id: blocks})).step_id
             )
             raise KeyboardInterrupt
+
+    with capture_logs() as logs, pytest.raises(KeyboardInterrupt):
+        await interrupted()
     levels = {log["event"]: log["log_level"] for log in logs}
     assert levels.get("store_cancelled") == "debug"
     assert not [log for log in logs if log["log_level"] in ("warning", "error")]

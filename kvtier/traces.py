@@ -161,8 +161,8 @@ def read_mooncake_trace(
 
 def _open_text(path: Path) -> IO[str]:
     if path.suffix == ".xz":
-        return lzma.open(path, "rt", encoding="utf-8")
-    return path.open(encoding="utf-8")
+        return lzma.open(path, "rt", encoding="utf-8-sig")
+    return path.open(encoding="utf-8-sig")  # a BOM (Windows editors) is not JSON
 
 
 def _iter_trace(path: Path, limit: int | None, trace_block_size: int) -> Iterator[TraceRequest]:

@@ -120,3 +120,10 @@ def test_a_trace_that_is_not_utf8_is_an_error(tmp_path: Path, name: str, data: b
     path.write_bytes(data)
     with pytest.raises(TraceFormatError, match=r":1: not UTF-8 text \(compressed\?"):
         read_mooncake_trace(path)
+
+
+def test_a_trace_starting_with_a_utf8_bom_reads(tmp_path: Path) -> None:
+    """Editors on Windows write one; it is not part of the first JSON object."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + f"{ROW}\n{ROW}\n".encode())
+    assert len(read_mooncake_trace(path)) == 2

@@ -12,7 +12,8 @@ Every batch (read, write or delete) is counted while it runs, and
 :meth:`DiskBatches.close` waits for them: worker threads cannot be
 cancelled, so the tier keeps its directory lock until the last one has
 finished touching files. A file whose delete failed is remembered and
-deleted again at close, when no batch can race it.
+deleted again at close, when no batch can race it. Deletes are
+:class:`~kvtier.tiers.disk_deletes.DiskDeletes`'s.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from kvtier.tiers._disk_io import FILE_ERRORS, BlockFiles
 from kvtier.tiers._in_flight import InFlight
 from kvtier.tiers._threads import run_to_end
 from kvtier.tiers.base import BlockKey
-from kvtier.tiers.disk_dir import listed_keys
+from kvtier.tiers.disk_deletes import DiskDeletes
 from kvtier.tiers.disk_map import DiskMap
 
 __all__ = ["CALL_BYTES", "DiskBatches", "RowAt", "row_access"]
@@ -66,7 +67,7 @@ def row_access(parts: Sequence[torch.Tensor]) -> RowAt:
     return rows.__getitem__
 
 
-class DiskBatches:
+class DiskBatches(DiskDeletes):
     """Reads, writes and deletes of a disk tier's block files, spread over worker threads.
 
     Args:
@@ -339,101 +340,3 @@ class DiskBatches:
             raise errors[0]
         if missing:
             raise BlockMissingError.of_slots(self._name, missing)
-
-    async def discard(self, slot_list: list[int]) -> None:
-        """Unmap ``slots`` and delete their blocks' files, whatever cancels the caller.
-
-        The delete is shielded from cancellation: the map has forgotten the
-        keys, so a file left behind would hold a block no one deletes (a
-        restart would bring it back, and drop a block written to its slot
-        since as ambiguous). Until the files are gone the keys count as
-        being written, so a write of one of them is refused instead of
-        being deleted by this late unlink.
-
-        Raises:
-            InvalidRequestError: A slot is being written (nothing deleted).
-            TierIOError: A file could not be deleted (tried again at close).
-        """
-        self.check_not_writing(slot_list)
-        with self.running():  # counted first: a close on another loop waits or refuses it
-            doomed = self._map.forget(slot_list)
-            if not doomed:
-                return
-            self._writing_keys.update(doomed)
-            try:
-                with anyio.CancelScope(shield=True):
-                    failed = await self._unlink(doomed)
-            finally:
-                self._writing_keys.difference_update(doomed)
-        if failed:
-            raise self._io_error("discard", failed[0][1])
-
-    async def discard_unmapped(self) -> int:
-        """Delete the directory's block files of keys not mapped; how many were deleted.
-
-        Files of keys being written or deleted are left alone, and the keys
-        deleted are held as a discard holds its keys (a write of one is
-        refused until the delete ended). A cancelled call still deletes.
-
-        Raises:
-            TierIOError: The directory could not be listed, or a file could
-                not be deleted (tried again at close).
-        """
-        with self.running():
-            try:
-                listed = await run_to_end(listed_keys, self._files.path, limiter=self._limiter)
-            except OSError as exc:
-                raise self._io_error("listing the directory", exc) from exc
-            mapped, writing = self._map.key_slots, self._writing_keys
-            doomed = [key for key in listed if key not in mapped and key not in writing]
-            if not doomed:
-                return 0
-            self._writing_keys.update(doomed)
-            try:
-                with anyio.CancelScope(shield=True):
-                    failed = await self._unlink(doomed)
-            finally:
-                self._writing_keys.difference_update(doomed)
-        if failed:
-            raise self._io_error("deleting unmapped blocks", failed[0][1])
-        return len(doomed)
-
-    async def _unlink(self, keys: list[BlockKey]) -> list[tuple[BlockKey, OSError]]:
-        """Delete every key's file in a worker thread; the keys that failed, remembered for close.
-
-        A file left behind holds a block the map no longer has; were its slot
-        written again, a warm restart would find two files claiming it (the
-        scan then drops both), and a discarded block would come back. So the
-        delete always runs, whatever cancels the caller (asyncio's own
-        cancellation included, which anyio's shield does not stop): it starts
-        at once, outside the tier's thread limiter, which a busy disk may
-        hold for a while (in threads of its own, at most ``max_workers``).
-        """
-        return await run_to_end(self._unlink_all, keys, must_run=True, executor=self._deleter)
-
-    def _unlink_all(self, keys: list[BlockKey]) -> list[tuple[BlockKey, OSError]]:
-        """Delete every key's file, trying them all; the keys whose delete failed.
-
-        With ``fsync`` the directory is synced after the deletes, so a block
-        discarded (by a reset, say) does not come back after a power loss; a
-        sync that fails counts every delete as failed (retried at close).
-        """
-        failed: list[tuple[BlockKey, OSError]] = []
-        for key in keys:
-            try:
-                self._files.unlink(key)
-            except OSError as exc:
-                failed.append((key, exc))
-        if self._files.fsync and len(failed) < len(keys):
-            try:
-                self._files.sync_directory()
-            except OSError as exc:
-                failed = [(key, exc) for key in keys]
-        # Here, not in the caller: a caller cancelled meanwhile must not lose them.
-        self._undeleted.update(key for key, _ in failed)
-        return failed
-
-    def _io_error(self, what: str, exc: Exception) -> TierIOError:
-        error = TierIOError(f"tier {self._name}: {what} failed: {exc}", tier=self._name)
-        error.__cause__ = exc
-        return error

@@ -154,8 +154,8 @@ capacity = "{cpu}"
 def test_replay_refuses_a_stack_larger_than_the_memory_left(
     machine: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = machine / "big.toml"
-    config.write_text(STACK.format(cpu="1GiB"))
+    config = machine / "big.toml"  # 8 KiB blocks: the index of 131,072 slots fits (6 MiB)
+    config.write_text(STACK.format(cpu="1GiB").replace("head_size = 8", "head_size = 128"))
     assert (
         main(["replay", str(config), "--workload", "sample", "--limit", "2", "--no-progress"]) == 2
     )
@@ -177,3 +177,15 @@ def test_replay_names_the_implicit_device_cache_when_it_does_not_fit(
     assert "the device cache (no device tier in the config" in err
     assert 'add a [[tiers]] kind = "device" with a capacity that fits' in err
     assert "tiers[0]" not in err
+
+
+def test_replay_refuses_a_tier_whose_index_does_not_fit(
+    machine: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """512-byte blocks: 1 GiB is 2 M slots, 96 MiB of index on a 64 MiB machine."""
+    config = machine / "small-blocks.toml"
+    config.write_text(STACK.format(cpu="1GiB"))
+    assert main(["replay", str(config), *SAMPLE]) == 2
+    err = capsys.readouterr().err
+    assert "tiers[0].capacity: 1073741824 bytes in 2097152 blocks: its index" in err
+    assert err.strip().endswith("lower it, or use larger blocks")

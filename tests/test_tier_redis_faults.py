@@ -534,3 +534,37 @@ async def test_a_stall_rests_the_tier_twice_as_long_each_time_until_an_answer() 
     assert await attempt(stalled) == "timed out"
     await asyncio.sleep(1.5 * deadline)
     assert await attempt(answering) == "answered"  # one deadline again
+
+
+@pytest.mark.asyncio
+async def test_round_trips_timed_out_by_one_stall_rest_the_tier_once() -> None:
+    """Four round trips in flight when the server stalls are one stall: one deadline
+    of rest, not four stalls in a row (eight deadlines)."""
+    from kvtier.tiers.redis_io import RedisCommands
+
+    deadline = 0.2
+    commands = RedisCommands(
+        "redis", deadline=deadline, batch_size=16, concurrency=4, cluster=False, ttl_ms=None
+    )
+
+    async def attempt(seconds: float) -> str:
+        async def call() -> str:
+            await asyncio.sleep(seconds)
+            return "answered"
+
+        try:
+            return await commands.round_trip("read", call)
+        except TierIOError as exc:
+            return "untried" if "not tried" in str(exc) else "timed out"
+
+    outcomes: list[str] = []
+
+    async def stalled() -> None:
+        outcomes.append(await attempt(5.0))
+
+    async with anyio.create_task_group() as group:
+        for _ in range(4):
+            group.start_soon(stalled)
+    assert outcomes == ["timed out"] * 4
+    await asyncio.sleep(1.5 * deadline)
+    assert await attempt(0.0) == "answered"

@@ -152,14 +152,14 @@ class RedisCommands:
             except TimeoutError as exc:
                 if self._closed:
                     raise ClosedError(f"tier {self.tier} was closed during the call") from exc
-                self._timed_out(answered)
+                self._timed_out(answered, stalls)
                 raise TierIOError(
                     f"tier {self.tier}: {what} took longer than {self.deadline:g} s",
                     tier=self.tier,
                 ) from exc
             except _FAILED as exc:
                 if isinstance(exc, redis.exceptions.TimeoutError):  # redis-py's socket timeout
-                    self._timed_out(answered)
+                    self._timed_out(answered, stalls)
                 raise TierIOError(
                     f"tier {self.tier}: {what} failed: {type(exc).__name__}: {exc}",
                     tier=self.tier,
@@ -171,8 +171,11 @@ class RedisCommands:
                     tier=self.tier,
                 ) from exc
 
-    def _timed_out(self, answered: int) -> None:
+    def _timed_out(self, answered: int, stalls: int) -> None:
         """A round trip ran out of time: a stall if none succeeded since it began.
+
+        One stall however many round trips it times out: those that began
+        before another declared it (``stalls`` changed since) add nothing.
 
         A stall rests the tier: calls fail at once, untried, for one deadline,
         then twice as long after each stall in a row (at most
@@ -180,7 +183,7 @@ class RedisCommands:
         server that stopped answering then costs an engine a deadline now
         and then, not one per call (every request's probe, every load).
         """
-        if self._answered == answered:
+        if self._answered == answered and self._stalls == stalls:  # not one seen already
             self._stalls += 1
             self._resting_until = time.monotonic() + self._rest
             self._rest = min(2 * self._rest, MAX_REST_DEADLINES * self.deadline)

@@ -9,7 +9,6 @@ fractions of the workload's distinct blocks.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
@@ -136,8 +135,16 @@ def check_plot_path(path: Path) -> None:
         raise ConfigError(f"--plot: {str(path)!r} is a directory")
     if not path.parent.is_dir():
         raise ConfigError(f"--plot: the directory {str(path.parent)!r} does not exist")
-    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ConfigError(f"--plot: {str(path)!r} cannot be written")
+    existed = path.exists()
+    try:  # opened for real: os.access says yes to root where writes fail (/proc, NFS)
+        with path.open("ab"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"--plot: {str(path)!r} cannot be written: {exc.strerror or exc}"
+        ) from exc
+    if not existed:
+        path.unlink(missing_ok=True)
     try:
         import matplotlib  # noqa: F401, PLC0415
     except ImportError as exc:

@@ -210,3 +210,36 @@ def test_malformed_mm_features_of_an_engine_request_are_refused_before_any_chang
         manager.allocate_slots(_EngineRequest(inner), 32)  # type: ignore[arg-type]
     assert len(manager.block_pool.cached_block_hash_to_block) == 0
     assert manager.take_events() == []
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_event_extra_keys_walk_the_features_once_and_match_the_per_block_scan(seed: int) -> None:
+    """The one-pass cursor (sorted features) and the per-block scan (unsorted) agree."""
+    import random
+
+    from kvtier.extra_keys import block_extra_keys
+    from kvtier.request import event_extra_keys
+
+    rng = random.Random(seed)
+    features = sorted(
+        (
+            MultiModalFeature(f"f{i}", offset=rng.randrange(0, 200), length=rng.randrange(1, 40))
+            for i in range(rng.randrange(1, 12))
+        ),
+        key=lambda feature: feature.offset,
+    )
+    tokens = list(range(256))
+    first = rng.randrange(0, 8)
+    blocks = range(first, 16)
+    for order in (features, features[::-1]):  # reversed: not sorted, scanned per block
+        request = make_request("r", tokens, cache_salt="s", lora_name="l", mm_features=())
+        object.__setattr__(request, "mm_features", tuple(order))
+        expected = []
+        for index in blocks:
+            keys = block_extra_keys(
+                index * 16, index * 16 + 16, lora_name="l", mm_features=order, cache_salt="s"
+            )
+            assert keys is not None  # the LoRA name is on every block
+            salt = ("s",) if index == 0 else ()
+            expected.append(("l", *keys.mm, *salt))
+        assert event_extra_keys(request, blocks, 16) == expected

@@ -410,6 +410,8 @@ async def test_spilling_follows_the_prefetch_policy_unless_set(tmp_path: Path) -
     assert Env(spill_stores=True).manager.spills is False  # no tier below the first
     lazy = Env(mode="lazy", disk=tmp_path / "d4", lazy_free_target=4)
     assert lazy.manager.spills is False  # lazy mode never spills
+    with pytest.raises(ConfigError, match="does not apply to lazy mode"):  # as the config says
+        Env(mode="lazy", disk=tmp_path / "d5", lazy_free_target=4, spill_stores=True)
 
 
 @pytest.mark.asyncio

@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from kvtier.errors import InvalidRequestError
+from kvtier.errors import ConfigError, InvalidRequestError
 from kvtier.manager import KVCacheBlocks
 from kvtier.offload import candidates, options
 from kvtier.offload._state import RequestState
@@ -115,7 +115,8 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews, CacheReset):
             straight into the next tier down with room, instead of dropping
             them (see :mod:`kvtier.offload.stores`). ``None`` (the default):
             unless the prefetch policy is ``best_effort``, which never loads
-            from below the first tier. Lazy mode never spills.
+            from below the first tier. Lazy mode never spills (True there
+            is a ``ConfigError``).
 
     Raises:
         ConfigError: No lower tier, mismatched layouts, or a bad setting.
@@ -190,6 +191,8 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews, CacheReset):
             prefetch_policy(prefetch),
         )
         self.spill_stores = options.optional_flag("spill_stores", spill_stores)
+        if self.spill_stores and mode == "lazy":  # as the config refuses it
+            raise ConfigError("spill_stores=True does not apply to lazy mode, which never spills")
         spills = None if self.spill_stores is False else lambda: self.spills
         self._stores = StorePlanner(self._transfers, event_ids, mode, self._lazy, spill=spills)
         self._probe = RemoteProbe(

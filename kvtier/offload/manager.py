@@ -93,7 +93,8 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews, CacheReset):
             needs before it is stored.
         num_groups: KV cache groups (a block position holds one block per group).
         world_size: Workers that must report a store before it counts
-            (tensor parallelism); the local pipeline is one of them.
+            (tensor parallelism); the local pipeline is one of them. Above
+            1, the stack must have one lower tier (see the ``ConfigError``).
         pipeline: Transfer pipeline settings (a fresh pipeline is owned by the
             manager); ``None`` for the defaults.
         max_probe_blocks: Most blocks one :meth:`probe` asks the shared tiers
@@ -153,6 +154,14 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews, CacheReset):
         self.selective_min_hits = positive("selective_min_hits", selective_min_hits)
         self.num_groups = positive("num_groups", num_groups)
         self.world_size = positive("world_size", world_size)
+        if self.world_size > 1 and len(tiers) > 1:
+            raise ConfigError(
+                f"world_size={self.world_size} needs one lower tier, not {len(tiers)}: with "
+                "more, the manager moves blocks between its tiers itself (demotions, "
+                "staging for loads, the flush on close), which the other workers' plans do "
+                "not carry, so their tiers would drift from the index and serve other "
+                "blocks' shards"
+            )
         policies = options.tier_policies(eviction_policy, len(tiers))
         self.indexes = [
             TierIndex(t.name, t.num_slots, policy, block_size=block_size)

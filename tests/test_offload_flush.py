@@ -24,6 +24,7 @@ from tests.offload_env import (
     disk_tier,
     key,
     pattern,
+    plan_store,
     recovered,
     scheduled,
     store,
@@ -324,3 +325,19 @@ async def test_a_cpu_tier_flushes_into_a_shared_redis_tier_another_engine_reads(
             await other.read_into([0, 1], keys, out)
     assert torch.equal(out[0], pattern(keys[0]))
     assert torch.equal(out[1], pattern(keys[1]))
+
+
+@pytest.mark.asyncio
+async def test_a_store_never_dispatched_leaves_no_evicted_file_at_close(tmp_path: Path) -> None:
+    """step_computed never came (the forward pass failed, the engine shut down): the
+    store's demotion evicted the disk's block from its slot; closing must delete it,
+    or a warm restart brings back a block the index had dropped."""
+    env = Env(gpu_blocks=16, cpu_blocks=1, disk=tmp_path / "disk", disk_blocks=1)
+    with anyio.fail_after(DEADLINE):
+        async with env.manager as manager:
+            await store(env, env.request(1), 1)
+            await store(env, env.request(1), 1)  # the first one demoted to disk
+            assert len(manager.indexes[1]) == 1
+            plan_store(env, env.request(1), 1)  # demotes the second, evicting the first
+    assert len(manager.indexes[1]) == 0
+    assert await recovered(tmp_path / "disk", 1) == {}

@@ -83,17 +83,31 @@ async def serve(
 
 
 async def discard_unreported(transfers: Transfers) -> None:
-    """Discard what the stores still waiting for other workers' reports wrote here.
+    """Discard what the transfers the close aborts left in their reserved slots.
 
-    Under tensor parallelism a store ends once every worker reported it; the
-    manager closing without those reports aborts it (:func:`release_all`),
-    and its slots are freed. A block its local copy left in a lasting tier (a
-    disk file) would come back on a warm restart: it is deleted first, while
-    the tier is open. (A local copy that failed discarded its slots itself.)
+    :func:`release_all` frees those slots; a lasting tier (a disk file) would
+    bring back at a warm restart what they hold, so it is deleted first,
+    while the tiers are open:
+
+    - a store still waiting for other workers' reports (tensor parallelism):
+      what its local copy wrote (a local copy that failed discarded its
+      slots itself);
+    - a store or load never dispatched (a store whose ``step_computed`` never
+      came): its reservations may have evicted blocks whose files are still
+      in those slots, its demotions' destinations included.
     """
+    tiers = transfers.tiers
     for event in list(transfers.stores.values()):
         if event.local_done and event.error is None:
-            await jobs.discard(transfers.tiers[event.level], list(event.slots))
+            await jobs.discard(tiers[event.level], list(event.slots))
+        elif not event.dispatched:
+            await jobs.discard(tiers[event.level], list(event.slots))
+            for demotion in event.demotions:
+                await jobs.discard(tiers[demotion.level + 1], demotion.dst_slots)
+    for load in list(transfers.loads.values()):
+        if not load.dispatched:
+            for demotion in load.demotions:
+                await jobs.discard(tiers[demotion.level + 1], demotion.dst_slots)
 
 
 def release_all(transfers: Transfers) -> None:

@@ -183,3 +183,23 @@ def test_s3fifo_finds_the_victim_behind_a_pinned_key_promoted_from_probation() -
     for key in (b"\x00", b"\x00", b"\x01", b"\x01", b"\x01"):
         policy.insert(key)
     assert policy.victims(1, lambda key: key != b"\x00") == [b"\x01"]
+
+
+def test_lfu_ages_only_on_evictions_not_on_other_removals() -> None:
+    """A hot block dropped as corrupt must not lift the age past every resident key."""
+    from kvtier.policies.lfu import LFUPolicy
+
+    policy = LFUPolicy()
+    for key in (b"warm", b"hot", b"cold"):
+        policy.insert(key)
+    for _ in range(5):
+        policy.access(b"warm")
+    for _ in range(99):
+        policy.access(b"hot")
+    policy.remove(b"hot")  # found corrupt: not an eviction
+    assert policy.age == 0
+    policy.insert(b"new")
+    assert policy.victims(3, lambda key: True) == [b"cold", b"new", b"warm"]
+    (victim,) = policy.victims(1, lambda key: True)
+    policy.remove(victim)  # an eviction: the cache ages
+    assert policy.age == 1

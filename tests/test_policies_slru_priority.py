@@ -186,3 +186,25 @@ def test_simulation_capacity_never_exceeded(chains: list[list[int]]) -> None:
         result = simulate(keyed, 4, policy)
         assert len(policy) <= 4
         assert result.hit_blocks <= result.blocks
+
+
+def test_setting_the_priority_a_key_has_keeps_its_recency() -> None:
+    """An engine re-applying a retention config per request must not push its hot
+    blocks toward eviction; a new priority (not a use) joins that priority's LRU end."""
+    policy = PriorityLRUPolicy()
+    for key in (b"a", b"b", b"hot"):
+        policy.insert(key)
+    policy.set_priority(b"hot", DEFAULT_PRIORITY)
+    assert policy.victims(3, lambda key: True) == [b"a", b"b", b"hot"]
+    policy.set_priority(b"a", 80)
+    policy.set_priority(b"b", 80)  # joins the least recent end of 80, before a
+    policy.set_priority(b"a", 80)  # again: a stays where it is
+    assert policy.victims(3, lambda key: True) == [b"hot", b"b", b"a"]
+
+
+def test_removing_an_untracked_key_keeps_the_priority_set_for_it() -> None:
+    policy = PriorityLRUPolicy()
+    policy.set_priority(b"k", 90)
+    policy.remove(b"k")  # not stored yet: ignored
+    policy.insert(b"k")
+    assert policy.priority(b"k") == 90

@@ -2,7 +2,10 @@
 
 A key's priority is ``L + hits``, where ``hits`` counts its insertion and
 reads and ``L`` is the priority of the last evicted key: the "age" of the
-cache. Keys that were popular long ago lose to keys read recently as ``L``
+cache. Only an eviction (a key :meth:`LFUPolicy.victims` chose, then
+removed) ages the cache: a key removed otherwise (found corrupt, discarded)
+does not, or one hot block dropped as corrupt would outrank every resident
+key's frequency at once. Keys that were popular long ago lose to keys read recently as ``L``
 climbs, which plain LFU never lets happen. The lowest priority is evicted
 first; among equal priorities the key that reached it first (with tail-first
 insertion, a chain's tail before its head).
@@ -20,7 +23,10 @@ __all__ = ["LFUPolicy"]
 
 
 class LFUPolicy:
-    """LFU-DA over one tier; O(log n) per operation (a heap with lazy deletion).
+    """LFU-DA over one tier: a heap with lazy deletion, O(log n) per operation.
+
+    :meth:`victims` is O((count + p) log n), ``p`` the pinned keys it passes
+    over at the low end (few: the blocks being loaded).
 
     Args:
         capacity: The tier's capacity in slots; unused (the heap is
@@ -34,6 +40,7 @@ class LFUPolicy:
         self._priority: dict[BlockKey, tuple[int, int]] = {}
         self._heap: list[tuple[int, int, BlockKey]] = []
         self._order = itertools.count()
+        self._chosen: set[BlockKey] = set()  # the last victims(): their removal ages the cache
 
     def _push(self, key: BlockKey) -> None:
         entry = (self.age + self._hits[key], next(self._order))
@@ -55,11 +62,13 @@ class LFUPolicy:
             self._push(key)
 
     def remove(self, key: BlockKey) -> None:
-        """``key`` left the tier; the cache's age becomes its priority if higher."""
+        """``key`` left the tier; if evicted (a victim chosen), the age rises to its priority."""
         entry = self._priority.pop(key, None)
         if entry is not None:
             del self._hits[key]
-            self.age = max(self.age, entry[0])
+            if key in self._chosen:
+                self._chosen.discard(key)
+                self.age = max(self.age, entry[0])
 
     def victims(self, count: int, evictable: Callable[[BlockKey], bool]) -> list[BlockKey]:
         """Up to ``count`` evictable keys, lowest priority first."""
@@ -77,6 +86,7 @@ class LFUPolicy:
                 out.append(key)
         for entry in held:  # victims stay tracked until remove()
             heapq.heappush(self._heap, entry)
+        self._chosen = set(out)
         return out
 
     def priority(self, key: BlockKey) -> int | None:

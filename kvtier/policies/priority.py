@@ -105,7 +105,11 @@ class PriorityLRUPolicy:
         """Give ``key`` ``priority``, for ``duration_s`` seconds or until it leaves.
 
         The key need not be tracked yet: the priority applies when it is
-        inserted. Setting a priority does not change the key's recency.
+        inserted. A tracked key whose priority changes joins its new
+        priority's least recent end (a new priority is not a use); setting the
+        priority it has already leaves it where it is (an engine that applies
+        a retention config to every request does not push its hot blocks
+        toward eviction).
 
         Args:
             key: The block's key.
@@ -128,8 +132,10 @@ class PriorityLRUPolicy:
                 live = [(e, k) for k, (_, e) in self._set.items() if e is not None]
                 heapq.heapify(live)
                 self._expiries = live
-        if key in self._level:
-            self._move(key, priority, keep_recency=True)
+        level = self._level.get(key)
+        if level is not None:
+            if level != priority:
+                self._move(key, priority, keep_recency=True)
             return
         pending = self._pending
         pending[key] = None
@@ -193,14 +199,14 @@ class PriorityLRUPolicy:
             self._move(key, self.priority(key))
 
     def remove(self, key: BlockKey) -> None:
-        """Forget ``key`` and its priority (an unknown key is ignored)."""
-        self._set.pop(key, None)
-        self._pending.pop(key, None)
+        """Forget ``key`` and its priority (an unknown key is ignored, its priority kept)."""
         level = self._level.pop(key, None)
-        if level is not None:
-            del self._buckets[level][key]
-            if not self._buckets[level]:
-                del self._buckets[level]
+        if level is None:  # not tracked: a priority set for it still waits for its insert
+            return
+        self._set.pop(key, None)
+        del self._buckets[level][key]
+        if not self._buckets[level]:
+            del self._buckets[level]
 
     def victims(self, count: int, evictable: Callable[[BlockKey], bool]) -> list[BlockKey]:
         """Up to ``count`` evictable keys: lowest priority first, least recent first within one."""

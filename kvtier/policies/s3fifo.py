@@ -6,7 +6,12 @@ enter S (or M if G remembers them). Choosing a victim walks S while it holds
 at least its share, else M: a key read since it entered (a frequency counter
 up to 3) moves on (S to M; M back to M's tail with one read less), an unread
 one is the victim. One-hit wonders leave through S quickly; keys read again
-stay in M.
+stay in M. Two changes from the paper: G holds up to ``capacity`` keys (the
+paper bounds it by M's size), and S's share is checked again after each
+move to M (the paper walks S until a key leaves it). Choosing victims
+passes over pinned keys by moving them to their queue's tail: a tier whose
+queues start with many pinned keys pays for each of them per eviction
+(about ten times LRU's cost per pinned key).
 """
 
 from __future__ import annotations

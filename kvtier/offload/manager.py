@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from kvtier.errors import ConfigError, InvalidRequestError
+from kvtier.errors import InvalidRequestError
 from kvtier.manager import KVCacheBlocks
 from kvtier.offload import candidates, options
 from kvtier.offload._state import RequestState
@@ -153,15 +153,7 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews, CacheReset):
         self.lazy_free_target = positive("lazy_free_target", lazy_free_target)
         self.selective_min_hits = positive("selective_min_hits", selective_min_hits)
         self.num_groups = positive("num_groups", num_groups)
-        self.world_size = positive("world_size", world_size)
-        if self.world_size > 1 and len(tiers) > 1:
-            raise ConfigError(
-                f"world_size={self.world_size} needs one lower tier, not {len(tiers)}: with "
-                "more, the manager moves blocks between its tiers itself (demotions, "
-                "staging for loads, the flush on close), which the other workers' plans do "
-                "not carry, so their tiers would drift from the index and serve other "
-                "blocks' shards"
-            )
+        self.world_size = options.check_world_size(world_size, len(tiers))
         policies = options.tier_policies(eviction_policy, len(tiers))
         self.indexes = [
             TierIndex(t.name, t.num_slots, policy, block_size=block_size)
@@ -199,9 +191,7 @@ class OffloadManager(ManagerLifecycle, TransferWaits, ManagerViews, CacheReset):
             selective,
             prefetch_policy(prefetch),
         )
-        self.spill_stores = options.optional_flag("spill_stores", spill_stores)
-        if self.spill_stores and mode == "lazy":  # as the config refuses it
-            raise ConfigError("spill_stores=True does not apply to lazy mode, which never spills")
+        self.spill_stores = options.check_spill(spill_stores, mode)
         spills = None if self.spill_stores is False else lambda: self.spills
         self._stores = StorePlanner(self._transfers, event_ids, mode, self._lazy, spill=spills)
         self._probe = RemoteProbe(

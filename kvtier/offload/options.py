@@ -53,6 +53,35 @@ def optional_flag(name: str, value: object) -> bool | None:
     return None if value is None else flag(name, value)
 
 
+def check_world_size(world_size: object, num_tiers: int) -> int:
+    """``world_size``, checked: above 1 the stack must have one lower tier.
+
+    Raises:
+        ConfigError: Not a positive integer, or above 1 over several lower tiers.
+    """
+    size = positive("world_size", world_size)
+    if size > 1 and num_tiers > 1:
+        raise ConfigError(
+            f"world_size={size} needs one lower tier, not {num_tiers}: with more, the "
+            "manager moves blocks between its tiers itself (demotions, staging for loads, "
+            "the flush on close), which the other workers' plans do not carry, so their "
+            "tiers would drift from the index and serve other blocks' shards"
+        )
+    return size
+
+
+def check_spill(spill_stores: object, mode: WriteMode) -> bool | None:
+    """``spill_stores``, checked: True does not apply to lazy mode (as the config says).
+
+    Raises:
+        ConfigError: Not a bool or None, or True in lazy mode.
+    """
+    spill = optional_flag("spill_stores", spill_stores)
+    if spill and mode == "lazy":
+        raise ConfigError("spill_stores=True does not apply to lazy mode, which never spills")
+    return spill
+
+
 def check_stack(
     block_pool: BlockPool,
     device: BlockStore,

@@ -20,6 +20,7 @@ from kvtier.block import BlockId, KVCacheBlock
 from kvtier.block_map import BlockHashToBlockMap
 from kvtier.errors import ConfigError, InvalidRequestError, KVTierError
 from kvtier.events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
+from kvtier.extra_keys import event_extra_keys
 from kvtier.free_queue import FreeKVCacheBlockQueue
 from kvtier.hashing import (
     BlockHash,
@@ -29,7 +30,7 @@ from kvtier.hashing import (
     make_block_hash_with_group_id,
 )
 from kvtier.log import get_logger
-from kvtier.request import KVCacheRequest, event_extra_keys, request_lora_id
+from kvtier.request import KVCacheRequest, request_lora_id
 
 __all__ = ["MEDIUM_GPU", "BlockPool"]
 

@@ -9,24 +9,17 @@ from __future__ import annotations
 import operator
 import struct
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import attrs
 
 from kvtier.block_hasher import BlockHasher
 from kvtier.errors import InvalidRequestError
-from kvtier.extra_keys import (
-    FeatureCursor,
-    MultiModalFeature,
-    as_int,
-    assemble_extra_keys,
-    block_extra_keys,
-    non_negative,
-)
+from kvtier.extra_keys import MultiModalFeature, as_int, non_negative
 from kvtier.hashing import BlockHash
 from kvtier.policies.hints import is_tag
 
-__all__ = ["KVCacheRequest", "Request", "event_extra_keys", "request_lora_id", "request_tag"]
+__all__ = ["KVCacheRequest", "Request", "request_lora_id", "request_tag"]
 
 
 class KVCacheRequest(Protocol):
@@ -104,65 +97,6 @@ def _check_tag(instance: Request, _: attrs.Attribute[int | str | None], __: obje
 
 def _check_lora_id(instance: Request, _: attrs.Attribute[int | None], __: object) -> None:
     request_lora_id(instance)
-
-
-def event_extra_keys(
-    request: KVCacheRequest, blocks: range, block_size: int
-) -> list[tuple[Any, ...] | None]:
-    """The extra keys of the request's consecutive blocks ``blocks``, as events publish them.
-
-    vLLM's untagged form (see :attr:`~kvtier.events.BlockStored.extra_keys`).
-    ``cache_salt`` and ``mm_features`` are optional attributes: an engine's
-    own request class without them has no such keys. The features are
-    walked once (:class:`~kvtier.extra_keys.FeatureCursor`), as the block
-    hasher does, when they are sorted by offset.
-
-    Raises:
-        InvalidRequestError: ``mm_features`` are not multimodal features
-            (each with ``identifier``, ``offset`` and ``end``).
-    """
-    lora = request.lora_name or None
-    salt = getattr(request, "cache_salt", None) or None
-    features = getattr(request, "mm_features", None) or ()
-    if lora is None and salt is None and not features:
-        return [None] * len(blocks)
-    try:
-        return _event_extra_keys(blocks, block_size, lora, salt, features)
-    except (AttributeError, TypeError) as exc:
-        raise InvalidRequestError(
-            f"request {request.request_id!r}: mm_features must be multimodal features "
-            f"(identifier, offset, end): {exc}"
-        ) from exc
-
-
-def _event_extra_keys(
-    blocks: range,
-    block_size: int,
-    lora: str | None,
-    salt: str | None,
-    features: Sequence[MultiModalFeature],
-) -> list[tuple[Any, ...] | None]:
-    first = blocks.start * block_size
-    cursor = FeatureCursor.create(features, first) if features and blocks else None
-    entries: list[tuple[Any, ...] | None] = []
-    for index in blocks:
-        start = index * block_size
-        end = start + block_size
-        if cursor is not None:
-            keys = assemble_extra_keys(
-                start, cursor.overlapping(start, end), lora_name=lora, cache_salt=salt
-            )
-        else:  # features unsorted: scanned per block
-            keys = block_extra_keys(
-                start, end, lora_name=lora, mm_features=features, cache_salt=salt
-            )
-        if keys is None:
-            entries.append(None)
-            continue
-        lead = () if keys.lora_name is None else (keys.lora_name,)
-        tail = () if keys.cache_salt is None else (keys.cache_salt,)
-        entries.append((*lead, *keys.mm, *tail))
-    return entries
 
 
 def request_lora_id(request: KVCacheRequest) -> int | None:

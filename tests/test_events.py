@@ -217,8 +217,7 @@ def test_event_extra_keys_walk_the_features_once_and_match_the_per_block_scan(se
     """The one-pass cursor (sorted features) and the per-block scan (unsorted) agree."""
     import random
 
-    from kvtier.extra_keys import block_extra_keys
-    from kvtier.request import event_extra_keys
+    from kvtier.extra_keys import block_extra_keys, event_extra_keys
 
     rng = random.Random(seed)
     features = sorted(

@@ -6,6 +6,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 import anyio
 import pytest
@@ -16,6 +17,7 @@ from kvtier.errors import BlockMissingError, ConfigError, TierIOError
 from kvtier.tiers import redis_io
 from kvtier.tiers.redis import RedisTier
 from kvtier.tiers.redis_client import RedisConnection
+from kvtier.tiers.redis_io import RedisCommands
 from tests.redis_server import RedisServer, redis_server, shared_redis
 from tests.test_tier_redis import LAYOUT, MODEL, blocks, count_pipelines, key, read, tier
 
@@ -371,8 +373,6 @@ async def test_a_least_privilege_acl_user_can_use_the_tier(redis_server: RedisSe
 
 @pytest.mark.asyncio
 async def test_a_call_runs_at_most_concurrency_chunks_at_once() -> None:
-    from kvtier.tiers.redis_io import RedisCommands
-
     commands = RedisCommands(
         "redis", deadline=1.0, batch_size=16, concurrency=2, cluster=True, ttl_ms=None
     )
@@ -456,24 +456,38 @@ def test_a_cluster_url_selecting_a_database_other_than_0_is_refused(url: str) ->
     RedisTier(LAYOUT, 8, model=MODEL, url=url)  # a single server has them
 
 
+def _commands(concurrency: int = 2, deadline: float = 0.2) -> RedisCommands:
+    """Round trips of a tier with no server: the calls below stand for them."""
+    return RedisCommands(
+        "redis",
+        deadline=deadline,
+        batch_size=16,
+        concurrency=concurrency,
+        cluster=False,
+        ttl_ms=None,
+    )
+
+
+async def _attempt(commands: RedisCommands, seconds: float) -> str:
+    """One round trip taking ``seconds``: answered, timed out, or not tried (resting)."""
+
+    async def call() -> str:
+        await asyncio.sleep(seconds)
+        return "answered"
+
+    try:
+        return await commands.round_trip("read", call)
+    except TierIOError as exc:
+        return "untried" if "not tried" in str(exc) else "timed out"
+
+
 async def _round_trips(slow: int, fast: int) -> list[str]:
     """``slow`` round trips that outlive the deadline, then ``fast`` ones queued behind."""
-    from kvtier.tiers.redis_io import RedisCommands
-
-    commands = RedisCommands(
-        "redis", deadline=0.2, batch_size=16, concurrency=2, cluster=False, ttl_ms=None
-    )
+    commands = _commands()
     outcomes: list[str] = []
 
     async def one(seconds: float) -> None:
-        async def call() -> str:
-            await asyncio.sleep(seconds)
-            return "ok"
-
-        try:
-            outcomes.append(await commands.round_trip("read", call))
-        except TierIOError as exc:
-            outcomes.append("untried" if "not tried" in str(exc) else "timed out")
+        outcomes.append(await _attempt(commands, seconds))
 
     async with anyio.create_task_group() as group:
         for _ in range(slow):
@@ -490,7 +504,7 @@ async def test_a_slow_round_trip_on_a_busy_server_fails_no_queued_call() -> None
     server, not a stalled one: the calls queued behind are tried."""
     with anyio.fail_after(5):
         outcomes = await _round_trips(slow=1, fast=20)
-    assert sorted(outcomes) == ["ok"] * 20 + ["timed out"]
+    assert sorted(outcomes) == ["answered"] * 20 + ["timed out"]
 
 
 @pytest.mark.asyncio
@@ -505,23 +519,10 @@ async def test_a_stall_rests_the_tier_twice_as_long_each_time_until_an_answer() 
     """A server that stopped answering costs a deadline now and then, not one per
     call: after a stall calls fail untried for a deadline, doubling per stall in a
     row, and the first answer ends it."""
-    from kvtier.tiers.redis_io import RedisCommands
-
     deadline = 0.2
-    commands = RedisCommands(
-        "redis", deadline=deadline, batch_size=16, concurrency=2, cluster=False, ttl_ms=None
-    )
+    commands = _commands(deadline=deadline)
 
-    async def attempt(seconds: float) -> str:
-        async def call() -> str:
-            await asyncio.sleep(seconds)
-            return "answered"
-
-        try:
-            return await commands.round_trip("read", call)
-        except TierIOError as exc:
-            return "untried" if "not tried" in str(exc) else "timed out"
-
+    attempt = partial(_attempt, commands)
     stalled, answering = 5.0, 0.0
     assert await attempt(stalled) == "timed out"  # rests one deadline
     assert await attempt(answering) == "untried"
@@ -540,23 +541,10 @@ async def test_a_stall_rests_the_tier_twice_as_long_each_time_until_an_answer() 
 async def test_round_trips_timed_out_by_one_stall_rest_the_tier_once() -> None:
     """Four round trips in flight when the server stalls are one stall: one deadline
     of rest, not four stalls in a row (eight deadlines)."""
-    from kvtier.tiers.redis_io import RedisCommands
-
     deadline = 0.2
-    commands = RedisCommands(
-        "redis", deadline=deadline, batch_size=16, concurrency=4, cluster=False, ttl_ms=None
-    )
+    commands = _commands(concurrency=4, deadline=deadline)
 
-    async def attempt(seconds: float) -> str:
-        async def call() -> str:
-            await asyncio.sleep(seconds)
-            return "answered"
-
-        try:
-            return await commands.round_trip("read", call)
-        except TierIOError as exc:
-            return "untried" if "not tried" in str(exc) else "timed out"
-
+    attempt = partial(_attempt, commands)
     outcomes: list[str] = []
 
     async def stalled() -> None:

@@ -30,7 +30,7 @@ from kvtier.tasks import TransferResult, TransferTask
 from kvtier.tiers.base import BlockKey, BlockStore, ProbingStore
 from kvtier.transfer import LoadTask, StoreTask, TransferPipeline
 
-__all__ = ["discard", "run_load", "run_store"]
+__all__ = ["discard", "discard_unrun", "run_load", "run_store"]
 
 Push = Callable[[StoreOutcome | LoadOutcome], None]
 Ready = Callable[[], Awaitable[None]]
@@ -149,12 +149,12 @@ async def run_store(
         error = exc
     finally:
         if error is not None:  # the index aborts all: some may be written, or hold old blocks
-            await _discard_unrun(tiers, event.demotions[len(demoted) :])
+            await discard_unrun(tiers, event.demotions[len(demoted) :])
             await discard(dst, list(event.slots))
         push(StoreOutcome(event.event_id, error, tuple(demoted), seconds))
 
 
-async def _discard_unrun(tiers: Sequence[BlockStore], demotions: Sequence[Demotion]) -> None:
+async def discard_unrun(tiers: Sequence[BlockStore], demotions: Sequence[Demotion]) -> None:
     """Discard the destination slots of demotions that never ran.
 
     A reserved slot may still hold the block evicted from it: the index
@@ -268,7 +268,7 @@ async def run_load(
         error = exc
     finally:
         if error is not None:  # staged copies the index will abort: any may be written
-            await _discard_unrun(tiers, event.demotions[len(demoted) :])
+            await discard_unrun(tiers, event.demotions[len(demoted) :])
             await discard(tiers[0], _unkept_stages(event, cut))
         outcome = LoadOutcome(
             event.event_id,

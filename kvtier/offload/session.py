@@ -101,13 +101,11 @@ async def discard_unreported(transfers: Transfers) -> None:
         if event.local_done and event.error is None:
             await jobs.discard(tiers[event.level], list(event.slots))
         elif not event.dispatched:
+            await jobs.discard_unrun(tiers, event.demotions)
             await jobs.discard(tiers[event.level], list(event.slots))
-            for demotion in event.demotions:
-                await jobs.discard(tiers[demotion.level + 1], demotion.dst_slots)
     for load in list(transfers.loads.values()):
         if not load.dispatched:
-            for demotion in load.demotions:
-                await jobs.discard(tiers[demotion.level + 1], demotion.dst_slots)
+            await jobs.discard_unrun(tiers, load.demotions)
 
 
 def release_all(transfers: Transfers) -> None:

@@ -119,7 +119,7 @@ class RedisCommands:
                 the reply was not of the expected shape; or the server looked
                 stalled while it waited for a place.
         """
-        if self._resting_until and time.monotonic() < self._resting_until:
+        if self._resting_until and time.monotonic() < self._resting_until and not self._closed:
             raise TierIOError(
                 f"tier {self.tier}: {what} not tried: the server stalled; tried again in "
                 f"{self._resting_until - time.monotonic():.1f} s",

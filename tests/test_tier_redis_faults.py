@@ -556,3 +556,18 @@ async def test_round_trips_timed_out_by_one_stall_rest_the_tier_once() -> None:
     assert outcomes == ["timed out"] * 4
     await asyncio.sleep(1.5 * deadline)
     assert await attempt(0.0) == "answered"
+
+
+@pytest.mark.asyncio
+async def test_a_closed_tier_says_closed_even_while_resting() -> None:
+    from kvtier.errors import ClosedError
+
+    commands = _commands()
+    assert await _attempt(commands, 5.0) == "timed out"  # a stall: resting now
+    commands.close()
+
+    async def call() -> str:
+        return "answered"
+
+    with pytest.raises(ClosedError):
+        await commands.round_trip("read", call)
